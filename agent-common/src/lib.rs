@@ -1,0 +1,73 @@
+//! Types shared by the eBPF programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel writes it into maps
+//! and ring buffers, userspace reads it back byte for byte. With the `user`
+//! feature each type implements `aya::Pod` so aya can read it from a map.
+#![no_std]
+
+/// Scenario slot of time or transactions that no marker claimed.
+pub const SCENARIO_NONE: u32 = 0;
+/// 授信: credit granting.
+pub const SCENARIO_CREDIT: u32 = 1;
+/// 支用: drawdown.
+pub const SCENARIO_DRAWDOWN: u32 = 2;
+/// 还款: repayment.
+pub const SCENARIO_REPAYMENT: u32 = 3;
+/// 查询: query.
+pub const SCENARIO_QUERY: u32 = 4;
+/// Number of scenario slots (including `SCENARIO_NONE`).
+pub const SCENARIO_SLOTS: u32 = 5;
+
+/// Key of the per-CPU process accounting maps: a thread group and the
+/// scenario its thread was serving (from the marker uprobes) when the time
+/// was spent or the transaction completed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ProcScenarioKey {
+    pub tgid: u32,
+    pub scenario: u32,
+}
+
+/// A process lifecycle event, sent through the `PROC_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    /// `PROC_EVENT_EXEC` or `PROC_EVENT_EXIT`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the event.
+    pub ktime_ns: u64,
+    /// cgroup v2 id of the task (inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
+pub const PROC_EVENT_EXEC: u32 = 1;
+pub const PROC_EVENT_EXIT: u32 = 2;
+
+/// Indexes of the `LOSSES` per-CPU counter array: whatever the kernel side
+/// could not record is counted here, never dropped silently.
+pub const LOSS_PROC_MAP_FULL_EVENTS: u32 = 0;
+/// Nanoseconds that could not be charged to a process because the process
+/// map was full (they are still part of the host's busy time).
+pub const LOSS_PROC_MAP_FULL_NS: u32 = 1;
+pub const LOSS_RINGBUF_FULL: u32 = 2;
+pub const LOSS_THREAD_MAP_FULL: u32 = 3;
+pub const LOSS_TXN_MAP_FULL: u32 = 4;
+pub const LOSS_SCENARIO_MAP_FULL: u32 = 5;
+pub const LOSS_SLOTS: u32 = 8;
+
+/// Capacity of the per-process CPU time map.
+pub const MAX_PROCESSES: u32 = 32768;
+/// Capacity of the per-thread maps.
+pub const MAX_THREADS: u32 = 65536;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both types are repr(C) plain integers with no padding holes that
+    // matter for reading (the explicit `_pad` field covers alignment).
+    unsafe impl aya::Pod for super::ProcScenarioKey {}
+    unsafe impl aya::Pod for super::ProcEvent {}
+}

@@ -1,0 +1,78 @@
+//! agent.toml: one section per pipeline stage; each stage owns its section's type.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::AgentError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// Host name reported in every window (default: the kernel's hostname).
+    pub host: Option<String>,
+    /// Data centre / region label for fleet breakdowns.
+    pub datacenter: Option<String>,
+    /// Window length, e.g. "1s", "10s".
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    /// Also keep CPU time per thread in the kernel (costs one more map update per switch).
+    pub per_thread: bool,
+    /// Directory of the on-disk spool.
+    pub spool_dir: PathBuf,
+    /// Address of the agent's HTTP endpoint (/metrics), e.g. "127.0.0.1:9464"; none to disable.
+    pub metrics_listen: Option<String>,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            host: None,
+            datacenter: None,
+            interval: Duration::from_secs(1),
+            per_thread: false,
+            spool_dir: PathBuf::from("/var/lib/sci-agent/spool"),
+            metrics_listen: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub agent: AgentSection,
+    pub energy: crate::sources::energy::EnergyConfig,
+    pub carbon: crate::transforms::carbon::CarbonConfig,
+    pub scenarios: crate::transforms::scenario::ScenarioConfig,
+    pub ingest: crate::sources::ingest::IngestConfig,
+    pub aggregator: crate::sinks::grpc::AggregatorConfig,
+}
+
+impl AgentConfig {
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AgentError> {
+        toml::from_str(text).map_err(|e| AgentError::Config {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AgentError::Config {
+            path: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+}
+
+/// Durations in config as human text ("1s", "500ms").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}

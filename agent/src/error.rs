@@ -1,0 +1,25 @@
+use std::path::PathBuf;
+
+/// Errors of the agent library.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// agent.toml (or a file it names) is wrong; `message` names the line and key.
+    #[error("config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("eBPF: {0}")]
+    Ebpf(String),
+    #[error("procfs: {0}")]
+    Procfs(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        AgentError::Io { context: context.into(), source }
+    }
+}

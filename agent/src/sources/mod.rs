@@ -1,0 +1,3 @@
+pub mod energy;
+pub mod ingest;
+pub mod sched;

@@ -1,0 +1,536 @@
+//! eBPF CPU sampler: reads what the `agent-ebpf` programs accumulated.
+//!
+//! The kernel maps hold cumulative per-CPU nanoseconds per (process,
+//! scenario) key; each window is the difference between two reads. To end a
+//! window exactly, [`flush_all_cpus`] makes every CPU switch (this thread
+//! runs once on each CPU), so each CPU's in-flight slice is charged before
+//! the maps are read. Keys are only deleted once their process has exited
+//! (exit event before the flush, or /proc entry gone), so a reused PID starts
+//! from a fresh key and reading never races with the kernel's additions.
+//!
+//! Process lifecycle events arrive through a ring buffer. A background thread
+//! consumes them as they come so that a process that lives a few
+//! milliseconds is read from procfs (exe, cmdline, parent, cgroup) right at
+//! exec, while it still exists.
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agent_common::{
+    ProcEvent, ProcScenarioKey, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
+    LOSS_TXN_MAP_FULL, PROC_EVENT_EXEC, PROC_EVENT_EXIT, SCENARIO_SLOTS,
+};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{BtfTracePoint, UProbe};
+use aya::{Btf, Ebpf, EbpfLoader};
+
+use super::proc_info::{online_cpus, read_proc_info, CgroupPaths, ProcInfo};
+use super::{CpuSample, CpuSampler, ProcessCpu};
+use crate::error::AgentError;
+use crate::window::{CpuSource, LossCounters};
+
+/// The compiled `agent-ebpf` object (built by agent/build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// The sched tracepoints the accounting needs.
+const TRACEPOINT_PROGRAMS: [(&str, &str); 3] = [
+    ("sched_switch", "sched_switch"),
+    ("sched_process_exec", "sched_process_exec"),
+    ("sched_process_exit", "sched_process_exit"),
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct EbpfOptions {
+    /// Also account CPU time per thread in the kernel.
+    pub track_threads: bool,
+    /// Where procfs is (tests may point elsewhere; default /proc).
+    pub proc_root: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+struct ExitRecord {
+    ktime_ns: u64,
+    comm: String,
+    cgroup_id: u64,
+}
+
+#[derive(Default)]
+struct LifecycleState {
+    /// Processes read from procfs at exec time (or first sight), by tgid.
+    info: HashMap<u32, ProcInfo>,
+    /// Group leaders that exited and whose keys are still in the maps.
+    exited: HashMap<u32, ExitRecord>,
+}
+
+struct Lifecycle {
+    ring: RingBuf<MapData>,
+    state: LifecycleState,
+    proc_root: PathBuf,
+}
+
+impl Lifecycle {
+    fn drain(&mut self) {
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<ProcEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a ProcEvent (repr(C)); read_unaligned copes with alignment.
+            let event: ProcEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            match event.kind {
+                PROC_EVENT_EXEC => {
+                    if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
+                        self.state.info.insert(event.tgid, info);
+                    }
+                    self.state.exited.remove(&event.tgid);
+                }
+                PROC_EVENT_EXIT => {
+                    self.state.exited.insert(
+                        event.tgid,
+                        ExitRecord {
+                            ktime_ns: event.ktime_ns,
+                            comm: comm_to_string(&event.comm),
+                            cgroup_id: event.cgroup_id,
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn comm_to_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs the calling thread once on each CPU in `cpus`, so that every CPU goes
+/// through sched_switch (charging whatever ran there up to now), then restores
+/// the thread's affinity.
+pub fn flush_all_cpus(cpus: &[u32]) {
+    // SAFETY: cpu_set_t is plain data; the sched_* calls get valid pointers and sizes.
+    unsafe {
+        let mut original: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        let have_original = libc::sched_getaffinity(0, size, &mut original) == 0;
+        for &cpu in cpus {
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut one);
+            if libc::sched_setaffinity(0, size, &one) == 0 {
+                libc::sched_yield();
+            }
+        }
+        if have_original {
+            libc::sched_setaffinity(0, size, &original);
+        }
+    }
+}
+
+pub struct EbpfSampler {
+    // Programs stay attached as long as this lives.
+    _ebpf: Ebpf,
+    marker_links: Vec<PathBuf>,
+    proc_cpu: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
+    txn_completed: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
+    idle: PerCpuArray<MapData, u64>,
+    losses: PerCpuArray<MapData, u64>,
+    lifecycle: Arc<Mutex<Lifecycle>>,
+    stop: Arc<AtomicBool>,
+    events_thread: Option<JoinHandle<()>>,
+    proc_root: PathBuf,
+    cpus: Vec<u32>,
+    previous_cpu_ns: HashMap<ProcScenarioKey, Vec<u64>>,
+    previous_txn: HashMap<ProcScenarioKey, u64>,
+    previous_idle_ns: Vec<u64>,
+    previous_losses: Vec<u64>,
+    previous_unowned_ns: Vec<u64>,
+    cgroups: CgroupPaths,
+    window_start_unix_ns: u64,
+}
+
+fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
+    AgentError::Ebpf(format!("{context}: {e}"))
+}
+
+fn per_cpu_sum(values: &[u64]) -> u64 {
+    values.iter().sum()
+}
+
+impl EbpfSampler {
+    /// Loads and attaches the accounting programs. Fails (and the caller falls
+    /// back to procfs) without root/CAP_BPF+CAP_PERFMON or on a kernel without BTF.
+    pub fn load(options: &EbpfOptions) -> Result<Self, AgentError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(AgentError::Ebpf(
+                "this build has no eBPF object (built with AYA_BUILD_SKIP)".into(),
+            ));
+        }
+        let track_threads = u8::from(options.track_threads);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TRACK_THREADS", &track_threads, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| ebpf_err("loading the object", e))?;
+        let btf = Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF", e))?;
+        for (program_name, tracepoint) in TRACEPOINT_PROGRAMS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(program_name)
+                .ok_or_else(|| AgentError::Ebpf(format!("program {program_name} missing")))?
+                .try_into()
+                .map_err(|e| ebpf_err(program_name, e))?;
+            program
+                .load(tracepoint, &btf)
+                .map_err(|e| ebpf_err(&format!("verifying {program_name}"), e))?;
+            program
+                .attach()
+                .map_err(|e| ebpf_err(&format!("attaching {program_name}"), e))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))
+        };
+        let proc_cpu = PerCpuHashMap::try_from(take(&mut ebpf, "PROC_CPU_NS")?)
+            .map_err(|e| ebpf_err("PROC_CPU_NS", e))?;
+        let txn_completed = PerCpuHashMap::try_from(take(&mut ebpf, "TXN_COMPLETED")?)
+            .map_err(|e| ebpf_err("TXN_COMPLETED", e))?;
+        let idle = PerCpuArray::try_from(take(&mut ebpf, "IDLE_NS")?)
+            .map_err(|e| ebpf_err("IDLE_NS", e))?;
+        let losses = PerCpuArray::try_from(take(&mut ebpf, "LOSSES")?)
+            .map_err(|e| ebpf_err("LOSSES", e))?;
+        let ring = RingBuf::try_from(take(&mut ebpf, "PROC_EVENTS")?)
+            .map_err(|e| ebpf_err("PROC_EVENTS", e))?;
+        let ring_fd = ring.as_raw_fd();
+        let proc_root = options
+            .proc_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/proc"));
+        let lifecycle = Arc::new(Mutex::new(Lifecycle {
+            ring,
+            state: LifecycleState::default(),
+            proc_root: proc_root.clone(),
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let events_thread = {
+            let lifecycle = Arc::clone(&lifecycle);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("sci-proc-events".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut pollfd = libc::pollfd {
+                            fd: ring_fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd; the ring buffer outlives this thread (joined on drop).
+                        unsafe { libc::poll(&mut pollfd, 1, 100) };
+                        if let Ok(mut lifecycle) = lifecycle.lock() {
+                            lifecycle.drain();
+                        }
+                    }
+                })
+                .map_err(|e| AgentError::io("spawning the event thread", e))?
+        };
+        let cpus = online_cpus();
+        let mut sampler = EbpfSampler {
+            _ebpf: ebpf,
+            marker_links: Vec::new(),
+            proc_cpu,
+            txn_completed,
+            idle,
+            losses,
+            lifecycle,
+            stop,
+            events_thread: Some(events_thread),
+            proc_root,
+            cpus,
+            previous_cpu_ns: HashMap::new(),
+            previous_txn: HashMap::new(),
+            previous_idle_ns: Vec::new(),
+            previous_losses: Vec::new(),
+            previous_unowned_ns: Vec::new(),
+            cgroups: CgroupPaths::discover(),
+            window_start_unix_ns: 0,
+        };
+        // Open the first window: everything before now is not ours to report.
+        sampler.sample()?;
+        Ok(sampler)
+    }
+
+    /// Attaches the marker uprobes to `sci_scenario_begin`/`sci_scenario_end`
+    /// in `library` (libsci_marker.so or a binary that links it statically);
+    /// every process that maps that file is followed.
+    pub fn attach_markers(&mut self, library: &Path) -> Result<(), AgentError> {
+        for (program_name, symbol) in [
+            ("scenario_begin", "sci_scenario_begin"),
+            ("scenario_end", "sci_scenario_end"),
+        ] {
+            let program: &mut UProbe = self
+                ._ebpf
+                .program_mut(program_name)
+                .ok_or_else(|| AgentError::Ebpf(format!("program {program_name} missing")))?
+                .try_into()
+                .map_err(|e| ebpf_err(program_name, e))?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .map_err(|e| ebpf_err(&format!("verifying {program_name}"), e))?;
+            }
+            program
+                .attach(symbol, library, aya::programs::uprobe::UProbeScope::AllProcesses)
+                .map_err(|e| {
+                    ebpf_err(&format!("attaching {symbol} in {}", library.display()), e)
+                })?;
+        }
+        self.marker_links.push(library.to_path_buf());
+        Ok(())
+    }
+
+    pub fn marker_libraries(&self) -> &[PathBuf] {
+        &self.marker_links
+    }
+
+    fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
+        // A panic in the event thread must not stop accounting.
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn per_cpu_array_delta(
+        array: &PerCpuArray<MapData, u64>,
+        index: u32,
+        slots: usize,
+    ) -> Result<Vec<u64>, AgentError> {
+        let values = array
+            .get(&index, 0)
+            .map_err(|e| ebpf_err("reading a per-CPU counter", e))?;
+        let mut out = vec![0u64; slots];
+        for (cpu, value) in values.iter().enumerate().take(slots) {
+            out[cpu] = *value;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for EbpfSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.events_thread.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl CpuSampler for EbpfSampler {
+    fn source(&self) -> CpuSource {
+        CpuSource::Ebpf
+    }
+
+    fn sample(&mut self) -> Result<CpuSample, AgentError> {
+        let flush_start_ktime_ns = monotonic_now_ns();
+        flush_all_cpus(&self.cpus);
+        let end_unix_ns = unix_now_ns();
+        let slots = self.cpus.iter().copied().max().unwrap_or(0) as usize + 1;
+
+        // Exit events emitted before the flush are complete: their final
+        // switch happened before this thread ran on that CPU.
+        let (mut info_by_tgid, closed): (HashMap<u32, ProcInfo>, HashMap<u32, ExitRecord>) = {
+            let mut lifecycle = self.lifecycle();
+            lifecycle.drain();
+            let closed: HashMap<u32, ExitRecord> = lifecycle
+                .state
+                .exited
+                .iter()
+                .filter(|(_, exit)| exit.ktime_ns < flush_start_ktime_ns)
+                .map(|(tgid, exit)| (*tgid, exit.clone()))
+                .collect();
+            (lifecycle.state.info.clone(), closed)
+        };
+
+        // CPU time per key, as deltas since the last window.
+        let mut by_tgid: HashMap<u32, ProcessCpu> = HashMap::new();
+        let mut seen_keys = Vec::new();
+        for entry in self.proc_cpu.iter() {
+            let (key, values) = entry.map_err(|e| ebpf_err("reading PROC_CPU_NS", e))?;
+            let previous = self.previous_cpu_ns.get(&key);
+            let mut delta_per_cpu = vec![0u64; slots];
+            for (cpu, value) in values.iter().enumerate().take(slots) {
+                let before = previous.and_then(|p| p.get(cpu)).copied().unwrap_or(0);
+                delta_per_cpu[cpu] = value.saturating_sub(before);
+            }
+            let delta: u64 = delta_per_cpu.iter().sum();
+            self.previous_cpu_ns
+                .insert(key, values.iter().take(slots).copied().collect());
+            seen_keys.push(key);
+            if delta == 0 && !closed.contains_key(&key.tgid) {
+                continue;
+            }
+            let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
+                pid: key.tgid,
+                cpu_ns_per_cpu: vec![0; slots],
+                ..Default::default()
+            });
+            process.cpu_ns += delta;
+            for (cpu, d) in delta_per_cpu.iter().enumerate() {
+                process.cpu_ns_per_cpu[cpu] += d;
+            }
+            if (key.scenario as usize) < SCENARIO_SLOTS as usize {
+                process.scenario_cpu_ns[key.scenario as usize] += delta;
+            }
+        }
+        let mut txn_keys = Vec::new();
+        for entry in self.txn_completed.iter() {
+            let (key, values) = entry.map_err(|e| ebpf_err("reading TXN_COMPLETED", e))?;
+            let total = per_cpu_sum(&values);
+            let before = self.previous_txn.insert(key, total).unwrap_or(0);
+            txn_keys.push(key);
+            let delta = total.saturating_sub(before);
+            if delta == 0 || key.scenario >= SCENARIO_SLOTS {
+                continue;
+            }
+            let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
+                pid: key.tgid,
+                cpu_ns_per_cpu: vec![0; slots],
+                ..Default::default()
+            });
+            process.scenario_transactions[key.scenario as usize] += delta;
+        }
+
+        // Enrich; a process whose /proc entry is gone has exited too.
+        let mut newly_read = Vec::new();
+        let mut dead: HashSet<u32> = closed.keys().copied().collect();
+        for (tgid, process) in by_tgid.iter_mut() {
+            let info = match info_by_tgid.get(tgid) {
+                Some(info) => Some(info.clone()),
+                None => {
+                    let info = read_proc_info(&self.proc_root, *tgid);
+                    if let Some(info) = &info {
+                        newly_read.push(info.clone());
+                    }
+                    info
+                }
+            };
+            if let Some(exit) = closed.get(tgid) {
+                process.exited = true;
+                if info.is_none() {
+                    process.comm = exit.comm.clone();
+                    process.cgroup = self.cgroups.path_of(exit.cgroup_id);
+                }
+            } else if info.is_none() {
+                process.exited = true;
+                dead.insert(*tgid);
+            }
+            if let Some(info) = info {
+                process.ppid = info.ppid;
+                process.comm = info.comm;
+                process.exe = info.exe;
+                process.cmdline = info.cmdline;
+                process.cgroup = info.cgroup;
+                process.container_id = info.container_id;
+                process.env = info.env;
+                process.start_ticks = Some(info.start_ticks);
+            }
+        }
+
+        // Close the keys of dead processes: a later process with the same PID starts afresh.
+        for key in seen_keys.iter().filter(|k| dead.contains(&k.tgid)) {
+            let _ = self.proc_cpu.remove(key);
+            self.previous_cpu_ns.remove(key);
+        }
+        for key in txn_keys.iter().filter(|k| dead.contains(&k.tgid)) {
+            let _ = self.txn_completed.remove(key);
+            self.previous_txn.remove(key);
+        }
+        {
+            let mut lifecycle = self.lifecycle();
+            for info in newly_read {
+                lifecycle.state.info.entry(info.pid).or_insert(info);
+            }
+            for tgid in &dead {
+                lifecycle.state.exited.remove(tgid);
+                lifecycle.state.info.remove(tgid);
+            }
+        }
+        info_by_tgid.clear();
+
+        let idle_now = Self::per_cpu_array_delta(&self.idle, 0, slots)?;
+        let idle_ns_per_cpu: Vec<u64> = idle_now
+            .iter()
+            .enumerate()
+            .map(|(cpu, now)| now.saturating_sub(self.previous_idle_ns.get(cpu).copied().unwrap_or(0)))
+            .collect();
+        self.previous_idle_ns = idle_now;
+
+        let mut losses_now = Vec::with_capacity(LOSS_SLOTS as usize);
+        let mut unowned_now = vec![0u64; slots];
+        for slot in 0..LOSS_SLOTS {
+            let per_cpu = Self::per_cpu_array_delta(&self.losses, slot, slots)?;
+            if slot == LOSS_PROC_MAP_FULL_NS {
+                unowned_now.clone_from(&per_cpu);
+            }
+            losses_now.push(per_cpu_sum(&per_cpu));
+        }
+        let previous_losses = std::mem::replace(&mut self.previous_losses, losses_now.clone());
+        let loss = |slot: u32| {
+            losses_now[slot as usize]
+                .saturating_sub(previous_losses.get(slot as usize).copied().unwrap_or(0))
+        };
+        let lost = LossCounters {
+            proc_map_full_events: loss(LOSS_PROC_MAP_FULL_EVENTS),
+            proc_map_full_cpu_ns: loss(LOSS_PROC_MAP_FULL_NS),
+            ringbuf_drops: loss(LOSS_RINGBUF_FULL),
+            thread_map_full: loss(LOSS_THREAD_MAP_FULL),
+            txn_map_full: loss(LOSS_TXN_MAP_FULL),
+            scenario_map_full: loss(LOSS_SCENARIO_MAP_FULL),
+            late_cpu_ns: 0,
+        };
+        // Per-CPU busy time no process could be charged with, this window only.
+        let unowned_busy_ns_per_cpu: Vec<u64> = unowned_now
+            .iter()
+            .enumerate()
+            .map(|(cpu, now)| {
+                now.saturating_sub(self.previous_unowned_ns.get(cpu).copied().unwrap_or(0))
+            })
+            .collect();
+        self.previous_unowned_ns = unowned_now;
+
+        let start_unix_ns = std::mem::replace(&mut self.window_start_unix_ns, end_unix_ns);
+        let mut processes: Vec<ProcessCpu> = by_tgid.into_values().collect();
+        processes.sort_by_key(|p| p.pid);
+        Ok(CpuSample {
+            source: CpuSource::Ebpf,
+            start_unix_ns,
+            end_unix_ns,
+            cpus: self.cpus.len() as u32,
+            idle_ns_per_cpu,
+            unowned_busy_ns_per_cpu,
+            processes,
+            lost,
+        })
+    }
+}
+

@@ -1,0 +1,72 @@
+//! CPU time per process, per CPU, per window.
+//!
+//! Two implementations of [`CpuSampler`]: `ebpf` (sched_switch accounting in
+//! the kernel, exact, sees processes that live for a few milliseconds) and
+//! `procfs` (polls `/proc/<pid>/stat`, the method of Scaphandre and Kepler
+//! 0.10, used when eBPF cannot be loaded).
+use crate::error::AgentError;
+use crate::window::{CpuSource, LossCounters};
+
+pub mod ebpf;
+pub mod procfs;
+pub mod proc_info;
+
+/// CPU figures of one process (thread group) over one window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessCpu {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    /// Environment variables the scenario rules may look at (only `SCI_*` ones are kept).
+    pub env: Vec<(String, String)>,
+    /// Start time of the process (clock ticks since boot, /proc/<pid>/stat field 22);
+    /// distinguishes a reused PID from the process that had it before.
+    pub start_ticks: Option<u64>,
+    pub exited: bool,
+    /// CPU time in the window, summed over CPUs.
+    pub cpu_ns: u64,
+    /// CPU time per CPU (index = CPU number); empty when the source cannot tell
+    /// (procfs), in which case attribution spreads it over all CPUs.
+    pub cpu_ns_per_cpu: Vec<u64>,
+    /// CPU time per marker scenario slot (`agent_common::SCENARIO_*`); slot 0 is
+    /// time no marker claimed. Sums to `cpu_ns`.
+    pub scenario_cpu_ns: [u64; agent_common::SCENARIO_SLOTS as usize],
+    /// Transactions completed (marker `end(ok=true)`) per scenario slot.
+    pub scenario_transactions: [u64; agent_common::SCENARIO_SLOTS as usize],
+}
+
+/// One window of CPU accounting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuSample {
+    pub source: CpuSource,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub cpus: u32,
+    /// Idle time per CPU in the window.
+    pub idle_ns_per_cpu: Vec<u64>,
+    /// Busy time that no process could be charged with (map full), per CPU.
+    pub unowned_busy_ns_per_cpu: Vec<u64>,
+    pub processes: Vec<ProcessCpu>,
+    pub lost: LossCounters,
+}
+
+impl CpuSample {
+    pub fn idle_cpu_ns(&self) -> u64 {
+        self.idle_ns_per_cpu.iter().sum()
+    }
+
+    pub fn busy_cpu_ns(&self) -> u64 {
+        self.processes.iter().map(|p| p.cpu_ns).sum::<u64>() + self.unowned_busy_ns_per_cpu.iter().sum::<u64>()
+    }
+}
+
+/// A source of per-window CPU accounting.
+pub trait CpuSampler: Send {
+    fn source(&self) -> CpuSource;
+    /// Close the current window and open the next; returns the closed one.
+    fn sample(&mut self) -> Result<CpuSample, AgentError>;
+}

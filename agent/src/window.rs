@@ -1,0 +1,176 @@
+//! The window document: everything the agent measured in one interval.
+//!
+//! `sci-agent sample --json` prints exactly one of these; `sci-agent run`
+//! spools each one and streams it to the aggregator. Each pipeline stage
+//! fills its own fields: the sched source the CPU figures, the energy
+//! sources and attribution the joules, the carbon transform grams, the
+//! scenario transform the business figures. Units are in the field names.
+use serde::{Deserialize, Serialize};
+
+/// Where per-process CPU time came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuSource {
+    /// sched_switch accounting in the kernel (exact, catches short-lived processes).
+    Ebpf,
+    /// Polling `/proc/<pid>/stat` (misses processes that live between two polls).
+    Procfs,
+}
+
+impl CpuSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuSource::Ebpf => "ebpf",
+            CpuSource::Procfs => "procfs",
+        }
+    }
+}
+
+/// What the kernel side (or the poller) could not record in this window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossCounters {
+    /// sched_switch events whose process could not be inserted (map full).
+    pub proc_map_full_events: u64,
+    /// CPU time of those events: busy, but charged to no process.
+    pub proc_map_full_cpu_ns: u64,
+    /// Process lifecycle events dropped because the ring buffer was full.
+    pub ringbuf_drops: u64,
+    /// Thread-map, transaction-map or scenario-map insert failures.
+    pub thread_map_full: u64,
+    pub txn_map_full: u64,
+    pub scenario_map_full: u64,
+    /// CPU time charged to processes that had already exited and whose
+    /// record was closed (charged in the window after their exit).
+    pub late_cpu_ns: u64,
+}
+
+/// One process (thread group) in the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// 0 when the process vanished before its parent could be read.
+    pub ppid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    /// cgroup v2 path (`/system.slice/foo.service`), when known.
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    /// CPU time spent in this window, all threads, all CPUs.
+    pub cpu_ns: u64,
+    /// The process exited during this window.
+    pub exited: bool,
+    /// Scenario given by the first matching rule (null when none).
+    pub scenario: Option<String>,
+    /// Service name given by the matching rule.
+    pub service: Option<String>,
+    pub energy_j: f64,
+    /// This process's share of the host's idle energy (by CPU share).
+    pub idle_share_j: f64,
+    pub carbon_g: f64,
+    pub embodied_g: f64,
+}
+
+/// Business figures of one scenario in the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScenarioRecord {
+    /// `credit`, `drawdown`, `repayment`, `query`, or `unassigned`.
+    pub scenario: String,
+    /// alpha_i used (0 for `unassigned`).
+    pub weight: f64,
+    /// Completed transactions TA_i in the window.
+    pub transactions: u64,
+    pub cpu_ns: u64,
+    pub energy_j: f64,
+    pub carbon_g: f64,
+    pub embodied_g: f64,
+}
+
+/// Energy of one RAPL domain (or model domain) in the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DomainEnergy {
+    /// e.g. `package-0`, `package-0/dram`, `psys`, `model`.
+    pub domain: String,
+    pub energy_j: f64,
+}
+
+/// The whole window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowReport {
+    pub host: String,
+    /// Random id of this agent run (boot), so (host, agent_instance, seq) is unique.
+    pub agent_instance: String,
+    pub seq: u64,
+    /// Data centre / region label from config (for fleet breakdowns).
+    pub datacenter: Option<String>,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub cpu_source: CpuSource,
+    pub cpus: u32,
+    /// Idle time summed over all CPUs.
+    pub idle_cpu_ns: u64,
+    /// Busy time summed over all CPUs (all processes plus time lost to a full map).
+    pub busy_cpu_ns: u64,
+    pub lost: LossCounters,
+
+    pub energy_source: String,
+    pub estimated: bool,
+    pub host_energy_j: f64,
+    pub idle_energy_j: f64,
+    pub unattributed_energy_j: f64,
+    /// `config` or `learned`: where the idle baseline came from.
+    pub idle_baseline_source: String,
+    pub domains: Vec<DomainEnergy>,
+    pub carbon_intensity_g_per_kwh: f64,
+    pub pue: f64,
+    pub host_carbon_g: f64,
+    pub host_embodied_g: f64,
+    /// Number of attribution-invariant violations seen since the agent started.
+    pub conservation_violations: u64,
+
+    /// Weights alpha_i used for `business_units` (disclosed as SCI requires).
+    pub weights: std::collections::BTreeMap<String, f64>,
+    pub scenarios: Vec<ScenarioRecord>,
+    /// R of the window: sum of alpha_i * TA_i.
+    pub business_units: f64,
+    pub processes: Vec<ProcessRecord>,
+}
+
+impl WindowReport {
+    /// An empty window over `[start_unix_ns, end_unix_ns)`; the stages fill the rest.
+    pub fn new(host: String, agent_instance: String, start_unix_ns: u64, end_unix_ns: u64, cpu_source: CpuSource, cpus: u32) -> Self {
+        WindowReport {
+            host,
+            agent_instance,
+            seq: 0,
+            datacenter: None,
+            start_unix_ns,
+            end_unix_ns,
+            cpu_source,
+            cpus,
+            idle_cpu_ns: 0,
+            busy_cpu_ns: 0,
+            lost: LossCounters::default(),
+            energy_source: String::new(),
+            estimated: false,
+            host_energy_j: 0.0,
+            idle_energy_j: 0.0,
+            unattributed_energy_j: 0.0,
+            idle_baseline_source: String::new(),
+            domains: Vec::new(),
+            carbon_intensity_g_per_kwh: 0.0,
+            pue: 1.0,
+            host_carbon_g: 0.0,
+            host_embodied_g: 0.0,
+            conservation_violations: 0,
+            weights: Default::default(),
+            scenarios: Vec::new(),
+            business_units: 0.0,
+            processes: Vec::new(),
+        }
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.end_unix_ns.saturating_sub(self.start_unix_ns)
+    }
+}

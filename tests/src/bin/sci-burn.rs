@@ -1,0 +1,56 @@
+//! A workload with a known CPU demand, for tests and benchmarks.
+//!
+//! - `sci-burn <busy_ms>`: spins until it has used `busy_ms` of its own CPU
+//!   time (CLOCK_PROCESS_CPUTIME_ID, so the demand is exact under any load).
+//! - `sci-burn --duty <percent> --seconds <s>`: in every 20 ms period, spins
+//!   for `percent`% of it and sleeps the rest, for `s` seconds of wall time.
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+fn process_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn spin_cpu_ns(ns: u64) {
+    let until = process_cpu_ns() + ns;
+    let mut x = 0u64;
+    while process_cpu_ns() < until {
+        for i in 0..200u64 {
+            x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+    black_box(x);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
+    if args.first().map(String::as_str) == Some("--duty") {
+        let (Some(percent), Some(seconds)) = (number(1), number(3)) else {
+            eprintln!("usage: sci-burn --duty <percent> --seconds <s>");
+            std::process::exit(2);
+        };
+        let period = Duration::from_millis(20);
+        let busy_ns = period.as_nanos() as u64 * percent.min(100) / 100;
+        let end = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < end {
+            let start = Instant::now();
+            spin_cpu_ns(busy_ns);
+            if let Some(rest) = period.checked_sub(start.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        return;
+    }
+    let Some(busy_ms) = number(0) else {
+        eprintln!("usage: sci-burn <busy_ms> | --duty <percent> --seconds <s>");
+        std::process::exit(2);
+    };
+    spin_cpu_ns(busy_ms * 1_000_000);
+}

@@ -1,0 +1,161 @@
+//! CPU time from the eBPF sampler against the kernel's own figures.
+//! Privileged: skipped (with one line) without root outside CI.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
+use sci_agent::sources::sched::procfs::ProcfsSampler;
+use sci_agent::sources::sched::{CpuSample, CpuSampler};
+use sci_tests::skip_privileged;
+
+const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
+
+fn schedstat_ns(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn load_sampler() -> EbpfSampler {
+    EbpfSampler::load(&EbpfOptions::default())
+        .unwrap_or_else(|e| panic!("eBPF must load here (root/CI): {e}"))
+}
+
+fn cpu_of(sample: &CpuSample, pid: u32) -> u64 {
+    sample
+        .processes
+        .iter()
+        .filter(|p| p.pid == pid)
+        .map(|p| p.cpu_ns)
+        .sum()
+}
+
+struct Reaped(Vec<Child>);
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn busy_processes_match_schedstat_within_one_percent() {
+    if skip_privileged("busy_processes_match_schedstat_within_one_percent") {
+        return;
+    }
+    let mut sampler = load_sampler();
+    // Three demands: a full core, half a core, a fifth of a core.
+    let mut children = Reaped(Vec::new());
+    for duty in ["100", "50", "20"] {
+        children.0.push(
+            Command::new(BURN)
+                .args(["--duty", duty, "--seconds", "30"])
+                .spawn()
+                .unwrap(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pids: Vec<u32> = children.0.iter().map(|c| c.id()).collect();
+
+    let before: HashMap<u32, u64> = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
+    sampler.sample().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let window = sampler.sample().unwrap();
+    let after: HashMap<u32, u64> = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
+
+    let mut measured = Vec::new();
+    for pid in &pids {
+        let truth = after[pid] - before[pid];
+        let agent = cpu_of(&window, *pid);
+        let error = (agent as f64 - truth as f64).abs() / truth as f64;
+        println!("pid {pid}: agent {agent} ns, schedstat {truth} ns, error {:.4}%", error * 100.0);
+        assert!(error < 0.01, "pid {pid}: agent {agent} ns vs schedstat {truth} ns");
+        measured.push(agent);
+    }
+    // The demands really differ, and the agent sees them in order.
+    assert!(measured[0] > measured[1] && measured[1] > measured[2]);
+    // Whole-host conservation of time: busy + idle = cpus x window, within 2%.
+    let window_ns = window.end_unix_ns - window.start_unix_ns;
+    let accounted = window.busy_cpu_ns() + window.idle_cpu_ns();
+    let capacity = window_ns * u64::from(window.cpus);
+    let gap = (accounted as f64 - capacity as f64).abs() / capacity as f64;
+    println!("accounted {accounted} ns of {capacity} ns ({:.3}% gap)", gap * 100.0);
+    assert!(gap < 0.02, "busy+idle {accounted} vs capacity {capacity}");
+}
+
+/// Waits for `pid` and returns its CPU time from the kernel's rusage.
+fn wait_rusage_ns(pid: u32) -> u64 {
+    let mut status = 0;
+    // SAFETY: rusage is plain data written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid as i32);
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
+}
+
+#[test]
+fn short_lived_processes_are_accounted() {
+    if skip_privileged("short_lived_processes_are_accounted") {
+        return;
+    }
+    let mut sampler = load_sampler();
+    let mut polling = ProcfsSampler::new("/proc").unwrap();
+    sampler.sample().unwrap();
+    polling.sample().unwrap();
+
+    // 300 processes, each burning 5-20 ms, two at a time, all inside one window.
+    let mut truth: HashMap<u32, u64> = HashMap::new();
+    let mut running: Vec<u32> = Vec::new();
+    for i in 0..300u64 {
+        let busy_ms = 5 + (i * 7) % 16;
+        let child = Command::new(BURN).arg(busy_ms.to_string()).spawn().unwrap();
+        running.push(child.id());
+        std::mem::forget(child);
+        if running.len() == 2 {
+            for pid in running.drain(..) {
+                truth.insert(pid, wait_rusage_ns(pid));
+            }
+        }
+    }
+    for pid in running.drain(..) {
+        truth.insert(pid, wait_rusage_ns(pid));
+    }
+    let window = sampler.sample().unwrap();
+    let polled = polling.sample().unwrap();
+
+    let total_truth: u64 = truth.values().sum();
+    let total_ebpf: u64 = truth.keys().map(|pid| cpu_of(&window, *pid)).sum();
+    let total_procfs: u64 = truth.keys().map(|pid| cpu_of(&polled, *pid)).sum();
+    let seen_ebpf = truth.keys().filter(|pid| cpu_of(&window, **pid) > 0).count();
+    let seen_procfs = truth.keys().filter(|pid| cpu_of(&polled, **pid) > 0).count();
+    let exited_flagged = window
+        .processes
+        .iter()
+        .filter(|p| truth.contains_key(&p.pid) && p.exited)
+        .count();
+    println!(
+        "300 short-lived processes, rusage total {total_truth} ns: eBPF accounted {:.2}% ({seen_ebpf} seen, {exited_flagged} flagged exited), procfs polling {:.2}% ({seen_procfs} seen)",
+        100.0 * total_ebpf as f64 / total_truth as f64,
+        100.0 * total_procfs as f64 / total_truth as f64,
+    );
+    assert_eq!(seen_ebpf, 300, "every process must appear in the window");
+    assert_eq!(exited_flagged, 300, "every process must be marked exited");
+    assert!(
+        total_ebpf as f64 >= 0.99 * total_truth as f64,
+        "eBPF accounted {total_ebpf} of {total_truth} ns"
+    );
+    assert!(
+        (total_ebpf as f64) <= 1.01 * total_truth as f64,
+        "eBPF over-accounted: {total_ebpf} of {total_truth} ns"
+    );
+    // Exited processes carry what the kernel told at exit.
+    for p in window.processes.iter().filter(|p| truth.contains_key(&p.pid)) {
+        assert_eq!(p.comm, "sci-burn", "pid {}", p.pid);
+        assert_eq!(p.ppid, std::process::id(), "pid {}", p.pid);
+    }
+}
