@@ -1,0 +1,130 @@
+//! `sci-agent`: measure CPU time, energy and carbon per process and per
+//! business scenario on this host.
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sci_agent::config::AgentConfig;
+use sci_agent::pipeline::{Pipeline, PipelineOptions};
+use sci_agent::window::WindowReport;
+
+#[derive(Parser)]
+#[command(name = "sci-agent", version, about = "sci-cf host agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct SourceArgs {
+    /// agent.toml (defaults apply to everything it leaves out).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Use procfs polling even where eBPF would load.
+    #[arg(long)]
+    procfs: bool,
+    /// Follow the marker library (libsci_marker.so or a binary linking it) with uprobes.
+    #[arg(long = "markers")]
+    marker_libraries: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure one window and print it (a table, or one JSON document with --json).
+    Sample {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Window length, e.g. 5s, 500ms.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<AgentConfig> {
+    match path {
+        Some(path) => Ok(AgentConfig::load(path)?),
+        None => Ok(AgentConfig::default()),
+    }
+}
+
+fn open_pipeline(config: &AgentConfig, source: &SourceArgs) -> Result<Pipeline> {
+    let options = PipelineOptions {
+        force_procfs: source.procfs,
+        marker_libraries: source.marker_libraries.clone(),
+    };
+    let (pipeline, fallback) = Pipeline::open(config, &options).context("opening the pipeline")?;
+    if let Some(reason) = fallback {
+        tracing::warn!("{reason}");
+    }
+    Ok(pipeline)
+}
+
+fn print_table(report: &WindowReport) {
+    let seconds = report.duration_ns() as f64 / 1e9;
+    println!(
+        "host {}  window {:.3} s  cpu_source {}  cpus {}  idle {:.3} cpu-s  busy {:.3} cpu-s",
+        report.host,
+        seconds,
+        report.cpu_source.as_str(),
+        report.cpus,
+        report.idle_cpu_ns as f64 / 1e9,
+        report.busy_cpu_ns as f64 / 1e9,
+    );
+    let mut processes: Vec<_> = report.processes.iter().collect();
+    processes.sort_by(|a, b| b.cpu_ns.cmp(&a.cpu_ns));
+    println!(
+        "{:>8} {:>8} {:<16} {:>12} {:>7} {:<6} cgroup",
+        "pid", "ppid", "comm", "cpu_ms", "cpu%", "exited"
+    );
+    for p in processes.iter().take(40) {
+        println!(
+            "{:>8} {:>8} {:<16} {:>12.3} {:>6.2}% {:<6} {}",
+            p.pid,
+            p.ppid,
+            p.comm,
+            p.cpu_ns as f64 / 1e6,
+            100.0 * p.cpu_ns as f64 / report.duration_ns().max(1) as f64,
+            if p.exited { "yes" } else { "" },
+            p.cgroup.as_deref().unwrap_or("-"),
+        );
+    }
+    if processes.len() > 40 {
+        println!("... {} more processes (use --json for all)", processes.len() - 40);
+    }
+}
+
+fn sample(source: &SourceArgs, duration: Duration, json: bool) -> Result<()> {
+    let config = load_config(source.config.as_ref())?;
+    let mut pipeline = open_pipeline(&config, source)?;
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    let _ = started;
+    let report = pipeline.next_window()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Sample {
+            source,
+            duration,
+            json,
+        } => sample(&source, duration, json),
+    }
+}

@@ -1,0 +1,133 @@
+//! One window through every stage: CPU sample -> energy attribution ->
+//! carbon -> scenarios -> [`WindowReport`].
+use std::path::PathBuf;
+
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
+use crate::sources::sched::procfs::ProcfsSampler;
+use crate::sources::sched::proc_info::hostname;
+use crate::sources::sched::{CpuSample, CpuSampler};
+use crate::window::{ProcessRecord, WindowReport};
+
+/// How the pipeline's CPU source is chosen.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    /// Use procfs polling even where eBPF would load.
+    pub force_procfs: bool,
+    /// Libraries (libsci_marker.so, or binaries linking it) to follow with uprobes.
+    pub marker_libraries: Vec<PathBuf>,
+}
+
+pub struct Pipeline {
+    sampler: Box<dyn CpuSampler>,
+    host: String,
+    datacenter: Option<String>,
+    agent_instance: String,
+    next_seq: u64,
+}
+
+/// Loads eBPF, or says once why it cannot and falls back to procfs polling.
+pub fn open_sampler(
+    config: &AgentConfig,
+    options: &PipelineOptions,
+) -> Result<(Box<dyn CpuSampler>, Option<String>), AgentError> {
+    if options.force_procfs {
+        let sampler = ProcfsSampler::new("/proc")?;
+        return Ok((Box::new(sampler), Some("procfs polling requested".into())));
+    }
+    let ebpf_options = EbpfOptions {
+        track_threads: config.agent.per_thread,
+        proc_root: None,
+    };
+    match EbpfSampler::load(&ebpf_options) {
+        Ok(mut sampler) => {
+            for library in &options.marker_libraries {
+                sampler.attach_markers(library)?;
+            }
+            Ok((Box::new(sampler), None))
+        }
+        Err(e) => {
+            let reason = format!(
+                "eBPF unavailable ({e}); falling back to procfs polling: processes living less than one interval are missed (cpu_source=procfs)"
+            );
+            Ok((Box::new(ProcfsSampler::new("/proc")?), Some(reason)))
+        }
+    }
+}
+
+/// A random id for this agent run: (host, agent_instance, seq) names a window uniquely.
+pub fn new_agent_instance() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl Pipeline {
+    /// Returns the pipeline and, if eBPF could not be used, the reason (to log once).
+    pub fn open(
+        config: &AgentConfig,
+        options: &PipelineOptions,
+    ) -> Result<(Self, Option<String>), AgentError> {
+        let (sampler, fallback) = open_sampler(config, options)?;
+        Ok((
+            Pipeline {
+                sampler,
+                host: config.agent.host.clone().unwrap_or_else(hostname),
+                datacenter: config.agent.datacenter.clone(),
+                agent_instance: new_agent_instance(),
+                next_seq: 0,
+            },
+            fallback,
+        ))
+    }
+
+    /// Continue an earlier run's numbering (from the spool) instead of starting at 0.
+    pub fn resume(&mut self, agent_instance: String, next_seq: u64) {
+        self.agent_instance = agent_instance;
+        self.next_seq = next_seq;
+    }
+
+    pub fn agent_instance(&self) -> &str {
+        &self.agent_instance
+    }
+
+    /// Closes the current window and runs it through every stage.
+    pub fn next_window(&mut self) -> Result<WindowReport, AgentError> {
+        let sample = self.sampler.sample()?;
+        let mut report = self.cpu_report(&sample);
+        report.seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(report)
+    }
+
+    fn cpu_report(&self, sample: &CpuSample) -> WindowReport {
+        let mut report = WindowReport::new(
+            self.host.clone(),
+            self.agent_instance.clone(),
+            sample.start_unix_ns,
+            sample.end_unix_ns,
+            sample.source,
+            sample.cpus,
+        );
+        report.datacenter = self.datacenter.clone();
+        report.idle_cpu_ns = sample.idle_cpu_ns();
+        report.busy_cpu_ns = sample.busy_cpu_ns();
+        report.lost = sample.lost.clone();
+        report.processes = sample
+            .processes
+            .iter()
+            .map(|p| ProcessRecord {
+                pid: p.pid,
+                ppid: p.ppid,
+                comm: p.comm.clone(),
+                exe: p.exe.clone(),
+                cmdline: p.cmdline.clone(),
+                cgroup: p.cgroup.clone(),
+                container_id: p.container_id.clone(),
+                cpu_ns: p.cpu_ns,
+                exited: p.exited,
+                ..Default::default()
+            })
+            .collect();
+        report
+    }
+}
