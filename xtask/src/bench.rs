@@ -1,8 +1,219 @@
-use anyhow::Result;
+//! `cargo xtask bench`: runs each measurement several times (release builds),
+//! and writes BENCHMARKS.md with the method, the machine, and the median,
+//! min and max of every figure. Figures that compare two methods are ratios
+//! taken inside one run (both measured on the same events).
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{cargo, run, workspace_root};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Runs per measurement.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Shorter runs (for a quick look; the committed file uses the defaults).
+    #[arg(long)]
+    quick: bool,
+}
 
-pub fn bench(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("not yet")
+struct Measurement {
+    title: &'static str,
+    method: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    /// (json field, label, unit)
+    figures: Vec<(&'static str, &'static str, &'static str)>,
+    runs: usize,
+}
+
+fn stats(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    (median, values[0], values[n - 1])
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn run_json(program: &PathBuf, args: &[String]) -> Result<Value> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .with_context(|| format!("starting {}", program.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {:?} failed: {}",
+            program.display(),
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON line in the output")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpu}, {cores} vCPUs, {mem:.1} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "sci-agent", "--bins"]))?;
+    let release = workspace_root().join("target/release");
+    let seconds = if args.quick { "2" } else { "5" };
+    let mut measurements = vec![Measurement {
+        title: "eBPF sched_switch accounting: cost per event",
+        method: "`sci-bench kernel`: kernel.bpf_stats_enabled=1; the full accounting program and a bare program (elapsed time added to a per-CPU hash map keyed by tgid, nothing else) attached together to tp_btf/sched_switch, so both see the same events; two threads ping-pong one byte through pipes for the run. ns/event = run_time_ns / run_cnt of each program over the run.",
+        program: release.join("sci-bench"),
+        args: vec!["kernel".into(), "--seconds".into(), seconds.into()],
+        figures: vec![
+            ("full_ns_per_event", "full program", "ns/event"),
+            ("bare_ns_per_event", "bare program", "ns/event"),
+            ("full_over_bare", "full / bare (same run)", "ratio, target <= 1.3"),
+            ("events_per_s", "sched_switch events", "events/s"),
+        ],
+        runs: args.runs,
+    }];
+    for processes in [100u32, 1000, 5000] {
+        measurements.push(Measurement {
+            title: match processes {
+                100 => "Agent cost at 1 s windows, 100 live processes",
+                1000 => "Agent cost at 1 s windows, 1,000 live processes",
+                _ => "Agent cost at 1 s windows, 5,000 live processes",
+            },
+            method: "`sci-bench agent --processes N`: N long-lived processes that each wake once a second (so each is a changing map entry every window); the eBPF pipeline closes a window every second; agent CPU from its own rusage over the run, RSS the maximum VmRSS.",
+            program: release.join("sci-bench"),
+            args: vec![
+                "agent".into(),
+                "--processes".into(),
+                processes.to_string(),
+                "--seconds".into(),
+                if args.quick { "3".into() } else { "10".into() },
+            ],
+            figures: vec![
+                ("cpu_percent_of_one_core", "agent CPU", "% of one core (target < 0.3)"),
+                ("rss_mib", "agent RSS", "MiB (target < 32)"),
+                ("max_rows", "processes in a window", "rows"),
+            ],
+            runs: if processes >= 5000 { 3.min(args.runs) } else { args.runs },
+        });
+    }
+    measurements.push(Measurement {
+        title: "Agent cost with process churn: 100 new processes per second",
+        method: "`sci-bench agent --processes 100 --churn`: 100 shell loops that fork+exec `sleep 1` every second; each new process is read from procfs at exec (exe, cmdline, cgroup, parent) and closed at exit.",
+        program: release.join("sci-bench"),
+        args: vec![
+            "agent".into(),
+            "--processes".into(),
+            "100".into(),
+            "--churn".into(),
+            "--seconds".into(),
+            if args.quick { "3".into() } else { "10".into() },
+        ],
+        figures: vec![
+            ("cpu_percent_of_one_core", "agent CPU", "% of one core"),
+            ("rss_mib", "agent RSS", "MiB"),
+        ],
+        runs: args.runs,
+    });
+
+    let mut md = String::new();
+    writeln!(md, "# BENCHMARKS\n")?;
+    writeln!(
+        md,
+        "Produced by `cargo xtask bench` (release build). Every figure is the median of several runs, with min and max; ratios that compare two methods are taken inside one run.\n"
+    )?;
+    writeln!(md, "Machine: {}\n", machine())?;
+    for m in &measurements {
+        eprintln!("xtask bench: {} ({} runs)", m.title, m.runs);
+        let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for _ in 0..m.runs {
+            let value = run_json(&m.program, &m.args)?;
+            for (field, _, _) in &m.figures {
+                if let Some(v) = value.get(field).and_then(Value::as_f64) {
+                    samples.entry(field).or_default().push(v);
+                }
+            }
+        }
+        writeln!(md, "## {}\n", m.title)?;
+        writeln!(md, "Method: {}\n", m.method)?;
+        writeln!(
+            md,
+            "Command: `{} {}` ({} runs)\n",
+            m.program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            m.args.join(" "),
+            m.runs
+        )?;
+        writeln!(md, "| figure | median | min | max | unit |")?;
+        writeln!(md, "|---|---:|---:|---:|---|")?;
+        for (field, label, unit) in &m.figures {
+            if let Some(values) = samples.get_mut(field) {
+                let (median, min, max) = stats(values);
+                writeln!(
+                    md,
+                    "| {label} | {} | {} | {} | {unit} |",
+                    fmt_num(median),
+                    fmt_num(min),
+                    fmt_num(max)
+                )?;
+            }
+        }
+        writeln!(md)?;
+    }
+    let path = workspace_root().join("BENCHMARKS.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask bench: wrote {}", path.display());
+    Ok(())
 }

@@ -309,6 +309,12 @@ impl EbpfSampler {
         Ok(())
     }
 
+    /// Cumulative (run_time_ns, run_count) of each loaded program, from the
+    /// kernel's bpf_stats (zero unless `kernel.bpf_stats_enabled` is on).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        program_stats(&self._ebpf)
+    }
+
     pub fn marker_libraries(&self) -> &[PathBuf] {
         &self.marker_links
     }
@@ -336,6 +342,61 @@ impl EbpfSampler {
     }
 }
 
+/// Run-time statistics of one eBPF program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some(ProgramStats {
+                name: name.to_string(),
+                run_time_ns: info.run_time().as_nanos() as u64,
+                run_count: info.run_count(),
+            })
+        })
+        .collect()
+}
+
+/// Benchmark baseline: loads and attaches only `sched_switch_bare`, a
+/// sched_switch program that adds elapsed time to a per-CPU hash map keyed by
+/// tgid and does nothing else. Returns its handle (detached on drop).
+pub struct BareBaseline {
+    ebpf: Ebpf,
+}
+
+impl BareBaseline {
+    pub fn load() -> Result<Self, AgentError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(|e| ebpf_err("loading the object", e))?;
+        let btf = Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF", e))?;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut("sched_switch_bare")
+            .ok_or_else(|| AgentError::Ebpf("program sched_switch_bare missing".into()))?
+            .try_into()
+            .map_err(|e| ebpf_err("sched_switch_bare", e))?;
+        program
+            .load("sched_switch", &btf)
+            .map_err(|e| ebpf_err("verifying sched_switch_bare", e))?;
+        program
+            .attach()
+            .map_err(|e| ebpf_err("attaching sched_switch_bare", e))?;
+        Ok(BareBaseline { ebpf })
+    }
+
+    pub fn stats(&self) -> Option<ProgramStats> {
+        program_stats(&self.ebpf)
+            .into_iter()
+            .find(|s| s.name == "sched_switch_bare" && s.run_count > 0)
+    }
+}
+
 impl Drop for EbpfSampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -358,17 +419,16 @@ impl CpuSampler for EbpfSampler {
 
         // Exit events emitted before the flush are complete: their final
         // switch happened before this thread ran on that CPU.
-        let (mut info_by_tgid, closed): (HashMap<u32, ProcInfo>, HashMap<u32, ExitRecord>) = {
+        let closed: HashMap<u32, ExitRecord> = {
             let mut lifecycle = self.lifecycle();
             lifecycle.drain();
-            let closed: HashMap<u32, ExitRecord> = lifecycle
+            lifecycle
                 .state
                 .exited
                 .iter()
                 .filter(|(_, exit)| exit.ktime_ns < flush_start_ktime_ns)
                 .map(|(tgid, exit)| (*tgid, exit.clone()))
-                .collect();
-            (lifecycle.state.info.clone(), closed)
+                .collect()
         };
 
         // CPU time per key, as deltas since the last window.
@@ -423,8 +483,15 @@ impl CpuSampler for EbpfSampler {
         // Enrich; a process whose /proc entry is gone has exited too.
         let mut newly_read = Vec::new();
         let mut dead: HashSet<u32> = closed.keys().copied().collect();
+        let known: HashMap<u32, ProcInfo> = {
+            let lifecycle = self.lifecycle();
+            by_tgid
+                .keys()
+                .filter_map(|tgid| lifecycle.state.info.get(tgid).map(|i| (*tgid, i.clone())))
+                .collect()
+        };
         for (tgid, process) in by_tgid.iter_mut() {
-            let info = match info_by_tgid.get(tgid) {
+            let info = match known.get(tgid) {
                 Some(info) => Some(info.clone()),
                 None => {
                     let info = read_proc_info(&self.proc_root, *tgid);
@@ -475,7 +542,6 @@ impl CpuSampler for EbpfSampler {
                 lifecycle.state.info.remove(tgid);
             }
         }
-        info_by_tgid.clear();
 
         let idle_now = Self::per_cpu_array_delta(&self.idle, 0, slots)?;
         let idle_ns_per_cpu: Vec<u64> = idle_now

@@ -1,0 +1,204 @@
+//! Measurements behind BENCHMARKS.md; `cargo xtask bench` runs each several
+//! times and writes medians with min/max. Each prints one JSON line.
+//!
+//! - `kernel --seconds S`: with bpf_stats on, attaches the full accounting
+//!   programs and the bare baseline side by side, drives a context-switch
+//!   storm (two threads ping-ponging through pipes), and reports ns per
+//!   sched_switch event of each and their ratio (same run, same events).
+//! - `agent --processes N --seconds S`: N live processes that each wake once
+//!   a second, the agent's pipeline closing a window every second; reports the
+//!   agent's own CPU% (rusage) and RSS. `--churn`: N shell loops that
+//!   fork+exec `sleep` every second instead (N new processes per second).
+use std::io::{Read, Write};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sci_agent::config::AgentConfig;
+use sci_agent::pipeline::{Pipeline, PipelineOptions};
+use sci_agent::sources::sched::ebpf::{BareBaseline, EbpfOptions, EbpfSampler, ProgramStats};
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn set_bpf_stats(on: bool) -> Result<()> {
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" })
+        .context("writing /proc/sys/kernel/bpf_stats_enabled (needs root)")
+}
+
+/// Two threads bouncing one byte through a pair of pipes: every hop is a context switch.
+fn switch_storm(duration: Duration) -> Result<u64> {
+    let (mut a_read, mut a_write) = std::io::pipe()?;
+    let (mut b_read, mut b_write) = std::io::pipe()?;
+    let deadline = Instant::now() + duration;
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while a_read.read_exact(&mut byte).is_ok() {
+            if byte[0] == 1 || b_write.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let mut round_trips = 0u64;
+    let mut byte = [0u8; 1];
+    while Instant::now() < deadline {
+        a_write.write_all(&[0])?;
+        b_read.read_exact(&mut byte)?;
+        round_trips += 1;
+    }
+    a_write.write_all(&[1])?;
+    let _ = echo.join();
+    Ok(round_trips)
+}
+
+fn find(stats: &[ProgramStats], name: &str) -> Option<ProgramStats> {
+    stats.iter().find(|s| s.name == name).cloned()
+}
+
+fn kernel(args: &[String]) -> Result<()> {
+    let seconds = arg(args, "--seconds", 5);
+    set_bpf_stats(true)?;
+    let result = (|| -> Result<serde_json::Value> {
+        let sampler = EbpfSampler::load(&EbpfOptions::default())?;
+        let bare = BareBaseline::load()?;
+        let full_before = find(&sampler.program_stats(), "sched_switch").context("full stats")?;
+        let bare_before = bare.stats().unwrap_or(ProgramStats {
+            name: "sched_switch_bare".into(),
+            run_time_ns: 0,
+            run_count: 0,
+        });
+        let started = Instant::now();
+        let round_trips = switch_storm(Duration::from_secs(seconds))?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let full = find(&sampler.program_stats(), "sched_switch").context("full stats")?;
+        let bare_after = bare.stats().context("bare stats")?;
+        let full_events = full.run_count - full_before.run_count;
+        let bare_events = bare_after.run_count - bare_before.run_count;
+        let full_ns = (full.run_time_ns - full_before.run_time_ns) as f64 / full_events.max(1) as f64;
+        let bare_ns =
+            (bare_after.run_time_ns - bare_before.run_time_ns) as f64 / bare_events.max(1) as f64;
+        Ok(serde_json::json!({
+            "bench": "kernel",
+            "seconds": elapsed,
+            "events_per_s": full_events as f64 / elapsed,
+            "round_trips_per_s": round_trips as f64 / elapsed,
+            "full_ns_per_event": full_ns,
+            "bare_ns_per_event": bare_ns,
+            "full_over_bare": full_ns / bare_ns,
+        }))
+    })();
+    set_bpf_stats(false)?;
+    println!("{}", result?);
+    Ok(())
+}
+
+fn rusage_self_ns() -> u64 {
+    // SAFETY: rusage is plain data written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+struct Children(Vec<Child>);
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn agent(args: &[String]) -> Result<()> {
+    let processes = arg(args, "--processes", 100);
+    let seconds = arg(args, "--seconds", 10);
+    let procfs = args.iter().any(|a| a == "--procfs");
+    // Long-lived processes that wake every second (each a live, changing map
+    // entry); with --churn, shell loops that also fork+exec `sleep` every second.
+    let churn = args.iter().any(|a| a == "--churn");
+    let me = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    for _ in 0..processes {
+        let child = if churn {
+            Command::new("sh")
+                .args(["-c", "while :; do sleep 1; done"])
+                .spawn()
+        } else {
+            Command::new(&me).arg("sleeper").spawn()
+        };
+        children.0.push(child.context("spawning a sleeper")?);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut pipeline, fallback) = Pipeline::open(
+        &AgentConfig::default(),
+        &PipelineOptions {
+            force_procfs: procfs,
+            marker_libraries: Vec::new(),
+        },
+    )?;
+    if let Some(reason) = fallback {
+        if !procfs {
+            bail!("{reason}");
+        }
+    }
+    let cpu_before = rusage_self_ns();
+    let started = Instant::now();
+    let mut windows = 0u64;
+    let mut rows = 0usize;
+    let mut max_rss_kib = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(1));
+        let report = pipeline.next_window()?;
+        rows = rows.max(report.processes.len());
+        windows += 1;
+        max_rss_kib = max_rss_kib.max(rss_kib());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ns = rusage_self_ns() - cpu_before;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "agent",
+            "source": if procfs { "procfs" } else { "ebpf" },
+            "churn": churn,
+            "processes": processes,
+            "windows": windows,
+            "max_rows": rows,
+            "cpu_percent_of_one_core": 100.0 * cpu_ns as f64 / 1e9 / elapsed,
+            "rss_mib": max_rss_kib as f64 / 1024.0,
+        })
+    );
+    drop(children);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("kernel") => kernel(&args),
+        Some("agent") => agent(&args),
+        Some("sleeper") => loop {
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs]"),
+    }
+}
