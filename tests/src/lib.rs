@@ -20,3 +20,36 @@ pub fn skip_privileged(test: &str) -> bool {
     println!("skipping {test}: needs root to load eBPF (runs on CI, where CI=true)");
     true
 }
+
+/// A tool that the project's `cargo xtask setup` installs. Returns None (after
+/// printing one line) when it is missing outside CI; on CI a missing tool
+/// is a failure of the set-up, so this panics.
+pub fn provisioned_tool(path: &std::path::Path, test: &str) -> Option<std::path::PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    assert!(
+        !ci(),
+        "{test}: {} is missing on CI: `cargo xtask setup` should have installed it",
+        path.display()
+    );
+    println!(
+        "skipping {test}: {} is not installed (run `cargo xtask setup`)",
+        path.display()
+    );
+    None
+}
+
+/// Where `cargo xtask setup` keeps what it installs.
+pub fn sci_home() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    std::path::PathBuf::from(home).join(".local/share/sci-cf")
+}
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}

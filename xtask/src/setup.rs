@@ -127,9 +127,30 @@ fn ensure_debian_packages() -> Result<()> {
         .args(&missing))
 }
 
+/// Python tools the tests use, pinned, in a venv of our own.
+const PYTHON_TOOLS: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
+
+fn ensure_python_tools() -> Result<()> {
+    let venv = sci_home()?.join("venv");
+    for (tool, version) in PYTHON_TOOLS {
+        let bin = venv.join("bin").join(tool);
+        if bin.exists() {
+            continue;
+        }
+        if !venv.join("bin/pip").exists() {
+            run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("{tool}=={version}")))?;
+    }
+    Ok(())
+}
+
 pub fn setup() -> Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     ensure_debian_packages()?;
+    ensure_python_tools()?;
     Ok(())
 }
