@@ -1,14 +1,12 @@
 use agent_common::{
     ProcEvent, ProcScenarioKey, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
-    LOSS_TXN_MAP_FULL, MAX_PROCESSES, MAX_THREADS, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
-    SCENARIO_NONE, SCENARIO_SLOTS,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_TXN_MAP_FULL,
+    MAX_PROCESSES, MAX_THREADS, PROC_EVENT_EXEC, PROC_EVENT_EXIT, SCENARIO_NONE, SCENARIO_SLOTS,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::{btf_tracepoint, map, uprobe},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},

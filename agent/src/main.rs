@@ -1,7 +1,7 @@
 //! `sci-agent`: measure CPU time, energy and carbon per process and per
 //! business scenario on this host.
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -74,7 +74,7 @@ fn print_table(report: &WindowReport) {
         report.busy_cpu_ns as f64 / 1e9,
     );
     let mut processes: Vec<_> = report.processes.iter().collect();
-    processes.sort_by(|a, b| b.cpu_ns.cmp(&a.cpu_ns));
+    processes.sort_by_key(|p| std::cmp::Reverse(p.cpu_ns));
     println!(
         "{:>8} {:>8} {:<16} {:>12} {:>7} {:<6} cgroup",
         "pid", "ppid", "comm", "cpu_ms", "cpu%", "exited"
@@ -92,16 +92,17 @@ fn print_table(report: &WindowReport) {
         );
     }
     if processes.len() > 40 {
-        println!("... {} more processes (use --json for all)", processes.len() - 40);
+        println!(
+            "... {} more processes (use --json for all)",
+            processes.len() - 40
+        );
     }
 }
 
 fn sample(source: &SourceArgs, duration: Duration, json: bool) -> Result<()> {
     let config = load_config(source.config.as_ref())?;
     let mut pipeline = open_pipeline(&config, source)?;
-    let started = Instant::now();
     std::thread::sleep(duration);
-    let _ = started;
     let report = pipeline.next_window()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
-use crate::sources::sched::procfs::ProcfsSampler;
 use crate::sources::sched::proc_info::hostname;
+use crate::sources::sched::procfs::ProcfsSampler;
 use crate::sources::sched::{CpuSample, CpuSampler};
 use crate::window::{ProcessRecord, WindowReport};
 

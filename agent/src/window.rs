@@ -86,6 +86,22 @@ pub struct ScenarioRecord {
     pub embodied_g: f64,
 }
 
+/// One folded stack of the CPU profile in this window: `frame;frame;frame`
+/// (root first), how many samples hit it, and the energy those samples stand
+/// for (samples x sampling period x the process's joules per CPU-ns).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileStack {
+    pub pid: u32,
+    pub comm: String,
+    /// Service of the process (from the scenario rules), when known.
+    pub service: Option<String>,
+    /// Scenario the sampled thread was serving (marker) or its process's rule scenario.
+    pub scenario: Option<String>,
+    pub stack: String,
+    pub samples: u64,
+    pub energy_j: f64,
+}
+
 /// Energy of one RAPL domain (or model domain) in the window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DomainEnergy {
@@ -134,11 +150,21 @@ pub struct WindowReport {
     /// R of the window: sum of alpha_i * TA_i.
     pub business_units: f64,
     pub processes: Vec<ProcessRecord>,
+    /// Folded CPU stacks with their energy (empty when profiling is off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<ProfileStack>,
 }
 
 impl WindowReport {
     /// An empty window over `[start_unix_ns, end_unix_ns)`; the stages fill the rest.
-    pub fn new(host: String, agent_instance: String, start_unix_ns: u64, end_unix_ns: u64, cpu_source: CpuSource, cpus: u32) -> Self {
+    pub fn new(
+        host: String,
+        agent_instance: String,
+        start_unix_ns: u64,
+        end_unix_ns: u64,
+        cpu_source: CpuSource,
+        cpus: u32,
+    ) -> Self {
         WindowReport {
             host,
             agent_instance,
@@ -167,6 +193,7 @@ impl WindowReport {
             scenarios: Vec::new(),
             business_units: 0.0,
             processes: Vec::new(),
+            profile: Vec::new(),
         }
     }
 

@@ -2,7 +2,9 @@
 
 /// Whether privileged (eBPF) tests must run: on CI they must, and fail if they cannot.
 pub fn ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Whether this process runs as root (privileged tests need it).

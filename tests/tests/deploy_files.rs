@@ -28,7 +28,11 @@ fn systemd_units_verify() {
         );
         let path = dir.path().join(unit);
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(&analyze).arg("verify").arg(&path).output().unwrap();
+        let out = Command::new(&analyze)
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         // Warnings about the host's own units are not ours; anything naming our unit is.
         let ours: Vec<&str> = stderr.lines().filter(|l| l.contains(unit)).collect();
@@ -43,7 +47,11 @@ fn agent_unit_grants_only_the_capabilities_it_uses() {
     let line = |key: &str| {
         text.lines()
             .find(|l| l.starts_with(key))
-            .map(|l| l.trim_start_matches(key).split_whitespace().collect::<Vec<_>>())
+            .map(|l| {
+                l.trim_start_matches(key)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+            })
             .unwrap()
     };
     let expected = vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"];
@@ -79,7 +87,14 @@ fn kubernetes_manifests_validate() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{all}");
-    for kind in ["daemonset/sci-agent", "deployment/sci-aggregator", "service/sci-aggregator"] {
-        assert!(all.contains(&format!("passed for resource {kind}")), "{kind}: {all}");
+    for kind in [
+        "daemonset/sci-agent",
+        "deployment/sci-aggregator",
+        "service/sci-aggregator",
+    ] {
+        assert!(
+            all.contains(&format!("passed for resource {kind}")),
+            "{kind}: {all}"
+        );
     }
 }

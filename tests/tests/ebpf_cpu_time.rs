@@ -72,8 +72,14 @@ fn busy_processes_match_schedstat_within_one_percent() {
         let truth = after[pid] - before[pid];
         let agent = cpu_of(&window, *pid);
         let error = (agent as f64 - truth as f64).abs() / truth as f64;
-        println!("pid {pid}: agent {agent} ns, schedstat {truth} ns, error {:.4}%", error * 100.0);
-        assert!(error < 0.01, "pid {pid}: agent {agent} ns vs schedstat {truth} ns");
+        println!(
+            "pid {pid}: agent {agent} ns, schedstat {truth} ns, error {:.4}%",
+            error * 100.0
+        );
+        assert!(
+            error < 0.01,
+            "pid {pid}: agent {agent} ns vs schedstat {truth} ns"
+        );
         measured.push(agent);
     }
     // The demands really differ, and the agent sees them in order.
@@ -83,7 +89,10 @@ fn busy_processes_match_schedstat_within_one_percent() {
     let accounted = window.busy_cpu_ns() + window.idle_cpu_ns();
     let capacity = window_ns * u64::from(window.cpus);
     let gap = (accounted as f64 - capacity as f64).abs() / capacity as f64;
-    println!("accounted {accounted} ns of {capacity} ns ({:.3}% gap)", gap * 100.0);
+    println!(
+        "accounted {accounted} ns of {capacity} ns ({:.3}% gap)",
+        gap * 100.0
+    );
     assert!(gap < 0.02, "busy+idle {accounted} vs capacity {capacity}");
 }
 
@@ -131,8 +140,14 @@ fn short_lived_processes_are_accounted() {
     let total_truth: u64 = truth.values().sum();
     let total_ebpf: u64 = truth.keys().map(|pid| cpu_of(&window, *pid)).sum();
     let total_procfs: u64 = truth.keys().map(|pid| cpu_of(&polled, *pid)).sum();
-    let seen_ebpf = truth.keys().filter(|pid| cpu_of(&window, **pid) > 0).count();
-    let seen_procfs = truth.keys().filter(|pid| cpu_of(&polled, **pid) > 0).count();
+    let seen_ebpf = truth
+        .keys()
+        .filter(|pid| cpu_of(&window, **pid) > 0)
+        .count();
+    let seen_procfs = truth
+        .keys()
+        .filter(|pid| cpu_of(&polled, **pid) > 0)
+        .count();
     let exited_flagged = window
         .processes
         .iter()
@@ -154,7 +169,11 @@ fn short_lived_processes_are_accounted() {
         "eBPF over-accounted: {total_ebpf} of {total_truth} ns"
     );
     // Exited processes carry what the kernel told at exit.
-    for p in window.processes.iter().filter(|p| truth.contains_key(&p.pid)) {
+    for p in window
+        .processes
+        .iter()
+        .filter(|p| truth.contains_key(&p.pid))
+    {
         assert_eq!(p.comm, "sci-burn", "pid {}", p.pid);
         assert_eq!(p.ppid, std::process::id(), "pid {}", p.pid);
     }

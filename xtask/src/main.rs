@@ -63,7 +63,14 @@ pub fn cargo() -> Command {
 fn test(no_lint: bool) -> Result<()> {
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
-        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     // Unit and crate tests in parallel; they need no root.
     run(cargo().args(["test", "--workspace", "--exclude", "sci-tests"]))?;

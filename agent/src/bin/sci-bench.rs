@@ -27,8 +27,11 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn set_bpf_stats(on: bool) -> Result<()> {
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" })
-        .context("writing /proc/sys/kernel/bpf_stats_enabled (needs root)")
+    std::fs::write(
+        "/proc/sys/kernel/bpf_stats_enabled",
+        if on { "1" } else { "0" },
+    )
+    .context("writing /proc/sys/kernel/bpf_stats_enabled (needs root)")
 }
 
 /// Two threads bouncing one byte through a pair of pipes: every hop is a context switch.
@@ -79,7 +82,8 @@ fn kernel(args: &[String]) -> Result<()> {
         let bare_after = bare.stats().context("bare stats")?;
         let full_events = full.run_count - full_before.run_count;
         let bare_events = bare_after.run_count - bare_before.run_count;
-        let full_ns = (full.run_time_ns - full_before.run_time_ns) as f64 / full_events.max(1) as f64;
+        let full_ns =
+            (full.run_time_ns - full_before.run_time_ns) as f64 / full_events.max(1) as f64;
         let bare_ns =
             (bare_after.run_time_ns - bare_before.run_time_ns) as f64 / bare_events.max(1) as f64;
         Ok(serde_json::json!({

@@ -22,8 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::{
     ProcEvent, ProcScenarioKey, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
-    LOSS_TXN_MAP_FULL, PROC_EVENT_EXEC, PROC_EVENT_EXIT, SCENARIO_SLOTS,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_TXN_MAP_FULL,
+    PROC_EVENT_EXEC, PROC_EVENT_EXIT, SCENARIO_SLOTS,
 };
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
@@ -218,8 +218,8 @@ impl EbpfSampler {
             .map_err(|e| ebpf_err("TXN_COMPLETED", e))?;
         let idle = PerCpuArray::try_from(take(&mut ebpf, "IDLE_NS")?)
             .map_err(|e| ebpf_err("IDLE_NS", e))?;
-        let losses = PerCpuArray::try_from(take(&mut ebpf, "LOSSES")?)
-            .map_err(|e| ebpf_err("LOSSES", e))?;
+        let losses =
+            PerCpuArray::try_from(take(&mut ebpf, "LOSSES")?).map_err(|e| ebpf_err("LOSSES", e))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "PROC_EVENTS")?)
             .map_err(|e| ebpf_err("PROC_EVENTS", e))?;
         let ring_fd = ring.as_raw_fd();
@@ -300,7 +300,11 @@ impl EbpfSampler {
                     .map_err(|e| ebpf_err(&format!("verifying {program_name}"), e))?;
             }
             program
-                .attach(symbol, library, aya::programs::uprobe::UProbeScope::AllProcesses)
+                .attach(
+                    symbol,
+                    library,
+                    aya::programs::uprobe::UProbeScope::AllProcesses,
+                )
                 .map_err(|e| {
                     ebpf_err(&format!("attaching {symbol} in {}", library.display()), e)
                 })?;
@@ -547,7 +551,9 @@ impl CpuSampler for EbpfSampler {
         let idle_ns_per_cpu: Vec<u64> = idle_now
             .iter()
             .enumerate()
-            .map(|(cpu, now)| now.saturating_sub(self.previous_idle_ns.get(cpu).copied().unwrap_or(0)))
+            .map(|(cpu, now)| {
+                now.saturating_sub(self.previous_idle_ns.get(cpu).copied().unwrap_or(0))
+            })
             .collect();
         self.previous_idle_ns = idle_now;
 
@@ -599,4 +605,3 @@ impl CpuSampler for EbpfSampler {
         })
     }
 }
-

@@ -8,8 +8,8 @@ use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
 
 pub mod ebpf;
-pub mod procfs;
 pub mod proc_info;
+pub mod procfs;
 
 /// CPU figures of one process (thread group) over one window.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -60,7 +60,8 @@ impl CpuSample {
     }
 
     pub fn busy_cpu_ns(&self) -> u64 {
-        self.processes.iter().map(|p| p.cpu_ns).sum::<u64>() + self.unowned_busy_ns_per_cpu.iter().sum::<u64>()
+        self.processes.iter().map(|p| p.cpu_ns).sum::<u64>()
+            + self.unowned_busy_ns_per_cpu.iter().sum::<u64>()
     }
 }
 

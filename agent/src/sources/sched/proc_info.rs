@@ -200,7 +200,9 @@ pub fn online_cpus() -> Vec<u32> {
         }
     }
     if cpus.is_empty() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         cpus.extend(0..n as u32);
     }
     cpus
@@ -243,16 +245,22 @@ mod tests {
             Some(id.clone())
         );
         assert_eq!(
-            container_id_from_cgroup(&format!("/kubepods/besteffort/pod1234/cri-containerd-{id}.scope")),
+            container_id_from_cgroup(&format!(
+                "/kubepods/besteffort/pod1234/cri-containerd-{id}.scope"
+            )),
             Some(id.clone())
         );
         assert_eq!(container_id_from_cgroup(&format!("/docker/{id}")), Some(id));
-        assert_eq!(container_id_from_cgroup("/user.slice/session-3.scope"), None);
+        assert_eq!(
+            container_id_from_cgroup("/user.slice/session-3.scope"),
+            None
+        );
     }
 
     #[test]
     fn only_sci_variables_are_kept() {
-        let env = parse_sci_environ(b"HOME=/root\0SCI_SCENARIO=credit\0SECRET=x\0SCI_SERVICE=loan\0");
+        let env =
+            parse_sci_environ(b"HOME=/root\0SCI_SCENARIO=credit\0SECRET=x\0SCI_SERVICE=loan\0");
         assert_eq!(
             env,
             vec![

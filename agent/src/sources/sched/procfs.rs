@@ -12,12 +12,15 @@ use super::{CpuSample, CpuSampler, ProcessCpu};
 use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
 
+/// CPU ticks per process, keyed by (pid, start_ticks) so a reused PID is a new key.
+type TicksByProcess = HashMap<(u32, u64), u64>;
+
 pub struct ProcfsSampler {
     proc_root: PathBuf,
     ns_per_tick: u64,
     cpus: Vec<u32>,
     /// (pid, start_ticks) -> cumulative utime+stime ticks at the last poll.
-    previous_ticks: HashMap<(u32, u64), u64>,
+    previous_ticks: TicksByProcess,
     previous_idle_ticks: Vec<u64>,
     window_start_unix_ns: u64,
 }
@@ -39,7 +42,10 @@ fn read_idle_ticks(proc_root: &std::path::Path, cpus: &[u32]) -> Result<Vec<u64>
     for line in text.lines() {
         let mut parts = line.split_whitespace();
         let Some(label) = parts.next() else { continue };
-        let Some(cpu) = label.strip_prefix("cpu").and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(cpu) = label
+            .strip_prefix("cpu")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
             continue;
         };
         let values: Vec<u64> = parts.filter_map(|v| v.parse().ok()).collect();
@@ -72,13 +78,16 @@ impl ProcfsSampler {
     }
 
     /// Reads every process's cumulative ticks: (pid, start) -> ticks.
-    fn read_all(&self) -> Result<HashMap<(u32, u64), u64>, AgentError> {
-        let entries = std::fs::read_dir(&self.proc_root).map_err(|e| {
-            AgentError::io(format!("listing {}", self.proc_root.display()), e)
-        })?;
+    fn read_all(&self) -> Result<TicksByProcess, AgentError> {
+        let entries = std::fs::read_dir(&self.proc_root)
+            .map_err(|e| AgentError::io(format!("listing {}", self.proc_root.display()), e))?;
         let mut ticks = HashMap::new();
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             if let Some((_, stat)) = read_stat(&self.proc_root, pid) {
@@ -88,7 +97,7 @@ impl ProcfsSampler {
         Ok(ticks)
     }
 
-    fn poll(&mut self) -> Result<(HashMap<(u32, u64), u64>, Vec<u64>), AgentError> {
+    fn poll(&mut self) -> Result<(TicksByProcess, Vec<u64>), AgentError> {
         let ticks = self.read_all()?;
         let idle = read_idle_ticks(&self.proc_root, &self.cpus)?;
         let previous_ticks = std::mem::replace(&mut self.previous_ticks, ticks.clone());

@@ -1,0 +1,3 @@
+pub mod attribution;
+pub mod carbon;
+pub mod scenario;
