@@ -27,8 +27,9 @@ static IDLE_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static PROC_CPU_NS: PerCpuHashMap<ProcScenarioKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
+/// CPU time per thread, keyed by pid_tgid (tgid << 32 | tid); only with TRACK_THREADS.
 #[map]
-static THREAD_CPU_NS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_THREADS, 0);
+static THREAD_CPU_NS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_THREADS, 0);
 
 /// Scenario a thread is serving, between `sci_scenario_begin` and `sci_scenario_end`.
 #[map]
@@ -117,7 +118,7 @@ fn charge_current(pid_tgid: u64, scenario: u32) {
     }
     // SAFETY: a read-only global patched by the loader.
     if unsafe { core::ptr::read_volatile(&TRACK_THREADS) } != 0
-        && add_to(&THREAD_CPU_NS, &tid, elapsed_ns).is_err()
+        && add_to(&THREAD_CPU_NS, &pid_tgid, elapsed_ns).is_err()
     {
         count_loss(LOSS_THREAD_MAP_FULL, 1);
     }

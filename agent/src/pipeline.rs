@@ -8,7 +8,7 @@ use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use crate::sources::sched::proc_info::hostname;
 use crate::sources::sched::procfs::ProcfsSampler;
 use crate::sources::sched::{CpuSample, CpuSampler};
-use crate::window::{ProcessRecord, WindowReport};
+use crate::window::{ProcessRecord, ThreadRecord, WindowReport};
 
 /// How the pipeline's CPU source is chosen.
 #[derive(Debug, Clone, Default)]
@@ -71,7 +71,12 @@ impl Pipeline {
         Ok((
             Pipeline {
                 sampler,
-                host: config.agent.host.clone().unwrap_or_else(hostname),
+                host: config
+                    .agent
+                    .host
+                    .clone()
+                    .or_else(|| std::env::var("SCI_AGENT_HOST").ok())
+                    .unwrap_or_else(hostname),
                 datacenter: config.agent.datacenter.clone(),
                 agent_instance: new_agent_instance(),
                 next_seq: 0,
@@ -125,6 +130,14 @@ impl Pipeline {
                 container_id: p.container_id.clone(),
                 cpu_ns: p.cpu_ns,
                 exited: p.exited,
+                threads: p
+                    .threads
+                    .iter()
+                    .map(|(tid, cpu_ns)| ThreadRecord {
+                        tid: *tid,
+                        cpu_ns: *cpu_ns,
+                    })
+                    .collect(),
                 ..Default::default()
             })
             .collect();

@@ -64,11 +64,21 @@ pub struct ProcessRecord {
     pub scenario: Option<String>,
     /// Service name given by the matching rule.
     pub service: Option<String>,
+    /// CPU time per thread in this window (only with `per_thread = true`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<ThreadRecord>,
     pub energy_j: f64,
     /// This process's share of the host's idle energy (by CPU share).
     pub idle_share_j: f64,
     pub carbon_g: f64,
     pub embodied_g: f64,
+}
+
+/// One thread of a process in the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadRecord {
+    pub tid: u32,
+    pub cpu_ns: u64,
 }
 
 /// Business figures of one scenario in the window.

@@ -178,3 +178,62 @@ fn short_lived_processes_are_accounted() {
         assert_eq!(p.ppid, std::process::id(), "pid {}", p.pid);
     }
 }
+
+#[test]
+fn threads_match_their_schedstat_when_asked() {
+    if skip_privileged("threads_match_their_schedstat_when_asked") {
+        return;
+    }
+    let mut sampler = EbpfSampler::load(&EbpfOptions {
+        track_threads: true,
+        proc_root: None,
+    })
+    .unwrap();
+    let child = Command::new(BURN)
+        .args(["--duty", "80", "--seconds", "30", "--threads", "3"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _reaped = Reaped(vec![child]);
+    std::thread::sleep(Duration::from_millis(300));
+    let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .filter(|tid| *tid != pid)
+        .collect();
+    assert_eq!(tids.len(), 3);
+    let thread_ns = |tid: u32| {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();
+        text.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before: Vec<u64> = tids.iter().map(|t| thread_ns(*t)).collect();
+    sampler.sample().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let window = sampler.sample().unwrap();
+    let after: Vec<u64> = tids.iter().map(|t| thread_ns(*t)).collect();
+    let process = window.processes.iter().find(|p| p.pid == pid).unwrap();
+    for (i, tid) in tids.iter().enumerate() {
+        let truth = after[i] - before[i];
+        let agent = process
+            .threads
+            .iter()
+            .find(|(t, _)| t == tid)
+            .map(|(_, ns)| *ns)
+            .unwrap_or(0);
+        let error = (agent as f64 - truth as f64).abs() / truth as f64;
+        println!(
+            "tid {tid}: agent {agent} ns, schedstat {truth} ns, error {:.3}%",
+            error * 100.0
+        );
+        assert!(error < 0.01, "tid {tid}: agent {agent} vs {truth}");
+    }
+    let threads_total: u64 = process.threads.iter().map(|(_, ns)| ns).sum();
+    assert_eq!(
+        threads_total, process.cpu_ns,
+        "threads add up to the process"
+    );
+}

@@ -4,28 +4,42 @@
 //!   time (CLOCK_PROCESS_CPUTIME_ID, so the demand is exact under any load).
 //! - `sci-burn --duty <percent> --seconds <s>`: in every 20 ms period, spins
 //!   for `percent`% of it and sleeps the rest, for `s` seconds of wall time.
+//!   With `--threads N` (after the other arguments), N threads do so, thread
+//!   i at `percent / (i + 1)`%.
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-fn process_cpu_ns() -> u64 {
+fn cpu_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn spin_cpu_ns(ns: u64) {
-    let until = process_cpu_ns() + ns;
+    let until = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID) + ns;
     let mut x = 0u64;
-    while process_cpu_ns() < until {
+    while cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID) < until {
         for i in 0..200u64 {
             x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
         }
     }
     black_box(x);
+}
+
+fn duty_cycle(percent: u64, end: Instant) {
+    let period = Duration::from_millis(20);
+    let busy_ns = period.as_nanos() as u64 * percent.min(100) / 100;
+    while Instant::now() < end {
+        let start = Instant::now();
+        spin_cpu_ns(busy_ns);
+        if let Some(rest) = period.checked_sub(start.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
 }
 
 fn main() {
@@ -36,15 +50,21 @@ fn main() {
             eprintln!("usage: sci-burn --duty <percent> --seconds <s>");
             std::process::exit(2);
         };
-        let period = Duration::from_millis(20);
-        let busy_ns = period.as_nanos() as u64 * percent.min(100) / 100;
+        let threads = match args.get(4).map(String::as_str) {
+            Some("--threads") => number(5).unwrap_or(1).max(1),
+            _ => 1,
+        };
         let end = Instant::now() + Duration::from_secs(seconds);
-        while Instant::now() < end {
-            let start = Instant::now();
-            spin_cpu_ns(busy_ns);
-            if let Some(rest) = period.checked_sub(start.elapsed()) {
-                std::thread::sleep(rest);
-            }
+        if threads == 1 {
+            // On the main thread, so /proc/<pid>/schedstat tells its whole demand.
+            duty_cycle(percent, end);
+            return;
+        }
+        let workers: Vec<_> = (0..threads)
+            .map(|i| std::thread::spawn(move || duty_cycle(percent / (i + 1), end)))
+            .collect();
+        for worker in workers {
+            let _ = worker.join();
         }
         return;
     }

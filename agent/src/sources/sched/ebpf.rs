@@ -156,6 +156,8 @@ pub struct EbpfSampler {
     marker_links: Vec<PathBuf>,
     proc_cpu: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
     txn_completed: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
+    thread_cpu: Option<PerCpuHashMap<MapData, u64, u64>>,
+    previous_thread_ns: HashMap<u64, u64>,
     idle: PerCpuArray<MapData, u64>,
     losses: PerCpuArray<MapData, u64>,
     lifecycle: Arc<Mutex<Lifecycle>>,
@@ -216,6 +218,14 @@ impl EbpfSampler {
             .map_err(|e| ebpf_err("PROC_CPU_NS", e))?;
         let txn_completed = PerCpuHashMap::try_from(take(&mut ebpf, "TXN_COMPLETED")?)
             .map_err(|e| ebpf_err("TXN_COMPLETED", e))?;
+        let thread_cpu = if options.track_threads {
+            Some(
+                PerCpuHashMap::try_from(take(&mut ebpf, "THREAD_CPU_NS")?)
+                    .map_err(|e| ebpf_err("THREAD_CPU_NS", e))?,
+            )
+        } else {
+            None
+        };
         let idle = PerCpuArray::try_from(take(&mut ebpf, "IDLE_NS")?)
             .map_err(|e| ebpf_err("IDLE_NS", e))?;
         let losses =
@@ -260,6 +270,8 @@ impl EbpfSampler {
             marker_links: Vec::new(),
             proc_cpu,
             txn_completed,
+            thread_cpu,
+            previous_thread_ns: HashMap::new(),
             idle,
             losses,
             lifecycle,
@@ -401,6 +413,37 @@ impl BareBaseline {
     }
 }
 
+impl EbpfSampler {
+    /// Adds this window's per-thread CPU time to `by_tgid`; returns the keys
+    /// that had nothing new (candidates for removal if their thread is gone).
+    fn read_threads(
+        &mut self,
+        by_tgid: &mut HashMap<u32, ProcessCpu>,
+    ) -> Result<Vec<u64>, AgentError> {
+        let Some(thread_cpu) = self.thread_cpu.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let mut idle_keys = Vec::new();
+        for entry in thread_cpu.iter() {
+            let (key, values) = entry.map_err(|e| ebpf_err("reading THREAD_CPU_NS", e))?;
+            let total = per_cpu_sum(&values);
+            let before = self.previous_thread_ns.insert(key, total).unwrap_or(0);
+            let delta = total.saturating_sub(before);
+            if delta == 0 {
+                idle_keys.push(key);
+                continue;
+            }
+            if let Some(process) = by_tgid.get_mut(&((key >> 32) as u32)) {
+                process.threads.push((key as u32, delta));
+            }
+        }
+        for process in by_tgid.values_mut() {
+            process.threads.sort_unstable();
+        }
+        Ok(idle_keys)
+    }
+}
+
 impl Drop for EbpfSampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -484,6 +527,8 @@ impl CpuSampler for EbpfSampler {
             process.scenario_transactions[key.scenario as usize] += delta;
         }
 
+        let thread_keys = self.read_threads(&mut by_tgid)?;
+
         // Enrich; a process whose /proc entry is gone has exited too.
         let mut newly_read = Vec::new();
         let mut dead: HashSet<u32> = closed.keys().copied().collect();
@@ -531,6 +576,17 @@ impl CpuSampler for EbpfSampler {
         for key in seen_keys.iter().filter(|k| dead.contains(&k.tgid)) {
             let _ = self.proc_cpu.remove(key);
             self.previous_cpu_ns.remove(key);
+        }
+        if let Some(thread_cpu) = self.thread_cpu.as_mut() {
+            for key in thread_keys {
+                let (tgid, tid) = ((key >> 32) as u32, key as u32);
+                let thread_gone = dead.contains(&tgid)
+                    || !self.proc_root.join(format!("{tgid}/task/{tid}")).exists();
+                if thread_gone {
+                    let _ = thread_cpu.remove(&key);
+                    self.previous_thread_ns.remove(&key);
+                }
+            }
         }
         for key in txn_keys.iter().filter(|k| dead.contains(&k.tgid)) {
             let _ = self.txn_completed.remove(key);

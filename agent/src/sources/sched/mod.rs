@@ -35,6 +35,8 @@ pub struct ProcessCpu {
     /// CPU time per marker scenario slot (`agent_common::SCENARIO_*`); slot 0 is
     /// time no marker claimed. Sums to `cpu_ns`.
     pub scenario_cpu_ns: [u64; agent_common::SCENARIO_SLOTS as usize],
+    /// CPU time per thread (tid, cpu_ns) in the window; only with per-thread tracking.
+    pub threads: Vec<(u32, u64)>,
     /// Transactions completed (marker `end(ok=true)`) per scenario slot.
     pub scenario_transactions: [u64; agent_common::SCENARIO_SLOTS as usize],
 }

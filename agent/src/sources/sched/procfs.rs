@@ -149,6 +149,7 @@ impl CpuSampler for ProcfsSampler {
                 exited: !alive,
                 cpu_ns,
                 cpu_ns_per_cpu: Vec::new(),
+                threads: Vec::new(),
                 scenario_cpu_ns,
                 scenario_transactions: [0; agent_common::SCENARIO_SLOTS as usize],
             });
