@@ -55,3 +55,26 @@ pub fn workspace_root() -> std::path::PathBuf {
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default()
 }
+
+/// Builds (once per test binary) and returns the path of a workspace binary,
+/// so end-to-end tests run the real executables whatever was built before.
+pub fn cargo_bin(package: &str, bin: &str) -> std::path::PathBuf {
+    use std::sync::Mutex;
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = target_dir.join("debug").join(bin);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == bin) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .current_dir(workspace_root())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
+        assert!(status.success(), "building {bin} failed");
+        built.push(bin.to_string());
+    }
+    path
+}
