@@ -66,6 +66,10 @@ fn busy_processes_match_schedstat_within_one_percent() {
     std::thread::sleep(Duration::from_secs(3));
     let window = sampler.sample().unwrap();
     let after: HashMap<u32, u64> = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
+    assert!(
+        sampler.batch_lookup_active(),
+        "kernel 5.6+ supports batch lookups"
+    );
 
     let mut measured = Vec::new();
     for pid in &pids {

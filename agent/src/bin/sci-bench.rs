@@ -7,7 +7,7 @@
 //!   sched_switch event of each and their ratio (same run, same events).
 //! - `agent --processes N --seconds S`: N live processes that each wake once
 //!   a second, the agent's pipeline closing a window every second; reports the
-//!   agent's own CPU% (rusage) and RSS. `--churn`: N shell loops that
+//!   agent's own CPU% (rusage, steady state after a first window) and RSS. `--churn`: N shell loops that
 //!   fork+exec `sleep` every second instead (N new processes per second).
 use std::io::{Read, Write};
 use std::process::{Child, Command};
@@ -164,6 +164,9 @@ fn agent(args: &[String]) -> Result<()> {
             bail!("{reason}");
         }
     }
+    // Steady state: the first window reads every process from procfs once.
+    std::thread::sleep(Duration::from_secs(1));
+    pipeline.next_window()?;
     let cpu_before = rusage_self_ns();
     let started = Instant::now();
     let mut windows = 0u64;

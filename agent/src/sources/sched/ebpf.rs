@@ -13,7 +13,7 @@
 //! milliseconds is read from procfs (exe, cmdline, parent, cgroup) right at
 //! exec, while it still exists.
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,6 +29,7 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
 
+use super::batch::PerCpuBatchReader;
 use super::proc_info::{online_cpus, read_proc_info, CgroupPaths, ProcInfo};
 use super::{CpuSample, CpuSampler, ProcessCpu};
 use crate::error::AgentError;
@@ -155,6 +156,8 @@ pub struct EbpfSampler {
     _ebpf: Ebpf,
     marker_links: Vec<PathBuf>,
     proc_cpu: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
+    /// Batch reader of PROC_CPU_NS; None where the kernel lacks batch ops.
+    proc_cpu_batch: Option<PerCpuBatchReader>,
     txn_completed: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
     thread_cpu: Option<PerCpuHashMap<MapData, u64, u64>>,
     previous_thread_ns: HashMap<u64, u64>,
@@ -214,8 +217,18 @@ impl EbpfSampler {
             ebpf.take_map(name)
                 .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))
         };
-        let proc_cpu = PerCpuHashMap::try_from(take(&mut ebpf, "PROC_CPU_NS")?)
-            .map_err(|e| ebpf_err("PROC_CPU_NS", e))?;
+        let proc_cpu_map = take(&mut ebpf, "PROC_CPU_NS")?;
+        let proc_cpu_batch = match &proc_cpu_map {
+            aya::maps::Map::PerCpuHashMap(data) => {
+                data.fd().as_fd().try_clone_to_owned().ok().map(|fd| {
+                    let possible = aya::util::nr_cpus().unwrap_or(online_cpus().len());
+                    PerCpuBatchReader::new(fd, std::mem::size_of::<ProcScenarioKey>(), possible)
+                })
+            }
+            _ => None,
+        };
+        let proc_cpu =
+            PerCpuHashMap::try_from(proc_cpu_map).map_err(|e| ebpf_err("PROC_CPU_NS", e))?;
         let txn_completed = PerCpuHashMap::try_from(take(&mut ebpf, "TXN_COMPLETED")?)
             .map_err(|e| ebpf_err("TXN_COMPLETED", e))?;
         let thread_cpu = if options.track_threads {
@@ -269,6 +282,7 @@ impl EbpfSampler {
             _ebpf: ebpf,
             marker_links: Vec::new(),
             proc_cpu,
+            proc_cpu_batch,
             txn_completed,
             thread_cpu,
             previous_thread_ns: HashMap::new(),
@@ -329,6 +343,11 @@ impl EbpfSampler {
     /// kernel's bpf_stats (zero unless `kernel.bpf_stats_enabled` is on).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         program_stats(&self._ebpf)
+    }
+
+    /// Whether the CPU map is read in batches (BPF_MAP_LOOKUP_BATCH) rather than key by key.
+    pub fn batch_lookup_active(&self) -> bool {
+        self.proc_cpu_batch.is_some()
     }
 
     pub fn marker_libraries(&self) -> &[PathBuf] {
@@ -414,6 +433,36 @@ impl BareBaseline {
 }
 
 impl EbpfSampler {
+    /// Every (key, per-CPU ns) of PROC_CPU_NS: in batches where the kernel
+    /// supports it, else key by key.
+    fn read_proc_cpu(&mut self) -> Result<Vec<(ProcScenarioKey, Vec<u64>)>, AgentError> {
+        if let Some(reader) = self.proc_cpu_batch.as_mut() {
+            let mut entries = Vec::new();
+            let result = reader.for_each(|key, values| {
+                // SAFETY: the map's keys are ProcScenarioKey (repr(C), 8 bytes).
+                let key: ProcScenarioKey = unsafe { std::ptr::read_unaligned(key.as_ptr().cast()) };
+                entries.push((key, values.to_vec()));
+            });
+            match result {
+                Ok(()) => return Ok(entries),
+                Err(e) => {
+                    tracing::warn!(
+                        "batch lookup unavailable ({e}); reading the CPU map key by key"
+                    );
+                    self.proc_cpu_batch = None;
+                }
+            }
+        }
+        self.proc_cpu
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, values)| (key, values.iter().copied().collect()))
+                    .map_err(|e| ebpf_err("reading PROC_CPU_NS", e))
+            })
+            .collect()
+    }
+
     /// Adds this window's per-thread CPU time to `by_tgid`; returns the keys
     /// that had nothing new (candidates for removal if their thread is gone).
     fn read_threads(
@@ -481,8 +530,7 @@ impl CpuSampler for EbpfSampler {
         // CPU time per key, as deltas since the last window.
         let mut by_tgid: HashMap<u32, ProcessCpu> = HashMap::new();
         let mut seen_keys = Vec::new();
-        for entry in self.proc_cpu.iter() {
-            let (key, values) = entry.map_err(|e| ebpf_err("reading PROC_CPU_NS", e))?;
+        for (key, values) in self.read_proc_cpu()? {
             let previous = self.previous_cpu_ns.get(&key);
             let mut delta_per_cpu = vec![0u64; slots];
             for (cpu, value) in values.iter().enumerate().take(slots) {

@@ -7,6 +7,7 @@
 use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
 
+mod batch;
 pub mod ebpf;
 pub mod proc_info;
 pub mod procfs;
