@@ -10,6 +10,10 @@ pub enum AgentError {
     Ebpf(String),
     #[error("procfs: {0}")]
     Procfs(String),
+    #[error("energy: {0}")]
+    Energy(#[from] crate::sources::energy::EnergyError),
+    #[error("carbon: {0}")]
+    Carbon(#[from] crate::transforms::carbon::CarbonError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -27,6 +27,12 @@ struct SourceArgs {
     /// Follow the marker library (libsci_marker.so or a binary linking it) with uprobes.
     #[arg(long = "markers")]
     marker_libraries: Vec<PathBuf>,
+    /// Root of sysfs for the energy readers (a directory laid out like /sys).
+    #[arg(long)]
+    sysfs_root: Option<PathBuf>,
+    /// Power model for hosts without RAPL: ccf, linear:IDLE_W:MAX_W (per vCPU), tdp:WATTS.
+    #[arg(long)]
+    power_model: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -43,11 +49,19 @@ enum Command {
     },
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<AgentConfig> {
-    match path {
-        Some(path) => Ok(AgentConfig::load(path)?),
-        None => Ok(AgentConfig::default()),
+/// agent.toml (or defaults), with the command line's overrides applied.
+fn load_config(source: &SourceArgs) -> Result<AgentConfig> {
+    let mut config = match &source.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(root) = &source.sysfs_root {
+        config.energy.sysfs_root = root.clone();
     }
+    if let Some(model) = &source.power_model {
+        config.energy.power_model = model.clone();
+    }
+    Ok(config)
 }
 
 fn open_pipeline(config: &AgentConfig, source: &SourceArgs) -> Result<Pipeline> {
@@ -76,17 +90,31 @@ fn print_table(report: &WindowReport) {
     let mut processes: Vec<_> = report.processes.iter().collect();
     processes.sort_by_key(|p| std::cmp::Reverse(p.cpu_ns));
     println!(
-        "{:>8} {:>8} {:<16} {:>12} {:>7} {:<6} cgroup",
-        "pid", "ppid", "comm", "cpu_ms", "cpu%", "exited"
+        "energy {:.3} J ({}{})  idle {:.3} J  unattributed {:.3} J  carbon {:.6} g at {:.1} g/kWh (PUE {})  embodied {:.6} g",
+        report.host_energy_j,
+        report.energy_source,
+        if report.estimated { ", estimated" } else { "" },
+        report.idle_energy_j,
+        report.unattributed_energy_j,
+        report.host_carbon_g,
+        report.carbon_intensity_g_per_kwh,
+        report.pue,
+        report.host_embodied_g,
+    );
+    println!(
+        "{:>8} {:>8} {:<16} {:>12} {:>7} {:>10} {:>12} {:<6} cgroup",
+        "pid", "ppid", "comm", "cpu_ms", "cpu%", "energy_J", "carbon_mg", "exited"
     );
     for p in processes.iter().take(40) {
         println!(
-            "{:>8} {:>8} {:<16} {:>12.3} {:>6.2}% {:<6} {}",
+            "{:>8} {:>8} {:<16} {:>12.3} {:>6.2}% {:>10.4} {:>12.4} {:<6} {}",
             p.pid,
             p.ppid,
             p.comm,
             p.cpu_ns as f64 / 1e6,
             100.0 * p.cpu_ns as f64 / report.duration_ns().max(1) as f64,
+            p.energy_j,
+            1000.0 * p.carbon_g,
             if p.exited { "yes" } else { "" },
             p.cgroup.as_deref().unwrap_or("-"),
         );
@@ -100,7 +128,7 @@ fn print_table(report: &WindowReport) {
 }
 
 fn sample(source: &SourceArgs, duration: Duration, json: bool) -> Result<()> {
-    let config = load_config(source.config.as_ref())?;
+    let config = load_config(source)?;
     let mut pipeline = open_pipeline(&config, source)?;
     std::thread::sleep(duration);
     let report = pipeline.next_window()?;

@@ -4,10 +4,13 @@ use std::path::PathBuf;
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
+use crate::sources::energy::{select_energy_source, EnergySource};
 use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use crate::sources::sched::proc_info::hostname;
 use crate::sources::sched::procfs::ProcfsSampler;
 use crate::sources::sched::{CpuSample, CpuSampler};
+use crate::transforms::attribution::Attributor;
+use crate::transforms::carbon::CarbonTransform;
 use crate::window::{ProcessRecord, ThreadRecord, WindowReport};
 
 /// How the pipeline's CPU source is chosen.
@@ -21,6 +24,11 @@ pub struct PipelineOptions {
 
 pub struct Pipeline {
     sampler: Box<dyn CpuSampler>,
+    energy: Box<dyn EnergySource>,
+    attributor: Attributor,
+    carbon: CarbonTransform,
+    /// Energy warnings already logged (each distinct one is logged once).
+    logged_warnings: std::collections::HashSet<String>,
     host: String,
     datacenter: Option<String>,
     agent_instance: String,
@@ -63,14 +71,27 @@ pub fn new_agent_instance() -> String {
 
 impl Pipeline {
     /// Returns the pipeline and, if eBPF could not be used, the reason (to log once).
+    /// Bad `[energy]` or `[carbon]` settings are refused here, naming the key.
     pub fn open(
         config: &AgentConfig,
         options: &PipelineOptions,
     ) -> Result<(Self, Option<String>), AgentError> {
+        config.energy.validate()?;
+        let carbon = CarbonTransform::from_config(&config.carbon)?;
         let (sampler, fallback) = open_sampler(config, options)?;
+        let cpus = crate::sources::sched::proc_info::online_cpus().len() as u32;
+        let (energy, energy_warnings) = select_energy_source(&config.energy, cpus);
+        for warning in energy_warnings {
+            tracing::info!("energy source: {warning}");
+        }
+        tracing::info!("energy source: {}", energy.name());
         Ok((
             Pipeline {
                 sampler,
+                energy,
+                attributor: Attributor::new(&config.energy),
+                carbon,
+                logged_warnings: Default::default(),
                 host: config
                     .agent
                     .host
@@ -95,13 +116,35 @@ impl Pipeline {
         &self.agent_instance
     }
 
-    /// Closes the current window and runs it through every stage.
+    /// Closes the current window and runs it through every stage. A stage
+    /// that fails on this window's input (an unreadable energy counter, an
+    /// intensity series that does not cover the window) is logged and the
+    /// window keeps everything the other stages measured.
     pub fn next_window(&mut self) -> Result<WindowReport, AgentError> {
         let sample = self.sampler.sample()?;
         let mut report = self.cpu_report(&sample);
         report.seq = self.next_seq;
         self.next_seq += 1;
+        match self.energy.window_energy(&sample) {
+            Ok(energy) => {
+                for warning in &energy.warnings {
+                    if self.logged_warnings.insert(warning.clone()) {
+                        tracing::warn!("energy: {warning}");
+                    }
+                }
+                self.attributor.attribute(&sample, &energy, &mut report);
+            }
+            Err(e) => tracing::warn!("energy of window {}: {e}", report.seq),
+        }
+        if let Err(e) = self.carbon.apply(&mut report) {
+            tracing::warn!("carbon of window {}: {e}", report.seq);
+        }
         Ok(report)
+    }
+
+    /// Name of the energy source in use.
+    pub fn energy_source(&self) -> &str {
+        self.energy.name()
     }
 
     fn cpu_report(&self, sample: &CpuSample) -> WindowReport {

@@ -1,0 +1,516 @@
+//! Prometheus text exposition of the agent's figures, served on `GET /metrics`.
+//!
+//! Totals are accumulated from each [`WindowReport`] (counters never go
+//! down). Label cardinality is bounded: a running process gets its own series
+//! (`pid`, `comm`, `cgroup`) while there are fewer than `max_process_series`
+//! of them; a process that exits, is not seen for [`STALE_WINDOWS`] windows,
+//! or arrives when the limit is reached is folded into its `comm` (+`cgroup`)
+//! series (no `pid` label), so the sum over a comm's series never decreases.
+//! Beyond `max_comm_series` comm series, the rest go to `comm="_other"`.
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::error::AgentError;
+use crate::window::WindowReport;
+
+/// A process series not seen for this many windows is folded into its comm series.
+pub const STALE_WINDOWS: u64 = 60;
+pub const DEFAULT_MAX_PROCESS_SERIES: usize = 200;
+pub const DEFAULT_MAX_COMM_SERIES: usize = 500;
+/// Comm label of the series that takes everything beyond the comm limit.
+pub const OTHER_COMM: &str = "_other";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Totals {
+    cpu_ns: u64,
+    energy_j: f64,
+    idle_share_j: f64,
+    carbon_g: f64,
+    embodied_g: f64,
+}
+
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.cpu_ns = self.cpu_ns.saturating_add(other.cpu_ns);
+        self.energy_j += other.energy_j;
+        self.idle_share_j += other.idle_share_j;
+        self.carbon_g += other.carbon_g;
+        self.embodied_g += other.embodied_g;
+    }
+}
+
+fn finite(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 {
+        v
+    } else {
+        0.0
+    }
+}
+
+#[derive(Debug)]
+struct ProcessSeries {
+    cgroup: String,
+    totals: Totals,
+    last_window: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    windows: u64,
+    host_energy_j: f64,
+    host_idle_energy_j: f64,
+    host_unattributed_energy_j: f64,
+    host_carbon_g: f64,
+    host_embodied_g: f64,
+    busy_cpu_ns: u64,
+    idle_cpu_ns: u64,
+    conservation_violations: u64,
+    energy_warnings: u64,
+    energy_source: Option<(String, bool)>,
+    cpu_source: Option<String>,
+    intensity_g_per_kwh: f64,
+    pue: f64,
+    lost_events: BTreeMap<&'static str, u64>,
+    lost_cpu_ns: BTreeMap<&'static str, u64>,
+    /// (pid, comm) -> series.
+    processes: HashMap<(u32, String), ProcessSeries>,
+    /// (comm, cgroup) -> folded totals.
+    comms: BTreeMap<(String, String), Totals>,
+}
+
+/// Accumulates window reports and renders them as Prometheus text.
+#[derive(Debug)]
+pub struct MetricsRegistry {
+    state: Mutex<State>,
+    max_process_series: usize,
+    max_comm_series: usize,
+}
+
+impl Default for MetricsRegistry {
+    fn default() -> Self {
+        MetricsRegistry::new()
+    }
+}
+
+impl MetricsRegistry {
+    pub fn new() -> MetricsRegistry {
+        MetricsRegistry::with_limits(DEFAULT_MAX_PROCESS_SERIES, DEFAULT_MAX_COMM_SERIES)
+    }
+
+    pub fn with_limits(max_process_series: usize, max_comm_series: usize) -> MetricsRegistry {
+        MetricsRegistry {
+            state: Mutex::new(State::default()),
+            max_process_series,
+            max_comm_series: max_comm_series.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the totals half-updated in a way
+        // worse than losing one window; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Count energy-source warnings (unreadable or rejected domains) of a window.
+    pub fn observe_energy_warnings(&self, count: usize) {
+        self.lock().energy_warnings += count as u64;
+    }
+
+    /// Add one window to the totals.
+    pub fn observe(&self, report: &WindowReport) {
+        let mut s = self.lock();
+        let s = &mut *s;
+        s.windows += 1;
+        let window = s.windows;
+        s.host_energy_j += finite(report.host_energy_j);
+        s.host_idle_energy_j += finite(report.idle_energy_j);
+        s.host_unattributed_energy_j += finite(report.unattributed_energy_j);
+        s.host_carbon_g += finite(report.host_carbon_g);
+        s.host_embodied_g += finite(report.host_embodied_g);
+        s.busy_cpu_ns = s.busy_cpu_ns.saturating_add(report.busy_cpu_ns);
+        s.idle_cpu_ns = s.idle_cpu_ns.saturating_add(report.idle_cpu_ns);
+        s.conservation_violations = s
+            .conservation_violations
+            .max(report.conservation_violations);
+        if !report.energy_source.is_empty() {
+            s.energy_source = Some((report.energy_source.clone(), report.estimated));
+        }
+        s.cpu_source = Some(report.cpu_source.as_str().to_string());
+        s.intensity_g_per_kwh = report.carbon_intensity_g_per_kwh;
+        s.pue = report.pue;
+        let l = &report.lost;
+        for (kind, n) in [
+            ("proc_map_full", l.proc_map_full_events),
+            ("ringbuf_drop", l.ringbuf_drops),
+            ("thread_map_full", l.thread_map_full),
+            ("txn_map_full", l.txn_map_full),
+            ("scenario_map_full", l.scenario_map_full),
+        ] {
+            *s.lost_events.entry(kind).or_default() += n;
+        }
+        for (kind, ns) in [
+            ("proc_map_full", l.proc_map_full_cpu_ns),
+            ("late", l.late_cpu_ns),
+        ] {
+            *s.lost_cpu_ns.entry(kind).or_default() += ns;
+        }
+
+        for p in &report.processes {
+            let delta = Totals {
+                cpu_ns: p.cpu_ns,
+                energy_j: finite(p.energy_j),
+                idle_share_j: finite(p.idle_share_j),
+                carbon_g: finite(p.carbon_g),
+                embodied_g: finite(p.embodied_g),
+            };
+            let cgroup = p.cgroup.clone().unwrap_or_default();
+            let key = (p.pid, p.comm.clone());
+            if let Some(series) = s.processes.get_mut(&key) {
+                series.totals.add(&delta);
+                series.last_window = window;
+                if p.exited {
+                    if let Some(series) = s.processes.remove(&key) {
+                        fold(
+                            &mut s.comms,
+                            self.max_comm_series,
+                            key.1,
+                            series.cgroup,
+                            &series.totals,
+                        );
+                    }
+                }
+            } else if !p.exited && s.processes.len() < self.max_process_series {
+                s.processes.insert(
+                    key,
+                    ProcessSeries {
+                        cgroup,
+                        totals: delta,
+                        last_window: window,
+                    },
+                );
+            } else {
+                fold(&mut s.comms, self.max_comm_series, key.1, cgroup, &delta);
+            }
+        }
+        let stale: Vec<(u32, String)> = s
+            .processes
+            .iter()
+            .filter(|(_, series)| series.last_window + STALE_WINDOWS <= window)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(series) = s.processes.remove(&key) {
+                fold(
+                    &mut s.comms,
+                    self.max_comm_series,
+                    key.1,
+                    series.cgroup,
+                    &series.totals,
+                );
+            }
+        }
+    }
+
+    /// Number of process-level label sets currently exposed (pid series + comm series).
+    pub fn process_series_count(&self) -> usize {
+        let s = self.lock();
+        s.processes.len() + s.comms.len()
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let s = self.lock();
+        let mut out = String::new();
+        let mut host = |name: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                num(value)
+            );
+        };
+        host(
+            "sci_host_energy_joules_total",
+            "Host energy (packages + dram, or psys, or model).",
+            s.host_energy_j,
+        );
+        host(
+            "sci_host_idle_energy_joules_total",
+            "Part of the host energy that is idle baseline.",
+            s.host_idle_energy_j,
+        );
+        host(
+            "sci_host_unattributed_energy_joules_total",
+            "Dynamic energy no process could be charged with.",
+            s.host_unattributed_energy_j,
+        );
+        host(
+            "sci_host_carbon_grams_total",
+            "Operational carbon of the host, gCO2e (E x I x PUE).",
+            s.host_carbon_g,
+        );
+        host(
+            "sci_host_embodied_grams_total",
+            "Embodied carbon of the host apportioned to the time measured, gCO2e.",
+            s.host_embodied_g,
+        );
+        host("sci_windows_total", "Windows observed.", s.windows as f64);
+        host(
+            "sci_conservation_violations_total",
+            "Windows whose attribution did not add up to the host energy.",
+            s.conservation_violations as f64,
+        );
+        host(
+            "sci_energy_warnings_total",
+            "Energy domains left out of a window (unreadable or rejected).",
+            s.energy_warnings as f64,
+        );
+
+        let _ = writeln!(out, "# HELP sci_host_cpu_seconds_total CPU time of the host summed over CPUs.\n# TYPE sci_host_cpu_seconds_total counter");
+        let _ = writeln!(
+            out,
+            "sci_host_cpu_seconds_total{{mode=\"busy\"}} {}",
+            num(s.busy_cpu_ns as f64 / 1e9)
+        );
+        let _ = writeln!(
+            out,
+            "sci_host_cpu_seconds_total{{mode=\"idle\"}} {}",
+            num(s.idle_cpu_ns as f64 / 1e9)
+        );
+
+        let _ = writeln!(out, "# HELP sci_carbon_intensity_g_per_kwh Grid carbon intensity used in the last window.\n# TYPE sci_carbon_intensity_g_per_kwh gauge\nsci_carbon_intensity_g_per_kwh {}", num(s.intensity_g_per_kwh));
+        let _ = writeln!(out, "# HELP sci_pue Power usage effectiveness used in the last window.\n# TYPE sci_pue gauge\nsci_pue {}", num(s.pue));
+        let _ = writeln!(out, "# HELP sci_energy_source_info Energy source in use.\n# TYPE sci_energy_source_info gauge");
+        if let Some((source, estimated)) = &s.energy_source {
+            let _ = writeln!(
+                out,
+                "sci_energy_source_info{{source=\"{}\",estimated=\"{estimated}\"}} 1",
+                escape(source)
+            );
+        }
+        let _ = writeln!(out, "# HELP sci_cpu_source_info CPU accounting source in use.\n# TYPE sci_cpu_source_info gauge");
+        if let Some(source) = &s.cpu_source {
+            let _ = writeln!(
+                out,
+                "sci_cpu_source_info{{source=\"{}\"}} 1",
+                escape(source)
+            );
+        }
+        let _ = writeln!(out, "# HELP sci_lost_events_total Events the CPU accounting could not record.\n# TYPE sci_lost_events_total counter");
+        for (kind, n) in &s.lost_events {
+            let _ = writeln!(out, "sci_lost_events_total{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP sci_lost_cpu_seconds_total CPU time charged to no process (map full) or late.\n# TYPE sci_lost_cpu_seconds_total counter");
+        for (kind, ns) in &s.lost_cpu_ns {
+            let _ = writeln!(
+                out,
+                "sci_lost_cpu_seconds_total{{kind=\"{kind}\"}} {}",
+                num(*ns as f64 / 1e9)
+            );
+        }
+
+        let mut series: Vec<(String, &Totals)> = Vec::new();
+        let mut pids: Vec<_> = s.processes.iter().collect();
+        pids.sort_by(|a, b| a.0.cmp(b.0));
+        for ((pid, comm), p) in pids {
+            series.push((labels(Some(*pid), comm, &p.cgroup), &p.totals));
+        }
+        for ((comm, cgroup), totals) in &s.comms {
+            series.push((labels(None, comm, cgroup), totals));
+        }
+        let families: [(&str, &str, TotalsField); 5] = [
+            (
+                "sci_process_energy_joules_total",
+                "Dynamic energy attributed to the process.",
+                |t| t.energy_j,
+            ),
+            (
+                "sci_process_idle_energy_joules_total",
+                "The process's share of idle energy (by busy CPU time).",
+                |t| t.idle_share_j,
+            ),
+            (
+                "sci_process_carbon_grams_total",
+                "Operational carbon of the process (dynamic + idle share), gCO2e.",
+                |t| t.carbon_g,
+            ),
+            (
+                "sci_process_embodied_grams_total",
+                "Embodied carbon apportioned to the process, gCO2e.",
+                |t| t.embodied_g,
+            ),
+            (
+                "sci_process_cpu_seconds_total",
+                "CPU time of the process.",
+                |t| t.cpu_ns as f64 / 1e9,
+            ),
+        ];
+        for (name, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help} Exited processes are folded into comm-level series.\n# TYPE {name} counter");
+            for (labels, totals) in &series {
+                let _ = writeln!(out, "{name}{{{labels}}} {}", num(get(totals)));
+            }
+        }
+        out
+    }
+}
+
+/// Reads one figure out of a series' totals.
+type TotalsField = fn(&Totals) -> f64;
+
+fn fold(
+    comms: &mut BTreeMap<(String, String), Totals>,
+    max: usize,
+    comm: String,
+    cgroup: String,
+    totals: &Totals,
+) {
+    let key = (comm, cgroup);
+    let key = if comms.contains_key(&key) || comms.len() + 1 < max {
+        key
+    } else {
+        (OTHER_COMM.to_string(), String::new())
+    };
+    comms.entry(key).or_default().add(totals);
+}
+
+fn labels(pid: Option<u32>, comm: &str, cgroup: &str) -> String {
+    let mut out = String::new();
+    if let Some(pid) = pid {
+        let _ = write!(out, "pid=\"{pid}\",");
+    }
+    let _ = write!(out, "comm=\"{}\"", escape(comm));
+    if !cgroup.is_empty() {
+        let _ = write!(out, ",cgroup=\"{}\"", escape(cgroup));
+    }
+    out
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "0".to_string()
+    }
+}
+
+/// Serve `GET /metrics` on `addr` until the task is dropped.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    registry: Arc<MetricsRegistry>,
+) -> Result<(), AgentError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| AgentError::io(format!("metrics endpoint: binding {addr}"), e))?;
+    serve_metrics_on(listener, registry).await
+}
+
+/// Serve `GET /metrics` on an already bound listener (tests bind port 0).
+pub async fn serve_metrics_on(
+    listener: TcpListener,
+    registry: Arc<MetricsRegistry>,
+) -> Result<(), AgentError> {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let registry = Arc::clone(&registry);
+                tokio::spawn(async move {
+                    if let Err(e) = handle_connection(stream, &registry).await {
+                        tracing::debug!("metrics connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving.
+                tracing::warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    mut stream: TcpStream,
+    registry: &MetricsRegistry,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head_complete =
+        |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
+    while !head_complete(&buf) {
+        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(result) => result?,
+            Err(_) => return Ok(()),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 8192 {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+            )
+            .await;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = target.split('?').next().unwrap_or_default();
+    match (method, path) {
+        ("GET", "/metrics") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &registry.render(),
+            )
+            .await
+        }
+        (_, "/metrics") => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n",
+            )
+            .await
+        }
+        _ => respond(&mut stream, "404 Not Found", "text/plain", "see /metrics\n").await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
