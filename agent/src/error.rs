@@ -14,6 +14,10 @@ pub enum AgentError {
     Energy(#[from] crate::sources::energy::EnergyError),
     #[error("carbon: {0}")]
     Carbon(#[from] crate::transforms::carbon::CarbonError),
+    #[error("scenarios: {0}")]
+    Scenario(#[from] crate::transforms::scenario::ScenarioError),
+    #[error("{0}")]
+    Ingest(#[from] crate::sources::ingest::IngestError),
     #[error("{context}: {source}")]
     Io {
         context: String,

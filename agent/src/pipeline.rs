@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::sources::energy::{select_energy_source, EnergySource};
+use crate::sources::ingest::IngestCounters;
 use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use crate::sources::sched::proc_info::hostname;
 use crate::sources::sched::procfs::ProcfsSampler;
 use crate::sources::sched::{CpuSample, CpuSampler};
 use crate::transforms::attribution::Attributor;
 use crate::transforms::carbon::CarbonTransform;
+use crate::transforms::scenario::{ScenarioStage, TransactionCounts};
 use crate::window::{ProcessRecord, ThreadRecord, WindowReport};
 
 /// How the pipeline's CPU source is chosen.
@@ -27,6 +29,9 @@ pub struct Pipeline {
     energy: Box<dyn EnergySource>,
     attributor: Attributor,
     carbon: CarbonTransform,
+    scenarios: ScenarioStage,
+    /// Transaction counts reported by services (the ingest endpoint), drained per window.
+    ingest: Option<std::sync::Arc<IngestCounters>>,
     /// Energy warnings already logged (each distinct one is logged once).
     logged_warnings: std::collections::HashSet<String>,
     host: String,
@@ -78,6 +83,7 @@ impl Pipeline {
     ) -> Result<(Self, Option<String>), AgentError> {
         config.energy.validate()?;
         let carbon = CarbonTransform::from_config(&config.carbon)?;
+        let scenarios = ScenarioStage::new(&config.scenarios)?;
         let (sampler, fallback) = open_sampler(config, options)?;
         let cpus = crate::sources::sched::proc_info::online_cpus().len() as u32;
         let (energy, energy_warnings) = select_energy_source(&config.energy, cpus);
@@ -91,6 +97,8 @@ impl Pipeline {
                 energy,
                 attributor: Attributor::new(&config.energy),
                 carbon,
+                scenarios,
+                ingest: None,
                 logged_warnings: Default::default(),
                 host: config
                     .agent
@@ -104,6 +112,12 @@ impl Pipeline {
             },
             fallback,
         ))
+    }
+
+    /// Counts from services that report their transactions (the ingest
+    /// endpoint) join each window's business figures.
+    pub fn set_ingest(&mut self, counters: std::sync::Arc<IngestCounters>) {
+        self.ingest = Some(counters);
     }
 
     /// Continue an earlier run's numbering (from the spool) instead of starting at 0.
@@ -139,6 +153,19 @@ impl Pipeline {
         if let Err(e) = self.carbon.apply(&mut report) {
             tracing::warn!("carbon of window {}: {e}", report.seq);
         }
+        let reported = match &self.ingest {
+            Some(counters) => {
+                let window = counters.take_window();
+                report.ingest_refused = window
+                    .refused
+                    .iter()
+                    .map(|(reason, n)| (reason.as_str().to_string(), *n))
+                    .collect();
+                window.transactions
+            }
+            None => TransactionCounts::default(),
+        };
+        self.scenarios.apply(&sample, &mut report, &reported)?;
         Ok(report)
     }
 

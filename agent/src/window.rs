@@ -159,6 +159,9 @@ pub struct WindowReport {
     pub scenarios: Vec<ScenarioRecord>,
     /// R of the window: sum of alpha_i * TA_i.
     pub business_units: f64,
+    /// Transaction reports the ingest endpoint refused in this window, per reason.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ingest_refused: std::collections::BTreeMap<String, u64>,
     pub processes: Vec<ProcessRecord>,
     /// Folded CPU stacks with their energy (empty when profiling is off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -202,6 +205,7 @@ impl WindowReport {
             weights: Default::default(),
             scenarios: Vec::new(),
             business_units: 0.0,
+            ingest_refused: Default::default(),
             processes: Vec::new(),
             profile: Vec::new(),
         }

@@ -1,1 +1,213 @@
+//! Business-scenario markers that the sci-cf agent follows with uprobes.
+//!
+//! A service calls `sci_scenario_begin(code)` when a thread starts serving one
+//! flow of a scenario and `sci_scenario_end(code, ok)` when the flow is done.
+//! The agent attaches uprobes to these two symbols (argument 0 = scenario code,
+//! argument 1 = ok): between the two calls the thread's CPU time is charged to
+//! the scenario, and an `end` with `ok != 0` is one completed transaction.
+//! Without the agent the calls cost two atomic increments.
+//!
+//! The functions are exported, never inlined and not empty (each updates a
+//! process-local counter), so the symbols exist in `libsci_marker.so` and in
+//! any binary that links this crate as an rlib. The counters
+//! (`sci_scenario_begun`, `sci_scenario_completed`, `sci_scenario_failed`)
+//! are the process's own ground truth.
+use std::ffi::{c_char, c_int, CStr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Scenario codes; they equal the agent's slot numbers.
+pub const SCI_NONE: u32 = 0;
+pub const SCI_CREDIT: u32 = 1;
+pub const SCI_DRAWDOWN: u32 = 2;
+pub const SCI_REPAYMENT: u32 = 3;
+pub const SCI_QUERY: u32 = 4;
+const SLOTS: usize = 5;
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+static BEGUN: [AtomicU64; SLOTS] = [ZERO; SLOTS];
+static COMPLETED: [AtomicU64; SLOTS] = [ZERO; SLOTS];
+static FAILED: [AtomicU64; SLOTS] = [ZERO; SLOTS];
+
+/// Out-of-range codes are counted in slot 0 (`SCI_NONE`).
+fn slot(scenario: u32) -> usize {
+    let s = scenario as usize;
+    if s < SLOTS {
+        s
+    } else {
+        0
+    }
+}
+
+/// A thread starts serving one flow of `scenario` (1..=4).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn sci_scenario_begin(scenario: u32) {
+    let scenario = std::hint::black_box(scenario);
+    BEGUN[slot(scenario)].fetch_add(1, Ordering::Relaxed);
+}
+
+/// The flow of `scenario` ends; `ok != 0` counts it as a completed transaction.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn sci_scenario_end(scenario: u32, ok: c_int) {
+    let (scenario, ok) = std::hint::black_box((scenario, ok));
+    let counters = if ok != 0 { &COMPLETED } else { &FAILED };
+    counters[slot(scenario)].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Code of a scenario name (`credit`, `drawdown`, `repayment`, `query`, or the
+/// standard's Chinese names 授信, 支用, 还款, 查询); None when unknown.
+pub fn scenario_code(name: &str) -> Option<u32> {
+    match name {
+        "credit" | "授信" => Some(SCI_CREDIT),
+        "drawdown" | "支用" => Some(SCI_DRAWDOWN),
+        "repayment" | "还款" => Some(SCI_REPAYMENT),
+        "query" | "查询" => Some(SCI_QUERY),
+        _ => None,
+    }
+}
+
+/// Begins the scenario named by a NUL-terminated UTF-8 string; returns its
+/// code, or -1 (and begins nothing) when the name is unknown or null.
+///
+/// # Safety
+/// `name` must be null or point to a NUL-terminated string.
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn sci_scenario_begin_name(name: *const c_char) -> c_int {
+    if name.is_null() {
+        return -1;
+    }
+    // SAFETY: the caller passes a NUL-terminated string (checked non-null above).
+    let name = unsafe { CStr::from_ptr(name) };
+    match name.to_str().ok().and_then(scenario_code) {
+        Some(code) => {
+            sci_scenario_begin(code);
+            code as c_int
+        }
+        None => -1,
+    }
+}
+
+/// `begin` calls for `scenario` in this process so far.
+#[no_mangle]
+pub extern "C" fn sci_scenario_begun(scenario: u32) -> u64 {
+    BEGUN[slot(scenario)].load(Ordering::Relaxed)
+}
+
+/// `end(scenario, ok != 0)` calls in this process so far.
+#[no_mangle]
+pub extern "C" fn sci_scenario_completed(scenario: u32) -> u64 {
+    COMPLETED[slot(scenario)].load(Ordering::Relaxed)
+}
+
+/// `end(scenario, 0)` calls in this process so far.
+#[no_mangle]
+pub extern "C" fn sci_scenario_failed(scenario: u32) -> u64 {
+    FAILED[slot(scenario)].load(Ordering::Relaxed)
+}
+
+/// The four scenarios, for the Rust API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Scenario {
+    Credit = SCI_CREDIT,
+    Drawdown = SCI_DRAWDOWN,
+    Repayment = SCI_REPAYMENT,
+    Query = SCI_QUERY,
+}
+
+impl Scenario {
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_name(name: &str) -> Option<Scenario> {
+        match scenario_code(name)? {
+            SCI_CREDIT => Some(Scenario::Credit),
+            SCI_DRAWDOWN => Some(Scenario::Drawdown),
+            SCI_REPAYMENT => Some(Scenario::Repayment),
+            _ => Some(Scenario::Query),
+        }
+    }
+
+    pub fn completed(self) -> u64 {
+        sci_scenario_completed(self.code())
+    }
+
+    pub fn failed(self) -> u64 {
+        sci_scenario_failed(self.code())
+    }
+
+    pub fn begun(self) -> u64 {
+        sci_scenario_begun(self.code())
+    }
+}
+
+/// One flow of a scenario on the current thread: begun on creation, ended
+/// with `finish(ok)`; dropped without `finish` (early return, `?`, panic) it
+/// ends as failed.
+#[derive(Debug)]
+#[must_use = "the flow ends (as failed) when the guard is dropped"]
+pub struct ScenarioGuard {
+    scenario: Scenario,
+    ended: bool,
+}
+
+impl ScenarioGuard {
+    pub fn begin(scenario: Scenario) -> Self {
+        sci_scenario_begin(scenario.code());
+        ScenarioGuard {
+            scenario,
+            ended: false,
+        }
+    }
+
+    pub fn scenario(&self) -> Scenario {
+        self.scenario
+    }
+
+    /// Ends the flow; `ok = true` counts one completed transaction.
+    pub fn finish(mut self, ok: bool) {
+        self.ended = true;
+        sci_scenario_end(self.scenario.code(), c_int::from(ok));
+    }
+}
+
+impl Drop for ScenarioGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            sci_scenario_end(self.scenario.code(), 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_codes_and_unknown_is_refused() {
+        for (name, code) in [
+            ("credit", 1),
+            ("drawdown", 2),
+            ("repayment", 3),
+            ("query", 4),
+            ("授信", 1),
+            ("查询", 4),
+        ] {
+            let c = std::ffi::CString::new(name).expect("no NUL");
+            // SAFETY: a valid NUL-terminated string.
+            assert_eq!(unsafe { sci_scenario_begin_name(c.as_ptr()) }, code);
+        }
+        let bad = std::ffi::CString::new("loan").expect("no NUL");
+        // SAFETY: valid string and null pointer are both allowed.
+        unsafe {
+            assert_eq!(sci_scenario_begin_name(bad.as_ptr()), -1);
+            assert_eq!(sci_scenario_begin_name(std::ptr::null()), -1);
+        }
+        assert_eq!(Scenario::from_name("repayment"), Some(Scenario::Repayment));
+        assert_eq!(Scenario::from_name("Credit"), None);
+    }
+}

@@ -1,0 +1,410 @@
+//! `[[scenarios.rules]]`: each matcher kind, first match wins, PID reuse,
+//! config errors naming the rule and its line, weights. Real processes where
+//! the rule reads the process (env, comm, exe, cmdline, cgroup); synthetic
+//! `ProcessCpu` for pure logic.
+#![allow(clippy::unwrap_used)]
+use std::path::Path;
+use std::process::{Child, Command};
+
+use sci_agent::config::AgentConfig;
+use sci_agent::sources::sched::proc_info::read_proc_info;
+use sci_agent::sources::sched::ProcessCpu;
+use sci_agent::transforms::scenario::{
+    pod_uid_from_cgroup, read_sci_env, systemd_unit_from_cgroup, Assignment, Scenario,
+    ScenarioStage,
+};
+
+fn stage(toml_text: &str) -> ScenarioStage {
+    let config = AgentConfig::from_toml_str(toml_text, Path::new("test.toml")).unwrap();
+    ScenarioStage::new(&config.scenarios).unwrap()
+}
+
+fn config_error(toml_text: &str) -> String {
+    AgentConfig::from_toml_str(toml_text, Path::new("test.toml"))
+        .expect_err("config must be refused")
+        .to_string()
+}
+
+fn process(pid: u32, comm: &str) -> ProcessCpu {
+    ProcessCpu {
+        pid,
+        comm: comm.into(),
+        start_ticks: Some(1000 + pid as u64),
+        ..Default::default()
+    }
+}
+
+/// A `sleep` with SCI_* variables, killed on drop.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn spawn(envs: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Sleeper(cmd.spawn().unwrap())
+    }
+
+    /// The process as the agent's procfs enrichment sees it.
+    fn as_process_cpu(&self) -> ProcessCpu {
+        let pid = self.0.id();
+        let info = read_proc_info(Path::new("/proc"), pid).unwrap();
+        ProcessCpu {
+            pid,
+            ppid: info.ppid,
+            comm: info.comm,
+            exe: info.exe,
+            cmdline: info.cmdline,
+            cgroup: info.cgroup,
+            container_id: info.container_id,
+            env: read_sci_env(pid),
+            start_ticks: Some(info.start_ticks),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn read_sci_env_keeps_only_sci_variables_of_a_real_process() {
+    let sleeper = Sleeper::spawn(&[
+        ("SCI_SCENARIO", "credit"),
+        ("SCI_SERVICE", "loan-approval"),
+        ("UNRELATED_SECRET", "x"),
+    ]);
+    // The child may not have exec'd yet: wait until its environ is the new one.
+    let pid = sleeper.0.id();
+    let mut env = Vec::new();
+    for _ in 0..200 {
+        env = read_sci_env(pid);
+        if env.iter().any(|(k, _)| k == "SCI_SCENARIO") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    env.sort();
+    let mut expected = vec![
+        ("SCI_SCENARIO".to_string(), "credit".to_string()),
+        ("SCI_SERVICE".to_string(), "loan-approval".to_string()),
+    ];
+    // The test runner's own SCI_* variables, if any, are inherited too.
+    expected.extend(
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with("SCI_") && k != "SCI_SCENARIO" && k != "SCI_SERVICE"),
+    );
+    expected.sort();
+    assert_eq!(env, expected);
+    assert!(read_sci_env(u32::MAX).is_empty());
+}
+
+fn wait_for_exec(sleeper: &Sleeper) -> ProcessCpu {
+    for _ in 0..200 {
+        let p = sleeper.as_process_cpu();
+        // comm changes early in exec, the argument area a little later.
+        if p.comm == "sleep" && p.cmdline.as_deref() == Some("sleep 30") {
+            return p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("child never became sleep");
+}
+
+#[test]
+fn env_rule_and_from_env_rule_on_a_real_process() {
+    let credit = Sleeper::spawn(&[("SCI_SCENARIO", "credit")]);
+    let query = Sleeper::spawn(&[("SCI_SCENARIO", "query")]);
+    let bogus = Sleeper::spawn(&[("SCI_SCENARIO", "loan")]);
+    let mut stage = stage(
+        r#"
+[[scenarios.rules]]
+service = "env-credit"
+scenario = "credit"
+env = "SCI_SCENARIO=credit"
+
+[[scenarios.rules]]
+service = "by-env"
+scenario = "from_env"
+comm = "sleep"
+"#,
+    );
+    let a = stage.assign(&wait_for_exec(&credit));
+    assert_eq!(
+        a,
+        Assignment {
+            scenario: Some(Scenario::Credit),
+            service: Some("env-credit".into()),
+            rule_index: Some(0)
+        }
+    );
+    let b = stage.assign(&wait_for_exec(&query));
+    assert_eq!((b.scenario, b.rule_index), (Some(Scenario::Query), Some(1)));
+    // An unknown SCI_SCENARIO does not match `from_env`: unassigned.
+    assert_eq!(stage.assign(&wait_for_exec(&bogus)), Assignment::default());
+}
+
+#[test]
+fn comm_exe_cmdline_cgroup_rules_on_a_real_process() {
+    let sleeper = Sleeper::spawn(&[]);
+    let p = wait_for_exec(&sleeper);
+    let exe = p.exe.clone().unwrap();
+    let cgroup = p.cgroup.clone();
+
+    let by_comm =
+        stage("[[scenarios.rules]]\nservice = \"s\"\nscenario = \"query\"\ncomm = \"sle*\"\n");
+    assert_eq!(by_comm.evaluate(&p).scenario, Some(Scenario::Query));
+    let by_comm_miss = stage("[[scenarios.rules]]\nservice = \"s\"\ncomm = \"bash\"\n");
+    assert_eq!(by_comm_miss.evaluate(&p), Assignment::default());
+
+    let by_exe = stage(&format!(
+        "[[scenarios.rules]]\nservice = \"s\"\nscenario = \"drawdown\"\nexe = \"{}/*\"\n",
+        Path::new(&exe).parent().unwrap().display()
+    ));
+    assert_eq!(by_exe.evaluate(&p).scenario, Some(Scenario::Drawdown));
+    // `*` does not cross `/` in path globs; `**` does.
+    let star = stage("[[scenarios.rules]]\nservice = \"s\"\nexe = \"/*sleep\"\n");
+    assert_eq!(star.evaluate(&p).service, None);
+    let starstar = stage("[[scenarios.rules]]\nservice = \"s\"\nexe = \"/**/sleep\"\n");
+    assert_eq!(starstar.evaluate(&p).service.as_deref(), Some("s"));
+
+    let by_cmdline = stage(
+        "[[scenarios.rules]]\nservice = \"s\"\nscenario = \"repayment\"\ncmdline = '^sleep 3\\d$'\n",
+    );
+    assert_eq!(by_cmdline.evaluate(&p).scenario, Some(Scenario::Repayment));
+
+    if let Some(cgroup) = cgroup {
+        let by_cgroup = stage(&format!(
+            "[[scenarios.rules]]\nservice = \"s\"\nscenario = \"credit\"\ncgroup = \"{cgroup}\"\n"
+        ));
+        assert_eq!(by_cgroup.evaluate(&p).scenario, Some(Scenario::Credit));
+    }
+}
+
+#[test]
+fn systemd_unit_container_and_all_matchers_must_match() {
+    let mut p = process(10, "java");
+    p.cgroup = Some("/system.slice/loan-credit.service".into());
+    p.container_id = Some("4f3c2b1a".repeat(8));
+    assert_eq!(
+        systemd_unit_from_cgroup("/system.slice/a.service/sub"),
+        Some("a.service")
+    );
+
+    let s = stage("[[scenarios.rules]]\nservice = \"credit-svc\"\nscenario = \"credit\"\nsystemd_unit = \"loan-credit\"\n");
+    assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Credit));
+    let s = stage("[[scenarios.rules]]\nservice = \"x\"\nsystemd_unit = \"loan-*.service\"\n");
+    assert_eq!(s.evaluate(&p).service.as_deref(), Some("x"));
+    let s = stage("[[scenarios.rules]]\nservice = \"x\"\nsystemd_unit = \"other\"\n");
+    assert_eq!(s.evaluate(&p).service, None);
+
+    let s = stage("[[scenarios.rules]]\nservice = \"c\"\nscenario = \"query\"\ncontainer = \"4f3c2b1a4f3c\"\n");
+    assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Query));
+    let s = stage("[[scenarios.rules]]\nservice = \"c\"\ncontainer = \"deadbeef\"\n");
+    assert_eq!(s.evaluate(&p).service, None);
+
+    // comm matches but the unit does not: the rule as a whole does not match.
+    let s = stage(
+        "[[scenarios.rules]]\nservice = \"both\"\ncomm = \"java\"\nsystemd_unit = \"other\"\n",
+    );
+    assert_eq!(s.evaluate(&p).service, None);
+    let s = stage("[[scenarios.rules]]\nservice = \"both\"\ncomm = \"java\"\nsystemd_unit = \"loan-credit\"\n");
+    assert_eq!(s.evaluate(&p).service.as_deref(), Some("both"));
+}
+
+#[test]
+fn pod_label_rule_reads_the_pod_labels_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = "1b2c3d4e-aaaa-bbbb-cccc-0123456789ab";
+    std::fs::write(
+        dir.path().join(uid),
+        "app=\"loan-credit\"\npod-template-hash=\"7d9f\"\nsci.cf/scenario=\"credit\"\n",
+    )
+    .unwrap();
+    let systemd_path = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_aaaa_bbbb_cccc_0123456789ab.slice/cri-containerd-abc.scope";
+    let cgroupfs_path = "/kubepods/burstable/pod1b2c3d4e-aaaa-bbbb-cccc-0123456789ab/abc";
+    assert_eq!(pod_uid_from_cgroup(systemd_path).as_deref(), Some(uid));
+    assert_eq!(pod_uid_from_cgroup(cgroupfs_path).as_deref(), Some(uid));
+    assert_eq!(pod_uid_from_cgroup("/system.slice/podman.service"), None);
+
+    let s = stage(&format!(
+        "[scenarios]\npod_labels_dir = \"{}\"\n[[scenarios.rules]]\nservice = \"loan\"\nscenario = \"credit\"\npod_label = \"app=loan-*\"\n",
+        dir.path().display()
+    ));
+    let mut p = process(20, "java");
+    p.cgroup = Some(systemd_path.into());
+    assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Credit));
+    p.cgroup = Some(cgroupfs_path.into());
+    assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Credit));
+    // Another pod (no labels file) and a non-pod cgroup do not match.
+    p.cgroup = Some(cgroupfs_path.replace("1b2c", "9b2c"));
+    assert_eq!(s.evaluate(&p), Assignment::default());
+    p.cgroup = Some("/system.slice/x.service".into());
+    assert_eq!(s.evaluate(&p), Assignment::default());
+
+    // Labels in a per-pod directory (`<dir>/<uid>/labels`) work too.
+    let dir2 = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir2.path().join(uid)).unwrap();
+    std::fs::write(dir2.path().join(uid).join("labels"), "app=\"query-api\"\n").unwrap();
+    let s = stage(&format!(
+        "[scenarios]\npod_labels_dir = \"{}\"\n[[scenarios.rules]]\nservice = \"q\"\nscenario = \"query\"\npod_label = \"app=query-api\"\n",
+        dir2.path().display()
+    ));
+    p.cgroup = Some(cgroupfs_path.into());
+    assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Query));
+}
+
+#[test]
+fn first_match_wins_and_service_only_rules() {
+    let s = stage(
+        r#"
+[[scenarios.rules]]
+service = "gateway"
+comm = "nginx"
+
+[[scenarios.rules]]
+service = "credit-engine"
+scenario = "credit"
+comm = "java"
+
+[[scenarios.rules]]
+service = "catch-all"
+scenario = "query"
+comm = "*"
+"#,
+    );
+    let nginx = s.evaluate(&process(1, "nginx"));
+    assert_eq!(
+        nginx,
+        Assignment {
+            scenario: None,
+            service: Some("gateway".into()),
+            rule_index: Some(0)
+        }
+    );
+    let java = s.evaluate(&process(2, "java"));
+    assert_eq!(
+        (java.scenario, java.rule_index),
+        (Some(Scenario::Credit), Some(1))
+    );
+    let other = s.evaluate(&process(3, "postgres"));
+    assert_eq!(
+        (other.scenario, other.rule_index),
+        (Some(Scenario::Query), Some(2))
+    );
+}
+
+#[test]
+fn reused_pid_is_evaluated_again_same_process_is_cached() {
+    let mut s = stage(
+        "[[scenarios.rules]]\nservice = \"c\"\nscenario = \"credit\"\ncomm = \"credit-worker\"\n[[scenarios.rules]]\nservice = \"q\"\nscenario = \"query\"\ncomm = \"query-worker\"\n",
+    );
+    let old = ProcessCpu {
+        pid: 4242,
+        comm: "credit-worker".into(),
+        start_ticks: Some(500),
+        ..Default::default()
+    };
+    assert_eq!(s.assign(&old).scenario, Some(Scenario::Credit));
+    assert_eq!(s.rule_evaluations(), 1);
+    // Same process again (even if its comm changed later): cached verdict.
+    let renamed = ProcessCpu {
+        comm: "renamed".into(),
+        ..old.clone()
+    };
+    assert_eq!(s.assign(&renamed).scenario, Some(Scenario::Credit));
+    assert_eq!(s.rule_evaluations(), 1);
+    // Same PID, new start time: a new process with its own scenario.
+    let reused = ProcessCpu {
+        pid: 4242,
+        comm: "query-worker".into(),
+        start_ticks: Some(9_000),
+        ..Default::default()
+    };
+    assert_eq!(s.assign(&reused).scenario, Some(Scenario::Query));
+    assert_eq!(s.rule_evaluations(), 2);
+}
+
+#[test]
+fn bad_rules_are_refused_naming_the_rule_and_its_line() {
+    let text = "[agent]\ninterval = \"1s\"\n\n[[scenarios.rules]]\nservice = \"ok\"\ncomm = \"a\"\n\n[[scenarios.rules]]\nservice = \"broken\"\ncmdline = \"(unclosed\"\n";
+    let e = config_error(text);
+    assert!(e.contains("scenarios.rules[1]"), "{e}");
+    assert!(e.contains("not a valid regex"), "{e}");
+    assert!(e.contains("line 8"), "{e}");
+
+    let e =
+        config_error("[[scenarios.rules]]\nservice = \"x\"\nscenario = \"loan\"\ncomm = \"a\"\n");
+    assert!(
+        e.contains("scenarios.rules[0]") && e.contains("unknown scenario \"loan\""),
+        "{e}"
+    );
+    assert!(e.contains("line 1"), "{e}");
+
+    for (rule, expected) in [
+        ("service = \"x\"\n", "at least one matcher"),
+        ("comm = \"a\"\n", "a service, a scenario or both"),
+        ("service = \"x\"\ncomm = \"[\"\n", "not a valid glob"),
+        ("service = \"x\"\nenv = \"NOEQUALS\"\n", "KEY=VALUE"),
+        ("service = \"x\"\npod_label = \"=v\"\n", "empty key"),
+        (
+            "service = \"x\"\ncomm = \"a\"\nuser = \"root\"\n",
+            "unknown field `user`",
+        ),
+    ] {
+        let e = config_error(&format!("[[scenarios.rules]]\n{rule}"));
+        assert!(
+            e.contains("scenarios.rules[0]") && e.contains(expected),
+            "{rule}: {e}"
+        );
+    }
+}
+
+#[test]
+fn weights_default_override_and_unknown_names() {
+    let s = stage("");
+    let w = s.weights();
+    assert_eq!(
+        Scenario::ALL.map(|x| w.get(x)),
+        [24.0, 7.0, 3.0, 1.0],
+        "the standard's alpha"
+    );
+    let s = stage("[scenarios.weights]\ncredit = 30\nquery = 0.5\n");
+    assert_eq!(
+        Scenario::ALL.map(|x| s.weights().get(x)),
+        [30.0, 7.0, 3.0, 0.5]
+    );
+    assert_eq!(
+        s.weights().to_map().into_iter().collect::<Vec<_>>(),
+        vec![
+            ("credit".to_string(), 30.0),
+            ("drawdown".to_string(), 7.0),
+            ("query".to_string(), 0.5),
+            ("repayment".to_string(), 3.0)
+        ]
+    );
+    let e = config_error("[scenarios.weights]\ncredit = 24\nloan = 5\n");
+    assert!(
+        e.contains("unknown field `loan`") && e.contains("line 3"),
+        "{e}"
+    );
+    let e = config_error("[scenarios.weights]\ndrawdown = -7\n");
+    assert!(
+        e.contains("finite number > 0") && e.contains("line 2"),
+        "{e}"
+    );
+    let e = config_error("[scenarios.weights]\ndrawdown = 0\n");
+    assert!(e.contains("finite number > 0"), "{e}");
+
+    assert_eq!("授信".parse::<Scenario>().unwrap(), Scenario::Credit);
+    assert_eq!(Scenario::from_slot(4), Some(Scenario::Query));
+    assert_eq!(Scenario::from_slot(0), None);
+    let e = "Credit".parse::<Scenario>().unwrap_err().to_string();
+    assert!(e.contains("unknown scenario \"Credit\""), "{e}");
+}
