@@ -83,7 +83,7 @@ fn main() {
                         for _ in 0..repeats {
                             let ok = if name == "query" {
                                 queries += 1;
-                                queries % 4 != 0
+                                !queries.is_multiple_of(4)
                             } else {
                                 true
                             };
