@@ -9,6 +9,9 @@
 //!   a second, the agent's pipeline closing a window every second; reports the
 //!   agent's own CPU% (rusage, steady state after a first window) and RSS. `--churn`: N shell loops that
 //!   fork+exec `sleep` every second instead (N new processes per second).
+//! - `markers --pairs N`: ns per marker call (sci_scenario_begin/end) without
+//!   and with the agent's uprobes, in the same run; checks the kernel counted
+//!   every transaction.
 use std::io::{Read, Write};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -17,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
 use sci_agent::sources::sched::ebpf::{BareBaseline, EbpfOptions, EbpfSampler, ProgramStats};
+use sci_agent::sources::sched::CpuSampler;
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -198,14 +202,58 @@ fn agent(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// ns per begin+end pair, over `pairs` transactions on this thread.
+fn marker_pairs_ns(pairs: u64) -> f64 {
+    let started = Instant::now();
+    for _ in 0..pairs {
+        sci_marker::sci_scenario_begin(4);
+        sci_marker::sci_scenario_end(4, 1);
+    }
+    started.elapsed().as_nanos() as f64 / pairs as f64
+}
+
+/// Cost of one marker call followed by the agent's uprobes: the same loop of
+/// begin/end pairs without, then with, the uprobes attached (same run).
+fn markers(args: &[String]) -> Result<()> {
+    let pairs = arg(args, "--pairs", 200_000);
+    marker_pairs_ns(pairs / 10);
+    let bare_pair_ns = marker_pairs_ns(pairs);
+    let mut sampler = EbpfSampler::load(&EbpfOptions::default())?;
+    sampler.attach_markers(&std::env::current_exe()?)?;
+    let followed_pair_ns = marker_pairs_ns(pairs);
+    let window = sampler.sample()?;
+    let me = std::process::id();
+    let counted: u64 = window
+        .processes
+        .iter()
+        .filter(|p| p.pid == me)
+        .map(|p| p.scenario_transactions[4])
+        .sum();
+    if counted != pairs {
+        bail!("the kernel counted {counted} transactions of {pairs}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "markers",
+            "pairs": pairs,
+            "bare_ns_per_call": bare_pair_ns / 2.0,
+            "followed_ns_per_call": followed_pair_ns / 2.0,
+            "uprobe_overhead_ns_per_call": (followed_pair_ns - bare_pair_ns) / 2.0,
+        })
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("kernel") => kernel(&args),
         Some("agent") => agent(&args),
+        Some("markers") => markers(&args),
         Some("sleeper") => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
-        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs]"),
+        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N]"),
     }
 }
