@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod service;
 pub mod sinks;
 pub mod sources;
 pub mod transforms;

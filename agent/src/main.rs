@@ -47,6 +47,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure every interval (agent.toml) and stream the windows to the
+    /// aggregator, or print them as JSON lines when none is configured.
+    Run {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Allow a plaintext connection to the aggregator (not for production).
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 /// agent.toml (or defaults), with the command line's overrides applied.
@@ -140,6 +149,41 @@ fn sample(source: &SourceArgs, duration: Duration, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn run(source: &SourceArgs, insecure: bool) -> Result<()> {
+    let config = load_config(source)?;
+    let options = sci_agent::service::RunOptions {
+        pipeline: PipelineOptions {
+            force_procfs: source.procfs,
+            marker_libraries: source.marker_libraries.clone(),
+        },
+        insecure,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(e) => {
+                        tracing::error!("cannot catch SIGTERM: {e}");
+                        std::future::pending::<()>().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("stopping");
+        };
+        sci_agent::service::run(config, options, shutdown).await
+    })?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -155,5 +199,6 @@ fn main() -> Result<()> {
             duration,
             json,
         } => sample(&source, duration, json),
+        Command::Run { source, insecure } => run(&source, insecure),
     }
 }

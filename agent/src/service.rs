@@ -1,0 +1,149 @@
+//! `sci-agent run`: the long-running agent.
+//!
+//! One OS thread measures: closing a window moves that thread across every
+//! CPU (see `sources::sched::ebpf`), which must not happen to a tokio worker.
+//! Windows start on multiples of the interval (wall clock), so windows of
+//! different hosts line up. The tokio runtime serves the ingest endpoint and
+//! `/metrics`, and hands every window to the sink: the aggregator stream
+//! (through the on-disk spool) or, without an aggregator, stdout as JSON lines.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::sinks::metrics::{serve_metrics, MetricsRegistry};
+use crate::sources::ingest::{IngestCounters, IngestEndpoint};
+use crate::window::WindowReport;
+
+/// Time until the next multiple of `interval` since the Unix epoch.
+pub fn until_next_boundary(interval: Duration, now: SystemTime) -> Duration {
+    let interval_ns = interval.as_nanos().max(1);
+    let now_ns = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let next = (now_ns / interval_ns + 1) * interval_ns;
+    Duration::from_nanos((next - now_ns) as u64)
+}
+
+/// Runs the measurement loop on its own thread until `stop` is set; windows go to `windows`.
+fn spawn_measurement(
+    mut pipeline: Pipeline,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+    windows: mpsc::Sender<WindowReport>,
+) -> Result<std::thread::JoinHandle<()>, AgentError> {
+    std::thread::Builder::new()
+        .name("sci-measure".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let mut wait = until_next_boundary(interval, SystemTime::now());
+                // Sleep in short steps so a stop request is seen quickly.
+                while wait > Duration::ZERO && !stop.load(Ordering::Relaxed) {
+                    let step = wait.min(Duration::from_millis(200));
+                    std::thread::sleep(step);
+                    wait = wait.saturating_sub(step);
+                }
+                match pipeline.next_window() {
+                    Ok(window) => {
+                        if windows.blocking_send(window).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::error!("window not measured: {e}"),
+                }
+            }
+        })
+        .map_err(|e| AgentError::io("spawning the measurement thread", e))
+}
+
+/// What `run` needs beyond agent.toml.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub pipeline: PipelineOptions,
+    /// Allow a plaintext connection to the aggregator (warned about).
+    pub insecure: bool,
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    options: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let (mut pipeline, fallback) = Pipeline::open(&config, &options.pipeline)?;
+    if let Some(reason) = fallback {
+        tracing::warn!("{reason}");
+    }
+    let counters = IngestCounters::new();
+    let _ingest = IngestEndpoint::start(&config.ingest, counters.clone()).await?;
+    pipeline.set_ingest(counters);
+
+    let metrics = Arc::new(MetricsRegistry::new());
+    if let Some(listen) = &config.agent.metrics_listen {
+        let addr = listen.parse().map_err(|e| AgentError::Config {
+            path: "agent.metrics_listen".into(),
+            message: format!("{listen:?} is not an address: {e}"),
+        })?;
+        let registry = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(addr, registry).await {
+                tracing::error!("{e}");
+            }
+        });
+    }
+
+    let (tx, mut rx) = mpsc::channel::<WindowReport>(64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let measurement = spawn_measurement(pipeline, config.agent.interval, Arc::clone(&stop), tx)?;
+    tracing::info!(
+        "measuring every {}",
+        humantime::format_duration(config.agent.interval)
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            window = rx.recv() => {
+                let Some(window) = window else { break };
+                metrics.observe(&window);
+                match serde_json::to_string(&window) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => tracing::error!("window {}: {e}", window.seq),
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(rx);
+    let _ = tokio::task::spawn_blocking(move || measurement.join()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_start_on_interval_boundaries() {
+        let at = UNIX_EPOCH + Duration::from_millis(10_250);
+        assert_eq!(
+            until_next_boundary(Duration::from_secs(1), at),
+            Duration::from_millis(750)
+        );
+        assert_eq!(
+            until_next_boundary(Duration::from_secs(10), at),
+            Duration::from_millis(9_750)
+        );
+        let exact = UNIX_EPOCH + Duration::from_secs(20);
+        assert_eq!(
+            until_next_boundary(Duration::from_secs(10), exact),
+            Duration::from_secs(10)
+        );
+    }
+}
