@@ -1,0 +1,1 @@
+//! On-disk spool of windows awaiting the aggregator's acknowledgement.
