@@ -60,6 +60,58 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Totals of the `test result:` lines of cargo test runs.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    skipped: u64,
+}
+
+impl TestTotals {
+    fn read_line(&mut self, line: &str) {
+        if let Some(rest) = line.trim().strip_prefix("test result: ") {
+            let number_before = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            };
+            self.passed += number_before("passed");
+            self.failed += number_before("failed");
+            self.ignored += number_before("ignored");
+        } else if line.contains("skipping ") {
+            self.skipped += 1;
+        }
+    }
+}
+
+/// Runs `cargo test ARGS`, passing its output through and adding up its results.
+fn cargo_test(args: &[&str], totals: &mut TestTotals) -> Result<()> {
+    use std::io::BufRead;
+    let mut cmd = cargo();
+    cmd.arg("test").args(args).current_dir(workspace_root());
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            totals.read_line(&line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
 fn test(no_lint: bool) -> Result<()> {
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -72,12 +124,25 @@ fn test(no_lint: bool) -> Result<()> {
             "warnings",
         ]))?;
     }
+    let mut totals = TestTotals::default();
     // Unit and crate tests in parallel; they need no root.
-    run(cargo().args(["test", "--workspace", "--exclude", "sci-tests"]))?;
+    let crates = cargo_test(&["--workspace", "--exclude", "sci-tests"], &mut totals);
     // End-to-end and privileged tests one at a time: they load eBPF, start
     // servers and measure CPU time, and must not disturb each other.
-    run(cargo().args(["test", "-p", "sci-tests", "--", "--test-threads=1"]))?;
-    Ok(())
+    let end_to_end = crates.and_then(|_| {
+        cargo_test(
+            &["-p", "sci-tests", "--", "--test-threads=1", "--nocapture"],
+            &mut totals,
+        )
+    });
+    // A privileged test that skipped (one "skipping ..." line) passed for cargo; not for us.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed.saturating_sub(totals.skipped),
+        totals.failed,
+        totals.skipped + totals.ignored
+    );
+    end_to_end
 }
 
 fn main() -> Result<()> {
