@@ -82,6 +82,20 @@ struct State {
     processes: HashMap<(u32, String), ProcessSeries>,
     /// (comm, cgroup) -> folded totals.
     comms: BTreeMap<(String, String), Totals>,
+    /// Per business scenario (credit, drawdown, repayment, query, unassigned).
+    scenarios: BTreeMap<String, ScenarioTotals>,
+    business_units: f64,
+}
+
+/// Running totals of one business scenario.
+#[derive(Debug, Default, Clone)]
+struct ScenarioTotals {
+    weight: f64,
+    transactions: u64,
+    cpu_ns: u64,
+    energy_j: f64,
+    carbon_g: f64,
+    embodied_g: f64,
 }
 
 /// Accumulates window reports and renders them as Prometheus text.
@@ -133,6 +147,16 @@ impl MetricsRegistry {
         s.host_energy_j += finite(report.host_energy_j);
         s.host_idle_energy_j += finite(report.idle_energy_j);
         s.host_unattributed_energy_j += finite(report.unattributed_energy_j);
+        s.business_units += finite(report.business_units);
+        for line in &report.scenarios {
+            let totals = s.scenarios.entry(line.scenario.clone()).or_default();
+            totals.weight = line.weight;
+            totals.transactions += line.transactions;
+            totals.cpu_ns += line.cpu_ns;
+            totals.energy_j += finite(line.energy_j);
+            totals.carbon_g += finite(line.carbon_g);
+            totals.embodied_g += finite(line.embodied_g);
+        }
         s.host_carbon_g += finite(report.host_carbon_g);
         s.host_embodied_g += finite(report.host_embodied_g);
         s.busy_cpu_ns = s.busy_cpu_ns.saturating_add(report.busy_cpu_ns);
@@ -272,6 +296,59 @@ impl MetricsRegistry {
             "Energy domains left out of a window (unreadable or rejected).",
             s.energy_warnings as f64,
         );
+
+        host(
+            "sci_business_units_total",
+            "R: completed transactions weighted by the scenario weights.",
+            s.business_units,
+        );
+        let scenario_series: [(&str, &str, fn(&ScenarioTotals) -> f64); 5] = [
+            (
+                "sci_scenario_transactions_total",
+                "Completed transactions (TA) per business scenario.",
+                |t| t.transactions as f64,
+            ),
+            (
+                "sci_scenario_cpu_seconds_total",
+                "CPU time spent serving each business scenario.",
+                |t| t.cpu_ns as f64 / 1e9,
+            ),
+            (
+                "sci_scenario_energy_joules_total",
+                "Energy attributed to each business scenario.",
+                |t| t.energy_j,
+            ),
+            (
+                "sci_scenario_carbon_grams_total",
+                "Operational carbon attributed to each business scenario, gCO2e.",
+                |t| t.carbon_g,
+            ),
+            (
+                "sci_scenario_embodied_grams_total",
+                "Embodied carbon attributed to each business scenario, gCO2e.",
+                |t| t.embodied_g,
+            ),
+        ];
+        for (name, help, value) in scenario_series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (scenario, totals) in &s.scenarios {
+                let _ = writeln!(
+                    out,
+                    "{name}{{scenario=\"{}\"}} {}",
+                    escape(scenario),
+                    num(value(totals))
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP sci_scenario_weight Weight alpha of each scenario in R (disclosed as SCI requires).\n# TYPE sci_scenario_weight gauge");
+        for (scenario, totals) in &s.scenarios {
+            let _ = writeln!(
+                out,
+                "sci_scenario_weight{{scenario=\"{}\"}} {}",
+                escape(scenario),
+                num(totals.weight)
+            );
+        }
 
         let _ = writeln!(out, "# HELP sci_host_cpu_seconds_total CPU time of the host summed over CPUs.\n# TYPE sci_host_cpu_seconds_total counter");
         let _ = writeln!(
