@@ -87,6 +87,9 @@ struct State {
     business_units: f64,
 }
 
+/// (metric name, help, value of a scenario's totals).
+type ScenarioSeries = (&'static str, &'static str, fn(&ScenarioTotals) -> f64);
+
 /// Running totals of one business scenario.
 #[derive(Debug, Default, Clone)]
 struct ScenarioTotals {
@@ -302,7 +305,7 @@ impl MetricsRegistry {
             "R: completed transactions weighted by the scenario weights.",
             s.business_units,
         );
-        let scenario_series: [(&str, &str, fn(&ScenarioTotals) -> f64); 5] = [
+        let scenario_series: [ScenarioSeries; 5] = [
             (
                 "sci_scenario_transactions_total",
                 "Completed transactions (TA) per business scenario.",
