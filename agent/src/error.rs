@@ -18,6 +18,12 @@ pub enum AgentError {
     Scenario(#[from] crate::transforms::scenario::ScenarioError),
     #[error("{0}")]
     Ingest(#[from] crate::sources::ingest::IngestError),
+    /// The aggregator stream failed (connection, refusal); windows stay spooled.
+    #[error("aggregator: {0}")]
+    Transport(String),
+    /// The on-disk spool refused an operation (a damaged record, a duplicate).
+    #[error("spool: {0}")]
+    Spool(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

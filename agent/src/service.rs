@@ -7,15 +7,18 @@
 //! `/metrics`, and hands every window to the sink: the aggregator stream
 //! (through the on-disk spool) or, without an aggregator, stdout as JSON lines.
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use sci_proto::v1;
+use tokio::sync::{mpsc, Notify};
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::sinks::grpc::{connect, run_forwarder, ForwarderStats};
 use crate::sinks::metrics::{serve_metrics, MetricsRegistry};
+use crate::sinks::spool::Spool;
 use crate::sources::ingest::{IngestCounters, IngestEndpoint};
 use crate::window::WindowReport;
 
@@ -97,6 +100,44 @@ pub async fn run(
         });
     }
 
+    // With an aggregator, windows go through the spool; the agent run keeps
+    // the spool's identity and numbering across restarts.
+    let forwarding = match &config.aggregator.url {
+        Some(_) => {
+            let spool = Spool::open(
+                &config.agent.spool_dir,
+                config.aggregator.spool_max_bytes,
+                pipeline.agent_instance(),
+            )?;
+            pipeline.resume(spool.agent_instance().to_string(), spool.next_seq());
+            if !spool.is_empty() {
+                tracing::info!("spool: {} windows from an earlier run to send", spool.len());
+            }
+            let spool = Arc::new(Mutex::new(spool));
+            let notify = Arc::new(Notify::new());
+            if config
+                .aggregator
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("http://"))
+                && options.insecure
+            {
+                tracing::warn!("--insecure: windows go to the aggregator unencrypted");
+            }
+            // Refuse a bad aggregator setting now, not in the background.
+            connect(&config.aggregator, options.insecure).await?;
+            let task = tokio::spawn(run_forwarder(
+                config.aggregator.clone(),
+                options.insecure,
+                Arc::clone(&spool),
+                Arc::clone(&notify),
+                Arc::new(ForwarderStats::default()),
+            ));
+            Some((spool, notify, task))
+        }
+        None => None,
+    };
+
     let (tx, mut rx) = mpsc::channel::<WindowReport>(64);
     let stop = Arc::new(AtomicBool::new(false));
     let measurement = spawn_measurement(pipeline, config.agent.interval, Arc::clone(&stop), tx)?;
@@ -112,15 +153,33 @@ pub async fn run(
             window = rx.recv() => {
                 let Some(window) = window else { break };
                 metrics.observe(&window);
-                match serde_json::to_string(&window) {
-                    Ok(line) => println!("{line}"),
-                    Err(e) => tracing::error!("window {}: {e}", window.seq),
+                match &forwarding {
+                    Some((spool, notify, _)) => {
+                        let record = v1::WindowReport::from(&window);
+                        let spool = Arc::clone(spool);
+                        let appended = tokio::task::spawn_blocking(move || {
+                            spool.lock().unwrap_or_else(|p| p.into_inner()).append(&record)
+                        })
+                        .await;
+                        match appended {
+                            Ok(Ok(())) => notify.notify_one(),
+                            Ok(Err(e)) => tracing::error!("window {} not spooled: {e}", window.seq),
+                            Err(e) => tracing::error!("window {} not spooled: {e}", window.seq),
+                        }
+                    }
+                    None => match serde_json::to_string(&window) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => tracing::error!("window {}: {e}", window.seq),
+                    },
                 }
             }
         }
     }
     stop.store(true, Ordering::Relaxed);
     drop(rx);
+    if let Some((_, _, task)) = forwarding {
+        task.abort();
+    }
     let _ = tokio::task::spawn_blocking(move || measurement.join()).await;
     Ok(())
 }

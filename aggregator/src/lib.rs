@@ -1,1 +1,12 @@
-
+//! sci-cf aggregator: receives agents' windows over gRPC, stores them
+//! (SQLite), and computes the fleet SCI_CF per measurement period as
+//! Appendix A of T/CQJR 032.2 sets out.
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ingest;
+pub mod report;
+pub mod sci;
+pub mod server;
+pub mod store;
+pub mod validate;

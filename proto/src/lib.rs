@@ -1,1 +1,7 @@
+//! `sci.v1`: the window report and the bidirectional ingest stream between
+//! `sci-agent` and `sci-aggregator`, generated from `proto/sci/v1/sci.proto`.
+#![allow(clippy::all, missing_docs)]
 
+pub mod v1 {
+    tonic::include_proto!("sci.v1");
+}

@@ -245,12 +245,111 @@ fn markers(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// CPU time of the calling thread (ns).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[inline(never)]
+fn profile_load_inner(n: u64) -> u64 {
+    (0..n).fold(0u64, |acc, i| {
+        std::hint::black_box(acc.wrapping_mul(6364136223846793005).wrapping_add(i))
+    })
+}
+
+#[inline(never)]
+fn profile_load_outer(stop: &std::sync::atomic::AtomicBool) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::hint::black_box(profile_load_inner(100_000));
+    }
+}
+
+/// `profile --seconds S`: cost of the CPU profiler at 19 Hz and 99 Hz under
+/// a CPU-bound load (one spinning thread per CPU): ns per `cpu_profile` run
+/// (bpf_stats), samples per second, and the agent's CPU% spent draining and
+/// symbolising one window per second (thread CPU time of `drain`, steady
+/// state after the first window, whose cold symboliser is reported apart).
+fn profile(args: &[String]) -> Result<()> {
+    use sci_agent::sources::profile::{CpuProfiler, ProfilerOptions};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let seconds = arg(args, "--seconds", 5).max(2);
+    set_bpf_stats(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load: Vec<_> = (0..cpus)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || profile_load_outer(&stop))
+        })
+        .collect();
+    let result = (|| -> Result<Vec<serde_json::Value>> {
+        let mut runs = Vec::new();
+        for frequency_hz in [19u64, 99] {
+            let mut profiler = CpuProfiler::load(&ProfilerOptions {
+                frequency_hz,
+                cpus: None,
+            })?;
+            let before = profiler.program_stats().context("cpu_profile stats")?;
+            let started = Instant::now();
+            let mut first_drain_ns = 0;
+            let mut steady_drain_ns = 0;
+            let mut samples = 0u64;
+            let mut stacks = 0usize;
+            for window in 0..seconds {
+                std::thread::sleep(Duration::from_secs(1));
+                let cpu_before = thread_cpu_ns();
+                let drained = profiler.drain()?;
+                let cost_ns = thread_cpu_ns() - cpu_before;
+                samples += drained.samples;
+                stacks += drained.stacks.len();
+                if window == 0 {
+                    first_drain_ns = cost_ns;
+                } else {
+                    steady_drain_ns += cost_ns;
+                }
+            }
+            let wall_s = started.elapsed().as_secs_f64();
+            let after = profiler.program_stats().context("cpu_profile stats")?;
+            let runs_counted = after.run_count - before.run_count;
+            runs.push(serde_json::json!({
+                "frequency_hz": frequency_hz,
+                "ns_per_sample": (after.run_time_ns - before.run_time_ns) as f64
+                    / runs_counted.max(1) as f64,
+                "samples_per_s": runs_counted as f64 / wall_s,
+                "drained_samples": samples,
+                "stacks_per_window": stacks as f64 / seconds as f64,
+                "first_drain_ms": first_drain_ns as f64 / 1e6,
+                "drain_cpu_percent": 100.0 * steady_drain_ns as f64 / ((seconds - 1) as f64 * 1e9),
+            }));
+        }
+        Ok(runs)
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for thread in load {
+        let _ = thread.join();
+    }
+    set_bpf_stats(false)?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "profile", "seconds": seconds, "cpus": cpus, "runs": result?})
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("kernel") => kernel(&args),
         Some("agent") => agent(&args),
         Some("markers") => markers(&args),
+        Some("profile") => profile(&args),
         Some("sleeper") => loop {
             std::thread::sleep(Duration::from_secs(1));
         },

@@ -1,7 +1,329 @@
-//! Stream to the aggregator (owned by the transport work).
+//! The stream to the aggregator: at-least-once delivery with an exactly-once
+//! effect.
+//!
+//! Every window is first in the spool (see `spool`). The forwarder keeps one
+//! bidirectional `sci.v1.Ingest/Stream` open, sends the spooled windows in
+//! seq order in batches, and deletes them when the aggregator's cumulative
+//! ack (sent only after it committed them) covers them. On any error it
+//! reconnects with jittered exponential backoff and replays everything not
+//! acknowledged; the aggregator de-duplicates by (host, agent_instance, seq),
+//! so a replay never counts twice. The agent keeps measuring and spooling
+//! meanwhile.
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sci_proto::v1;
+use sci_proto::v1::ingest_client::IngestClient;
 use serde::Deserialize;
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::spool::Spool;
+use crate::error::AgentError;
+use crate::window::WindowReport;
 
 /// `[aggregator]` section of agent.toml.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AggregatorConfig {}
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// `https://host:port` (TLS) or `http://host:port` (plaintext: needs `--insecure`).
+    /// None: no aggregator, windows are printed as JSON lines.
+    pub url: Option<String>,
+    /// Bearer token identifying this agent (per-agent tokens in aggregator.toml).
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the aggregator's certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS; the certificate's CN is the agent's identity.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Windows per batch.
+    pub batch_windows: usize,
+    /// Spool bound in bytes; beyond it the oldest unsent windows are merged.
+    pub spool_max_bytes: u64,
+    /// Longest wait between reconnection attempts.
+    #[serde(with = "duration_text")]
+    pub max_backoff: Duration,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            url: None,
+            token: None,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            batch_windows: 64,
+            spool_max_bytes: 256 * 1024 * 1024,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+mod duration_text {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+fn opt(s: &Option<String>) -> String {
+    s.clone().unwrap_or_default()
+}
+
+impl From<&WindowReport> for v1::WindowReport {
+    fn from(w: &WindowReport) -> Self {
+        v1::WindowReport {
+            host: w.host.clone(),
+            agent_instance: w.agent_instance.clone(),
+            seq: w.seq,
+            datacenter: opt(&w.datacenter),
+            start_unix_ns: w.start_unix_ns,
+            end_unix_ns: w.end_unix_ns,
+            cpu_source: w.cpu_source.as_str().to_string(),
+            cpus: w.cpus,
+            idle_cpu_ns: w.idle_cpu_ns,
+            busy_cpu_ns: w.busy_cpu_ns,
+            lost: Some(v1::LossCounters {
+                proc_map_full_events: w.lost.proc_map_full_events,
+                proc_map_full_cpu_ns: w.lost.proc_map_full_cpu_ns,
+                ringbuf_drops: w.lost.ringbuf_drops,
+                thread_map_full: w.lost.thread_map_full,
+                txn_map_full: w.lost.txn_map_full,
+                scenario_map_full: w.lost.scenario_map_full,
+                late_cpu_ns: w.lost.late_cpu_ns,
+            }),
+            energy_source: w.energy_source.clone(),
+            estimated: w.estimated,
+            host_energy_j: w.host_energy_j,
+            idle_energy_j: w.idle_energy_j,
+            unattributed_energy_j: w.unattributed_energy_j,
+            idle_baseline_source: w.idle_baseline_source.clone(),
+            domains: w
+                .domains
+                .iter()
+                .map(|d| v1::DomainEnergy {
+                    domain: d.domain.clone(),
+                    energy_j: d.energy_j,
+                })
+                .collect(),
+            carbon_intensity_g_per_kwh: w.carbon_intensity_g_per_kwh,
+            pue: w.pue,
+            host_carbon_g: w.host_carbon_g,
+            host_embodied_g: w.host_embodied_g,
+            conservation_violations: w.conservation_violations,
+            weights: w.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            scenarios: w
+                .scenarios
+                .iter()
+                .map(|s| v1::ScenarioRecord {
+                    scenario: s.scenario.clone(),
+                    weight: s.weight,
+                    transactions: s.transactions,
+                    cpu_ns: s.cpu_ns,
+                    energy_j: s.energy_j,
+                    carbon_g: s.carbon_g,
+                    embodied_g: s.embodied_g,
+                })
+                .collect(),
+            business_units: w.business_units,
+            processes: w
+                .processes
+                .iter()
+                .map(|p| v1::ProcessRecord {
+                    pid: p.pid,
+                    ppid: p.ppid,
+                    comm: p.comm.clone(),
+                    exe: opt(&p.exe),
+                    cgroup: opt(&p.cgroup),
+                    container_id: opt(&p.container_id),
+                    cpu_ns: p.cpu_ns,
+                    exited: p.exited,
+                    scenario: opt(&p.scenario),
+                    service: opt(&p.service),
+                    energy_j: p.energy_j,
+                    idle_share_j: p.idle_share_j,
+                    carbon_g: p.carbon_g,
+                    embodied_g: p.embodied_g,
+                })
+                .collect(),
+            profile: w
+                .profile
+                .iter()
+                .map(|s| v1::ProfileStack {
+                    pid: s.pid,
+                    comm: s.comm.clone(),
+                    service: opt(&s.service),
+                    scenario: opt(&s.scenario),
+                    stack: s.stack.clone(),
+                    samples: s.samples,
+                    energy_j: s.energy_j,
+                })
+                .collect(),
+            merged_windows: 1,
+        }
+    }
+}
+
+/// Builds the channel to the aggregator; refuses plaintext unless `insecure`.
+pub async fn connect(cfg: &AggregatorConfig, insecure: bool) -> Result<Channel, AgentError> {
+    let url = cfg.url.clone().ok_or_else(|| AgentError::Config {
+        path: "aggregator.url".into(),
+        message: "no aggregator url".into(),
+    })?;
+    let config_err = |message: String| AgentError::Config {
+        path: "aggregator".into(),
+        message,
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| config_err(format!("url {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &cfg.ca_cert {
+            let pem = std::fs::read(ca)
+                .map_err(|e| AgentError::io(format!("reading ca_cert {}", ca.display()), e))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        match (&cfg.client_cert, &cfg.client_key) {
+            (Some(cert), Some(key)) => {
+                let cert = std::fs::read(cert).map_err(|e| {
+                    AgentError::io(format!("reading client_cert {}", cert.display()), e)
+                })?;
+                let key = std::fs::read(key).map_err(|e| {
+                    AgentError::io(format!("reading client_key {}", key.display()), e)
+                })?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => return Err(config_err("client_cert and client_key go together".into())),
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| config_err(format!("TLS: {e}")))?;
+    } else if !insecure {
+        return Err(config_err(format!(
+            "{url} is plaintext: use https://, or pass --insecure to send windows unencrypted"
+        )));
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// Counters of the forwarder, for logs and tests.
+#[derive(Debug, Default)]
+pub struct ForwarderStats {
+    pub connects: std::sync::atomic::AtomicU64,
+    pub batches_sent: std::sync::atomic::AtomicU64,
+    pub windows_refused: std::sync::atomic::AtomicU64,
+}
+
+/// Sends spooled windows until `shutdown` is notified. `new_window` is
+/// notified whenever a window is appended to the spool.
+pub async fn run_forwarder(
+    cfg: AggregatorConfig,
+    insecure: bool,
+    spool: Arc<Mutex<Spool>>,
+    new_window: Arc<Notify>,
+    stats: Arc<ForwarderStats>,
+) -> Result<(), AgentError> {
+    let channel = connect(&cfg, insecure).await?;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        stats
+            .connects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match stream_once(&cfg, channel.clone(), &spool, &new_window, &stats).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(e) => {
+                let pending = spool.lock().map(|s| s.len()).unwrap_or(0);
+                tracing::warn!(
+                    "aggregator stream: {e}; {pending} windows kept in the spool, retrying"
+                );
+            }
+        }
+        let jitter = 0.75 + 0.5 * rand::random::<f64>();
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
+    spool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn stream_once(
+    cfg: &AggregatorConfig,
+    channel: Channel,
+    spool: &Arc<Mutex<Spool>>,
+    new_window: &Notify,
+    stats: &ForwarderStats,
+) -> Result<(), AgentError> {
+    let token = cfg.token.clone();
+    let mut client =
+        IngestClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(token) = &token {
+                let value = format!("Bearer {token}").parse().map_err(|_| {
+                    tonic::Status::invalid_argument("token is not a valid header value")
+                })?;
+                request.metadata_mut().insert("authorization", value);
+            }
+            Ok(request)
+        })
+        .max_decoding_message_size(16 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
+    let mut acks = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| {
+            AgentError::Transport(format!("{}: {}", status.code(), status.message()))
+        })?
+        .into_inner();
+    let instance = lock(spool).agent_instance().to_string();
+    // Everything not acknowledged is (re)sent, oldest first.
+    let mut sent_through: Option<u64> = None;
+    let mut in_flight = 0usize;
+    loop {
+        if in_flight < 2 {
+            let batch = {
+                let mut s = lock(spool);
+                s.windows_after(sent_through, cfg.batch_windows.max(1))?
+            };
+            if let Some(last) = batch.last().map(|w| w.seq) {
+                let host = batch[0].host.clone();
+                tx.send(v1::AgentBatch {
+                    host,
+                    agent_instance: instance.clone(),
+                    windows: batch,
+                })
+                .await
+                .map_err(|_| AgentError::Transport("stream closed".into()))?;
+                sent_through = Some(last);
+                in_flight += 1;
+                stats
+                    .batches_sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+        }
+        tokio::select! {
+            ack = acks.message() => {
+                let ack = ack
+                    .map_err(|status| AgentError::Transport(format!("{}: {}", status.code(), status.message())))?
+                    .ok_or_else(|| AgentError::Transport("the aggregator closed the stream".into()))?;
+                for refusal in &ack.refused {
+                    stats.windows_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!("aggregator refused window {}: {}", refusal.seq, refusal.reason);
+                }
+                lock(spool).ack_through(ack.acked_through_seq)?;
+                in_flight = in_flight.saturating_sub(1);
+            }
+            _ = new_window.notified(), if in_flight < 2 => {}
+        }
+    }
+}

@@ -1,3 +1,4 @@
 pub mod energy;
 pub mod ingest;
+pub mod profile;
 pub mod sched;

@@ -38,6 +38,11 @@ use crate::window::{CpuSource, LossCounters};
 /// The compiled `agent-ebpf` object (built by agent/build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
+/// The compiled object, for other sources that load their own programs from it.
+pub(crate) fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// The sched tracepoints the accounting needs.
 const TRACEPOINT_PROGRAMS: [(&str, &str); 3] = [
     ("sched_switch", "sched_switch"),

@@ -1,0 +1,280 @@
+//! The gRPC ingest service: authenticates the agent, validates each window,
+//! commits the valid ones of a batch in one transaction, and only then
+//! answers with a cumulative ack (refused windows listed with their reason).
+//!
+//! Identity: with mutual TLS, the client certificate's common name (a
+//! revoked name is refused); with tokens, the host the bearer token belongs
+//! to; both, they must agree. A batch for another host than the identity is
+//! `PermissionDenied`; no or unknown credentials are `Unauthenticated`.
+//! Without tokens and client CA the server only runs with `--insecure`, and
+//! then trusts the host a batch names.
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sci_proto::v1;
+use sci_proto::v1::ingest_server::Ingest;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::AggregatorConfig;
+use crate::store::Store;
+use crate::validate::validate_window;
+
+/// Ingest counters, shown on /metrics.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    pub windows_accepted: u64,
+    pub windows_duplicate: u64,
+    pub batches: u64,
+    /// (host, kind) -> windows refused.
+    pub refused: BTreeMap<(String, String), u64>,
+    /// kind -> streams refused before any window (unauthenticated, permission_denied, ...).
+    pub streams_refused: BTreeMap<String, u64>,
+    /// host -> unix seconds of the last window end accepted.
+    pub last_seen: BTreeMap<String, u64>,
+    /// Streams ended by a message that could not be decoded.
+    pub decode_errors: u64,
+}
+
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+pub struct IngestService {
+    store: SharedStore,
+    config: Arc<AggregatorConfig>,
+    counters: Arc<Mutex<IngestCounters>>,
+    tokens: HashMap<String, String>,
+    revoked: Vec<String>,
+    require_identity: bool,
+}
+
+fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Common name of a DER certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl IngestService {
+    pub fn new(
+        store: SharedStore,
+        config: Arc<AggregatorConfig>,
+        counters: Arc<Mutex<IngestCounters>>,
+    ) -> Self {
+        let tokens = config
+            .agents
+            .iter()
+            .map(|a| (a.token.clone(), a.host.clone()))
+            .collect::<HashMap<_, _>>();
+        let revoked = config
+            .tls
+            .as_ref()
+            .map(|t| t.revoked.clone())
+            .unwrap_or_default();
+        let require_identity =
+            !tokens.is_empty() || config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        IngestService {
+            store,
+            config,
+            counters,
+            tokens,
+            revoked,
+            require_identity,
+        }
+    }
+
+    fn refuse_stream(&self, kind: &str, status: Status) -> Status {
+        *lock(&self.counters)
+            .streams_refused
+            .entry(kind.to_string())
+            .or_default() += 1;
+        tracing::warn!("ingest stream refused ({kind}): {}", status.message());
+        status
+    }
+
+    /// The host this stream may send for; None means "trust the batch" (insecure, open).
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        let cert_identity = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| common_name(c.as_ref())));
+        if let Some(cn) = &cert_identity {
+            if self.revoked.contains(cn) {
+                return Err(self.refuse_stream(
+                    "revoked",
+                    Status::permission_denied(format!("certificate {cn:?} is revoked")),
+                ));
+            }
+        }
+        let token_identity = match request.metadata().get("authorization") {
+            Some(value) => {
+                let token = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        self.refuse_stream(
+                            "bad_credentials",
+                            Status::unauthenticated("authorization must be `Bearer <token>`"),
+                        )
+                    })?;
+                match self.tokens.get(token) {
+                    Some(host) => Some(host.clone()),
+                    None => {
+                        return Err(self.refuse_stream(
+                            "bad_credentials",
+                            Status::unauthenticated("unknown token"),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        match (cert_identity, token_identity) {
+            (Some(cn), Some(host)) if cn != host => Err(self.refuse_stream(
+                "permission_denied",
+                Status::permission_denied(format!(
+                    "certificate {cn:?} and token of {host:?} disagree"
+                )),
+            )),
+            (Some(id), _) | (None, Some(id)) => Ok(Some(id)),
+            (None, None) if self.require_identity => Err(self.refuse_stream(
+                "unauthenticated",
+                Status::unauthenticated("no client certificate and no token"),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<v1::Ack, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<v1::AgentBatch>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let identity = self.authenticate(&request)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<v1::Ack, Status>>(8);
+        let store = Arc::clone(&self.store);
+        let config = Arc::clone(&self.config);
+        let counters = Arc::clone(&self.counters);
+        tokio::spawn(async move {
+            loop {
+                let batch = match inbound.message().await {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => return,
+                    Err(status) => {
+                        lock(&counters).decode_errors += 1;
+                        tracing::warn!("ingest stream ended: {status}");
+                        return;
+                    }
+                };
+                if let Some(id) = &identity {
+                    if &batch.host != id {
+                        *lock(&counters)
+                            .streams_refused
+                            .entry("permission_denied".into())
+                            .or_default() += 1;
+                        let _ = tx
+                            .send(Err(Status::permission_denied(format!(
+                                "agent {id:?} may not send windows of host {:?}",
+                                batch.host
+                            ))))
+                            .await;
+                        return;
+                    }
+                }
+                let now = now_unix_ns();
+                let mut accepted = Vec::new();
+                let mut refused = Vec::new();
+                for w in batch.windows {
+                    match validate_window(&w, &batch.host, &batch.agent_instance, &config, now) {
+                        Ok(()) => accepted.push(w),
+                        Err(r) => {
+                            *lock(&counters)
+                                .refused
+                                .entry((batch.host.clone(), r.kind.to_string()))
+                                .or_default() += 1;
+                            refused.push(v1::Refusal {
+                                seq: w.seq,
+                                reason: format!("{}: {}", r.kind, r.reason),
+                            });
+                        }
+                    }
+                }
+                let acked_through = accepted
+                    .iter()
+                    .map(|w| w.seq)
+                    .chain(refused.iter().map(|r| r.seq))
+                    .max();
+                let last_end_s = accepted.iter().map(|w| w.end_unix_ns / 1_000_000_000).max();
+                let count = accepted.len();
+                let store = Arc::clone(&store);
+                let committed =
+                    tokio::task::spawn_blocking(move || lock(&store).commit(&accepted)).await;
+                let new = match committed {
+                    Ok(Ok(new)) => new,
+                    Ok(Err(e)) => {
+                        tracing::error!("store: {e}");
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("store: {e}"))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("commit task: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                {
+                    let mut c = lock(&counters);
+                    c.batches += 1;
+                    c.windows_accepted += new as u64;
+                    c.windows_duplicate += (count - new) as u64;
+                    if let Some(end) = last_end_s {
+                        let seen = c.last_seen.entry(batch.host.clone()).or_default();
+                        *seen = (*seen).max(end);
+                    }
+                }
+                let Some(acked_through_seq) = acked_through else {
+                    continue;
+                };
+                let ack = v1::Ack {
+                    agent_instance: batch.agent_instance.clone(),
+                    acked_through_seq,
+                    refused,
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,136 @@
+//! `sci-aggregator serve | report`.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use sci_aggregator::config::AggregatorConfig;
+use sci_aggregator::store::{SqliteStore, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "sci-aggregator",
+    version,
+    about = "sci-cf aggregator: fleet SCI_CF per period"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Receive windows (gRPC) and serve the API, metrics and health.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Allow plaintext gRPC and/or no agent authentication (not for production).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// The Appendix A evaluation report for a time range.
+    Report {
+        /// aggregator.toml (weights, period, database); or give --db.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Start of the range: unix seconds or RFC 3339 (default: the beginning).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range: unix seconds or RFC 3339 (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Period length, e.g. 1h (default: the configured one).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        period: Option<std::time::Duration>,
+        #[arg(long, default_value = "md")]
+        format: String,
+    },
+}
+
+fn parse_time(text: &str) -> Result<u64> {
+    if let Ok(s) = text.parse::<u64>() {
+        return Ok(s);
+    }
+    let t = humantime::parse_rfc3339_weak(text)
+        .with_context(|| format!("{text:?} is neither unix seconds nor RFC 3339"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config, insecure } => {
+            let config = AggregatorConfig::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let shutdown = async {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(term) => term,
+                        Err(_) => return std::future::pending().await,
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {},
+                        _ = term.recv() => {},
+                    }
+                };
+                sci_aggregator::server::serve(config, insecure, shutdown).await
+            })?;
+            Ok(())
+        }
+        Command::Report {
+            config,
+            db,
+            from,
+            to,
+            period,
+            format,
+        } => {
+            let mut cfg = match &config {
+                Some(path) => AggregatorConfig::load(path)?,
+                None => AggregatorConfig::default(),
+            };
+            if let Some(db) = db {
+                cfg.database = db;
+            } else if config.is_none() {
+                bail!("give --config or --db");
+            }
+            let to = match to {
+                Some(t) => parse_time(&t)?,
+                None => {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .as_secs()
+                        + 1
+                }
+            };
+            let from = match from {
+                Some(t) => parse_time(&t)?,
+                None => 0,
+            };
+            let period_s = period.unwrap_or(cfg.period).as_secs().max(1);
+            let store = SqliteStore::open(&cfg.database)?;
+            let rows = store.rows(from * 1_000_000_000, to * 1_000_000_000)?;
+            let first = rows
+                .windows
+                .first()
+                .map(|w| w.end_unix_ns / 1_000_000_000 / period_s * period_s);
+            let from = if from == 0 { first.unwrap_or(0) } else { from };
+            let evaluation = sci_aggregator::sci::evaluate(&rows, from, to, period_s, &cfg.weights);
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
+                "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
+                other => bail!("--format {other}: use json or md"),
+            }
+            Ok(())
+        }
+    }
+}

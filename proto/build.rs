@@ -1,0 +1,14 @@
+//! Compiles proto/sci/v1/sci.proto with protox (pure Rust): no system protoc.
+use anyhow::Context;
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors =
+        protox::compile(["sci/v1/sci.proto"], ["proto"]).context("compiling sci.proto")?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)
+        .context("generating Rust code")?;
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Helpers for the fleet tests: a real `sci-aggregator` process on loopback,
+//! HTTP requests to it, and windows with known figures.
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sci_proto::v1;
+
+use crate::cargo_bin;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// GET `path` on 127.0.0.1:`port`; (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    // Chunked bodies (axum streams JSON chunked when large): join the chunks.
+    if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body.as_str();
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(after.get(..n)?);
+            rest = after.get(n + 2..)?;
+        }
+        return Some((status, out));
+    }
+    Some((status, body))
+}
+
+/// A running aggregator; killed (SIGKILL) on drop.
+pub struct Aggregator {
+    pub child: Child,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Aggregator {
+    /// Writes aggregator.toml in `dir` (with `extra` TOML appended) and starts it.
+    pub fn start(dir: &Path, period_s: u64, extra: &str, insecure: bool) -> Aggregator {
+        let grpc_port = free_port();
+        let http_port = free_port();
+        let config = dir.join("aggregator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_listen = \"127.0.0.1:{grpc_port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\ndatabase = \"{}\"\nperiod = \"{period_s}s\"\n{extra}",
+                dir.join("sci.db").display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+        let mut agg = Aggregator {
+            child: Self::spawn(&config, insecure, dir),
+            grpc_port,
+            http_port,
+            dir: dir.to_path_buf(),
+            config,
+        };
+        agg.wait_ready();
+        agg
+    }
+
+    fn spawn(config: &Path, insecure: bool, dir: &Path) -> Child {
+        let mut cmd = Command::new(cargo_bin("sci-aggregator", "sci-aggregator"));
+        cmd.args(["serve", "--config"]).arg(config);
+        if insecure {
+            cmd.arg("--insecure");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("aggregator.log"))
+            .ok()
+            .map(Stdio::from)
+            .unwrap_or_else(Stdio::null);
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting sci-aggregator: {e}"))
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some((200, _)) = http_get(self.http_port, "/healthz") {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.dir.join("aggregator.log")).unwrap_or_default();
+                panic!("sci-aggregator exited ({status}): {log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("sci-aggregator not ready after 30 s");
+    }
+
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports and database.
+    pub fn restart(&mut self, insecure: bool) {
+        self.kill_9();
+        self.child = Self::spawn(&self.config, insecure, &self.dir);
+        self.wait_ready();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn sci(&self, from_s: u64, to_s: u64, period_s: u64) -> serde_json::Value {
+        let (status, body) = http_get(
+            self.http_port,
+            &format!("/api/v1/sci?from={from_s}&to={to_s}&period={period_s}"),
+        )
+        .unwrap_or_else(|| panic!("no answer from /api/v1/sci"));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+pub fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A window with the given figures; transactions in credit, drawdown, repayment, query order.
+#[allow(clippy::too_many_arguments)]
+pub fn window(
+    host: &str,
+    instance: &str,
+    seq: u64,
+    start_s: u64,
+    length_s: u64,
+    energy_j: f64,
+    carbon_g: f64,
+    embodied_g: f64,
+    transactions: [u64; 4],
+) -> v1::WindowReport {
+    let names = ["credit", "drawdown", "repayment", "query"];
+    let weights = [24.0, 7.0, 3.0, 1.0];
+    v1::WindowReport {
+        host: host.into(),
+        agent_instance: instance.into(),
+        seq,
+        datacenter: "dc-1".into(),
+        start_unix_ns: start_s * 1_000_000_000,
+        end_unix_ns: (start_s + length_s) * 1_000_000_000,
+        cpu_source: "ebpf".into(),
+        cpus: 2,
+        idle_cpu_ns: length_s * 1_000_000_000,
+        busy_cpu_ns: length_s * 1_000_000_000,
+        energy_source: "model-linear".into(),
+        estimated: true,
+        host_energy_j: energy_j,
+        idle_energy_j: energy_j / 2.0,
+        host_carbon_g: carbon_g,
+        host_embodied_g: embodied_g,
+        carbon_intensity_g_per_kwh: 530.6,
+        pue: 1.0,
+        weights: names
+            .iter()
+            .zip(weights)
+            .map(|(n, w)| (n.to_string(), w))
+            .collect(),
+        scenarios: names
+            .iter()
+            .zip(weights)
+            .zip(transactions)
+            .map(|((name, weight), txn)| v1::ScenarioRecord {
+                scenario: name.to_string(),
+                weight,
+                transactions: txn,
+                cpu_ns: 1_000_000 * txn,
+                energy_j: energy_j / 8.0,
+                carbon_g: carbon_g / 8.0,
+                embodied_g: embodied_g / 8.0,
+            })
+            .collect(),
+        business_units: transactions
+            .iter()
+            .zip(weights)
+            .map(|(t, w)| *t as f64 * w)
+            .sum(),
+        merged_windows: 1,
+        ..Default::default()
+    }
+}
