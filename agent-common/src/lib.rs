@@ -71,3 +71,32 @@ mod pod {
     unsafe impl aya::Pod for super::ProcScenarioKey {}
     unsafe impl aya::Pod for super::ProcEvent {}
 }
+
+/// Key of the CPU profile's sample counts (`PROFILE_COUNTS`): the sampled
+/// thread group, the scenario its thread was serving (0 when none), and the
+/// ids of its user and kernel stacks in `PROFILE_STACKS` (negative when the
+/// stack could not be taken: a kernel thread has no user stack, a sample in
+/// user mode has no kernel stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ProfileKey {
+    pub tgid: u32,
+    pub scenario: u32,
+    pub user_stack_id: i32,
+    pub kernel_stack_id: i32,
+}
+
+/// Capacity of the profile's stack-trace and count maps.
+pub const PROFILE_MAX_STACKS: u32 = 16384;
+/// Indexes of the `PROFILE_LOSSES` per-CPU counter array.
+pub const PROFILE_LOSS_COUNTS_FULL: u32 = 0;
+/// A stack could not be stored (stack map full or hash bucket taken).
+pub const PROFILE_LOSS_USER_STACK: u32 = 1;
+pub const PROFILE_LOSS_KERNEL_STACK: u32 = 2;
+pub const PROFILE_LOSS_SLOTS: u32 = 4;
+
+#[cfg(feature = "user")]
+mod profile_pod {
+    // SAFETY: repr(C), four 4-byte integers, no padding.
+    unsafe impl aya::Pod for super::ProfileKey {}
+}

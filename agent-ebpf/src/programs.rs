@@ -33,7 +33,7 @@ static THREAD_CPU_NS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(
 
 /// Scenario a thread is serving, between `sci_scenario_begin` and `sci_scenario_end`.
 #[map]
-static THREAD_SCENARIO: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub(crate) static THREAD_SCENARIO: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// Completed transactions (`sci_scenario_end(s, ok != 0)`) per process and scenario.
 #[map]
