@@ -12,7 +12,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod demo_aggregator;
 mod setup;
+mod supervisor;
 
 #[derive(Parser)]
 #[command(about = "sci-cf project tasks")]
