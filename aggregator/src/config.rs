@@ -143,3 +143,40 @@ impl AggregatorConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn example_aggregator_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aggregator.toml");
+        let config = AggregatorConfig::load(&path).unwrap();
+        assert_eq!(config.period, Duration::from_secs(3600));
+        assert_eq!(config.weights, standard_weights());
+        assert!(config.tls.is_some());
+    }
+
+    #[test]
+    fn bad_weights_and_unknown_keys_are_named() {
+        let err = AggregatorConfig::from_toml_str(
+            "[weights]\ncredit = 24\ndrawdown = 7\nrepayment = 3\nquery = 1\nlending = 2\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("weights.lending"), "{err}");
+        let err = AggregatorConfig::from_toml_str("periodd = \"1h\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("periodd"), "{err}");
+        let err = AggregatorConfig::from_toml_str(
+            "[weights]\ncredit = -1\ndrawdown = 7\nrepayment = 3\nquery = 1\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("weights.credit"), "{err}");
+    }
+}
