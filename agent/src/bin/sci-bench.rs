@@ -336,10 +336,17 @@ fn profile(args: &[String]) -> Result<()> {
         let _ = thread.join();
     }
     set_bpf_stats(false)?;
-    println!(
-        "{}",
-        serde_json::json!({"bench": "profile", "seconds": seconds, "cpus": cpus, "runs": result?})
-    );
+    // One flat JSON object: each figure suffixed with its sampling frequency.
+    let mut flat = serde_json::json!({"bench": "profile", "seconds": seconds, "cpus": cpus});
+    for run in result? {
+        let hz = run["frequency_hz"].as_u64().unwrap_or(0);
+        if let (Some(out), Some(fields)) = (flat.as_object_mut(), run.as_object()) {
+            for (key, value) in fields {
+                out.insert(format!("{key}_{hz}hz"), value.clone());
+            }
+        }
+    }
+    println!("{flat}");
     Ok(())
 }
 
@@ -353,6 +360,6 @@ fn main() -> Result<()> {
         Some("sleeper") => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
-        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N]"),
+        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N] | profile [--seconds S]"),
     }
 }

@@ -1,0 +1,233 @@
+//! Load benchmark of the aggregator's ingest, run by `cargo xtask bench`:
+//! starts the real `sci-aggregator` (plaintext, token auth, fresh SQLite),
+//! then N simulated agents stream windows of W workloads each over loopback
+//! as fast as acks come back (each agent keeps a few batches in flight).
+//! Prints one JSON line: windows/s and workload records/s stored, p50/p99 ack
+//! latency (batch sent -> its ack), and the aggregator's CPU and RSS.
+//!
+//! `sci-ingest-bench --aggregator PATH [--agents 8] [--workloads 50] [--batch 32] [--seconds 10]`
+use std::collections::VecDeque;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use sci_proto::v1;
+use sci_proto::v1::ingest_client::IngestClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn window(host: &str, seq: u64, workloads: u64, now_s: u64) -> v1::WindowReport {
+    v1::WindowReport {
+        host: host.into(),
+        agent_instance: "bench".into(),
+        seq,
+        datacenter: "dc".into(),
+        start_unix_ns: (now_s - 600) * 1_000_000_000 + seq * 1_000_000,
+        end_unix_ns: (now_s - 600) * 1_000_000_000 + (seq + 1) * 1_000_000,
+        cpu_source: "ebpf".into(),
+        cpus: 2,
+        host_energy_j: 0.001,
+        host_carbon_g: 0.000_001,
+        host_embodied_g: 0.000_001,
+        pue: 1.0,
+        scenarios: ["credit", "drawdown", "repayment", "query", "unassigned"]
+            .iter()
+            .map(|s| v1::ScenarioRecord {
+                scenario: s.to_string(),
+                transactions: 1,
+                ..Default::default()
+            })
+            .collect(),
+        processes: (0..workloads)
+            .map(|i| v1::ProcessRecord {
+                pid: 1000 + i as u32,
+                comm: format!("svc-{}", i % 10),
+                service: format!("service-{}", i % 10),
+                scenario: "query".into(),
+                cpu_ns: 1_000_000,
+                energy_j: 0.000_01,
+                carbon_g: 0.000_000_01,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let aggregator = args
+        .iter()
+        .position(|a| a == "--aggregator")
+        .and_then(|i| args.get(i + 1))
+        .context("--aggregator PATH is required")?;
+    let agents = arg(&args, "--agents", 8);
+    let workloads = arg(&args, "--workloads", 50);
+    let batch = arg(&args, "--batch", 32);
+    let seconds = arg(&args, "--seconds", 10);
+    let dir = std::env::temp_dir().join(format!("sci-ingest-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let grpc = free_port()?;
+    let http = free_port()?;
+    let mut config = format!(
+        "grpc_listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\ndatabase = \"{}\"\n",
+        dir.join("bench.db").display()
+    );
+    for a in 0..agents {
+        config.push_str(&format!(
+            "[[agents]]\nhost = \"host-{a}\"\ntoken = \"token-{a}\"\n"
+        ));
+    }
+    std::fs::write(dir.join("aggregator.toml"), config)?;
+    let mut server = Command::new(aggregator)
+        .args(["serve", "--insecure", "--config"])
+        .arg(dir.join("aggregator.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting sci-aggregator")?;
+    let pid = server.id();
+    let started = Instant::now();
+    let channel = loop {
+        match tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
+            .connect()
+            .await
+        {
+            Ok(c) => break c,
+            Err(_) if started.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => bail!("aggregator not reachable: {e}"),
+        }
+    };
+    let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let stored = Arc::new(Mutex::new(0u64));
+    let cpu_before = cpu_seconds(pid);
+    let run_start = Instant::now();
+    let deadline = run_start + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for a in 0..agents {
+        let channel = channel.clone();
+        let latencies = Arc::clone(&latencies);
+        let stored = Arc::clone(&stored);
+        tasks.push(tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
+            let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer token-{a}").parse().expect("ascii"),
+            );
+            let mut acks = client.stream(request).await.expect("stream").into_inner();
+            let host = format!("host-{a}");
+            let mut seq = 0u64;
+            let mut sent_at: VecDeque<Instant> = VecDeque::new();
+            while Instant::now() < deadline {
+                while sent_at.len() < 3 {
+                    let windows = (0..batch)
+                        .map(|i| window(&host, seq + i, workloads, now_s))
+                        .collect();
+                    seq += batch;
+                    sent_at.push_back(Instant::now());
+                    if tx
+                        .send(v1::AgentBatch {
+                            host: host.clone(),
+                            agent_instance: "bench".into(),
+                            windows,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                match acks.message().await {
+                    Ok(Some(_)) => {
+                        if let Some(t) = sent_at.pop_front() {
+                            latencies
+                                .lock()
+                                .expect("lock")
+                                .push(t.elapsed().as_secs_f64() * 1000.0);
+                            *stored.lock().expect("lock") += batch;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = run_start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let rss = rss_mib(pid);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut l = latencies.lock().expect("lock").clone();
+    l.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let windows = *stored.lock().expect("lock") as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "ingest",
+            "agents": agents,
+            "workloads_per_window": workloads,
+            "batch": batch,
+            "windows_per_s": windows / elapsed,
+            "workload_records_per_s": windows * workloads as f64 / elapsed,
+            "ack_latency_p50_ms": pct(0.5),
+            "ack_latency_p99_ms": pct(0.99),
+            "aggregator_cpu_percent": 100.0 * cpu / elapsed,
+            "aggregator_rss_mib": rss,
+        })
+    );
+    Ok(())
+}
