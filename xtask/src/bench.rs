@@ -184,6 +184,27 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     });
 
     measurements.push(Measurement {
+        title: "CPU-time accuracy against the kernel's schedstat",
+        method: "`sci-bench accuracy`: three processes burning 100%, 50% and 20% of a core; the eBPF window's cpu_ns of each against the difference of /proc/<pid>/schedstat over the same window; the worst of the three.",
+        program: release.join("sci-bench"),
+        args: vec!["accuracy".into(), "--seconds".into(), "3".into()],
+        figures: vec![("worst_error_percent", "worst error of three processes", "% (target < 1)")],
+        runs: args.runs,
+        notes: "",
+    });
+    measurements.push(Measurement {
+        title: "Short-lived processes: eBPF against procfs polling",
+        method: "`sci-bench capture`: 300 processes, each burning 5-20 ms of CPU, one after another inside one window; the share of their CPU time (wait4 rusage) accounted by the eBPF path and by a procfs poller (the Scaphandre / Kepler 0.10 method) at the same interval, in the same run.",
+        program: release.join("sci-bench"),
+        args: vec!["capture".into()],
+        figures: vec![
+            ("ebpf_percent", "accounted by eBPF", "% of their CPU time"),
+            ("procfs_percent", "accounted by procfs polling", "% of their CPU time"),
+        ],
+        runs: 3.min(args.runs),
+        notes: "",
+    });
+    measurements.push(Measurement {
         title: "Marker call followed by the agent's uprobes",
         method: "`sci-bench markers`: 200,000 sci_scenario_begin/end pairs on one thread, first without and then with the agent's uprobes attached (same run); the kernel's transaction count is checked against the calls.",
         program: release.join("sci-bench"),
@@ -230,6 +251,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ("ack_latency_p99_ms", "ack latency p99", "ms (target < 200)"),
             ("aggregator_cpu_percent", "aggregator CPU", "% of one core"),
             ("aggregator_rss_mib", "aggregator RSS", "MiB"),
+            ("bytes_per_workload_record", "bytes on the wire per workload record", "bytes (protobuf, before HTTP/2 framing)"),
+            ("bytes_per_window", "bytes per window of 50 workloads", "bytes"),
         ],
         runs: args.runs,
         notes: "",

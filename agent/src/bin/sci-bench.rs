@@ -9,6 +9,8 @@
 //!   a second, the agent's pipeline closing a window every second; reports the
 //!   agent's own CPU% (rusage, steady state after a first window) and RSS. `--churn`: N shell loops that
 //!   fork+exec `sleep` every second instead (N new processes per second).
+//! - `accuracy`: eBPF cpu_ns of three busy processes against schedstat.
+//! - `capture`: 300 processes of 5-20 ms: share accounted by eBPF and by procfs polling.
 //! - `markers --pairs N`: ns per marker call (sci_scenario_begin/end) without
 //!   and with the agent's uprobes, in the same run; checks the kernel counted
 //!   every transaction.
@@ -350,16 +352,150 @@ fn profile(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Spins until this process has used `ms` of CPU time.
+fn burn_ms(ms: u64) {
+    let until = process_cpu_ns() + ms * 1_000_000;
+    let mut x = 0u64;
+    while process_cpu_ns() < until {
+        for i in 0..200u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+    std::hint::black_box(x);
+}
+
+fn process_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn schedstat_ns(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .context("schedstat")
+}
+
+/// CPU-time accuracy: three processes burning 100%, 50% and 20% of a core;
+/// the eBPF window's cpu_ns against /proc/<pid>/schedstat over the same window.
+fn accuracy(args: &[String]) -> Result<()> {
+    let seconds = arg(args, "--seconds", 3);
+    let me = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    for duty in [100, 50, 20] {
+        children.0.push(
+            Command::new(&me)
+                .args(["duty", &duty.to_string()])
+                .spawn()?,
+        );
+    }
+    let mut sampler = EbpfSampler::load(&EbpfOptions::default())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let pids: Vec<u32> = children.0.iter().map(|c| c.id()).collect();
+    let before: Vec<u64> = pids
+        .iter()
+        .map(|p| schedstat_ns(*p))
+        .collect::<Result<_>>()?;
+    sampler.sample()?;
+    std::thread::sleep(Duration::from_secs(seconds));
+    let window = sampler.sample()?;
+    let after: Vec<u64> = pids
+        .iter()
+        .map(|p| schedstat_ns(*p))
+        .collect::<Result<_>>()?;
+    let mut worst = 0.0f64;
+    for (i, pid) in pids.iter().enumerate() {
+        let truth = (after[i] - before[i]) as f64;
+        let agent: u64 = window
+            .processes
+            .iter()
+            .filter(|p| p.pid == *pid)
+            .map(|p| p.cpu_ns)
+            .sum();
+        worst = worst.max((agent as f64 - truth).abs() / truth);
+    }
+    println!(
+        "{}",
+        serde_json::json!({"bench": "accuracy", "worst_error_percent": 100.0 * worst})
+    );
+    Ok(())
+}
+
+/// Short-lived processes: 300 processes of 5-20 ms each inside one window;
+/// share of their CPU time (from wait4's rusage) that the eBPF path and a
+/// procfs poller at the same interval account.
+fn capture(_args: &[String]) -> Result<()> {
+    use sci_agent::sources::sched::procfs::ProcfsSampler;
+    let me = std::env::current_exe()?;
+    let mut sampler = EbpfSampler::load(&EbpfOptions::default())?;
+    let mut polling = ProcfsSampler::new("/proc")?;
+    sampler.sample()?;
+    polling.sample()?;
+    let mut truth = std::collections::HashMap::new();
+    for i in 0..300u64 {
+        let child = Command::new(&me)
+            .args(["burn", &(5 + (i * 7) % 16).to_string()])
+            .spawn()?;
+        let pid = child.id();
+        std::mem::forget(child);
+        let mut status = 0;
+        // SAFETY: rusage is plain data written by the kernel.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        truth.insert(pid, (us(usage.ru_utime) + us(usage.ru_stime)) * 1000);
+    }
+    let window = sampler.sample()?;
+    let polled = polling.sample()?;
+    let total: u64 = truth.values().sum();
+    let share = |processes: &[sci_agent::sources::sched::ProcessCpu]| {
+        100.0
+            * processes
+                .iter()
+                .filter(|p| truth.contains_key(&p.pid))
+                .map(|p| p.cpu_ns)
+                .sum::<u64>() as f64
+            / total as f64
+    };
+    println!(
+        "{}",
+        serde_json::json!({"bench": "capture", "ebpf_percent": share(&window.processes), "procfs_percent": share(&polled.processes)})
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("kernel") => kernel(&args),
         Some("agent") => agent(&args),
         Some("markers") => markers(&args),
+        Some("accuracy") => accuracy(&args),
+        Some("capture") => capture(&args),
+        Some("burn") => {
+            burn_ms(arg(&args, "burn", 10));
+            Ok(())
+        }
+        Some("duty") => {
+            let percent = arg(&args, "duty", 50).min(100);
+            loop {
+                let start = Instant::now();
+                burn_ms(percent / 5);
+                if let Some(rest) = Duration::from_millis(20).checked_sub(start.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+        }
         Some("profile") => profile(&args),
         Some("sleeper") => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
-        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N] | profile [--seconds S]"),
+        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N] | profile [--seconds S] | accuracy [--seconds S] | capture"),
     }
 }

@@ -214,6 +214,12 @@ async fn main() -> Result<()> {
             .unwrap_or(0.0)
     };
     let windows = *stored.lock().expect("lock") as f64;
+    // Wire size: one window of `workloads` records, protobuf-encoded, per record.
+    let sample = window("host-0", 1, workloads, now_s);
+    let empty = window("host-0", 1, 0, now_s);
+    let bytes_per_record = (prost::Message::encoded_len(&sample)
+        - prost::Message::encoded_len(&empty)) as f64
+        / workloads.max(1) as f64;
     println!(
         "{}",
         serde_json::json!({
@@ -227,6 +233,8 @@ async fn main() -> Result<()> {
             "ack_latency_p99_ms": pct(0.99),
             "aggregator_cpu_percent": 100.0 * cpu / elapsed,
             "aggregator_rss_mib": rss,
+            "bytes_per_workload_record": bytes_per_record,
+            "bytes_per_window": prost::Message::encoded_len(&sample),
         })
     );
     Ok(())
