@@ -46,6 +46,7 @@ pub struct AgentConfig {
     pub scenarios: crate::transforms::scenario::ScenarioConfig,
     pub ingest: crate::sources::ingest::IngestConfig,
     pub aggregator: crate::sinks::grpc::AggregatorConfig,
+    pub profile: crate::sources::profile::ProfileConfig,
 }
 
 impl AgentConfig {

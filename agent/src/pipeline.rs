@@ -6,6 +6,7 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::sources::energy::{select_energy_source, EnergySource};
 use crate::sources::ingest::IngestCounters;
+use crate::sources::profile::{weigh, CpuProfiler, ProfilerOptions};
 use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use crate::sources::sched::proc_info::hostname;
 use crate::sources::sched::procfs::ProcfsSampler;
@@ -25,6 +26,8 @@ pub struct PipelineOptions {
 }
 
 pub struct Pipeline {
+    /// Declared before the sampler: dropped first, while its eBPF object lives.
+    profiler: Option<CpuProfiler>,
     sampler: Box<dyn CpuSampler>,
     energy: Box<dyn EnergySource>,
     attributor: Attributor,
@@ -40,14 +43,22 @@ pub struct Pipeline {
     next_seq: u64,
 }
 
+/// The CPU source, the profiler that shares its eBPF object (when enabled),
+/// and why eBPF is not used (when it is not).
+type OpenedSampler = (Box<dyn CpuSampler>, Option<CpuProfiler>, Option<String>);
+
 /// Loads eBPF, or says once why it cannot and falls back to procfs polling.
 pub fn open_sampler(
     config: &AgentConfig,
     options: &PipelineOptions,
-) -> Result<(Box<dyn CpuSampler>, Option<String>), AgentError> {
+) -> Result<OpenedSampler, AgentError> {
     if options.force_procfs {
         let sampler = ProcfsSampler::new("/proc")?;
-        return Ok((Box::new(sampler), Some("procfs polling requested".into())));
+        return Ok((
+            Box::new(sampler),
+            None,
+            Some("procfs polling requested".into()),
+        ));
     }
     let ebpf_options = EbpfOptions {
         track_threads: config.agent.per_thread,
@@ -58,13 +69,28 @@ pub fn open_sampler(
             for library in &options.marker_libraries {
                 sampler.attach_markers(library)?;
             }
-            Ok((Box::new(sampler), None))
+            let profiler = if config.profile.enabled {
+                let profile_options = ProfilerOptions {
+                    frequency_hz: config.profile.frequency_hz,
+                    cpus: None,
+                };
+                match CpuProfiler::attach_in(sampler.ebpf_mut(), &profile_options) {
+                    Ok(profiler) => Some(profiler),
+                    Err(e) => {
+                        tracing::warn!("CPU profile off: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            Ok((Box::new(sampler), profiler, None))
         }
         Err(e) => {
             let reason = format!(
                 "eBPF unavailable ({e}); falling back to procfs polling: processes living less than one interval are missed (cpu_source=procfs)"
             );
-            Ok((Box::new(ProcfsSampler::new("/proc")?), Some(reason)))
+            Ok((Box::new(ProcfsSampler::new("/proc")?), None, Some(reason)))
         }
     }
 }
@@ -84,7 +110,7 @@ impl Pipeline {
         config.energy.validate()?;
         let carbon = CarbonTransform::from_config(&config.carbon)?;
         let scenarios = ScenarioStage::new(&config.scenarios)?;
-        let (sampler, fallback) = open_sampler(config, options)?;
+        let (sampler, profiler, fallback) = open_sampler(config, options)?;
         let cpus = crate::sources::sched::proc_info::online_cpus().len() as u32;
         let (energy, energy_warnings) = select_energy_source(&config.energy, cpus);
         for warning in energy_warnings {
@@ -94,6 +120,7 @@ impl Pipeline {
         Ok((
             Pipeline {
                 sampler,
+                profiler,
                 energy,
                 attributor: Attributor::new(&config.energy),
                 carbon,
@@ -166,6 +193,12 @@ impl Pipeline {
             None => TransactionCounts::default(),
         };
         self.scenarios.apply(&sample, &mut report, &reported)?;
+        if let Some(profiler) = self.profiler.as_mut() {
+            match profiler.drain() {
+                Ok(profile) => report.profile = weigh(&profile, &report),
+                Err(e) => tracing::warn!("CPU profile of window {}: {e}", report.seq),
+            }
+        }
         Ok(report)
     }
 

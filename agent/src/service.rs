@@ -33,16 +33,46 @@ pub fn until_next_boundary(interval: Duration, now: SystemTime) -> Duration {
     Duration::from_nanos((next - now_ns) as u64)
 }
 
-/// Runs the measurement loop on its own thread until `stop` is set; windows go to `windows`.
-fn spawn_measurement(
-    mut pipeline: Pipeline,
-    interval: Duration,
+/// How the measurement thread sets its pipeline up.
+struct MeasurementSetup {
+    config: AgentConfig,
+    options: PipelineOptions,
+    counters: Arc<IngestCounters>,
+    /// (agent_instance, next_seq) from the spool, when there is one.
+    resume: Option<(String, u64)>,
+}
+
+/// Opens the pipeline on its own thread (the profiler's symboliser is not
+/// `Send`, and closing windows moves the thread across CPUs) and runs the
+/// measurement loop until `stop` is set; windows go to `windows`. Returns
+/// once the pipeline is open, or with the reason it could not be.
+async fn spawn_measurement(
+    setup: MeasurementSetup,
     stop: Arc<AtomicBool>,
     windows: mpsc::Sender<WindowReport>,
 ) -> Result<std::thread::JoinHandle<()>, AgentError> {
-    std::thread::Builder::new()
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), AgentError>>();
+    let interval = setup.config.agent.interval;
+    let handle = std::thread::Builder::new()
         .name("sci-measure".into())
         .spawn(move || {
+            let mut pipeline = match Pipeline::open(&setup.config, &setup.options) {
+                Ok((pipeline, fallback)) => {
+                    if let Some(reason) = fallback {
+                        tracing::warn!("{reason}");
+                    }
+                    pipeline
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            pipeline.set_ingest(setup.counters);
+            if let Some((instance, next_seq)) = setup.resume {
+                pipeline.resume(instance, next_seq);
+            }
+            let _ = ready_tx.send(Ok(()));
             while !stop.load(Ordering::Relaxed) {
                 let mut wait = until_next_boundary(interval, SystemTime::now());
                 // Sleep in short steps so a stop request is seen quickly.
@@ -61,7 +91,14 @@ fn spawn_measurement(
                 }
             }
         })
-        .map_err(|e| AgentError::io("spawning the measurement thread", e))
+        .map_err(|e| AgentError::io("spawning the measurement thread", e))?;
+    match ready_rx.await {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(AgentError::Ebpf(
+            "the measurement thread stopped while opening".into(),
+        )),
+    }
 }
 
 /// What `run` needs beyond agent.toml.
@@ -78,13 +115,10 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let (mut pipeline, fallback) = Pipeline::open(&config, &options.pipeline)?;
-    if let Some(reason) = fallback {
-        tracing::warn!("{reason}");
-    }
+    // Refuse bad settings before anything starts.
+    config.energy.validate()?;
     let counters = IngestCounters::new();
     let _ingest = IngestEndpoint::start(&config.ingest, counters.clone()).await?;
-    pipeline.set_ingest(counters);
 
     let metrics = Arc::new(MetricsRegistry::new());
     if let Some(listen) = &config.agent.metrics_listen {
@@ -107,9 +141,9 @@ pub async fn run(
             let spool = Spool::open(
                 &config.agent.spool_dir,
                 config.aggregator.spool_max_bytes,
-                pipeline.agent_instance(),
+                &crate::pipeline::new_agent_instance(),
             )?;
-            pipeline.resume(spool.agent_instance().to_string(), spool.next_seq());
+            let resume = (spool.agent_instance().to_string(), spool.next_seq());
             if !spool.is_empty() {
                 tracing::info!("spool: {} windows from an earlier run to send", spool.len());
             }
@@ -133,14 +167,20 @@ pub async fn run(
                 Arc::clone(&notify),
                 Arc::new(ForwarderStats::default()),
             ));
-            Some((spool, notify, task))
+            Some((spool, notify, task, resume))
         }
         None => None,
     };
 
     let (tx, mut rx) = mpsc::channel::<WindowReport>(64);
     let stop = Arc::new(AtomicBool::new(false));
-    let measurement = spawn_measurement(pipeline, config.agent.interval, Arc::clone(&stop), tx)?;
+    let setup = MeasurementSetup {
+        config: config.clone(),
+        options: options.pipeline.clone(),
+        counters,
+        resume: forwarding.as_ref().map(|(_, _, _, resume)| resume.clone()),
+    };
+    let measurement = spawn_measurement(setup, Arc::clone(&stop), tx).await?;
     tracing::info!(
         "measuring every {}",
         humantime::format_duration(config.agent.interval)
@@ -154,7 +194,7 @@ pub async fn run(
                 let Some(window) = window else { break };
                 metrics.observe(&window);
                 match &forwarding {
-                    Some((spool, notify, _)) => {
+                    Some((spool, notify, _, _)) => {
                         let record = v1::WindowReport::from(&window);
                         let spool = Arc::clone(spool);
                         let appended = tokio::task::spawn_blocking(move || {
@@ -177,7 +217,7 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     drop(rx);
-    if let Some((_, _, task)) = forwarding {
+    if let Some((_, _, task, _)) = forwarding {
         task.abort();
     }
     let _ = tokio::task::spawn_blocking(move || measurement.join()).await;

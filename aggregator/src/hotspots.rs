@@ -115,7 +115,8 @@ impl Default for HotspotOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum HotspotKind {
     /// Idle or zombie host: consolidate.
     IdleHost,
@@ -148,7 +149,7 @@ impl HotspotKind {
 }
 
 /// The figures behind a hotspot, with the period they cover.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Evidence {
     pub period_start_unix_ns: u64,
     pub period_end_unix_ns: u64,
@@ -156,7 +157,7 @@ pub struct Evidence {
     pub figures: Vec<(String, f64)>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Hotspot {
     pub kind: HotspotKind,
     /// Host, `service/scenario`, scenario, or `service/scenario/function`.

@@ -1,5 +1,8 @@
 //! HTTP interface: `GET /api/v1/sci?from=&to=&period=` (JSON evaluation),
-//! `GET /metrics` (Prometheus text), `GET /healthz`.
+//! `GET /api/v1/hotspots?from=&to=` (ranked hotspots with evidence),
+//! `GET /api/v1/profile?service=&scenario=&format=svg|pprof` (energy flame
+//! graph or pprof), `GET /dashboard` (HTML), `GET /metrics` (Prometheus
+//! text), `GET /healthz`.
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,6 +51,14 @@ pub fn evaluate_range(
     state: &HttpState,
     q: &RangeQuery,
 ) -> Result<Evaluation, (StatusCode, String)> {
+    evaluate_with_rows(state, q).map(|(e, _)| e)
+}
+
+/// The evaluation of a range and the rows it came from.
+pub fn evaluate_with_rows(
+    state: &HttpState,
+    q: &RangeQuery,
+) -> Result<(Evaluation, crate::store::StoredRows), (StatusCode, String)> {
     let to = q.to.unwrap_or_else(|| now_s() + 1);
     let from = q.from.unwrap_or(to.saturating_sub(86_400));
     let period = q.period.unwrap_or(state.config.period.as_secs()).max(1);
@@ -66,7 +77,97 @@ pub fn evaluate_range(
     let rows = lock(&state.store)
         .rows(from * 1_000_000_000, to * 1_000_000_000)
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(evaluate(&rows, from, to, period, &state.config.weights))
+    Ok((
+        evaluate(&rows, from, to, period, &state.config.weights),
+        rows,
+    ))
+}
+
+async fn dashboard(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
+    let page = tokio::task::spawn_blocking(move || {
+        evaluate_with_rows(&state, &q).map(|(e, rows)| {
+            crate::dashboard::render_dashboard(&crate::views::dashboard(&rows, &e))
+        })
+    })
+    .await;
+    match page {
+        Ok(Ok(html)) => ([("content-type", "text/html; charset=utf-8")], html).into_response(),
+        Ok(Err((code, message))) => (code, message).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
+    let found = tokio::task::spawn_blocking(move || {
+        evaluate_with_rows(&state, &q).map(|(e, rows)| crate::views::hotspots(&rows, &e))
+    })
+    .await;
+    match found {
+        Ok(Ok(hotspots)) => Json(hotspots).into_response(),
+        Ok(Err((code, message))) => (code, message).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ProfileQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub service: Option<String>,
+    pub scenario: Option<String>,
+    /// `svg` (flame graph, default) or `pprof` (gzip-compressed profile.proto).
+    pub format: Option<String>,
+}
+
+async fn profile(State(state): State<HttpState>, Query(q): Query<ProfileQuery>) -> Response {
+    let answer = tokio::task::spawn_blocking(move || -> Result<Response, (StatusCode, String)> {
+        let range = RangeQuery {
+            from: q.from,
+            to: q.to,
+            period: None,
+        };
+        let (e, rows) = evaluate_with_rows(&state, &range)?;
+        let merged = crate::views::profiles(&rows, e.from_unix_s, e.to_unix_s);
+        let wanted = |p: &&crate::profiles::MergedProfile| {
+            q.service
+                .as_ref()
+                .is_none_or(|s| p.service.as_ref() == Some(s))
+                && q.scenario
+                    .as_ref()
+                    .is_none_or(|s| p.scenario.as_ref() == Some(s))
+        };
+        let Some(profile) = merged.iter().find(wanted) else {
+            return Err((
+                StatusCode::NOT_FOUND,
+                "no profile for that service and scenario in the range".into(),
+            ));
+        };
+        let internal = |e: crate::profiles::ProfileExportError| {
+            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        };
+        match q.format.as_deref().unwrap_or("svg") {
+            "svg" => Ok((
+                [("content-type", "image/svg+xml")],
+                profile.flamegraph_svg().map_err(internal)?,
+            )
+                .into_response()),
+            "pprof" => Ok((
+                [("content-type", "application/octet-stream")],
+                profile.to_pprof_gzip().map_err(internal)?,
+            )
+                .into_response()),
+            other => Err((
+                StatusCode::BAD_REQUEST,
+                format!("format {other:?}: use svg or pprof"),
+            )),
+        }
+    })
+    .await;
+    match answer {
+        Ok(Ok(response)) => response,
+        Ok(Err((code, message))) => (code, message).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn sci(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
@@ -183,6 +284,9 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/api/v1/sci", get(sci))
+        .route("/api/v1/hotspots", get(hotspots))
+        .route("/api/v1/profile", get(profile))
+        .route("/dashboard", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(state)

@@ -2,11 +2,15 @@
 //! (SQLite), and computes the fleet SCI_CF per measurement period as
 //! Appendix A of T/CQJR 032.2 sets out.
 pub mod config;
+pub mod dashboard;
 pub mod error;
+pub mod hotspots;
 pub mod http;
 pub mod ingest;
+pub mod profiles;
 pub mod report;
 pub mod sci;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod views;

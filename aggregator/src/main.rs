@@ -43,6 +43,7 @@ enum Command {
         /// Period length, e.g. 1h (default: the configured one).
         #[arg(long, value_parser = humantime::parse_duration)]
         period: Option<std::time::Duration>,
+        /// json, md or html (printable, with the SCI_j chart).
         #[arg(long, default_value = "md")]
         format: String,
     },
@@ -128,7 +129,13 @@ fn main() -> Result<()> {
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
                 "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
-                other => bail!("--format {other}: use json or md"),
+                "html" => print!(
+                    "{}",
+                    sci_aggregator::dashboard::render_evaluation_report_html(
+                        &sci_aggregator::views::report(&evaluation)
+                    )
+                ),
+                other => bail!("--format {other}: use json, md or html"),
             }
             Ok(())
         }

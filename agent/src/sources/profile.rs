@@ -42,6 +42,25 @@ pub const DEFAULT_PROFILE_FREQUENCY_HZ: u64 = 19;
 /// Frame name of an address that could not be symbolised.
 pub const UNKNOWN_FRAME: &str = "[unknown]";
 
+/// `[profile]` section of agent.toml.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileConfig {
+    /// Sample CPU stacks (needs eBPF; the window document gains `profile`).
+    pub enabled: bool,
+    /// Samples per second on each CPU (a prime, so sampling does not lock-step with periodic work).
+    pub frequency_hz: u64,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        ProfileConfig {
+            enabled: true,
+            frequency_hz: DEFAULT_PROFILE_FREQUENCY_HZ,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ProfilerOptions {
     /// Samples per second on each CPU.

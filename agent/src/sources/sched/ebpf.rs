@@ -350,6 +350,12 @@ impl EbpfSampler {
         program_stats(&self._ebpf)
     }
 
+    /// The loaded object, to attach more programs that share its maps (the
+    /// CPU profiler reads THREAD_SCENARIO, which the marker uprobes fill).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self._ebpf
+    }
+
     /// Whether the CPU map is read in batches (BPF_MAP_LOOKUP_BATCH) rather than key by key.
     pub fn batch_lookup_active(&self) -> bool {
         self.proc_cpu_batch.is_some()
