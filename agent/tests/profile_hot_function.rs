@@ -12,33 +12,8 @@ use std::time::Duration;
 
 use sci_agent::sources::profile::{CpuProfiler, ProfilerOptions};
 
-const HOT_C: &str = r#"
-#include <stdint.h>
-#include <stdlib.h>
-#include <time.h>
-
-volatile uint64_t sink;
-
-__attribute__((noinline)) void hot_path(void) {
-    for (uint64_t i = 0; i < 4000000; i++) sink += i * i;
-}
-
-__attribute__((noinline)) void cold_path(void) {
-    for (uint64_t i = 0; i < 200000; i++) sink += i * i;
-}
-
-int main(int argc, char **argv) {
-    double seconds = argc > 1 ? atof(argv[1]) : 5.0;
-    struct timespec start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
-    do {
-        hot_path();
-        cold_path();
-        clock_gettime(CLOCK_MONOTONIC, &now);
-    } while ((now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) / 1e9 < seconds);
-    return 0;
-}
-"#;
+/// Shared with tests/tests/ebpf_profile_scenario.rs.
+const HOT_C: &str = include_str!("../../tests/fixtures/hot_path.c");
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -164,6 +164,25 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         });
     }
     measurements.push(Measurement {
+        title: "Agent cost at 1 s windows, 100 live processes, CPU profile on (19 Hz)",
+        method: "`sci-bench agent --processes 100 --profile`: as above, with the CPU profiler attached and every window's stacks drained, symbolised and weighed.",
+        program: release.join("sci-bench"),
+        args: vec![
+            "agent".into(),
+            "--processes".into(),
+            "100".into(),
+            "--profile".into(),
+            "--seconds".into(),
+            if args.quick { "3".into() } else { "10".into() },
+        ],
+        figures: vec![
+            ("cpu_percent_of_one_core", "agent CPU", "% of one core"),
+            ("rss_mib", "agent RSS", "MiB"),
+        ],
+        runs: args.runs,
+        notes: "Symbolisation (blazesym) reads the maps and ELF files of every process a sample lands in, and keeps them cached: the profiler is off by default ([profile] enabled) and the demo turns it on.",
+    });
+    measurements.push(Measurement {
         title: "Agent cost with process churn: 100 new processes per second",
         method: "`sci-bench agent --processes 100 --churn`: 100 shell loops that fork+exec `sleep 1` every second; each new process is read from procfs at exec (exe, cmdline, cgroup, parent) and closed at exit.",
         program: release.join("sci-bench"),

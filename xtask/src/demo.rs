@@ -88,6 +88,7 @@ fn agent_toml(
     }
     format!(
         "[agent]\nhost = \"demo-host\"\ndatacenter = \"demo-dc\"\ninterval = \"{}ms\"\nspool_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n\
+         [profile]\nenabled = true\nfrequency_hz = 19\n\n\
          [ingest]\nudp_listen = \"127.0.0.1:{ingest_port}\"\n\n\
          [aggregator]\nurl = \"{aggregator}\"\ntoken = \"{token}\"\n\n\
          [scenarios]\n{rules}",

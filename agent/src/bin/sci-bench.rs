@@ -158,8 +158,11 @@ fn agent(args: &[String]) -> Result<()> {
         children.0.push(child.context("spawning a sleeper")?);
     }
     std::thread::sleep(Duration::from_secs(2));
+    let mut config = AgentConfig::default();
+    let profiling = args.iter().any(|a| a == "--profile");
+    config.profile.enabled = profiling;
     let (mut pipeline, fallback) = Pipeline::open(
-        &AgentConfig::default(),
+        &config,
         &PipelineOptions {
             force_procfs: procfs,
             marker_libraries: Vec::new(),
@@ -193,6 +196,7 @@ fn agent(args: &[String]) -> Result<()> {
             "bench": "agent",
             "source": if procfs { "procfs" } else { "ebpf" },
             "churn": churn,
+            "profile": profiling,
             "processes": processes,
             "windows": windows,
             "max_rows": rows,

@@ -55,7 +55,9 @@ pub struct ProfileConfig {
 impl Default for ProfileConfig {
     fn default() -> Self {
         ProfileConfig {
-            enabled: true,
+            // Off unless asked: symbolising the stacks of many short-lived
+            // processes costs more than the rest of the agent (BENCHMARKS.md).
+            enabled: false,
             frequency_hz: DEFAULT_PROFILE_FREQUENCY_HZ,
         }
     }

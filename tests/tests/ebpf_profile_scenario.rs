@@ -1,0 +1,93 @@
+//! Function-level energy per scenario, end to end through the pipeline: a
+//! real process spinning in `hot_path()` is the credit service (by rule);
+//! `hot_path` must be the top function of the credit scenario's profile, and
+//! the profile's energy must equal the credit scenario's attributed energy
+//! within 5% (the profile weighs samples by the process's joules per CPU-ns,
+//! so this checks that the samples cover the scenario's CPU time).
+//! Privileged: skipped (with one line) without root outside CI.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sci_agent::config::AgentConfig;
+use sci_agent::pipeline::{Pipeline, PipelineOptions};
+use sci_tests::{skip_privileged, workspace_root};
+
+#[test]
+fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
+    if skip_privileged("hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("hot");
+    let status = Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&binary)
+        .arg(workspace_root().join("tests/fixtures/hot_path.c"))
+        .status()
+        .expect("running cc");
+    assert!(status.success(), "cc failed");
+    let config = AgentConfig::from_toml_str(
+        "[profile]\nenabled = true\nfrequency_hz = 99\n\n[scenarios]\n[[scenarios.rules]]\nservice = \"loan-scoring\"\nscenario = \"credit\"\ncomm = \"hot\"\n",
+        Path::new("test.toml"),
+    )
+    .unwrap();
+    let (mut pipeline, fallback) = Pipeline::open(&config, &PipelineOptions::default()).unwrap();
+    assert!(fallback.is_none(), "eBPF must load here: {fallback:?}");
+    let mut child = Command::new(&binary)
+        .arg("30")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    pipeline.next_window().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let report = pipeline.next_window().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let credit = report
+        .scenarios
+        .iter()
+        .find(|s| s.scenario == "credit")
+        .unwrap();
+    let stacks: Vec<_> = report
+        .profile
+        .iter()
+        .filter(|s| s.scenario.as_deref() == Some("credit"))
+        .collect();
+    assert!(
+        !stacks.is_empty(),
+        "no credit stacks in {:?}",
+        report.profile
+    );
+    let profile_j: f64 = stacks.iter().map(|s| s.energy_j).sum();
+    let error = (profile_j - credit.energy_j).abs() / credit.energy_j;
+    // Energy by leaf function.
+    let mut by_function: std::collections::BTreeMap<String, f64> = Default::default();
+    for s in &stacks {
+        let leaf = s.stack.rsplit(';').next().unwrap_or_default().to_string();
+        *by_function.entry(leaf).or_default() += s.energy_j;
+    }
+    let (top, top_j) = by_function
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap();
+    println!(
+        "credit: scenario {:.4} J, profile {profile_j:.4} J ({:.2}% apart); top function {top} with {:.1}% of it",
+        credit.energy_j,
+        error * 100.0,
+        100.0 * top_j / profile_j
+    );
+    assert_eq!(top, "hot_path");
+    assert!(
+        error < 0.05,
+        "profile {profile_j} J vs scenario {} J",
+        credit.energy_j
+    );
+    assert!(stacks
+        .iter()
+        .all(|s| s.service.as_deref() == Some("loan-scoring")));
+}
