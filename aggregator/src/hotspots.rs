@@ -432,12 +432,19 @@ pub fn hot_functions(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hots
         if total_j <= 0.0 {
             continue;
         }
-        // Carbon per joule of this workload, to express the stake in grams.
-        let (carbon_g, energy_j) = input
-            .workloads
-            .iter()
-            .filter(|w| w.service == service && w.scenario == scenario)
-            .fold((0.0, 0.0), |(c, e), w| (c + w.carbon_g, e + w.energy_j));
+        // Carbon per joule of this workload, to express the stake in grams;
+        // the scenario's across services when the service has no line.
+        let sum = |same_service: bool| {
+            input
+                .workloads
+                .iter()
+                .filter(|w| w.scenario == scenario && (!same_service || w.service == service))
+                .fold((0.0, 0.0), |(c, e), w| (c + w.carbon_g, e + w.energy_j))
+        };
+        let (carbon_g, energy_j) = match sum(true) {
+            (_, e) if e > 0.0 => sum(true),
+            _ => sum(false),
+        };
         let g_per_j = if energy_j > 0.0 {
             carbon_g / energy_j
         } else {

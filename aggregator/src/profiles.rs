@@ -65,12 +65,13 @@ pub struct FunctionEnergy {
     pub total_energy_j: f64,
 }
 
-/// Adds up the rows whose window ends in `[start_unix_ns, end_unix_ns)`,
+/// Adds up the rows whose window ends in `(start_unix_ns, end_unix_ns]` (as
+/// the store selects them),
 /// per (service, scenario); sorted by service, then scenario (None first).
 pub fn merge(rows: &[StackRow], start_unix_ns: u64, end_unix_ns: u64) -> Vec<MergedProfile> {
     let mut merged: BTreeMap<(Option<String>, Option<String>), MergedProfile> = BTreeMap::new();
     for row in rows {
-        if row.window_end_unix_ns < start_unix_ns || row.window_end_unix_ns >= end_unix_ns {
+        if row.window_end_unix_ns <= start_unix_ns || row.window_end_unix_ns > end_unix_ns {
             continue;
         }
         let profile = merged
@@ -386,13 +387,14 @@ mod tests {
 
     fn rows() -> Vec<StackRow> {
         vec![
-            row(0, "credit", "main;score;hot_path", 30, 1.5),
+            row(20, "credit", "main;score;hot_path", 30, 1.5),
             row(10, "credit", "main;score;hot_path", 10, 0.5),
             row(10, "credit", "main;score", 5, 0.25),
             row(10, "credit", "main;io", 5, 0.25),
             row(10, "query", "main;lookup", 4, 0.1),
-            // Outside [0, 20): left out.
-            row(20, "credit", "main;late", 100, 9.0),
+            // Outside (0, 20]: left out.
+            row(0, "credit", "main;early", 100, 9.0),
+            row(21, "credit", "main;late", 100, 9.0),
         ]
     }
 
@@ -407,6 +409,7 @@ mod tests {
         assert_eq!(credit.total_samples(), 50);
         assert!((credit.total_energy_j() - 2.5).abs() < 1e-12);
         assert!(!credit.stacks.contains_key("main;late"));
+        assert!(!credit.stacks.contains_key("main;early"));
         assert_eq!(merged[1].total_samples(), 4);
     }
 
