@@ -194,7 +194,7 @@ impl CpuProfiler {
             .enable_code_info(false)
             .enable_inlined_fns(false)
             .build();
-        Ok(CpuProfiler {
+        let profiler = CpuProfiler {
             _owned: None,
             program_id,
             counts,
@@ -204,7 +204,30 @@ impl CpuProfiler {
             frequency_hz: options.frequency_hz,
             previous_losses: vec![0; PROFILE_LOSS_SLOTS as usize],
             previous_frames: HashMap::new(),
-        })
+        };
+        profiler.load_kernel_symbols();
+        Ok(profiler)
+    }
+
+    /// Parses /proc/kallsyms now (blazesym keeps it), so the first window
+    /// holding a kernel stack does not pay ~25 ms and a few MiB at random.
+    fn load_kernel_symbols(&self) {
+        let Some(first_ip) = std::fs::read_to_string("/proc/kallsyms")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| u64::from_str_radix(line.split(' ').next()?, 16).ok())
+            })
+            .filter(|ip| *ip != 0)
+        else {
+            return;
+        };
+        let source = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Default,
+            vmlinux: MaybeDefault::None,
+            ..Default::default()
+        });
+        let _ = self.names(&source, &[first_ip], "_[k]");
     }
 
     pub fn frequency_hz(&self) -> u64 {
