@@ -264,6 +264,52 @@ impl EnergySource for WithModelFallback {
     }
 }
 
+/// Refuses a RAPL reading whose mean power over the window is above the
+/// configured ceiling (a counter glitch, not a measurement).
+pub(crate) fn check_power_ceiling(
+    domain: &str,
+    energy_j: f64,
+    duration_s: f64,
+    max_domain_power_w: f64,
+) -> Result<(), EnergyError> {
+    let power_w = if duration_s > 0.0 {
+        energy_j / duration_s
+    } else {
+        f64::INFINITY
+    };
+    if energy_j > 0.0 && power_w > max_domain_power_w {
+        return Err(EnergyError::Absurd {
+            domain: domain.to_string(),
+            reason: format!(
+                "{energy_j:.3} J in {duration_s:.3} s is {power_w:.1} W, above the ceiling of {max_domain_power_w} W (energy.max_domain_power_w)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A RAPL window from the domains read: marks the host's domains and fails
+/// when none of them could be read.
+pub(crate) fn measured_window(
+    source: &str,
+    duration_ns: u64,
+    mut domains: Vec<DomainReading>,
+    warnings: Vec<String>,
+    host_domains: HostDomains,
+) -> Result<WindowEnergy, EnergyError> {
+    mark_host_domains(&mut domains, host_domains);
+    if !domains.iter().any(|d| d.counts_toward_host) {
+        return Err(EnergyError::AllDomainsFailed(warnings.join("; ")));
+    }
+    Ok(WindowEnergy {
+        source: source.to_string(),
+        estimated: false,
+        duration_ns,
+        domains,
+        warnings,
+    })
+}
+
 /// Mark which domains count toward the host (see the module note).
 pub(crate) fn mark_host_domains(domains: &mut [DomainReading], host_domains: HostDomains) {
     let use_psys =

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use super::powercap::read_u64;
 use super::topology::{parse_cpu_list, CpuTopology};
 use super::{
-    mark_host_domains, DomainKind, DomainReading, EnergyConfig, EnergyError, EnergySource,
-    HostDomains, WindowEnergy,
+    check_power_ceiling, measured_window, DomainKind, DomainReading, EnergyConfig, EnergyError,
+    EnergySource, HostDomains, WindowEnergy,
 };
 use crate::sources::sched::CpuSample;
 
@@ -310,19 +310,9 @@ impl EnergySource for PerfPmuSource {
                 continue;
             }
             let energy_j = (now - previous) as f64 * c.scale_j;
-            let power_w = if duration_s > 0.0 {
-                energy_j / duration_s
-            } else {
-                f64::INFINITY
-            };
-            if energy_j > 0.0 && power_w > self.max_domain_power_w {
-                let e = EnergyError::Absurd {
-                    domain: c.domain.clone(),
-                    reason: format!(
-                        "{energy_j:.3} J in {duration_s:.3} s is {power_w:.1} W, above the ceiling of {} W (energy.max_domain_power_w)",
-                        self.max_domain_power_w
-                    ),
-                };
+            if let Err(e) =
+                check_power_ceiling(&c.domain, energy_j, duration_s, self.max_domain_power_w)
+            {
                 warnings.push(e.to_string());
                 continue;
             }
@@ -336,17 +326,13 @@ impl EnergySource for PerfPmuSource {
                 idle_power_w: None,
             });
         }
-        mark_host_domains(&mut domains, self.host_domains);
-        if !domains.iter().any(|d| d.counts_toward_host) {
-            return Err(EnergyError::AllDomainsFailed(warnings.join("; ")));
-        }
-        Ok(WindowEnergy {
-            source: "rapl-perf".to_string(),
-            estimated: false,
+        measured_window(
+            "rapl-perf",
             duration_ns,
             domains,
             warnings,
-        })
+            self.host_domains,
+        )
     }
 }
 

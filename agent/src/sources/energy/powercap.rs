@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use super::topology::CpuTopology;
 use super::{
-    mark_host_domains, DomainKind, DomainReading, EnergyConfig, EnergyError, EnergySource,
-    HostDomains, WindowEnergy,
+    check_power_ceiling, measured_window, DomainKind, DomainReading, EnergyConfig, EnergyError,
+    EnergySource, HostDomains, WindowEnergy,
 };
 use crate::sources::sched::CpuSample;
 
@@ -251,19 +251,9 @@ impl EnergySource for PowercapSource {
             }
             let energy_j =
                 counter_delta_uj(previous_uj, now_uj, zone.max_energy_range_uj) as f64 / 1e6;
-            let power_w = if duration_s > 0.0 {
-                energy_j / duration_s
-            } else {
-                f64::INFINITY
-            };
-            if energy_j > 0.0 && power_w > self.max_domain_power_w {
-                let e = EnergyError::Absurd {
-                    domain: zone.domain.clone(),
-                    reason: format!(
-                        "{energy_j:.3} J in {duration_s:.3} s is {power_w:.1} W, above the ceiling of {} W (energy.max_domain_power_w)",
-                        self.max_domain_power_w
-                    ),
-                };
+            if let Err(e) =
+                check_power_ceiling(&zone.domain, energy_j, duration_s, self.max_domain_power_w)
+            {
                 warnings.push(e.to_string());
                 continue;
             }
@@ -277,17 +267,13 @@ impl EnergySource for PowercapSource {
                 idle_power_w: None,
             });
         }
-        mark_host_domains(&mut domains, self.host_domains);
-        if !domains.iter().any(|d| d.counts_toward_host) {
-            return Err(EnergyError::AllDomainsFailed(warnings.join("; ")));
-        }
-        Ok(WindowEnergy {
-            source: "rapl-powercap".to_string(),
-            estimated: false,
+        measured_window(
+            "rapl-powercap",
             duration_ns,
             domains,
             warnings,
-        })
+            self.host_domains,
+        )
     }
 }
 
