@@ -123,8 +123,8 @@ pub extern "C" fn sci_scenario_failed(scenario: u32) -> u64 {
     FAILED[slot(scenario)].load(Ordering::Relaxed)
 }
 
-/// The four scenarios, for the Rust API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The four scenarios of the standard (table 1), for the Rust API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
 pub enum Scenario {
     Credit = SCI_CREDIT,
@@ -134,8 +134,29 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Credit,
+        Scenario::Drawdown,
+        Scenario::Repayment,
+        Scenario::Query,
+    ];
+
     pub fn code(self) -> u32 {
         self as u32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Credit => "credit",
+            Scenario::Drawdown => "drawdown",
+            Scenario::Repayment => "repayment",
+            Scenario::Query => "query",
+        }
+    }
+
+    /// Position in [`Scenario::ALL`], for per-scenario arrays.
+    pub fn index(self) -> usize {
+        self.code() as usize - 1
     }
 
     pub fn from_name(name: &str) -> Option<Scenario> {
@@ -157,6 +178,12 @@ impl Scenario {
 
     pub fn begun(self) -> u64 {
         sci_scenario_begun(self.code())
+    }
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

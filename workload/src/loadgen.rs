@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::WorkloadError;
 use crate::rng::SplitMix64;
-use crate::scenario::{Role, Scenario};
+use crate::scenario::{parse_scenario, Role, Scenario};
 use crate::shape::RateAccumulator;
 
 #[derive(Debug, Clone)]
@@ -120,7 +120,7 @@ pub fn parse_mix(text: &str) -> Result<[f64; 4], WorkloadError> {
         let (name, weight) = part.split_once('=').ok_or_else(|| {
             WorkloadError::invalid("--mix", format!("`{part}` is not scenario=weight"))
         })?;
-        let scenario: Scenario = name.trim().parse()?;
+        let scenario = parse_scenario(name.trim())?;
         let weight: f64 = weight.trim().parse().map_err(|_| {
             WorkloadError::invalid(
                 "--mix",

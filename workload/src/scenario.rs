@@ -3,73 +3,16 @@ use std::str::FromStr;
 
 use crate::error::WorkloadError;
 
-/// One business scenario of the standard (table 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Scenario {
-    Credit,
-    Drawdown,
-    Repayment,
-    Query,
-}
+pub use sci_marker::Scenario;
 
-impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario::Credit,
-        Scenario::Drawdown,
-        Scenario::Repayment,
-        Scenario::Query,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::Credit => "credit",
-            Scenario::Drawdown => "drawdown",
-            Scenario::Repayment => "repayment",
-            Scenario::Query => "query",
-        }
-    }
-
-    /// Position in [`Scenario::ALL`], for per-scenario arrays.
-    pub fn index(self) -> usize {
-        match self {
-            Scenario::Credit => 0,
-            Scenario::Drawdown => 1,
-            Scenario::Repayment => 2,
-            Scenario::Query => 3,
-        }
-    }
-
-    /// The marker library's scenario.
-    pub fn marker(self) -> sci_marker::Scenario {
-        match self {
-            Scenario::Credit => sci_marker::Scenario::Credit,
-            Scenario::Drawdown => sci_marker::Scenario::Drawdown,
-            Scenario::Repayment => sci_marker::Scenario::Repayment,
-            Scenario::Query => sci_marker::Scenario::Query,
-        }
-    }
-}
-
-impl fmt::Display for Scenario {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Scenario {
-    type Err = WorkloadError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Scenario::ALL
-            .into_iter()
-            .find(|sc| sc.name() == s)
-            .ok_or_else(|| {
-                WorkloadError::invalid(
-                    "scenario",
-                    format!("`{s}` (expected credit, drawdown, repayment or query)"),
-                )
-            })
-    }
+/// The scenario named `name` (English code or the standard's Chinese name).
+pub fn parse_scenario(name: &str) -> Result<Scenario, WorkloadError> {
+    Scenario::from_name(name).ok_or_else(|| {
+        WorkloadError::invalid(
+            "scenario",
+            format!("`{name}` (expected credit, drawdown, repayment or query)"),
+        )
+    })
 }
 
 /// What one `sci-finance-service` process serves.
@@ -150,6 +93,8 @@ mod tests {
         assert!(comms.iter().all(|c| c.len() <= 15));
         assert_eq!("shared".parse::<Role>().ok(), Some(Role::Shared));
         assert!("loan".parse::<Role>().is_err());
-        assert_eq!(Scenario::Query.marker().code(), 4);
+        assert_eq!(Scenario::Query.code(), 4);
+        assert_eq!(parse_scenario("还款").ok(), Some(Scenario::Repayment));
+        assert!(parse_scenario("loan").is_err());
     }
 }

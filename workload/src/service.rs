@@ -98,8 +98,8 @@ impl ServiceStats {
                 self.refused(s),
                 self.errors(s),
                 self.cpu_ns(s),
-                s.marker().completed(),
-                s.marker().failed()
+                s.completed(),
+                s.failed()
             ));
         }
         line
@@ -351,7 +351,7 @@ impl Worker {
     fn run_flow(&mut self, scenario: Scenario, request_id: &str) -> Result<FlowOutcome, String> {
         let cpu_start_ns = thread_cpu_ns();
         let marker = match self.role {
-            Role::Shared => Some(sci_marker::ScenarioGuard::begin(scenario.marker())),
+            Role::Shared => Some(sci_marker::ScenarioGuard::begin(scenario)),
             Role::Dedicated(_) => None,
         };
         let result = self.db.run(scenario, request_id);
@@ -406,12 +406,12 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     if id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err("err - bad-request request id must be 1-128 printable ASCII characters".into());
     }
-    match first.parse::<Scenario>() {
-        Ok(scenario) => Ok(Request::Flow {
+    match Scenario::from_name(first) {
+        Some(scenario) => Ok(Request::Flow {
             scenario,
             request_id: id.to_string(),
         }),
-        Err(_) => Err(format!("err {id} unknown-scenario")),
+        None => Err(format!("err {id} unknown-scenario")),
     }
 }
 
