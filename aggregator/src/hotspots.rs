@@ -441,10 +441,8 @@ pub fn hot_functions(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hots
                 .filter(|w| w.scenario == scenario && (!same_service || w.service == service))
                 .fold((0.0, 0.0), |(c, e), w| (c + w.carbon_g, e + w.energy_j))
         };
-        let (carbon_g, energy_j) = match sum(true) {
-            (_, e) if e > 0.0 => sum(true),
-            _ => sum(false),
-        };
+        let own = sum(true);
+        let (carbon_g, energy_j) = if own.1 > 0.0 { own } else { sum(false) };
         let g_per_j = if energy_j > 0.0 {
             carbon_g / energy_j
         } else {

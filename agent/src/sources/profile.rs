@@ -212,10 +212,13 @@ impl CpuProfiler {
     /// Parses /proc/kallsyms now (blazesym keeps it), so the first window
     /// holding a kernel stack does not pay ~25 ms and a few MiB at random.
     fn load_kernel_symbols(&self) {
-        let Some(first_ip) = std::fs::read_to_string("/proc/kallsyms")
+        use std::io::BufRead;
+        let Some(first_ip) = std::fs::File::open("/proc/kallsyms")
             .ok()
-            .and_then(|text| {
-                text.lines()
+            .and_then(|file| {
+                std::io::BufReader::new(file)
+                    .lines()
+                    .map_while(Result::ok)
                     .find_map(|line| u64::from_str_radix(line.split(' ').next()?, 16).ok())
             })
             .filter(|ip| *ip != 0)
