@@ -120,6 +120,19 @@ pub struct DomainEnergy {
     pub energy_j: f64,
 }
 
+/// Embodied carbon factors of the host: M = TE x TiR/EL x RR/ToR.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EmbodiedFactors {
+    /// TE: total embodied emissions of the physical machine.
+    pub total_embodied_g: f64,
+    /// EL: expected lifespan.
+    pub lifespan_s: f64,
+    /// RR/ToR: share of the physical machine this host reserves (1 for bare metal).
+    pub resource_share: f64,
+    /// How the share was chosen (`config`, or the VM default and its source).
+    pub share_source: String,
+}
+
 /// The whole window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowReport {
@@ -153,6 +166,23 @@ pub struct WindowReport {
     pub host_embodied_g: f64,
     /// Number of attribution-invariant violations seen since the agent started.
     pub conservation_violations: u64,
+    /// Time the hypervisor gave other guests while this host's CPUs wanted
+    /// to run (`/proc/stat` steal), summed over CPUs; neither busy nor idle.
+    #[serde(default)]
+    pub steal_cpu_ns: u64,
+    /// Busy CPU time that no process record explains (the procfs poller's
+    /// blind spot); its energy is in `unattributed_energy_j`.
+    #[serde(default)]
+    pub unattributed_cpu_ns: u64,
+    /// Where `carbon_intensity_g_per_kwh` came from.
+    #[serde(default)]
+    pub intensity_source: String,
+    /// The power model when `estimated` (name and parameters); empty when measured.
+    #[serde(default)]
+    pub energy_model: String,
+    /// The factors of `host_embodied_g`.
+    #[serde(default)]
+    pub embodied: EmbodiedFactors,
 
     /// Weights alpha_i used for `business_units` (disclosed as SCI requires).
     pub weights: std::collections::BTreeMap<String, f64>,
@@ -202,6 +232,11 @@ impl WindowReport {
             host_carbon_g: 0.0,
             host_embodied_g: 0.0,
             conservation_violations: 0,
+            steal_cpu_ns: 0,
+            unattributed_cpu_ns: 0,
+            intensity_source: String::new(),
+            energy_model: String::new(),
+            embodied: EmbodiedFactors::default(),
             weights: Default::default(),
             scenarios: Vec::new(),
             business_units: 0.0,

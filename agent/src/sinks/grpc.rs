@@ -140,6 +140,7 @@ impl From<&WindowReport> for v1::WindowReport {
                     ppid: p.ppid,
                     comm: p.comm.clone(),
                     exe: opt(&p.exe),
+                    cmdline: opt(&p.cmdline),
                     cgroup: opt(&p.cgroup),
                     container_id: opt(&p.container_id),
                     cpu_ns: p.cpu_ns,
@@ -166,6 +167,16 @@ impl From<&WindowReport> for v1::WindowReport {
                 })
                 .collect(),
             merged_windows: 1,
+            steal_cpu_ns: w.steal_cpu_ns,
+            intensity_source: w.intensity_source.clone(),
+            energy_model: w.energy_model.clone(),
+            embodied: Some(v1::EmbodiedFactors {
+                total_embodied_g: w.embodied.total_embodied_g,
+                lifespan_s: w.embodied.lifespan_s,
+                resource_share: w.embodied.resource_share,
+                share_source: w.embodied.share_source.clone(),
+            }),
+            unattributed_cpu_ns: w.unattributed_cpu_ns,
         }
     }
 }
