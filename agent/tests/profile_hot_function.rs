@@ -10,23 +10,11 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use agent_common::privileged::skip_privileged;
 use sci_agent::sources::profile::{CpuProfiler, ProfilerOptions};
 
 /// Shared with tests/tests/ebpf_profile_scenario.rs.
 const HOT_C: &str = include_str!("../../tests/fixtures/hot_path.c");
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn skip_privileged(test: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") || is_root() {
-        return false;
-    }
-    println!("skipping {test}: needs root to load eBPF (runs on CI, where CI=true)");
-    true
-}
 
 fn schedstat_cpu_ns(pid: u32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
