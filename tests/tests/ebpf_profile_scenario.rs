@@ -5,7 +5,7 @@
 //! within 5% (the profile weighs samples by the process's joules per CPU-ns,
 //! so this checks that the samples cover the scenario's CPU time), and the
 //! process's samples and profile energy must match its CPU time from
-//! /proc/<pid>/schedstat (the kernel's accounting) within 8%.
+//! /proc/<pid>/schedstat (the kernel's accounting) within 10%.
 //! Privileged: skipped (with one line) without root outside CI.
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
-use sci_tests::{skip_privileged, wait_for_exec, workspace_root};
+use sci_tests::{skip_privileged, wait_for_exec, wait_until, workspace_root};
 
 #[test]
 fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
@@ -45,13 +45,18 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
         .unwrap();
     let pid = child.id();
     wait_for_exec(pid, &binary);
-    let before_ns = schedstat_ns(pid);
+    // The child is stopped across each window boundary, so its CPU time
+    // between the two schedstat reads is exactly what the window (and its
+    // profile, drained at the boundary) can hold of it.
+    stop(pid);
     pipeline.next_window().unwrap();
-    let after_first_ns = schedstat_ns(pid);
-    std::thread::sleep(Duration::from_secs(4));
-    let before_last_ns = schedstat_ns(pid);
+    let start_ns = schedstat_ns(pid);
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_secs(8));
+    stop(pid);
+    let truth_ns = schedstat_ns(pid) - start_ns;
     let report = pipeline.next_window().unwrap();
-    let after_ns = schedstat_ns(pid);
     let _ = child.kill();
     let _ = child.wait();
 
@@ -99,13 +104,10 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
         .all(|s| s.service.as_deref() == Some("loan-scoring")));
 
     // Against the kernel's own accounting: the samples cover the process's
-    // CPU time in the window (schedstat, read on both sides of each window
-    // boundary), so its profile energy is that CPU time at the process's
-    // joules per CPU-ns.
+    // CPU time in the window (schedstat), so its profile energy is that CPU
+    // time at the process's joules per CPU-ns.
     let process = report.processes.iter().find(|p| p.pid == pid).unwrap();
     let joules_per_cpu_ns = process.energy_j / process.cpu_ns as f64;
-    let (truth_min_ns, truth_max_ns) = (before_last_ns - after_first_ns, after_ns - before_ns);
-    let truth_ns = (truth_min_ns + truth_max_ns) / 2;
     let process_samples: u64 = report
         .profile
         .iter()
@@ -121,15 +123,18 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
     let expected_j = truth_ns as f64 * joules_per_cpu_ns;
     let sampled_ns = process_samples as f64 * 1e9 / 99.0;
     println!(
-        "schedstat: {truth_ns} ns in the window ({truth_min_ns}..{truth_max_ns}); {process_samples} samples at 99 Hz = {sampled_ns:.0} ns; profile {process_profile_j:.4} J, schedstat x J/ns {expected_j:.4} J"
+        "schedstat: {truth_ns} ns in the window; {process_samples} samples at 99 Hz = {sampled_ns:.0} ns; profile {process_profile_j:.4} J, schedstat x J/ns {expected_j:.4} J"
     );
-    // At 99 Hz over 4 s a core-bound process gets about 400 samples (a
-    // sampling error of a few percent) plus one sample of jitter per boundary.
-    let tolerance = 0.08;
+    // At 99 Hz over 8 s a core-bound process gets about 800 samples, one
+    // sample per 10.1 ms of its CPU time; when it shares its core (a busy
+    // machine) each sample is a coin toss and the error is about
+    // 1/sqrt(samples): 5% at 400 samples.
+    let tolerance = 0.10;
+    let samples_error = (sampled_ns - truth_ns as f64).abs() / truth_ns as f64;
     assert!(
-        sampled_ns >= truth_min_ns as f64 * (1.0 - tolerance)
-            && sampled_ns <= truth_max_ns as f64 * (1.0 + tolerance),
-        "{process_samples} samples ({sampled_ns:.0} ns) against schedstat {truth_min_ns}..{truth_max_ns} ns"
+        samples_error < tolerance,
+        "{process_samples} samples ({sampled_ns:.0} ns) against schedstat {truth_ns} ns ({:.1}% apart)",
+        samples_error * 100.0
     );
     let energy_error = (process_profile_j - expected_j).abs() / expected_j;
     assert!(
@@ -137,6 +142,21 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
         "profile {process_profile_j} J against schedstat {expected_j} J ({:.1}% apart)",
         energy_error * 100.0
     );
+}
+
+/// SIGSTOP, then wait until the kernel shows the process stopped.
+fn stop(pid: u32) {
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    wait_until(&format!("pid {pid} to stop"), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_comm = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                Some(after_comm == 'T')
+            })
+            .unwrap_or(false)
+    });
 }
 
 fn schedstat_ns(pid: u32) -> u64 {
