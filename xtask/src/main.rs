@@ -175,9 +175,15 @@ fn test(no_lint: bool) -> Result<()> {
         println!("  {skip}");
     }
     end_to_end?;
-    if sci_tests::ci() && !skips.is_empty() {
+    check_skips(sci_tests::ci(), &skips)
+}
+
+/// Under CI every privileged test must run: any recorded skip fails the run, naming the tests.
+fn check_skips(ci: bool, skips: &[String]) -> Result<()> {
+    if ci && !skips.is_empty() {
         bail!(
-            "{skipped} test(s) skipped under CI, where every privileged test must run:\n  {}",
+            "{} test(s) skipped under CI, where every privileged test must run:\n  {}",
+            skips.len(),
             skips.join("\n  ")
         );
     }
@@ -192,5 +198,37 @@ fn main() -> Result<()> {
         Task::Test { no_lint } => test(no_lint),
         Task::Bench(args) => bench::bench(args),
         Task::Demo(args) => demo::demo(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_skip_under_ci_fails_and_names_the_test() {
+        let dir = std::env::temp_dir().join(format!("xtask-skips-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("skips.log");
+        assert!(recorded_skips(&log).unwrap().is_empty(), "no log: no skip");
+        std::fs::write(
+            &log,
+            "skipping hot_path_tops_the_profile_of_its_process: needs root to load eBPF (runs on CI, where CI=true)\n",
+        )
+        .unwrap();
+        let skips = recorded_skips(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(skips.len(), 1);
+        let e = check_skips(true, &skips).unwrap_err().to_string();
+        assert!(
+            e.contains("hot_path_tops_the_profile_of_its_process"),
+            "{e}"
+        );
+        assert!(
+            check_skips(false, &skips).is_ok(),
+            "outside CI a skip is counted, not failed"
+        );
+        assert!(check_skips(true, &[]).is_ok());
     }
 }
