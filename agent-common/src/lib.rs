@@ -5,6 +5,12 @@
 //! feature each type implements `aya::Pod` so aya can read it from a map.
 #![no_std]
 
+#[cfg(feature = "test-support")]
+extern crate std;
+
+#[cfg(feature = "test-support")]
+pub mod privileged;
+
 /// Scenario slot of time or transactions that no marker claimed.
 pub const SCENARIO_NONE: u32 = 0;
 /// 授信: credit granting.

@@ -159,21 +159,62 @@ fn powercap_packages_and_dram_without_double_counting() {
     assert_eq!(e.domains.iter().filter(|d| d.counts_toward_host).count(), 1);
 }
 
+/// The kernel's powercap counter: `energy_uj` takes the values
+/// `0..=max_energy_range_uj` and the value after `max_energy_range_uj` is 0,
+/// i.e. it counts modulo `max_energy_range_uj + 1`.
+fn kernel_counter_after(value_uj: u64, spent_uj: u64, max_energy_range_uj: u64) -> u64 {
+    (value_uj + spent_uj) % (max_energy_range_uj + 1)
+}
+
 #[test]
 fn powercap_wrap_around_between_two_reads() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let max = 65_532_610_987; // a real max_energy_range_uj
-    zone(root, "intel-rapl:0", "package-0", max - 3_000_000, max);
+    let start = 65_529_610_988; // 3 J before the counter reads 0 again
+                                // The boundary values, written out: 2,999,999 uJ up to the top, one
+                                // more to restart at 0, then 2.5 J more.
+    assert_eq!(kernel_counter_after(start, 2_999_999, max), 65_532_610_987);
+    assert_eq!(kernel_counter_after(start, 3_000_000, max), 0);
+    assert_eq!(kernel_counter_after(start, 5_500_000, max), 2_500_000);
+    zone(root, "intel-rapl:0", "package-0", start, max);
     let mut src = powercap(root, &cfg(root));
-    // 3 J up to the top, restart at 0, then 2.5 J more.
-    set_energy(root, "intel-rapl:0", 2_500_000);
+    set_energy(
+        root,
+        "intel-rapl:0",
+        kernel_counter_after(start, 5_500_000, max),
+    );
     let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
-    assert!((domain_j(&e, "package-0").unwrap() - 5.5).abs() < 1e-9);
+    let j = domain_j(&e, "package-0").unwrap();
+    assert!((j - 5.5).abs() < 1e-9, "{j} J across the wrap, 5.5 J spent");
     // And the next window continues from the wrapped value.
     set_energy(root, "intel-rapl:0", 3_500_000);
     let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
     assert!((domain_j(&e, "package-0").unwrap() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn powercap_counter_at_its_top_and_just_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let max = 262_143_328_850; // a real max_energy_range_uj
+    zone(root, "intel-rapl:0", "package-0", max - 1_000_000, max);
+    let mut src = powercap(root, &cfg(root));
+    // A window that ends with the counter exactly at its top: 1 J, no wrap.
+    assert_eq!(kernel_counter_after(max - 1_000_000, 1_000_000, max), max);
+    set_energy(root, "intel-rapl:0", max);
+    let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    let j = domain_j(&e, "package-0").unwrap();
+    assert!((j - 1.0).abs() < 1e-9, "{j} J up to the top");
+    // The next one starts at the top: 2 J takes it to 1,999,999.
+    assert_eq!(kernel_counter_after(max, 2_000_000, max), 1_999_999);
+    set_energy(root, "intel-rapl:0", 1_999_999);
+    let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    let j = domain_j(&e, "package-0").unwrap();
+    assert!(
+        (j - 2.0).abs() < 1e-9,
+        "{j} J from the top across the restart"
+    );
 }
 
 #[test]

@@ -10,22 +10,27 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use agent_common::privileged::skip_privileged;
 use sci_agent::sources::profile::{CpuProfiler, ProfilerOptions};
 
 /// Shared with tests/tests/ebpf_profile_scenario.rs.
 const HOT_C: &str = include_str!("../../tests/fixtures/hot_path.c");
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn skip_privileged(test: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") || is_root() {
-        return false;
+/// Polls /proc/<pid>/stat until the kernel shows the process stopped (`T`).
+fn wait_until_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat.rsplit_once(')').unwrap().1.trim_start().chars().next();
+        if state == Some('T') {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
-    println!("skipping {test}: needs root to load eBPF (runs on CI, where CI=true)");
-    true
 }
 
 fn schedstat_cpu_ns(pid: u32) -> u64 {
@@ -70,7 +75,7 @@ fn hot_path_tops_the_profile_of_its_process() {
     // while it still exists for symbolisation.
     // SAFETY: plain signal to our own child.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_stopped(pid);
     let cpu_ns = schedstat_cpu_ns(pid);
     let profile = profiler.drain().unwrap();
     // SAFETY: as above.

@@ -4,6 +4,7 @@
 //! endpoint keeps serving after all of it.
 #![allow(clippy::unwrap_used)]
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sci_agent::sources::ingest::{
@@ -319,12 +320,16 @@ async fn bad_endpoint_settings_are_refused_clearly() {
 }
 
 /// A /metrics endpoint whose body the test sets; answers 503 while `None`.
+/// A /metrics server answering `body` (503 when None); returns its address
+/// and the number of answers it has written.
 async fn metrics_server(
     body: std::sync::Arc<std::sync::Mutex<Option<String>>>,
-) -> std::net::SocketAddr {
+) -> (std::net::SocketAddr, std::sync::Arc<AtomicU64>) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let answered = std::sync::Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
     tokio::spawn(async move {
         loop {
             let (mut conn, _) = listener.accept().await.unwrap();
@@ -339,9 +344,11 @@ async fn metrics_server(
                 None => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".into(),
             };
             let _ = conn.write_all(response.as_bytes()).await;
+            drop(conn);
+            count.fetch_add(1, Ordering::SeqCst);
         }
     });
-    addr
+    (addr, answered)
 }
 
 fn exposition(credit: u64, query: u64, extra: &str) -> String {
@@ -358,7 +365,7 @@ fn exposition(credit: u64, query: u64, extra: &str) -> String {
 async fn prometheus_counter_increases_become_transactions_resets_handled() {
     use sci_agent::sources::ingest::{PrometheusScrapeConfig, PrometheusScraper};
     let body = std::sync::Arc::new(std::sync::Mutex::new(Some(exposition(100, 5, ""))));
-    let addr = metrics_server(body.clone()).await;
+    let (addr, _) = metrics_server(body.clone()).await;
     let cfg: PrometheusScrapeConfig = toml::from_str(&format!(
         "url = \"http://{addr}/metrics\"\nmetric = \"loan_flows_total\"\nservice = \"loan\"\n"
     ))
@@ -410,7 +417,7 @@ async fn prometheus_counter_increases_become_transactions_resets_handled() {
 #[tokio::test]
 async fn prometheus_scrape_runs_from_the_endpoint_on_its_interval() {
     let body = std::sync::Arc::new(std::sync::Mutex::new(Some(exposition(1, 1, ""))));
-    let addr = metrics_server(body.clone()).await;
+    let (addr, answered) = metrics_server(body.clone()).await;
     let cfg: sci_agent::config::AgentConfig = sci_agent::config::AgentConfig::from_toml_str(
         &format!(
             "[[ingest.prometheus]]\nurl = \"http://{addr}/metrics\"\nmetric = \"loan_flows_total\"\ninterval = \"20ms\"\n"
@@ -422,7 +429,12 @@ async fn prometheus_scrape_runs_from_the_endpoint_on_its_interval() {
     let _endpoint = IngestEndpoint::start(&cfg.ingest, counters.clone())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await; // baseline taken
+    // The first scrape, answered with the old body, is the baseline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answered.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the endpoint never scraped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     *body.lock().unwrap() = Some(exposition(9, 4, ""));
     let w = wait_for(&counters, |w| w.transactions.total() == 11).await;
     assert_eq!(w.transactions.get(Scenario::Credit), 8);

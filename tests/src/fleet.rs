@@ -151,12 +151,30 @@ impl Aggregator {
             .map(|(_, b)| b)
             .unwrap_or_default()
     }
+
+    /// `sci_ingest_windows_total{result="RESULT"}` from /metrics; panics if
+    /// the series is missing or not a number.
+    pub fn windows_ingested(&self, result: &str) -> u64 {
+        let metrics = self.metrics();
+        let series = format!("sci_ingest_windows_total{{result=\"{result}\"}}");
+        metric_value(&metrics, &series)
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{metrics}"))
+    }
 }
 
 impl Drop for Aggregator {
     fn drop(&mut self) {
         self.kill_9();
     }
+}
+
+/// The value of `series` (name and labels exactly as exposed) in a
+/// Prometheus text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<u64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 pub fn now_s() -> u64 {

@@ -3,28 +3,11 @@
 pub mod fleet;
 pub mod postgres;
 
-/// Whether privileged (eBPF) tests must run: on CI they must, and fail if they cannot.
-pub fn ci() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
-}
-
-/// Whether this process runs as root (privileged tests need it).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Returns true when a privileged test should be skipped, printing one line
-/// saying why. On CI it never skips: the test then fails if eBPF cannot load.
-pub fn skip_privileged(test: &str) -> bool {
-    if ci() || is_root() {
-        return false;
-    }
-    println!("skipping {test}: needs root to load eBPF (runs on CI, where CI=true)");
-    true
-}
+// The one skip rule of privileged tests (agent-common, feature test-support),
+// shared with the agent's own tests.
+pub use agent_common::privileged::{
+    ci, is_root, record_skip, skip_privileged, skip_privileged_because, SKIP_LOG_ENV,
+};
 
 /// A tool that the project's `cargo xtask setup` installs. Returns None (after
 /// printing one line) when it is missing outside CI; on CI a missing tool
@@ -38,11 +21,37 @@ pub fn provisioned_tool(path: &std::path::Path, test: &str) -> Option<std::path:
         "{test}: {} is missing on CI: `cargo xtask setup` should have installed it",
         path.display()
     );
-    println!(
-        "skipping {test}: {} is not installed (run `cargo xtask setup`)",
-        path.display()
+    record_skip(
+        test,
+        &format!(
+            "{} is not installed (run `cargo xtask setup`)",
+            path.display()
+        ),
     );
     None
+}
+
+/// Waits until `condition` holds, polling every 5 ms; panics naming `what`
+/// after 20 s. Readiness is a condition, never a fixed sleep.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still waiting after 20 s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Waits until the spawned child `pid` runs `program` (its exec is done,
+/// so rules on its executable, command line and environment can match).
+pub fn wait_for_exec(pid: u32, program: &std::path::Path) {
+    let program =
+        std::fs::canonicalize(program).unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    wait_until(&format!("pid {pid} to exec {}", program.display()), || {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program)
+    });
 }
 
 /// Where `cargo xtask setup` keeps what it installs.

@@ -1,6 +1,7 @@
 //! The aggregator's dashboard in a real browser: headless Chromium loads
 //! /dashboard served on loopback with windows sent through the real
-//! forwarder, its DOM must show those figures, and its screenshot is kept as
+//! forwarder, its DOM must show those figures (SCI_CF, transactions, a
+//! host's energy, each computed by hand from the windows sent), and its screenshot is kept as
 //! a test artifact (target/test-artifacts/dashboard.png).
 #![allow(clippy::unwrap_used)]
 
@@ -34,6 +35,95 @@ fn chromium(args: &[String], profile: &Path) -> std::process::Output {
         .unwrap()
 }
 
+const WINDOWS: u64 = 12;
+const WINDOW_ENERGY_J: f64 = 145.0;
+const WINDOW_CARBON_G: f64 = 0.5;
+const WINDOW_EMBODIED_G: f64 = 0.25;
+/// The standard's weights: credit, drawdown, repayment, query.
+const WEIGHTS: [f64; 4] = [24.0, 7.0, 3.0, 1.0];
+
+/// The text of an element, tags removed and entities decoded.
+fn text_of(fragment: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in fragment.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&nbsp;", " ")
+        .trim()
+        .to_string()
+}
+
+/// The cells of each row of the first `<table class="CLASS">` in the DOM.
+fn table(html: &str, class: &str) -> Vec<Vec<String>> {
+    let open = format!("<table class=\"{class}\"");
+    let start = html
+        .find(&open)
+        .unwrap_or_else(|| panic!("no table {class} in the DOM"));
+    let body = &html[start..];
+    let body = &body[..body.find("</table>").unwrap_or(body.len())];
+    body.split("<tr")
+        .skip(1)
+        .map(|row| {
+            row.split("</t")
+                .filter_map(|cell| {
+                    let at = cell.rfind("<td").or_else(|| cell.rfind("<th"))?;
+                    let inner = &cell[at..];
+                    Some(text_of(&inner[inner.find('>')? + 1..]))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The cell of the row whose first cell is `row` in the column headed `column`.
+fn cell(rows: &[Vec<String>], row: &str, column: &str) -> String {
+    let header = &rows[0];
+    let index = header
+        .iter()
+        .position(|h| h == column)
+        .unwrap_or_else(|| panic!("no column {column:?} in {header:?}"));
+    let found = rows
+        .iter()
+        .find(|r| r.first().map(String::as_str) == Some(row))
+        .unwrap_or_else(|| panic!("no row {row:?} in {rows:?}"));
+    found[index].clone()
+}
+
+/// The text of the summary card with id `id`.
+fn card(html: &str, id: &str) -> String {
+    let open = format!("id=\"{id}\"");
+    let at = html
+        .find(&open)
+        .unwrap_or_else(|| panic!("no card {id} in the DOM"));
+    let rest = &html[at..];
+    let inner = &rest[rest.find('>').unwrap() + 1..];
+    text_of(&inner[..inner.find('<').unwrap_or(inner.len())])
+}
+
+/// `shown` is `expected` rounded to the decimals the page shows.
+fn assert_shows(html: &str, what: &str, shown: &str, expected: f64) {
+    let value: f64 = shown
+        .parse()
+        .unwrap_or_else(|_| panic!("{what}: {shown:?} is not a number"));
+    let decimals = shown.split_once('.').map_or(0, |(_, d)| d.len());
+    let half_last_digit = 0.5 * 10f64.powi(-(decimals as i32));
+    println!("{what}: the page shows {shown}, by hand {expected}");
+    assert!(
+        (value - expected).abs() <= half_last_digit * (1.0 + 1e-9),
+        "{what}: the page shows {shown}, by hand {expected}\n{}",
+        &html[..html.len().min(4000)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_renders_real_data_in_chromium() {
     let Some(_) = provisioned_tool(
@@ -65,17 +155,20 @@ async fn dashboard_renders_real_data_in_chromium() {
         Arc::new(ForwarderStats::default()),
     ));
     let start = (now_s() / 60 - 4) * 60;
-    for i in 0..12u64 {
+    // Four 60 s periods of three 20 s windows; queries grow by period so
+    // that the mean of SCI_j and the pooled figure differ.
+    let transactions = |i: u64| [2, 3, 5, 10 * (i / 3 + 1)];
+    for i in 0..WINDOWS {
         let mut w = window(
             "loan-host-7",
             "inst",
             i,
             start + 20 * i,
             20,
-            40.0,
-            0.5,
-            0.25,
-            [2, 3, 5, 20],
+            WINDOW_ENERGY_J,
+            WINDOW_CARBON_G,
+            WINDOW_EMBODIED_G,
+            transactions(i),
         );
         w.processes.push(v1::ProcessRecord {
             pid: 42,
@@ -126,6 +219,67 @@ async fn dashboard_renders_real_data_in_chromium() {
         "the flame graph of credit-svc/credit"
     );
     assert!(html.contains("<svg"), "charts are SVG");
+
+    // The figures the page shows, against a hand computation from the
+    // windows sent. Per period j (0..4): O = 3 x 0.5 = 1.5 g, M = 3 x 0.25 =
+    // 0.75 g, R = 3 x (24x2 + 7x3 + 3x5 + 10(j+1)) = 282, 312, 342, 372.
+    let mut sci_j = Vec::new();
+    let (mut total_om, mut total_r) = (0.0, 0.0);
+    for period in 0..WINDOWS / 3 {
+        let (mut om, mut r) = (0.0, 0.0);
+        for i in 3 * period..3 * period + 3 {
+            om += WINDOW_CARBON_G + WINDOW_EMBODIED_G;
+            r += transactions(i)
+                .iter()
+                .zip(WEIGHTS)
+                .map(|(t, w)| *t as f64 * w)
+                .sum::<f64>();
+        }
+        sci_j.push(om / r);
+        total_om += om;
+        total_r += r;
+    }
+    assert_eq!(total_r, 1308.0);
+    // 0.00695 and 0.00688 g/unit.
+    let sci_cf = sci_j.iter().sum::<f64>() / sci_j.len() as f64;
+    let pooled = total_om / total_r;
+    assert_shows(
+        &html,
+        "SCI_CF (mean of SCI_j)",
+        &card(&html, "sci-mean"),
+        sci_cf,
+    );
+    assert_shows(&html, "pooled SCI", &card(&html, "sci-pooled"), pooled);
+    let scenarios = table(&html, "scenarios");
+    let credit_txns: u64 = (0..WINDOWS).map(|i| transactions(i)[0]).sum();
+    let query_txns: u64 = (0..WINDOWS).map(|i| transactions(i)[3]).sum();
+    assert_eq!((credit_txns, query_txns), (24, 300));
+    assert_shows(
+        &html,
+        "credit transactions",
+        &cell(&scenarios, "credit", "transactions"),
+        credit_txns as f64,
+    );
+    assert_shows(
+        &html,
+        "query transactions",
+        &cell(&scenarios, "query", "transactions"),
+        query_txns as f64,
+    );
+    let hosts = table(&html, "hosts");
+    // 12 windows of 145 J: 1.74 kJ.
+    assert_shows(
+        &html,
+        "the host's energy",
+        &cell(&hosts, "loan-host-7", "energy (kJ)"),
+        WINDOWS as f64 * WINDOW_ENERGY_J / 1000.0,
+    );
+    assert_shows(
+        &html,
+        "the host's carbon",
+        &cell(&hosts, "loan-host-7", "carbon (gCO2e)"),
+        WINDOWS as f64 * WINDOW_CARBON_G,
+    );
 
     let artifacts: PathBuf = workspace_root().join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();

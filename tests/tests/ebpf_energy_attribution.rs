@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
-use sci_tests::skip_privileged;
+use sci_tests::{skip_privileged, wait_for_exec};
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
 const MAX_UJ: u64 = 262_143_328_850;
@@ -86,14 +86,21 @@ fn processes_get_their_cpu_share_of_dynamic_energy_and_energy_is_conserved() {
         );
     }
     let pids: Vec<u32> = children.0.iter().map(|c| c.id()).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    for pid in &pids {
+        wait_for_exec(*pid, Path::new(BURN));
+    }
 
     let mut before: HashMap<u32, u64> = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
     pipeline.next_window().unwrap();
     for window in 0..3 {
         std::thread::sleep(Duration::from_secs(3));
-        // 45 J on the package, 7 J on dram in this window (the package counter wraps in window 0).
+        // 45 J on the package, 7 J on dram in this window. The package counter
+        // takes the values 0..=MAX_UJ (the kernel's semantics: the value after
+        // MAX_UJ is 0) and wraps in window 1: MAX_UJ - 5 J + 45 J reads 39,999,999.
         package_uj = (package_uj + 45_000_000) % (MAX_UJ + 1);
+        if window == 1 {
+            assert_eq!(package_uj, 39_999_999);
+        }
         dram_uj += 7_000_000;
         std::fs::write(package.join("energy_uj"), format!("{package_uj}\n")).unwrap();
         std::fs::write(dram.join("energy_uj"), format!("{dram_uj}\n")).unwrap();
@@ -102,9 +109,11 @@ fn processes_get_their_cpu_share_of_dynamic_energy_and_energy_is_conserved() {
 
         assert_eq!(report.energy_source, "rapl-powercap");
         assert!(!report.estimated);
+        // Exactly 52 J: the tolerance is floating-point rounding only (one
+        // microjoule lost at the wrap would be 2e-8 of it).
         assert!(
-            (report.host_energy_j - 52.0).abs() < 1e-6,
-            "window {window}: host {}",
+            (report.host_energy_j - 52.0).abs() <= 1e-12 * 52.0,
+            "window {window}: host {} J, 52 J spent",
             report.host_energy_j
         );
         let attributed: f64 = report.processes.iter().map(|p| p.energy_j).sum();

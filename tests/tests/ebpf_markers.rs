@@ -10,12 +10,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use agent_common::{SCENARIO_CREDIT, SCENARIO_DRAWDOWN, SCENARIO_QUERY, SCENARIO_REPAYMENT};
 use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::CpuSampler;
-use sci_tests::skip_privileged;
+use sci_tests::{skip_privileged, wait_for_exec, wait_until};
 
 const SERVICE: &str = env!("CARGO_BIN_EXE_sci-shared-service");
 
@@ -131,7 +130,7 @@ enabled = false
     )
     .unwrap();
     assert!(fallback.is_none());
-    pipeline.set_ingest(counters);
+    pipeline.set_ingest(counters.clone());
 
     let mut risk = Command::new(burn)
         .args(["--duty", "40", "--seconds", "30"])
@@ -142,8 +141,9 @@ enabled = false
         .env("SCI_SERVICE", "statement")
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
     let (risk_pid, statement_pid) = (risk.id(), statement.id());
+    wait_for_exec(risk_pid, Path::new(burn));
+    wait_for_exec(statement_pid, Path::new(burn));
     let before = (schedstat_ns(risk_pid), schedstat_ns(statement_pid));
     pipeline.next_window().unwrap();
 
@@ -156,7 +156,10 @@ enabled = false
     socket.send_to(b"credit 7\n", ingest_addr).unwrap();
     socket.send_to(b"repayment 11\n", ingest_addr).unwrap();
     socket.send_to(b"lending 3\n", ingest_addr).unwrap(); // unknown scenario: refused
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the endpoint to take the three datagrams", || {
+        let received = counters.peek();
+        received.accepted_lines == 2 && received.refused_total() == 1
+    });
 
     let report = pipeline.next_window().unwrap();
     let after = (schedstat_ns(risk_pid), schedstat_ns(statement_pid));

@@ -3,7 +3,9 @@
 //! `hot_path` must be the top function of the credit scenario's profile, and
 //! the profile's energy must equal the credit scenario's attributed energy
 //! within 5% (the profile weighs samples by the process's joules per CPU-ns,
-//! so this checks that the samples cover the scenario's CPU time).
+//! so this checks that the samples cover the scenario's CPU time), and the
+//! process's samples and profile energy must match its CPU time from
+//! /proc/<pid>/schedstat (the kernel's accounting) within 10%.
 //! Privileged: skipped (with one line) without root outside CI.
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
-use sci_tests::{skip_privileged, workspace_root};
+use sci_tests::{skip_privileged, wait_for_exec, wait_until, workspace_root};
 
 #[test]
 fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
@@ -41,9 +43,19 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let pid = child.id();
+    wait_for_exec(pid, &binary);
+    // The child is stopped across each window boundary, so its CPU time
+    // between the two schedstat reads is exactly what the window (and its
+    // profile, drained at the boundary) can hold of it.
+    stop(pid);
     pipeline.next_window().unwrap();
-    std::thread::sleep(Duration::from_secs(4));
+    let start_ns = schedstat_ns(pid);
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_secs(8));
+    stop(pid);
+    let truth_ns = schedstat_ns(pid) - start_ns;
     let report = pipeline.next_window().unwrap();
     let _ = child.kill();
     let _ = child.wait();
@@ -90,4 +102,64 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
     assert!(stacks
         .iter()
         .all(|s| s.service.as_deref() == Some("loan-scoring")));
+
+    // Against the kernel's own accounting: the samples cover the process's
+    // CPU time in the window (schedstat), so its profile energy is that CPU
+    // time at the process's joules per CPU-ns.
+    let process = report.processes.iter().find(|p| p.pid == pid).unwrap();
+    let joules_per_cpu_ns = process.energy_j / process.cpu_ns as f64;
+    let process_samples: u64 = report
+        .profile
+        .iter()
+        .filter(|s| s.pid == pid)
+        .map(|s| s.samples)
+        .sum();
+    let process_profile_j: f64 = report
+        .profile
+        .iter()
+        .filter(|s| s.pid == pid)
+        .map(|s| s.energy_j)
+        .sum();
+    let expected_j = truth_ns as f64 * joules_per_cpu_ns;
+    let sampled_ns = process_samples as f64 * 1e9 / 99.0;
+    println!(
+        "schedstat: {truth_ns} ns in the window; {process_samples} samples at 99 Hz = {sampled_ns:.0} ns; profile {process_profile_j:.4} J, schedstat x J/ns {expected_j:.4} J"
+    );
+    // At 99 Hz over 8 s a core-bound process gets about 800 samples, one
+    // sample per 10.1 ms of its CPU time; when it shares its core (a busy
+    // machine) each sample is a coin toss and the error is about
+    // 1/sqrt(samples): 5% at 400 samples.
+    let tolerance = 0.10;
+    let samples_error = (sampled_ns - truth_ns as f64).abs() / truth_ns as f64;
+    assert!(
+        samples_error < tolerance,
+        "{process_samples} samples ({sampled_ns:.0} ns) against schedstat {truth_ns} ns ({:.1}% apart)",
+        samples_error * 100.0
+    );
+    let energy_error = (process_profile_j - expected_j).abs() / expected_j;
+    assert!(
+        energy_error < tolerance,
+        "profile {process_profile_j} J against schedstat {expected_j} J ({:.1}% apart)",
+        energy_error * 100.0
+    );
+}
+
+/// SIGSTOP, then wait until the kernel shows the process stopped.
+fn stop(pid: u32) {
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    wait_until(&format!("pid {pid} to stop"), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_comm = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                Some(after_comm == 'T')
+            })
+            .unwrap_or(false)
+    });
+}
+
+fn schedstat_ns(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
 }

@@ -999,6 +999,21 @@ fn identity_digest(record: &BureauRecord) -> [u8; 32] {
     digest
 }
 
+/// CPU time of `flows` flows of `scenario` on the calling thread
+/// (CLOCK_THREAD_CPUTIME_ID around them), in ns. Request ids are `PREFIX-N`.
+pub fn thread_cpu_ns_of_flows(
+    db: &mut FinanceDb,
+    scenario: Scenario,
+    flows: u32,
+    prefix: &str,
+) -> Result<u64, WorkloadError> {
+    let start_ns = crate::sys::thread_cpu_ns();
+    for i in 0..flows {
+        db.run(scenario, &format!("{prefix}-{i}"))?;
+    }
+    Ok(crate::sys::thread_cpu_ns().saturating_sub(start_ns))
+}
+
 /// SHA-256 of `text`, re-hashed `rounds` times.
 fn stretched_sha256(text: &str, rounds: u32) -> [u8; 32] {
     let mut digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();

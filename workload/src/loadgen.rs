@@ -341,10 +341,11 @@ pub async fn run_load(
             _ = tick.tick() => {}
         }
         let elapsed = started.elapsed();
-        if elapsed >= config.duration {
-            break;
-        }
-        let due = rate.advance(elapsed.as_secs_f64());
+        // The last tick issues what is due up to the end of the run, so a
+        // run sends the shape's integral over its duration however late the
+        // ticks come (a busy machine, slow services holding every slot).
+        let last_tick = elapsed >= config.duration;
+        let due = rate.advance(elapsed.min(config.duration).as_secs_f64());
         for _ in 0..due {
             let permit = tokio::select! {
                 _ = &mut stop => { interrupted = true; break 'run; }
@@ -390,6 +391,9 @@ pub async fn run_load(
                 }
                 drop(permit);
             });
+        }
+        if last_tick {
+            break;
         }
         if elapsed.as_secs() >= next_progress_s {
             let t = tally.lock().unwrap_or_else(|p| p.into_inner());

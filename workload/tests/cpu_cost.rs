@@ -1,18 +1,41 @@
 //! CPU cost per transaction of each flow, measured as the running thread's
-//! CPU time (CLOCK_THREAD_CPUTIME_ID) around the flow. Printed, not asserted
-//! as performance; only the ordering credit > drawdown > query is asserted,
-//! since the flows are designed that way.
+//! CPU time (CLOCK_THREAD_CPUTIME_ID) around the flows: the clock the
+//! service uses for its per-scenario `cpu_ns`. Checked against the kernel's
+//! own accounting of that thread (/proc/thread-self/schedstat) while another
+//! thread of the process burns a core, so a process-wide or wall clock would
+//! fail. The costs are printed, not asserted: how the flows compare (credit
+//! over drawdown over query) is measured by `cargo xtask bench`
+//! (`sci-flow-cost`).
 #![allow(clippy::unwrap_used)]
 
-use sci_workload::flows::{DataSizes, FinanceDb};
-use sci_workload::sys::thread_cpu_ns;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use sci_workload::flows::{thread_cpu_ns_of_flows, DataSizes, FinanceDb};
 use sci_workload::Scenario;
 
+/// This thread's CPU time as the scheduler accounts it.
+fn schedstat_ns() -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
+}
+
 #[test]
-fn cpu_cost_per_transaction_orders_credit_over_drawdown_over_query() {
+fn cpu_cost_per_transaction_is_the_thread_cpu_time_the_kernel_accounts() {
     let dir = tempfile::tempdir().unwrap();
     let (mut db, _) =
         FinanceDb::create_or_reuse(&dir.path().join("cost.sqlite"), DataSizes::default()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinner = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            x
+        })
+    };
     let mut mean_ns = [0.0f64; 4];
     for scenario in Scenario::ALL {
         let n = if scenario == Scenario::Credit {
@@ -20,17 +43,23 @@ fn cpu_cost_per_transaction_orders_credit_over_drawdown_over_query() {
         } else {
             300
         };
-        for i in 0..10 {
-            db.run(scenario, &format!("warm-{i}")).unwrap();
-        }
-        let start = thread_cpu_ns();
-        for i in 0..n {
-            db.run(scenario, &format!("cost-{i}")).unwrap();
-        }
-        let spent = thread_cpu_ns() - start;
-        assert!(spent > 0, "thread CPU clock did not advance");
-        mean_ns[scenario.index()] = spent as f64 / f64::from(n);
+        thread_cpu_ns_of_flows(&mut db, scenario, 10, "warm-up").unwrap();
+        let before_ns = schedstat_ns();
+        let spent_ns = thread_cpu_ns_of_flows(&mut db, scenario, n, "cost").unwrap();
+        let truth_ns = schedstat_ns() - before_ns;
+        assert!(spent_ns > 0, "thread CPU clock did not advance");
+        println!("{scenario:>9}: thread clock {spent_ns} ns, schedstat {truth_ns} ns");
+        // schedstat lags a running thread by up to a scheduler tick at each
+        // read; the reads themselves cost microseconds.
+        let allowed_ns = 0.02 * truth_ns as f64 + 10e6;
+        assert!(
+            (spent_ns as f64 - truth_ns as f64).abs() <= allowed_ns,
+            "{scenario}: the clock says {spent_ns} ns, the kernel accounted {truth_ns} ns to the thread"
+        );
+        mean_ns[scenario.index()] = spent_ns as f64 / f64::from(n);
     }
+    stop.store(true, Ordering::Relaxed);
+    spinner.join().unwrap();
     let query = mean_ns[Scenario::Query.index()];
     for scenario in Scenario::ALL {
         let ns = mean_ns[scenario.index()];
@@ -45,13 +74,4 @@ fn cpu_cost_per_transaction_orders_credit_over_drawdown_over_query() {
             }
         );
     }
-    let [credit, drawdown, _, query] = mean_ns;
-    assert!(
-        credit > drawdown,
-        "credit {credit} ns <= drawdown {drawdown} ns"
-    );
-    assert!(
-        drawdown > query,
-        "drawdown {drawdown} ns <= query {query} ns"
-    );
 }

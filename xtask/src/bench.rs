@@ -34,6 +34,22 @@ struct Measurement {
     notes: &'static str,
 }
 
+/// Figures whose median must exceed a bound because the code is designed
+/// that way: (json field, bound, the design). `cargo xtask bench` fails
+/// (after writing BENCHMARKS.md) when one does not.
+const DESIGN_BOUNDS: [(&str, f64, &str); 2] = [
+    (
+        "credit_over_drawdown",
+        1.0,
+        "a credit flow costs more CPU than a drawdown",
+    ),
+    (
+        "drawdown_over_query",
+        1.0,
+        "a drawdown flow costs more CPU than a query",
+    ),
+];
+
 fn stats(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let n = values.len();
@@ -116,6 +132,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "sci-agent",
         "-p",
         "sci-aggregator",
+        "-p",
+        "sci-workload",
         "--bins",
     ]))?;
     let release = workspace_root().join("target/release");
@@ -277,6 +295,27 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         notes: "",
     });
 
+    measurements.push(Measurement {
+        title: "CPU cost per flow of the finance workload",
+        method: "`sci-flow-cost`: each scenario's flow run on one thread against a fresh SQLite database of the default sizes (100 credit flows, 1,000 of each other scenario, after 10 warm-up flows each); the thread's CPU time (CLOCK_THREAD_CPUTIME_ID, the clock the service reports per scenario) divided by the flows. The ratios are taken inside one run.",
+        program: release.join("sci-flow-cost"),
+        args: vec![
+            "--credit-flows".into(),
+            if args.quick { "40" } else { "100" }.into(),
+        ],
+        figures: vec![
+            ("credit_us_per_flow", "credit", "us CPU/flow"),
+            ("drawdown_us_per_flow", "drawdown", "us CPU/flow"),
+            ("repayment_us_per_flow", "repayment", "us CPU/flow"),
+            ("query_us_per_flow", "query", "us CPU/flow"),
+            ("credit_over_drawdown", "credit / drawdown", "x (by design > 1)"),
+            ("drawdown_over_query", "drawdown / query", "x (by design > 1)"),
+        ],
+        runs: args.runs,
+        notes: "The flows are designed so that credit (bureau lookup, peer features, risk score, pricing) costs more than a drawdown, and a drawdown more than a query; the bench fails when a median ratio is not above 1.",
+    });
+
+    let mut design_misses = Vec::new();
     let mut md = String::new();
     writeln!(md, "# BENCHMARKS\n")?;
     writeln!(
@@ -312,6 +351,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         for (field, label, unit) in &m.figures {
             if let Some(values) = samples.get_mut(field) {
                 let (median, min, max) = stats(values);
+                for (bound_field, bound, design) in DESIGN_BOUNDS {
+                    if bound_field == *field
+                        && median.partial_cmp(&bound) != Some(std::cmp::Ordering::Greater)
+                    {
+                        design_misses.push(format!(
+                            "{}: {label} median {median} is not above {bound} ({design})",
+                            m.title
+                        ));
+                    }
+                }
                 writeln!(
                     md,
                     "| {label} | {} | {} | {} | {unit} |",
@@ -329,5 +378,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let path = workspace_root().join("BENCHMARKS.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("xtask bench: wrote {}", path.display());
+    if !design_misses.is_empty() {
+        bail!("{}", design_misses.join("\n"));
+    }
     Ok(())
 }

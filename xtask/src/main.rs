@@ -4,7 +4,7 @@
 //! nothing else (nightly rust-src, a pinned bpf-linker built against the
 //! nightly toolchain's own LLVM, Debian packages some tests use). Each step
 //! checks before it acts, so a second run takes seconds.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -68,7 +68,6 @@ struct TestTotals {
     passed: u64,
     failed: u64,
     ignored: u64,
-    skipped: u64,
 }
 
 impl TestTotals {
@@ -84,17 +83,18 @@ impl TestTotals {
             self.passed += number_before("passed");
             self.failed += number_before("failed");
             self.ignored += number_before("ignored");
-        } else if line.contains("skipping ") {
-            self.skipped += 1;
         }
     }
 }
 
 /// Runs `cargo test ARGS`, passing its output through and adding up its results.
-fn cargo_test(args: &[&str], totals: &mut TestTotals) -> Result<()> {
+fn cargo_test(args: &[&str], skip_log: &Path, totals: &mut TestTotals) -> Result<()> {
     use std::io::BufRead;
     let mut cmd = cargo();
-    cmd.arg("test").args(args).current_dir(workspace_root());
+    cmd.arg("test")
+        .args(args)
+        .env(sci_tests::SKIP_LOG_ENV, skip_log)
+        .current_dir(workspace_root());
     eprintln!("xtask: {cmd:?}");
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -114,6 +114,17 @@ fn cargo_test(args: &[&str], totals: &mut TestTotals) -> Result<()> {
     Ok(())
 }
 
+/// The skips the tests recorded (one `skipping TEST: REASON` line each): the
+/// tests append them to the skip log, since libtest captures the output of
+/// passing tests in the first phase.
+fn recorded_skips(skip_log: &Path) -> Result<Vec<String>> {
+    match std::fs::read_to_string(skip_log) {
+        Ok(text) => Ok(text.lines().map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", skip_log.display())),
+    }
+}
+
 fn test(no_lint: bool) -> Result<()> {
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -126,25 +137,57 @@ fn test(no_lint: bool) -> Result<()> {
             "warnings",
         ]))?;
     }
+    let skip_log = workspace_root().join("target/xtask-test-skips.log");
+    if let Some(dir) = skip_log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if let Err(e) = std::fs::remove_file(&skip_log) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(e).with_context(|| format!("removing {}", skip_log.display()));
+        }
+    }
     let mut totals = TestTotals::default();
     // Unit and crate tests in parallel; they need no root.
-    let crates = cargo_test(&["--workspace", "--exclude", "sci-tests"], &mut totals);
+    let crates = cargo_test(
+        &["--workspace", "--exclude", "sci-tests"],
+        &skip_log,
+        &mut totals,
+    );
     // End-to-end and privileged tests one at a time: they load eBPF, start
     // servers and measure CPU time, and must not disturb each other.
     let end_to_end = crates.and_then(|_| {
         cargo_test(
             &["-p", "sci-tests", "--", "--test-threads=1", "--nocapture"],
+            &skip_log,
             &mut totals,
         )
     });
-    // A privileged test that skipped (one "skipping ..." line) passed for cargo; not for us.
+    // A test that skipped passed for cargo; not for us.
+    let skips = recorded_skips(&skip_log)?;
+    let skipped = skips.len() as u64;
     println!(
         "tests: {} passed, {} failed, {} skipped",
-        totals.passed.saturating_sub(totals.skipped),
+        totals.passed.saturating_sub(skipped),
         totals.failed,
-        totals.skipped + totals.ignored
+        skipped + totals.ignored
     );
-    end_to_end
+    for skip in &skips {
+        println!("  {skip}");
+    }
+    end_to_end?;
+    check_skips(sci_tests::ci(), &skips)
+}
+
+/// Under CI every privileged test must run: any recorded skip fails the run, naming the tests.
+fn check_skips(ci: bool, skips: &[String]) -> Result<()> {
+    if ci && !skips.is_empty() {
+        bail!(
+            "{} test(s) skipped under CI, where every privileged test must run:\n  {}",
+            skips.len(),
+            skips.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -155,5 +198,37 @@ fn main() -> Result<()> {
         Task::Test { no_lint } => test(no_lint),
         Task::Bench(args) => bench::bench(args),
         Task::Demo(args) => demo::demo(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_skip_under_ci_fails_and_names_the_test() {
+        let dir = std::env::temp_dir().join(format!("xtask-skips-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("skips.log");
+        assert!(recorded_skips(&log).unwrap().is_empty(), "no log: no skip");
+        std::fs::write(
+            &log,
+            "skipping hot_path_tops_the_profile_of_its_process: needs root to load eBPF (runs on CI, where CI=true)\n",
+        )
+        .unwrap();
+        let skips = recorded_skips(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(skips.len(), 1);
+        let e = check_skips(true, &skips).unwrap_err().to_string();
+        assert!(
+            e.contains("hot_path_tops_the_profile_of_its_process"),
+            "{e}"
+        );
+        assert!(
+            check_skips(false, &skips).is_ok(),
+            "outside CI a skip is counted, not failed"
+        );
+        assert!(check_skips(true, &[]).is_ok());
     }
 }

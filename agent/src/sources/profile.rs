@@ -536,11 +536,9 @@ mod tests {
     /// function is in those stacks and in no slot-0 stack of this process.
     #[test]
     fn samples_carry_the_thread_scenario_of_the_shared_object() {
-        let privileged = std::env::var("CI").is_ok_and(|v| v == "true")
-            // SAFETY: geteuid has no preconditions.
-            || unsafe { libc::geteuid() } == 0;
-        if !privileged {
-            println!("skipping samples_carry_the_thread_scenario_of_the_shared_object: needs root to load eBPF (runs on CI, where CI=true)");
+        if agent_common::privileged::skip_privileged(
+            "samples_carry_the_thread_scenario_of_the_shared_object",
+        ) {
             return;
         }
         let mut ebpf = EbpfLoader::new()

@@ -72,13 +72,15 @@ pub(crate) fn read_u64(path: &Path) -> Result<u64, EnergyError> {
     })
 }
 
-/// Energy between two readings of a counter that restarts at 0 after `max_uj`.
+/// Energy between two readings of a counter that takes the values
+/// `0..=max_uj` and restarts at 0 after `max_uj` (so it counts modulo
+/// `max_uj + 1`: the step from `max_uj` to 0 is one microjoule).
 pub fn counter_delta_uj(previous_uj: u64, now_uj: u64, max_uj: u64) -> u64 {
     if now_uj >= previous_uj {
         now_uj - previous_uj
     } else {
         // Wrapped once between the readings (more than once is caught by the power ceiling).
-        max_uj.saturating_sub(previous_uj) + now_uj
+        max_uj.saturating_sub(previous_uj) + 1 + now_uj
     }
 }
 
@@ -293,8 +295,14 @@ mod tests {
 
     #[test]
     fn wrap_around_delta() {
+        // A counter with max_energy_range_uj = 1000 reads 0, 1, ..., 1000, 0, 1, ...
         assert_eq!(counter_delta_uj(100, 250, 1000), 150);
-        // 1000 - 900 = 100 to the top, then 50 after the restart.
-        assert_eq!(counter_delta_uj(900, 50, 1000), 150);
+        assert_eq!(counter_delta_uj(999, 1000, 1000), 1);
+        assert_eq!(counter_delta_uj(1000, 1000, 1000), 0);
+        assert_eq!(counter_delta_uj(1000, 0, 1000), 1);
+        assert_eq!(counter_delta_uj(1000, 1, 1000), 2);
+        assert_eq!(counter_delta_uj(999, 0, 1000), 2);
+        // 900 -> 1000 is 100, 1000 -> 0 is 1, 0 -> 50 is 50.
+        assert_eq!(counter_delta_uj(900, 50, 1000), 151);
     }
 }
