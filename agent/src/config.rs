@@ -49,12 +49,38 @@ pub struct AgentConfig {
     pub profile: crate::sources::profile::ProfileConfig,
 }
 
+/// Shortest window: below it the agent would spend its time closing windows.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
 impl AgentConfig {
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AgentError> {
-        toml::from_str(text).map_err(|e| AgentError::Config {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| AgentError::Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        config.validate().map_err(|e| match e {
+            AgentError::Config { path, message } => AgentError::Config {
+                path: origin.to_path_buf(),
+                message: format!("{}: {message}", path.display()),
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Settings that parse but cannot work, named by key.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        if self.agent.interval < MIN_INTERVAL {
+            return Err(AgentError::Config {
+                path: "agent.interval".into(),
+                message: format!(
+                    "{} is shorter than the minimum {}",
+                    humantime::format_duration(self.agent.interval),
+                    humantime::format_duration(MIN_INTERVAL)
+                ),
+            });
+        }
+        self.aggregator.validate()
     }
 
     pub fn load(path: &Path) -> Result<Self, AgentError> {
