@@ -104,3 +104,55 @@ mod humantime_serde_compat {
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_interval_below_the_minimum_is_an_error_naming_the_key() {
+        for text in [
+            "[agent]\ninterval = \"0s\"\n",
+            "[agent]\ninterval = \"99ms\"\n",
+        ] {
+            let err = AgentConfig::from_toml_str(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("agent.interval") && err.contains("100ms"),
+                "{err}"
+            );
+        }
+        let ok = AgentConfig::from_toml_str("[agent]\ninterval = \"100ms\"\n", Path::new("a.toml"))
+            .unwrap();
+        assert_eq!(ok.agent.interval, MIN_INTERVAL);
+    }
+
+    #[test]
+    fn batches_must_fit_the_aggregator_and_the_spool() {
+        let err = AgentConfig::from_toml_str(
+            "[aggregator]\nurl = \"https://a:7443\"\nbatch_max_bytes = 40000000\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("aggregator.batch_max_bytes"), "{err}");
+        let err = AgentConfig::from_toml_str(
+            "[aggregator]\nurl = \"https://a:7443\"\nspool_max_bytes = 1000000\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("aggregator.spool_max_bytes"), "{err}");
+        let ok = AgentConfig::from_toml_str(
+            "[aggregator]\nurl = \"https://a:7443\"\nurls = [\"https://b:7443\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.aggregator.all_urls(),
+            ["https://a:7443", "https://b:7443"]
+        );
+    }
+}

@@ -684,3 +684,47 @@ async fn respond(
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::sinks::spool::DeliveryStats;
+
+    #[test]
+    fn health_says_when_delivery_is_behind_and_losses_are_exported() {
+        let registry = MetricsRegistry::new();
+        assert!(registry.health().is_ok(), "no spool: healthy");
+        let stats = Arc::new(DeliveryStats::default());
+        registry.set_delivery(Arc::clone(&stats), Duration::from_secs(60));
+        assert!(registry.health().is_ok(), "nothing pending");
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        stats.pending_windows.store(7, Ordering::Relaxed);
+        stats
+            .oldest_pending_end_ns
+            .store(now_ns - 10_000_000_000, Ordering::Relaxed);
+        assert!(registry.health().is_ok(), "10 s behind is within 60 s");
+        stats
+            .oldest_pending_end_ns
+            .store(now_ns - 125_000_000_000, Ordering::Relaxed);
+        let behind = registry.health().unwrap_err();
+        assert!(
+            behind.contains("delivery behind: 7 windows") && behind.contains("125 s ago"),
+            "{behind}"
+        );
+        stats.dropped_write_failed.store(3, Ordering::Relaxed);
+        stats.trimmed_stacks.store(11, Ordering::Relaxed);
+        let text = registry.render();
+        assert!(
+            text.contains("sci_agent_windows_lost_total{reason=\"dropped_write_failed\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("sci_agent_profile_stacks_trimmed_total 11"));
+        assert!(text.contains("sci_agent_spool_windows 7"));
+    }
+}
