@@ -230,6 +230,19 @@ impl Ingest for IngestService {
                     Err(status) => {
                         lock(&counters).decode_errors += 1;
                         tracing::warn!("ingest stream ended: {status}");
+                        // Say why, so the agent does not take the end for success.
+                        let answer = if status.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(format!(
+                                "batch over the aggregator's message limit ({}): send smaller batches",
+                                status.message()
+                            ))
+                        } else {
+                            Status::invalid_argument(format!(
+                                "undecodable batch: {}",
+                                status.message()
+                            ))
+                        };
+                        let _ = tx.send(Err(answer)).await;
                         return;
                     }
                 };

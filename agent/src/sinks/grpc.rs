@@ -311,6 +311,9 @@ pub struct ForwarderStats {
     pub failovers: std::sync::atomic::AtomicU64,
     /// Index in `all_urls()` of the aggregator in use.
     pub current_url: std::sync::atomic::AtomicUsize,
+    /// Batch byte bound in use when the aggregator said a batch was too large
+    /// (halved each time, down to 64 KiB); 0: `batch_max_bytes`.
+    pub batch_bytes_override: std::sync::atomic::AtomicU64,
 }
 
 /// How a stream ended without a transport error.
@@ -409,6 +412,13 @@ async fn stream_once(
         })?
         .into_inner();
     lock(spool).release_held();
+    let batch_bytes = match stats
+        .batch_bytes_override
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => cfg.batch_max_bytes,
+        n => n.min(cfg.batch_max_bytes),
+    };
     // Everything not acknowledged is (re)sent, oldest first.
     let mut sent_through: Option<u64> = None;
     let mut in_flight = 0usize;
@@ -420,7 +430,7 @@ async fn stream_once(
         if in_flight < 2 && deferred == 0 {
             let batch = {
                 let mut s = lock(spool);
-                s.next_batch(sent_through, cfg.batch_windows.max(1), cfg.batch_max_bytes)?
+                s.next_batch(sent_through, cfg.batch_windows.max(1), batch_bytes)?
             };
             if let Some(last) = batch.last().map(|w| w.seq) {
                 let host = batch[0].host.clone();
@@ -443,7 +453,14 @@ async fn stream_once(
         tokio::select! {
             ack = acks.message() => {
                 let ack = ack
-                    .map_err(|status| AgentError::Transport(format!("{}: {}", status.code(), status.message())))?
+                    .map_err(|status| {
+                        if status.code() == tonic::Code::ResourceExhausted {
+                            let now = batch_bytes.max(128 * 1024) / 2;
+                            stats.batch_bytes_override.store(now, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!("the aggregator refused a batch as too large; batches now at most {now} bytes");
+                        }
+                        AgentError::Transport(format!("{}: {}", status.code(), status.message()))
+                    })?
                     .ok_or_else(|| AgentError::Transport("the aggregator closed the stream".into()))?;
                 for refusal in &ack.refused {
                     stats.windows_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

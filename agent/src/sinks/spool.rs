@@ -534,13 +534,29 @@ impl Spool {
             if out.len() >= max_windows.max(1) || (!out.is_empty() && bytes + size > max_bytes) {
                 break;
             }
-            let window = match self.read(seq) {
+            let mut window = match self.read(seq) {
                 Ok(w) => w,
                 Err(reason) => {
                     self.quarantine_file(seq, &format!("damaged: {reason}"), true)?;
                     continue;
                 }
             };
+            let (mut size, mut window_ok) = (size, true);
+            if size > self.max_window_bytes && !window.profile.is_empty() {
+                // Spooled under a larger limit (an earlier run): trim it now, or it
+                // might never be accepted (the window limit is below the aggregator's).
+                self.fit(&mut window);
+                match self.write_window(&window) {
+                    Ok(new_size) => size = new_size,
+                    Err(e) => {
+                        tracing::error!("spool: trimmed window {seq} not rewritten: {e}");
+                        window_ok = false;
+                    }
+                }
+            }
+            if !window_ok {
+                break;
+            }
             if out
                 .first()
                 .is_some_and(|f| f.agent_instance != window.agent_instance)
