@@ -255,3 +255,47 @@ pub async fn serve(
     let _ = http.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::TlsConfig;
+
+    #[tokio::test]
+    async fn a_non_loopback_http_listener_needs_tokens() {
+        let config = AggregatorConfig {
+            http_listen: "0.0.0.0:0".into(),
+            tls: Some(TlsConfig {
+                cert: "/nonexistent/cert.pem".into(),
+                key: "/nonexistent/key.pem".into(),
+                client_ca: Some("/nonexistent/ca.pem".into()),
+                revoked: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let err = serve(config, false, async {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http_listen 0.0.0.0:0 is not loopback") && err.contains("http_tokens"),
+            "{err}"
+        );
+        // The shipped configuration and the default bind HTTP to loopback.
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aggregator.toml");
+        let shipped = AggregatorConfig::load(&path).unwrap();
+        for listen in [shipped.http_listen, AggregatorConfig::default().http_listen] {
+            let addr: SocketAddr = listen.parse().unwrap();
+            assert!(addr.ip().is_loopback(), "{addr}");
+        }
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abcdef", b"abcdef"));
+        assert!(!same_secret(b"abcdef", b"abcdeg"));
+        assert!(!same_secret(b"abc", b"abcdef"));
+    }
+}
