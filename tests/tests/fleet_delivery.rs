@@ -481,3 +481,92 @@ async fn a_damaged_state_starts_a_new_instance_and_loses_nothing() {
         "{m}"
     );
 }
+
+/// A tmpfs of `size` mounted on `dir`; unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_disk_counts_what_it_loses_and_recovers() {
+    if sci_tests::skip_privileged("a_full_spool_disk_counts_what_it_loses_and_recovers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let _tmpfs = Tmpfs::mount(&spool_dir, "256k");
+    let start = now_s() - 600;
+    // The aggregator is down: windows of ~10 KB pile up until the disk is full.
+    let mut spool = Spool::open(&spool_dir, 1 << 30, "inst").unwrap();
+    let mut failed = 0u64;
+    for i in 0..60u64 {
+        let mut w = window("host-a", "x", 0, start + i, 1, 1.0, 0.01, 0.0, [0, 0, 0, 1]);
+        w.processes = (0..100)
+            .map(|p| v1::ProcessRecord {
+                pid: p,
+                comm: format!("worker-{p:03}-{}", "c".repeat(60)),
+                ..Default::default()
+            })
+            .collect();
+        if spool.append(&w).is_err() {
+            failed += 1;
+        }
+    }
+    let s = spool.stats().clone();
+    println!(
+        "appended {}, lost to the full disk {} (write failures {})",
+        s.appended, s.dropped_write_failed, s.write_failures
+    );
+    assert!(failed > 0, "the 256 KiB disk never filled");
+    assert_eq!(s.dropped_write_failed, failed);
+    assert_eq!(
+        s.appended + s.dropped_write_failed,
+        60,
+        "every window spooled or counted"
+    );
+    let tmp: Vec<_> = std::fs::read_dir(&spool_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+    // The aggregator comes up: what was spooled is delivered, space frees, and
+    // new windows are spooled and delivered again without a restart.
+    let agg = Aggregator::start(dir.path(), 3600, TOKENS, true);
+    let appended = s.appended;
+    let agent = Agent::with_spool(spool, config(&[agg.url()]));
+    agent.drained(Duration::from_secs(60)).await;
+    for i in 60..70 {
+        agent.push(&window(
+            "host-a",
+            "x",
+            0,
+            start + i,
+            1,
+            1.0,
+            0.01,
+            0.0,
+            [0, 0, 0, 1],
+        ));
+    }
+    agent.drained(Duration::from_secs(30)).await;
+    let (windows, _) = stored(&agg, start - 10);
+    assert_eq!(windows, appended + 10);
+}

@@ -485,7 +485,8 @@ impl Spool {
 
     /// Appends a window under the spool's instance and next seq (which it
     /// returns), durably, then keeps the spool within bounds. If it cannot
-    /// be written the window is lost, counted, and the error says why.
+    /// be written the window is lost, counted, and the error says why; an
+    /// `Ok` means the window is on disk.
     pub fn append(&mut self, window: &v1::WindowReport) -> Result<u64, AgentError> {
         let mut window = window.clone();
         window.agent_instance = self.agent_instance.clone();
@@ -498,11 +499,16 @@ impl Spool {
         }
         self.next_seq += 1;
         self.stats.appended += 1;
-        let state = self.write_state();
-        let bound = self.enforce_bound();
+        // The window is spooled: a failure from here on is reported (and
+        // counted) but does not un-spool it. A stale `state` is corrected at
+        // the next start from the files themselves.
+        if let Err(e) = self.write_state() {
+            tracing::error!("spool: state not updated after window {}: {e}", window.seq);
+        }
+        if let Err(e) = self.enforce_bound() {
+            tracing::error!("spool: could not hold the byte bound: {e}");
+        }
         self.publish();
-        state?;
-        bound?;
         Ok(window.seq)
     }
 
