@@ -709,3 +709,47 @@ async fn idle_connections_cannot_lock_agents_out() {
     }
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_metadata_is_refused_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path(), 3600, TOKENS, true);
+    let mut client = IngestClient::new(open(agg.url(), None).await);
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![batch(
+        "host-a",
+        vec![good("host-a", 0)],
+    )]));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer token-a".parse().unwrap());
+    // 64 KiB of metadata, above max_metadata_bytes (16 KiB).
+    request
+        .metadata_mut()
+        .insert("x-padding", "p".repeat(64 * 1024).parse().unwrap());
+    let refused = match client.stream(request).await {
+        Ok(response) => response.into_inner().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let status = refused.unwrap_err();
+    println!("oversized metadata: {status:?}");
+    // The server closes the connection (GOAWAY ENHANCE_YOUR_CALM) without reading further.
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        format!("{status:?}").contains("header_list_way_too_large"),
+        "{status:?}"
+    );
+    // Nothing of it was stored, and a valid agent is still served.
+    let ack = send(
+        open(agg.url(), None).await,
+        Some("token-a"),
+        batch("host-a", vec![good("host-a", 1)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((ack.stored, ack.acked_through_seq), (1, 1));
+    let metrics = agg.metrics();
+    assert!(
+        metrics.contains("sci_ingest_windows_total{result=\"accepted\"} 1"),
+        "{metrics}"
+    );
+}
