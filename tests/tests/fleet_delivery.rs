@@ -569,4 +569,31 @@ async fn a_full_spool_disk_counts_what_it_loses_and_recovers() {
     agent.drained(Duration::from_secs(30)).await;
     let (windows, _) = stored(&agg, start - 10);
     assert_eq!(windows, appended + 10);
+
+    // The spool's filesystem turns read-only: each window is counted lost, no .tmp.
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&spool_dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let before = agent.spool.lock().unwrap().stats().clone();
+    for i in 70..75 {
+        let w = window("host-a", "x", 0, start + i, 1, 1.0, 0.01, 0.0, [0, 0, 0, 1]);
+        let err = agent
+            .spool
+            .lock()
+            .unwrap()
+            .append(&w)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Read-only file system"), "{err}");
+    }
+    let after = agent.spool.lock().unwrap().stats().clone();
+    assert_eq!(after.dropped_write_failed - before.dropped_write_failed, 5);
+    assert_eq!(after.appended, before.appended);
+    assert!(std::fs::read_dir(&spool_dir)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().ends_with(".tmp")));
 }
