@@ -49,12 +49,107 @@ pub struct AgentConfig {
     pub profile: crate::sources::profile::ProfileConfig,
 }
 
+/// A source forced in `[energy] source` (perf or powercap) that the host does
+/// not have is an error, not a silent fall back to the model. `chosen` is
+/// the selected source's name, `reasons` what the selection said.
+pub fn require_forced_energy_source(
+    energy: &crate::sources::energy::EnergyConfig,
+    chosen: &str,
+    reasons: &[String],
+) -> Result<(), AgentError> {
+    let forced = energy.source.as_str();
+    if matches!(forced, "perf" | "powercap") && chosen.starts_with("model") {
+        return Err(AgentError::Config {
+            path: "energy.source".into(),
+            message: format!(
+                "{forced:?} was asked for but is not available on this host ({}); use \"auto\" to fall back to the power model",
+                reasons.join("; ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The capabilities the agent's eBPF side needs (name, bit), as deploy/ grants them.
+pub const EBPF_CAPABILITIES: [(&str, u32); 2] = [("CAP_BPF", 39), ("CAP_PERFMON", 38)];
+
+/// Which of `wanted` this process does not have in its effective set
+/// (/proc/self/status CapEff); empty when it cannot tell.
+pub fn missing_capabilities(wanted: &[(&'static str, u32)]) -> Vec<&'static str> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Vec::new();
+    };
+    let Some(effective) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return Vec::new();
+    };
+    wanted
+        .iter()
+        .filter(|(_, bit)| effective & (1u64 << bit) == 0)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+/// A sentence saying a failure is a permission problem, when the process
+/// lacks the eBPF capabilities or the error says so; None otherwise.
+pub fn permission_hint(error: &str) -> Option<String> {
+    let missing = missing_capabilities(&EBPF_CAPABILITIES);
+    let denied = [
+        "Operation not permitted",
+        "Permission denied",
+        "EPERM",
+        "EACCES",
+    ]
+    .iter()
+    .any(|w| error.contains(w));
+    if missing.is_empty() && !denied {
+        return None;
+    }
+    Some(if missing.is_empty() {
+        "permission denied by the kernel (capabilities, perf_event_paranoid or an LSM)".to_string()
+    } else {
+        format!(
+            "permission: this process lacks {} (deploy/systemd/sci-agent.service grants CAP_BPF CAP_PERFMON CAP_SYS_PTRACE)",
+            missing.join(" and ")
+        )
+    })
+}
+
+/// Shortest window: below it the agent would spend its time closing windows.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
 impl AgentConfig {
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AgentError> {
-        toml::from_str(text).map_err(|e| AgentError::Config {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| AgentError::Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        config.validate().map_err(|e| match e {
+            AgentError::Config { path, message } => AgentError::Config {
+                path: origin.to_path_buf(),
+                message: format!("{}: {message}", path.display()),
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Settings that parse but cannot work, named by key.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        if self.agent.interval < MIN_INTERVAL {
+            return Err(AgentError::Config {
+                path: "agent.interval".into(),
+                message: format!(
+                    "{} is shorter than the minimum {}",
+                    humantime::format_duration(self.agent.interval),
+                    humantime::format_duration(MIN_INTERVAL)
+                ),
+            });
+        }
+        self.aggregator.validate()
     }
 
     pub fn load(path: &Path) -> Result<Self, AgentError> {
@@ -76,5 +171,81 @@ mod humantime_serde_compat {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_interval_below_the_minimum_is_an_error_naming_the_key() {
+        for text in [
+            "[agent]\ninterval = \"0s\"\n",
+            "[agent]\ninterval = \"99ms\"\n",
+        ] {
+            let err = AgentConfig::from_toml_str(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("agent.interval") && err.contains("100ms"),
+                "{err}"
+            );
+        }
+        let ok = AgentConfig::from_toml_str("[agent]\ninterval = \"100ms\"\n", Path::new("a.toml"))
+            .unwrap();
+        assert_eq!(ok.agent.interval, MIN_INTERVAL);
+    }
+
+    #[test]
+    fn a_forced_energy_source_that_is_absent_is_an_error() {
+        let empty = tempfile::tempdir().unwrap();
+        for (source, fails) in [
+            ("powercap", true),
+            ("perf", true),
+            ("auto", false),
+            ("model", false),
+        ] {
+            let cfg = crate::sources::energy::EnergyConfig {
+                sysfs_root: empty.path().to_path_buf(),
+                source: source.into(),
+                ..Default::default()
+            };
+            let (chosen, reasons) = crate::sources::energy::select_energy_source(&cfg, 2);
+            let result = require_forced_energy_source(&cfg, chosen.name(), &reasons);
+            assert_eq!(result.is_err(), fails, "{source}: {result:?}");
+            if let Err(e) = result {
+                let e = e.to_string();
+                assert!(e.contains("energy.source") && e.contains(source), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn batches_must_fit_the_aggregator_and_the_spool() {
+        let err = AgentConfig::from_toml_str(
+            "[aggregator]\nurl = \"https://a:7443\"\nbatch_max_bytes = 40000000\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("aggregator.batch_max_bytes"), "{err}");
+        let err = AgentConfig::from_toml_str(
+            "[aggregator]\nurl = \"https://a:7443\"\nspool_max_bytes = 1000000\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("aggregator.spool_max_bytes"), "{err}");
+        let ok = AgentConfig::from_toml_str(
+            "[aggregator]\nurl = \"https://a:7443\"\nurls = [\"https://b:7443\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.aggregator.all_urls(),
+            ["https://a:7443", "https://b:7443"]
+        );
     }
 }

@@ -67,7 +67,23 @@ pub fn open_sampler(
     match EbpfSampler::load(&ebpf_options) {
         Ok(mut sampler) => {
             for library in &options.marker_libraries {
-                sampler.attach_markers(library)?;
+                sampler.attach_markers(library).map_err(|e| {
+                    let text = e.to_string();
+                    let no_sys_admin =
+                        !crate::config::missing_capabilities(&[("CAP_SYS_ADMIN", 21)]).is_empty();
+                    let hint = if no_sys_admin {
+                        Some("permission: attaching the marker uprobes needs CAP_SYS_ADMIN on this kernel, which deploy/ does not grant (see README, Security)".to_string())
+                    } else {
+                        crate::config::permission_hint(&text)
+                    };
+                    match hint {
+                        Some(hint) => AgentError::Ebpf(format!(
+                            "markers in {}: {text}; {hint}",
+                            library.display()
+                        )),
+                        None => e,
+                    }
+                })?;
             }
             let profiler = if config.profile.enabled {
                 let profile_options = ProfilerOptions {
@@ -87,8 +103,12 @@ pub fn open_sampler(
             Ok((Box::new(sampler), profiler, None))
         }
         Err(e) => {
+            let text = e.to_string();
+            let hint = crate::config::permission_hint(&text)
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default();
             let reason = format!(
-                "eBPF unavailable ({e}); falling back to procfs polling: processes living less than one interval are missed (cpu_source=procfs)"
+                "eBPF unavailable ({text}{hint}); falling back to procfs polling: processes living less than one interval are missed (cpu_source=procfs)"
             );
             Ok((Box::new(ProcfsSampler::new("/proc")?), None, Some(reason)))
         }
@@ -113,6 +133,11 @@ impl Pipeline {
         let (sampler, profiler, fallback) = open_sampler(config, options)?;
         let cpus = crate::sources::sched::proc_info::online_cpus().len() as u32;
         let (energy, energy_warnings) = select_energy_source(&config.energy, cpus);
+        crate::config::require_forced_energy_source(
+            &config.energy,
+            energy.name(),
+            &energy_warnings,
+        )?;
         for warning in energy_warnings {
             tracing::info!("energy source: {warning}");
         }

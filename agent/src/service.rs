@@ -116,6 +116,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     // Refuse bad settings before anything starts.
+    config.validate()?;
     config.energy.validate()?;
     let counters = IngestCounters::new();
     let _ingest = IngestEndpoint::start(&config.ingest, counters.clone()).await?;
@@ -138,11 +139,16 @@ pub async fn run(
     // the spool's identity and numbering across restarts.
     let forwarding = match &config.aggregator.url {
         Some(_) => {
-            let spool = Spool::open(
+            let mut spool = Spool::open(
                 &config.agent.spool_dir,
                 config.aggregator.spool_max_bytes,
                 &crate::pipeline::new_agent_instance(),
             )?;
+            spool.set_window_limits(
+                config.aggregator.batch_max_bytes,
+                crate::sinks::spool::DEFAULT_MAX_MERGED_SPAN,
+            );
+            metrics.set_delivery(spool.delivery_stats(), config.aggregator.behind_after);
             let resume = (spool.agent_instance().to_string(), spool.next_seq());
             if !spool.is_empty() {
                 tracing::info!("spool: {} windows from an earlier run to send", spool.len());
@@ -202,7 +208,7 @@ pub async fn run(
                         })
                         .await;
                         match appended {
-                            Ok(Ok(())) => notify.notify_one(),
+                            Ok(Ok(_)) => notify.notify_one(),
                             Ok(Err(e)) => tracing::error!("window {} not spooled: {e}", window.seq),
                             Err(e) => tracing::error!("window {} not spooled: {e}", window.seq),
                         }

@@ -43,6 +43,55 @@ pub struct TlsConfig {
     pub revoked: Vec<String>,
 }
 
+/// A reader of the HTTP API, dashboard and /metrics (`Authorization: Bearer <token>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToken {
+    /// Who holds it (logged when refused or used; never the token).
+    pub name: String,
+    pub token: String,
+    /// `read`: every HTTP endpoint (they all only read). The only role today.
+    #[serde(default = "read_role")]
+    pub role: String,
+}
+
+fn read_role() -> String {
+    "read".into()
+}
+
+/// What one client may cost the aggregator, per listener (gRPC and HTTP each).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections in total; beyond it a new connection is closed at once.
+    pub max_connections: usize,
+    /// Open connections from one source address.
+    pub max_connections_per_address: usize,
+    /// Time a connection has to finish the TLS handshake.
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    /// A connection that sends nothing for this long is closed.
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+    /// Largest gRPC message (one batch), bytes.
+    pub max_message_bytes: usize,
+    /// Largest request metadata (headers), bytes, on both listeners.
+    pub max_metadata_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 512,
+            max_connections_per_address: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_message_bytes: 32 * 1024 * 1024,
+            max_metadata_bytes: 16 * 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
@@ -68,6 +117,14 @@ pub struct AggregatorConfig {
     /// A window older than this is refused.
     #[serde(with = "duration_text")]
     pub max_window_age: Duration,
+    /// A window longer than this is refused (its energy ceiling would be meaningless).
+    #[serde(with = "duration_text")]
+    pub max_window_length: Duration,
+    /// Completed transactions a host can report per second of window, all scenarios.
+    pub max_transactions_per_s: f64,
+    /// Readers of the HTTP side; none: it only serves on a loopback address.
+    pub http_tokens: Vec<HttpToken>,
+    pub limits: LimitsConfig,
 }
 
 impl Default for AggregatorConfig {
@@ -83,6 +140,10 @@ impl Default for AggregatorConfig {
             max_host_power_w: 10_000.0,
             max_clock_skew: Duration::from_secs(300),
             max_window_age: Duration::from_secs(30 * 86_400),
+            max_window_length: Duration::from_secs(3600),
+            max_transactions_per_s: 1_000_000.0,
+            http_tokens: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -139,6 +200,33 @@ impl AggregatorConfig {
         }
         if !self.max_host_power_w.is_finite() || self.max_host_power_w <= 0.0 {
             return Err(err("max_host_power_w must be > 0".into()));
+        }
+        if !self.max_transactions_per_s.is_finite() || self.max_transactions_per_s <= 0.0 {
+            return Err(err("max_transactions_per_s must be > 0".into()));
+        }
+        if self.max_window_length < Duration::from_secs(1) {
+            return Err(err("max_window_length must be at least 1s".into()));
+        }
+        for t in &self.http_tokens {
+            if t.role != "read" {
+                return Err(err(format!(
+                    "http_tokens {:?}: role {:?} (only \"read\" exists)",
+                    t.name, t.role
+                )));
+            }
+            if t.token.len() < 16 {
+                return Err(err(format!(
+                    "http_tokens {:?}: token shorter than 16 characters",
+                    t.name
+                )));
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 || l.max_connections_per_address == 0 {
+            return Err(err("limits.max_connections* must be > 0".into()));
+        }
+        if l.max_message_bytes < 1024 || l.max_metadata_bytes < 1024 {
+            return Err(err("limits.max_*_bytes must be at least 1024".into()));
         }
         Ok(())
     }

@@ -68,6 +68,14 @@ pub fn evaluate_with_rows(
             format!("from ({from}) must be before to ({to})"),
         ));
     }
+    // Seconds become nanoseconds below: refuse what would not fit before multiplying.
+    let max_s = i64::MAX as u64 / 1_000_000_000;
+    if to > max_s {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("from and to must be unix seconds below {max_s}"),
+        ));
+    }
     if (to - from) / period > 100_000 {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -252,6 +260,7 @@ pub fn render_metrics(state: &HttpState) -> String {
         );
     }
     let _ = writeln!(out, "# HELP sci_ingest_decode_errors_total Streams ended by an undecodable message.\n# TYPE sci_ingest_decode_errors_total counter\nsci_ingest_decode_errors_total {}", c.decode_errors);
+    c.render_limits(&mut out);
     let _ = writeln!(out, "# HELP sci_host_last_seen_seconds End of the last window accepted from each host (unix seconds).\n# TYPE sci_host_last_seen_seconds gauge");
     for (host, s) in &c.last_seen {
         let _ = writeln!(

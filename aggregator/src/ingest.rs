@@ -21,14 +21,16 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::AggregatorConfig;
-use crate::store::Store;
-use crate::validate::validate_window;
+use crate::store::{CommitOutcome, Store};
+use crate::validate::{check_names, clip, code_of, validate_window};
 
 /// Ingest counters, shown on /metrics.
 #[derive(Debug, Default)]
 pub struct IngestCounters {
     pub windows_accepted: u64,
     pub windows_duplicate: u64,
+    /// Windows refused because their key held different content (also in `refused`).
+    pub windows_conflict: u64,
     pub batches: u64,
     /// (host, kind) -> windows refused.
     pub refused: BTreeMap<(String, String), u64>,
@@ -38,6 +40,44 @@ pub struct IngestCounters {
     pub last_seen: BTreeMap<String, u64>,
     /// Streams ended by a message that could not be decoded.
     pub decode_errors: u64,
+    /// HTTP requests refused for want of a valid bearer token.
+    pub http_unauthorized: u64,
+    /// The listeners' connection limiters (gRPC, HTTP).
+    pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
+}
+
+impl IngestCounters {
+    /// Prometheus lines of the delivery contract and the listeners' limits.
+    pub fn render_limits(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        let _ = writeln!(out, "# HELP sci_ingest_conflicts_total Windows refused because a different window with the same (host, instance, seq) is stored.\n# TYPE sci_ingest_conflicts_total counter\nsci_ingest_conflicts_total {}", self.windows_conflict);
+        let _ = writeln!(out, "# HELP sci_http_unauthorized_total HTTP requests refused without a valid bearer token.\n# TYPE sci_http_unauthorized_total counter\nsci_http_unauthorized_total {}", self.http_unauthorized);
+        let _ = writeln!(out, "# HELP sci_connections_open Connections open per listener.\n# TYPE sci_connections_open gauge");
+        for l in &self.limiters {
+            let _ = writeln!(
+                out,
+                "sci_connections_open{{listener=\"{}\"}} {}",
+                l.listener,
+                l.open()
+            );
+        }
+        let _ = writeln!(out, "# HELP sci_connections_refused_total Connections closed at accept, per listener and limit, and closed idle.\n# TYPE sci_connections_refused_total counter");
+        for l in &self.limiters {
+            for (limit, n) in [
+                ("max_connections", &l.refused_total_limit),
+                ("max_connections_per_address", &l.refused_address_limit),
+                ("idle_timeout", &l.closed_idle),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "sci_connections_refused_total{{listener=\"{}\",limit=\"{limit}\"}} {}",
+                    l.listener,
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
 }
 
 pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
@@ -190,9 +230,35 @@ impl Ingest for IngestService {
                     Err(status) => {
                         lock(&counters).decode_errors += 1;
                         tracing::warn!("ingest stream ended: {status}");
+                        // Say why, so the agent does not take the end for success.
+                        let answer = if status.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(format!(
+                                "batch over the aggregator's message limit ({}): send smaller batches",
+                                status.message()
+                            ))
+                        } else {
+                            Status::invalid_argument(format!(
+                                "undecodable batch: {}",
+                                status.message()
+                            ))
+                        };
+                        let _ = tx.send(Err(answer)).await;
                         return;
                     }
                 };
+                if let Err(r) = check_names(&batch.host, &batch.agent_instance) {
+                    *lock(&counters)
+                        .streams_refused
+                        .entry(r.kind.into())
+                        .or_default() += 1;
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "{}: {}",
+                            r.kind, r.reason
+                        ))))
+                        .await;
+                    return;
+                }
                 if let Some(id) = &identity {
                     if &batch.host != id {
                         *lock(&counters)
@@ -201,8 +267,9 @@ impl Ingest for IngestService {
                             .or_default() += 1;
                         let _ = tx
                             .send(Err(Status::permission_denied(format!(
-                                "agent {id:?} may not send windows of host {:?}",
-                                batch.host
+                                "agent {} may not send windows of host {}",
+                                clip(id),
+                                clip(&batch.host)
                             ))))
                             .await;
                         return;
@@ -222,6 +289,7 @@ impl Ingest for IngestService {
                             refused.push(v1::Refusal {
                                 seq: w.seq,
                                 reason: format!("{}: {}", r.kind, r.reason),
+                                code: r.code() as i32,
                             });
                         }
                     }
@@ -231,13 +299,14 @@ impl Ingest for IngestService {
                     .map(|w| w.seq)
                     .chain(refused.iter().map(|r| r.seq))
                     .max();
-                let last_end_s = accepted.iter().map(|w| w.end_unix_ns / 1_000_000_000).max();
-                let count = accepted.len();
                 let store = Arc::clone(&store);
-                let committed =
-                    tokio::task::spawn_blocking(move || lock(&store).commit(&accepted)).await;
-                let new = match committed {
-                    Ok(Ok(new)) => new,
+                let committed = tokio::task::spawn_blocking(move || {
+                    let outcomes = lock(&store).commit(&accepted);
+                    outcomes.map(|o| (accepted, o))
+                })
+                .await;
+                let (accepted, outcomes) = match committed {
+                    Ok(Ok(done)) => done,
                     Ok(Err(e)) => {
                         tracing::error!("store: {e}");
                         let _ = tx
@@ -252,11 +321,51 @@ impl Ingest for IngestService {
                         return;
                     }
                 };
+                let mut stored = 0u64;
+                let mut duplicates = 0u64;
+                let mut last_end_s = None;
+                for (w, outcome) in accepted.iter().zip(&outcomes) {
+                    match outcome {
+                        CommitOutcome::Stored => {
+                            stored += 1;
+                            last_end_s = last_end_s.max(Some(w.end_unix_ns / 1_000_000_000));
+                        }
+                        CommitOutcome::Duplicate => duplicates += 1,
+                        CommitOutcome::Conflict => {
+                            tracing::warn!(
+                                "host {} instance {} seq {}: a different window with this key is stored; refused",
+                                clip(&w.host),
+                                clip(&w.agent_instance),
+                                w.seq
+                            );
+                            refused.push(v1::Refusal {
+                                seq: w.seq,
+                                reason: format!(
+                                    "seq_conflict: a different window of instance {} with seq {} is stored",
+                                    clip(&w.agent_instance),
+                                    w.seq
+                                ),
+                                code: code_of("seq_conflict") as i32,
+                            });
+                        }
+                    }
+                }
+                let conflicts = outcomes
+                    .iter()
+                    .filter(|o| **o == CommitOutcome::Conflict)
+                    .count() as u64;
+                refused.sort_by_key(|r| r.seq);
                 {
                     let mut c = lock(&counters);
                     c.batches += 1;
-                    c.windows_accepted += new as u64;
-                    c.windows_duplicate += (count - new) as u64;
+                    c.windows_accepted += stored;
+                    c.windows_duplicate += duplicates;
+                    c.windows_conflict += conflicts;
+                    if conflicts > 0 {
+                        *c.refused
+                            .entry((batch.host.clone(), "seq_conflict".into()))
+                            .or_default() += conflicts;
+                    }
                     if let Some(end) = last_end_s {
                         let seen = c.last_seen.entry(batch.host.clone()).or_default();
                         *seen = (*seen).max(end);
@@ -269,6 +378,8 @@ impl Ingest for IngestService {
                     agent_instance: batch.agent_instance.clone(),
                     acked_through_seq,
                     refused,
+                    stored,
+                    duplicates,
                 };
                 if tx.send(Ok(ack)).await.is_err() {
                     return;

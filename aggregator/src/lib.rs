@@ -7,6 +7,7 @@ pub mod error;
 pub mod hotspots;
 pub mod http;
 pub mod ingest;
+pub mod limits;
 pub mod profiles;
 pub mod report;
 pub mod sci;

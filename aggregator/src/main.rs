@@ -118,6 +118,10 @@ fn main() -> Result<()> {
                 None => 0,
             };
             let period_s = period.unwrap_or(cfg.period).as_secs().max(1);
+            let max_s = i64::MAX as u64 / 1_000_000_000;
+            if from > max_s || to > max_s {
+                bail!("--from and --to must be before unix second {max_s}");
+            }
             let store = SqliteStore::open(&cfg.database)?;
             let rows = store.rows(from * 1_000_000_000, to * 1_000_000_000)?;
             let first = rows

@@ -1,16 +1,91 @@
 //! `sci-aggregator serve`: the gRPC ingest (with gRPC health) and the HTTP
 //! interface over one store.
+//!
+//! Both listeners admit connections through [`crate::limits`] (per-address
+//! and total limits, idle timeout; TLS handshake timeout on gRPC), and bound
+//! request metadata. The HTTP side answers `/healthz` to anyone; every other
+//! path needs `Authorization: Bearer <token>` of an `[[http_tokens]]` entry.
+//! Without any HTTP token the server only starts when `http_listen` is a
+//! loopback address (or with `--insecure`).
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use sci_proto::v1::ingest_server::IngestServer;
+use tokio_stream::StreamExt as _;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::AggregatorConfig;
 use crate::error::AggregatorError;
 use crate::http::{router, HttpState};
 use crate::ingest::{IngestCounters, IngestService, SharedStore};
+use crate::limits::{admit_connections, AdmittedListener, ConnectionLimiter};
 use crate::store::{SqliteStore, Store};
+
+/// Longest request target (path and query) the HTTP side reads.
+const MAX_URI_BYTES: usize = 4096;
+
+#[derive(Clone)]
+struct HttpAuth {
+    tokens: Arc<Vec<(String, String)>>,
+    counters: Arc<Mutex<IngestCounters>>,
+}
+
+/// Compares without stopping at the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(auth): State<HttpAuth>, request: Request, next: Next) -> Response {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return (
+            StatusCode::URI_TOO_LONG,
+            format!("request target of {target} bytes (at most {MAX_URI_BYTES})"),
+        )
+            .into_response();
+    }
+    if request.uri().path() == "/healthz" || auth.tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let holder = presented.and_then(|p| {
+        auth.tokens
+            .iter()
+            .find(|(_, token)| same_secret(token.as_bytes(), p.as_bytes()))
+            .map(|(name, _)| name.clone())
+    });
+    match holder {
+        Some(_) => next.run(request).await,
+        None => {
+            auth.counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .http_unauthorized += 1;
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                if presented.is_some() {
+                    "unknown token"
+                } else {
+                    "this endpoint needs `Authorization: Bearer <token>` (aggregator.toml [[http_tokens]])"
+                },
+            )
+                .into_response()
+        }
+    }
+}
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, AggregatorError> {
     std::fs::read(path)
@@ -43,11 +118,28 @@ pub async fn serve(
         }
         tracing::warn!("--insecure: no agent authentication configured, every agent is trusted");
     }
+    let http_addr: SocketAddr = config
+        .http_listen
+        .parse()
+        .map_err(|e| config_err(format!("http_listen {:?}: {e}", config.http_listen)))?;
+    if config.http_tokens.is_empty() && !http_addr.ip().is_loopback() {
+        if !insecure {
+            return Err(config_err(format!(
+                "http_listen {http_addr} is not loopback and no [[http_tokens]] are configured: anyone could read the fleet's figures; add tokens, listen on 127.0.0.1, or pass --insecure"
+            )));
+        }
+        tracing::warn!("--insecure: the HTTP API on {http_addr} needs no token");
+    }
     let store: SharedStore = Arc::new(Mutex::new(
         Box::new(SqliteStore::open(&config.database)?) as Box<dyn Store>
     ));
     let config = Arc::new(config);
-    let counters = Arc::new(Mutex::new(IngestCounters::default()));
+    let grpc_limiter = ConnectionLimiter::new("grpc", &config.limits);
+    let http_limiter = ConnectionLimiter::new("http", &config.limits);
+    let counters = Arc::new(Mutex::new(IngestCounters {
+        limiters: vec![Arc::clone(&grpc_limiter), Arc::clone(&http_limiter)],
+        ..Default::default()
+    }));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<IngestService>>().await;
@@ -74,20 +166,43 @@ pub async fn serve(
         });
     }
 
-    let http_listener = tokio::net::TcpListener::bind(&config.http_listen)
+    let http_listener = tokio::net::TcpListener::bind(http_addr)
         .await
-        .map_err(|e| {
-            AggregatorError::io(format!("binding http_listen {}", config.http_listen), e)
-        })?;
-    let grpc_addr = config
+        .map_err(|e| AggregatorError::io(format!("binding http_listen {http_addr}"), e))?;
+    let grpc_addr: SocketAddr = config
         .grpc_listen
         .parse()
         .map_err(|e| config_err(format!("grpc_listen {:?}: {e}", config.grpc_listen)))?;
+    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .map_err(|e| AggregatorError::io(format!("binding grpc_listen {grpc_addr}"), e))?;
+    let idle = config.limits.idle_timeout;
+    let http_listener = AdmittedListener {
+        local: http_addr,
+        connections: admit_connections(http_listener, http_limiter, idle),
+    };
+    let grpc_incoming = tokio_stream::wrappers::ReceiverStream::new(admit_connections(
+        grpc_listener,
+        grpc_limiter,
+        idle,
+    ))
+    .map(|(stream, _)| Ok::<_, std::io::Error>(stream));
     let http_state = HttpState {
         store: Arc::clone(&store),
         config: Arc::clone(&config),
         counters: Arc::clone(&counters),
     };
+    let auth = HttpAuth {
+        tokens: Arc::new(
+            config
+                .http_tokens
+                .iter()
+                .map(|t| (t.name.clone(), t.token.clone()))
+                .collect(),
+        ),
+        counters: Arc::clone(&counters),
+    };
+    let app = router(http_state).layer(axum::middleware::from_fn_with_state(auth, require_token));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -95,19 +210,25 @@ pub async fn serve(
     });
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, router(http_state))
+        axum::serve(http_listener, app)
             .with_graceful_shutdown(async move {
                 let _ = http_stop.changed().await;
             })
             .await
     });
 
-    let mut builder = Server::builder();
+    let limits = &config.limits;
+    let mut builder = Server::builder()
+        .http2_max_header_list_size(u32::try_from(limits.max_metadata_bytes).unwrap_or(u32::MAX))
+        // An agent needs one stream (and one for the health check).
+        .max_concurrent_streams(8);
     if let Some(tls) = &config.tls {
-        let mut server_tls = ServerTlsConfig::new().identity(Identity::from_pem(
-            read(&tls.cert, "tls.cert")?,
-            read(&tls.key, "tls.key")?,
-        ));
+        let mut server_tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(&tls.cert, "tls.cert")?,
+                read(&tls.key, "tls.key")?,
+            ))
+            .timeout(limits.handshake_timeout);
         if let Some(ca) = &tls.client_ca {
             server_tls =
                 server_tls.client_ca_root(Certificate::from_pem(read(ca, "tls.client_ca")?));
@@ -125,12 +246,56 @@ pub async fn serve(
     let mut grpc_stop = stop_rx;
     builder
         .add_service(health_service)
-        .add_service(IngestServer::new(ingest).max_decoding_message_size(32 * 1024 * 1024))
-        .serve_with_shutdown(grpc_addr, async move {
+        .add_service(IngestServer::new(ingest).max_decoding_message_size(limits.max_message_bytes))
+        .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stop.changed().await;
         })
         .await
         .map_err(|e| AggregatorError::Invalid(format!("gRPC server: {e}")))?;
     let _ = http.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::TlsConfig;
+
+    #[tokio::test]
+    async fn a_non_loopback_http_listener_needs_tokens() {
+        let config = AggregatorConfig {
+            http_listen: "0.0.0.0:0".into(),
+            tls: Some(TlsConfig {
+                cert: "/nonexistent/cert.pem".into(),
+                key: "/nonexistent/key.pem".into(),
+                client_ca: Some("/nonexistent/ca.pem".into()),
+                revoked: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let err = serve(config, false, async {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http_listen 0.0.0.0:0 is not loopback") && err.contains("http_tokens"),
+            "{err}"
+        );
+        // The shipped configuration and the default bind HTTP to loopback.
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aggregator.toml");
+        let shipped = AggregatorConfig::load(&path).unwrap();
+        for listen in [shipped.http_listen, AggregatorConfig::default().http_listen] {
+            let addr: SocketAddr = listen.parse().unwrap();
+            assert!(addr.ip().is_loopback(), "{addr}");
+        }
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abcdef", b"abcdef"));
+        assert!(!same_secret(b"abcdef", b"abcdeg"));
+        assert!(!same_secret(b"abc", b"abcdef"));
+    }
 }

@@ -6,6 +6,11 @@
 //! whole); per window its `scenarios` lines, its figures per (service,
 //! scenario) rolled up from the processes, and its profile stacks. A batch is
 //! one transaction: committed whole before it is acknowledged.
+//!
+//! Each stored window keeps the SHA-256 of its encoded report (`digest`): a
+//! window arriving again with the same key is a `Duplicate` when the digests
+//! match (a replay, ignored) and a `Conflict` otherwise (refused: the agent
+//! reused a seq for different figures, which must never overwrite or vanish).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -83,10 +88,33 @@ pub struct StoredRows {
     pub profiles: Vec<ProfileRow>,
 }
 
+/// What happened to one window of a committed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// New: stored.
+    Stored,
+    /// Same key and same content digest as a stored window: a replay, ignored.
+    Duplicate,
+    /// Same key as a stored window but different content: not stored.
+    Conflict,
+}
+
+/// SHA-256 of the window's protobuf encoding (maps are ordered, so the
+/// encoding of a window is always the same bytes).
+pub fn window_digest(w: &v1::WindowReport) -> [u8; 32] {
+    use prost::Message;
+    use sha2::Digest;
+    sha2::Sha256::digest(w.encode_to_vec()).into()
+}
+
 pub trait Store: Send {
-    /// Stores the windows in one transaction; duplicates (same host,
-    /// agent_instance, seq) are skipped whole. Returns how many were new.
-    fn commit(&mut self, windows: &[v1::WindowReport]) -> Result<usize, AggregatorError>;
+    /// Stores the windows in one transaction; a window whose key (host,
+    /// agent_instance, seq) is stored already is skipped whole, as a
+    /// `Duplicate` or a `Conflict`. One outcome per window, in order.
+    fn commit(
+        &mut self,
+        windows: &[v1::WindowReport],
+    ) -> Result<Vec<CommitOutcome>, AggregatorError>;
     /// Rows of the windows with `from_ns < end <= to_ns`.
     fn rows(&self, from_ns: u64, to_ns: u64) -> Result<StoredRows, AggregatorError>;
     /// Whether the store can serve (a trivial query succeeds).
@@ -133,6 +161,12 @@ impl SqliteStore {
                 stack TEXT NOT NULL, samples INTEGER NOT NULL, energy_j REAL NOT NULL);
              CREATE INDEX IF NOT EXISTS profiles_end ON profiles(end_ns);",
         )?;
+        let has_digest = conn.prepare("SELECT digest FROM windows LIMIT 0").is_ok();
+        if !has_digest {
+            // Databases from before the digest: their windows count as replays
+            // of whatever arrives with their key (NULL digest).
+            conn.execute_batch("ALTER TABLE windows ADD COLUMN digest BLOB")?;
+        }
         Ok(SqliteStore { conn })
     }
 }
@@ -146,12 +180,19 @@ fn or_none(s: &str) -> &str {
 }
 
 impl Store for SqliteStore {
-    fn commit(&mut self, windows: &[v1::WindowReport]) -> Result<usize, AggregatorError> {
+    fn commit(
+        &mut self,
+        windows: &[v1::WindowReport],
+    ) -> Result<Vec<CommitOutcome>, AggregatorError> {
         let tx = self.conn.transaction()?;
-        let mut new = 0;
+        let mut outcomes = Vec::with_capacity(windows.len());
         for w in windows {
+            let digest = window_digest(w);
             let inserted = tx.execute(
-                "INSERT OR IGNORE INTO windows VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+                "INSERT OR IGNORE INTO windows (host, agent_instance, seq, datacenter, start_ns, end_ns,
+                    energy_j, idle_energy_j, carbon_g, embodied_g, busy_cpu_ns, idle_cpu_ns, cpus,
+                    estimated, energy_source, cpu_source, intensity_g_per_kwh, pue, merged_windows, digest)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)",
                 params![
                     w.host,
                     w.agent_instance,
@@ -172,12 +213,22 @@ impl Store for SqliteStore {
                     w.carbon_intensity_g_per_kwh,
                     w.pue,
                     w.merged_windows.max(1),
+                    &digest[..],
                 ],
             )?;
             if inserted == 0 {
+                let stored: Option<Vec<u8>> = tx.query_row(
+                    "SELECT digest FROM windows WHERE host = ?1 AND agent_instance = ?2 AND seq = ?3",
+                    params![w.host, w.agent_instance, w.seq as i64],
+                    |r| r.get(0),
+                )?;
+                outcomes.push(match stored {
+                    Some(d) if d != digest => CommitOutcome::Conflict,
+                    _ => CommitOutcome::Duplicate,
+                });
                 continue;
             }
-            new += 1;
+            outcomes.push(CommitOutcome::Stored);
             let key = (
                 w.host.as_str(),
                 w.agent_instance.as_str(),
@@ -246,7 +297,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
-        Ok(new)
+        Ok(outcomes)
     }
 
     fn rows(&self, from_ns: u64, to_ns: u64) -> Result<StoredRows, AggregatorError> {

@@ -1,6 +1,10 @@
 //! What the aggregator accepts. A window is taken whole or refused whole,
-//! with a reason; nothing of a refused window reaches the store.
+//! with a reason and a code that tells the agent what to do with it; nothing
+//! of a refused window reaches the store. Sums are checked (a total that
+//! would wrap is refused), and no reason echoes more than [`ECHO_MAX`] bytes
+//! of what the client sent.
 use sci_proto::v1;
+use sci_proto::v1::RefusalCode;
 
 use crate::config::AggregatorConfig;
 
@@ -8,15 +12,89 @@ const KNOWN_SCENARIOS: [&str; 5] = ["credit", "drawdown", "repayment", "query", 
 const MAX_PROCESSES: usize = 200_000;
 const MAX_PROFILE_STACKS: usize = 200_000;
 
-/// Why a window is refused: a short machine-readable kind and a sentence.
+/// Longest piece of client input quoted back in a refusal or an error.
+pub const ECHO_MAX: usize = 64;
+/// Longest host name (DNS limit) and agent instance accepted.
+pub const MAX_HOST_BYTES: usize = 253;
+pub const MAX_INSTANCE_BYTES: usize = 128;
+
+/// `text` cut to [`ECHO_MAX`] bytes (on a character boundary), quoted, with
+/// the full length when cut: safe to put in a refusal.
+pub fn clip(text: &str) -> String {
+    if text.len() <= ECHO_MAX {
+        return format!("{text:?}");
+    }
+    let mut end = ECHO_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &text[..end], text.len())
+}
+
+/// Why a window is refused: a short machine-readable kind, a sentence, and
+/// the code that tells the agent what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub kind: &'static str,
     pub reason: String,
 }
 
+impl Refusal {
+    pub fn code(&self) -> RefusalCode {
+        code_of(self.kind)
+    }
+}
+
+/// The refusal code of a refusal kind.
+pub fn code_of(kind: &str) -> RefusalCode {
+    match kind {
+        "seq_conflict" => RefusalCode::SeqConflict,
+        "wrong_instance" => RefusalCode::WrongInstance,
+        "future" => RefusalCode::ClockAhead,
+        "too_old" => RefusalCode::TooOld,
+        "too_large" => RefusalCode::TooLarge,
+        _ => RefusalCode::Invalid,
+    }
+}
+
 fn refuse(kind: &'static str, reason: String) -> Refusal {
     Refusal { kind, reason }
+}
+
+/// Host and instance names a batch may carry, checked before either is used or echoed.
+pub fn check_names(host: &str, agent_instance: &str) -> Result<(), Refusal> {
+    if host.is_empty() || host.len() > MAX_HOST_BYTES {
+        return Err(refuse(
+            "bad_name",
+            format!(
+                "host name of {} bytes (1 to {MAX_HOST_BYTES} allowed): {}",
+                host.len(),
+                clip(host)
+            ),
+        ));
+    }
+    if agent_instance.len() > MAX_INSTANCE_BYTES {
+        return Err(refuse(
+            "bad_name",
+            format!(
+                "agent instance of {} bytes (at most {MAX_INSTANCE_BYTES}): {}",
+                agent_instance.len(),
+                clip(agent_instance)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A count stored as a signed 64-bit integer must fit in one.
+fn check_count(name: &str, value: u64) -> Result<(), Refusal> {
+    if value > i64::MAX as u64 {
+        return Err(refuse(
+            "overflow",
+            format!("{name} = {value} does not fit a signed 64-bit total"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_amount(name: &str, value: f64) -> Result<(), Refusal> {
@@ -40,15 +118,20 @@ pub fn validate_window(
     if w.host != host {
         return Err(refuse(
             "wrong_host",
-            format!("window names host {:?}, the agent is {host:?}", w.host),
+            format!(
+                "window names host {}, the agent is {}",
+                clip(&w.host),
+                clip(host)
+            ),
         ));
     }
     if w.agent_instance != agent_instance || agent_instance.is_empty() {
         return Err(refuse(
             "wrong_instance",
             format!(
-                "window of agent instance {:?} in a batch of {agent_instance:?}",
-                w.agent_instance
+                "window of agent instance {} in a batch of {}",
+                clip(&w.agent_instance),
+                clip(agent_instance)
             ),
         ));
     }
@@ -81,6 +164,27 @@ pub fn validate_window(
                 config.max_window_age.as_secs()
             ),
         ));
+    }
+    let length_ns = w.end_unix_ns - w.start_unix_ns;
+    let max_length_ns = u64::try_from(config.max_window_length.as_nanos()).unwrap_or(u64::MAX);
+    if length_ns > max_length_ns {
+        return Err(refuse(
+            "too_long",
+            format!(
+                "window of {:.0} s, longer than max_window_length ({} s)",
+                length_ns as f64 / 1e9,
+                config.max_window_length.as_secs()
+            ),
+        ));
+    }
+    for (name, value) in [
+        ("seq", w.seq),
+        ("busy_cpu_ns", w.busy_cpu_ns),
+        ("idle_cpu_ns", w.idle_cpu_ns),
+        ("steal_cpu_ns", w.steal_cpu_ns),
+        ("unattributed_cpu_ns", w.unattributed_cpu_ns),
+    ] {
+        check_count(name, value)?;
     }
     for (name, value) in [
         ("host_energy_j", w.host_energy_j),
@@ -118,20 +222,35 @@ pub fn validate_window(
         ));
     }
     let mut seen = Vec::new();
+    let mut transactions: u64 = 0;
     for s in &w.scenarios {
+        check_count(
+            &format!("scenarios[{}].transactions", clip(&s.scenario)),
+            s.transactions,
+        )?;
+        check_count(
+            &format!("scenarios[{}].cpu_ns", clip(&s.scenario)),
+            s.cpu_ns,
+        )?;
+        transactions = transactions.checked_add(s.transactions).ok_or_else(|| {
+            refuse(
+                "overflow",
+                "the scenarios' transactions sum past 2^64".to_string(),
+            )
+        })?;
         if !KNOWN_SCENARIOS.contains(&s.scenario.as_str()) {
             return Err(refuse(
                 "unknown_scenario",
                 format!(
-                    "scenario {:?} is not credit, drawdown, repayment, query or unassigned",
-                    s.scenario
+                    "scenario {} is not credit, drawdown, repayment, query or unassigned",
+                    clip(&s.scenario)
                 ),
             ));
         }
         if seen.contains(&s.scenario.as_str()) {
             return Err(refuse(
                 "duplicate_scenario",
-                format!("scenario {:?} twice", s.scenario),
+                format!("scenario {} twice", clip(&s.scenario)),
             ));
         }
         seen.push(s.scenario.as_str());
@@ -141,10 +260,28 @@ pub fn validate_window(
             ("embodied_g", s.embodied_g),
             ("weight", s.weight),
         ] {
-            check_amount(&format!("scenarios[{}].{name}", s.scenario), value)?;
+            check_amount(&format!("scenarios[{}].{name}", clip(&s.scenario)), value)?;
         }
     }
+    let max_transactions = config.max_transactions_per_s * seconds;
+    if transactions as f64 > max_transactions {
+        return Err(refuse(
+            "impossible_transactions",
+            format!(
+                "{transactions} transactions in {seconds:.3} s, above max_transactions_per_s ({})",
+                config.max_transactions_per_s
+            ),
+        ));
+    }
+    let mut process_cpu_ns: u64 = 0;
     for p in &w.processes {
+        process_cpu_ns = process_cpu_ns.checked_add(p.cpu_ns).ok_or_else(|| {
+            refuse(
+                "overflow",
+                "the processes' cpu_ns sum past 2^64".to_string(),
+            )
+        })?;
+        check_count("processes.cpu_ns", process_cpu_ns)?;
         for (name, value) in [
             ("energy_j", p.energy_j),
             ("idle_share_j", p.idle_share_j),
@@ -156,12 +293,21 @@ pub fn validate_window(
         if !p.scenario.is_empty() && !KNOWN_SCENARIOS.contains(&p.scenario.as_str()) {
             return Err(refuse(
                 "unknown_scenario",
-                format!("process {} has scenario {:?}", p.pid, p.scenario),
+                format!("process {} has scenario {}", p.pid, clip(&p.scenario)),
             ));
         }
     }
+    let mut samples: u64 = 0;
     for s in &w.profile {
         check_amount("profile.energy_j", s.energy_j)?;
+        samples = samples.checked_add(s.samples).ok_or_else(|| {
+            refuse(
+                "overflow",
+                "the profile's samples sum past 2^64".to_string(),
+            )
+        })?;
+        check_count("profile.samples", samples)?;
     }
+    check_amount("profile_trimmed_energy_j", w.profile_trimmed_energy_j)?;
     Ok(())
 }

@@ -233,10 +233,19 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
             sent += 1;
         }
     };
-    push(&agent, 40);
-    // SIGKILL the aggregator while windows stream, then restart it on the same database.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    push(&agent, 1);
+    agent.drained(Duration::from_secs(30)).await;
+    // SIGKILL the aggregator while windows stream, then restart it on the same
+    // database. It is frozen first (SIGSTOP) so the stream stays open and
+    // nothing more is acknowledged: the spool, read before the kill, proves
+    // the windows were still unacknowledged when it died.
+    // SAFETY: signals to the child process this test started.
+    unsafe { libc::kill(agg.child.id() as i32, libc::SIGSTOP) };
+    push(&agent, 39);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending_at_kill = agent.pending();
     agg.kill_9();
+    assert_eq!(pending_at_kill, 39, "windows unacknowledged at the kill");
     push(&agent, 40);
     tokio::time::sleep(Duration::from_millis(700)).await;
     agg.restart(true);

@@ -9,6 +9,15 @@
 //! acknowledged; the aggregator de-duplicates by (host, agent_instance, seq),
 //! so a replay never counts twice. The agent keeps measuring and spooling
 //! meanwhile.
+//!
+//! Batches are bounded in windows and in bytes (`batch_max_bytes`, below the
+//! aggregator's message limit), and hold windows of one agent instance. A
+//! refused window is never taken as delivered: the spool quarantines it,
+//! renumbers it under a new instance, or keeps it for later, by the
+//! refusal's code (see `spool`). With several aggregator URLs the forwarder
+//! moves to the next one when a stream fails, and resumes from the spool:
+//! whatever was not acknowledged is sent again (aggregators sharing a store
+//! de-duplicate it).
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +40,8 @@ pub struct AggregatorConfig {
     /// `https://host:port` (TLS) or `http://host:port` (plaintext: needs `--insecure`).
     /// None: no aggregator, windows are printed as JSON lines.
     pub url: Option<String>,
+    /// Further aggregators (same store) to fail over to, in order after `url`.
+    pub urls: Vec<String>,
     /// Bearer token identifying this agent (per-agent tokens in aggregator.toml).
     pub token: Option<String>,
     /// CA certificate (PEM) that signed the aggregator's certificate.
@@ -40,6 +51,14 @@ pub struct AggregatorConfig {
     pub client_key: Option<PathBuf>,
     /// Windows per batch.
     pub batch_windows: usize,
+    /// Bytes of window records per batch; also the largest window (bigger
+    /// ones have profile stacks trimmed, counted). Keep it below the
+    /// aggregator's `limits.max_message_bytes` (32 MiB by default).
+    pub batch_max_bytes: u64,
+    /// The agent's /healthz reports delivery behind when the oldest unacknowledged
+    /// window ended longer ago than this.
+    #[serde(with = "duration_text")]
+    pub behind_after: Duration,
     /// Spool bound in bytes; beyond it the oldest unsent windows are merged.
     pub spool_max_bytes: u64,
     /// Longest wait between reconnection attempts.
@@ -51,11 +70,14 @@ impl Default for AggregatorConfig {
     fn default() -> Self {
         AggregatorConfig {
             url: None,
+            urls: Vec::new(),
             token: None,
             ca_cert: None,
             client_cert: None,
             client_key: None,
             batch_windows: 64,
+            batch_max_bytes: super::spool::DEFAULT_MAX_WINDOW_BYTES,
+            behind_after: Duration::from_secs(300),
             spool_max_bytes: 256 * 1024 * 1024,
             max_backoff: Duration::from_secs(30),
         }
@@ -177,16 +199,69 @@ impl From<&WindowReport> for v1::WindowReport {
                 share_source: w.embodied.share_source.clone(),
             }),
             unattributed_cpu_ns: w.unattributed_cpu_ns,
+            profile_stacks_trimmed: 0,
+            profile_trimmed_energy_j: 0.0,
         }
     }
 }
 
-/// Builds the channel to the aggregator; refuses plaintext unless `insecure`.
+impl AggregatorConfig {
+    /// `url` then `urls`.
+    pub fn all_urls(&self) -> Vec<String> {
+        self.url.iter().chain(&self.urls).cloned().collect()
+    }
+
+    /// Refuses settings that would stall delivery.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let err = |path: &str, message: String| AgentError::Config {
+            path: format!("aggregator.{path}").into(),
+            message,
+        };
+        if self.url.is_none() && !self.urls.is_empty() {
+            return Err(err("urls", "give the first aggregator as `url`".into()));
+        }
+        if self.batch_windows == 0 {
+            return Err(err("batch_windows", "must be at least 1".into()));
+        }
+        if self.batch_max_bytes < 64 * 1024 || self.batch_max_bytes > 30 * 1024 * 1024 {
+            return Err(err(
+                "batch_max_bytes",
+                format!(
+                    "{} bytes: must be between 64 KiB and 30 MiB (below the aggregator's 32 MiB message limit)",
+                    self.batch_max_bytes
+                ),
+            ));
+        }
+        if self.spool_max_bytes < 2 * self.batch_max_bytes {
+            return Err(err(
+                "spool_max_bytes",
+                format!(
+                    "{} bytes: must hold at least two batches (2 x batch_max_bytes = {})",
+                    self.spool_max_bytes,
+                    2 * self.batch_max_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds the channel to the first aggregator; refuses plaintext unless `insecure`.
 pub async fn connect(cfg: &AggregatorConfig, insecure: bool) -> Result<Channel, AgentError> {
     let url = cfg.url.clone().ok_or_else(|| AgentError::Config {
         path: "aggregator.url".into(),
         message: "no aggregator url".into(),
     })?;
+    connect_url(cfg, &url, insecure).await
+}
+
+/// Builds the channel to the aggregator at `url`; refuses plaintext unless `insecure`.
+pub async fn connect_url(
+    cfg: &AggregatorConfig,
+    url: &str,
+    insecure: bool,
+) -> Result<Channel, AgentError> {
+    let url = url.to_string();
     let config_err = |message: String| AgentError::Config {
         path: "aggregator".into(),
         message,
@@ -232,6 +307,19 @@ pub struct ForwarderStats {
     pub connects: std::sync::atomic::AtomicU64,
     pub batches_sent: std::sync::atomic::AtomicU64,
     pub windows_refused: std::sync::atomic::AtomicU64,
+    /// Moves to the next aggregator URL after a failed stream.
+    pub failovers: std::sync::atomic::AtomicU64,
+    /// Index in `all_urls()` of the aggregator in use.
+    pub current_url: std::sync::atomic::AtomicUsize,
+    /// Batch byte bound in use when the aggregator said a batch was too large
+    /// (halved each time, down to 64 KiB); 0: `batch_max_bytes`.
+    pub batch_bytes_override: std::sync::atomic::AtomicU64,
+}
+
+/// How a stream ended without a transport error.
+enum StreamEnd {
+    /// Windows ahead of the aggregator's clock are kept: try again after a pause.
+    Deferred(usize),
 }
 
 /// Sends spooled windows until `shutdown` is notified. `new_window` is
@@ -243,24 +331,52 @@ pub async fn run_forwarder(
     new_window: Arc<Notify>,
     stats: Arc<ForwarderStats>,
 ) -> Result<(), AgentError> {
-    let channel = connect(&cfg, insecure).await?;
+    use std::sync::atomic::Ordering;
+    cfg.validate()?;
+    let urls = cfg.all_urls();
+    let mut channels = Vec::with_capacity(urls.len());
+    for url in &urls {
+        channels.push(connect_url(&cfg, url, insecure).await?);
+    }
+    if channels.is_empty() {
+        return Err(AgentError::Config {
+            path: "aggregator.url".into(),
+            message: "no aggregator url".into(),
+        });
+    }
+    let mut current = 0usize;
     let mut backoff = Duration::from_millis(250);
     loop {
-        stats
-            .connects
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match stream_once(&cfg, channel.clone(), &spool, &new_window, &stats).await {
-            Ok(()) => backoff = Duration::from_millis(250),
-            Err(e) => {
-                let pending = spool.lock().map(|s| s.len()).unwrap_or(0);
+        stats.connects.fetch_add(1, Ordering::Relaxed);
+        stats.current_url.store(current, Ordering::Relaxed);
+        let mut pause = backoff;
+        match stream_once(&cfg, channels[current].clone(), &spool, &new_window, &stats).await {
+            Ok(StreamEnd::Deferred(held)) => {
+                backoff = Duration::from_millis(250);
+                pause = cfg.max_backoff.min(Duration::from_secs(5));
                 tracing::warn!(
-                    "aggregator stream: {e}; {pending} windows kept in the spool, retrying"
+                    "{held} windows are ahead of the aggregator's clock; sending again in {pause:?}"
                 );
+            }
+            Err(e) => {
+                let pending = lock(&spool).len();
+                if channels.len() > 1 {
+                    current = (current + 1) % channels.len();
+                    stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "aggregator stream: {e}; {pending} windows kept in the spool, trying {}",
+                        urls[current]
+                    );
+                } else {
+                    tracing::warn!(
+                        "aggregator stream: {e}; {pending} windows kept in the spool, retrying"
+                    );
+                }
+                backoff = (backoff * 2).min(cfg.max_backoff);
             }
         }
         let jitter = 0.75 + 0.5 * rand::random::<f64>();
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(cfg.max_backoff);
+        tokio::time::sleep(pause.mul_f64(jitter)).await;
     }
 }
 
@@ -274,7 +390,7 @@ async fn stream_once(
     spool: &Arc<Mutex<Spool>>,
     new_window: &Notify,
     stats: &ForwarderStats,
-) -> Result<(), AgentError> {
+) -> Result<StreamEnd, AgentError> {
     let token = cfg.token.clone();
     let mut client =
         IngestClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
@@ -295,21 +411,33 @@ async fn stream_once(
             AgentError::Transport(format!("{}: {}", status.code(), status.message()))
         })?
         .into_inner();
-    let instance = lock(spool).agent_instance().to_string();
+    lock(spool).release_held();
+    let batch_bytes = match stats
+        .batch_bytes_override
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => cfg.batch_max_bytes,
+        n => n.min(cfg.batch_max_bytes),
+    };
     // Everything not acknowledged is (re)sent, oldest first.
     let mut sent_through: Option<u64> = None;
     let mut in_flight = 0usize;
+    let mut deferred = 0usize;
     loop {
-        if in_flight < 2 {
+        if in_flight == 0 && deferred > 0 {
+            return Ok(StreamEnd::Deferred(deferred));
+        }
+        if in_flight < 2 && deferred == 0 {
             let batch = {
                 let mut s = lock(spool);
-                s.windows_after(sent_through, cfg.batch_windows.max(1))?
+                s.next_batch(sent_through, cfg.batch_windows.max(1), batch_bytes)?
             };
             if let Some(last) = batch.last().map(|w| w.seq) {
                 let host = batch[0].host.clone();
+                let agent_instance = batch[0].agent_instance.clone();
                 tx.send(v1::AgentBatch {
                     host,
-                    agent_instance: instance.clone(),
+                    agent_instance,
                     windows: batch,
                 })
                 .await
@@ -325,16 +453,24 @@ async fn stream_once(
         tokio::select! {
             ack = acks.message() => {
                 let ack = ack
-                    .map_err(|status| AgentError::Transport(format!("{}: {}", status.code(), status.message())))?
+                    .map_err(|status| {
+                        if status.code() == tonic::Code::ResourceExhausted {
+                            let now = batch_bytes.max(128 * 1024) / 2;
+                            stats.batch_bytes_override.store(now, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!("the aggregator refused a batch as too large; batches now at most {now} bytes");
+                        }
+                        AgentError::Transport(format!("{}: {}", status.code(), status.message()))
+                    })?
                     .ok_or_else(|| AgentError::Transport("the aggregator closed the stream".into()))?;
                 for refusal in &ack.refused {
                     stats.windows_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!("aggregator refused window {}: {}", refusal.seq, refusal.reason);
                 }
-                lock(spool).ack_through(ack.acked_through_seq)?;
+                let settled = lock(spool).settle(&ack)?;
+                deferred += settled.deferred;
                 in_flight = in_flight.saturating_sub(1);
             }
-            _ = new_window.notified(), if in_flight < 2 => {}
+            _ = new_window.notified(), if in_flight < 2 && deferred == 0 => {}
         }
     }
 }

@@ -105,6 +105,8 @@ struct ScenarioTotals {
 #[derive(Debug)]
 pub struct MetricsRegistry {
     state: Mutex<State>,
+    /// The spool's delivery counters and the age past which delivery is "behind".
+    delivery: Mutex<Option<(Arc<crate::sinks::spool::DeliveryStats>, Duration)>>,
     max_process_series: usize,
     max_comm_series: usize,
 }
@@ -123,6 +125,7 @@ impl MetricsRegistry {
     pub fn with_limits(max_process_series: usize, max_comm_series: usize) -> MetricsRegistry {
         MetricsRegistry {
             state: Mutex::new(State::default()),
+            delivery: Mutex::new(None),
             max_process_series,
             max_comm_series: max_comm_series.max(1),
         }
@@ -134,6 +137,87 @@ impl MetricsRegistry {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Shows the spool's delivery figures, and reports delivery as behind on
+    /// /healthz when the oldest unacknowledged window ended more than
+    /// `behind_after` ago.
+    pub fn set_delivery(
+        &self,
+        stats: Arc<crate::sinks::spool::DeliveryStats>,
+        behind_after: Duration,
+    ) {
+        *self.delivery.lock().unwrap_or_else(|p| p.into_inner()) = Some((stats, behind_after));
+    }
+
+    /// `Ok(text)` when healthy, `Err(text)` saying how far behind delivery is.
+    pub fn health(&self) -> Result<String, String> {
+        use std::sync::atomic::Ordering;
+        let delivery = self.delivery.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((d, behind_after)) = delivery.as_ref() else {
+            return Ok("ok\n".into());
+        };
+        let pending = d.pending_windows.load(Ordering::Relaxed);
+        let oldest_ns = d.oldest_pending_end_ns.load(Ordering::Relaxed);
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_nanos() as u64)
+            .unwrap_or(0);
+        let age = Duration::from_nanos(now_ns.saturating_sub(oldest_ns));
+        if pending > 0 && oldest_ns > 0 && age > *behind_after {
+            return Err(format!(
+                "delivery behind: {pending} windows unacknowledged, the oldest ended {} s ago (behind_after {} s)\n",
+                age.as_secs(),
+                behind_after.as_secs()
+            ));
+        }
+        Ok(format!(
+            "ok: {pending} windows waiting for an acknowledgement\n"
+        ))
+    }
+
+    fn render_delivery(&self, out: &mut String) {
+        use std::sync::atomic::Ordering;
+        let delivery = self.delivery.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((d, _)) = delivery.as_ref() else {
+            return;
+        };
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP sci_agent_spool_windows Windows in the spool waiting for an acknowledgement.\n# TYPE sci_agent_spool_windows gauge\nsci_agent_spool_windows {}", load(&d.pending_windows));
+        let _ = writeln!(out, "# HELP sci_agent_spool_bytes Bytes of window records in the spool.\n# TYPE sci_agent_spool_bytes gauge\nsci_agent_spool_bytes {}", load(&d.pending_bytes));
+        let oldest = load(&d.oldest_pending_end_ns);
+        let _ = writeln!(out, "# HELP sci_agent_delivery_oldest_pending_end_seconds End of the oldest unacknowledged window (unix seconds; 0: none).\n# TYPE sci_agent_delivery_oldest_pending_end_seconds gauge\nsci_agent_delivery_oldest_pending_end_seconds {}", oldest / 1_000_000_000);
+        let _ = writeln!(out, "# HELP sci_agent_delivery_last_ack_seconds Time of the last acknowledgement (unix seconds; 0: none yet).\n# TYPE sci_agent_delivery_last_ack_seconds gauge\nsci_agent_delivery_last_ack_seconds {}", load(&d.last_ack_unix_s));
+        let _ = writeln!(out, "# HELP sci_agent_windows_acked_total Windows the aggregator acknowledged as stored.\n# TYPE sci_agent_windows_acked_total counter\nsci_agent_windows_acked_total {}", load(&d.acked));
+        let _ = writeln!(out, "# HELP sci_agent_windows_lost_total Windows that will not reach the aggregator, per reason (quarantined ones are kept on disk).\n# TYPE sci_agent_windows_lost_total counter");
+        for (reason, a) in [
+            ("quarantined_refused", &d.quarantined_refused),
+            ("quarantined_damaged", &d.corrupt),
+            ("dropped_write_failed", &d.dropped_write_failed),
+            ("dropped_spool_full", &d.dropped_spool_full),
+        ] {
+            let _ = writeln!(
+                out,
+                "sci_agent_windows_lost_total{{reason=\"{reason}\"}} {}",
+                load(a)
+            );
+        }
+        let _ = writeln!(out, "# HELP sci_agent_spool_events_total What the spool did to keep every window: merges, renumbering, new instances, state rebuilt, refusals deferred, write failures.\n# TYPE sci_agent_spool_events_total counter");
+        for (event, a) in [
+            ("merged", &d.merges),
+            ("renumbered", &d.renumbered),
+            ("new_instance", &d.new_instances),
+            ("state_recovered", &d.state_recovered),
+            ("deferred_clock_ahead", &d.deferred),
+            ("write_failed", &d.write_failures),
+        ] {
+            let _ = writeln!(
+                out,
+                "sci_agent_spool_events_total{{event=\"{event}\"}} {}",
+                load(a)
+            );
+        }
+        let _ = writeln!(out, "# HELP sci_agent_profile_stacks_trimmed_total Profile stacks left out so a window fits the batch limit.\n# TYPE sci_agent_profile_stacks_trimmed_total counter\nsci_agent_profile_stacks_trimmed_total {}", load(&d.trimmed_stacks));
     }
 
     /// Count energy-source warnings (unreadable or rejected domains) of a window.
@@ -438,6 +522,8 @@ impl MetricsRegistry {
                 let _ = writeln!(out, "{name}{{{labels}}} {}", num(get(totals)));
             }
         }
+        drop(s);
+        self.render_delivery(&mut out);
         out
     }
 }
@@ -567,6 +653,10 @@ async fn handle_connection(
             )
             .await
         }
+        ("GET", "/healthz") => match registry.health() {
+            Ok(text) => respond(&mut stream, "200 OK", "text/plain", &text).await,
+            Err(text) => respond(&mut stream, "503 Service Unavailable", "text/plain", &text).await,
+        },
         (_, "/metrics") => {
             respond(
                 &mut stream,
@@ -593,4 +683,48 @@ async fn respond(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::sinks::spool::DeliveryStats;
+
+    #[test]
+    fn health_says_when_delivery_is_behind_and_losses_are_exported() {
+        let registry = MetricsRegistry::new();
+        assert!(registry.health().is_ok(), "no spool: healthy");
+        let stats = Arc::new(DeliveryStats::default());
+        registry.set_delivery(Arc::clone(&stats), Duration::from_secs(60));
+        assert!(registry.health().is_ok(), "nothing pending");
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        stats.pending_windows.store(7, Ordering::Relaxed);
+        stats
+            .oldest_pending_end_ns
+            .store(now_ns - 10_000_000_000, Ordering::Relaxed);
+        assert!(registry.health().is_ok(), "10 s behind is within 60 s");
+        stats
+            .oldest_pending_end_ns
+            .store(now_ns - 125_000_000_000, Ordering::Relaxed);
+        let behind = registry.health().unwrap_err();
+        assert!(
+            behind.contains("delivery behind: 7 windows") && behind.contains("125 s ago"),
+            "{behind}"
+        );
+        stats.dropped_write_failed.store(3, Ordering::Relaxed);
+        stats.trimmed_stacks.store(11, Ordering::Relaxed);
+        let text = registry.render();
+        assert!(
+            text.contains("sci_agent_windows_lost_total{reason=\"dropped_write_failed\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("sci_agent_profile_stacks_trimmed_total 11"));
+        assert!(text.contains("sci_agent_spool_windows 7"));
+    }
 }

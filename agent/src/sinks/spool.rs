@@ -1,39 +1,65 @@
-//! The on-disk spool: every window is durable before it is sent, and is
-//! deleted only after the aggregator acknowledges it.
+//! The on-disk spool: every window is durable before it is sent, and leaves
+//! the spool only when the aggregator has stored it, or into the quarantine
+//! folder with the reason (counted). Nothing is deleted in silence.
 //!
 //! Layout of the spool directory:
 //! - `<seq, 20 digits>.win`, one per window:
 //!   `b"SCIW"` | version (u8, 1) | payload length (u32 LE) | CRC-32 of the
-//!   payload (u32 LE) | payload (the `sci.v1.WindowReport`, protobuf).
-//!   Written to a `.tmp` file, fsynced, renamed into place, then the
-//!   directory is fsynced: a window is in the spool whole or not at all. A
-//!   file whose frame or checksum does not match (a torn write, a bad disk)
-//!   is reported, moved aside as `.corrupt`, and never sent.
-//! - `state`: `agent_instance next_seq`, written the same way, so a
-//!   restarted agent keeps its identity and continues the numbering, and the
-//!   aggregator's de-duplication by (host, agent_instance, seq) still holds.
+//!   payload (u32 LE) | payload (the `sci.v1.WindowReport`, protobuf, which
+//!   names its own agent instance). Written to a `.tmp` file, fsynced,
+//!   renamed into place, then the directory is fsynced: a window is in the
+//!   spool whole or not at all; a failed write (full disk, read-only
+//!   filesystem) removes its `.tmp` and is counted.
+//! - `state`: `v2 <agent_instance> <next_seq> <crc32 hex>`, written the same
+//!   way, so a restarted agent keeps its identity and continues the
+//!   numbering. A `state` whose checksum does not match, that cannot be
+//!   read, or that is missing while windows are spooled is reported and
+//!   rebuilt from the spool's own files: a new agent instance (so no seq of
+//!   the old one is ever reused) numbering after the highest spooled seq;
+//!   the spooled windows keep the instance they were written with.
+//! - `quarantine/`: windows the aggregator refused for good, and files found
+//!   damaged (at start or while sending), each with a `.reason` file.
 //!
-//! Bounded size: when the spool holds more than `max_bytes`, the two oldest
-//! windows that were never sent are merged into one coarser window (time
-//! range joined; energy, carbon, CPU and transactions summed; processes
-//! rolled up by comm and service), which keeps the later seq and counts in
-//! `merged_windows`. Nothing measured is dropped; every merge is counted.
-//! Windows that may already have been sent are never merged (the aggregator
-//! could hold them), so the spool can exceed its bound while the oldest
-//! unacknowledged windows are in flight.
-use std::collections::{BTreeMap, HashMap};
+//! Refusals (see `sci.v1.RefusalCode`): a seq conflict or a wrong instance
+//! makes the spool start a new agent instance and renumber the refused
+//! window under it (it was not stored, so it cannot count twice); a window
+//! ahead of the aggregator's clock stays and is sent again later; any other
+//! refusal quarantines the window.
+//!
+//! Bounded size, in bytes: when the spool holds more than `max_bytes`, the
+//! two oldest windows that were never sent (same instance, joined span at
+//! most `max_merged_span`) are merged into one coarser window (time range
+//! joined; energy, carbon, CPU, transactions and profile stacks summed;
+//! processes rolled up by comm and service), which keeps the later seq and
+//! counts in `merged_windows`. When no pair can be merged the oldest unsent
+//! window is dropped (counted). Windows that may already have been sent are
+//! never merged or dropped (the aggregator could hold them), so the spool
+//! can exceed its bound by what is in flight (at most two batches).
+//! A window larger than `max_window_bytes` has its profile stacks trimmed,
+//! lowest energy first, until it fits; the trim is recorded in the window
+//! (`profile_stacks_trimmed`, `profile_trimmed_energy_j`) and counted.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message;
 use sci_proto::v1;
+use sci_proto::v1::RefusalCode;
 
 use crate::error::AgentError;
 
 const MAGIC: &[u8; 4] = b"SCIW";
 const VERSION: u8 = 1;
 const HEADER: usize = 4 + 1 + 4 + 4;
+/// Default largest window record: a quarter of the aggregator's default message limit.
+pub const DEFAULT_MAX_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+/// Default longest span of a merged window (the aggregator's default `max_window_length`).
+pub const DEFAULT_MAX_MERGED_SPAN: Duration = Duration::from_secs(3600);
+pub const QUARANTINE_DIR: &str = "quarantine";
 
 /// Encodes a window as a spool record.
 pub fn encode_record(window: &v1::WindowReport) -> Vec<u8> {
@@ -73,44 +99,144 @@ pub fn decode_record(bytes: &[u8]) -> Result<v1::WindowReport, String> {
     v1::WindowReport::decode(payload).map_err(|e| format!("undecodable payload: {e}"))
 }
 
+/// Writes `bytes` as `dir/name` atomically and durably; on failure nothing
+/// is left behind (no `.tmp`).
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), AgentError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
-    let mut file =
-        File::create(&tmp).map_err(|e| AgentError::io(format!("creating {}", tmp.display()), e))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
-    fs::rename(&tmp, &path)
-        .map_err(|e| AgentError::io(format!("renaming {}", tmp.display()), e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| AgentError::io(format!("syncing {}", dir.display()), e))
+    let result = (|| {
+        let mut file = File::create(&tmp)
+            .map_err(|e| AgentError::io(format!("creating {}", tmp.display()), e))?;
+        file.write_all(bytes)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
+        fs::rename(&tmp, &path)
+            .map_err(|e| AgentError::io(format!("renaming {}", tmp.display()), e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| AgentError::io(format!("syncing {}", dir.display()), e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn file_name(seq: u64) -> String {
     format!("{seq:020}.win")
 }
 
-/// Counters of what the spool did.
+fn state_text(instance: &str, next_seq: u64) -> String {
+    let body = format!("{instance} {next_seq}");
+    format!("v2 {body} {:08x}\n", crc32fast::hash(body.as_bytes()))
+}
+
+/// (instance, next_seq) of a `state` file, or what is wrong with it.
+fn parse_state(text: &str) -> Result<(String, u64), String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    match words[..] {
+        ["v2", instance, next, crc] => {
+            let body = format!("{instance} {next}");
+            let want = format!("{:08x}", crc32fast::hash(body.as_bytes()));
+            if crc != want {
+                return Err(format!(
+                    "checksum mismatch (file says {crc}, content gives {want})"
+                ));
+            }
+            let next = next
+                .parse::<u64>()
+                .map_err(|e| format!("next seq {next:?}: {e}"))?;
+            Ok((instance.to_string(), next))
+        }
+        // The format before checksums: taken as it is.
+        [instance, next] if !instance.is_empty() && instance != "v2" => next
+            .parse::<u64>()
+            .map(|n| (instance.to_string(), n))
+            .map_err(|e| format!("next seq {next:?}: {e}")),
+        _ => Err(format!("unreadable ({} words)", words.len())),
+    }
+}
+
+/// Counters of what the spool did (a snapshot).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpoolStats {
     pub appended: u64,
     pub acked: u64,
     pub merges: u64,
+    /// Files found damaged (at start or while sending), moved to quarantine.
     pub corrupt: u64,
+    /// Windows refused for good by the aggregator, moved to quarantine.
+    pub quarantined_refused: u64,
+    /// Windows renumbered under a new instance after a seq conflict or wrong instance.
+    pub renumbered: u64,
+    /// New agent instances started (damaged or lost state, seq conflicts).
+    pub new_instances: u64,
+    /// Damaged or lost `state` files rebuilt from the spool's files.
+    pub state_recovered: u64,
+    /// Refusals for a clock ahead of the aggregator's: kept, sent again later.
+    pub deferred: u64,
+    /// Windows lost because the spool could not write them (full disk, read-only).
+    pub dropped_write_failed: u64,
+    /// Windows (as measured: a merged record counts all it stands for)
+    /// dropped to hold the byte bound when nothing could be merged.
+    pub dropped_spool_full: u64,
+    /// Profile stacks trimmed so a window fits the batch limit.
+    pub trimmed_stacks: u64,
+    /// Failed writes of any spool file (window, merge, state).
+    pub write_failures: u64,
+}
+
+/// What the spool reports to the metrics endpoint, readable without its lock.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    pub pending_windows: AtomicU64,
+    pub pending_bytes: AtomicU64,
+    /// End (unix ns) of the oldest window waiting, 0 when none.
+    pub oldest_pending_end_ns: AtomicU64,
+    pub acked: AtomicU64,
+    pub merges: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub quarantined_refused: AtomicU64,
+    pub renumbered: AtomicU64,
+    pub new_instances: AtomicU64,
+    pub state_recovered: AtomicU64,
+    pub deferred: AtomicU64,
+    pub dropped_write_failed: AtomicU64,
+    pub dropped_spool_full: AtomicU64,
+    pub trimmed_stacks: AtomicU64,
+    pub write_failures: AtomicU64,
+    /// Unix seconds of the last acknowledgement, 0 before the first.
+    pub last_ack_unix_s: AtomicU64,
 }
 
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
+    max_window_bytes: u64,
+    max_merged_span_ns: u64,
     agent_instance: String,
     next_seq: u64,
-    /// seq -> size in bytes of the record file.
-    sizes: BTreeMap<u64, u64>,
+    /// seq -> (size in bytes of the record file, window end unix ns).
+    sizes: BTreeMap<u64, (u64, u64)>,
     /// Windows with seq <= this may have reached the aggregator: never merged.
     maybe_sent_through: Option<u64>,
+    /// Refused as ahead of the aggregator's clock: kept through acks, sent again later.
+    held: BTreeSet<u64>,
     stats: SpoolStats,
+    shared: Arc<DeliveryStats>,
+}
+
+/// What the spool did with an acknowledgement.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub deleted: usize,
+    pub quarantined: usize,
+    pub renumbered: usize,
+    pub deferred: usize,
+}
+
+fn new_instance_id() -> String {
+    crate::pipeline::new_agent_instance()
 }
 
 impl Spool {
@@ -119,8 +245,19 @@ impl Spool {
     pub fn open(dir: &Path, max_bytes: u64, new_instance: &str) -> Result<Spool, AgentError> {
         fs::create_dir_all(dir)
             .map_err(|e| AgentError::io(format!("creating spool {}", dir.display()), e))?;
-        let mut sizes = BTreeMap::new();
-        let mut corrupt = 0;
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
+            max_merged_span_ns: DEFAULT_MAX_MERGED_SPAN.as_nanos() as u64,
+            agent_instance: new_instance.to_string(),
+            next_seq: 0,
+            sizes: BTreeMap::new(),
+            maybe_sent_through: None,
+            held: BTreeSet::new(),
+            stats: SpoolStats::default(),
+            shared: Arc::new(DeliveryStats::default()),
+        };
         let entries = fs::read_dir(dir)
             .map_err(|e| AgentError::io(format!("listing {}", dir.display()), e))?;
         for entry in entries.flatten() {
@@ -139,66 +276,142 @@ impl Spool {
             let bytes = fs::read(entry.path())
                 .map_err(|e| AgentError::io(format!("reading {}", entry.path().display()), e))?;
             match decode_record(&bytes) {
-                Ok(_) => {
-                    sizes.insert(seq, bytes.len() as u64);
+                Ok(w) => {
+                    spool.sizes.insert(seq, (bytes.len() as u64, w.end_unix_ns));
                 }
-                Err(reason) => {
-                    tracing::error!(
-                        "spool: {} is damaged ({reason}); moved aside, not sent",
-                        entry.path().display()
-                    );
-                    let _ = fs::rename(entry.path(), entry.path().with_extension("corrupt"));
-                    corrupt += 1;
-                }
+                Err(reason) => spool.quarantine_file(seq, &format!("damaged: {reason}"), true)?,
             }
         }
-        let state = fs::read_to_string(dir.join("state")).ok();
-        let (agent_instance, state_next) = match state
-            .as_deref()
-            .map(str::split_whitespace)
-            .map(|mut w| (w.next(), w.next()))
-        {
-            Some((Some(instance), Some(next))) => {
-                (instance.to_string(), next.parse::<u64>().unwrap_or(0))
+        let highest = spool.sizes.keys().next_back().map_or(0, |s| s + 1);
+        let state_path = dir.join("state");
+        let state = match fs::read_to_string(&state_path) {
+            Ok(text) => Some(parse_state(&text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(Err(format!("cannot be read: {e}"))),
+        };
+        match state {
+            Some(Ok((instance, next))) => {
+                spool.agent_instance = instance;
+                spool.next_seq = next.max(highest);
             }
-            _ => (new_instance.to_string(), 0),
-        };
-        let next_seq = state_next.max(sizes.keys().next_back().map_or(0, |s| s + 1));
-        let spool = Spool {
-            dir: dir.to_path_buf(),
-            max_bytes,
-            agent_instance,
-            next_seq,
-            maybe_sent_through: sizes.keys().next_back().copied(),
-            sizes,
-            stats: SpoolStats {
-                corrupt,
-                ..Default::default()
-            },
-        };
+            None if spool.sizes.is_empty() => {}
+            problem => {
+                let what = match problem {
+                    Some(Err(reason)) => format!("is damaged ({reason})"),
+                    _ => format!("is missing while {} windows are spooled", spool.sizes.len()),
+                };
+                spool.agent_instance = new_instance_id();
+                spool.next_seq = highest;
+                spool.stats.state_recovered += 1;
+                spool.stats.new_instances += 1;
+                tracing::error!(
+                    "spool: {} {what}; rebuilt from the spool's files: new agent instance {} from seq {} ({} spooled windows keep their own instance)",
+                    state_path.display(),
+                    spool.agent_instance,
+                    spool.next_seq,
+                    spool.sizes.len()
+                );
+            }
+        }
+        // Everything found may have been sent by the previous run.
+        spool.maybe_sent_through = spool.sizes.keys().next_back().copied();
         spool.write_state()?;
+        spool.publish();
         Ok(spool)
     }
 
-    fn write_state(&self) -> Result<(), AgentError> {
-        write_durably(
-            &self.dir,
-            "state",
-            format!("{} {}\n", self.agent_instance, self.next_seq).as_bytes(),
-        )
+    /// Largest window record and longest merged span (defaults: 8 MiB, 1 h).
+    pub fn set_window_limits(&mut self, max_window_bytes: u64, max_merged_span: Duration) {
+        self.max_window_bytes = max_window_bytes.max(1024);
+        self.max_merged_span_ns = max_merged_span.as_nanos() as u64;
+    }
+
+    /// The counters shared with the metrics endpoint.
+    pub fn delivery_stats(&self) -> Arc<DeliveryStats> {
+        Arc::clone(&self.shared)
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        let d = &self.shared;
+        d.pending_windows
+            .store(self.sizes.len() as u64, Ordering::Relaxed);
+        d.pending_bytes.store(self.bytes(), Ordering::Relaxed);
+        d.oldest_pending_end_ns.store(
+            self.sizes.values().map(|(_, end)| *end).min().unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        for (atomic, value) in [
+            (&d.acked, s.acked),
+            (&d.merges, s.merges),
+            (&d.corrupt, s.corrupt),
+            (&d.quarantined_refused, s.quarantined_refused),
+            (&d.renumbered, s.renumbered),
+            (&d.new_instances, s.new_instances),
+            (&d.state_recovered, s.state_recovered),
+            (&d.deferred, s.deferred),
+            (&d.dropped_write_failed, s.dropped_write_failed),
+            (&d.dropped_spool_full, s.dropped_spool_full),
+            (&d.trimmed_stacks, s.trimmed_stacks),
+            (&d.write_failures, s.write_failures),
+        ] {
+            atomic.store(value, Ordering::Relaxed);
+        }
+    }
+
+    fn write_state(&mut self) -> Result<(), AgentError> {
+        let text = state_text(&self.agent_instance, self.next_seq);
+        let written = write_durably(&self.dir, "state", text.as_bytes());
+        if written.is_err() {
+            self.stats.write_failures += 1;
+        }
+        written
+    }
+
+    /// Moves `seq`'s file to the quarantine folder with `reason` beside it.
+    fn quarantine_file(&mut self, seq: u64, reason: &str, damaged: bool) -> Result<(), AgentError> {
+        let qdir = self.dir.join(QUARANTINE_DIR);
+        fs::create_dir_all(&qdir)
+            .map_err(|e| AgentError::io(format!("creating {}", qdir.display()), e))?;
+        let from = self.dir.join(file_name(seq));
+        let mut to = qdir.join(file_name(seq));
+        let mut n = 1;
+        while to.exists() {
+            to = qdir.join(format!("{seq:020}.{n}.win"));
+            n += 1;
+        }
+        fs::rename(&from, &to)
+            .map_err(|e| AgentError::io(format!("moving {} to quarantine", from.display()), e))?;
+        let _ = fs::write(to.with_extension("reason"), format!("{reason}\n"));
+        self.sizes.remove(&seq);
+        self.held.remove(&seq);
+        if damaged {
+            self.stats.corrupt += 1;
+        } else {
+            self.stats.quarantined_refused += 1;
+        }
+        tracing::error!(
+            "spool: window {seq} quarantined as {}: {reason}",
+            to.display()
+        );
+        Ok(())
     }
 
     pub fn agent_instance(&self) -> &str {
         &self.agent_instance
     }
 
-    /// The seq the next window must carry.
+    /// The seq the next window will carry.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
     pub fn stats(&self) -> &SpoolStats {
         &self.stats
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Windows waiting for an acknowledgement.
@@ -210,33 +423,163 @@ impl Spool {
         self.sizes.is_empty()
     }
 
+    /// The seqs waiting, oldest first.
+    pub fn pending_seqs(&self) -> Vec<u64> {
+        self.sizes.keys().copied().collect()
+    }
+
     pub fn bytes(&self) -> u64 {
-        self.sizes.values().sum()
+        self.sizes.values().map(|(size, _)| size).sum()
     }
 
-    /// Appends a window (its seq must be `next_seq()`), durably, then keeps the spool within bounds.
-    pub fn append(&mut self, window: &v1::WindowReport) -> Result<(), AgentError> {
-        if window.seq < self.next_seq && self.sizes.contains_key(&window.seq) {
-            return Err(AgentError::Spool(format!(
-                "window {} is already in the spool",
-                window.seq
-            )));
+    /// Removes profile stacks (lowest energy first) until the record fits
+    /// `max_window_bytes`, recording the trim in the window.
+    fn fit(&mut self, window: &mut v1::WindowReport) {
+        let limit = self.max_window_bytes as usize;
+        if HEADER + window.encoded_len() <= limit || window.profile.is_empty() {
+            return;
         }
-        let record = encode_record(window);
-        write_durably(&self.dir, &file_name(window.seq), &record)?;
-        self.sizes.insert(window.seq, record.len() as u64);
-        self.next_seq = self.next_seq.max(window.seq + 1);
-        self.write_state()?;
-        self.stats.appended += 1;
-        self.enforce_bound()
+        window
+            .profile
+            .sort_by(|a, b| b.energy_j.total_cmp(&a.energy_j));
+        let mut trimmed = 0u64;
+        while HEADER + window.encoded_len() > limit {
+            let Some(stack) = window.profile.pop() else {
+                break;
+            };
+            // Drop a batch of the smallest at once when far over: encoded_len is O(n).
+            trimmed += 1;
+            window.profile_trimmed_energy_j += stack.energy_j.max(0.0);
+            let over = HEADER + window.encoded_len();
+            if over > limit + limit / 4 {
+                let extra = window.profile.len() / 8;
+                for s in window.profile.drain(window.profile.len() - extra..) {
+                    trimmed += 1;
+                    window.profile_trimmed_energy_j += s.energy_j.max(0.0);
+                }
+            }
+        }
+        window.profile_stacks_trimmed += trimmed;
+        self.stats.trimmed_stacks += trimmed;
+        tracing::warn!(
+            "spool: window {} trimmed of {trimmed} profile stacks to fit {limit} bytes",
+            window.seq
+        );
     }
 
-    fn read(&self, seq: u64) -> Result<v1::WindowReport, AgentError> {
+    /// Writes a record; on failure counts it and leaves nothing behind.
+    fn write_window(&mut self, window: &v1::WindowReport) -> Result<u64, AgentError> {
+        let record = encode_record(window);
+        match write_durably(&self.dir, &file_name(window.seq), &record) {
+            Ok(()) => {
+                self.sizes
+                    .insert(window.seq, (record.len() as u64, window.end_unix_ns));
+                Ok(record.len() as u64)
+            }
+            Err(e) => {
+                self.stats.write_failures += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends a window under the spool's instance and next seq (which it
+    /// returns), durably, then keeps the spool within bounds. If it cannot
+    /// be written the window is lost, counted, and the error says why; an
+    /// `Ok` means the window is on disk.
+    pub fn append(&mut self, window: &v1::WindowReport) -> Result<u64, AgentError> {
+        let mut window = window.clone();
+        window.agent_instance = self.agent_instance.clone();
+        window.seq = self.next_seq;
+        self.fit(&mut window);
+        if let Err(e) = self.write_window(&window) {
+            self.stats.dropped_write_failed += 1;
+            self.publish();
+            return Err(e);
+        }
+        self.next_seq += 1;
+        self.stats.appended += 1;
+        // The window is spooled: a failure from here on is reported (and
+        // counted) but does not un-spool it. A stale `state` is corrected at
+        // the next start from the files themselves.
+        if let Err(e) = self.write_state() {
+            tracing::error!("spool: state not updated after window {}: {e}", window.seq);
+        }
+        if let Err(e) = self.enforce_bound() {
+            tracing::error!("spool: could not hold the byte bound: {e}");
+        }
+        self.publish();
+        Ok(window.seq)
+    }
+
+    fn read(&self, seq: u64) -> Result<v1::WindowReport, String> {
         let path = self.dir.join(file_name(seq));
-        let bytes = fs::read(&path)
-            .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+        let bytes = fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         decode_record(&bytes)
-            .map_err(|reason| AgentError::Spool(format!("{}: {reason}", path.display())))
+    }
+
+    /// The next batch after `after` (all windows when None), in seq order:
+    /// windows of one agent instance, at most `max_windows` and `max_bytes`
+    /// of records (at least one window). A file found damaged is
+    /// quarantined and skipped.
+    pub fn next_batch(
+        &mut self,
+        after: Option<u64>,
+        max_windows: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<v1::WindowReport>, AgentError> {
+        let candidates: Vec<(u64, u64)> = self
+            .sizes
+            .iter()
+            .filter(|(s, _)| after.is_none_or(|a| **s > a))
+            .map(|(s, (size, _))| (*s, *size))
+            .collect();
+        let mut out: Vec<v1::WindowReport> = Vec::new();
+        let mut bytes = 0u64;
+        for (seq, size) in candidates {
+            if out.len() >= max_windows.max(1) || (!out.is_empty() && bytes + size > max_bytes) {
+                break;
+            }
+            let mut window = match self.read(seq) {
+                Ok(w) => w,
+                Err(reason) => {
+                    self.quarantine_file(seq, &format!("damaged: {reason}"), true)?;
+                    continue;
+                }
+            };
+            let (mut size, mut window_ok) = (size, true);
+            if size > self.max_window_bytes && !window.profile.is_empty() {
+                // Spooled under a larger limit (an earlier run): trim it now, or it
+                // might never be accepted (the window limit is below the aggregator's).
+                self.fit(&mut window);
+                match self.write_window(&window) {
+                    Ok(new_size) => size = new_size,
+                    Err(e) => {
+                        tracing::error!("spool: trimmed window {seq} not rewritten: {e}");
+                        window_ok = false;
+                    }
+                }
+            }
+            if !window_ok {
+                break;
+            }
+            if out
+                .first()
+                .is_some_and(|f| f.agent_instance != window.agent_instance)
+            {
+                break;
+            }
+            bytes += size;
+            out.push(window);
+        }
+        if let Some(last) = out.last() {
+            self.maybe_sent_through = Some(
+                self.maybe_sent_through
+                    .map_or(last.seq, |s| s.max(last.seq)),
+            );
+        }
+        self.publish();
+        Ok(out)
     }
 
     /// Up to `max` windows after `after` (all windows when None), in seq order.
@@ -245,29 +588,81 @@ impl Spool {
         after: Option<u64>,
         max: usize,
     ) -> Result<Vec<v1::WindowReport>, AgentError> {
-        let seqs: Vec<u64> = self
-            .sizes
-            .keys()
-            .copied()
-            .filter(|s| after.is_none_or(|a| *s > a))
-            .take(max)
-            .collect();
-        let mut out = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            out.push(self.read(seq)?);
-        }
-        if let Some(last) = out.last() {
-            self.maybe_sent_through = Some(
-                self.maybe_sent_through
-                    .map_or(last.seq, |s| s.max(last.seq)),
-            );
-        }
-        Ok(out)
+        self.next_batch(after, max, u64::MAX)
     }
 
     /// The aggregator holds every window with seq <= `seq`: delete them.
     pub fn ack_through(&mut self, seq: u64) -> Result<usize, AgentError> {
-        let done: Vec<u64> = self.sizes.range(..=seq).map(|(s, _)| *s).collect();
+        self.settle(&v1::Ack {
+            acked_through_seq: seq,
+            ..Default::default()
+        })
+        .map(|s| s.deleted)
+    }
+
+    /// Applies an acknowledgement: refused windows are quarantined,
+    /// renumbered under a new instance, or kept for later (by their code);
+    /// every other window with seq <= `acked_through_seq` is deleted.
+    pub fn settle(&mut self, ack: &v1::Ack) -> Result<Settled, AgentError> {
+        let mut settled = Settled::default();
+        let mut renumber = Vec::new();
+        for refusal in &ack.refused {
+            if !self.sizes.contains_key(&refusal.seq) {
+                continue;
+            }
+            let code = RefusalCode::try_from(refusal.code).unwrap_or(RefusalCode::Unspecified);
+            match code {
+                RefusalCode::SeqConflict | RefusalCode::WrongInstance => renumber.push(refusal.seq),
+                RefusalCode::ClockAhead => {
+                    self.held.insert(refusal.seq);
+                    self.stats.deferred += 1;
+                    settled.deferred += 1;
+                    tracing::warn!(
+                        "aggregator: window {} is ahead of its clock ({}); kept, sent again later",
+                        refusal.seq,
+                        refusal.reason
+                    );
+                }
+                _ => {
+                    self.quarantine_file(
+                        refusal.seq,
+                        &format!("refused by the aggregator: {}", refusal.reason),
+                        false,
+                    )?;
+                    settled.quarantined += 1;
+                }
+            }
+        }
+        if !renumber.is_empty() {
+            self.agent_instance = new_instance_id();
+            self.stats.new_instances += 1;
+            tracing::warn!(
+                "aggregator refused {} windows for their seq or instance; new agent instance {}",
+                renumber.len(),
+                self.agent_instance
+            );
+            for seq in renumber {
+                let Ok(mut window) = self.read(seq) else {
+                    self.quarantine_file(seq, "damaged while renumbering", true)?;
+                    continue;
+                };
+                window.agent_instance = self.agent_instance.clone();
+                window.seq = self.next_seq;
+                self.write_window(&window)?;
+                self.next_seq += 1;
+                self.write_state()?;
+                let _ = fs::remove_file(self.dir.join(file_name(seq)));
+                self.sizes.remove(&seq);
+                self.stats.renumbered += 1;
+                settled.renumbered += 1;
+            }
+        }
+        let done: Vec<u64> = self
+            .sizes
+            .range(..=ack.acked_through_seq)
+            .map(|(s, _)| *s)
+            .filter(|s| !self.held.contains(s))
+            .collect();
         for s in &done {
             let path = self.dir.join(file_name(*s));
             match fs::remove_file(&path) {
@@ -277,33 +672,97 @@ impl Spool {
             }
             self.sizes.remove(s);
         }
+        settled.deleted = done.len();
         self.stats.acked += done.len() as u64;
-        Ok(done.len())
+        self.shared.last_ack_unix_s.store(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        self.publish();
+        Ok(settled)
+    }
+
+    /// Windows kept because they were ahead of the aggregator's clock; they
+    /// are sent again by the next stream (after a back-off).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Forgets which windows were held: the next stream sends them again.
+    pub fn release_held(&mut self) {
+        self.held.clear();
     }
 
     fn enforce_bound(&mut self) -> Result<(), AgentError> {
         while self.bytes() > self.max_bytes {
-            let mergeable: Vec<u64> = self
+            let unsent: Vec<u64> = self
                 .sizes
                 .keys()
                 .copied()
                 .filter(|s| self.maybe_sent_through.is_none_or(|t| *s > t))
-                .take(2)
+                .filter(|s| !self.held.contains(s))
                 .collect();
-            let [older, newer] = mergeable[..] else {
-                return Ok(());
-            };
-            let merged = merge_windows(&self.read(older)?, &self.read(newer)?);
-            let record = encode_record(&merged);
-            write_durably(&self.dir, &file_name(newer), &record)?;
-            self.sizes.insert(newer, record.len() as u64);
-            let _ = fs::remove_file(self.dir.join(file_name(older)));
-            self.sizes.remove(&older);
-            self.stats.merges += 1;
-            tracing::warn!(
-                "spool over {} bytes: merged window {older} into {newer}",
-                self.max_bytes
-            );
+            // The two oldest unsent windows that may become one.
+            let mut pair = None;
+            let mut damaged = None;
+            for w in unsent.windows(2) {
+                let (older, newer) = (w[0], w[1]);
+                let (a, b) = match (self.read(older), self.read(newer)) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(r), _) => {
+                        damaged = Some((older, r));
+                        break;
+                    }
+                    (_, Err(r)) => {
+                        damaged = Some((newer, r));
+                        break;
+                    }
+                };
+                let span = a.end_unix_ns.max(b.end_unix_ns) - a.start_unix_ns.min(b.start_unix_ns);
+                if a.agent_instance == b.agent_instance && span <= self.max_merged_span_ns {
+                    pair = Some((older, a, b));
+                    break;
+                }
+            }
+            if let Some((seq, reason)) = damaged {
+                self.quarantine_file(seq, &format!("damaged: {reason}"), true)?;
+                continue;
+            }
+            match pair {
+                Some((older, a, b)) => {
+                    let mut merged = merge_windows(&a, &b);
+                    self.fit(&mut merged);
+                    self.write_window(&merged)?;
+                    let _ = fs::remove_file(self.dir.join(file_name(older)));
+                    self.sizes.remove(&older);
+                    self.stats.merges += 1;
+                    tracing::warn!(
+                        "spool over {} bytes: merged window {older} into {}",
+                        self.max_bytes,
+                        merged.seq
+                    );
+                }
+                None => {
+                    // Nothing can be merged: the oldest unsent window goes, counted
+                    // (but never the newest: it is what was just measured).
+                    let Some(&oldest) = unsent.first().filter(|_| unsent.len() > 1) else {
+                        return Ok(());
+                    };
+                    let stands_for = self
+                        .read(oldest)
+                        .map_or(1, |w| u64::from(w.merged_windows.max(1)));
+                    let _ = fs::remove_file(self.dir.join(file_name(oldest)));
+                    self.sizes.remove(&oldest);
+                    self.stats.dropped_spool_full += stands_for;
+                    tracing::error!(
+                        "spool over {} bytes and nothing can be merged: window {oldest} dropped",
+                        self.max_bytes
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -380,6 +839,390 @@ pub fn merge_windows(a: &v1::WindowReport, b: &v1::WindowReport) -> v1::WindowRe
     let mut processes: Vec<_> = processes.into_values().collect();
     processes.sort_by(|x, y| (&x.comm, &x.service).cmp(&(&y.comm, &y.service)));
     m.processes = processes;
-    m.profile.extend(a.profile.iter().cloned());
+    let mut stacks: BTreeMap<(String, String, String, String), v1::ProfileStack> = BTreeMap::new();
+    for s in a.profile.iter().chain(&b.profile) {
+        let e = stacks
+            .entry((
+                s.comm.clone(),
+                s.service.clone(),
+                s.scenario.clone(),
+                s.stack.clone(),
+            ))
+            .or_insert_with(|| v1::ProfileStack {
+                pid: s.pid,
+                comm: s.comm.clone(),
+                service: s.service.clone(),
+                scenario: s.scenario.clone(),
+                stack: s.stack.clone(),
+                ..Default::default()
+            });
+        e.samples += s.samples;
+        e.energy_j += s.energy_j;
+    }
+    m.profile = stacks.into_values().collect();
+    m.profile_stacks_trimmed = a.profile_stacks_trimmed + b.profile_stacks_trimmed;
+    m.profile_trimmed_energy_j = a.profile_trimmed_energy_j + b.profile_trimmed_energy_j;
     m
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A window of `energy_j` over one second with `stacks` profile stacks.
+    fn window(seq: u64, energy_j: f64, stacks: usize) -> v1::WindowReport {
+        let start = 1_700_000_000_000_000_000 + seq * 1_000_000_000;
+        v1::WindowReport {
+            host: "h".into(),
+            agent_instance: "ignored".into(),
+            seq,
+            start_unix_ns: start,
+            end_unix_ns: start + 1_000_000_000,
+            host_energy_j: energy_j,
+            busy_cpu_ns: 1_000,
+            scenarios: vec![v1::ScenarioRecord {
+                scenario: "query".into(),
+                transactions: 3,
+                ..Default::default()
+            }],
+            profile: (0..stacks)
+                .map(|i| v1::ProfileStack {
+                    comm: "svc".into(),
+                    stack: format!("main;work;frame_{i:04}_{}", "x".repeat(40)),
+                    samples: 1,
+                    energy_j: 0.001 * (i + 1) as f64,
+                    ..Default::default()
+                })
+                .collect(),
+            merged_windows: 1,
+            ..Default::default()
+        }
+    }
+
+    fn all_windows(spool: &mut Spool) -> Vec<v1::WindowReport> {
+        spool.next_batch(None, usize::MAX, u64::MAX).unwrap()
+    }
+
+    fn quarantined(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join(QUARANTINE_DIR))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_spool_takes_its_own_instance_and_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+        assert_eq!(spool.append(&window(77, 1.0, 0)).unwrap(), 0);
+        assert_eq!(spool.append(&window(3, 1.0, 0)).unwrap(), 1);
+        let w = all_windows(&mut spool);
+        assert_eq!(
+            w.iter()
+                .map(|w| (w.agent_instance.as_str(), w.seq))
+                .collect::<Vec<_>>(),
+            [("inst", 0), ("inst", 1)]
+        );
+    }
+
+    #[test]
+    fn merging_on_overflow_holds_the_byte_bound_and_keeps_every_joule() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each window with 30 stacks is ~2.3 KB; 20 of them would be ~46 KB.
+        let one = encode_record(&window(0, 1.0, 30)).len() as u64;
+        let max = 6 * one;
+        let mut spool = Spool::open(dir.path(), max, "inst").unwrap();
+        for seq in 0..20 {
+            spool.append(&window(seq, 1.5, 30)).unwrap();
+            assert!(
+                spool.bytes() <= max,
+                "{} > {max} after {seq}",
+                spool.bytes()
+            );
+        }
+        let windows = all_windows(&mut spool);
+        let energy: f64 = windows.iter().map(|w| w.host_energy_j).sum();
+        let merged: u32 = windows.iter().map(|w| w.merged_windows).sum();
+        let txn: u64 = windows
+            .iter()
+            .flat_map(|w| &w.scenarios)
+            .map(|s| s.transactions)
+            .sum();
+        let samples: u64 = windows
+            .iter()
+            .flat_map(|w| &w.profile)
+            .map(|s| s.samples)
+            .sum();
+        assert!((energy - 30.0).abs() < 1e-9, "{energy} J of 20 x 1.5 J");
+        assert_eq!(merged, 20, "every window is in exactly one record");
+        assert_eq!(txn, 60);
+        assert_eq!(samples, 20 * 30, "the same stacks are summed, not repeated");
+        assert_eq!(spool.stats().merges, 20 - windows.len() as u64);
+        assert_eq!(spool.stats().dropped_spool_full, 0);
+        // The same 30 stacks, summed: a merged window is no bigger than one window.
+        assert!(windows.iter().all(|w| w.profile.len() == 30));
+        // Merged time ranges join without gaps or overlap.
+        assert_eq!(windows[0].start_unix_ns, window(0, 0.0, 0).start_unix_ns);
+    }
+
+    #[test]
+    fn merging_never_joins_more_than_the_longest_window_and_drops_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = encode_record(&window(0, 1.0, 0)).len() as u64;
+        let mut spool = Spool::open(dir.path(), 3 * one + one / 2, "inst").unwrap();
+        // Windows may span at most 2 s merged: pairs only.
+        spool.set_window_limits(1 << 20, Duration::from_secs(2));
+        for seq in 0..10 {
+            spool.append(&window(seq, 1.0, 0)).unwrap();
+        }
+        let windows = all_windows(&mut spool);
+        assert!(spool.bytes() <= 3 * one + one / 2);
+        assert!(windows
+            .iter()
+            .all(|w| w.end_unix_ns - w.start_unix_ns <= 2_000_000_000));
+        let merged: u64 = windows.iter().map(|w| u64::from(w.merged_windows)).sum();
+        let s = spool.stats();
+        assert_eq!(
+            merged + s.dropped_spool_full,
+            10,
+            "kept + dropped = appended"
+        );
+        assert!(s.dropped_spool_full > 0);
+    }
+
+    #[test]
+    fn a_window_over_the_limit_is_trimmed_and_the_trim_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30, "inst").unwrap();
+        spool.set_window_limits(64 * 1024, DEFAULT_MAX_MERGED_SPAN);
+        let big = window(0, 5.0, 3000);
+        let total_profile_j: f64 = big.profile.iter().map(|s| s.energy_j).sum();
+        assert!(encode_record(&big).len() > 64 * 1024);
+        spool.append(&big).unwrap();
+        let w = &all_windows(&mut spool)[0];
+        assert!(encode_record(w).len() <= 64 * 1024);
+        assert_eq!(w.profile.len() as u64 + w.profile_stacks_trimmed, 3000);
+        let kept_j: f64 = w.profile.iter().map(|s| s.energy_j).sum();
+        assert!((kept_j + w.profile_trimmed_energy_j - total_profile_j).abs() < 1e-6);
+        // The lowest-energy stacks went first.
+        let min_kept = w
+            .profile
+            .iter()
+            .map(|s| s.energy_j)
+            .fold(f64::MAX, f64::min);
+        assert!(min_kept > w.profile_trimmed_energy_j / w.profile_stacks_trimmed as f64);
+        assert_eq!(spool.stats().trimmed_stacks, w.profile_stacks_trimmed);
+        assert_eq!(w.host_energy_j, 5.0);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes_and_by_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30, "inst").unwrap();
+        for seq in 0..10 {
+            spool.append(&window(seq, 1.0, 30)).unwrap();
+        }
+        let one = encode_record(&window(0, 1.0, 30)).len() as u64;
+        let batch = spool.next_batch(None, 64, 3 * one + 10).unwrap();
+        assert_eq!(batch.len(), 3);
+        // One window bigger than the byte bound still goes, alone.
+        let batch = spool.next_batch(Some(2), 64, 10).unwrap();
+        assert_eq!(batch.iter().map(|w| w.seq).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn a_damaged_file_is_moved_aside_at_start_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+            for seq in 0..3 {
+                spool.append(&window(seq, 1.0, 0)).unwrap();
+            }
+        }
+        let victim = dir.path().join(file_name(1));
+        let mut bytes = fs::read(&victim).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(&victim, bytes).unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+        assert_eq!(spool.pending_seqs(), [0, 2]);
+        assert_eq!(spool.stats().corrupt, 1);
+        assert_eq!(
+            quarantined(dir.path()),
+            ["00000000000000000001.reason", "00000000000000000001.win"]
+        );
+        let reason = fs::read_to_string(
+            dir.path()
+                .join(QUARANTINE_DIR)
+                .join("00000000000000000001.reason"),
+        )
+        .unwrap();
+        assert!(reason.contains("checksum mismatch"), "{reason}");
+        assert_eq!(all_windows(&mut spool).len(), 2);
+        assert_eq!(spool.agent_instance(), "inst", "an intact state is kept");
+    }
+
+    #[test]
+    fn a_file_damaged_while_running_is_quarantined_and_sending_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+        for seq in 0..4 {
+            spool.append(&window(seq, 1.0, 0)).unwrap();
+        }
+        fs::write(dir.path().join(file_name(1)), b"SCIW garbage").unwrap();
+        let batch = spool.next_batch(None, 64, u64::MAX).unwrap();
+        assert_eq!(batch.iter().map(|w| w.seq).collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(spool.stats().corrupt, 1);
+        assert_eq!(quarantined(dir.path()).len(), 2);
+        assert_eq!(spool.ack_through(3).unwrap(), 3);
+        assert!(spool.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_state_is_detected_and_rebuilt_from_the_spool_files() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+            for seq in 0..12 {
+                spool.append(&window(seq, 1.0, 0)).unwrap();
+            }
+            // The first two were delivered.
+            spool.ack_through(1).unwrap();
+        }
+        let state_path = dir.path().join("state");
+        let state = fs::read_to_string(&state_path).unwrap();
+        assert!(state.starts_with("v2 inst 12 "), "{state}");
+        // One damaged digit: next seq 12 reads 02 (seqs 2..11 would be reused).
+        fs::write(&state_path, state.replacen("inst 12", "inst 02", 1)).unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20, "fresh").unwrap();
+        assert_eq!(spool.stats().state_recovered, 1);
+        assert_ne!(
+            spool.agent_instance(),
+            "inst",
+            "a new instance: no seq is reused"
+        );
+        assert_ne!(spool.agent_instance(), "fresh");
+        assert_eq!(
+            spool.next_seq(),
+            12,
+            "numbering continues after the spooled files"
+        );
+        // The spooled windows keep the instance they were measured under.
+        let pending = all_windows(&mut spool);
+        assert_eq!(pending.len(), 10);
+        assert!(pending.iter().all(|w| w.agent_instance == "inst"));
+        let new_seq = spool.append(&window(99, 1.0, 0)).unwrap();
+        assert_eq!(new_seq, 12);
+        // A batch never mixes instances.
+        let first = spool.next_batch(None, 64, u64::MAX).unwrap();
+        assert_eq!(first.len(), 10);
+        let rest = spool.next_batch(Some(11), 64, u64::MAX).unwrap();
+        assert_eq!(rest[0].agent_instance, spool.agent_instance());
+
+        // A missing state with windows spooled is rebuilt the same way.
+        drop(spool);
+        fs::remove_file(&state_path).unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, "fresh").unwrap();
+        assert_eq!(spool.stats().state_recovered, 1);
+        assert_eq!(spool.next_seq(), 13);
+        assert_eq!(spool.len(), 11);
+    }
+
+    #[test]
+    fn refusals_are_quarantined_renumbered_or_held_never_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+        for seq in 0..5 {
+            spool.append(&window(seq, 1.0 + seq as f64, 0)).unwrap();
+        }
+        let refusal = |seq: u64, code: RefusalCode| v1::Refusal {
+            seq,
+            reason: format!("{code:?}"),
+            code: code as i32,
+        };
+        let settled = spool
+            .settle(&v1::Ack {
+                agent_instance: "inst".into(),
+                acked_through_seq: 4,
+                refused: vec![
+                    refusal(1, RefusalCode::Invalid),
+                    refusal(2, RefusalCode::SeqConflict),
+                    refusal(3, RefusalCode::ClockAhead),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            settled,
+            Settled {
+                deleted: 2,
+                quarantined: 1,
+                renumbered: 1,
+                deferred: 1
+            }
+        );
+        // 1 is in quarantine with its reason; 2 came back as seq 5 of a new instance; 3 is kept.
+        assert_eq!(
+            quarantined(dir.path()),
+            ["00000000000000000001.reason", "00000000000000000001.win"]
+        );
+        assert_eq!(spool.pending_seqs(), [3, 5]);
+        assert_ne!(spool.agent_instance(), "inst");
+        // Two batches: one per instance.
+        let old = all_windows(&mut spool);
+        assert_eq!(old.len(), 1);
+        assert_eq!((old[0].agent_instance.as_str(), old[0].seq), ("inst", 3));
+        let new = spool.next_batch(Some(3), 64, u64::MAX).unwrap();
+        assert_eq!(new[0].agent_instance, spool.agent_instance());
+        assert_eq!(
+            new[0].host_energy_j, 3.0,
+            "the renumbered window is window 2"
+        );
+        let s = spool.stats();
+        assert_eq!(
+            (
+                s.quarantined_refused,
+                s.renumbered,
+                s.new_instances,
+                s.deferred
+            ),
+            (1, 1, 1, 1)
+        );
+        // A later ack does not delete the held window until it is sent again.
+        spool.ack_through(3).unwrap();
+        assert_eq!(spool.pending_seqs(), [3, 5]);
+        spool.release_held();
+        spool.ack_through(5).unwrap();
+        assert!(spool.is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_is_counted_and_leaves_no_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+        spool.append(&window(0, 1.0, 0)).unwrap();
+        // The next record's name is taken by a non-empty directory: the rename fails.
+        let blocker = dir.path().join(file_name(1));
+        fs::create_dir(&blocker).unwrap();
+        fs::write(blocker.join("x"), b"x").unwrap();
+        let err = spool.append(&window(1, 1.0, 0)).unwrap_err().to_string();
+        assert!(err.contains("renaming"), "{err}");
+        assert_eq!(spool.stats().dropped_write_failed, 1);
+        assert_eq!(spool.stats().write_failures, 1);
+        let tmp: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+        fs::remove_dir_all(&blocker).unwrap();
+        // The spool goes on with the next window.
+        assert_eq!(spool.append(&window(2, 1.0, 0)).unwrap(), 1);
+    }
 }

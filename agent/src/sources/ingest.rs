@@ -11,7 +11,11 @@
 //! a token bucket of `max_per_second` transactions (burst: one second's worth),
 //! so one runaway client cannot inflate the business figures; lines longer
 //! than `max_line_bytes` are refused and skipped up to the next newline. The
-//! endpoint keeps serving whatever arrives.
+//! endpoint keeps serving whatever arrives. A Unix connection that sends
+//! nothing for `idle_timeout` is closed (counted as `idle_timeout`), so idle
+//! clients cannot hold every slot; datagrams the kernel dropped because the
+//! socket's receive queue was full are read from the socket's `drops`
+//! column in /proc/net/udp (udp6) every second and counted as `udp_dropped`.
 //!
 //! `[[ingest.prometheus]]` targets are scraped on their own interval: the
 //! increase of a counter between two scrapes is that many transactions (a
@@ -48,6 +52,9 @@ pub struct IngestConfig {
     pub max_line_bytes: usize,
     /// Unix connections served at once; further ones are closed at once.
     pub max_connections: usize,
+    /// A Unix connection silent this long is closed.
+    #[serde(with = "duration_text")]
+    pub idle_timeout: std::time::Duration,
     /// Prometheus counters of services turned into transactions.
     pub prometheus: Vec<PrometheusScrapeConfig>,
 }
@@ -107,6 +114,7 @@ impl Default for IngestConfig {
             max_per_second: 1_000_000,
             max_line_bytes: 256,
             max_connections: 64,
+            idle_timeout: std::time::Duration::from_secs(30),
             prometheus: Vec::new(),
         }
     }
@@ -151,6 +159,10 @@ pub enum RefusalReason {
     TooManyConnections,
     /// A Prometheus scrape failed (connection, HTTP status, body).
     ScrapeFailed,
+    /// A Unix connection closed after `idle_timeout` without a byte.
+    IdleTimeout,
+    /// Datagrams the kernel dropped (receive queue full), as counted by the kernel.
+    UdpDropped,
 }
 
 impl RefusalReason {
@@ -167,6 +179,8 @@ impl RefusalReason {
             RefusalReason::Overlong => "overlong",
             RefusalReason::TooManyConnections => "too_many_connections",
             RefusalReason::ScrapeFailed => "scrape_failed",
+            RefusalReason::IdleTimeout => "idle_timeout",
+            RefusalReason::UdpDropped => "udp_dropped",
         }
     }
 }
@@ -274,7 +288,15 @@ impl IngestCounters {
     }
 
     pub fn refuse(&self, reason: RefusalReason) {
-        *self.lock().refused.entry(reason).or_default() += 1;
+        self.refuse_n(reason, 1);
+    }
+
+    /// Counts `n` refusals of one reason at once.
+    pub fn refuse_n(&self, reason: RefusalReason, n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self.lock().refused.entry(reason).or_default() += n;
         tracing::debug!(target: "sci_agent::ingest", "refused: {}", reason.as_str());
     }
 
@@ -377,6 +399,7 @@ impl IngestEndpoint {
             ("max_per_second", cfg.max_per_second),
             ("max_line_bytes", cfg.max_line_bytes as u64),
             ("max_connections", cfg.max_connections as u64),
+            ("idle_timeout", cfg.idle_timeout.as_millis() as u64),
         ] {
             if value == 0 {
                 return Err(IngestError::BadLimit { field, value });
@@ -471,12 +494,59 @@ fn remove_stale_socket(path: &Path) {
     }
 }
 
+/// The kernel's count of datagrams dropped on the socket with inode `inode`
+/// (last column of /proc/net/udp and udp6).
+pub fn udp_socket_drops(inode: u64) -> Option<u64> {
+    let wanted = inode.to_string();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9) == Some(&wanted.as_str()) {
+                return fields.last().and_then(|d| d.parse().ok());
+            }
+        }
+    }
+    None
+}
+
+/// Inode of a socket, which names it in /proc/net/*.
+fn socket_inode(socket: &UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+        .ok()
+        .map(|m| m.ino())
+}
+
 async fn serve_udp(socket: UdpSocket, cfg: Arc<IngestConfig>, counters: Arc<IngestCounters>) {
     let mut buckets: HashMap<SocketAddr, TokenBucket> = HashMap::new();
     // One byte more than the largest datagram we accept, to tell overlong ones apart.
     let mut buf = vec![0u8; 65_536];
+    let inode = socket_inode(&socket);
+    // The socket is new: every drop the kernel counts on it is ours to report.
+    let mut drops_seen = 0;
+    if inode.is_none() {
+        tracing::warn!(
+            "ingest: the UDP socket's inode is unknown; kernel drops will not be counted"
+        );
+    }
+    let mut drop_check = tokio::time::interval(std::time::Duration::from_secs(1));
+    drop_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            r = socket.recv_from(&mut buf) => r,
+            _ = drop_check.tick() => {
+                if let Some(now) = inode.and_then(udp_socket_drops) {
+                    counters.refuse_n(RefusalReason::UdpDropped, now.saturating_sub(drops_seen));
+                    drops_seen = now.max(drops_seen);
+                }
+                continue;
+            }
+        };
+        let (len, peer) = match received {
             Ok(got) => got,
             Err(e) => {
                 tracing::debug!(target: "sci_agent::ingest", "UDP receive: {e}");
@@ -535,9 +605,13 @@ async fn serve_unix_connection(
     let mut skipping = false;
     let mut chunk = vec![0u8; 8192];
     loop {
-        let n = match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = match tokio::time::timeout(cfg.idle_timeout, stream.read(&mut chunk)).await {
+            Err(_) => {
+                counters.refuse(RefusalReason::IdleTimeout);
+                break;
+            }
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => n,
         };
         let mut rest = &chunk[..n];
         while !rest.is_empty() {
