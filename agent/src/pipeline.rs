@@ -219,6 +219,8 @@ impl Pipeline {
         report.datacenter = self.datacenter.clone();
         report.idle_cpu_ns = sample.idle_cpu_ns();
         report.busy_cpu_ns = sample.busy_cpu_ns();
+        report.unattributed_cpu_ns = sample.unowned_busy_ns_per_cpu.iter().sum();
+        report.steal_cpu_ns = self.sampler.steal_cpu_ns();
         report.lost = sample.lost.clone();
         report.processes = sample
             .processes
