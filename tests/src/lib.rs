@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests.
 
 pub mod fleet;
+pub mod postgres;
 
 /// Whether privileged (eBPF) tests must run: on CI they must, and fail if they cannot.
 pub fn ci() -> bool {
