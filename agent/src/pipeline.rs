@@ -174,6 +174,12 @@ impl Pipeline {
                     }
                 }
                 self.attributor.attribute(&sample, &energy, &mut report);
+                if report.estimated {
+                    report.energy_model = self
+                        .energy
+                        .model_description()
+                        .unwrap_or_else(|| report.energy_source.clone());
+                }
             }
             Err(e) => tracing::warn!("energy of window {}: {e}", report.seq),
         }
