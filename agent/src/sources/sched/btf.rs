@@ -9,7 +9,6 @@
 //! differently-licensed crate for one lookup. It reads only what the lookups
 //! need: names, kinds, struct/union members (through anonymous members,
 //! typedefs and qualifiers) and function prototypes' parameter names.
-use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::AgentError;
@@ -34,22 +33,27 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Member {
-    name: String,
+    /// Offset of the name in the string section.
+    name: u32,
     type_id: u32,
     bit_offset: u32,
     bitfield_size: u32,
 }
 
-#[derive(Debug, Clone)]
+/// One type record; names stay offsets into the string section (a kernel
+/// has some 150,000 types: nothing is allocated per type).
+#[derive(Debug, Clone, Copy)]
 struct Type {
     kind: u32,
-    name: String,
+    name: u32,
     /// Size for ints, structs, unions, enums, floats; referenced type otherwise.
     size_or_type: u32,
-    /// Struct/union members, or function prototype parameters (offsets 0).
-    members: Vec<Member>,
+    /// Struct/union members, or function prototype parameters (offsets 0):
+    /// `members[first_member..first_member + member_count]`.
+    first_member: u32,
+    member_count: u32,
     /// Element type and count of an array.
     array: Option<(u32, u32)>,
 }
@@ -59,7 +63,8 @@ struct Type {
 pub struct KernelBtf {
     /// Index 0 is `void`; type ids index this vector.
     types: Vec<Type>,
-    by_name: HashMap<String, Vec<u32>>,
+    members: Vec<Member>,
+    strings: Vec<u8>,
 }
 
 /// A resolved member: its byte offset from the start of the outer struct and its size.
@@ -116,21 +121,15 @@ impl KernelBtf {
         let strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or_else(|| btf_err("string section out of bounds"))?;
-        let name_at = |off: u32| -> String {
-            let start = off as usize;
-            let Some(rest) = strings.get(start..) else {
-                return String::new();
-            };
-            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-            String::from_utf8_lossy(&rest[..end]).into_owned()
-        };
         let mut types = vec![Type {
             kind: 0,
-            name: String::new(),
+            name: 0,
             size_or_type: 0,
-            members: Vec::new(),
+            first_member: 0,
+            member_count: 0,
             array: None,
         }];
+        let mut all_members: Vec<Member> = Vec::new();
         let mut at = types_at;
         let end = types_at + type_len;
         while at < end {
@@ -141,7 +140,7 @@ impl KernelBtf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
+            let first_member = all_members.len() as u32;
             let mut array = None;
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
@@ -161,8 +160,8 @@ impl KernelBtf {
                         } else {
                             (m_off, 0)
                         };
-                        members.push(Member {
-                            name: name_at(m_name),
+                        all_members.push(Member {
+                            name: m_name,
                             type_id: m_type,
                             bit_offset,
                             bitfield_size,
@@ -175,8 +174,8 @@ impl KernelBtf {
                     for _ in 0..vlen {
                         let p_name = read_u32(data, at, little)?;
                         let p_type = read_u32(data, at + 4, little)?;
-                        members.push(Member {
-                            name: name_at(p_name),
+                        all_members.push(Member {
+                            name: p_name,
                             type_id: p_type,
                             bit_offset: 0,
                             bitfield_size: 0,
@@ -191,19 +190,42 @@ impl KernelBtf {
             }
             types.push(Type {
                 kind,
-                name: name_at(name_off),
+                name: name_off,
                 size_or_type,
-                members,
+                first_member,
+                member_count: all_members.len() as u32 - first_member,
                 array,
             });
         }
-        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
-        for (id, t) in types.iter().enumerate() {
-            if !t.name.is_empty() {
-                by_name.entry(t.name.clone()).or_default().push(id as u32);
-            }
-        }
-        Ok(KernelBtf { types, by_name })
+        Ok(KernelBtf {
+            types,
+            members: all_members,
+            strings: strings.to_vec(),
+        })
+    }
+
+    /// The name at `offset` of the string section (empty when out of range).
+    fn name(&self, offset: u32) -> &[u8] {
+        let Some(rest) = self.strings.get(offset as usize..) else {
+            return &[];
+        };
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
+    fn members_of(&self, t: &Type) -> &[Member] {
+        let first = t.first_member as usize;
+        self.members
+            .get(first..first + t.member_count as usize)
+            .unwrap_or(&[])
+    }
+
+    /// The first type named `name` that satisfies `wanted`.
+    fn find_type(&self, name: &str, wanted: impl Fn(&Type) -> bool) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|t| t.name != 0 && wanted(t) && self.name(t.name) == name.as_bytes())
+            .map(|id| id as u32)
     }
 
     fn get(&self, id: u32) -> Result<&Type, AgentError> {
@@ -241,34 +263,26 @@ impl KernelBtf {
     }
 
     fn struct_id(&self, name: &str) -> Result<u32, AgentError> {
-        self.by_name
-            .get(name)
-            .into_iter()
-            .flatten()
-            .copied()
-            .find(|id| {
-                self.types
-                    .get(*id as usize)
-                    .is_some_and(|t| t.kind == KIND_STRUCT && t.size_or_type > 0)
-            })
+        self.find_type(name, |t| t.kind == KIND_STRUCT && t.size_or_type > 0)
             .ok_or_else(|| btf_err(format!("no struct {name}")))
     }
 
     /// Finds `name` among the members of struct/union `id`, looking inside
     /// anonymous struct/union members; returns (bit offset, member type).
     fn find_member(&self, id: u32, name: &str) -> Result<Option<(u32, u32)>, AgentError> {
-        let t = self.get(self.strip(id)?)?;
+        let t = *self.get(self.strip(id)?)?;
         if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
             return Ok(None);
         }
-        for m in &t.members {
-            if m.name == name {
+        for m in self.members_of(&t) {
+            let member_name = self.name(m.name);
+            if member_name == name.as_bytes() {
                 if m.bitfield_size != 0 {
                     return Err(btf_err(format!("{name} is a bitfield")));
                 }
                 return Ok(Some((m.bit_offset, m.type_id)));
             }
-            if m.name.is_empty() {
+            if member_name.is_empty() {
                 if let Some((inner, ty)) = self.find_member(m.type_id, name)? {
                     return Ok(Some((m.bit_offset + inner, ty)));
                 }
@@ -316,26 +330,16 @@ impl KernelBtf {
     pub fn tracepoint_arg(&self, tracepoint: &str, param: &str) -> Result<usize, AgentError> {
         let function = format!("__bpf_trace_{tracepoint}");
         let id = self
-            .by_name
-            .get(&function)
-            .into_iter()
-            .flatten()
-            .copied()
-            .find(|id| {
-                self.types
-                    .get(*id as usize)
-                    .is_some_and(|t| t.kind == KIND_FUNC)
-            })
+            .find_type(&function, |t| t.kind == KIND_FUNC)
             .ok_or_else(|| btf_err(format!("no tracepoint {tracepoint} ({function})")))?;
-        let proto = self.get(self.strip(self.get(id)?.size_or_type)?)?;
+        let proto = *self.get(self.strip(self.get(id)?.size_or_type)?)?;
         if proto.kind != KIND_FUNC_PROTO {
             return Err(btf_err(format!("{function} has no prototype")));
         }
-        proto
-            .members
+        self.members_of(&proto)
             .iter()
             .skip(1)
-            .position(|p| p.name == param)
+            .position(|p| self.name(p.name) == param.as_bytes())
             .ok_or_else(|| btf_err(format!("tracepoint {tracepoint} has no argument {param}")))
     }
 }

@@ -34,7 +34,7 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use super::batch::PerCpuBatchReader;
 use super::btf::KernelBtf;
 use super::proc_info::{
-    clock_ticks_per_second, online_cpus, read_proc_info, CgroupPaths, ProcInfo,
+    clock_ticks_per_second, online_cpus, read_proc_info, refresh_after_exec, CgroupPaths, ProcInfo,
 };
 use super::procfs::HostCpuTimes;
 use super::{CpuSample, CpuSampler, ProcessCpu};
@@ -48,6 +48,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub(crate) fn ebpf_object() -> &'static [u8] {
     EBPF_OBJECT
 }
+
+/// Where the running kernel describes its types.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The tracepoints the accounting needs.
 const TRACEPOINT_PROGRAMS: [(&str, &str); 5] = [
@@ -141,8 +144,20 @@ impl Lifecycle {
                     }
                 }
                 PROC_EVENT_EXEC => {
-                    if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
-                        self.state.info.insert(event.tgid, info);
+                    // A process described at its fork keeps its parent, start
+                    // and cgroup: only what exec changes is read.
+                    let known = match self.state.info.get_mut(&event.tgid) {
+                        Some(info) => {
+                            info.comm = comm_to_string(&event.comm);
+                            refresh_after_exec(&self.proc_root, info);
+                            true
+                        }
+                        None => false,
+                    };
+                    if !known {
+                        if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
+                            self.state.info.insert(event.tgid, info);
+                        }
                     }
                     self.state.exited.remove(&event.tgid);
                 }
@@ -283,17 +298,28 @@ impl EbpfSampler {
             ));
         }
         let track_threads = u8::from(options.track_threads);
-        let kernel_btf = KernelBtf::from_sys_fs()?;
-        let offsets = task_offsets(&kernel_btf)?;
-        drop(kernel_btf);
+        // The kernel's BTF is read once: our reader takes the offsets from it,
+        // aya's relocates and attaches with it.
+        let vmlinux = std::fs::read(VMLINUX_BTF)
+            .map_err(|e| ebpf_err(&format!("reading {VMLINUX_BTF}"), e))?;
+        let offsets = task_offsets(&KernelBtf::parse(&vmlinux)?)?;
+        let btf = Btf::parse(&vmlinux, aya::Endianness::default())
+            .map_err(|e| ebpf_err("parsing kernel BTF", e))?;
+        drop(vmlinux);
         let load_ktime_ns = monotonic_now_ns();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(Some(&btf))
             .override_global("TRACK_THREADS", &track_threads, true)
             .override_global("TASK_OFFSETS", &offsets, true)
-            .override_global("LOAD_KTIME_NS", &load_ktime_ns, true)
+            .override_global("LOAD_KTIME_NS", &load_ktime_ns, true);
+        if !options.track_threads {
+            // Unused: no need to preallocate 64k per-CPU entries.
+            loader.map_max_entries("THREAD_CPU_NS", 1);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the object", e))?;
-        let btf = Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF", e))?;
         for (program_name, tracepoint) in TRACEPOINT_PROGRAMS {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(program_name)
