@@ -7,7 +7,7 @@ use agent_common::{
     SCENARIO_SLOTS,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -278,9 +278,18 @@ fn try_sched_switch_bare(_ctx: &BtfTracePointContext) -> Result<u32, u32> {
     Ok(0)
 }
 
+/// Sends a lifecycle event. Only an exec wakes the reader: it must read the
+/// new program's procfs entry while the process lives; forks, renames and
+/// exits wait for the next wake-up (an exec, the reader's 100 ms poll, or the
+/// window's close), which spares a context switch per event.
 #[inline(always)]
 fn send_event(event: &ProcEvent) {
-    if PROC_EVENTS.output::<ProcEvent>(event, 0).is_err() {
+    let flags = if event.kind == PROC_EVENT_EXEC {
+        0
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    if PROC_EVENTS.output::<ProcEvent>(event, flags).is_err() {
         count_loss(LOSS_RINGBUF_FULL, 1);
     }
 }

@@ -198,13 +198,16 @@ impl CgroupPaths {
 
 /// Clock ticks per second (`getconf CLK_TCK`).
 pub fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 {
-        ticks as u64
-    } else {
-        100
-    }
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks > 0 {
+            ticks as u64
+        } else {
+            100
+        }
+    })
 }
 
 /// Online CPU numbers, from /sys/devices/system/cpu/online ("0-3,6").
