@@ -297,8 +297,8 @@ pub struct ScenarioStage {
     weights: Weights,
     rules: Vec<ScenarioRule>,
     pod_labels_dir: Option<PathBuf>,
-    /// Verdicts by (pid, start_ticks), with the comm they were given for: a
-    /// process that renames itself is evaluated again.
+    /// Verdicts by (pid, start_ticks), with the comm they were given for: an
+    /// unclaimed process that renames itself is evaluated again.
     cache: HashMap<(u32, u64), (String, Assignment)>,
     evaluations: u64,
 }
@@ -336,7 +336,10 @@ impl ScenarioStage {
         };
         let key = (process.pid, start_ticks);
         if let Some((comm, found)) = self.cache.get(&key) {
-            if *comm == process.comm {
+            // A verdict a rule gave stays for the process's life; a process no
+            // rule claimed is looked at again once it renames itself (workers
+            // that take their role's name after start).
+            if *comm == process.comm || found.rule_index.is_some() {
                 return found.clone();
             }
         }
