@@ -38,10 +38,14 @@ pub struct ProcScenarioKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcEvent {
-    /// `PROC_EVENT_EXEC` or `PROC_EVENT_EXIT`.
+    /// `PROC_EVENT_EXEC`, `PROC_EVENT_EXIT`, `PROC_EVENT_FORK` or `PROC_EVENT_RENAME`.
     pub kind: u32,
     pub tgid: u32,
     pub tid: u32,
+    /// Fork: the child's true parent (`real_parent->tgid`); 0 otherwise.
+    pub ppid: u32,
+    /// Fork: the process the child is a copy of (the forking process); 0 otherwise.
+    pub origin_tgid: u32,
     pub _pad: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the event.
     pub ktime_ns: u64,
@@ -52,6 +56,37 @@ pub struct ProcEvent {
 
 pub const PROC_EVENT_EXEC: u32 = 1;
 pub const PROC_EVENT_EXIT: u32 = 2;
+/// A new process (not a thread) was forked; it inherits its origin's description.
+pub const PROC_EVENT_FORK: u32 = 3;
+/// A process's main thread changed its name (`prctl(PR_SET_NAME)`, exec); `comm` is the new one.
+pub const PROC_EVENT_RENAME: u32 = 4;
+
+/// Per-thread accounting state (`THREAD_STATE`, keyed by tid): everything the
+/// sched_switch program needs about a thread in one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    /// The thread's `se.sum_exec_runtime` when it was last charged (0 for a
+    /// thread born after the programs were loaded, so its first charge is its
+    /// whole runtime).
+    pub runtime_ns: u64,
+    /// Time charged at marker calls since `runtime_ns` was read (estimated from
+    /// the wall clock inside the running slice); the next switch charges the
+    /// rest of the runtime growth.
+    pub precharged_ns: u64,
+    /// Scenario the thread is serving (`SCENARIO_*`), between marker begin and end.
+    pub scenario: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the read-only offsets global `TASK_OFFSETS` (bytes into `struct
+/// task_struct`, resolved from the running kernel's BTF at load time).
+pub const OFFSET_RUNTIME: usize = 0;
+pub const OFFSET_PID: usize = 1;
+pub const OFFSET_TGID: usize = 2;
+pub const OFFSET_START_TIME: usize = 3;
+pub const OFFSET_REAL_PARENT: usize = 4;
+pub const OFFSET_SLOTS: usize = 8;
 
 /// Indexes of the `LOSSES` per-CPU counter array: whatever the kernel side
 /// could not record is counted here, never dropped silently.
@@ -63,6 +98,9 @@ pub const LOSS_RINGBUF_FULL: u32 = 2;
 pub const LOSS_THREAD_MAP_FULL: u32 = 3;
 pub const LOSS_TXN_MAP_FULL: u32 = 4;
 pub const LOSS_SCENARIO_MAP_FULL: u32 = 5;
+/// Thread-state inserts that failed (map full): such a thread is charged its
+/// whole runtime at each switch-out from a fresh baseline, and its scenario is lost.
+pub const LOSS_THREAD_STATE_FULL: u32 = 6;
 pub const LOSS_SLOTS: u32 = 8;
 
 /// Capacity of the per-process CPU time map.
@@ -76,6 +114,7 @@ mod pod {
     // matter for reading (the explicit `_pad` field covers alignment).
     unsafe impl aya::Pod for super::ProcScenarioKey {}
     unsafe impl aya::Pod for super::ProcEvent {}
+    unsafe impl aya::Pod for super::ThreadState {}
 }
 
 /// Key of the CPU profile's sample counts (`PROFILE_COUNTS`): the sampled

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::{tracing::StackIdContext, PerfEventContext},
 };
 
-use crate::programs::THREAD_SCENARIO;
+use crate::programs::THREAD_STATE;
 
 #[map]
 static PROFILE_STACKS: StackTrace = StackTrace::with_max_entries(PROFILE_MAX_STACKS, 0);
@@ -70,8 +70,8 @@ pub fn cpu_profile(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     // SAFETY: the value is copied out immediately.
-    let scenario = unsafe { THREAD_SCENARIO.get(&tid) }
-        .copied()
+    let scenario = unsafe { THREAD_STATE.get(&tid) }
+        .map(|state| state.scenario)
         .unwrap_or(SCENARIO_NONE);
     let key = ProfileKey {
         tgid: (pid_tgid >> 32) as u32,

@@ -1,15 +1,20 @@
 use agent_common::{
-    ProcEvent, ProcScenarioKey, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_TXN_MAP_FULL,
-    MAX_PROCESSES, MAX_THREADS, PROC_EVENT_EXEC, PROC_EVENT_EXIT, SCENARIO_NONE, SCENARIO_SLOTS,
+    ProcEvent, ProcScenarioKey, ThreadState, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
+    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES, MAX_THREADS, OFFSET_PID,
+    OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID,
+    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, SCENARIO_NONE,
+    SCENARIO_SLOTS,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
     },
     macros::{btf_tracepoint, map, uprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, ProbeContext},
 };
 
@@ -17,11 +22,36 @@ use aya_ebpf::{
 #[unsafe(no_mangle)]
 static TRACK_THREADS: u8 = 0;
 
+/// Byte offsets into `struct task_struct` (`agent_common::OFFSET_*`), resolved
+/// by userspace from the running kernel's BTF and patched in at load time.
+/// The verifier sees them as constants (read-only, frozen), so the programs
+/// read task fields with direct loads from the tracepoints' BTF pointers.
+#[unsafe(no_mangle)]
+static TASK_OFFSETS: [u32; OFFSET_SLOTS] = [0; OFFSET_SLOTS];
+
+/// CLOCK_MONOTONIC at load time: a thread that started later has all of its
+/// runtime in the accounted period; an older one only what it runs from the
+/// first time it is seen.
+#[unsafe(no_mangle)]
+static LOAD_KTIME_NS: u64 = 0;
+
+/// `TASK_DEAD` in `prev_state`: the task's final switch.
+const TASK_DEAD: u64 = 0x80;
+
+/// Per CPU: the instant of the last switch (or marker call) that needed a
+/// clock reading. The idle task's time runs from the switch into it; a
+/// marker's estimate of the current slice runs from the switch in or the
+/// previous marker (marks are then taken at every switch).
 #[map]
 static LAST_ACCOUNTED_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static IDLE_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0 set to 1 by userspace once marker uprobes are attached: from then
+/// on every switch takes a clock reading for the markers' slice estimates.
+#[map]
+static MARKERS_FOLLOWED: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static PROC_CPU_NS: PerCpuHashMap<ProcScenarioKey, u64> =
@@ -31,9 +61,11 @@ static PROC_CPU_NS: PerCpuHashMap<ProcScenarioKey, u64> =
 #[map]
 static THREAD_CPU_NS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_THREADS, 0);
 
-/// Scenario a thread is serving, between `sci_scenario_begin` and `sci_scenario_end`.
+/// Runtime baseline and scenario of each thread seen, keyed by tid; removed
+/// at the thread's final switch.
 #[map]
-pub(crate) static THREAD_SCENARIO: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub(crate) static THREAD_STATE: HashMap<u32, ThreadState> =
+    HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// Completed transactions (`sci_scenario_end(s, ok != 0)`) per process and scenario.
 #[map]
@@ -54,6 +86,30 @@ static BARE_LAST_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static BARE_CPU_NS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 const EEXIST: i32 = -17;
+
+#[inline(always)]
+fn offset(slot: usize) -> usize {
+    // SAFETY: a read-only global patched by the loader; volatile so the
+    // compiled-in zero is not folded.
+    unsafe { core::ptr::read_volatile(&TASK_OFFSETS[slot]) as usize }
+}
+
+/// Direct load of a task field from a BTF task pointer (checked by the
+/// verifier against the kernel's BTF; faults are caught by the JIT).
+#[inline(always)]
+unsafe fn task_field<T: Copy>(task: *const u8, slot: usize) -> T {
+    unsafe { core::ptr::read_volatile(task.add(offset(slot)) as *const T) }
+}
+
+/// The same through bpf_probe_read_kernel, for a task address that is a plain
+/// number (bpf_get_current_task in a uprobe).
+#[inline(always)]
+fn current_task_field<T: Copy + Default>(slot: usize) -> T {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: the helper checks the address.
+    unsafe { bpf_probe_read_kernel(task.wrapping_add(offset(slot)) as *const T) }
+        .unwrap_or_default()
+}
 
 #[inline(always)]
 fn count_loss(slot: u32, amount: u64) {
@@ -85,51 +141,41 @@ fn add_to<K>(map: &PerCpuHashMap<K, u64>, key: &K, amount: u64) -> Result<(), ()
     }
 }
 
-/// Charge this CPU's time since its last accounting mark to the current task
-/// (in `scenario`), and move the mark to now.
+/// Charge `cpu_ns` of thread `tid` of process `tgid` to `scenario`.
 #[inline(always)]
-fn charge_current(pid_tgid: u64, scenario: u32) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(last) = LAST_ACCOUNTED_NS.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot of this CPU.
-    let previous = unsafe { *last };
-    unsafe { *last = now };
-    if previous == 0 || now <= previous {
+fn charge(tgid: u32, tid: u32, scenario: u32, cpu_ns: u64) {
+    if cpu_ns == 0 {
         return;
     }
-    let elapsed_ns = now - previous;
-    let tid = pid_tgid as u32;
-    if tid == 0 {
-        if let Some(idle) = IDLE_NS.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot of this CPU.
-            unsafe { *idle += elapsed_ns };
-        }
-        return;
-    }
-    let key = ProcScenarioKey {
-        tgid: (pid_tgid >> 32) as u32,
-        scenario,
-    };
-    if add_to(&PROC_CPU_NS, &key, elapsed_ns).is_err() {
+    let key = ProcScenarioKey { tgid, scenario };
+    if add_to(&PROC_CPU_NS, &key, cpu_ns).is_err() {
         count_loss(LOSS_PROC_MAP_FULL_EVENTS, 1);
-        count_loss(LOSS_PROC_MAP_FULL_NS, elapsed_ns);
+        count_loss(LOSS_PROC_MAP_FULL_NS, cpu_ns);
     }
     // SAFETY: a read-only global patched by the loader.
-    if unsafe { core::ptr::read_volatile(&TRACK_THREADS) } != 0
-        && add_to(&THREAD_CPU_NS, &pid_tgid, elapsed_ns).is_err()
-    {
-        count_loss(LOSS_THREAD_MAP_FULL, 1);
+    if unsafe { core::ptr::read_volatile(&TRACK_THREADS) } != 0 {
+        let pid_tgid = (u64::from(tgid) << 32) | u64::from(tid);
+        if add_to(&THREAD_CPU_NS, &pid_tgid, cpu_ns).is_err() {
+            count_loss(LOSS_THREAD_MAP_FULL, 1);
+        }
+    }
+}
+
+/// The runtime baseline of a thread seen for the first time.
+#[inline(always)]
+fn first_baseline(runtime_ns: u64, start_time_ns: u64) -> u64 {
+    // SAFETY: a read-only global patched by the loader.
+    let load_ns = unsafe { core::ptr::read_volatile(&LOAD_KTIME_NS) };
+    if start_time_ns >= load_ns {
+        0
+    } else {
+        runtime_ns
     }
 }
 
 #[inline(always)]
-fn current_scenario(tid: u32) -> u32 {
-    // SAFETY: the value is copied out immediately.
-    unsafe { THREAD_SCENARIO.get(&tid) }
-        .copied()
-        .unwrap_or(SCENARIO_NONE)
+fn markers_followed() -> bool {
+    MARKERS_FOLLOWED.get(0).is_some_and(|v| *v != 0)
 }
 
 #[btf_tracepoint(function = "sched_switch")]
@@ -140,16 +186,73 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     }
 }
 
-fn try_sched_switch(_ctx: &BtfTracePointContext) -> Result<u32, u32> {
-    // The outgoing task is still "current" in sched_switch.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let scenario = if tid == 0 {
-        SCENARIO_NONE
-    } else {
-        current_scenario(tid)
+/// sched_switch(preempt, prev, next, prev_state): the scheduler has just
+/// brought `prev`'s `se.sum_exec_runtime` up to date (update_curr on
+/// put_prev/dequeue), so its growth since the last charge is exactly the
+/// runtime the kernel accounts (schedstat, cgroup cpu.stat): it excludes
+/// steal time, unlike the wall clock between two switches.
+fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    // Argument positions are checked against the kernel's BTF at load time.
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    // SAFETY: BTF task pointers given by the tracepoint.
+    let tid: i32 = unsafe { task_field(prev, OFFSET_PID) };
+    let next_tid: i32 = unsafe { task_field(next, OFFSET_PID) };
+    if tid == 0 || next_tid == 0 || markers_followed() {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some(mark) = LAST_ACCOUNTED_NS.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot of this CPU.
+            let previous = unsafe { *mark };
+            unsafe { *mark = now };
+            if tid == 0 && previous != 0 && now > previous {
+                if let Some(idle) = IDLE_NS.get_ptr_mut(0) {
+                    // SAFETY: per-CPU slot of this CPU.
+                    unsafe { *idle += now - previous };
+                }
+            }
+        }
+    }
+    if tid == 0 {
+        return Ok(0);
+    }
+    let tid = tid as u32;
+    // SAFETY: as above.
+    let tgid: i32 = unsafe { task_field(prev, OFFSET_TGID) };
+    let runtime_ns: u64 = unsafe { task_field(prev, OFFSET_RUNTIME) };
+    let dead = prev_state & TASK_DEAD != 0;
+    let (cpu_ns, scenario) = match THREAD_STATE.get_ptr_mut(&tid) {
+        Some(state) => {
+            // SAFETY: this thread's entry; only code running as this thread
+            // (its markers, its switch-out) writes it.
+            let state = unsafe { &mut *state };
+            let grown = runtime_ns.saturating_sub(state.runtime_ns);
+            let rest = grown.saturating_sub(state.precharged_ns);
+            state.runtime_ns = runtime_ns;
+            state.precharged_ns = 0;
+            (rest, state.scenario)
+        }
+        None => {
+            let start_ns: u64 = unsafe { task_field(prev, OFFSET_START_TIME) };
+            let baseline = first_baseline(runtime_ns, start_ns);
+            if !dead {
+                let state = ThreadState {
+                    runtime_ns,
+                    precharged_ns: 0,
+                    scenario: SCENARIO_NONE,
+                    _pad: 0,
+                };
+                if THREAD_STATE.insert(&tid, &state, 0).is_err() {
+                    count_loss(LOSS_THREAD_STATE_FULL, 1);
+                }
+            }
+            (runtime_ns - baseline, SCENARIO_NONE)
+        }
     };
-    charge_current(pid_tgid, scenario);
+    charge(tgid as u32, tid, scenario, cpu_ns);
+    if dead {
+        let _ = THREAD_STATE.remove(&tid);
+    }
     Ok(0)
 }
 
@@ -175,30 +278,43 @@ fn try_sched_switch_bare(_ctx: &BtfTracePointContext) -> Result<u32, u32> {
     Ok(0)
 }
 
+/// Sends a lifecycle event. Only an exec wakes the reader: it must read the
+/// new program's procfs entry while the process lives; forks, renames and
+/// exits wait for the next wake-up (an exec, the reader's 100 ms poll, or the
+/// window's close), which spares a context switch per event.
+#[inline(always)]
+fn send_event(event: &ProcEvent) {
+    let flags = if event.kind == PROC_EVENT_EXEC {
+        0
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    if PROC_EVENTS.output::<ProcEvent>(event, flags).is_err() {
+        count_loss(LOSS_RINGBUF_FULL, 1);
+    }
+}
+
 #[inline(always)]
 fn emit_proc_event(kind: u32) -> Result<u32, u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    if kind == PROC_EVENT_EXIT {
-        // A thread leaves: forget its scenario; only the group leader's exit ends the process.
-        let _ = THREAD_SCENARIO.remove(&tid);
-        if tid != tgid {
-            return Ok(0);
-        }
+    // Only the group leader's exit ends the process (a thread's state goes at
+    // its final switch).
+    if kind == PROC_EVENT_EXIT && tid != tgid {
+        return Ok(0);
     }
-    let event = ProcEvent {
+    send_event(&ProcEvent {
         kind,
         tgid,
         tid,
+        ppid: 0,
+        origin_tgid: 0,
         _pad: 0,
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-    };
-    if PROC_EVENTS.output::<ProcEvent>(&event, 0).is_err() {
-        count_loss(LOSS_RINGBUF_FULL, 1);
-    }
+    });
     Ok(0)
 }
 
@@ -218,6 +334,121 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
     }
 }
 
+/// sched_process_fork(parent, child), in the forking task's context: a new
+/// process (not a thread) is announced with its true parent and the process
+/// it is a copy of, so userspace describes it without reading procfs.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
+    match try_sched_process_fork(&ctx) {
+        Ok(ret) => ret,
+        Err(ret) => ret,
+    }
+}
+
+fn try_sched_process_fork(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    let child: *const u8 = ctx.arg(1);
+    // SAFETY: BTF task pointers.
+    let tid: i32 = unsafe { task_field(child, OFFSET_PID) };
+    let tgid: i32 = unsafe { task_field(child, OFFSET_TGID) };
+    if tid != tgid {
+        return Ok(0);
+    }
+    let parent: *const u8 = unsafe { task_field(child, OFFSET_REAL_PARENT) };
+    let ppid: i32 = unsafe { task_field(parent, OFFSET_TGID) };
+    send_event(&ProcEvent {
+        kind: PROC_EVENT_FORK,
+        tgid: tgid as u32,
+        tid: tid as u32,
+        ppid: ppid as u32,
+        origin_tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+    });
+    Ok(0)
+}
+
+/// task_rename(task, comm): a process's main thread takes a new name
+/// (`prctl(PR_SET_NAME)`, exec), which `comm` rules must see.
+#[btf_tracepoint(function = "task_rename")]
+pub fn task_rename(ctx: BtfTracePointContext) -> u32 {
+    match try_task_rename(&ctx) {
+        Ok(ret) => ret,
+        Err(ret) => ret,
+    }
+}
+
+fn try_task_rename(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    let task: *const u8 = ctx.arg(0);
+    let name: *const u8 = ctx.arg(1);
+    // SAFETY: a BTF task pointer.
+    let tid: i32 = unsafe { task_field(task, OFFSET_PID) };
+    let tgid: i32 = unsafe { task_field(task, OFFSET_TGID) };
+    if tid != tgid {
+        return Ok(0);
+    }
+    let mut comm = [0u8; 16];
+    // SAFETY: the helper checks the address and stops at 16 bytes.
+    let _ = unsafe { bpf_probe_read_kernel_str_bytes(name, &mut comm) };
+    send_event(&ProcEvent {
+        kind: PROC_EVENT_RENAME,
+        tgid: tgid as u32,
+        tid: tid as u32,
+        ppid: 0,
+        origin_tgid: 0,
+        _pad: 0,
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: 0,
+        comm,
+    });
+    Ok(0)
+}
+
+/// At a marker call: charge the calling thread's time since the start of its
+/// slice (or its previous marker call) to the scenario it was serving, and
+/// return its state so the caller can change the scenario. The charge is a
+/// wall-clock estimate (the kernel updates `sum_exec_runtime` only at ticks
+/// and switches); the switch-out charges the rest of the runtime growth, so
+/// the thread's total stays the kernel's runtime.
+#[inline(always)]
+fn charge_at_marker(pid_tgid: u64) -> Option<*mut ThreadState> {
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut elapsed_ns = 0;
+    if let Some(mark) = LAST_ACCOUNTED_NS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU.
+        let previous = unsafe { *mark };
+        unsafe { *mark = now };
+        if previous != 0 && now > previous {
+            elapsed_ns = now - previous;
+        }
+    }
+    if THREAD_STATE.get_ptr_mut(&tid).is_none() {
+        let runtime_ns: u64 = current_task_field(OFFSET_RUNTIME);
+        let start_ns: u64 = current_task_field(OFFSET_START_TIME);
+        let state = ThreadState {
+            runtime_ns: first_baseline(runtime_ns, start_ns),
+            precharged_ns: 0,
+            scenario: SCENARIO_NONE,
+            _pad: 0,
+        };
+        if THREAD_STATE
+            .insert(&tid, &state, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            count_loss(LOSS_SCENARIO_MAP_FULL, 1);
+        }
+    }
+    let state = THREAD_STATE.get_ptr_mut(&tid)?;
+    // SAFETY: this thread's own entry (see try_sched_switch).
+    let scenario = unsafe { (*state).scenario };
+    unsafe { (*state).precharged_ns += elapsed_ns };
+    charge(tgid, tid, scenario, elapsed_ns);
+    Some(state)
+}
+
 /// uprobe on `sci_scenario_begin(uint32_t scenario)` of libsci_marker.
 #[uprobe]
 pub fn scenario_begin(ctx: ProbeContext) -> u32 {
@@ -232,11 +463,9 @@ fn try_scenario_begin(ctx: &ProbeContext) -> Result<u32, u32> {
     if scenario == SCENARIO_NONE || scenario >= SCENARIO_SLOTS {
         return Ok(0);
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    charge_current(pid_tgid, current_scenario(tid));
-    if THREAD_SCENARIO.insert(&tid, &scenario, 0).is_err() {
-        count_loss(LOSS_SCENARIO_MAP_FULL, 1);
+    if let Some(state) = charge_at_marker(bpf_get_current_pid_tgid()) {
+        // SAFETY: this thread's own entry.
+        unsafe { (*state).scenario = scenario };
     }
     Ok(0)
 }
@@ -254,9 +483,10 @@ fn try_scenario_end(ctx: &ProbeContext) -> Result<u32, u32> {
     let scenario: u32 = ctx.arg(0).ok_or(1u32)?;
     let ok: u32 = ctx.arg(1).ok_or(1u32)?;
     let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    charge_current(pid_tgid, current_scenario(tid));
-    let _ = THREAD_SCENARIO.remove(&tid);
+    if let Some(state) = charge_at_marker(pid_tgid) {
+        // SAFETY: this thread's own entry.
+        unsafe { (*state).scenario = SCENARIO_NONE };
+    }
     if ok != 0 && scenario != SCENARIO_NONE && scenario < SCENARIO_SLOTS {
         let key = ProcScenarioKey {
             tgid: (pid_tgid >> 32) as u32,

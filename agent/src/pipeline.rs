@@ -199,6 +199,12 @@ impl Pipeline {
                     }
                 }
                 self.attributor.attribute(&sample, &energy, &mut report);
+                if report.estimated {
+                    report.energy_model = self
+                        .energy
+                        .model_description()
+                        .unwrap_or_else(|| report.energy_source.clone());
+                }
             }
             Err(e) => tracing::warn!("energy of window {}: {e}", report.seq),
         }
@@ -244,6 +250,8 @@ impl Pipeline {
         report.datacenter = self.datacenter.clone();
         report.idle_cpu_ns = sample.idle_cpu_ns();
         report.busy_cpu_ns = sample.busy_cpu_ns();
+        report.unattributed_cpu_ns = sample.unowned_busy_ns_per_cpu.iter().sum();
+        report.steal_cpu_ns = self.sampler.steal_cpu_ns();
         report.lost = sample.lost.clone();
         report.processes = sample
             .processes

@@ -108,4 +108,126 @@ fn without_privileges_the_agent_falls_back_to_procfs_and_says_so() {
         .count();
     println!("procfs polling saw {seen_burners} of 5 short-lived processes");
     assert!(doc["idle_cpu_ns"].as_u64().unwrap() > 0);
+    // They live between two polls: not seen, by design ...
+    assert!(seen_burners <= 1, "procfs saw {seen_burners} of 5");
+    // ... and what was not seen is owned up to: their CPU (30 ms each) is in
+    // the host's busy time as unattributed, not charged to the processes seen.
+    let unattributed_ns = doc["unattributed_cpu_ns"].as_u64().unwrap();
+    println!("unattributed {unattributed_ns} ns");
+    assert!(
+        unattributed_ns >= 4 * 30_000_000,
+        "unattributed {unattributed_ns} ns < the burners' 150 ms"
+    );
+}
+
+/// Reads `/proc/<pid>/schedstat`'s runtime.
+fn schedstat_ns(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn procfs_mode_owns_its_blind_spot() {
+    if !is_root() {
+        println!("skipping procfs_mode_owns_its_blind_spot: needs root to switch to an unprivileged user");
+        return;
+    }
+    // Built before the clock starts.
+    cargo_bin("sci-agent", "sci-agent");
+    // A long-lived process the poller sees in full.
+    let mut steady = Command::new(BURN)
+        .args(["--duty", "50", "--seconds", "120"])
+        .spawn()
+        .unwrap();
+    let steady_pid = steady.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let before_ns = schedstat_ns(steady_pid);
+    let started = std::time::Instant::now();
+    let (doc, _) = sample_json(&["--procfs"], Some(65534));
+    let wall_ns = started.elapsed().as_nanos() as u64;
+    let after_ns = schedstat_ns(steady_pid);
+    assert!(
+        steady.try_wait().unwrap().is_none(),
+        "the long-lived process ran throughout"
+    );
+    let _ = steady.kill();
+    let _ = steady.wait();
+    assert_eq!(doc["cpu_source"], "procfs");
+
+    // Long-lived: the window lies inside [before, after]; the burner (one
+    // thread) ran at most one core during the CLI's start and exit outside
+    // the window; polling has one tick (10 ms) of resolution at each end.
+    let window_ns = doc["end_unix_ns"].as_u64().unwrap() - doc["start_unix_ns"].as_u64().unwrap();
+    let outside_ns = wall_ns.saturating_sub(window_ns);
+    let bracket_ns = after_ns - before_ns;
+    let steady_ns = doc["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == steady_pid)
+        .map(|p| p["cpu_ns"].as_u64().unwrap())
+        .unwrap_or_else(|| panic!("pid {steady_pid} missing from {}", doc["processes"]));
+    println!(
+        "long-lived: procfs {steady_ns} ns, schedstat {bracket_ns} ns around a window of {window_ns} ns (+{outside_ns} ns outside)"
+    );
+    let tick_ns = 2 * 10_000_000;
+    assert!(
+        steady_ns <= bracket_ns + tick_ns,
+        "{steady_ns} > {bracket_ns}"
+    );
+    assert!(
+        steady_ns + outside_ns + tick_ns >= bracket_ns,
+        "{steady_ns} + {outside_ns} < {bracket_ns}"
+    );
+
+    // Short-lived: none seen; their time is unattributed busy time.
+    let processes = doc["processes"].as_array().unwrap();
+    let seen_burners = processes
+        .iter()
+        .filter(|p| p["comm"] == "sci-burn" && p["pid"] != steady_pid)
+        .count();
+    assert!(
+        seen_burners <= 1,
+        "procfs saw {seen_burners} of 5 short-lived processes"
+    );
+    let busy_ns = doc["busy_cpu_ns"].as_u64().unwrap() as f64;
+    let unattributed_ns = doc["unattributed_cpu_ns"].as_u64().unwrap() as f64;
+    let seen_ns: f64 = processes
+        .iter()
+        .map(|p| p["cpu_ns"].as_u64().unwrap() as f64)
+        .sum();
+    assert!(
+        unattributed_ns >= 4.0 * 30e6,
+        "unattributed {unattributed_ns} ns < the burners' 150 ms"
+    );
+    assert!(
+        (seen_ns + unattributed_ns - busy_ns).abs() < 1.0,
+        "busy = seen + unattributed"
+    );
+
+    // Its energy goes to `unattributed`, exactly in proportion, never to the processes seen.
+    let host_j = doc["host_energy_j"].as_f64().unwrap();
+    let idle_j = doc["idle_energy_j"].as_f64().unwrap();
+    let unattributed_j = doc["unattributed_energy_j"].as_f64().unwrap();
+    let processes_j: f64 = processes
+        .iter()
+        .map(|p| p["energy_j"].as_f64().unwrap())
+        .sum();
+    let dynamic_j = host_j - idle_j;
+    let missed_j = dynamic_j * unattributed_ns / busy_ns;
+    println!(
+        "host {host_j} J, idle {idle_j} J, dynamic {dynamic_j} J: unattributed {unattributed_j} J for {unattributed_ns} of {busy_ns} busy ns (expected {missed_j} J), processes {processes_j} J"
+    );
+    assert!(
+        dynamic_j > 0.0,
+        "the model gives dynamic energy to busy time"
+    );
+    assert!(
+        (unattributed_j - missed_j).abs() <= 1e-9 * host_j,
+        "{unattributed_j} J vs {missed_j} J"
+    );
+    assert!(
+        (processes_j - dynamic_j * seen_ns / busy_ns).abs() <= 1e-9 * host_j,
+        "processes {processes_j} J"
+    );
 }

@@ -150,7 +150,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ("events_per_s", "sched_switch events", "events/s"),
         ],
         runs: args.runs,
-        notes: "The full program does, per event, what the bare one does (one per-CPU array lookup for the last mark, one per-CPU hash update) plus a lookup of the thread's marker scenario and the idle branch; the per-thread map update is off by default (per_thread = false).",
+        notes: "The full program charges the outgoing task the growth of its se.sum_exec_runtime (the kernel's own runtime): direct BTF loads of pid, tgid and the runtime at offsets resolved from the kernel's BTF at load time, one lookup of the thread's state (runtime baseline, scenario), one per-CPU hash update; it reads the clock only on switches into or out of idle (or when marker uprobes are attached). The bare one reads the clock, its per-CPU mark, the pid and updates a per-CPU hash, three helper calls. The per-thread map update is off by default (per_thread = false). Helper calls cost more on AMD EPYC (retpolines, safe-RET): name the CPU with the figure.",
     }];
     for processes in [100u32, 1000, 5000] {
         measurements.push(Measurement {
@@ -202,7 +202,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     });
     measurements.push(Measurement {
         title: "Agent cost with process churn: 100 new processes per second",
-        method: "`sci-bench agent --processes 100 --churn`: 100 shell loops that fork+exec `sleep 1` every second; each new process is read from procfs at exec (exe, cmdline, cgroup, parent) and closed at exit.",
+        method: "`sci-bench agent --processes 100 --churn`: 100 shell loops that fork+exec `sleep 1` every second; each fork inherits its parent's description from a kernel event (no procfs read), each exec re-reads only what exec changes (exe, cmdline, environ), each exit closes the process.",
         program: release.join("sci-bench"),
         args: vec![
             "agent".into(),
@@ -217,7 +217,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ("rss_mib", "agent RSS", "MiB"),
         ],
         runs: args.runs,
-        notes: "Each new process is read from procfs at exec (stat, exe, cmdline, cgroup, environ: about 60-80 us), so churn costs more than steady processes; procfs polling would not see most of these processes at all.",
+        notes: "Only exec events wake the agent's event thread (forks, renames and exits are read at the next wake-up); an exec costs three procfs reads (readlink exe, cmdline, environ), which is most of the remaining cost. Procfs polling would not see most of these processes at all.",
     });
 
     measurements.push(Measurement {

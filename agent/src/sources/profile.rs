@@ -129,7 +129,7 @@ fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
 impl CpuProfiler {
     /// Loads its own copy of the agent's eBPF object and attaches
     /// `cpu_profile` to `cpu-clock` on each CPU. Needs root (or CAP_BPF +
-    /// CAP_PERFMON). This copy has its own THREAD_SCENARIO map, which no
+    /// CAP_PERFMON). This copy has its own THREAD_STATE map, which no
     /// marker uprobe fills: every sample has scenario slot 0. Use
     /// [`CpuProfiler::attach_in`] with the accounting's `Ebpf` to see the
     /// marker scenarios.
@@ -149,7 +149,7 @@ impl CpuProfiler {
     }
 
     /// Attaches `cpu_profile` of an already loaded agent object (the one whose
-    /// marker uprobes fill THREAD_SCENARIO) and takes its profile maps. The
+    /// marker uprobes fill THREAD_STATE) and takes its profile maps. The
     /// program stays attached as long as `ebpf` lives.
     pub fn attach_in(ebpf: &mut Ebpf, options: &ProfilerOptions) -> Result<Self, AgentError> {
         if options.frequency_hz == 0 {
@@ -531,7 +531,7 @@ mod tests {
         x
     }
 
-    /// Samples of a thread that THREAD_SCENARIO says serves `credit` (as the
+    /// Samples of a thread that THREAD_STATE says serves `credit` (as the
     /// marker uprobe would record it) carry slot 1; the thread's spin
     /// function is in those stacks and in no slot-0 stack of this process.
     #[test]
@@ -564,11 +564,13 @@ mod tests {
         };
         let tid = tid_rx.recv().unwrap();
         {
-            let mut scenarios: aya::maps::HashMap<_, u32, u32> =
-                aya::maps::HashMap::try_from(ebpf.map_mut("THREAD_SCENARIO").unwrap()).unwrap();
-            scenarios
-                .insert(tid, agent_common::SCENARIO_CREDIT, 0)
-                .unwrap();
+            let mut states: aya::maps::HashMap<_, u32, agent_common::ThreadState> =
+                aya::maps::HashMap::try_from(ebpf.map_mut("THREAD_STATE").unwrap()).unwrap();
+            let state = agent_common::ThreadState {
+                scenario: agent_common::SCENARIO_CREDIT,
+                ..Default::default()
+            };
+            states.insert(tid, state, 0).unwrap();
         }
         profiler.drain().unwrap();
         let schedstat_ns = || -> u64 {

@@ -6,8 +6,14 @@
 //! series file whose value in force at the window's midpoint is used. `M`
 //! follows the SCI specification: `TE` is the host's total embodied carbon,
 //! `TiR` the window length, `EL` the expected lifetime, and `RR / ToR` the
-//! share of the host used: 1 for the host's own figure, the process's share
-//! of busy CPU time for a process.
+//! share of the physical machine this host reserves: 1 for bare metal; for a
+//! virtual machine (energy from a per-vCPU power model, or
+//! `carbon.host_kind = "vm"`) its vCPUs over the physical host's
+//! (`carbon.physical_host_vcpus`, default [`DEFAULT_PHYSICAL_HOST_VCPUS`]),
+//! the share the SCI specification and Cloud Carbon Footprint use; or
+//! `carbon.resource_share` as configured. A process gets the host's M in
+//! proportion to its share of busy CPU time. Every window carries TE, EL,
+//! the share and where the share came from, and the intensity's source.
 //!
 //! A process's `carbon_g` covers its dynamic energy plus its idle share
 //! (`energy_j + idle_share_j`).
@@ -15,7 +21,26 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::window::WindowReport;
+use crate::window::{EmbodiedFactors, WindowReport};
+
+/// vCPUs of the physical machine a VM is assumed to share when
+/// `carbon.physical_host_vcpus` is not set: a two-socket, 24-core-per-socket
+/// server with SMT, the whole host of the common general-purpose cloud
+/// families (e.g. AWS m5.24xlarge = m5.metal = 96 vCPUs). Cloud Carbon
+/// Footprint takes the largest size of an instance family as the physical
+/// host in the same way. Set the real figure where it is known.
+pub const DEFAULT_PHYSICAL_HOST_VCPUS: u32 = 96;
+
+/// What kind of machine the agent runs on, for the embodied share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostKind {
+    /// A VM when its energy comes from a power model (no RAPL), else bare metal.
+    #[default]
+    Auto,
+    Vm,
+    BareMetal,
+}
 
 /// China national grid average, 2023 (g CO2 per kWh).
 pub const CHINA_GRID_2023_G_PER_KWH: f64 = 530.6;
@@ -59,6 +84,15 @@ pub struct CarbonConfig {
     pub embodied_kg_per_host: f64,
     /// Expected lifetime of the host EL, years.
     pub lifetime_years: f64,
+    /// RR/ToR: the share of the physical machine this host reserves (0 < x <= 1);
+    /// overrides the default below.
+    pub resource_share: Option<f64>,
+    /// `auto` (default), `vm` or `bare_metal`: a VM's default share is its
+    /// vCPUs over `physical_host_vcpus`, bare metal's is 1.
+    pub host_kind: HostKind,
+    /// vCPUs of the physical machine under a VM (default 96, see
+    /// [`DEFAULT_PHYSICAL_HOST_VCPUS`]).
+    pub physical_host_vcpus: Option<u32>,
 }
 
 impl Default for CarbonConfig {
@@ -70,6 +104,9 @@ impl Default for CarbonConfig {
             pue: 1.0,
             embodied_kg_per_host: 1000.0,
             lifetime_years: 4.0,
+            resource_share: None,
+            host_kind: HostKind::Auto,
+            physical_host_vcpus: None,
         }
     }
 }
@@ -313,17 +350,26 @@ pub fn embodied_carbon_g(
     lifetime_years: f64,
     resource_share: f64,
 ) -> f64 {
-    total_embodied_kg * 1000.0 * window_s / (lifetime_years * HOURS_PER_YEAR * 3600.0)
-        * resource_share
+    total_embodied_kg * 1000.0 * window_s / lifespan_s(lifetime_years) * resource_share
 }
 
 /// Fills the carbon fields of a window.
 #[derive(Debug, Clone)]
 pub struct CarbonTransform {
     intensity: IntensitySource,
+    /// Where the intensity comes from, as disclosed in each window.
+    intensity_source: String,
     pue: f64,
     embodied_kg_per_host: f64,
     lifetime_years: f64,
+    resource_share: Option<f64>,
+    host_kind: HostKind,
+    physical_host_vcpus: u32,
+}
+
+/// Seconds in the expected lifetime `EL`.
+fn lifespan_s(lifetime_years: f64) -> f64 {
+    lifetime_years * HOURS_PER_YEAR * 3600.0
 }
 
 impl CarbonTransform {
@@ -339,25 +385,43 @@ impl CarbonTransform {
                     .to_string(),
             ));
         }
-        let intensity = if let Some(v) = cfg.intensity_g_per_kwh {
+        const MEE_NBS_2023: &str =
+            "2023 electricity CO2 emission factors of the Ministry of Ecology and Environment and the National Bureau of Statistics";
+        let (intensity, intensity_source) = if let Some(v) = cfg.intensity_g_per_kwh {
             if !v.is_finite() || v < 0.0 {
                 return Err(CarbonError::Config(format!(
                     "carbon.intensity_g_per_kwh = {v} must be a non-negative number"
                 )));
             }
-            IntensitySource::Static(v)
+            (
+                IntensitySource::Static(v),
+                "config: carbon.intensity_g_per_kwh".to_string(),
+            )
         } else if let Some(name) = &cfg.grid {
             let names: Vec<&str> = CHINA_REGIONAL_GRIDS_2023.iter().map(|g| g.0).collect();
-            IntensitySource::Static(grid_intensity_g_per_kwh(name).ok_or_else(|| {
+            let value = grid_intensity_g_per_kwh(name).ok_or_else(|| {
                 CarbonError::Config(format!(
                     "carbon.grid = {name:?} is not one of {}",
                     names.join(", ")
                 ))
-            })?)
+            })?;
+            (
+                IntensitySource::Static(value),
+                format!("grid {name}: {MEE_NBS_2023}"),
+            )
         } else if let Some(path) = &cfg.intensity_file {
-            IntensitySource::load_csv(path)?
+            (
+                IntensitySource::load_csv(path)?,
+                format!(
+                    "file {}: hourly series, value in force at the window's midpoint",
+                    path.display()
+                ),
+            )
         } else {
-            IntensitySource::Static(CHINA_GRID_2023_G_PER_KWH)
+            (
+                IntensitySource::Static(CHINA_GRID_2023_G_PER_KWH),
+                format!("default: China national average, {MEE_NBS_2023}"),
+            )
         };
         if !cfg.pue.is_finite() || cfg.pue < 1.0 {
             return Err(CarbonError::Config(format!(
@@ -377,12 +441,75 @@ impl CarbonTransform {
                 cfg.lifetime_years
             )));
         }
+        if let Some(share) = cfg.resource_share {
+            if !share.is_finite() || share <= 0.0 || share > 1.0 {
+                return Err(CarbonError::Config(format!(
+                    "carbon.resource_share = {share} must be above 0 and at most 1"
+                )));
+            }
+        }
+        if cfg.physical_host_vcpus == Some(0) {
+            return Err(CarbonError::Config(
+                "carbon.physical_host_vcpus must be at least 1".to_string(),
+            ));
+        }
         Ok(CarbonTransform {
             intensity,
+            intensity_source,
             pue: cfg.pue,
             embodied_kg_per_host: cfg.embodied_kg_per_host,
             lifetime_years: cfg.lifetime_years,
+            resource_share: cfg.resource_share,
+            host_kind: cfg.host_kind,
+            physical_host_vcpus: cfg
+                .physical_host_vcpus
+                .unwrap_or(DEFAULT_PHYSICAL_HOST_VCPUS),
         })
+    }
+
+    /// RR/ToR of this host for a window, and where it came from.
+    pub fn resource_share(&self, report: &WindowReport) -> (f64, String) {
+        if let Some(share) = self.resource_share {
+            return (share, "config: carbon.resource_share".to_string());
+        }
+        let vm = match self.host_kind {
+            HostKind::Vm => Some("carbon.host_kind = vm"),
+            HostKind::BareMetal => None,
+            HostKind::Auto => report
+                .estimated
+                .then_some("energy from a per-vCPU power model"),
+        };
+        match vm {
+            None => (
+                1.0,
+                match self.host_kind {
+                    HostKind::BareMetal => "bare metal (carbon.host_kind): the whole machine",
+                    _ => "bare metal (measured energy): the whole machine",
+                }
+                .to_string(),
+            ),
+            Some(why) => {
+                let vcpus = report.cpus.max(1);
+                let share = (f64::from(vcpus) / f64::from(self.physical_host_vcpus)).min(1.0);
+                let host = if self.physical_host_vcpus == DEFAULT_PHYSICAL_HOST_VCPUS {
+                    format!(
+                        "{} vCPUs of the physical host (default: carbon.physical_host_vcpus not set)",
+                        self.physical_host_vcpus
+                    )
+                } else {
+                    format!(
+                        "{} vCPUs of the physical host (carbon.physical_host_vcpus)",
+                        self.physical_host_vcpus
+                    )
+                };
+                (share, format!("vm ({why}): {vcpus} vCPUs / {host}"))
+            }
+        }
+    }
+
+    /// Where the intensity comes from (disclosed in each window).
+    pub fn intensity_source(&self) -> &str {
+        &self.intensity_source
     }
 
     pub fn intensity(&self) -> &IntensitySource {
@@ -398,11 +525,19 @@ impl CarbonTransform {
         report.carbon_intensity_g_per_kwh = intensity;
         report.pue = self.pue;
         report.host_carbon_g = operational_carbon_g(report.host_energy_j, intensity, self.pue);
+        let (share, share_source) = self.resource_share(report);
+        report.intensity_source = self.intensity_source.clone();
+        report.embodied = EmbodiedFactors {
+            total_embodied_g: self.embodied_kg_per_host * 1000.0,
+            lifespan_s: lifespan_s(self.lifetime_years),
+            resource_share: share,
+            share_source,
+        };
         report.host_embodied_g = embodied_carbon_g(
             self.embodied_kg_per_host,
             window_s,
             self.lifetime_years,
-            1.0,
+            share,
         );
         let busy_ns: u64 = report
             .processes
@@ -449,6 +584,92 @@ mod tests {
             "2024-01-01T00:00:00+8",
         ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+    }
+
+    fn window(cpus: u32, estimated: bool) -> WindowReport {
+        let mut report = WindowReport::new(
+            "h".into(),
+            "i".into(),
+            1_704_067_200_000_000_000,
+            1_704_070_800_000_000_000,
+            crate::window::CpuSource::Ebpf,
+            cpus,
+        );
+        report.estimated = estimated;
+        report
+    }
+
+    #[test]
+    fn a_vm_reserves_its_vcpus_share_of_the_physical_host() {
+        let t = CarbonTransform::from_config(&CarbonConfig::default()).expect("config");
+        // Model energy: a VM. 2 vCPUs of the default 96: M = 1e6 g / 35040 h x 1 h x 2/96.
+        let mut vm = window(2, true);
+        t.apply(&mut vm).expect("apply");
+        assert_eq!(vm.embodied.resource_share, 2.0 / 96.0);
+        assert!((vm.host_embodied_g - 1.0e6 / 35_040.0 * 2.0 / 96.0).abs() < 1e-9);
+        assert_eq!(vm.embodied.total_embodied_g, 1.0e6);
+        assert_eq!(vm.embodied.lifespan_s, 4.0 * 8760.0 * 3600.0);
+        assert!(
+            vm.embodied.share_source.contains("2 vCPUs / 96"),
+            "{}",
+            vm.embodied.share_source
+        );
+        assert!(vm.embodied.share_source.contains("default"));
+        assert!(vm.intensity_source.contains("China national average"));
+        // Measured energy: bare metal keeps the whole machine.
+        let mut metal = window(2, false);
+        t.apply(&mut metal).expect("apply");
+        assert_eq!(metal.embodied.resource_share, 1.0);
+        assert!(metal.embodied.share_source.starts_with("bare metal"));
+    }
+
+    #[test]
+    fn the_share_is_configurable() {
+        let configured = |cfg: CarbonConfig, estimated: bool| {
+            let mut r = window(8, estimated);
+            CarbonTransform::from_config(&cfg)
+                .expect("config")
+                .apply(&mut r)
+                .expect("apply");
+            (r.embodied.resource_share, r.embodied.share_source)
+        };
+        let (share, source) = configured(
+            CarbonConfig {
+                host_kind: HostKind::Vm,
+                physical_host_vcpus: Some(64),
+                ..Default::default()
+            },
+            false,
+        );
+        assert_eq!(share, 8.0 / 64.0);
+        assert!(source.contains("carbon.physical_host_vcpus"), "{source}");
+        let (share, source) = configured(
+            CarbonConfig {
+                resource_share: Some(0.25),
+                ..Default::default()
+            },
+            true,
+        );
+        assert_eq!(
+            (share, source.as_str()),
+            (0.25, "config: carbon.resource_share")
+        );
+        let (share, _) = configured(
+            CarbonConfig {
+                host_kind: HostKind::BareMetal,
+                ..Default::default()
+            },
+            true,
+        );
+        assert_eq!(share, 1.0);
+        for bad in [0.0, 1.5, f64::NAN] {
+            let e = CarbonTransform::from_config(&CarbonConfig {
+                resource_share: Some(bad),
+                ..Default::default()
+            })
+            .expect_err("refused");
+            assert!(e.to_string().contains("carbon.resource_share"), "{e}");
         }
     }
 

@@ -223,6 +223,11 @@ pub trait EnergySource: Send {
     fn estimated(&self) -> bool;
     /// Energy per domain since the previous call (or since construction).
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError>;
+    /// The power model (name, formula and parameters) behind estimated
+    /// windows; None for a source that only measures.
+    fn model_description(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A RAPL source that falls back to the power model for a window in which no
@@ -246,6 +251,10 @@ impl EnergySource for WithModelFallback {
 
     fn estimated(&self) -> bool {
         self.primary.estimated()
+    }
+
+    fn model_description(&self) -> Option<String> {
+        self.fallback.model_description()
     }
 
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {

@@ -47,6 +47,30 @@ impl PowerModel {
         }
     }
 
+    /// The model with its parameters and their source, as disclosed in each window.
+    pub fn describe(&self) -> String {
+        match *self {
+            PowerModel::LinearPerVcpu {
+                idle_w_per_vcpu,
+                max_w_per_vcpu,
+            } => {
+                let source = if *self == PowerModel::ccf() {
+                    " (Cloud Carbon Footprint's per-vCPU averages)"
+                } else {
+                    " (configured)"
+                };
+                format!(
+                    "{}: P = vCPUs x ({idle_w_per_vcpu} W + ({max_w_per_vcpu} W - {idle_w_per_vcpu} W) x utilisation){source}",
+                    self.name()
+                )
+            }
+            PowerModel::TdpCurve { tdp_w } => format!(
+                "{}: P = {tdp_w} W TDP x Teads' curve (0%: 0.12, 10%: 0.32, 50%: 0.75, 100%: 1.02)",
+                self.name()
+            ),
+        }
+    }
+
     /// Host power in watts at utilisation `u` (clamped to 0..=1) with `vcpus` CPUs.
     pub fn power_w(&self, utilisation: f64, vcpus: u32) -> f64 {
         let u = if utilisation.is_finite() {
@@ -155,6 +179,10 @@ impl EnergySource for ModelSource {
 
     fn estimated(&self) -> bool {
         true
+    }
+
+    fn model_description(&self) -> Option<String> {
+        Some(self.model.describe())
     }
 
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {

@@ -22,15 +22,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::{
     ProcEvent, ProcScenarioKey, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_TXN_MAP_FULL,
-    PROC_EVENT_EXEC, PROC_EVENT_EXIT, SCENARIO_SLOTS,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
+    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME,
+    OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
+    PROC_EVENT_FORK, PROC_EVENT_RENAME, SCENARIO_SLOTS,
 };
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
 
 use super::batch::PerCpuBatchReader;
-use super::proc_info::{online_cpus, read_proc_info, CgroupPaths, ProcInfo};
+use super::btf::KernelBtf;
+use super::proc_info::{
+    clock_ticks_per_second, online_cpus, read_proc_info, refresh_after_exec, CgroupPaths, ProcInfo,
+};
+use super::procfs::HostCpuTimes;
 use super::{CpuSample, CpuSampler, ProcessCpu};
 use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
@@ -43,12 +49,50 @@ pub(crate) fn ebpf_object() -> &'static [u8] {
     EBPF_OBJECT
 }
 
-/// The sched tracepoints the accounting needs.
-const TRACEPOINT_PROGRAMS: [(&str, &str); 3] = [
+/// Where the running kernel describes its types.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The tracepoints the accounting needs.
+const TRACEPOINT_PROGRAMS: [(&str, &str); 5] = [
     ("sched_switch", "sched_switch"),
     ("sched_process_exec", "sched_process_exec"),
     ("sched_process_exit", "sched_process_exit"),
+    ("sched_process_fork", "sched_process_fork"),
+    ("task_rename", "task_rename"),
 ];
+
+/// Tracepoint arguments the programs read by position (compiled in, as the
+/// verifier needs constant context offsets), checked by name against the
+/// running kernel's BTF before loading.
+const TRACEPOINT_ARGUMENTS: [(&str, &str, usize); 6] = [
+    ("sched_switch", "prev", 1),
+    ("sched_switch", "next", 2),
+    ("sched_switch", "prev_state", 3),
+    ("sched_process_fork", "child", 1),
+    ("task_rename", "task", 0),
+    ("task_rename", "comm", 1),
+];
+
+/// The `task_struct` offsets the programs read (see `agent_common::OFFSET_*`),
+/// from the running kernel's BTF; and a check that the tracepoints' arguments
+/// are where the programs read them.
+pub fn task_offsets(btf: &KernelBtf) -> Result<[u32; OFFSET_SLOTS], AgentError> {
+    for (tracepoint, argument, position) in TRACEPOINT_ARGUMENTS {
+        let found = btf.tracepoint_arg(tracepoint, argument)?;
+        if found != position {
+            return Err(AgentError::Ebpf(format!(
+                "tracepoint {tracepoint}: argument {argument} is at position {found} in this kernel, the programs read position {position}"
+            )));
+        }
+    }
+    let mut offsets = [0u32; OFFSET_SLOTS];
+    offsets[OFFSET_RUNTIME] = btf.field_of_size("task_struct", "se.sum_exec_runtime", 8)?;
+    offsets[OFFSET_PID] = btf.field_of_size("task_struct", "pid", 4)?;
+    offsets[OFFSET_TGID] = btf.field_of_size("task_struct", "tgid", 4)?;
+    offsets[OFFSET_START_TIME] = btf.field_of_size("task_struct", "start_time", 8)?;
+    offsets[OFFSET_REAL_PARENT] = btf.field_of_size("task_struct", "real_parent", 8)?;
+    Ok(offsets)
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct EbpfOptions {
@@ -81,17 +125,39 @@ struct Lifecycle {
 
 impl Lifecycle {
     fn drain(&mut self) {
-        while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<ProcEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a ProcEvent (repr(C)); read_unaligned copes with alignment.
-            let event: ProcEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
+        loop {
+            let event: ProcEvent = {
+                let Some(item) = self.ring.next() else {
+                    break;
+                };
+                if item.len() < std::mem::size_of::<ProcEvent>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote a ProcEvent (repr(C)); read_unaligned copes with alignment.
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) }
+            };
             match event.kind {
+                PROC_EVENT_FORK => self.inherit(&event),
+                PROC_EVENT_RENAME => {
+                    if let Some(info) = self.state.info.get_mut(&event.tgid) {
+                        info.comm = comm_to_string(&event.comm);
+                    }
+                }
                 PROC_EVENT_EXEC => {
-                    if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
-                        self.state.info.insert(event.tgid, info);
+                    // A process described at its fork keeps its parent, start
+                    // and cgroup: only what exec changes is read.
+                    let known = match self.state.info.get_mut(&event.tgid) {
+                        Some(info) => {
+                            info.comm = comm_to_string(&event.comm);
+                            refresh_after_exec(&self.proc_root, info);
+                            true
+                        }
+                        None => false,
+                    };
+                    if !known {
+                        if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
+                            self.state.info.insert(event.tgid, info);
+                        }
                     }
                     self.state.exited.remove(&event.tgid);
                 }
@@ -108,6 +174,36 @@ impl Lifecycle {
                 _ => {}
             }
         }
+    }
+}
+
+impl Lifecycle {
+    /// A forked child is its origin's copy: same exe, cmdline, cgroup,
+    /// environment (hence the same rule match), with its own pid, true parent
+    /// and start. The origin is read from procfs once if it was never seen
+    /// (it started before the agent); the child itself is not read.
+    fn inherit(&mut self, event: &ProcEvent) {
+        if !self.state.info.contains_key(&event.origin_tgid) {
+            match read_proc_info(&self.proc_root, event.origin_tgid) {
+                Some(info) => {
+                    self.state.info.insert(event.origin_tgid, info);
+                }
+                None => {
+                    // The origin is gone already: the child is read like any unknown process.
+                    return;
+                }
+            }
+        }
+        let Some(origin) = self.state.info.get(&event.origin_tgid) else {
+            return;
+        };
+        let mut child = origin.clone();
+        child.pid = event.tgid;
+        child.ppid = event.ppid;
+        child.comm = comm_to_string(&event.comm);
+        child.start_ticks = event.ktime_ns / (1_000_000_000 / clock_ticks_per_second()).max(1);
+        self.state.info.insert(event.tgid, child);
+        self.state.exited.remove(&event.tgid);
     }
 }
 
@@ -173,6 +269,8 @@ pub struct EbpfSampler {
     events_thread: Option<JoinHandle<()>>,
     proc_root: PathBuf,
     cpus: Vec<u32>,
+    host_times: HostCpuTimes,
+    last_steal_cpu_ns: u64,
     previous_cpu_ns: HashMap<ProcScenarioKey, Vec<u64>>,
     previous_txn: HashMap<ProcScenarioKey, u64>,
     previous_idle_ns: Vec<u64>,
@@ -200,11 +298,28 @@ impl EbpfSampler {
             ));
         }
         let track_threads = u8::from(options.track_threads);
-        let mut ebpf = EbpfLoader::new()
+        // The kernel's BTF is read once: our reader takes the offsets from it,
+        // aya's relocates and attaches with it.
+        let vmlinux = std::fs::read(VMLINUX_BTF)
+            .map_err(|e| ebpf_err(&format!("reading {VMLINUX_BTF}"), e))?;
+        let offsets = task_offsets(&KernelBtf::parse(&vmlinux)?)?;
+        let btf = Btf::parse(&vmlinux, aya::Endianness::default())
+            .map_err(|e| ebpf_err("parsing kernel BTF", e))?;
+        drop(vmlinux);
+        let load_ktime_ns = monotonic_now_ns();
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(Some(&btf))
             .override_global("TRACK_THREADS", &track_threads, true)
+            .override_global("TASK_OFFSETS", &offsets, true)
+            .override_global("LOAD_KTIME_NS", &load_ktime_ns, true);
+        if !options.track_threads {
+            // Unused: no need to preallocate 64k per-CPU entries.
+            loader.map_max_entries("THREAD_CPU_NS", 1);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the object", e))?;
-        let btf = Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF", e))?;
         for (program_name, tracepoint) in TRACEPOINT_PROGRAMS {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(program_name)
@@ -283,6 +398,7 @@ impl EbpfSampler {
                 .map_err(|e| AgentError::io("spawning the event thread", e))?
         };
         let cpus = online_cpus();
+        let host_times = HostCpuTimes::new(&proc_root, &cpus);
         let mut sampler = EbpfSampler {
             _ebpf: ebpf,
             marker_links: Vec::new(),
@@ -298,6 +414,8 @@ impl EbpfSampler {
             events_thread: Some(events_thread),
             proc_root,
             cpus,
+            host_times,
+            last_steal_cpu_ns: 0,
             previous_cpu_ns: HashMap::new(),
             previous_txn: HashMap::new(),
             previous_idle_ns: Vec::new(),
@@ -340,6 +458,15 @@ impl EbpfSampler {
                     ebpf_err(&format!("attaching {symbol} in {}", library.display()), e)
                 })?;
         }
+        let mut followed: Array<_, u32> = Array::try_from(
+            self._ebpf
+                .map_mut("MARKERS_FOLLOWED")
+                .ok_or_else(|| AgentError::Ebpf("map MARKERS_FOLLOWED missing".into()))?,
+        )
+        .map_err(|e| ebpf_err("MARKERS_FOLLOWED", e))?;
+        followed
+            .set(0, 1, 0)
+            .map_err(|e| ebpf_err("switching marker slices on", e))?;
         self.marker_links.push(library.to_path_buf());
         Ok(())
     }
@@ -351,7 +478,7 @@ impl EbpfSampler {
     }
 
     /// The loaded object, to attach more programs that share its maps (the
-    /// CPU profiler reads THREAD_SCENARIO, which the marker uprobes fill).
+    /// CPU profiler reads THREAD_STATE, whose scenarios the marker uprobes set).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self._ebpf
     }
@@ -518,10 +645,19 @@ impl CpuSampler for EbpfSampler {
         CpuSource::Ebpf
     }
 
+    fn steal_cpu_ns(&self) -> u64 {
+        self.last_steal_cpu_ns
+    }
+
     fn sample(&mut self) -> Result<CpuSample, AgentError> {
         let flush_start_ktime_ns = monotonic_now_ns();
         flush_all_cpus(&self.cpus);
         let end_unix_ns = unix_now_ns();
+        self.last_steal_cpu_ns = self
+            .host_times
+            .next_window()
+            .map(|w| w.steal_ns)
+            .unwrap_or(0);
         let slots = self.cpus.iter().copied().max().unwrap_or(0) as usize + 1;
 
         // Exit events emitted before the flush are complete: their final
@@ -692,7 +828,7 @@ impl CpuSampler for EbpfSampler {
             ringbuf_drops: loss(LOSS_RINGBUF_FULL),
             thread_map_full: loss(LOSS_THREAD_MAP_FULL),
             txn_map_full: loss(LOSS_TXN_MAP_FULL),
-            scenario_map_full: loss(LOSS_SCENARIO_MAP_FULL),
+            scenario_map_full: loss(LOSS_SCENARIO_MAP_FULL) + loss(LOSS_THREAD_STATE_FULL),
             late_cpu_ns: 0,
         };
         // Per-CPU busy time no process could be charged with, this window only.

@@ -8,6 +8,7 @@ use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
 
 mod batch;
+pub mod btf;
 pub mod ebpf;
 pub mod proc_info;
 pub mod procfs;
@@ -71,6 +72,10 @@ impl CpuSample {
 /// A source of per-window CPU accounting.
 pub trait CpuSampler: Send {
     fn source(&self) -> CpuSource;
+    /// Steal time (`/proc/stat`) summed over CPUs in the last window sampled.
+    fn steal_cpu_ns(&self) -> u64 {
+        0
+    }
     /// Close the current window and open the next; returns the closed one.
     fn sample(&mut self) -> Result<CpuSample, AgentError>;
 }

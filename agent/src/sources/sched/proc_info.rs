@@ -88,14 +88,7 @@ pub fn read_proc_info(proc_root: &Path, pid: u32) -> Option<ProcInfo> {
     let exe = std::fs::read_link(dir.join("exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
-    let cmdline = std::fs::read(dir.join("cmdline")).ok().and_then(|bytes| {
-        let words: Vec<String> = bytes
-            .split(|b| *b == 0)
-            .filter(|w| !w.is_empty())
-            .map(|w| String::from_utf8_lossy(w).into_owned())
-            .collect();
-        (!words.is_empty()).then(|| words.join(" "))
-    });
+    let cmdline = read_cmdline(&dir);
     let cgroup = std::fs::read_to_string(dir.join("cgroup"))
         .ok()
         .and_then(|text| parse_cgroup_v2(&text));
@@ -113,6 +106,39 @@ pub fn read_proc_info(proc_root: &Path, pid: u32) -> Option<ProcInfo> {
         container_id,
         env,
         start_ticks: stat.start_ticks,
+    })
+}
+
+/// Re-reads what an exec changes (exe, cmdline, `SCI_*` environment) into
+/// the description a process had before it: its parent, start and cgroup
+/// stay. Three reads instead of [`read_proc_info`]'s five. When the process
+/// is gone already, what exec changed is unknown: exe, cmdline and
+/// environment are cleared (not left as the parent's) and false is returned.
+pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo) -> bool {
+    let dir = proc_root.join(info.pid.to_string());
+    let exe = std::fs::read_link(dir.join("exe")).ok();
+    if exe.is_none() && !dir.exists() {
+        info.exe = None;
+        info.cmdline = None;
+        info.env.clear();
+        return false;
+    }
+    info.exe = exe.map(|p| p.to_string_lossy().into_owned());
+    info.cmdline = read_cmdline(&dir);
+    info.env = std::fs::read(dir.join("environ"))
+        .map(|b| parse_sci_environ(&b))
+        .unwrap_or_default();
+    true
+}
+
+fn read_cmdline(dir: &Path) -> Option<String> {
+    std::fs::read(dir.join("cmdline")).ok().and_then(|bytes| {
+        let words: Vec<String> = bytes
+            .split(|b| *b == 0)
+            .filter(|w| !w.is_empty())
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect();
+        (!words.is_empty()).then(|| words.join(" "))
     })
 }
 
@@ -172,13 +198,16 @@ impl CgroupPaths {
 
 /// Clock ticks per second (`getconf CLK_TCK`).
 pub fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 {
-        ticks as u64
-    } else {
-        100
-    }
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks > 0 {
+            ticks as u64
+        } else {
+            100
+        }
+    })
 }
 
 /// Online CPU numbers, from /sys/devices/system/cpu/online ("0-3,6").

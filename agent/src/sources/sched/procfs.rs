@@ -3,8 +3,13 @@
 //! Kepler 0.10. A process that starts and ends between two polls is never
 //! seen; a process that exits between polls loses its last partial window.
 //! Resolution is one clock tick (10 ms at CLK_TCK = 100) per process.
+//!
+//! The poller owns its blind spot: the host's busy time comes from
+//! `/proc/stat`, and whatever part of it the processes seen do not explain is
+//! reported as unowned busy time (window `unattributed_cpu_ns`, its energy in
+//! `unattributed_energy_j`), never spread over the processes it did see.
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::proc_info::{clock_ticks_per_second, online_cpus, read_proc_info, read_stat};
@@ -21,7 +26,8 @@ pub struct ProcfsSampler {
     cpus: Vec<u32>,
     /// (pid, start_ticks) -> cumulative utime+stime ticks at the last poll.
     previous_ticks: TicksByProcess,
-    previous_idle_ticks: Vec<u64>,
+    host: HostCpuTimes,
+    last_steal_cpu_ns: u64,
     window_start_unix_ns: u64,
 }
 
@@ -32,13 +38,28 @@ fn unix_now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Per-CPU idle + iowait ticks from /proc/stat, indexed by CPU number.
-fn read_idle_ticks(proc_root: &std::path::Path, cpus: &[u32]) -> Result<Vec<u64>, AgentError> {
+/// Cumulative per-CPU times of `/proc/stat`, in clock ticks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct StatTicks {
+    busy: Vec<u64>,
+    idle: Vec<u64>,
+    steal: Vec<u64>,
+}
+
+/// Reads the per-CPU lines of `/proc/stat`: `cpuN user nice system idle iowait
+/// irq softirq steal guest guest_nice`. Busy is user + nice + system + irq +
+/// softirq (guest time is already inside user), idle is idle + iowait, steal
+/// is time the hypervisor ran someone else while this vCPU wanted to run.
+fn read_stat_ticks(proc_root: &Path, cpus: &[u32]) -> Result<StatTicks, AgentError> {
     let path = proc_root.join("stat");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
-    let max_cpu = cpus.iter().copied().max().unwrap_or(0) as usize;
-    let mut idle = vec![0u64; max_cpu + 1];
+    let slots = cpus.iter().copied().max().unwrap_or(0) as usize + 1;
+    let mut ticks = StatTicks {
+        busy: vec![0; slots],
+        idle: vec![0; slots],
+        steal: vec![0; slots],
+    };
     for line in text.lines() {
         let mut parts = line.split_whitespace();
         let Some(label) = parts.next() else { continue };
@@ -48,15 +69,68 @@ fn read_idle_ticks(proc_root: &std::path::Path, cpus: &[u32]) -> Result<Vec<u64>
         else {
             continue;
         };
-        let values: Vec<u64> = parts.filter_map(|v| v.parse().ok()).collect();
-        // user nice system idle iowait ...
-        if let (Some(i), Some(w)) = (values.get(3), values.get(4)) {
-            if cpu < idle.len() {
-                idle[cpu] = i + w;
-            }
+        if cpu >= slots {
+            continue;
         }
+        let values: Vec<u64> = parts.filter_map(|v| v.parse().ok()).collect();
+        let field = |i: usize| values.get(i).copied().unwrap_or(0);
+        ticks.busy[cpu] = field(0) + field(1) + field(2) + field(5) + field(6);
+        ticks.idle[cpu] = field(3) + field(4);
+        ticks.steal[cpu] = field(7);
     }
-    Ok(idle)
+    Ok(ticks)
+}
+
+/// One window of host CPU time from `/proc/stat`, in ns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostCpuWindow {
+    pub busy_ns_per_cpu: Vec<u64>,
+    pub idle_ns_per_cpu: Vec<u64>,
+    /// Steal time summed over CPUs.
+    pub steal_ns: u64,
+}
+
+/// Host busy, idle and steal time per window, from `/proc/stat` (the kernel's
+/// tick-based accounting: resolution one tick per CPU).
+#[derive(Debug, Clone)]
+pub struct HostCpuTimes {
+    proc_root: PathBuf,
+    cpus: Vec<u32>,
+    ns_per_tick: u64,
+    previous: Option<StatTicks>,
+}
+
+impl HostCpuTimes {
+    pub fn new(proc_root: &Path, cpus: &[u32]) -> Self {
+        let mut times = HostCpuTimes {
+            proc_root: proc_root.to_path_buf(),
+            cpus: cpus.to_vec(),
+            ns_per_tick: 1_000_000_000 / clock_ticks_per_second(),
+            previous: None,
+        };
+        times.previous = read_stat_ticks(&times.proc_root, &times.cpus).ok();
+        times
+    }
+
+    /// Times since the previous call (or construction).
+    pub fn next_window(&mut self) -> Result<HostCpuWindow, AgentError> {
+        let now = read_stat_ticks(&self.proc_root, &self.cpus)?;
+        let previous = self
+            .previous
+            .replace(now.clone())
+            .unwrap_or_else(|| now.clone());
+        let delta = |a: &[u64], b: &[u64]| -> Vec<u64> {
+            a.iter()
+                .enumerate()
+                .map(|(i, v)| v.saturating_sub(b.get(i).copied().unwrap_or(*v)) * self.ns_per_tick)
+                .collect()
+        };
+        Ok(HostCpuWindow {
+            busy_ns_per_cpu: delta(&now.busy, &previous.busy),
+            idle_ns_per_cpu: delta(&now.idle, &previous.idle),
+            steal_ns: delta(&now.steal, &previous.steal).iter().sum(),
+        })
+    }
 }
 
 impl ProcfsSampler {
@@ -64,12 +138,14 @@ impl ProcfsSampler {
         let proc_root = proc_root.into();
         let ns_per_tick = 1_000_000_000 / clock_ticks_per_second();
         let cpus = online_cpus();
+        let host = HostCpuTimes::new(&proc_root, &cpus);
         let mut sampler = ProcfsSampler {
             proc_root,
             ns_per_tick,
+            host,
             cpus,
             previous_ticks: HashMap::new(),
-            previous_idle_ticks: Vec::new(),
+            last_steal_cpu_ns: 0,
             window_start_unix_ns: 0,
         };
         sampler.poll()?;
@@ -97,23 +173,39 @@ impl ProcfsSampler {
         Ok(ticks)
     }
 
-    fn poll(&mut self) -> Result<(TicksByProcess, Vec<u64>), AgentError> {
+    fn poll(&mut self) -> Result<(TicksByProcess, HostCpuWindow), AgentError> {
         let ticks = self.read_all()?;
-        let idle = read_idle_ticks(&self.proc_root, &self.cpus)?;
+        let host = self.host.next_window()?;
         let previous_ticks = std::mem::replace(&mut self.previous_ticks, ticks.clone());
-        let previous_idle = std::mem::replace(&mut self.previous_idle_ticks, idle.clone());
         let mut deltas = HashMap::new();
         for (key, now) in &ticks {
             let before = previous_ticks.get(key).copied().unwrap_or(0);
             deltas.insert(*key, now.saturating_sub(before));
         }
-        let idle_delta = idle
-            .iter()
-            .enumerate()
-            .map(|(i, now)| now.saturating_sub(previous_idle.get(i).copied().unwrap_or(*now)))
-            .collect();
-        Ok((deltas, idle_delta))
+        Ok((deltas, host))
     }
+}
+
+/// The host's busy time that the processes seen do not explain (processes
+/// that lived between two polls, the last partial window of those that
+/// exited), spread over the CPUs in proportion to their busy time. It is
+/// charged to no process: attribution gives its energy to `unattributed`.
+pub fn unexplained_busy_per_cpu(busy_ns_per_cpu: &[u64], seen_ns: u64) -> Vec<u64> {
+    let busy_ns: u64 = busy_ns_per_cpu.iter().sum();
+    let unexplained_ns = busy_ns.saturating_sub(seen_ns);
+    if busy_ns == 0 || unexplained_ns == 0 {
+        return vec![0; busy_ns_per_cpu.len()];
+    }
+    let mut shares: Vec<u64> = busy_ns_per_cpu
+        .iter()
+        .map(|b| (u128::from(unexplained_ns) * u128::from(*b) / u128::from(busy_ns)) as u64)
+        .collect();
+    // Rounding remainder on the busiest CPU, so the shares add up exactly.
+    let rest = unexplained_ns - shares.iter().sum::<u64>();
+    if let Some(busiest) = (0..shares.len()).max_by_key(|i| busy_ns_per_cpu[*i]) {
+        shares[busiest] += rest;
+    }
+    shares
 }
 
 impl CpuSampler for ProcfsSampler {
@@ -121,8 +213,13 @@ impl CpuSampler for ProcfsSampler {
         CpuSource::Procfs
     }
 
+    fn steal_cpu_ns(&self) -> u64 {
+        self.last_steal_cpu_ns
+    }
+
     fn sample(&mut self) -> Result<CpuSample, AgentError> {
-        let (deltas, idle_ticks) = self.poll()?;
+        let (deltas, host) = self.poll()?;
+        self.last_steal_cpu_ns = host.steal_ns;
         let end_unix_ns = unix_now_ns();
         let start_unix_ns = std::mem::replace(&mut self.window_start_unix_ns, end_unix_ns);
         let mut processes = Vec::new();
@@ -155,13 +252,14 @@ impl CpuSampler for ProcfsSampler {
             });
         }
         processes.sort_by_key(|p| p.pid);
+        let seen_ns: u64 = processes.iter().map(|p| p.cpu_ns).sum();
         Ok(CpuSample {
             source: CpuSource::Procfs,
             start_unix_ns,
             end_unix_ns,
             cpus: self.cpus.len() as u32,
-            idle_ns_per_cpu: idle_ticks.iter().map(|t| t * self.ns_per_tick).collect(),
-            unowned_busy_ns_per_cpu: Vec::new(),
+            unowned_busy_ns_per_cpu: unexplained_busy_per_cpu(&host.busy_ns_per_cpu, seen_ns),
+            idle_ns_per_cpu: host.idle_ns_per_cpu,
             processes,
             lost: LossCounters::default(),
         })

@@ -297,7 +297,9 @@ pub struct ScenarioStage {
     weights: Weights,
     rules: Vec<ScenarioRule>,
     pod_labels_dir: Option<PathBuf>,
-    cache: HashMap<(u32, u64), Assignment>,
+    /// Verdicts by (pid, start_ticks), with the comm they were given for: an
+    /// unclaimed process that renames itself is evaluated again.
+    cache: HashMap<(u32, u64), (String, Assignment)>,
     evaluations: u64,
 }
 
@@ -333,12 +335,18 @@ impl ScenarioStage {
             return self.evaluate(process);
         };
         let key = (process.pid, start_ticks);
-        if let Some(found) = self.cache.get(&key) {
-            return found.clone();
+        if let Some((comm, found)) = self.cache.get(&key) {
+            // A verdict a rule gave stays for the process's life; a process no
+            // rule claimed is looked at again once it renames itself (workers
+            // that take their role's name after start).
+            if *comm == process.comm || found.rule_index.is_some() {
+                return found.clone();
+            }
         }
         self.evaluations += 1;
         let assignment = self.evaluate(process);
-        self.cache.insert(key, assignment.clone());
+        self.cache
+            .insert(key, (process.comm.clone(), assignment.clone()));
         assignment
     }
 

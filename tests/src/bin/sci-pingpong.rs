@@ -1,0 +1,89 @@
+//! A request/response pair for tests: the process forks (without exec) a
+//! server child; the client writes a request byte into one pipe, the server
+//! spins for `--work-us` of its own CPU time and answers through another,
+//! the client spins as long again and sends the next request, until killed.
+//!
+//! `sci-pingpong [--work-us N] [--rename NAME --rename-after-ms M]`: with
+//! `--rename`, the server child renames itself (`prctl(PR_SET_NAME)`) after
+//! M ms, as services that name their workers do.
+use std::hint::black_box;
+use std::io::{Read, Write};
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn spin_us(us: u64) {
+    let until = thread_cpu_ns() + us * 1000;
+    let mut x = 0u64;
+    while thread_cpu_ns() < until {
+        for i in 0..50u64 {
+            x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+    black_box(x);
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let work_us: u64 = arg(&args, "--work-us")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rename = arg(&args, "--rename");
+    let rename_after_ms: u64 = arg(&args, "--rename-after-ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (mut request_read, mut request_write) = std::io::pipe().expect("pipe");
+    let (mut response_read, mut response_write) = std::io::pipe().expect("pipe");
+    // SAFETY: single-threaded here; the child only uses its own copies.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork failed");
+    let mut byte = [0u8; 1];
+    if child == 0 {
+        drop(request_write);
+        drop(response_read);
+        // The server dies with its client.
+        // SAFETY: plain prctl calls.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        let started = std::time::Instant::now();
+        let mut renamed = rename.is_none();
+        while request_read.read_exact(&mut byte).is_ok() {
+            if !renamed && started.elapsed().as_millis() as u64 >= rename_after_ms {
+                if let Some(name) = &rename {
+                    let mut bytes = name.as_bytes().to_vec();
+                    bytes.truncate(15);
+                    bytes.push(0);
+                    // SAFETY: a NUL-terminated name of at most 16 bytes.
+                    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) };
+                }
+                renamed = true;
+            }
+            spin_us(work_us);
+            if response_write.write_all(&byte).is_err() {
+                break;
+            }
+        }
+        std::process::exit(0);
+    }
+    drop(request_read);
+    drop(response_write);
+    loop {
+        if request_write.write_all(&[1]).is_err() || response_read.read_exact(&mut byte).is_err() {
+            break;
+        }
+        spin_us(work_us);
+    }
+}

@@ -1,0 +1,239 @@
+//! CPU time is the kernel's own runtime, on the workload where the wall
+//! clock between switches is furthest from it (request/response pairs), and
+//! processes are described however they were born (forked without exec,
+//! renamed). Privileged: skipped (with one line) without root outside CI.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use sci_agent::config::AgentConfig;
+use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
+use sci_agent::sources::sched::{CpuSample, CpuSampler};
+use sci_agent::transforms::scenario::ScenarioStage;
+use sci_tests::skip_privileged;
+
+const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
+const PINGPONG: &str = env!("CARGO_BIN_EXE_sci-pingpong");
+
+fn schedstat_ns(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn load_sampler() -> EbpfSampler {
+    EbpfSampler::load(&EbpfOptions::default())
+        .unwrap_or_else(|e| panic!("eBPF must load here (root/CI): {e}"))
+}
+
+fn cpu_of(sample: &CpuSample, pid: u32) -> u64 {
+    sample
+        .processes
+        .iter()
+        .filter(|p| p.pid == pid)
+        .map(|p| p.cpu_ns)
+        .sum()
+}
+
+/// Children of `parent`, from each process's /proc/<pid>/stat.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = text.rfind(')') else {
+            continue;
+        };
+        let ppid = text[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+struct Reaped(Vec<Child>);
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client and its forked server; returns (client, server).
+fn start_pair(children: &mut Reaped, extra: &[&str]) -> (u32, u32) {
+    let child = Command::new(PINGPONG).args(extra).spawn().unwrap();
+    let client = child.id();
+    children.0.push(child);
+    for _ in 0..100 {
+        if let Some(server) = children_of(client).first() {
+            return (client, *server);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("sci-pingpong {client} forked no server");
+}
+
+fn signal(pids: &[u32], signal: i32) {
+    for pid in pids {
+        // SAFETY: plain kill(2) on our own children.
+        unsafe { libc::kill(*pid as i32, signal) };
+    }
+}
+
+/// Stops the workload, closes a window and reads the kernel's figures while
+/// nothing runs, then lets the workload go on: the window and the ground
+/// truth then cover exactly the same runtime.
+fn frozen_window(sampler: &mut EbpfSampler, pids: &[u32]) -> (CpuSample, HashMap<u32, u64>) {
+    signal(pids, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(100));
+    let window = sampler.sample().unwrap();
+    let truth = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
+    signal(pids, libc::SIGCONT);
+    (window, truth)
+}
+
+#[test]
+fn request_response_processes_match_schedstat_within_half_a_percent() {
+    if skip_privileged("request_response_processes_match_schedstat_within_half_a_percent") {
+        return;
+    }
+    let mut sampler = load_sampler();
+    let mut children = Reaped(Vec::new());
+    let (client_a, server_a) = start_pair(&mut children, &["--work-us", "15"]);
+    let (client_b, server_b) = start_pair(&mut children, &["--work-us", "40"]);
+    let busy = Command::new(BURN)
+        .args(["--duty", "100", "--seconds", "60"])
+        .spawn()
+        .unwrap();
+    let busy_pid = busy.id();
+    children.0.push(busy);
+    let pids = [client_a, server_a, client_b, server_b, busy_pid];
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (_, before) = frozen_window(&mut sampler, &pids);
+    std::thread::sleep(Duration::from_secs(4));
+    let (window, after) = frozen_window(&mut sampler, &pids);
+
+    for pid in pids {
+        let truth = after[&pid] - before[&pid];
+        let agent = cpu_of(&window, pid);
+        let error = (agent as f64 - truth as f64) / truth as f64;
+        println!(
+            "pid {pid}: agent {agent} ns, schedstat {truth} ns, error {:+.4}%",
+            error * 100.0
+        );
+        assert!(truth > 50_000_000, "pid {pid} barely ran ({truth} ns)");
+        assert!(
+            error.abs() < 0.005,
+            "pid {pid}: agent {agent} ns vs schedstat {truth} ns"
+        );
+    }
+    // Time is still conserved on the host: busy + idle covers the window
+    // (less steal time, which is neither).
+    let window_ns = window.end_unix_ns - window.start_unix_ns;
+    let accounted = window.busy_cpu_ns() + window.idle_cpu_ns() + sampler.steal_cpu_ns();
+    let capacity = window_ns * u64::from(window.cpus);
+    let gap = (accounted as f64 - capacity as f64) / capacity as f64;
+    println!(
+        "busy {} + idle {} + steal {} = {accounted} ns of {capacity} ns ({:+.3}%)",
+        window.busy_cpu_ns(),
+        window.idle_cpu_ns(),
+        sampler.steal_cpu_ns(),
+        gap * 100.0
+    );
+    assert!(
+        gap.abs() < 0.02,
+        "busy+idle+steal {accounted} vs {capacity}"
+    );
+}
+
+#[test]
+fn forked_children_are_described_by_their_parent() {
+    if skip_privileged("forked_children_are_described_by_their_parent") {
+        return;
+    }
+    let mut sampler = load_sampler();
+    let mut children = Reaped(Vec::new());
+    let (client, server) = start_pair(&mut children, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let window = sampler.sample().unwrap();
+    let client_record = window.processes.iter().find(|p| p.pid == client).unwrap();
+    let server_record = window.processes.iter().find(|p| p.pid == server).unwrap();
+    println!("client {client_record:?}\nserver {server_record:?}");
+    assert!(server_record.cpu_ns > 0);
+    assert_eq!(server_record.ppid, client, "true parent");
+    assert_eq!(
+        server_record.exe.as_deref(),
+        Some(PINGPONG),
+        "a child that never exec'd runs its parent's program"
+    );
+    assert_eq!(server_record.exe, client_record.exe);
+    assert_eq!(server_record.cmdline, client_record.cmdline);
+    assert_eq!(server_record.comm, "sci-pingpong");
+    let truth_cgroup = std::fs::read_to_string(format!("/proc/{server}/cgroup")).unwrap();
+    let truth_cgroup = truth_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_string();
+    assert_eq!(server_record.cgroup.as_deref(), Some(truth_cgroup.as_str()));
+    // Every process in the window has a name and a cgroup.
+    for p in &window.processes {
+        assert!(!p.comm.is_empty(), "pid {} has no comm: {p:?}", p.pid);
+        assert!(p.cgroup.is_some(), "pid {} has no cgroup: {p:?}", p.pid);
+    }
+}
+
+#[test]
+fn a_renamed_process_is_seen_by_a_comm_rule() {
+    if skip_privileged("a_renamed_process_is_seen_by_a_comm_rule") {
+        return;
+    }
+    let config = AgentConfig::from_toml_str(
+        r#"
+[[scenarios.rules]]
+comm = "sci-renamed"
+service = "renamed-worker"
+scenario = "query"
+"#,
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap();
+    let mut stage = ScenarioStage::new(&config.scenarios).unwrap();
+    let mut sampler = load_sampler();
+    let mut children = Reaped(Vec::new());
+    let (_client, server) = start_pair(
+        &mut children,
+        &["--rename", "sci-renamed", "--rename-after-ms", "700"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let early = sampler.sample().unwrap();
+    let before = early.processes.iter().find(|p| p.pid == server).unwrap();
+    assert_eq!(before.comm, "sci-pingpong");
+    assert_eq!(stage.assign(before).service, None);
+
+    std::thread::sleep(Duration::from_millis(1000));
+    let late = sampler.sample().unwrap();
+    let after = late.processes.iter().find(|p| p.pid == server).unwrap();
+    let truth = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+    assert_eq!(truth.trim(), "sci-renamed");
+    assert_eq!(after.comm, "sci-renamed", "the rename reached the window");
+    let assignment = stage.assign(after);
+    assert_eq!(assignment.service.as_deref(), Some("renamed-worker"));
+    assert!(assignment.scenario.is_some());
+}

@@ -1,0 +1,223 @@
+//! A real PostgreSQL under `pgbench -C` (a new forked backend per
+//! transaction, each living a few milliseconds): the CPU time the eBPF
+//! sampler gives the processes of the server's cgroup against the cgroup's
+//! own `cpu.stat usage_usec` (cgroup v2), over the same window. Privileged:
+//! skipped (with one line) without root outside CI; on CI a missing
+//! PostgreSQL is a set-up failure.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
+use sci_agent::sources::sched::{CpuSample, CpuSampler};
+use sci_tests::postgres::ScratchPostgres;
+use sci_tests::skip_privileged;
+
+/// The cgroup2 mount (`/sys/fs/cgroup/unified` on this hybrid layout).
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (_dev, mount, fstype) = (parts.next()?, parts.next()?, parts.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(mount))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A scratch cgroup v2 group; on drop its processes go back to the root and it is removed.
+struct ScratchCgroup {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl ScratchCgroup {
+    fn create(name: &str) -> ScratchCgroup {
+        let root = cgroup2_root();
+        let dir = root.join(name);
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        ScratchCgroup { root, dir }
+    }
+
+    /// The path the agent reports (relative to the cgroup2 mount).
+    fn path(&self) -> String {
+        format!("/{}", self.dir.strip_prefix(&self.root).unwrap().display())
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    fn usage_ns(&self) -> u64 {
+        let text = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap();
+        let usec: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        usec * 1000
+    }
+
+    fn freeze(&self, frozen: bool) {
+        std::fs::write(
+            self.dir.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )
+        .unwrap();
+        let want = if frozen { "frozen 1" } else { "frozen 0" };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let events = std::fs::read_to_string(self.dir.join("cgroup.events")).unwrap();
+            if events.lines().any(|l| l == want) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("cgroup {} did not reach {want}", self.dir.display());
+    }
+}
+
+impl Drop for ScratchCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("cgroup.freeze"), "0");
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Children of `parent`, from each process's /proc/<pid>/stat.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = text.rfind(')') else {
+            continue;
+        };
+        let ppid = text[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Freezes the group, closes a window and reads the group's usage while
+/// none of its processes runs, then thaws it.
+fn frozen_window(sampler: &mut EbpfSampler, group: &ScratchCgroup) -> (CpuSample, u64) {
+    group.freeze(true);
+    let window = sampler.sample().unwrap();
+    let usage_ns = group.usage_ns();
+    group.freeze(false);
+    (window, usage_ns)
+}
+
+#[test]
+fn postgres_under_pgbench_c_matches_its_cgroup_cpu_stat() {
+    if skip_privileged("postgres_under_pgbench_c_matches_its_cgroup_cpu_stat") {
+        return;
+    }
+    let group = ScratchCgroup::create(&format!("sci-test-pg-{}", std::process::id()));
+    let Some(server) =
+        ScratchPostgres::start_or_skip("postgres_under_pgbench_c_matches_its_cgroup_cpu_stat")
+    else {
+        return;
+    };
+    let postmaster = server.pid().expect("postmaster.pid");
+    server
+        .client("pgbench")
+        .args(["-i", "-q", "-s", "2", "postgres"])
+        .output()
+        .map(|o| assert!(o.status.success(), "pgbench -i: {o:?}"))
+        .unwrap();
+    // The server and its workers into the group; every backend forked from now on is born there.
+    group.add(postmaster);
+    for child in children_of(postmaster) {
+        group.add(child);
+    }
+    let mut sampler = EbpfSampler::load(&EbpfOptions::default())
+        .unwrap_or_else(|e| panic!("eBPF must load here (root/CI): {e}"));
+
+    let (_, before_ns) = frozen_window(&mut sampler, &group);
+    let bench = server
+        .client("pgbench")
+        .args(["-C", "-c", "4", "-j", "2", "-T", "6", "-n", "postgres"])
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "pgbench -C: {bench:?}");
+    let summary = String::from_utf8_lossy(&bench.stdout);
+    let (window, after_ns) = frozen_window(&mut sampler, &group);
+
+    let truth_ns = after_ns - before_ns;
+    let path = group.path();
+    let in_group: Vec<_> = window
+        .processes
+        .iter()
+        .filter(|p| p.cgroup.as_deref() == Some(path.as_str()))
+        .collect();
+    let agent_ns: u64 = in_group.iter().map(|p| p.cpu_ns).sum();
+    let backends: Vec<_> = in_group.iter().filter(|p| p.ppid == postmaster).collect();
+    let exited = in_group.iter().filter(|p| p.exited).count();
+    let error = (agent_ns as f64 - truth_ns as f64) / truth_ns as f64;
+    println!(
+        "{}\npostgres cgroup {path}: agent {agent_ns} ns over {} processes ({} children of the postmaster, {exited} exited), cpu.stat {truth_ns} ns, error {:+.4}%",
+        summary.lines().filter(|l| l.contains("tps") || l.contains("transactions actually")).collect::<Vec<_>>().join("\n"),
+        in_group.len(),
+        backends.len(),
+        error * 100.0
+    );
+    assert!(
+        truth_ns > 500_000_000,
+        "the server barely ran: {truth_ns} ns"
+    );
+    assert!(
+        error.abs() < 0.005,
+        "agent {agent_ns} ns vs cgroup cpu.stat {truth_ns} ns"
+    );
+    // Backends are forked without exec: they are described by the postmaster.
+    let postmaster_exe = std::fs::read_link(format!("/proc/{postmaster}/exe"))
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        backends.len() > 100,
+        "pgbench -C forks a backend per transaction"
+    );
+    for backend in &backends {
+        assert_eq!(
+            backend.exe.as_deref(),
+            Some(postmaster_exe.as_str()),
+            "{backend:?}"
+        );
+        assert!(!backend.comm.is_empty(), "{backend:?}");
+    }
+    // The postmaster's CPU time is not everyone else's either: no process outside the group is in it.
+    for p in &window.processes {
+        assert!(p.cgroup.is_some(), "pid {} has no cgroup: {p:?}", p.pid);
+    }
+    drop(server);
+}
