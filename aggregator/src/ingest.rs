@@ -21,7 +21,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::AggregatorConfig;
-use crate::store::Store;
+use crate::store::{CommitOutcome, Store};
 use crate::validate::validate_window;
 
 /// Ingest counters, shown on /metrics.
@@ -29,6 +29,13 @@ use crate::validate::validate_window;
 pub struct IngestCounters {
     pub windows_accepted: u64,
     pub windows_duplicate: u64,
+    /// Replays of a stored (host, agent_instance, seq) with other content.
+    pub windows_conflict: u64,
+    /// Sums of the windows stored since start (Prometheus counters).
+    pub operational_g: f64,
+    pub embodied_g: f64,
+    pub energy_j: f64,
+    pub transactions: BTreeMap<String, u64>,
     pub batches: u64,
     /// (host, kind) -> windows refused.
     pub refused: BTreeMap<(String, String), u64>,
@@ -40,7 +47,8 @@ pub struct IngestCounters {
     pub decode_errors: u64,
 }
 
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+/// The store, shared by ingest and queries (it has its own connections).
+pub type SharedStore = Arc<dyn Store>;
 
 pub struct IngestService {
     store: SharedStore,
@@ -232,12 +240,13 @@ impl Ingest for IngestService {
                     .chain(refused.iter().map(|r| r.seq))
                     .max();
                 let last_end_s = accepted.iter().map(|w| w.end_unix_ns / 1_000_000_000).max();
-                let count = accepted.len();
                 let store = Arc::clone(&store);
-                let committed =
-                    tokio::task::spawn_blocking(move || lock(&store).commit(&accepted)).await;
-                let new = match committed {
-                    Ok(Ok(new)) => new,
+                let committed = tokio::task::spawn_blocking(move || {
+                    store.commit(&accepted).map(|outcomes| (outcomes, accepted))
+                })
+                .await;
+                let (outcomes, accepted) = match committed {
+                    Ok(Ok(done)) => done,
                     Ok(Err(e)) => {
                         tracing::error!("store: {e}");
                         let _ = tx
@@ -255,8 +264,22 @@ impl Ingest for IngestService {
                 {
                     let mut c = lock(&counters);
                     c.batches += 1;
-                    c.windows_accepted += new as u64;
-                    c.windows_duplicate += (count - new) as u64;
+                    for (w, outcome) in accepted.iter().zip(&outcomes) {
+                        match outcome {
+                            CommitOutcome::Stored => {
+                                c.windows_accepted += 1;
+                                c.operational_g += w.host_carbon_g;
+                                c.embodied_g += w.host_embodied_g;
+                                c.energy_j += w.host_energy_j;
+                                for s in &w.scenarios {
+                                    *c.transactions.entry(s.scenario.clone()).or_default() +=
+                                        s.transactions;
+                                }
+                            }
+                            CommitOutcome::Duplicate => c.windows_duplicate += 1,
+                            CommitOutcome::Conflict => c.windows_conflict += 1,
+                        }
+                    }
                     if let Some(end) = last_end_s {
                         let seen = c.last_seen.entry(batch.host.clone()).or_default();
                         *seen = (*seen).max(end);
