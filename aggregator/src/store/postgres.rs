@@ -73,9 +73,12 @@ fn rows_of(rows: Vec<postgres::Row>) -> Result<Vec<Vec<Value>>, AggregatorError>
             } else if *t == Type::BYTEA {
                 row.try_get::<_, Option<Vec<u8>>>(i)
                     .map(|v| v.map(Value::Bytes))
-            } else {
+            } else if *t == Type::TEXT || *t == Type::VARCHAR || *t == Type::NAME {
                 row.try_get::<_, Option<String>>(i)
                     .map(|v| v.map(Value::Text))
+            } else {
+                // Types the shared SQL never reads (void of pg_advisory_xact_lock, ...).
+                Ok(None)
             }
             .map_err(pg)?;
             values.push(v.unwrap_or(Value::Null));
