@@ -381,3 +381,96 @@ fn two_aggregators_on_one_postgres_store_each_window_once() {
     check_hand_computation(&evaluate(&a));
     check_hand_computation(&evaluate(&b));
 }
+
+/// Long ranges read whole hours and days from the coarse rollups and only
+/// their edges finely: the figures must be those of the fine rollups and of
+/// the windows themselves, in both stores. 10-minute windows offset by 7
+/// minutes (so they straddle hours and the day boundary) over 27 hours.
+#[test]
+fn coarse_and_fine_rollups_agree() {
+    let day = T / 86_400 * 86_400;
+    let start = day - 3600 + 420;
+    let mut sent = Vec::new();
+    for host in ["host-a", "host-b"] {
+        for i in 0..(27 * 6) {
+            let from = start + 600 * i;
+            let mut w = window(
+                host,
+                i,
+                0,
+                600,
+                0.01 * (i % 7 + 1) as f64,
+                0.002,
+                [1, 0, 1, 3],
+            );
+            w.start_unix_ns = from * 1_000_000_000;
+            w.end_unix_ns = (from + 600) * 1_000_000_000;
+            w.profile.push(v1::ProfileStack {
+                service: "loan".into(),
+                scenario: "credit".into(),
+                stack: format!("main;f{}", i % 3),
+                samples: 10,
+                energy_j: 0.1,
+                ..Default::default()
+            });
+            sent.push(w);
+        }
+    }
+    let carbon: f64 = sent.iter().map(|w| w.host_carbon_g).sum();
+    let energy: f64 = sent.iter().map(|w| w.host_energy_j).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    let server = ScratchPostgres::start_or_skip("coarse_and_fine_rollups_agree");
+    let pg = server.as_ref().map(|s| postgres_store(s, "coarse"));
+    let mut stores: Vec<&dyn Store> = vec![&sqlite];
+    if let Some(pg) = &pg {
+        stores.push(pg);
+    }
+    let mut answers = Vec::new();
+    for store in stores {
+        for chunk in sent.chunks(40) {
+            store.commit(chunk).unwrap();
+        }
+        // Hourly periods: the coarse path; minute periods: the fine one.
+        let hourly = Range::new(day - 7200, day + 86_400 + 10_800, 3600, &store.layout()).unwrap();
+        let minutes = Range::new(day - 7200, day + 86_400 + 10_800, 60, &store.layout()).unwrap();
+        let coarse = evaluate_store(store, &hourly, &standard_weights(), 0.0).unwrap();
+        let fine = evaluate_store(store, &minutes, &standard_weights(), 0.0).unwrap();
+        for e in [&coarse, &fine] {
+            assert!(
+                close(e.operational_g, carbon),
+                "{} vs {carbon}",
+                e.operational_g
+            );
+            assert!(close(e.energy_j, energy));
+            let hosts_energy: f64 = e.hosts.iter().map(|h| h.energy_j).sum();
+            assert!(close(hosts_energy, energy));
+            let txns: f64 = e.scenarios.iter().map(|s| s.transactions).sum();
+            assert!(close(txns, 5.0 * sent.len() as f64));
+        }
+        // Per hour, the hourly period equals the sum of its 60 minute periods.
+        for p in &coarse.periods {
+            let minutes_o: f64 = fine
+                .periods
+                .iter()
+                .filter(|m| m.start_unix_s >= p.start_unix_s && m.start_unix_s < p.end_unix_s)
+                .map(|m| m.operational_g)
+                .sum();
+            assert!(
+                close(p.operational_g, minutes_o),
+                "{}: {} vs {minutes_o}",
+                p.start_unix_s,
+                p.operational_g
+            );
+        }
+        let stacks = store.stacks(&hourly, Some("loan"), None).unwrap();
+        let samples: u64 = stacks.iter().map(|s| s.samples).sum();
+        assert_eq!(samples, 10 * sent.len() as u64);
+        answers.push(serde_json::to_value(&coarse).unwrap());
+    }
+    if answers.len() == 2 {
+        assert_same(&answers[0], &answers[1], "evaluation");
+    }
+}

@@ -64,9 +64,10 @@ impl RollupLayout {
         if self.step_s == 0
             || self.host_step_s == 0
             || !self.host_step_s.is_multiple_of(self.step_s)
+            || !DAY_S.is_multiple_of(self.host_step_s)
         {
             return Err(format!(
-                "host_rollup_step ({} s) must be a multiple of rollup_step ({} s), both > 0",
+                "host_rollup_step ({} s) must be a multiple of rollup_step ({} s) and divide a day, both > 0",
                 self.host_step_s, self.step_s
             ));
         }
@@ -478,7 +479,42 @@ const PROFILE: Table = Table {
     keys: &["bucket_s", "service", "scenario", "stack"],
     sums: &["samples", "energy_j"],
 };
-const TABLES: [&Table; 5] = [&FLEET, &SCENARIO, &HOST, &SERVICE, &PROFILE];
+/// Coarser copies: fleet and scenario sums per host step, host, service and
+/// profile sums per day. A long query reads whole coarse buckets from these
+/// and only its edges from the finer tables (see [`source`]).
+const FLEET_COARSE: Table = Table {
+    name: "fleet_rollup_h",
+    ..FLEET
+};
+const SCENARIO_COARSE: Table = Table {
+    name: "scenario_rollup_h",
+    ..SCENARIO
+};
+const HOST_COARSE: Table = Table {
+    name: "host_rollup_d",
+    ..HOST
+};
+const SERVICE_COARSE: Table = Table {
+    name: "service_rollup_d",
+    ..SERVICE
+};
+const PROFILE_COARSE: Table = Table {
+    name: "profile_rollup_d",
+    ..PROFILE
+};
+const TABLES: [&Table; 10] = [
+    &FLEET,
+    &SCENARIO,
+    &HOST,
+    &SERVICE,
+    &PROFILE,
+    &FLEET_COARSE,
+    &SCENARIO_COARSE,
+    &HOST_COARSE,
+    &SERVICE_COARSE,
+    &PROFILE_COARSE,
+];
+pub const DAY_S: u64 = 86_400;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Key {
@@ -489,7 +525,7 @@ enum Key {
 /// Rollup additions of one commit, summed per row key before they are written.
 #[derive(Default)]
 struct Deltas {
-    rows: [BTreeMap<Vec<Key>, Vec<f64>>; 5],
+    rows: [BTreeMap<Vec<Key>, Vec<f64>>; 10],
 }
 
 impl Deltas {
@@ -544,103 +580,102 @@ impl Deltas {
             .filter(|s| s.scenario != "unassigned")
             .map(|s| s.transactions as f64)
             .sum();
-        for (bucket, share, seconds) in split_by_time(w.start_unix_ns, w.end_unix_ns, layout.step_s)
-        {
-            let ended = if bucket == end_bucket(layout.step_s) {
-                1.0
-            } else {
-                0.0
-            };
-            let key = vec![
-                Key::I(bucket as i64),
-                Key::T(dc.clone()),
-                Key::T(w.intensity_source.clone()),
-                Key::T(w.energy_source.clone()),
-                Key::T(w.energy_model.clone()),
-                Key::T(embodied.share_source.clone()),
-            ];
-            self.add(
-                0,
-                key,
-                &[
-                    ended,
-                    seconds,
-                    share * w.host_energy_j,
-                    share * w.idle_energy_j,
-                    share * estimated_j,
-                    share * w.unattributed_energy_j,
-                    share * w.host_carbon_g,
-                    share * w.host_embodied_g,
-                    share * w.busy_cpu_ns as f64,
-                    share * w.idle_cpu_ns as f64,
-                    share * w.steal_cpu_ns as f64,
-                    share * w.unattributed_cpu_ns as f64,
-                    seconds * w.carbon_intensity_g_per_kwh,
-                    seconds * w.pue,
-                    seconds * embodied.total_embodied_g,
-                    seconds * embodied.lifespan_s,
-                    seconds * embodied.resource_share,
-                ],
-            );
-            for (scenario, e) in &scenarios {
-                self.add(
-                    1,
-                    vec![
-                        Key::I(bucket as i64),
-                        Key::T(dc.clone()),
-                        Key::T(scenario.clone()),
-                    ],
-                    &e.map(|v| share * v),
-                );
-            }
-        }
-        for (bucket, share, seconds) in
-            split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s)
-        {
-            self.add(
-                2,
-                vec![
+        for (fleet_t, scenario_t, step) in [(0, 1, layout.step_s), (5, 6, layout.host_step_s)] {
+            for (bucket, share, seconds) in split_by_time(w.start_unix_ns, w.end_unix_ns, step) {
+                let ended = if bucket == end_bucket(step) { 1.0 } else { 0.0 };
+                let key = vec![
                     Key::I(bucket as i64),
-                    Key::T(w.host.clone()),
                     Key::T(dc.clone()),
-                ],
-                &[
-                    seconds,
-                    share * w.host_energy_j,
-                    share * w.idle_energy_j,
-                    share * estimated_j,
-                    share * w.host_carbon_g,
-                    share * w.host_embodied_g,
-                    share * w.busy_cpu_ns as f64,
-                    share * w.idle_cpu_ns as f64,
-                    share * transactions,
-                ],
-            );
-            for ((service, scenario), e) in &services {
+                    Key::T(w.intensity_source.clone()),
+                    Key::T(w.energy_source.clone()),
+                    Key::T(w.energy_model.clone()),
+                    Key::T(embodied.share_source.clone()),
+                ];
                 self.add(
-                    3,
-                    vec![
-                        Key::I(bucket as i64),
-                        Key::T(dc.clone()),
-                        Key::T(service.clone()),
-                        Key::T(scenario.clone()),
+                    fleet_t,
+                    key,
+                    &[
+                        ended,
+                        seconds,
+                        share * w.host_energy_j,
+                        share * w.idle_energy_j,
+                        share * estimated_j,
+                        share * w.unattributed_energy_j,
+                        share * w.host_carbon_g,
+                        share * w.host_embodied_g,
+                        share * w.busy_cpu_ns as f64,
+                        share * w.idle_cpu_ns as f64,
+                        share * w.steal_cpu_ns as f64,
+                        share * w.unattributed_cpu_ns as f64,
+                        seconds * w.carbon_intensity_g_per_kwh,
+                        seconds * w.pue,
+                        seconds * embodied.total_embodied_g,
+                        seconds * embodied.lifespan_s,
+                        seconds * embodied.resource_share,
                     ],
-                    &e.map(|v| share * v),
                 );
+                for (scenario, e) in &scenarios {
+                    self.add(
+                        scenario_t,
+                        vec![
+                            Key::I(bucket as i64),
+                            Key::T(dc.clone()),
+                            Key::T(scenario.clone()),
+                        ],
+                        &e.map(|v| share * v),
+                    );
+                }
             }
         }
-        let bucket = end_bucket(layout.host_step_s) as i64;
-        for s in &w.profile {
-            self.add(
-                4,
-                vec![
-                    Key::I(bucket),
-                    Key::T(or_none(&s.service)),
-                    Key::T(or_none(&s.scenario)),
-                    Key::T(s.stack.clone()),
-                ],
-                &[s.samples as f64, s.energy_j],
-            );
+        for (host_t, service_t, step) in [(2, 3, layout.host_step_s), (7, 8, DAY_S)] {
+            for (bucket, share, seconds) in split_by_time(w.start_unix_ns, w.end_unix_ns, step) {
+                self.add(
+                    host_t,
+                    vec![
+                        Key::I(bucket as i64),
+                        Key::T(w.host.clone()),
+                        Key::T(dc.clone()),
+                    ],
+                    &[
+                        seconds,
+                        share * w.host_energy_j,
+                        share * w.idle_energy_j,
+                        share * estimated_j,
+                        share * w.host_carbon_g,
+                        share * w.host_embodied_g,
+                        share * w.busy_cpu_ns as f64,
+                        share * w.idle_cpu_ns as f64,
+                        share * transactions,
+                    ],
+                );
+                for ((service, scenario), e) in &services {
+                    self.add(
+                        service_t,
+                        vec![
+                            Key::I(bucket as i64),
+                            Key::T(dc.clone()),
+                            Key::T(service.clone()),
+                            Key::T(scenario.clone()),
+                        ],
+                        &e.map(|v| share * v),
+                    );
+                }
+            }
+        }
+        for (profile_t, step) in [(4, layout.host_step_s), (9, DAY_S)] {
+            let bucket = end_bucket(step) as i64;
+            for s in &w.profile {
+                self.add(
+                    profile_t,
+                    vec![
+                        Key::I(bucket),
+                        Key::T(or_none(&s.service)),
+                        Key::T(or_none(&s.scenario)),
+                        Key::T(s.stack.clone()),
+                    ],
+                    &[s.samples as f64, s.energy_j],
+                );
+            }
         }
     }
 }
@@ -839,12 +874,55 @@ pub fn commit_windows(
     Ok(outcomes)
 }
 
-fn range_params(range: &Range) -> Vec<Value> {
-    vec![
-        Value::Int(range.from_s as i64),
-        Value::Int(range.to_s as i64),
-        Value::Int(range.period_s as i64),
-    ]
+/// A derived table `src` with the rows of `[from_s, to_s)`: the whole
+/// buckets of `coarse` (step `coarse_step`) inside the range, the finer
+/// `fine` rows only at its edges, when every period holds whole coarse
+/// buckets (`period_s` a multiple of the coarse step, or no periods). Sums
+/// are additive, so both readings give the same totals; the coarse one
+/// reads up to 60 (or 24) times fewer rows. Its parameters are appended.
+fn source(
+    fine: &Table,
+    coarse: &Table,
+    coarse_step: u64,
+    from_s: u64,
+    to_s: u64,
+    period_s: Option<u64>,
+    params: &mut Vec<Value>,
+) -> String {
+    let columns: Vec<&str> = fine.keys.iter().chain(fine.sums).copied().collect();
+    let columns = columns.join(", ");
+    let inner_from = from_s.div_ceil(coarse_step) * coarse_step;
+    let inner_to = to_s / coarse_step * coarse_step;
+    let mut param = |v: u64| {
+        params.push(Value::Int(v as i64));
+        format!("${}", params.len())
+    };
+    if inner_from < inner_to && period_s.is_none_or(|p| p.is_multiple_of(coarse_step)) {
+        let (a, b, f, t) = (
+            param(inner_from),
+            param(inner_to),
+            param(from_s),
+            param(to_s),
+        );
+        format!(
+            "(SELECT {columns} FROM {} WHERE bucket_s >= {a} AND bucket_s < {b} \
+             UNION ALL SELECT {columns} FROM {} WHERE (bucket_s >= {f} AND bucket_s < {a}) \
+             OR (bucket_s >= {b} AND bucket_s < {t})) AS src",
+            coarse.name, fine.name
+        )
+    } else {
+        let (f, t) = (param(from_s), param(to_s));
+        format!(
+            "(SELECT {columns} FROM {} WHERE bucket_s >= {f} AND bucket_s < {t}) AS src",
+            fine.name
+        )
+    }
+}
+
+/// `bucket_s / $n`, the period appended to the parameters.
+fn period_expr(period_s: u64, params: &mut Vec<Value>) -> String {
+    params.push(Value::Int(period_s as i64));
+    format!("bucket_s / ${}", params.len())
 }
 
 fn sum_list(columns: &[&str]) -> String {
@@ -866,15 +944,26 @@ impl<B: Backend> Store for B {
     }
 
     fn fleet_periods(&self, range: &Range) -> Result<Vec<FleetRow>, AggregatorError> {
+        let layout = Backend::layout(self);
+        let mut params = Vec::new();
+        let src = source(
+            &FLEET,
+            &FLEET_COARSE,
+            layout.host_step_s,
+            range.from_s,
+            range.to_s,
+            Some(range.period_s),
+            &mut params,
+        );
+        let period = period_expr(range.period_s, &mut params);
         let sql = format!(
-            "SELECT bucket_s / $3 AS period, datacenter, intensity_source, energy_source, energy_model, share_source, {} \
-             FROM fleet_rollup WHERE bucket_s >= $1 AND bucket_s < $2 \
-             GROUP BY bucket_s / $3, datacenter, intensity_source, energy_source, energy_model, share_source \
+            "SELECT {period} AS period, datacenter, intensity_source, energy_source, energy_model, share_source, {} \
+             FROM {src} GROUP BY {period}, datacenter, intensity_source, energy_source, energy_model, share_source \
              ORDER BY 1, 2, 3, 4, 5, 6",
             sum_list(FLEET.sums)
         );
         Ok(self
-            .read(&sql, &range_params(range))?
+            .read(&sql, &params)?
             .into_iter()
             .map(|r| {
                 let f = |i: usize| r[6 + i].f64();
@@ -908,13 +997,25 @@ impl<B: Backend> Store for B {
     }
 
     fn scenario_periods(&self, range: &Range) -> Result<Vec<ScenarioRow>, AggregatorError> {
+        let layout = Backend::layout(self);
+        let mut params = Vec::new();
+        let src = source(
+            &SCENARIO,
+            &SCENARIO_COARSE,
+            layout.host_step_s,
+            range.from_s,
+            range.to_s,
+            Some(range.period_s),
+            &mut params,
+        );
+        let period = period_expr(range.period_s, &mut params);
         let sql = format!(
-            "SELECT bucket_s / $3 AS period, datacenter, scenario, {} FROM scenario_rollup \
-             WHERE bucket_s >= $1 AND bucket_s < $2 GROUP BY bucket_s / $3, datacenter, scenario ORDER BY 1, 2, 3",
+            "SELECT {period} AS period, datacenter, scenario, {} FROM {src} \
+             GROUP BY {period}, datacenter, scenario ORDER BY 1, 2, 3",
             sum_list(SCENARIO.sums)
         );
         Ok(self
-            .read(&sql, &range_params(range))?
+            .read(&sql, &params)?
             .into_iter()
             .map(|r| ScenarioRow {
                 period: r[0].i64() as u64,
@@ -932,13 +1033,14 @@ impl<B: Backend> Store for B {
 
     fn hosts(&self, range: &Range) -> Result<Vec<HostRow>, AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
+        let mut params = Vec::new();
+        let src = source(&HOST, &HOST_COARSE, DAY_S, from, to, None, &mut params);
         let sql = format!(
-            "SELECT host, MAX(datacenter), {} FROM host_rollup WHERE bucket_s >= $1 AND bucket_s < $2 \
-             GROUP BY host ORDER BY host",
+            "SELECT host, MAX(datacenter), {} FROM {src} GROUP BY host ORDER BY host",
             sum_list(HOST.sums)
         );
         Ok(self
-            .read(&sql, &[Value::Int(from as i64), Value::Int(to as i64)])?
+            .read(&sql, &params)?
             .into_iter()
             .map(|r| {
                 let f = |i: usize| r[2 + i].f64();
@@ -961,13 +1063,23 @@ impl<B: Backend> Store for B {
 
     fn services(&self, range: &Range) -> Result<Vec<ServiceRow>, AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
+        let mut params = Vec::new();
+        let src = source(
+            &SERVICE,
+            &SERVICE_COARSE,
+            DAY_S,
+            from,
+            to,
+            None,
+            &mut params,
+        );
         let sql = format!(
-            "SELECT datacenter, service, scenario, {} FROM service_rollup WHERE bucket_s >= $1 AND bucket_s < $2 \
+            "SELECT datacenter, service, scenario, {} FROM {src} \
              GROUP BY datacenter, service, scenario ORDER BY 1, 2, 3",
             sum_list(SERVICE.sums)
         );
         Ok(self
-            .read(&sql, &[Value::Int(from as i64), Value::Int(to as i64)])?
+            .read(&sql, &params)?
             .into_iter()
             .map(|r| ServiceRow {
                 datacenter: r[0].text(),
@@ -989,8 +1101,17 @@ impl<B: Backend> Store for B {
         scenario: Option<&str>,
     ) -> Result<Vec<StackSum>, AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
-        let mut params = vec![Value::Int(from as i64), Value::Int(to as i64)];
-        let mut filter = String::new();
+        let mut params = Vec::new();
+        let src = source(
+            &PROFILE,
+            &PROFILE_COARSE,
+            DAY_S,
+            from,
+            to,
+            None,
+            &mut params,
+        );
+        let mut filter = String::from(" WHERE 1 = 1");
         if let Some(service) = service {
             params.push(Value::Text(service.to_string()));
             filter.push_str(&format!(" AND service = ${}", params.len()));
@@ -1000,8 +1121,8 @@ impl<B: Backend> Store for B {
             filter.push_str(&format!(" AND scenario = ${}", params.len()));
         }
         let sql = format!(
-            "SELECT service, scenario, stack, SUM(samples), SUM(energy_j) FROM profile_rollup \
-             WHERE bucket_s >= $1 AND bucket_s < $2{filter} GROUP BY service, scenario, stack ORDER BY 1, 2, 3"
+            "SELECT service, scenario, stack, SUM(samples), SUM(energy_j) FROM {src}{filter} \
+             GROUP BY service, scenario, stack ORDER BY 1, 2, 3"
         );
         Ok(self
             .read(&sql, &params)?
@@ -1017,16 +1138,24 @@ impl<B: Backend> Store for B {
     }
 
     fn intensity_hours(&self, range: &Range) -> Result<Vec<IntensityRow>, AggregatorError> {
-        let sql = "SELECT datacenter, bucket_s / 3600, SUM(intensity_x_s), SUM(host_s) FROM fleet_rollup \
-                   WHERE bucket_s >= $1 AND bucket_s < $2 GROUP BY datacenter, bucket_s / 3600 ORDER BY 1, 2";
+        let layout = Backend::layout(self);
+        let mut params = Vec::new();
+        let src = source(
+            &FLEET,
+            &FLEET_COARSE,
+            layout.host_step_s,
+            range.from_s,
+            range.to_s,
+            Some(3600),
+            &mut params,
+        );
+        let hour = period_expr(3600, &mut params);
+        let sql = format!(
+            "SELECT datacenter, {hour}, SUM(intensity_x_s), SUM(host_s) FROM {src} \
+             GROUP BY datacenter, {hour} ORDER BY 1, 2"
+        );
         Ok(self
-            .read(
-                sql,
-                &[
-                    Value::Int(range.from_s as i64),
-                    Value::Int(range.to_s as i64),
-                ],
-            )?
+            .read(&sql, &params)?
             .into_iter()
             .map(|r| IntensityRow {
                 datacenter: r[0].text(),
@@ -1157,14 +1286,26 @@ pub(crate) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(crate) fn migrations(postgres: bool) -> [(i64, &'static str); 1] {
+pub(crate) fn migrations(postgres: bool) -> [(i64, &'static str); 2] {
     if postgres {
-        [(
-            1,
-            include_str!("../../migrations/postgres/0001_rollups.sql"),
-        )]
+        [
+            (
+                1,
+                include_str!("../../migrations/postgres/0001_rollups.sql"),
+            ),
+            (
+                2,
+                include_str!("../../migrations/postgres/0002_coarse_rollups.sql"),
+            ),
+        ]
     } else {
-        [(1, include_str!("../../migrations/sqlite/0001_rollups.sql"))]
+        [
+            (1, include_str!("../../migrations/sqlite/0001_rollups.sql")),
+            (
+                2,
+                include_str!("../../migrations/sqlite/0002_coarse_rollups.sql"),
+            ),
+        ]
     }
 }
 
