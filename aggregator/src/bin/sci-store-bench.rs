@@ -11,7 +11,7 @@
 //! 10 s windows at that size.
 //!
 //! `sci-store-bench --aggregator PATH [--postgres-url URL] [--hosts 2000]
-//!  [--days 30] [--agents 8] [--seconds 30] [--backfill-workloads 10]`
+//!  [--days 30] [--agents 8] [--seconds 30] [--rate 2400] [--backfill-workloads 10]`
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -193,6 +193,10 @@ async fn main() -> Result<()> {
     let agents = arg(&args, "--agents", 8);
     let seconds = arg(&args, "--seconds", 30);
     let backfill_workloads = arg(&args, "--backfill-workloads", 10);
+    // Offered load: windows/s over all agents (open loop: batches leave on a
+    // timer, whatever the acks do, so ack latency is not set by the bench's
+    // own queue). 0: closed loop, 3 batches in flight per agent.
+    let rate = arg(&args, "--rate", 2400);
     let workloads = 50;
     let batch = 32;
     let dir = std::env::temp_dir().join(format!("sci-store-bench-{}", std::process::id()));
@@ -240,6 +244,13 @@ async fn main() -> Result<()> {
     }
     let backfill_s = backfill_started.elapsed().as_secs_f64();
     let month_windows = hosts * days * 24;
+    // Steady state: raw windows past the raw retention (7 days) are gone,
+    // as the aggregator's hourly retention pass would have done.
+    let expired = {
+        let store = sci_aggregator::store::open(&config)?;
+        store.expire(now_s, &config.retention())?
+    };
+    eprintln!("retention before serving: {expired:?}");
     let usage_before = sci_aggregator::store::open(&config)?.disk_usage()?;
 
     let mut server = Command::new(&aggregator)
@@ -344,11 +355,21 @@ async fn main() -> Result<()> {
             let mut acks = response.into_inner();
             let mut seq = 0u64;
             let mut sent_at: VecDeque<Instant> = VecDeque::new();
-            // 10 s windows from 20 days ago on, in order (an agent's backlog
-            // after an outage: inside the month, within max_window_age).
-            let day_start = now_s - 20 * 86_400;
+            let interval = (rate > 0)
+                .then(|| Duration::from_secs_f64(batch as f64 * agents as f64 / rate as f64));
+            let mut next_send = Instant::now();
+            // 10 s windows from 5 days ago on, in order (an agent's backlog
+            // after an outage: inside the month and the raw retention).
+            let day_start = now_s - 5 * 86_400;
             while Instant::now() < deadline {
-                while sent_at.len() < 3 {
+                let may_send = |sent: &VecDeque<Instant>, next: Instant| match interval {
+                    Some(_) => Instant::now() >= next,
+                    None => sent.len() < 3,
+                };
+                while may_send(&sent_at, next_send) {
+                    if let Some(i) = interval {
+                        next_send += i;
+                    }
                     let windows = (0..batch)
                         .map(|i| {
                             let s = seq + i;
@@ -369,7 +390,20 @@ async fn main() -> Result<()> {
                         return;
                     }
                 }
-                match acks.message().await {
+                let ack = match interval {
+                    Some(_) if sent_at.is_empty() => {
+                        tokio::time::sleep_until(next_send.into()).await;
+                        continue;
+                    }
+                    Some(_) => {
+                        match tokio::time::timeout_at(next_send.into(), acks.message()).await {
+                            Ok(ack) => ack,
+                            Err(_) => continue,
+                        }
+                    }
+                    None => acks.message().await,
+                };
+                match ack {
                     Ok(Some(_)) => {
                         if let Some(t) = sent_at.pop_front() {
                             latencies
@@ -430,6 +464,7 @@ async fn main() -> Result<()> {
             "dashboard_30d_under_ingest_max_s": loaded("dashboard", 1.0),
             "queries_under_ingest": q.values().map(Vec::len).sum::<usize>(),
             "ingest_windows_per_s": streamed as f64 / elapsed,
+            "offered_windows_per_s": rate,
             "ack_latency_p50_ms": pct(&l, 0.5),
             "ack_latency_p99_ms": pct(&l, 0.99),
             "aggregator_peak_rss_mib": peak_rss,
