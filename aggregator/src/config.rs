@@ -99,8 +99,36 @@ pub struct AggregatorConfig {
     pub grpc_listen: String,
     /// HTTP listener: /api/v1/sci, /metrics, /dashboard.
     pub http_listen: String,
-    /// SQLite database file.
+    /// SQLite database file (the embedded store; unused with `postgres_url`).
     pub database: PathBuf,
+    /// PostgreSQL connection (`postgres://user@host/db` or libpq key=value):
+    /// the production store, shared by several aggregators. Unset: SQLite.
+    pub postgres_url: Option<String>,
+    /// Base step of the fleet and scenario rollups: every period is a
+    /// multiple of it. Default: the largest divisor of one minute that
+    /// divides `period` (1 min for hourly periods). Fixed at database creation.
+    #[serde(with = "opt_duration_text")]
+    pub rollup_step: Option<Duration>,
+    /// Step of the per-host, per-service and profile rollups (a multiple of
+    /// `rollup_step`). Fixed at database creation.
+    #[serde(with = "duration_text")]
+    pub host_rollup_step: Duration,
+    /// Raw windows (and their profile stacks) are kept this long.
+    #[serde(with = "duration_text")]
+    pub raw_retention: Duration,
+    /// Rollups (and hourly merged profiles) are kept this long.
+    #[serde(with = "duration_text")]
+    pub rollup_retention: Duration,
+    /// A period whose coverage (host-seconds of data against hosts x
+    /// period length) is below this is shown but left out of SCI_CF.
+    pub min_coverage: f64,
+    /// Hot-function claims and flame graphs need at least this many samples.
+    pub min_profile_samples: u64,
+    /// Expensive queries (sci, dashboard, hotspots, profile) at once; more get 503.
+    pub max_concurrent_queries: usize,
+    /// A query running longer is cancelled (503).
+    #[serde(with = "duration_text")]
+    pub query_timeout: Duration,
     /// Measurement period length, aligned to the wall clock (e.g. "1h").
     #[serde(with = "duration_text")]
     pub period: Duration,
@@ -133,6 +161,15 @@ impl Default for AggregatorConfig {
             grpc_listen: "127.0.0.1:7443".into(),
             http_listen: "127.0.0.1:8080".into(),
             database: PathBuf::from("/var/lib/sci-aggregator/sci.db"),
+            postgres_url: None,
+            rollup_step: None,
+            host_rollup_step: Duration::from_secs(3600),
+            raw_retention: Duration::from_secs(7 * 86_400),
+            rollup_retention: Duration::from_secs(400 * 86_400),
+            min_coverage: 0.9,
+            min_profile_samples: 50,
+            max_concurrent_queries: 4,
+            query_timeout: Duration::from_secs(30),
             period: Duration::from_secs(3600),
             weights: standard_weights(),
             agents: Vec::new(),
@@ -158,7 +195,48 @@ mod duration_text {
     }
 }
 
+mod opt_duration_text {
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        super::duration_text::deserialize(d).map(Some)
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 impl AggregatorConfig {
+    /// The rollup steps this configuration asks for.
+    pub fn rollup_layout(&self) -> crate::store::RollupLayout {
+        let step_s = self
+            .rollup_step
+            .map(|d| d.as_secs())
+            .unwrap_or_else(|| gcd(self.period.as_secs().max(1), 60));
+        crate::store::RollupLayout {
+            step_s,
+            host_step_s: self.host_rollup_step.as_secs(),
+        }
+    }
+
+    /// How long raw windows, dedupe keys and rollups are kept. Keys live at
+    /// least as long as a window may arrive (`max_window_age`), so a late
+    /// replay is still recognised.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            raw: self.raw_retention,
+            keys: self.raw_retention.max(self.max_window_age),
+            rollups: self.rollup_retention,
+        }
+    }
+
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AggregatorError> {
         let config: AggregatorConfig =
             toml::from_str(text).map_err(|e| AggregatorError::Config {
@@ -197,6 +275,29 @@ impl AggregatorConfig {
         }
         if self.period < Duration::from_secs(1) {
             return Err(err("period must be at least 1s".into()));
+        }
+        let layout = self.rollup_layout();
+        layout.validate().map_err(err)?;
+        if !self.period.as_secs().is_multiple_of(layout.step_s) {
+            return Err(err(format!(
+                "period ({} s) must be a multiple of rollup_step ({} s)",
+                self.period.as_secs(),
+                layout.step_s
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_coverage) {
+            return Err(err(format!(
+                "min_coverage = {} must be between 0 and 1",
+                self.min_coverage
+            )));
+        }
+        if self.max_concurrent_queries == 0 {
+            return Err(err("max_concurrent_queries must be at least 1".into()));
+        }
+        if self.rollup_retention < self.raw_retention {
+            return Err(err(
+                "rollup_retention must not be shorter than raw_retention".into(),
+            ));
         }
         if !self.max_host_power_w.is_finite() || self.max_host_power_w <= 0.0 {
             return Err(err("max_host_power_w must be > 0".into()));

@@ -1,104 +1,40 @@
 //! Server-rendered HTML: the fleet dashboard and the printable evaluation
-//! report (Appendix A of the standard), plus the same report in Markdown.
+//! report (Appendix A of the standard). Both render the one
+//! [`Evaluation`] (the Markdown report is [`crate::report::markdown`]).
 //!
 //! One self-contained page each: inline CSS, charts drawn here as inline SVG,
 //! no script, nothing fetched from elsewhere. Every value from the data is
-//! escaped. The aggregator maps its query results onto the plain structs
-//! below; [`crate::hotspots`] and [`crate::profiles`] supply the hotspot
-//! list and flame graphs.
-use std::collections::BTreeMap;
+//! escaped. [`crate::hotspots`] and [`crate::profiles`] supply the hotspot
+//! list and flame graphs. Figures print with 4 significant digits,
+//! unit-scaled ([`crate::report::sig4`], [`crate::report::mass_g`]).
 use std::fmt::Write;
 
-use crate::hotspots::{Hotspot, ScenarioWeight};
-
-/// One measurement period j of the evaluation.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PeriodFigures {
-    /// e.g. `2026-11-25 08:00-09:00`.
-    pub label: String,
-    pub start_unix_ns: u64,
-    pub end_unix_ns: u64,
-    /// TA_i: completed transactions per scenario.
-    pub transactions: BTreeMap<String, u64>,
-    /// O_j: operational carbon.
-    pub operational_g: f64,
-    /// M_j: embodied carbon apportioned to the period.
-    pub embodied_g: f64,
-    /// R_j = sum alpha_i TA_i.
-    pub business_units: f64,
-}
-
-impl PeriodFigures {
-    /// SCI_j = (O_j + M_j) / R_j; None when the period had no business.
-    pub fn sci_g_per_unit(&self) -> Option<f64> {
-        (self.business_units > 0.0)
-            .then(|| (self.operational_g + self.embodied_g) / self.business_units)
-    }
-}
-
-/// The evaluation's SCI_CF: the mean of the per-period SCI_j (periods
-/// without business left out, as SCI_j is undefined there).
-pub fn mean_sci(periods: &[PeriodFigures]) -> Option<f64> {
-    let values: Vec<f64> = periods
-        .iter()
-        .filter_map(PeriodFigures::sci_g_per_unit)
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-}
-
-/// Pooled over the whole evaluation: (sum O + sum M) / sum R (disclosed beside the mean).
-pub fn pooled_sci(periods: &[PeriodFigures]) -> Option<f64> {
-    let units: f64 = periods.iter().map(|p| p.business_units).sum();
-    let carbon: f64 = periods.iter().map(|p| p.operational_g + p.embodied_g).sum();
-    (units > 0.0).then(|| carbon / units)
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct HostRow {
-    pub host: String,
-    pub region: Option<String>,
-    pub cpu_utilisation: f64,
-    pub energy_j: f64,
-    pub idle_energy_j: f64,
-    pub carbon_g: f64,
-    pub embodied_g: f64,
-    pub transactions: u64,
-}
+use crate::hotspots::Hotspot;
+use crate::report::{
+    disclosure_cells, energy_j, mass_g, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS,
+};
+use crate::sci::{mean_sci, pooled_sci, Disclosure, Evaluation, PeriodFigures};
 
 /// A flame graph SVG (from [`crate::profiles::MergedProfile::flamegraph_svg`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FlameGraphPanel {
     pub service: String,
     pub scenario: String,
+    /// Samples behind it (shown with the graph).
+    pub samples: u64,
     pub svg: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DashboardData {
     pub title: String,
     /// When the page was generated (shown as given).
     pub generated_at: String,
-    pub periods: Vec<PeriodFigures>,
-    pub scenarios: Vec<ScenarioWeight>,
-    pub hosts: Vec<HostRow>,
+    pub evaluation: Evaluation,
     pub hotspots: Vec<Hotspot>,
     pub flamegraphs: Vec<FlameGraphPanel>,
-}
-
-/// What the evaluation report discloses besides the figures.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EvaluationReport {
-    pub title: String,
-    /// Platform / organisation evaluated.
-    pub subject: String,
-    pub generated_at: String,
-    pub periods: Vec<PeriodFigures>,
-    /// alpha_i used.
-    pub weights: BTreeMap<String, f64>,
-    /// How energy and carbon were measured (e.g. "RAPL via eBPF-attributed CPU time").
-    pub method: String,
-    /// (factor, value with unit and source), e.g. ("grid emission factor", "581 g/kWh, ...").
-    pub factors: Vec<(String, String)>,
+    /// Profiles withheld (too few samples), each with the reason.
+    pub withheld: Vec<String>,
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -117,8 +53,13 @@ pub fn escape_html(text: &str) -> String {
     out
 }
 
-fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
-    value.map_or_else(|| "–".to_string(), |v| format!("{v:.decimals$}"))
+fn fmt_opt(value: Option<f64>) -> String {
+    value.map_or_else(|| "–".to_string(), sig4)
+}
+
+/// A period's label: its start, RFC 3339.
+pub fn period_label(p: &PeriodFigures) -> String {
+    unix_to_text(p.start_unix_s)
 }
 
 const SCENARIO_ORDER: [&str; 4] = ["credit", "drawdown", "repayment", "query"];
@@ -136,6 +77,159 @@ fn scenario_columns(periods: &[PeriodFigures]) -> Vec<String> {
     others.dedup();
     columns.extend(others);
     columns
+}
+
+fn periods_table(periods: &[PeriodFigures]) -> String {
+    let columns = scenario_columns(periods);
+    let mut html =
+        String::from("<table class=\"periods\"><tr><th class=\"l\">period</th><th>coverage</th>");
+    for c in &columns {
+        let _ = write!(html, "<th>TA {}</th>", escape_html(c));
+    }
+    html.push_str(
+        "<th>O (gCO2e)</th><th>M (gCO2e)</th><th>R (units)</th><th>SCI_j (g/unit)</th><th class=\"l\">in SCI_CF</th></tr>",
+    );
+    for p in periods {
+        let _ = write!(
+            html,
+            "<tr{}><td class=\"l\">{}</td><td>{}</td>",
+            if p.in_mean { "" } else { " class=\"warn\"" },
+            escape_html(&period_label(p)),
+            percent(p.coverage)
+        );
+        for c in &columns {
+            let _ = write!(
+                html,
+                "<td>{}</td>",
+                sig4(p.transactions.get(c).copied().unwrap_or(0.0))
+            );
+        }
+        let _ = write!(
+            html,
+            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td></tr>",
+            sig4(p.operational_g),
+            sig4(p.embodied_g),
+            sig4(p.business_units),
+            fmt_opt(p.sci_g_per_unit),
+            if p.in_mean {
+                "yes".to_string()
+            } else {
+                format!(
+                    "no: {}",
+                    escape_html(p.excluded_reason.as_deref().unwrap_or(""))
+                )
+            }
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+fn summary_cards(e: &Evaluation) -> String {
+    let covered = e.periods.iter().filter(|p| p.covered);
+    let (om, r) = covered.fold((0.0, 0.0), |(c, r), p| {
+        (c + p.operational_g + p.embodied_g, r + p.business_units)
+    });
+    format!(
+        "<div class=\"cards\">\
+         <div class=\"card\"><div class=\"v\" id=\"sci-mean\">{}</div><div class=\"k\">SCI_CF (mean of SCI_j), g/unit</div></div>\
+         <div class=\"card\"><div class=\"v\" id=\"sci-pooled\">{}</div><div class=\"k\">pooled (ΣO+ΣM)/ΣR, g/unit</div></div>\
+         <div class=\"card\"><div class=\"v\">{}</div><div class=\"k\">O + M (covered periods)</div></div>\
+         <div class=\"card\"><div class=\"v\">{}</div><div class=\"k\">R, business units</div></div>\
+         <div class=\"card\"><div class=\"v\">{} / {}</div><div class=\"k\">periods in SCI_CF / with data</div></div></div>{}",
+        fmt_opt(mean_sci(&e.periods)),
+        fmt_opt(pooled_sci(&e.periods)),
+        mass_g(om),
+        sig4(r),
+        e.periods_in_mean,
+        e.periods.len(),
+        e.coverage_note
+            .as_ref()
+            .map(|n| format!("<p class=\"meta\" id=\"coverage-note\">Coverage: {}.</p>", escape_html(n)))
+            .unwrap_or_default()
+    )
+}
+
+fn scenarios_table(e: &Evaluation) -> String {
+    let mut html = String::from(
+        "<table class=\"scenarios\"><tr><th class=\"l\">scenario</th><th>transactions</th>\
+         <th>dynamic energy</th><th>idle share</th><th>total energy</th>\
+         <th>carbon</th><th>embodied</th><th>per transaction</th><th>measured weight (× query)</th>\
+         <th>standard weight α</th><th>measured / standard</th></tr>",
+    );
+    for s in &e.scenarios {
+        let gap = match (s.measured_weight, s.standard_weight) {
+            (Some(m), w) if w > 0.0 => Some(m / w),
+            _ => None,
+        };
+        let warn = gap.is_some_and(|g| g > 1.25);
+        let _ = write!(
+            html,
+            "<tr{}><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if warn { " class=\"warn\"" } else { "" },
+            escape_html(&s.scenario),
+            sig4(s.transactions),
+            energy_j(s.energy_j),
+            energy_j(s.idle_energy_j),
+            energy_j(s.total_energy_j),
+            mass_g(s.carbon_g),
+            mass_g(s.embodied_g),
+            s.g_per_transaction.map_or("–".into(), mass_g),
+            fmt_opt(s.measured_weight),
+            if s.standard_weight > 0.0 { sig4(s.standard_weight) } else { "–".into() },
+            fmt_opt(gap)
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+fn hosts_table(e: &Evaluation) -> String {
+    let mut html = String::from(
+        "<table class=\"hosts\"><tr><th class=\"l\">host</th><th class=\"l\">region</th>\
+         <th>CPU %</th><th>energy</th><th>idle energy %</th><th>carbon</th>\
+         <th>embodied</th><th>transactions</th></tr>",
+    );
+    for h in &e.hosts {
+        let idle = if h.energy_j > 0.0 {
+            h.idle_energy_j / h.energy_j
+        } else {
+            0.0
+        };
+        let _ = write!(
+            html,
+            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape_html(&h.host),
+            escape_html(&h.datacenter),
+            sig4(h.cpu_utilisation * 100.0),
+            energy_j(h.energy_j),
+            sig4(idle * 100.0),
+            mass_g(h.carbon_g),
+            mass_g(h.embodied_g),
+            sig4(h.transactions)
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// The factors behind the figures, one row per data centre.
+pub fn disclosure_table(rows: &[Disclosure]) -> String {
+    let mut html = String::from("<table class=\"disclosure\"><tr>");
+    for c in DISCLOSURE_COLUMNS {
+        let _ = write!(html, "<th class=\"l\">{}</th>", escape_html(c));
+    }
+    html.push_str("</tr>");
+    for d in rows {
+        html.push_str("<tr>");
+        for c in disclosure_cells(d) {
+            let _ = write!(html, "<td class=\"l\">{}</td>", escape_html(&c));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table>");
+    html
 }
 
 const STYLE: &str = "body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;color:#1d2733;background:#fff}\
@@ -158,12 +252,13 @@ fn page(title: &str, body: &str) -> String {
 }
 
 /// Bar chart of SCI_j per period (g CO2e per business unit), with the mean as a line.
+/// Bar chart of SCI_j per period (g CO2e per business unit), with the mean as a line.
 pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
     let (width, height) = (900.0_f64, 260.0_f64);
     let (left, right, top, bottom) = (64.0, 16.0, 16.0, 48.0);
     let plot_w = width - left - right;
     let plot_h = height - top - bottom;
-    let values: Vec<Option<f64>> = periods.iter().map(PeriodFigures::sci_g_per_unit).collect();
+    let values: Vec<Option<f64>> = periods.iter().map(|p| p.sci_g_per_unit).collect();
     let max = values.iter().flatten().copied().fold(0.0_f64, f64::max);
     let scale_max = if max > 0.0 { nice_ceiling(max) } else { 1.0 };
     let mut svg = String::new();
@@ -193,12 +288,19 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
         let x = left + slot * i as f64 + (slot - bar_w) / 2.0;
         if let Some(v) = value {
             let h = plot_h * v / scale_max;
+            // Periods left out of SCI_CF (coverage) are drawn grey.
+            let (class, fill) = if period.in_mean {
+                ("bar", "#2f7d5b")
+            } else {
+                ("bar-excluded", "#b8c2cc")
+            };
             let _ = write!(
                 svg,
-                "<rect class=\"bar\" x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{h:.1}\" \
-                 fill=\"#2f7d5b\"><title>{}: {v:.4} g/unit</title></rect>",
+                "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{h:.1}\" \
+                 fill=\"{fill}\"><title>{}: {} g/unit</title></rect>",
                 top + plot_h - h,
-                escape_html(&period.label)
+                escape_html(&period_label(period)),
+                sig4(*v)
             );
         }
         // Label every period when few, else about ten of them.
@@ -209,7 +311,7 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1d2733\">{}</text>",
                 left + slot * i as f64 + slot / 2.0,
                 top + plot_h + 16.0,
-                escape_html(&period.label)
+                escape_html(&period_label(period))
             );
         }
     }
@@ -219,10 +321,11 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
             svg,
             "<line class=\"mean\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" \
              stroke=\"#c0392b\" stroke-dasharray=\"6 4\" stroke-width=\"2\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#c0392b\">mean {mean:.4}</text>",
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#c0392b\">mean {}</text>",
             left + plot_w,
             left + plot_w,
-            y - 4.0
+            y - 4.0,
+            sig4(mean)
         );
     }
     let _ = write!(
@@ -262,111 +365,6 @@ fn format_tick(value: f64) -> String {
     } else {
         format!("{value:.4}")
     }
-}
-
-fn periods_table(periods: &[PeriodFigures]) -> String {
-    let columns = scenario_columns(periods);
-    let mut html = String::from("<table class=\"periods\"><tr><th class=\"l\">period</th>");
-    for c in &columns {
-        let _ = write!(html, "<th>TA {}</th>", escape_html(c));
-    }
-    html.push_str(
-        "<th>O (gCO2e)</th><th>M (gCO2e)</th><th>R (units)</th><th>SCI_j (g/unit)</th></tr>",
-    );
-    for p in periods {
-        let _ = write!(html, "<tr><td class=\"l\">{}</td>", escape_html(&p.label));
-        for c in &columns {
-            let _ = write!(
-                html,
-                "<td>{}</td>",
-                p.transactions.get(c).copied().unwrap_or(0)
-            );
-        }
-        let _ = write!(
-            html,
-            "<td>{:.2}</td><td>{:.2}</td><td>{:.0}</td><td>{}</td></tr>",
-            p.operational_g,
-            p.embodied_g,
-            p.business_units,
-            fmt_opt(p.sci_g_per_unit(), 5)
-        );
-    }
-    html.push_str("</table>");
-    html
-}
-
-fn summary_cards(periods: &[PeriodFigures]) -> String {
-    let o: f64 = periods.iter().map(|p| p.operational_g).sum();
-    let m: f64 = periods.iter().map(|p| p.embodied_g).sum();
-    let r: f64 = periods.iter().map(|p| p.business_units).sum();
-    format!(
-        "<div class=\"cards\">\
-         <div class=\"card\"><div class=\"v\" id=\"sci-mean\">{}</div><div class=\"k\">SCI_CF (mean of SCI_j), g/unit</div></div>\
-         <div class=\"card\"><div class=\"v\" id=\"sci-pooled\">{}</div><div class=\"k\">pooled (ΣO+ΣM)/ΣR, g/unit</div></div>\
-         <div class=\"card\"><div class=\"v\">{:.1}</div><div class=\"k\">O + M, gCO2e</div></div>\
-         <div class=\"card\"><div class=\"v\">{:.0}</div><div class=\"k\">R, business units</div></div>\
-         <div class=\"card\"><div class=\"v\">{}</div><div class=\"k\">periods</div></div></div>",
-        fmt_opt(mean_sci(periods), 5),
-        fmt_opt(pooled_sci(periods), 5),
-        o + m,
-        r,
-        periods.len()
-    )
-}
-
-fn scenarios_table(scenarios: &[ScenarioWeight]) -> String {
-    let mut html = String::from(
-        "<table class=\"scenarios\"><tr><th class=\"l\">scenario</th><th>transactions</th>\
-         <th>carbon (gCO2e)</th><th>g per transaction</th><th>measured weight (× query)</th>\
-         <th>standard weight α</th><th>measured / standard</th></tr>",
-    );
-    for s in scenarios {
-        let warn = s.gap_factor.is_some_and(|g| g > 1.25);
-        let _ = write!(
-            html,
-            "<tr{}><td class=\"l\">{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            if warn { " class=\"warn\"" } else { "" },
-            escape_html(&s.scenario),
-            s.transactions,
-            s.carbon_g,
-            fmt_opt(s.carbon_per_transaction_g, 5),
-            fmt_opt(s.measured_weight, 1),
-            fmt_opt(s.standard_weight, 0),
-            fmt_opt(s.gap_factor, 2)
-        );
-    }
-    html.push_str("</table>");
-    html
-}
-
-fn hosts_table(hosts: &[HostRow]) -> String {
-    let mut html = String::from(
-        "<table class=\"hosts\"><tr><th class=\"l\">host</th><th class=\"l\">region</th>\
-         <th>CPU %</th><th>energy (kJ)</th><th>idle energy %</th><th>carbon (gCO2e)</th>\
-         <th>embodied (gCO2e)</th><th>transactions</th></tr>",
-    );
-    for h in hosts {
-        let idle_pct = if h.energy_j > 0.0 {
-            100.0 * h.idle_energy_j / h.energy_j
-        } else {
-            0.0
-        };
-        let _ = write!(
-            html,
-            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{:.1}</td><td>{:.1}</td>\
-             <td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
-            escape_html(&h.host),
-            escape_html(h.region.as_deref().unwrap_or("–")),
-            h.cpu_utilisation * 100.0,
-            h.energy_j / 1000.0,
-            idle_pct,
-            h.carbon_g,
-            h.embodied_g,
-            h.transactions
-        );
-    }
-    html.push_str("</table>");
-    html
 }
 
 fn hotspot_list(hotspots: &[Hotspot]) -> String {
@@ -435,6 +433,7 @@ fn flame_graph_frame(title: &str, svg: &str) -> String {
 
 /// The fleet dashboard page.
 pub fn render_dashboard(data: &DashboardData) -> String {
+    let e = &data.evaluation;
     let mut body = String::new();
     let _ = write!(
         body,
@@ -443,70 +442,76 @@ pub fn render_dashboard(data: &DashboardData) -> String {
         escape_html(&data.title),
         escape_html(&data.generated_at)
     );
-    body.push_str(&summary_cards(&data.periods));
+    body.push_str(&summary_cards(e));
     body.push_str("<h2>Fleet SCI_CF per period</h2>");
-    body.push_str(&sci_chart_svg(&data.periods));
+    body.push_str(&sci_chart_svg(&e.periods));
     body.push_str("<h2>Carbon per transaction by scenario</h2>");
-    body.push_str(&scenarios_table(&data.scenarios));
+    body.push_str(&scenarios_table(e));
+    body.push_str("<h2>Disclosure</h2>");
+    body.push_str(&disclosure_table(&e.disclosure));
     body.push_str("<h2>Hotspots</h2>");
     body.push_str(&hotspot_list(&data.hotspots));
     body.push_str("<h2>Hosts</h2>");
-    body.push_str(&hosts_table(&data.hosts));
+    body.push_str(&hosts_table(e));
     body.push_str("<h2>Periods</h2>");
-    body.push_str(&periods_table(&data.periods));
-    if !data.flamegraphs.is_empty() {
+    body.push_str(&periods_table(&e.periods));
+    if !data.flamegraphs.is_empty() || !data.withheld.is_empty() {
         body.push_str("<h2>Energy flame graphs</h2>");
         for panel in &data.flamegraphs {
             let title = format!("{} / {}", panel.service, panel.scenario);
             let _ = write!(
                 body,
-                "<h3>{}</h3>{}",
+                "<h3>{} <span class=\"meta\">({} samples)</span></h3>{}",
                 escape_html(&title),
+                panel.samples,
                 flame_graph_frame(&format!("energy flame graph {title}"), &panel.svg)
+            );
+        }
+        for reason in &data.withheld {
+            let _ = write!(
+                body,
+                "<p class=\"meta withheld\">{}</p>",
+                escape_html(reason)
             );
         }
     }
     page(&data.title, &body)
 }
 
-/// Weights, heaviest first (the standard's order for its four scenarios).
-fn sorted_weights(report: &EvaluationReport) -> Vec<(String, f64)> {
-    let mut weights: Vec<(String, f64)> = report
-        .weights
-        .iter()
-        .map(|(k, v)| (k.clone(), *v))
-        .collect();
-    weights.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    weights
-}
-
 /// The printable evaluation report (HTML).
-pub fn render_evaluation_report_html(report: &EvaluationReport) -> String {
-    let weights = sorted_weights(report);
-    let factors = &report.factors;
+pub fn render_evaluation_report_html(e: &Evaluation, generated_at: &str) -> String {
+    let title = "SCI_CF evaluation report (T/CQJR 032.2-2025, Appendix A)";
+    let mut weights: Vec<(String, f64)> = e.weights.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let mut body = String::new();
     let _ = write!(
         body,
-        "<h1>{}</h1><div class=\"meta\">{} · generated {}</div>",
-        escape_html(&report.title),
-        escape_html(&report.subject),
-        escape_html(&report.generated_at)
+        "<h1>{}</h1><div class=\"meta\">{} hosts · {} to {} · generated {}</div>",
+        escape_html(title),
+        e.hosts.len(),
+        escape_html(&unix_to_text(e.from_unix_s)),
+        escape_html(&unix_to_text(e.to_unix_s)),
+        escape_html(generated_at)
     );
-    body.push_str(&summary_cards(&report.periods));
+    body.push_str(&summary_cards(e));
     body.push_str("<h2>Result</h2><table class=\"result\">");
     let _ = write!(
         body,
         "<tr><th class=\"l\">SCI_CF (mean of SCI_j over {} periods)</th><td>{} gCO2e/unit</td></tr>\
          <tr><th class=\"l\">pooled (ΣO+ΣM)/ΣR</th><td>{} gCO2e/unit</td></tr></table>",
-        report.periods.iter().filter(|p| p.sci_g_per_unit().is_some()).count(),
-        fmt_opt(mean_sci(&report.periods), 5),
-        fmt_opt(pooled_sci(&report.periods), 5)
+        e.periods_in_mean,
+        fmt_opt(e.sci_cf_mean),
+        fmt_opt(e.sci_cf_pooled)
     );
+    body.push_str("<h2>Disclosure</h2>");
+    body.push_str(&disclosure_table(&e.disclosure));
     body.push_str("<h2>Measurement periods</h2>");
-    body.push_str(&periods_table(&report.periods));
-    body.push_str(&sci_chart_svg(&report.periods));
+    body.push_str(&periods_table(&e.periods));
+    body.push_str(&sci_chart_svg(&e.periods));
+    body.push_str("<h2>Scenarios</h2>");
+    body.push_str(&scenarios_table(e));
     body.push_str("<h2>Method</h2>");
-    let _ = write!(body, "<p>{}</p>", escape_html(&report.method));
+    let _ = write!(body, "<p>{}</p>", escape_html(&e.method));
     body.push_str("<h2>Weights α_i</h2><table class=\"weights\"><tr><th class=\"l\">scenario</th><th>α</th></tr>");
     for (scenario, weight) in &weights {
         let _ = write!(
@@ -515,95 +520,46 @@ pub fn render_evaluation_report_html(report: &EvaluationReport) -> String {
             escape_html(scenario)
         );
     }
-    body.push_str("</table><h2>Factors</h2><table class=\"factors\"><tr><th class=\"l\">factor</th><th class=\"l\">value</th></tr>");
-    for (name, value) in factors {
-        let _ = write!(
-            body,
-            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td></tr>",
-            escape_html(name),
-            escape_html(value)
-        );
-    }
     body.push_str("</table>");
-    page(&report.title, &body)
-}
-
-fn md_cell(text: &str) -> String {
-    text.replace('|', "\\|").replace('\n', " ")
-}
-
-/// The same evaluation report in Markdown.
-pub fn render_evaluation_report_markdown(report: &EvaluationReport) -> String {
-    let weights = sorted_weights(report);
-    let factors = &report.factors;
-    let columns = scenario_columns(&report.periods);
-    let mut md = String::new();
-    let _ = writeln!(md, "# {}\n", md_cell(&report.title));
-    let _ = writeln!(
-        md,
-        "{} · generated {}\n",
-        md_cell(&report.subject),
-        md_cell(&report.generated_at)
-    );
-    let _ = writeln!(
-        md,
-        "**SCI_CF (mean of SCI_j): {} gCO2e per business unit**; pooled (ΣO+ΣM)/ΣR: {} gCO2e per unit.\n",
-        fmt_opt(mean_sci(&report.periods), 5),
-        fmt_opt(pooled_sci(&report.periods), 5)
-    );
-    md.push_str("## Measurement periods\n\n| period |");
-    for c in &columns {
-        let _ = write!(md, " TA {} |", md_cell(c));
-    }
-    md.push_str(" O (gCO2e) | M (gCO2e) | R (units) | SCI_j (g/unit) |\n|---|");
-    for _ in &columns {
-        md.push_str("---:|");
-    }
-    md.push_str("---:|---:|---:|---:|\n");
-    for p in &report.periods {
-        let _ = write!(md, "| {} |", md_cell(&p.label));
-        for c in &columns {
-            let _ = write!(md, " {} |", p.transactions.get(c).copied().unwrap_or(0));
-        }
-        let _ = writeln!(
-            md,
-            " {:.2} | {:.2} | {:.0} | {} |",
-            p.operational_g,
-            p.embodied_g,
-            p.business_units,
-            fmt_opt(p.sci_g_per_unit(), 5)
-        );
-    }
-    let _ = writeln!(md, "\n## Method\n\n{}\n", report.method);
-    md.push_str("## Weights α_i\n\n| scenario | α |\n|---|---:|\n");
-    for (scenario, weight) in &weights {
-        let _ = writeln!(md, "| {} | {weight} |", md_cell(scenario));
-    }
-    md.push_str("\n## Factors\n\n| factor | value |\n|---|---|\n");
-    for (name, value) in factors {
-        let _ = writeln!(md, "| {} | {} |", md_cell(name), md_cell(value));
-    }
-    md
+    page(title, &body)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::hotspots::{Evidence, HotspotKind};
+    use crate::sci::{evaluate, EvaluationInput};
+    use crate::store::{FleetRow, HostRow, HostSpan, Range, ScenarioRow};
 
-    fn period(label: &str, credit: u64, query: u64, o: f64, m: f64) -> PeriodFigures {
-        PeriodFigures {
-            label: label.into(),
-            start_unix_ns: 0,
-            end_unix_ns: 3_600_000_000_000,
-            transactions: BTreeMap::from([
-                ("credit".to_string(), credit),
-                ("query".to_string(), query),
-            ]),
+    const HOUR: u64 = 3600;
+
+    fn weights() -> BTreeMap<String, f64> {
+        crate::config::standard_weights()
+    }
+
+    /// Rows of one fully covered host-hour with the given figures.
+    fn rows(input: &mut EvaluationInput, j: u64, credit: u64, query: u64, o: f64, m: f64) {
+        input.fleet.push(FleetRow {
+            period: j,
+            datacenter: "dc-1".into(),
+            windows_ended: 1.0,
+            host_s: HOUR as f64,
+            energy_j: 1000.0,
             operational_g: o,
             embodied_g: m,
-            business_units: 24.0 * credit as f64 + query as f64,
+            ..Default::default()
+        });
+        for (scenario, n) in [("credit", credit), ("query", query)] {
+            input.scenarios.push(ScenarioRow {
+                period: j,
+                datacenter: "dc-1".into(),
+                scenario: scenario.into(),
+                transactions: n as f64,
+                ..Default::default()
+            });
         }
     }
 
@@ -611,28 +567,54 @@ mod tests {
     /// Period 2: R = 24*5 + 80 = 200, (50 + 10) / 200 = 0.3.
     /// Period 3: no business, left out of the mean.
     /// Mean = 0.2; pooled = (40+10+50+10+3+1) / 700 = 114/700.
-    fn periods() -> Vec<PeriodFigures> {
-        vec![
-            period("08:00", 10, 260, 40.0, 10.0),
-            period("09:00", 5, 80, 50.0, 10.0),
-            period("10:00", 0, 0, 3.0, 1.0),
-        ]
+    pub(crate) fn evaluation() -> Evaluation {
+        let mut input = EvaluationInput::default();
+        rows(&mut input, 8, 10, 260, 40.0, 10.0);
+        rows(&mut input, 9, 5, 80, 50.0, 10.0);
+        rows(&mut input, 10, 0, 0, 3.0, 1.0);
+        input.spans.push(HostSpan {
+            host: "app-1".into(),
+            datacenter: "dc-1".into(),
+            first_start_ns: 8 * HOUR * 1_000_000_000,
+            last_end_ns: 11 * HOUR * 1_000_000_000,
+        });
+        input.hosts.push(HostRow {
+            host: "app-1".into(),
+            datacenter: "east".into(),
+            host_s: 3.0 * HOUR as f64,
+            energy_j: 2000.0,
+            idle_energy_j: 500.0,
+            carbon_g: 1.0,
+            embodied_g: 0.5,
+            busy_cpu_ns: 1.0,
+            idle_cpu_ns: 1.0,
+            transactions: 10.0,
+            ..Default::default()
+        });
+        let range = Range {
+            from_s: 8 * HOUR,
+            to_s: 11 * HOUR,
+            period_s: HOUR,
+        };
+        evaluate(&input, &range, (range.from_s, range.to_s), &weights(), 0.9)
     }
 
     #[test]
     fn mean_and_pooled_follow_the_standard() {
-        let p = periods();
-        assert!((p[0].sci_g_per_unit().unwrap() - 0.1).abs() < 1e-12);
-        assert!((p[1].sci_g_per_unit().unwrap() - 0.3).abs() < 1e-12);
-        assert_eq!(p[2].sci_g_per_unit(), None);
-        assert!((mean_sci(&p).unwrap() - 0.2).abs() < 1e-12);
-        assert!((pooled_sci(&p).unwrap() - 114.0 / 700.0).abs() < 1e-12);
+        let e = evaluation();
+        let p = &e.periods;
+        assert!((p[0].sci_g_per_unit.unwrap() - 0.1).abs() < 1e-12);
+        assert!((p[1].sci_g_per_unit.unwrap() - 0.3).abs() < 1e-12);
+        assert_eq!(p[2].sci_g_per_unit, None);
+        assert!((mean_sci(p).unwrap() - 0.2).abs() < 1e-12);
+        assert!((pooled_sci(p).unwrap() - 114.0 / 700.0).abs() < 1e-12);
         assert_eq!(mean_sci(&[]), None);
+        assert_eq!(e.sci_cf_mean, mean_sci(p));
     }
 
     #[test]
     fn chart_bars_are_proportional_to_sci() {
-        let svg = sci_chart_svg(&periods());
+        let svg = sci_chart_svg(&evaluation().periods);
         // Max 0.3 -> axis 0.5; plot height 196: bars 39.2 and 117.6, none for 10:00.
         let heights: Vec<f64> = svg
             .split("<rect class=\"bar\"")
@@ -650,21 +632,12 @@ mod tests {
 
     #[test]
     fn dashboard_escapes_data_and_inlines_flame_graphs() {
+        let mut e = evaluation();
+        e.hosts[0].host = "app-1".into();
         let data = DashboardData {
             title: "Fleet <east>".into(),
             generated_at: "2026-11-25".into(),
-            periods: periods(),
-            scenarios: crate::hotspots::scenario_weights(&[]),
-            hosts: vec![HostRow {
-                host: "app-1".into(),
-                region: Some("east".into()),
-                cpu_utilisation: 0.5,
-                energy_j: 2000.0,
-                idle_energy_j: 500.0,
-                carbon_g: 1.0,
-                embodied_g: 0.5,
-                transactions: 10,
-            }],
+            evaluation: e,
             hotspots: vec![Hotspot {
                 kind: HotspotKind::IdleHost,
                 subject: "spare-1".into(),
@@ -679,8 +652,10 @@ mod tests {
             flamegraphs: vec![FlameGraphPanel {
                 service: "loan-api".into(),
                 scenario: "credit".into(),
+                samples: 120,
                 svg: "<?xml version=\"1.0\"?><!DOCTYPE svg><svg id=\"fg\" height=\"166\"><script>init()</script><g/></svg>".into(),
             }],
+            withheld: vec!["loan-api/query: 12 samples, fewer than 50".into()],
         };
         let html = render_dashboard(&data);
         assert!(html.starts_with("<!DOCTYPE html>"));
@@ -697,10 +672,17 @@ mod tests {
              &lt;script&gt;init()&lt;/script&gt;&lt;g/&gt;&lt;/svg&gt;&lt;/body&gt;"
         ));
         assert!(!html.contains("<?xml"));
-        assert!(html.contains("<div class=\"v\" id=\"sci-mean\">0.20000</div>"));
-        assert!(html.contains("<div class=\"v\" id=\"sci-pooled\">0.16286</div>"));
-        // Host row: 25% idle energy, 2.0 kJ.
-        assert!(html.contains("<td>50.0</td><td>2.0</td><td>25</td>"));
+        // 4 significant digits.
+        assert!(html.contains("<div class=\"v\" id=\"sci-mean\">0.2000</div>"));
+        assert!(html.contains("<div class=\"v\" id=\"sci-pooled\">0.1629</div>"));
+        // Host row: 50% CPU, 2.0 kJ, 25% idle energy.
+        assert!(
+            html.contains("<td>50.00</td><td>2.000 kJ</td><td>25.00</td>"),
+            "{html}"
+        );
+        // Sample count shown; a withheld profile says why.
+        assert!(html.contains("(120 samples)"));
+        assert!(html.contains("loan-api/query: 12 samples, fewer than 50"));
         // Self-contained: nothing loaded from elsewhere; the only URL is the SVG namespace.
         assert!(!html.contains("src=") && !html.contains("<link") && !html.contains("<script"));
         assert_eq!(
@@ -709,48 +691,15 @@ mod tests {
         );
     }
 
-    fn report() -> EvaluationReport {
-        EvaluationReport {
-            title: "SCI_CF evaluation".into(),
-            subject: "demo platform".into(),
-            generated_at: "2026-11-25".into(),
-            periods: periods(),
-            weights: BTreeMap::from([
-                ("credit".to_string(), 24.0),
-                ("drawdown".to_string(), 7.0),
-                ("repayment".to_string(), 3.0),
-                ("query".to_string(), 1.0),
-            ]),
-            method: "eBPF CPU time x RAPL energy".into(),
-            factors: vec![("grid emission factor".into(), "581 g/kWh".into())],
-        }
-    }
-
-    #[test]
-    fn markdown_report_has_the_periods_and_the_mean() {
-        let md = render_evaluation_report_markdown(&report());
-        assert!(md.contains("**SCI_CF (mean of SCI_j): 0.20000 gCO2e per business unit**"));
-        assert!(md.contains("pooled (ΣO+ΣM)/ΣR: 0.16286"));
-        assert!(md.contains(
-            "| period | TA credit | TA drawdown | TA repayment | TA query | O (gCO2e) | M (gCO2e) | R (units) | SCI_j (g/unit) |"
-        ));
-        assert!(md.contains("| 08:00 | 10 | 0 | 0 | 260 | 40.00 | 10.00 | 500 | 0.10000 |"));
-        assert!(md.contains("| 10:00 | 0 | 0 | 0 | 0 | 3.00 | 1.00 | 0 | – |"));
-        // Weights in the standard's order.
-        let credit = md.find("| credit | 24 |").unwrap();
-        let query = md.find("| query | 1 |").unwrap();
-        assert!(credit < query);
-        assert!(md.contains("| grid emission factor | 581 g/kWh |"));
-    }
-
     #[test]
     fn html_report_carries_the_same_figures() {
-        let html = render_evaluation_report_html(&report());
-        assert!(html.contains("SCI_CF (mean of SCI_j over 2 periods)</th><td>0.20000 gCO2e/unit"));
-        assert!(html.contains("<td class=\"l\">08:00</td><td>10</td><td>0</td><td>0</td><td>260</td><td>40.00</td><td>10.00</td><td>500</td><td>0.10000</td>"));
-        assert!(html
-            .contains("<td class=\"l\">grid emission factor</td><td class=\"l\">581 g/kWh</td>"));
-        assert!(html.contains("eBPF CPU time x RAPL energy"));
+        let html = render_evaluation_report_html(&evaluation(), "2026-11-25");
+        assert!(html.contains("SCI_CF (mean of SCI_j over 2 periods)</th><td>0.2000 gCO2e/unit"));
+        assert!(html.contains(
+            "<td class=\"l\">1970-01-01T08:00:00Z</td><td>100.0%</td><td>10.00</td><td>0</td><td>0</td><td>260.0</td><td>40.00</td><td>10.00</td><td>500.0</td><td>0.1000</td>"
+        ), "{html}");
+        assert!(html.contains("T/CQJR 032.2-2025 Appendix A"));
+        assert!(html.contains("<table class=\"disclosure\">"));
     }
 
     #[test]

@@ -8,6 +8,11 @@ pub enum AggregatorError {
     Config { path: PathBuf, message: String },
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
+    #[error("store (PostgreSQL): {0}")]
+    Postgres(String),
+    /// A read query ran past the configured query timeout and was cancelled.
+    #[error("query cancelled after the query timeout of {0:?}")]
+    QueryTimeout(std::time::Duration),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -32,9 +37,10 @@ impl From<AggregatorError> for tonic::Status {
         match e {
             AggregatorError::Invalid(m) => tonic::Status::invalid_argument(m),
             AggregatorError::Config { .. } => tonic::Status::failed_precondition(e.to_string()),
-            AggregatorError::Store(_) | AggregatorError::Io { .. } => {
-                tonic::Status::unavailable(e.to_string())
-            }
+            AggregatorError::Store(_)
+            | AggregatorError::Postgres(_)
+            | AggregatorError::QueryTimeout(_)
+            | AggregatorError::Io { .. } => tonic::Status::unavailable(e.to_string()),
         }
     }
 }

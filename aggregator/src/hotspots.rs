@@ -62,6 +62,8 @@ pub struct FunctionPeriod {
     pub scenario: String,
     pub function: String,
     pub energy_j: f64,
+    /// Samples where it was the leaf.
+    pub samples: u64,
 }
 
 /// Grid carbon intensity of a region for one hour.
@@ -97,6 +99,9 @@ pub struct HotspotOptions {
     pub min_function_share: f64,
     /// Report a move only if it saves at least this share of the carbon.
     pub min_move_saving: f64,
+    /// A (service, scenario) profile with fewer samples supports no
+    /// hot-function claim (withheld; the dashboard says why).
+    pub min_samples: u64,
     /// Scenarios whose work can run at another hour (batch auto-debit, reminders).
     pub deferrable_scenarios: Vec<String>,
 }
@@ -110,6 +115,7 @@ impl Default for HotspotOptions {
             top_functions: 3,
             min_function_share: 0.1,
             min_move_saving: 0.1,
+            min_samples: 50,
             deferrable_scenarios: vec!["repayment".to_string()],
         }
     }
@@ -429,7 +435,8 @@ pub fn hot_functions(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hots
     let mut hotspots = Vec::new();
     for ((service, scenario), mut functions) in groups {
         let total_j: f64 = functions.iter().map(|f| f.energy_j).sum();
-        if total_j <= 0.0 {
+        let total_samples: u64 = functions.iter().map(|f| f.samples).sum();
+        if total_j <= 0.0 || total_samples < options.min_samples {
             continue;
         }
         // Carbon per joule of this workload, to express the stake in grams;
@@ -467,6 +474,8 @@ pub fn hot_functions(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hots
                     vec![
                         ("energy_j", f.energy_j),
                         ("share_of_profiled_energy", share),
+                        ("samples", f.samples as f64),
+                        ("profile_samples", total_samples as f64),
                         ("carbon_g", f.energy_j * g_per_j),
                     ],
                 ),
@@ -724,24 +733,28 @@ mod tests {
                     scenario: "credit".into(),
                     function: "risk_score".into(),
                     energy_j: 120_000.0,
+                    samples: 1000,
                 },
                 FunctionPeriod {
                     service: "loan-api".into(),
                     scenario: "credit".into(),
                     function: "json_encode".into(),
                     energy_j: 40_000.0,
+                    samples: 1000,
                 },
                 FunctionPeriod {
                     service: "loan-api".into(),
                     scenario: "credit".into(),
                     function: "log_line".into(),
                     energy_j: 10_000.0,
+                    samples: 1000,
                 },
                 FunctionPeriod {
                     service: "loan-api".into(),
                     scenario: "credit".into(),
                     function: "memcpy".into(),
                     energy_j: 10_000.0,
+                    samples: 1000,
                 },
             ],
             intensity: vec![

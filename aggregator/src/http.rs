@@ -1,11 +1,17 @@
 //! HTTP interface: `GET /api/v1/sci?from=&to=&period=` (JSON evaluation),
 //! `GET /api/v1/hotspots?from=&to=` (ranked hotspots with evidence),
 //! `GET /api/v1/profile?service=&scenario=&format=svg|pprof` (energy flame
-//! graph or pprof), `GET /dashboard` (HTML), `GET /metrics` (Prometheus
-//! text), `GET /healthz`.
+//! graph or pprof), `GET /dashboard` (HTML), `GET /report?format=md|html`,
+//! `GET /metrics` (Prometheus text), `GET /healthz`.
+//!
+//! Every query reads rollups on the store's read connections, never the
+//! ingest's. At most `max_concurrent_queries` expensive queries run at once
+//! (more get 503 with `Retry-After`), each within `query_timeout` (503
+//! past it). /metrics reads counters kept at ingest and an evaluation of
+//! the last 24 h refreshed in the background, never a query per scrape.
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -13,16 +19,40 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 
 use crate::config::AggregatorConfig;
+use crate::error::AggregatorError;
+use crate::hotspots::HotspotOptions;
 use crate::ingest::{IngestCounters, SharedStore};
-use crate::sci::{evaluate, Evaluation};
+use crate::sci::{evaluate_store, Evaluation};
+use crate::store::Range;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub store: SharedStore,
     pub config: Arc<AggregatorConfig>,
     pub counters: Arc<Mutex<IngestCounters>>,
+    /// Permits for expensive queries.
+    pub queries: Arc<Semaphore>,
+    /// The last 24 h, refreshed in the background for /metrics.
+    pub recent: Arc<Mutex<Option<Evaluation>>>,
+}
+
+impl HttpState {
+    pub fn new(
+        store: SharedStore,
+        config: Arc<AggregatorConfig>,
+        counters: Arc<Mutex<IngestCounters>>,
+    ) -> Self {
+        HttpState {
+            queries: Arc::new(Semaphore::new(config.max_concurrent_queries)),
+            recent: Arc::new(Mutex::new(None)),
+            store,
+            config,
+            counters,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +63,8 @@ pub struct RangeQuery {
     pub to: Option<u64>,
     /// Period length in seconds (default: the configured period).
     pub period: Option<u64>,
+    /// Report format: md (default) or html.
+    pub format: Option<String>,
 }
 
 fn now_s() -> u64 {
@@ -46,26 +78,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Evaluates a range from the store.
-pub fn evaluate_range(
-    state: &HttpState,
-    q: &RangeQuery,
-) -> Result<Evaluation, (StatusCode, String)> {
-    evaluate_with_rows(state, q).map(|(e, _)| e)
+type Failure = (StatusCode, String);
+
+fn store_failure(e: AggregatorError) -> Failure {
+    (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
-/// The evaluation of a range and the rows it came from.
-pub fn evaluate_with_rows(
-    state: &HttpState,
-    q: &RangeQuery,
-) -> Result<(Evaluation, crate::store::StoredRows), (StatusCode, String)> {
+/// The range a query asks for, in whole rollup steps.
+pub fn range_of(state: &HttpState, q: &RangeQuery) -> Result<Range, Failure> {
     let to = q.to.unwrap_or_else(|| now_s() + 1);
     let from = q.from.unwrap_or(to.saturating_sub(86_400));
     let period = q.period.unwrap_or(state.config.period.as_secs()).max(1);
-    if from >= to {
+    if from < to && (to - from) / period > 100_000 {
         return Err((
             StatusCode::BAD_REQUEST,
-            format!("from ({from}) must be before to ({to})"),
+            format!("more than 100000 periods of {period} s in the range: use a longer period"),
         ));
     }
     // Seconds become nanoseconds below: refuse what would not fit before multiplying.
@@ -76,45 +103,118 @@ pub fn evaluate_with_rows(
             format!("from and to must be unix seconds below {max_s}"),
         ));
     }
-    if (to - from) / period > 100_000 {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "more than 100000 periods: use a longer period".into(),
-        ));
+    Range::new(from, to, period, &state.store.layout()).map_err(|m| (StatusCode::BAD_REQUEST, m))
+}
+
+/// Evaluates a range from the store's rollups.
+pub fn evaluate_range(state: &HttpState, q: &RangeQuery) -> Result<Evaluation, Failure> {
+    let range = range_of(state, q)?;
+    evaluate_store(
+        state.store.as_ref(),
+        &range,
+        &state.config.weights,
+        state.config.min_coverage,
+    )
+    .map_err(store_failure)
+}
+
+fn hotspot_options(state: &HttpState) -> HotspotOptions {
+    HotspotOptions {
+        min_samples: state.config.min_profile_samples,
+        ..Default::default()
     }
-    let rows = lock(&state.store)
-        .rows(from * 1_000_000_000, to * 1_000_000_000)
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok((
-        evaluate(&rows, from, to, period, &state.config.weights),
-        rows,
-    ))
+}
+
+fn busy() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("retry-after", "5")],
+        "too many queries running: retry later",
+    )
+        .into_response()
+}
+
+/// Runs an expensive query: a permit (else 503 + Retry-After), a blocking
+/// thread, the query timeout (503 past it; the store cancels the query).
+async fn bounded<F>(state: &HttpState, work: F) -> Response
+where
+    F: FnOnce() -> Result<Response, Failure> + Send + 'static,
+{
+    let Ok(permit) = Arc::clone(&state.queries).try_acquire_owned() else {
+        return busy();
+    };
+    let timeout = state.config.query_timeout + Duration::from_secs(1);
+    let task = tokio::task::spawn_blocking(move || {
+        let answer = work();
+        drop(permit);
+        answer
+    });
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(Ok(response))) => response,
+        Ok(Ok(Err((code, message)))) => (code, message).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "30")],
+            format!("query timed out after {:?}", state.config.query_timeout),
+        )
+            .into_response(),
+    }
 }
 
 async fn dashboard(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
-    let page = tokio::task::spawn_blocking(move || {
-        evaluate_with_rows(&state, &q).map(|(e, rows)| {
-            crate::dashboard::render_dashboard(&crate::views::dashboard(&rows, &e))
-        })
+    let s = state.clone();
+    bounded(&state, move || {
+        let range = range_of(&s, &q)?;
+        let e = evaluate_range(&s, &q)?;
+        let data = crate::views::dashboard(s.store.as_ref(), &range, e, &hotspot_options(&s))
+            .map_err(store_failure)?;
+        Ok((
+            [("content-type", "text/html; charset=utf-8")],
+            crate::dashboard::render_dashboard(&data),
+        )
+            .into_response())
     })
-    .await;
-    match page {
-        Ok(Ok(html)) => ([("content-type", "text/html; charset=utf-8")], html).into_response(),
-        Ok(Err((code, message))) => (code, message).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    .await
+}
+
+async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let e = evaluate_range(&s, &q)?;
+        match q.format.as_deref().unwrap_or("md") {
+            "md" => Ok((
+                [("content-type", "text/markdown; charset=utf-8")],
+                crate::report::markdown(&e),
+            )
+                .into_response()),
+            "html" => Ok((
+                [("content-type", "text/html; charset=utf-8")],
+                crate::dashboard::render_evaluation_report_html(
+                    &e,
+                    &crate::report::unix_to_text(now_s()),
+                ),
+            )
+                .into_response()),
+            other => Err((
+                StatusCode::BAD_REQUEST,
+                format!("format {other:?}: use md or html (JSON is /api/v1/sci)"),
+            )),
+        }
+    })
+    .await
 }
 
 async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
-    let found = tokio::task::spawn_blocking(move || {
-        evaluate_with_rows(&state, &q).map(|(e, rows)| crate::views::hotspots(&rows, &e))
+    let s = state.clone();
+    bounded(&state, move || {
+        let range = range_of(&s, &q)?;
+        let e = evaluate_range(&s, &q)?;
+        let found = crate::views::hotspots(s.store.as_ref(), &range, &e, &hotspot_options(&s))
+            .map_err(store_failure)?;
+        Ok(Json(found).into_response())
     })
-    .await;
-    match found {
-        Ok(Ok(hotspots)) => Json(hotspots).into_response(),
-        Ok(Err((code, message))) => (code, message).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,28 +228,33 @@ pub struct ProfileQuery {
 }
 
 async fn profile(State(state): State<HttpState>, Query(q): Query<ProfileQuery>) -> Response {
-    let answer = tokio::task::spawn_blocking(move || -> Result<Response, (StatusCode, String)> {
-        let range = RangeQuery {
-            from: q.from,
-            to: q.to,
-            period: None,
-        };
-        let (e, rows) = evaluate_with_rows(&state, &range)?;
-        let merged = crate::views::profiles(&rows, e.from_unix_s, e.to_unix_s);
-        let wanted = |p: &&crate::profiles::MergedProfile| {
-            q.service
-                .as_ref()
-                .is_none_or(|s| p.service.as_ref() == Some(s))
-                && q.scenario
-                    .as_ref()
-                    .is_none_or(|s| p.scenario.as_ref() == Some(s))
-        };
-        let Some(profile) = merged.iter().find(wanted) else {
+    let s = state.clone();
+    bounded(&state, move || {
+        let range = range_of(
+            &s,
+            &RangeQuery {
+                from: q.from,
+                to: q.to,
+                period: None,
+                format: None,
+            },
+        )?;
+        let merged = crate::views::profiles(
+            s.store.as_ref(),
+            &range,
+            q.service.as_deref(),
+            q.scenario.as_deref(),
+        )
+        .map_err(store_failure)?;
+        let Some(profile) = merged.first() else {
             return Err((
                 StatusCode::NOT_FOUND,
                 "no profile for that service and scenario in the range".into(),
             ));
         };
+        if let Some(reason) = crate::views::withheld_reason(profile, s.config.min_profile_samples) {
+            return Err((StatusCode::UNPROCESSABLE_ENTITY, reason));
+        }
         let internal = |e: crate::profiles::ProfileExportError| {
             (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         };
@@ -170,19 +275,40 @@ async fn profile(State(state): State<HttpState>, Query(q): Query<ProfileQuery>) 
             )),
         }
     })
-    .await;
-    match answer {
-        Ok(Ok(response)) => response,
-        Ok(Err((code, message))) => (code, message).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    .await
 }
 
 async fn sci(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
-    match tokio::task::spawn_blocking(move || evaluate_range(&state, &q)).await {
-        Ok(Ok(evaluation)) => Json(evaluation).into_response(),
-        Ok(Err((code, message))) => (code, message).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    let s = state.clone();
+    bounded(&state, move || {
+        evaluate_range(&s, &q).map(|e| Json(e).into_response())
+    })
+    .await
+}
+
+/// Re-evaluates the last 24 h for /metrics every `every` (a rollup query
+/// of the size of the answer, off the scrape path).
+pub async fn refresh_recent(state: HttpState, every: Duration) {
+    loop {
+        let s = state.clone();
+        let evaluated = tokio::task::spawn_blocking(move || {
+            evaluate_range(
+                &s,
+                &RangeQuery {
+                    from: None,
+                    to: None,
+                    period: None,
+                    format: None,
+                },
+            )
+        })
+        .await;
+        match evaluated {
+            Ok(Ok(e)) => *lock(&state.recent) = Some(e),
+            Ok(Err((_, message))) => tracing::warn!("refreshing the 24 h evaluation: {message}"),
+            Err(e) => tracing::warn!("refreshing the 24 h evaluation: {e}"),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -195,16 +321,10 @@ fn escape(s: &str) -> String {
 /// Prometheus text: fleet SCI over the last 24 h, per scenario, ingest counters.
 pub fn render_metrics(state: &HttpState) -> String {
     let mut out = String::new();
-    let healthy = lock(&state.store).healthy();
+    let healthy = state.store.healthy();
     let _ = writeln!(out, "# HELP sci_store_healthy 1 when the store answers.\n# TYPE sci_store_healthy gauge\nsci_store_healthy {}", u8::from(healthy));
-    if let Ok(e) = evaluate_range(
-        state,
-        &RangeQuery {
-            from: None,
-            to: None,
-            period: None,
-        },
-    ) {
+    let recent = lock(&state.recent).clone();
+    if let Some(e) = recent {
         let _ = writeln!(out, "# HELP sci_fleet_sci_g_per_unit Fleet SCI_CF over the last 24 h, gCO2e per business unit (mean of periods, and pooled).\n# TYPE sci_fleet_sci_g_per_unit gauge");
         if let Some(v) = e.sci_cf_mean {
             let _ = writeln!(out, "sci_fleet_sci_g_per_unit{{method=\"mean\"}} {v}");
@@ -243,6 +363,31 @@ pub fn render_metrics(state: &HttpState) -> String {
         "sci_ingest_windows_total{{result=\"duplicate\"}} {}",
         c.windows_duplicate
     );
+    let _ = writeln!(
+        out,
+        "sci_ingest_windows_total{{result=\"conflict\"}} {}",
+        c.windows_conflict
+    );
+    let _ = writeln!(out, "# HELP sci_ingest_carbon_grams_total Operational and embodied carbon of the windows stored since start.\n# TYPE sci_ingest_carbon_grams_total counter");
+    let _ = writeln!(
+        out,
+        "sci_ingest_carbon_grams_total{{kind=\"operational\"}} {}",
+        c.operational_g
+    );
+    let _ = writeln!(
+        out,
+        "sci_ingest_carbon_grams_total{{kind=\"embodied\"}} {}",
+        c.embodied_g
+    );
+    let _ = writeln!(out, "# HELP sci_ingest_energy_joules_total Host energy of the windows stored since start.\n# TYPE sci_ingest_energy_joules_total counter\nsci_ingest_energy_joules_total {}", c.energy_j);
+    let _ = writeln!(out, "# HELP sci_ingest_transactions_total Completed transactions of the windows stored since start, per scenario.\n# TYPE sci_ingest_transactions_total counter");
+    for (scenario, n) in &c.transactions {
+        let _ = writeln!(
+            out,
+            "sci_ingest_transactions_total{{scenario=\"{}\"}} {n}",
+            escape(scenario)
+        );
+    }
     let _ = writeln!(out, "# HELP sci_ingest_batches_total Batches committed and acknowledged.\n# TYPE sci_ingest_batches_total counter\nsci_ingest_batches_total {}", c.batches);
     let _ = writeln!(out, "# HELP sci_ingest_refused_windows_total Windows refused, per host and reason.\n# TYPE sci_ingest_refused_windows_total counter");
     for ((host, kind), n) in &c.refused {
@@ -280,7 +425,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 }
 
 async fn healthz(State(state): State<HttpState>) -> Response {
-    let healthy = tokio::task::spawn_blocking(move || lock(&state.store).healthy())
+    let healthy = tokio::task::spawn_blocking(move || state.store.healthy())
         .await
         .unwrap_or(false);
     if healthy {
@@ -296,6 +441,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/hotspots", get(hotspots))
         .route("/api/v1/profile", get(profile))
         .route("/dashboard", get(dashboard))
+        .route("/report", get(report))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(state)

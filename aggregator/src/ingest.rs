@@ -31,6 +31,11 @@ pub struct IngestCounters {
     pub windows_duplicate: u64,
     /// Windows refused because their key held different content (also in `refused`).
     pub windows_conflict: u64,
+    /// Sums of the windows stored since start (Prometheus counters).
+    pub operational_g: f64,
+    pub embodied_g: f64,
+    pub energy_j: f64,
+    pub transactions: BTreeMap<String, u64>,
     pub batches: u64,
     /// (host, kind) -> windows refused.
     pub refused: BTreeMap<(String, String), u64>,
@@ -80,7 +85,8 @@ impl IngestCounters {
     }
 }
 
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+/// The store, shared by ingest and queries (it has its own connections).
+pub type SharedStore = Arc<dyn Store>;
 
 pub struct IngestService {
     store: SharedStore,
@@ -301,11 +307,10 @@ impl Ingest for IngestService {
                     .max();
                 let store = Arc::clone(&store);
                 let committed = tokio::task::spawn_blocking(move || {
-                    let outcomes = lock(&store).commit(&accepted);
-                    outcomes.map(|o| (accepted, o))
+                    store.commit(&accepted).map(|outcomes| (outcomes, accepted))
                 })
                 .await;
-                let (accepted, outcomes) = match committed {
+                let (outcomes, accepted) = match committed {
                     Ok(Ok(done)) => done,
                     Ok(Err(e)) => {
                         tracing::error!("store: {e}");
@@ -324,11 +329,20 @@ impl Ingest for IngestService {
                 let mut stored = 0u64;
                 let mut duplicates = 0u64;
                 let mut last_end_s = None;
+                let mut stored_sums = (0.0, 0.0, 0.0);
+                let mut stored_transactions: BTreeMap<String, u64> = BTreeMap::new();
                 for (w, outcome) in accepted.iter().zip(&outcomes) {
                     match outcome {
                         CommitOutcome::Stored => {
                             stored += 1;
                             last_end_s = last_end_s.max(Some(w.end_unix_ns / 1_000_000_000));
+                            stored_sums.0 += w.host_carbon_g;
+                            stored_sums.1 += w.host_embodied_g;
+                            stored_sums.2 += w.host_energy_j;
+                            for s in &w.scenarios {
+                                let t = stored_transactions.entry(s.scenario.clone()).or_default();
+                                *t = t.saturating_add(s.transactions);
+                            }
                         }
                         CommitOutcome::Duplicate => duplicates += 1,
                         CommitOutcome::Conflict => {
@@ -361,6 +375,13 @@ impl Ingest for IngestService {
                     c.windows_accepted += stored;
                     c.windows_duplicate += duplicates;
                     c.windows_conflict += conflicts;
+                    c.operational_g += stored_sums.0;
+                    c.embodied_g += stored_sums.1;
+                    c.energy_j += stored_sums.2;
+                    for (scenario, n) in stored_transactions {
+                        let t = c.transactions.entry(scenario).or_default();
+                        *t = t.saturating_add(n);
+                    }
                     if conflicts > 0 {
                         *c.refused
                             .entry((batch.host.clone(), "seq_conflict".into()))

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sci_aggregator::config::AggregatorConfig;
-use sci_aggregator::store::{SqliteStore, Store};
 
 #[derive(Parser)]
 #[command(
@@ -122,21 +121,32 @@ fn main() -> Result<()> {
             if from > max_s || to > max_s {
                 bail!("--from and --to must be before unix second {max_s}");
             }
-            let store = SqliteStore::open(&cfg.database)?;
-            let rows = store.rows(from * 1_000_000_000, to * 1_000_000_000)?;
-            let first = rows
-                .windows
-                .first()
-                .map(|w| w.end_unix_ns / 1_000_000_000 / period_s * period_s);
-            let from = if from == 0 { first.unwrap_or(0) } else { from };
-            let evaluation = sci_aggregator::sci::evaluate(&rows, from, to, period_s, &cfg.weights);
+            let store = sci_aggregator::store::open(&cfg)?;
+            let from = if from == 0 {
+                store
+                    .extent()?
+                    .map(|(first, _)| first / period_s * period_s)
+                    .unwrap_or(0)
+            } else {
+                from
+            };
+            let range = sci_aggregator::store::Range::new(from, to, period_s, &store.layout())
+                .map_err(anyhow::Error::msg)?;
+            let evaluation = sci_aggregator::sci::evaluate_store(
+                store.as_ref(),
+                &range,
+                &cfg.weights,
+                cfg.min_coverage,
+            )?;
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
                 "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
                 "html" => print!(
                     "{}",
                     sci_aggregator::dashboard::render_evaluation_report_html(
-                        &sci_aggregator::views::report(&evaluation)
+                        &evaluation,
+                        &humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            .to_string()
                     )
                 ),
                 other => bail!("--format {other}: use json, md or html"),

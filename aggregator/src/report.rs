@@ -1,16 +1,143 @@
-//! The Appendix A evaluation report (step e), in Markdown (JSON is the
-//! [`Evaluation`] itself).
+//! The Appendix A evaluation report (step e) in Markdown, the one Markdown
+//! rendering of [`Evaluation`] (JSON is the evaluation itself; HTML is in
+//! [`crate::dashboard`]), and how figures print: 4 significant digits,
+//! unit-scaled (g, mg, µg; J, kJ, MJ) or scientific below the smallest unit.
 use std::fmt::Write as _;
 
-use crate::sci::Evaluation;
+use crate::sci::{Disclosure, Evaluation};
 
-fn g(v: Option<f64>) -> String {
-    v.map_or_else(|| "undefined".to_string(), |v| format!("{v:.6}"))
+/// `v` with 4 significant digits (scientific outside 1e-4 ..= 1e6).
+pub fn sig4(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let magnitude = v.abs().log10().floor() as i32;
+    if !(-4..=5).contains(&magnitude) {
+        return format!("{v:.3e}");
+    }
+    let decimals = (3 - magnitude).max(0) as usize;
+    format!("{v:.decimals$}")
 }
 
-fn unix_to_text(s: u64) -> String {
+/// A value scaled to the first unit (largest first) where it is >= 1; below
+/// the smallest, scientific in the smallest.
+fn scaled(v: f64, units: &[(f64, &str)]) -> String {
+    if v == 0.0 {
+        return format!("0 {}", units[units.len() / 2].1);
+    }
+    for (factor, unit) in units {
+        if v.abs() >= *factor {
+            return format!("{} {unit}", sig4(v / factor));
+        }
+    }
+    let (factor, unit) = units[units.len() - 1];
+    format!("{:.3e} {unit}", v / factor)
+}
+
+/// Grams of CO2e: t, kg, g, mg, µg.
+pub fn mass_g(v: f64) -> String {
+    scaled(
+        v,
+        &[
+            (1e6, "t"),
+            (1e3, "kg"),
+            (1.0, "g"),
+            (1e-3, "mg"),
+            (1e-6, "µg"),
+        ],
+    )
+}
+
+/// Joules: GJ, MJ, kJ, J, mJ.
+pub fn energy_j(v: f64) -> String {
+    scaled(
+        v,
+        &[
+            (1e9, "GJ"),
+            (1e6, "MJ"),
+            (1e3, "kJ"),
+            (1.0, "J"),
+            (1e-3, "mJ"),
+        ],
+    )
+}
+
+/// gCO2e per business unit, unit-scaled.
+pub fn sci_text(v: Option<f64>) -> String {
+    v.map_or_else(
+        || "undefined".to_string(),
+        |v| format!("{} CO2e per business unit", mass_g(v)),
+    )
+}
+
+pub fn percent(share: f64) -> String {
+    format!("{}%", sig4(100.0 * share))
+}
+
+pub fn unix_to_text(s: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
         .to_string()
+}
+
+fn md_cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "–".into()
+    } else {
+        items.join("; ")
+    }
+}
+
+/// The disclosure table's header and one row per data centre (and period).
+pub const DISCLOSURE_COLUMNS: [&str; 14] = [
+    "data centre",
+    "intensity (gCO2e/kWh)",
+    "intensity source",
+    "PUE",
+    "TE",
+    "EL (days)",
+    "RR/ToR",
+    "share source",
+    "energy source",
+    "energy model",
+    "energy",
+    "estimated share",
+    "unattributed share",
+    "unassigned share",
+];
+
+pub fn disclosure_cells(d: &Disclosure) -> [String; 14] {
+    [
+        d.datacenter.clone(),
+        sig4(d.intensity_g_per_kwh),
+        list(&d.intensity_sources),
+        sig4(d.pue),
+        mass_g(d.total_embodied_g),
+        sig4(d.lifespan_s / 86_400.0),
+        sig4(d.resource_share),
+        list(&d.share_sources),
+        list(&d.energy_sources),
+        if d.energy_models.is_empty() {
+            "measured".into()
+        } else {
+            d.energy_models.join("; ")
+        },
+        energy_j(d.energy_j),
+        percent(d.estimated_energy_share),
+        percent(d.unattributed_energy_share),
+        percent(d.unassigned_energy_share),
+    ]
+}
+
+fn md_row(cells: &[String]) -> String {
+    let cells: Vec<String> = cells.iter().map(|c| md_cell(c)).collect();
+    format!("| {} |", cells.join(" | "))
 }
 
 pub fn markdown(e: &Evaluation) -> String {
@@ -18,85 +145,145 @@ pub fn markdown(e: &Evaluation) -> String {
     let _ = writeln!(md, "# SCI_CF evaluation report\n");
     let _ = writeln!(
         md,
-        "Range: {} to {} ({} periods of {} s, {} with transactions).\n",
+        "Range: {} to {} ({} periods of {} s with data, {} with transactions, {} in SCI_CF; {} without data).\n",
         unix_to_text(e.from_unix_s),
         unix_to_text(e.to_unix_s),
         e.periods.len(),
         e.period_s,
-        e.periods_defined
+        e.periods_defined,
+        e.periods_in_mean,
+        e.periods_without_data
     );
     let _ = writeln!(
         md,
-        "**SCI_CF (mean of the periods' SCI_j, Appendix A step d): {} gCO2e per business unit**\n",
-        g(e.sci_cf_mean)
+        "**SCI_CF (mean of the periods' SCI_j, Appendix A step d): {}**\n",
+        sci_text(e.sci_cf_mean)
     );
-    let _ = writeln!(md, "Pooled ratio sum(O+M)/sum(R) over the range, for comparison: {} gCO2e per business unit.\n", g(e.sci_cf_pooled));
+    let _ = writeln!(
+        md,
+        "Pooled ratio sum(O+M)/sum(R) over the same periods, for comparison: {}.\n",
+        sci_text(e.sci_cf_pooled)
+    );
+    match &e.coverage_note {
+        Some(note) => {
+            let _ = writeln!(md, "**Coverage:** {note}.\n");
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "Coverage: every period with transactions has at least {} of its hosts' time in data.\n",
+                percent(e.min_coverage)
+            );
+        }
+    }
+    // Heaviest first: the standard's order for its four scenarios.
+    let mut weights: Vec<(&String, &f64)> = e.weights.iter().collect();
+    weights.sort_by(|a, b| b.1.total_cmp(a.1).then_with(|| a.0.cmp(b.0)));
     let _ = writeln!(
         md,
         "Weights used (alpha_i): {}.\n",
-        e.weights
+        weights
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let _ = writeln!(md, "## Periods\n");
-    let _ = writeln!(md, "| period start | windows | hosts | TA credit | TA drawdown | TA repayment | TA query | O (g) | M (g) | R | SCI_j (g/unit) |");
+    let _ = writeln!(md, "## Disclosure: the factors behind the figures\n");
+    let _ = writeln!(md, "{}", md_row(&DISCLOSURE_COLUMNS.map(String::from)));
+    let _ = writeln!(md, "|{}", "---|".repeat(DISCLOSURE_COLUMNS.len()));
+    for d in &e.disclosure {
+        let _ = writeln!(md, "{}", md_row(&disclosure_cells(d)));
+    }
+    let _ = writeln!(md, "\n## Periods\n");
+    let _ = writeln!(md, "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |");
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for p in &e.periods {
-        let ta = |s: &str| p.transactions.get(s).copied().unwrap_or(0);
+        let ta = |s: &str| sig4(p.transactions.get(s).copied().unwrap_or(0.0));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.6} | {:.6} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             unix_to_text(p.start_unix_s),
             p.windows,
             p.hosts,
+            percent(p.coverage),
             ta("credit"),
             ta("drawdown"),
             ta("repayment"),
             ta("query"),
-            p.operational_g,
-            p.embodied_g,
-            p.business_units,
-            g(p.sci_g_per_unit)
+            mass_g(p.operational_g),
+            mass_g(p.embodied_g),
+            sig4(p.business_units),
+            p.sci_g_per_unit.map_or("undefined".into(), mass_g),
+            if p.in_mean {
+                "yes".to_string()
+            } else {
+                format!(
+                    "no: {}",
+                    md_cell(p.excluded_reason.as_deref().unwrap_or(""))
+                )
+            }
         );
     }
+    let _ = writeln!(md, "\n### Factors per period and data centre\n");
+    let _ = writeln!(
+        md,
+        "| period start | {}",
+        md_row(&DISCLOSURE_COLUMNS.map(String::from)).trim_start_matches("| ")
+    );
+    let _ = writeln!(md, "|---|{}", "---|".repeat(DISCLOSURE_COLUMNS.len()));
+    for p in &e.periods {
+        for d in &p.disclosure {
+            let _ = writeln!(
+                md,
+                "| {} {}",
+                unix_to_text(p.start_unix_s),
+                md_row(&disclosure_cells(d))
+            );
+        }
+    }
     let _ = writeln!(md, "\n## Scenarios\n");
-    let _ = writeln!(md, "| scenario | transactions | energy (J) | carbon (g) | embodied (g) | g per transaction | measured weight | standard weight |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| scenario | transactions | dynamic energy | idle share | total energy | carbon | embodied | per transaction | measured weight | standard weight |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &e.scenarios {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.3} | {:.6} | {:.6} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.scenario,
-            s.transactions,
-            s.energy_j,
-            s.carbon_g,
-            s.embodied_g,
-            g(s.g_per_transaction),
-            s.measured_weight.map_or("-".into(), |w| format!("{w:.2}")),
+            sig4(s.transactions),
+            energy_j(s.energy_j),
+            energy_j(s.idle_energy_j),
+            energy_j(s.total_energy_j),
+            mass_g(s.carbon_g),
+            mass_g(s.embodied_g),
+            s.g_per_transaction.map_or("–".into(), mass_g),
+            s.measured_weight.map_or("–".into(), sig4),
             s.standard_weight
         );
     }
-    let _ = writeln!(md, "\n## Hosts\n");
-    let _ = writeln!(md, "| host | data centre | windows | energy (J) | idle (J) | carbon (g) | embodied (g) | CPU utilisation | transactions | estimated |");
+    let _ = writeln!(
+        md,
+        "\n## Hosts\n\nFigures of whole host-rollup steps: {} to {}.\n",
+        unix_to_text(e.hosts_from_unix_s),
+        unix_to_text(e.hosts_to_unix_s)
+    );
+    let _ = writeln!(md, "| host | data centre | data (h) | energy | idle energy | carbon | embodied | CPU utilisation | transactions | estimated |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for h in &e.hosts {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.3} | {:.3} | {:.6} | {:.6} | {:.1}% | {} | {} |",
-            h.host,
-            h.datacenter,
-            h.windows,
-            h.energy_j,
-            h.idle_energy_j,
-            h.carbon_g,
-            h.embodied_g,
-            100.0 * h.cpu_utilisation,
-            h.transactions,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            md_cell(&h.host),
+            md_cell(&h.datacenter),
+            sig4(h.host_seconds / 3600.0),
+            energy_j(h.energy_j),
+            energy_j(h.idle_energy_j),
+            mass_g(h.carbon_g),
+            mass_g(h.embodied_g),
+            percent(h.cpu_utilisation),
+            sig4(h.transactions),
             if h.estimated {
                 "yes (power model)"
             } else {
@@ -107,20 +294,65 @@ pub fn markdown(e: &Evaluation) -> String {
     let _ = writeln!(md, "\n## Services\n");
     let _ = writeln!(
         md,
-        "| service/scenario | energy (J) | carbon (g) | embodied (g) | CPU (s) |"
+        "| service/scenario | energy | idle share | carbon | embodied | CPU (s) |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
     for s in &e.services {
         let _ = writeln!(
             md,
-            "| {} | {:.3} | {:.6} | {:.6} | {:.3} |",
-            s.key,
-            s.energy_j,
-            s.carbon_g,
-            s.embodied_g,
-            s.cpu_ns as f64 / 1e9
+            "| {} | {} | {} | {} | {} | {} |",
+            md_cell(&s.key),
+            energy_j(s.energy_j),
+            energy_j(s.idle_energy_j),
+            mass_g(s.carbon_g),
+            mass_g(s.embodied_g),
+            sig4(s.cpu_ns / 1e9)
         );
     }
     let _ = writeln!(md, "\n## Method and factors\n\n{}\n", e.method);
     md
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The same evaluation the dashboard tests use: periods 0.1 and 0.3,
+    /// one without business; mean 0.2, pooled 114/700.
+    #[test]
+    fn markdown_report_has_the_periods_and_the_mean() {
+        let md = markdown(&crate::dashboard::tests::evaluation());
+        assert!(md.contains("**SCI_CF (mean of the periods' SCI_j, Appendix A step d): 200.0 mg CO2e per business unit**"), "{md}");
+        assert!(
+            md.contains("over the same periods, for comparison: 162.9 mg CO2e per business unit")
+        );
+        assert!(md.contains(
+            "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |"
+        ));
+        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10.00 | 0 | 0 | 260.0 | 40.00 g | 10.00 g | 500.0 | 100.0 mg | yes |"), "{md}");
+        assert!(md.contains("| 1970-01-01T10:00:00Z | 1 | 1 | 100.0% | 0 | 0 | 0 | 0 | 3.000 g | 1.000 g | 0 | undefined | no: no completed transactions in the period (R = 0) |"), "{md}");
+        // Weights in name order, the disclosure table present.
+        assert!(
+            md.contains("Weights used (alpha_i): credit 24, drawdown 7, repayment 3, query 1."),
+            "{md}"
+        );
+        assert!(md.contains("## Disclosure: the factors behind the figures"));
+        assert!(md.contains("| data centre | intensity (gCO2e/kWh) | intensity source | PUE | TE | EL (days) | RR/ToR |"));
+    }
+
+    #[test]
+    fn four_significant_digits_unit_scaled() {
+        assert_eq!(sig4(0.2), "0.2000");
+        assert_eq!(sig4(114.0 / 700.0), "0.1629");
+        assert_eq!(sig4(1234.5678), "1235");
+        assert_eq!(sig4(0.000083), "8.300e-5");
+        assert_eq!(mass_g(0.000083), "83.00 µg");
+        assert_eq!(mass_g(0.2), "200.0 mg");
+        assert_eq!(mass_g(2.5e-9), "2.500e-3 µg");
+        assert_eq!(mass_g(1500.0), "1.500 kg");
+        assert_eq!(energy_j(3.64), "3.640 J");
+        assert_eq!(energy_j(0.254), "254.0 mJ");
+        assert_eq!(sci_text(None), "undefined");
+    }
 }

@@ -24,7 +24,6 @@ use crate::error::AggregatorError;
 use crate::http::{router, HttpState};
 use crate::ingest::{IngestCounters, IngestService, SharedStore};
 use crate::limits::{admit_connections, AdmittedListener, ConnectionLimiter};
-use crate::store::{SqliteStore, Store};
 
 /// Longest request target (path and query) the HTTP side reads.
 const MAX_URI_BYTES: usize = 4096;
@@ -130,9 +129,7 @@ pub async fn serve(
         }
         tracing::warn!("--insecure: the HTTP API on {http_addr} needs no token");
     }
-    let store: SharedStore = Arc::new(Mutex::new(
-        Box::new(SqliteStore::open(&config.database)?) as Box<dyn Store>
-    ));
+    let store: SharedStore = Arc::from(crate::store::open(&config)?);
     let config = Arc::new(config);
     let grpc_limiter = ConnectionLimiter::new("grpc", &config.limits);
     let http_limiter = ConnectionLimiter::new("http", &config.limits);
@@ -149,11 +146,9 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 let s = Arc::clone(&store);
-                let ok = tokio::task::spawn_blocking(move || {
-                    s.lock().map(|s| s.healthy()).unwrap_or(false)
-                })
-                .await
-                .unwrap_or(false);
+                let ok = tokio::task::spawn_blocking(move || s.healthy())
+                    .await
+                    .unwrap_or(false);
                 if ok {
                     health.set_serving::<IngestServer<IngestService>>().await;
                 } else {
@@ -187,11 +182,35 @@ pub async fn serve(
         idle,
     ))
     .map(|(stream, _)| Ok::<_, std::io::Error>(stream));
-    let http_state = HttpState {
-        store: Arc::clone(&store),
-        config: Arc::clone(&config),
-        counters: Arc::clone(&counters),
-    };
+    let http_state = HttpState::new(
+        Arc::clone(&store),
+        Arc::clone(&config),
+        Arc::clone(&counters),
+    );
+    tokio::spawn(crate::http::refresh_recent(
+        http_state.clone(),
+        Duration::from_secs(60),
+    ));
+    {
+        // Retention: hourly, off the ingest path (SQLite deletes in slices).
+        let store = Arc::clone(&store);
+        let retention = config.retention();
+        tokio::spawn(async move {
+            loop {
+                let s = Arc::clone(&store);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                match tokio::task::spawn_blocking(move || s.expire(now, &retention)).await {
+                    Ok(Ok(expired)) => tracing::info!("retention: {expired:?}"),
+                    Ok(Err(e)) => tracing::warn!("retention: {e}"),
+                    Err(e) => tracing::warn!("retention: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+    }
     let auth = HttpAuth {
         tokens: Arc::new(
             config

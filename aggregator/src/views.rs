@@ -1,82 +1,77 @@
-//! What the dashboard, the hotspot API, the profile exports and the HTML
-//! report show, built from the store's rows and the SCI evaluation.
+//! What the dashboard, the hotspot API and the profile exports show, read
+//! from the store's rollups (never raw windows) beside the one evaluation.
 use std::collections::BTreeMap;
 
-use crate::dashboard::{DashboardData, EvaluationReport, FlameGraphPanel, HostRow, PeriodFigures};
+use crate::dashboard::{DashboardData, FlameGraphPanel};
+use crate::error::AggregatorError;
 use crate::hotspots::{
-    find_hotspots, scenario_weights, FunctionPeriod, HostPeriod, Hotspot, HotspotInput,
-    HotspotOptions, IntensityHour, WorkloadPeriod,
+    find_hotspots, FunctionPeriod, HostPeriod, Hotspot, HotspotInput, HotspotOptions,
+    IntensityHour, WorkloadPeriod,
 };
-use crate::profiles::{merge, MergedProfile, StackRow};
+use crate::profiles::MergedProfile;
 use crate::sci::Evaluation;
-use crate::store::StoredRows;
+use crate::store::{Range, Store};
 
 fn some_unless_none(s: &str) -> Option<String> {
     (!s.is_empty() && s != "(none)" && s != "-").then(|| s.to_string())
 }
 
-pub fn stack_rows(rows: &StoredRows) -> Vec<StackRow> {
-    rows.profiles
+/// Profiles of the range, one per (service, scenario), from the hourly
+/// merged stacks (optionally of one service and/or scenario).
+pub fn profiles(
+    store: &dyn Store,
+    range: &Range,
+    service: Option<&str>,
+    scenario: Option<&str>,
+) -> Result<Vec<MergedProfile>, AggregatorError> {
+    let (from_s, to_s) = range.host_range(&store.layout());
+    let mut merged: BTreeMap<(String, String), MergedProfile> = BTreeMap::new();
+    for s in store.stacks(range, service, scenario)? {
+        let profile = merged
+            .entry((s.service.clone(), s.scenario.clone()))
+            .or_insert_with(|| MergedProfile {
+                service: some_unless_none(&s.service),
+                scenario: some_unless_none(&s.scenario),
+                start_unix_ns: from_s * 1_000_000_000,
+                end_unix_ns: to_s * 1_000_000_000,
+                stacks: BTreeMap::new(),
+            });
+        let totals = profile.stacks.entry(s.stack).or_default();
+        totals.samples += s.samples;
+        totals.energy_j += s.energy_j;
+    }
+    Ok(merged.into_values().collect())
+}
+
+/// The hotspot rules' input for the range, and the profiles it used.
+pub fn hotspot_input(
+    store: &dyn Store,
+    range: &Range,
+    e: &Evaluation,
+) -> Result<(HotspotInput, Vec<MergedProfile>), AggregatorError> {
+    let hosts = e
+        .hosts
         .iter()
-        .map(|p| StackRow {
-            window_end_unix_ns: p.end_unix_ns,
-            service: some_unless_none(&p.service),
-            scenario: some_unless_none(&p.scenario),
-            stack: p.stack.clone(),
-            samples: p.samples,
-            energy_j: p.energy_j,
+        .map(|h| HostPeriod {
+            host: h.host.clone(),
+            region: some_unless_none(&h.datacenter),
+            cpu_utilisation: h.cpu_utilisation,
+            busy_cpu_ns: 0,
+            idle_cpu_ns: 0,
+            energy_j: h.energy_j,
+            idle_energy_j: h.idle_energy_j,
+            carbon_g: h.carbon_g,
+            embodied_g: h.embodied_g,
+            transactions: BTreeMap::from([(
+                "all scenarios".to_string(),
+                h.transactions.round() as u64,
+            )]),
         })
-        .collect()
-}
-
-/// Profiles of the range, one per (service, scenario).
-pub fn profiles(rows: &StoredRows, from_s: u64, to_s: u64) -> Vec<MergedProfile> {
-    merge(
-        &stack_rows(rows),
-        from_s * 1_000_000_000,
-        to_s * 1_000_000_000,
-    )
-}
-
-/// The hotspot rules' input for the whole range.
-pub fn hotspot_input(rows: &StoredRows, e: &Evaluation) -> HotspotInput {
-    let mut hosts: BTreeMap<String, HostPeriod> = BTreeMap::new();
-    for w in &rows.windows {
-        let h = hosts.entry(w.host.clone()).or_insert_with(|| HostPeriod {
-            host: w.host.clone(),
-            region: some_unless_none(&w.datacenter),
-            ..Default::default()
-        });
-        h.busy_cpu_ns += w.busy_cpu_ns;
-        h.idle_cpu_ns += w.idle_cpu_ns;
-        h.energy_j += w.energy_j;
-        h.idle_energy_j += w.idle_energy_j;
-        h.carbon_g += w.carbon_g;
-        h.embodied_g += w.embodied_g;
-    }
-    for s in rows.scenarios.iter().filter(|s| s.scenario != "unassigned") {
-        if let Some(h) = hosts.get_mut(&s.host) {
-            *h.transactions.entry(s.scenario.clone()).or_default() += s.transactions;
-        }
-    }
-    for h in hosts.values_mut() {
-        let total = h.busy_cpu_ns + h.idle_cpu_ns;
-        h.cpu_utilisation = if total > 0 {
-            h.busy_cpu_ns as f64 / total as f64
-        } else {
-            0.0
-        };
-    }
-    // Workloads: per scenario and region, the fleet's carbon and transactions
-    // (the scenario lines carry the completed transactions; services are
-    // summed because a transaction's work spans several of them).
-    let region_of: BTreeMap<&str, Option<String>> = hosts
-        .values()
-        .map(|h| (h.host.as_str(), h.region.clone()))
         .collect();
+    // Workloads: per scenario and region, the fleet's carbon and transactions.
     let mut workloads: BTreeMap<(String, Option<String>), WorkloadPeriod> = BTreeMap::new();
-    for s in &rows.scenarios {
-        let region = region_of.get(s.host.as_str()).cloned().flatten();
+    for s in store.scenario_periods(range)? {
+        let region = some_unless_none(&s.datacenter);
         let w = workloads
             .entry((s.scenario.clone(), region.clone()))
             .or_insert_with(|| WorkloadPeriod {
@@ -87,9 +82,10 @@ pub fn hotspot_input(rows: &StoredRows, e: &Evaluation) -> HotspotInput {
             });
         w.energy_j += s.energy_j;
         w.carbon_g += s.carbon_g + s.embodied_g;
-        w.transactions += s.transactions;
+        w.transactions += s.transactions.round() as u64;
     }
-    let functions = profiles(rows, e.from_unix_s, e.to_unix_s)
+    let profiles = profiles(store, range, None, None)?;
+    let functions = profiles
         .iter()
         .flat_map(|p| {
             p.functions().into_iter().map(|f| FunctionPeriod {
@@ -97,152 +93,91 @@ pub fn hotspot_input(rows: &StoredRows, e: &Evaluation) -> HotspotInput {
                 scenario: p.scenario.clone().unwrap_or_else(|| "unassigned".into()),
                 function: f.function.clone(),
                 energy_j: f.self_energy_j,
+                samples: f.self_samples,
             })
         })
         .collect();
-    HotspotInput {
-        period_start_unix_ns: e.from_unix_s * 1_000_000_000,
-        period_end_unix_ns: e.to_unix_s * 1_000_000_000,
-        hosts: hosts.into_values().collect(),
-        workloads: workloads.into_values().collect(),
-        functions,
-        intensity: intensity_hours(rows),
-    }
-}
-
-/// The grid intensity each region's agents applied, per hour: the mean of
-/// their windows' intensities weighted by window duration (agents read it
-/// from their hourly series, so this is the series the fleet actually used).
-/// A window belongs to the hour holding its last instant, as in the periods.
-pub fn intensity_hours(rows: &StoredRows) -> Vec<IntensityHour> {
-    let mut sums: BTreeMap<(String, u64), (f64, f64)> = BTreeMap::new();
-    for w in &rows.windows {
-        let Some(region) = some_unless_none(&w.datacenter) else {
-            continue;
-        };
-        if !(w.intensity_g_per_kwh.is_finite() && w.intensity_g_per_kwh > 0.0) {
-            continue;
-        }
-        let duration_s = w.end_unix_ns.saturating_sub(w.start_unix_ns) as f64 / 1e9;
-        let hour_unix_s = w.end_unix_ns.saturating_sub(1) / 1_000_000_000 / 3600 * 3600;
-        let entry = sums.entry((region, hour_unix_s)).or_default();
-        entry.0 += w.intensity_g_per_kwh * duration_s;
-        entry.1 += duration_s;
-    }
-    sums.into_iter()
-        .filter(|(_, (_, duration_s))| *duration_s > 0.0)
-        .map(
-            |((region, hour_unix_s), (weighted, duration_s))| IntensityHour {
+    let intensity = store
+        .intensity_hours(range)?
+        .into_iter()
+        .filter_map(|r| {
+            let region = some_unless_none(&r.datacenter)?;
+            (r.host_s > 0.0 && r.intensity_x_s > 0.0).then(|| IntensityHour {
                 region,
-                hour_unix_s,
-                intensity_g_per_kwh: weighted / duration_s,
-            },
-        )
-        .collect()
-}
-
-pub fn hotspots(rows: &StoredRows, e: &Evaluation) -> Vec<Hotspot> {
-    find_hotspots(&hotspot_input(rows, e), &HotspotOptions::default())
-}
-
-fn periods(e: &Evaluation) -> Vec<PeriodFigures> {
-    e.periods
-        .iter()
-        .map(|p| PeriodFigures {
-            label: humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.start_unix_s),
-            )
-            .to_string(),
-            start_unix_ns: p.start_unix_s * 1_000_000_000,
-            end_unix_ns: p.end_unix_s * 1_000_000_000,
-            transactions: p.transactions.clone(),
-            operational_g: p.operational_g,
-            embodied_g: p.embodied_g,
-            business_units: p.business_units,
+                hour_unix_s: r.hour_unix_s,
+                intensity_g_per_kwh: r.intensity_x_s / r.host_s,
+            })
         })
-        .collect()
+        .collect();
+    Ok((
+        HotspotInput {
+            period_start_unix_ns: e.from_unix_s * 1_000_000_000,
+            period_end_unix_ns: e.to_unix_s * 1_000_000_000,
+            hosts,
+            workloads: workloads.into_values().collect(),
+            functions,
+            intensity,
+        },
+        profiles,
+    ))
+}
+
+pub fn hotspots(
+    store: &dyn Store,
+    range: &Range,
+    e: &Evaluation,
+    options: &HotspotOptions,
+) -> Result<Vec<Hotspot>, AggregatorError> {
+    let (input, _) = hotspot_input(store, range, e)?;
+    Ok(find_hotspots(&input, options))
+}
+
+/// Why a profile is not shown (too few samples to support a claim).
+pub fn withheld_reason(p: &MergedProfile, min_samples: u64) -> Option<String> {
+    let samples = p.total_samples();
+    (samples < min_samples).then(|| {
+        format!(
+            "{}: flame graph and hot functions withheld: {samples} samples, fewer than the minimum of {min_samples}",
+            p.subject()
+        )
+    })
 }
 
 fn now_text() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-pub fn dashboard(rows: &StoredRows, e: &Evaluation) -> DashboardData {
-    let input = hotspot_input(rows, e);
-    let flamegraphs = profiles(rows, e.from_unix_s, e.to_unix_s)
-        .iter()
-        .filter_map(|p| {
-            Some(FlameGraphPanel {
+pub fn dashboard(
+    store: &dyn Store,
+    range: &Range,
+    e: Evaluation,
+    options: &HotspotOptions,
+) -> Result<DashboardData, AggregatorError> {
+    let (input, profiles) = hotspot_input(store, range, &e)?;
+    let mut flamegraphs = Vec::new();
+    let mut withheld = Vec::new();
+    for p in &profiles {
+        if let Some(reason) = withheld_reason(p, options.min_samples) {
+            withheld.push(reason);
+            continue;
+        }
+        if let Ok(svg) = p.flamegraph_svg() {
+            flamegraphs.push(FlameGraphPanel {
                 service: p.service.clone().unwrap_or_else(|| "unassigned".into()),
                 scenario: p.scenario.clone().unwrap_or_else(|| "unassigned".into()),
-                svg: p.flamegraph_svg().ok()?,
-            })
-        })
-        .collect();
-    DashboardData {
+                samples: p.total_samples(),
+                svg,
+            });
+        }
+    }
+    Ok(DashboardData {
         title: "sci-cf: carbon per business transaction".into(),
         generated_at: now_text(),
-        periods: periods(e),
-        scenarios: scenario_weights(&input.workloads),
-        hosts: e
-            .hosts
-            .iter()
-            .map(|h| HostRow {
-                host: h.host.clone(),
-                region: some_unless_none(&h.datacenter),
-                cpu_utilisation: h.cpu_utilisation,
-                energy_j: h.energy_j,
-                idle_energy_j: h.idle_energy_j,
-                carbon_g: h.carbon_g,
-                embodied_g: h.embodied_g,
-                transactions: h.transactions,
-            })
-            .collect(),
-        hotspots: find_hotspots(&input, &HotspotOptions::default()),
+        evaluation: e,
+        hotspots: find_hotspots(&input, options),
         flamegraphs,
-    }
-}
-
-pub fn report(e: &Evaluation) -> EvaluationReport {
-    EvaluationReport {
-        title: "SCI_CF evaluation report (T/CQJR 032.2-2025, Appendix A)".into(),
-        subject: format!("{} hosts", e.hosts.len()),
-        generated_at: now_text(),
-        periods: periods(e),
-        weights: e.weights.clone(),
-        method: e.method.clone(),
-        factors: vec![
-            (
-                "periods".into(),
-                format!(
-                    "{} periods of {} s, {} with transactions",
-                    e.periods.len(),
-                    e.period_s,
-                    e.periods_defined
-                ),
-            ),
-            (
-                "SCI_CF (mean of SCI_j)".into(),
-                e.sci_cf_mean.map_or("undefined".into(), |v| {
-                    format!("{v:.6} gCO2e per business unit")
-                }),
-            ),
-            (
-                "pooled sum(O+M)/sum(R)".into(),
-                e.sci_cf_pooled.map_or("undefined".into(), |v| {
-                    format!("{v:.6} gCO2e per business unit")
-                }),
-            ),
-            (
-                "energy".into(),
-                if e.hosts.iter().any(|h| h.estimated) {
-                    "some hosts estimated with the power model (no RAPL)".into()
-                } else {
-                    "RAPL".into()
-                },
-            ),
-        ],
-    }
+        withheld,
+    })
 }
 
 #[cfg(test)]
@@ -250,73 +185,75 @@ pub fn report(e: &Evaluation) -> EvaluationReport {
 mod tests {
     use super::*;
     use crate::hotspots::HotspotKind;
-    use crate::sci::evaluate;
-    use crate::store::{ProfileRow, ScenarioRow, WindowRow};
+    use crate::sci::evaluate_store;
+    use crate::store::sqlite::SqliteStore;
+    use sci_proto::v1;
 
     const T0: u64 = 1_700_000_000 / 3600 * 3600;
 
-    fn window(host: &str, dc: &str, hour: u64, intensity_g_per_kwh: f64) -> WindowRow {
+    fn window(host: &str, dc: &str, hour: u64, intensity_g_per_kwh: f64) -> v1::WindowReport {
         let start_unix_ns = (T0 + hour * 3600) * 1_000_000_000;
-        WindowRow {
+        v1::WindowReport {
             host: host.into(),
             datacenter: dc.into(),
             agent_instance: "a".into(),
             seq: hour,
             start_unix_ns,
             end_unix_ns: start_unix_ns + 3600 * 1_000_000_000,
-            energy_j: 3.6e6,
-            idle_energy_j: 0.0,
-            carbon_g: intensity_g_per_kwh,
-            embodied_g: 0.0,
+            host_energy_j: 3.6e6,
+            host_carbon_g: intensity_g_per_kwh,
             busy_cpu_ns: 1,
             idle_cpu_ns: 1,
             cpus: 1,
-            estimated: false,
             energy_source: "rapl".into(),
             cpu_source: "ebpf".into(),
-            intensity_g_per_kwh,
+            carbon_intensity_g_per_kwh: intensity_g_per_kwh,
             pue: 1.0,
+            ..Default::default()
         }
     }
 
-    /// Two regions over two hours, intensities taken from the windows: the
-    /// east's repayment work (deferrable) should move to the west and to
-    /// the east's cleaner hour, with savings computed by hand.
+    /// Two regions over two hours, intensities taken from the stored
+    /// windows (through the rollups): the east's repayment work
+    /// (deferrable) should move to the west and to the east's cleaner hour,
+    /// with savings computed by hand.
     #[test]
     fn stored_intensities_drive_the_move_rules() {
-        let rows = StoredRows {
-            windows: vec![
-                window("e1", "east", 0, 800.0),
-                window("e1", "east", 1, 400.0),
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("sci.db")).unwrap();
+        let mut e1_hour1 = window("e1", "east", 1, 400.0);
+        e1_hour1.scenarios.push(v1::ScenarioRecord {
+            scenario: "repayment".into(),
+            transactions: 10,
+            cpu_ns: 1,
+            energy_j: 1.0,
+            carbon_g: 100.0,
+            ..Default::default()
+        });
+        e1_hour1.profile.push(v1::ProfileStack {
+            service: "repay-svc".into(),
+            scenario: "repayment".into(),
+            stack: "main;schedule;hot_path".into(),
+            samples: 60,
+            energy_j: 0.5,
+            ..Default::default()
+        });
+        store
+            .commit(&[window("e1", "east", 0, 800.0), e1_hour1])
+            .unwrap();
+        store
+            .commit(&[
                 window("w1", "west", 0, 300.0),
                 window("w1", "west", 1, 300.0),
-            ],
-            scenarios: vec![ScenarioRow {
-                host: "e1".into(),
-                end_unix_ns: (T0 + 7200) * 1_000_000_000,
-                scenario: "repayment".into(),
-                transactions: 10,
-                cpu_ns: 1,
-                energy_j: 1.0,
-                carbon_g: 100.0,
-                embodied_g: 0.0,
-            }],
-            profiles: vec![ProfileRow {
-                end_unix_ns: (T0 + 7200) * 1_000_000_000,
-                service: "repay-svc".into(),
-                scenario: "repayment".into(),
-                stack: "main;schedule;hot_path".into(),
-                samples: 10,
-                energy_j: 0.5,
-            }],
-            ..Default::default()
-        };
-        let hours = intensity_hours(&rows);
+            ])
+            .unwrap();
+        let range = Range::new(T0, T0 + 7200, 3600, &store.layout()).unwrap();
+        let hours = store.intensity_hours(&range).unwrap();
         assert_eq!(hours.len(), 4);
-        assert_eq!(hours[0].region, "east");
-        assert_eq!(hours[0].intensity_g_per_kwh, 800.0);
-        let e = evaluate(&rows, T0, T0 + 7200, 3600, &BTreeMap::new());
-        let found = hotspots(&rows, &e);
+        assert_eq!(hours[0].datacenter, "east");
+        assert_eq!(hours[0].intensity_x_s / hours[0].host_s, 800.0);
+        let e = evaluate_store(&store, &range, &crate::config::standard_weights(), 0.9).unwrap();
+        let found = hotspots(&store, &range, &e, &HotspotOptions::default()).unwrap();
         // East's mean is 600, west's 300: moving saves 1 - 300/600 = 50%.
         let region = found
             .iter()
@@ -338,5 +275,47 @@ mod tests {
             .unwrap();
         assert_eq!(function.subject, "repay-svc/repayment/hot_path");
         assert!((function.impact_carbon_g - 50.0).abs() < 1e-9);
+        // Its sample count travels with the claim.
+        assert!(function
+            .evidence
+            .figures
+            .contains(&("samples".to_string(), 60.0)));
+    }
+
+    /// Below the minimum sample count, no hot-function claim, and the
+    /// profile is withheld with the reason.
+    #[test]
+    fn thin_profiles_are_withheld_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("sci.db")).unwrap();
+        let mut w = window("e1", "east", 0, 400.0);
+        w.scenarios.push(v1::ScenarioRecord {
+            scenario: "credit".into(),
+            transactions: 3,
+            energy_j: 1.0,
+            carbon_g: 1.0,
+            ..Default::default()
+        });
+        w.profile.push(v1::ProfileStack {
+            service: "loan".into(),
+            scenario: "credit".into(),
+            stack: "main;hot".into(),
+            samples: 3,
+            energy_j: 0.3,
+            ..Default::default()
+        });
+        store.commit(&[w]).unwrap();
+        let range = Range::new(T0, T0 + 3600, 3600, &store.layout()).unwrap();
+        let e = evaluate_store(&store, &range, &crate::config::standard_weights(), 0.9).unwrap();
+        let data = dashboard(&store, &range, e, &HotspotOptions::default()).unwrap();
+        assert!(data.flamegraphs.is_empty());
+        assert!(data
+            .hotspots
+            .iter()
+            .all(|h| h.kind != HotspotKind::HotFunction));
+        assert_eq!(
+            data.withheld,
+            vec!["loan/credit: flame graph and hot functions withheld: 3 samples, fewer than the minimum of 50".to_string()]
+        );
     }
 }

@@ -315,6 +315,104 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         notes: "The flows are designed so that credit (bureau lookup, peer features, risk score, pricing) costs more than a drawdown, and a drawdown more than a query; the bench fails when a median ratio is not above 1.",
     });
 
+    // The fleet at real size, on SQLite and on a scratch PostgreSQL 15
+    // (stopped and removed when this function returns).
+    let store_args = |extra: &[String]| {
+        let mut v = vec![
+            "--aggregator".to_string(),
+            release.join("sci-aggregator").display().to_string(),
+            "--seconds".into(),
+            if args.quick { "10" } else { "30" }.into(),
+        ];
+        if args.quick {
+            v.extend(["--hosts".into(), "200".into()]);
+        }
+        v.extend(extra.iter().cloned());
+        v
+    };
+    let store_figures = vec![
+        (
+            "sci_30d_hourly_s",
+            "/api/v1/sci, 30 days hourly, alone",
+            "s (target <= 2)",
+        ),
+        (
+            "dashboard_30d_s",
+            "/dashboard, 30 days, alone",
+            "s (target <= 3)",
+        ),
+        (
+            "sci_30d_hourly_under_ingest_max_s",
+            "/api/v1/sci, 30 days, slowest while ingesting",
+            "s",
+        ),
+        (
+            "dashboard_30d_under_ingest_max_s",
+            "/dashboard, 30 days, slowest while ingesting",
+            "s",
+        ),
+        ("metrics_s", "/metrics", "s"),
+        (
+            "ingest_windows_per_s",
+            "windows stored while the queries loop",
+            "windows/s (target >= 2,000)",
+        ),
+        (
+            "ack_latency_p99_ms",
+            "ack latency p99 while the queries loop",
+            "ms (target <= 200)",
+        ),
+        (
+            "aggregator_peak_rss_mib",
+            "aggregator peak RSS",
+            "MiB (target <= 256)",
+        ),
+        (
+            "bytes_per_raw_window",
+            "bytes on disk per raw window (50 workloads)",
+            "bytes",
+        ),
+        (
+            "rollup_bytes_per_host_day",
+            "rollup bytes on disk per host-day",
+            "bytes",
+        ),
+        (
+            "raw_bytes_per_fleet_day_at_10s",
+            "raw volume of a day of the fleet at 10 s windows",
+            "bytes",
+        ),
+        (
+            "backfill_windows_per_s",
+            "month backfill through the store's commit",
+            "windows/s",
+        ),
+    ];
+    const STORE_METHOD: &str = "`sci-store-bench`: a month of a 2,000-host fleet in 3 data centres (1 h windows, 10 workloads, 5 stacks; one commit per hour of the fleet) written into a fresh store, then the real sci-aggregator serves it: /api/v1/sci and /dashboard over 30 days with hourly periods timed alone (median of 3), raw windows past the 7-day retention expired (steady state), then 8 agents offer 2,400 windows/s of 10 s windows of 50 workloads over gRPC (batches of 32 on a timer, open loop) while both queries run in a loop; peak RSS sampled every 100 ms; bytes per raw window from the growth of the raw tables (windows and dedupe keys, with indexes) over the streamed windows; rollup bytes (all rollup tables and the host list) over hosts x days; a day of the fleet at 10 s windows is 2,000 x 8,640 of those raw windows.";
+    measurements.push(Measurement {
+        title: "The fleet at real size: SQLite",
+        method: STORE_METHOD,
+        program: release.join("sci-store-bench"),
+        args: store_args(&[]),
+        figures: store_figures.clone(),
+        runs: 1,
+        notes: "",
+    });
+    let postgres = sci_tests::postgres::ScratchPostgres::start()
+        .map_err(|e| anyhow::anyhow!("scratch PostgreSQL for the store bench: {e}"))?;
+    let postgres_url = postgres
+        .create_database("sci_bench")
+        .map_err(|e| anyhow::anyhow!("creating the bench database: {e}"))?;
+    measurements.push(Measurement {
+        title: "The fleet at real size: PostgreSQL 15",
+        method: STORE_METHOD,
+        program: release.join("sci-store-bench"),
+        args: store_args(&["--postgres-url".to_string(), postgres_url]),
+        figures: store_figures,
+        runs: 1,
+        notes: "One run: each run needs a fresh database (the month is written once).",
+    });
+
     let mut design_misses = Vec::new();
     let mut md = String::new();
     writeln!(md, "# BENCHMARKS\n")?;

@@ -1,0 +1,295 @@
+//! The production store: PostgreSQL (15 here), shared by any number of
+//! aggregators. Two connection pools (r2d2): writers for ingest commits and
+//! retention, readers for queries, whose sessions carry `statement_timeout`
+//! so a query past the timeout is cancelled by the server. Raw windows are
+//! range-partitioned by end time, one partition per UTC day
+//! (`windows_raw_d<day>`), created at ingest and dropped whole by retention.
+//! Plain SQL only (no extension), so PostgreSQL-compatible distributed
+//! engines run it too. Migrations run under an advisory lock, so aggregators
+//! starting together apply each once.
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use postgres::types::{ToSql, Type};
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::{check_layout, migrations, Backend, RollupLayout, Tx, Value, DAY_NS};
+use crate::error::AggregatorError;
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+pub struct PostgresStore {
+    layout: RollupLayout,
+    writers: Pool,
+    readers: Pool,
+    partitions: Mutex<HashSet<u64>>,
+    query_timeout: Duration,
+}
+
+fn pg(e: postgres::Error) -> AggregatorError {
+    AggregatorError::Postgres(e.to_string())
+}
+
+fn pool_err(e: r2d2::Error) -> AggregatorError {
+    AggregatorError::Postgres(format!("connection pool: {e}"))
+}
+
+fn params_of(values: &[Value]) -> Vec<Box<dyn ToSql + Sync>> {
+    values
+        .iter()
+        .map(|v| -> Box<dyn ToSql + Sync> {
+            match v {
+                Value::Int(i) => Box::new(*i),
+                Value::Real(r) => Box::new(*r),
+                Value::Text(t) => Box::new(t.clone()),
+                Value::Bytes(b) => Box::new(b.clone()),
+                Value::Null => Box::new(Option::<i64>::None),
+            }
+        })
+        .collect()
+}
+
+fn rows_of(rows: Vec<postgres::Row>) -> Result<Vec<Vec<Value>>, AggregatorError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut values = Vec::with_capacity(row.len());
+        for (i, column) in row.columns().iter().enumerate() {
+            let t = column.type_();
+            let v = if *t == Type::INT8 {
+                row.try_get::<_, Option<i64>>(i).map(|v| v.map(Value::Int))
+            } else if *t == Type::INT4 {
+                row.try_get::<_, Option<i32>>(i)
+                    .map(|v| v.map(|v| Value::Int(v.into())))
+            } else if *t == Type::INT2 {
+                row.try_get::<_, Option<i16>>(i)
+                    .map(|v| v.map(|v| Value::Int(v.into())))
+            } else if *t == Type::FLOAT8 {
+                row.try_get::<_, Option<f64>>(i).map(|v| v.map(Value::Real))
+            } else if *t == Type::FLOAT4 {
+                row.try_get::<_, Option<f32>>(i)
+                    .map(|v| v.map(|v| Value::Real(v.into())))
+            } else if *t == Type::BYTEA {
+                row.try_get::<_, Option<Vec<u8>>>(i)
+                    .map(|v| v.map(Value::Bytes))
+            } else if *t == Type::TEXT || *t == Type::VARCHAR || *t == Type::NAME {
+                row.try_get::<_, Option<String>>(i)
+                    .map(|v| v.map(Value::Text))
+            } else {
+                // Types the shared SQL never reads (void of pg_advisory_xact_lock, ...).
+                Ok(None)
+            }
+            .map_err(pg)?;
+            values.push(v.unwrap_or(Value::Null));
+        }
+        out.push(values);
+    }
+    Ok(out)
+}
+
+struct PgTx<'a, 'b>(&'a mut postgres::Transaction<'b>);
+
+impl Tx for PgTx<'_, '_> {
+    fn batch(&mut self, sql: &str) -> Result<(), AggregatorError> {
+        self.0.batch_execute(sql).map_err(pg)
+    }
+    fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, AggregatorError> {
+        let boxed = params_of(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+        self.0.execute(sql, &refs).map_err(pg)
+    }
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError> {
+        let boxed = params_of(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+        rows_of(self.0.query(sql, &refs).map_err(pg)?)
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a `postgres://` URL or a libpq key=value string),
+    /// migrates, and checks the rollup layout.
+    pub fn open(
+        url: &str,
+        layout: RollupLayout,
+        readers: u32,
+        query_timeout: Duration,
+    ) -> Result<Self, AggregatorError> {
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e| AggregatorError::Postgres(format!("postgres_url: {e}")))?;
+        let mut read_config = config.clone();
+        read_config.options(&format!(
+            "-c statement_timeout={} -c default_transaction_read_only=on",
+            query_timeout.as_millis()
+        ));
+        let writers = r2d2::Pool::builder()
+            .max_size(4)
+            .connection_timeout(Duration::from_secs(10))
+            .build(PostgresConnectionManager::new(config, NoTls))
+            .map_err(pool_err)?;
+        let readers = r2d2::Pool::builder()
+            .max_size(readers.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(PostgresConnectionManager::new(read_config, NoTls))
+            .map_err(pool_err)?;
+        let store = PostgresStore {
+            layout,
+            writers,
+            readers,
+            partitions: Mutex::new(HashSet::new()),
+            query_timeout,
+        };
+        store.write(&mut |tx| {
+            tx.query("SELECT pg_advisory_xact_lock(50320251)", &[])?;
+            tx.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_unix_s BIGINT NOT NULL)",
+                &[],
+            )?;
+            for (version, sql) in migrations(true) {
+                let done = tx.query(
+                    "SELECT version FROM schema_migrations WHERE version = $1",
+                    &[Value::Int(version)],
+                )?;
+                if done.is_empty() {
+                    tx.batch(sql)?;
+                    tx.execute(
+                        "INSERT INTO schema_migrations VALUES ($1, CAST(EXTRACT(EPOCH FROM now()) AS BIGINT))",
+                        &[Value::Int(version)],
+                    )?;
+                }
+            }
+            check_layout(tx, &layout)
+        })?;
+        Ok(store)
+    }
+}
+
+fn partition_name(day: u64) -> String {
+    format!("windows_raw_d{day}")
+}
+
+impl Backend for PostgresStore {
+    fn layout(&self) -> RollupLayout {
+        self.layout
+    }
+
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), AggregatorError>,
+    ) -> Result<(), AggregatorError> {
+        let mut client = self.writers.get().map_err(pool_err)?;
+        let mut tx = client.transaction().map_err(pg)?;
+        f(&mut PgTx(&mut tx))?;
+        tx.commit().map_err(pg)
+    }
+
+    fn read(&self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError> {
+        let mut client = self.readers.get().map_err(pool_err)?;
+        let boxed = params_of(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+        match client.query(sql, &refs) {
+            Ok(rows) => rows_of(rows),
+            Err(e) if e.code() == Some(&postgres::error::SqlState::QUERY_CANCELED) => {
+                Err(AggregatorError::QueryTimeout(self.query_timeout))
+            }
+            Err(e) => Err(pg(e)),
+        }
+    }
+
+    fn prepare_raw_days(&self, days: &[u64]) -> Result<(), AggregatorError> {
+        let missing: Vec<u64> = {
+            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            days.iter()
+                .copied()
+                .filter(|d| !known.contains(d))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.writers.get().map_err(pool_err)?;
+        for day in missing {
+            let name = partition_name(day);
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF windows_raw FOR VALUES FROM ({}) TO ({})",
+                day * DAY_NS,
+                (day + 1) * DAY_NS
+            );
+            if let Err(e) = client.batch_execute(&create) {
+                // Another aggregator may have created it at the same moment.
+                let exists = client
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                    .map_err(pg)?
+                    .get::<_, bool>(0);
+                if !exists {
+                    return Err(pg(e));
+                }
+            }
+            self.partitions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(day);
+        }
+        Ok(())
+    }
+
+    fn expire_raw(&self, cutoff_ns: u64) -> Result<(u64, u64), AggregatorError> {
+        let mut client = self.writers.get().map_err(pool_err)?;
+        let partitions = client
+            .query(
+                "SELECT c.relname, CAST(c.reltuples AS BIGINT) FROM pg_inherits i \
+                 JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
+                 WHERE p.relname = 'windows_raw'",
+                &[],
+            )
+            .map_err(pg)?;
+        let (mut rows, mut dropped) = (0u64, 0u64);
+        for partition in partitions {
+            let name: String = partition.get(0);
+            let Some(day) = name
+                .strip_prefix("windows_raw_d")
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if (day + 1) * DAY_NS <= cutoff_ns {
+                client
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                    .map_err(pg)?;
+                self.partitions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&day);
+                rows += partition.get::<_, i64>(1).max(0) as u64;
+                dropped += 1;
+            }
+        }
+        Ok((rows, dropped))
+    }
+
+    fn disk_usage(&self) -> Result<BTreeMap<String, u64>, AggregatorError> {
+        let mut client = self.readers.get().map_err(pool_err)?;
+        let mut usage = BTreeMap::new();
+        for row in client
+            .query(
+                "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c \
+                 WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace",
+                &[],
+            )
+            .map_err(pg)?
+        {
+            let name: String = row.get(0);
+            let key = if name.starts_with("windows_raw_d") {
+                "windows_raw".to_string()
+            } else {
+                name
+            };
+            *usage.entry(key).or_insert(0) += row.get::<_, i64>(1).max(0) as u64;
+        }
+        let total: u64 = usage.values().sum();
+        usage.insert("total".to_string(), total);
+        Ok(usage)
+    }
+}

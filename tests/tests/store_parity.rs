@@ -1,0 +1,476 @@
+//! The aggregator's two stores, SQLite (embedded) and a real PostgreSQL 15
+//! server (scratch, started here), on the same windows: the hand-computed
+//! SCI_CF of Appendix A per period and its mean, with windows straddling
+//! period boundaries (split in proportion to time) and a period below the
+//! minimum coverage (shown, left out of the mean, and said); both stores
+//! agree to 1e-9; duplicates and conflicts; disclosure in the report;
+//! retention; two aggregators on one PostgreSQL storing each window once.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use sci_aggregator::config::standard_weights;
+use sci_aggregator::sci::{evaluate_store, Evaluation};
+use sci_aggregator::store::postgres::PostgresStore;
+use sci_aggregator::store::sqlite::SqliteStore;
+use sci_aggregator::store::{CommitOutcome, Range, Retention, RollupLayout, Store};
+use sci_proto::v1;
+use sci_tests::postgres::ScratchPostgres;
+
+const LAYOUT: RollupLayout = RollupLayout {
+    step_s: 60,
+    host_step_s: 3600,
+};
+/// A minute boundary well in the past (periods of 60 s from here).
+const T: u64 = 1_764_000_000 / 3600 * 3600 + 600;
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-12)
+}
+
+/// A window of `host` over [T + from, T + to) with O, M and transactions
+/// (credit, drawdown, repayment, query); factors disclosed as an agent does.
+fn window(
+    host: &str,
+    seq: u64,
+    from: u64,
+    to: u64,
+    o: f64,
+    m: f64,
+    txns: [u64; 4],
+) -> v1::WindowReport {
+    let names = ["credit", "drawdown", "repayment", "query"];
+    v1::WindowReport {
+        host: host.into(),
+        agent_instance: format!("{host}-inst"),
+        seq,
+        datacenter: "dc-east".into(),
+        start_unix_ns: (T + from) * 1_000_000_000,
+        end_unix_ns: (T + to) * 1_000_000_000,
+        cpu_source: "ebpf".into(),
+        cpus: 2,
+        busy_cpu_ns: (to - from) * 500_000_000,
+        idle_cpu_ns: (to - from) * 1_500_000_000,
+        steal_cpu_ns: (to - from) * 10_000_000,
+        energy_source: "model-linear".into(),
+        energy_model: "linear 10-35 W per vCPU".into(),
+        estimated: true,
+        host_energy_j: 10.0 * (to - from) as f64,
+        idle_energy_j: 4.0 * (to - from) as f64,
+        unattributed_energy_j: 0.5 * (to - from) as f64,
+        carbon_intensity_g_per_kwh: 530.6,
+        intensity_source: "region:CN-East (test grid factor)".into(),
+        pue: 1.25,
+        host_carbon_g: o,
+        host_embodied_g: m,
+        embodied: Some(v1::EmbodiedFactors {
+            total_embodied_g: 1_000_000.0,
+            lifespan_s: 4.0 * 365.0 * 86_400.0,
+            resource_share: 2.0 / 64.0,
+            share_source: "vm: 2 of 64 vCPUs".into(),
+        }),
+        scenarios: names
+            .iter()
+            .zip(txns)
+            .map(|(name, n)| v1::ScenarioRecord {
+                scenario: name.to_string(),
+                transactions: n,
+                energy_j: 1.0,
+                carbon_g: o / 8.0,
+                embodied_g: m / 8.0,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Host a: [0,30) [30,90) straddles 60, [90,180) straddles 120.
+/// Host b: [0,60) [60,120) [120,150): period 2 has 90 of 120 host-seconds.
+fn windows() -> Vec<v1::WindowReport> {
+    vec![
+        window("host-a", 0, 0, 30, 1.0, 0.2, [1, 0, 0, 10]),
+        window("host-a", 1, 30, 90, 3.0, 0.6, [2, 0, 0, 4]),
+        window("host-a", 2, 90, 180, 1.8, 0.9, [0, 3, 0, 6]),
+        window("host-b", 0, 0, 60, 2.0, 0.4, [0, 0, 2, 5]),
+        window("host-b", 1, 60, 120, 2.5, 0.4, [1, 0, 0, 1]),
+        window("host-b", 2, 120, 150, 0.7, 0.2, [0, 0, 0, 3]),
+    ]
+}
+
+fn evaluate(store: &dyn Store) -> Evaluation {
+    let range = Range::new(T, T + 180, 60, &store.layout()).unwrap();
+    evaluate_store(store, &range, &standard_weights(), 0.9).unwrap()
+}
+
+/// Appendix A by hand (see `windows`):
+/// p0: O = 1.0 + 3.0/2 + 2.0 = 4.5, M = 0.2 + 0.3 + 0.4 = 0.9,
+///     TA credit 1 + 1, repayment 2, query 10 + 2 + 5: R = 48 + 6 + 17 = 71.
+/// p1: O = 1.5 + 1.8/3 + 2.5 = 4.6, M = 0.3 + 0.3 + 0.4 = 1.0,
+///     TA credit 1 + 1, drawdown 1, query 2 + 2 + 1: R = 48 + 7 + 5 = 60.
+/// p2: O = 1.2 + 0.7 = 1.9, M = 0.6 + 0.2 = 0.8, drawdown 2, query 4 + 3:
+///     R = 14 + 7 = 21; coverage (60 + 30) / (2 x 60) = 75% < 90%: left out.
+/// SCI_CF = mean(5.4/71, 5.6/60); pooled = (5.4 + 5.6) / (71 + 60).
+fn check_hand_computation(e: &Evaluation) {
+    let expected = [
+        (4.5, 0.9, [2.0, 0.0, 2.0, 17.0], 71.0, 1.0, true),
+        (4.6, 1.0, [2.0, 1.0, 0.0, 5.0], 60.0, 1.0, true),
+        (1.9, 0.8, [0.0, 2.0, 0.0, 7.0], 21.0, 0.75, false),
+    ];
+    assert_eq!(e.periods.len(), 3, "{e:#?}");
+    for (j, (o, m, ta, r, coverage, in_mean)) in expected.iter().enumerate() {
+        let p = &e.periods[j];
+        assert_eq!(p.start_unix_s, T + 60 * j as u64);
+        assert!(close(p.operational_g, *o), "O_{j}: {p:?}");
+        assert!(close(p.embodied_g, *m), "M_{j}: {p:?}");
+        for (i, name) in ["credit", "drawdown", "repayment", "query"]
+            .iter()
+            .enumerate()
+        {
+            assert!(close(p.transactions[*name], ta[i]), "TA_{name}^{j}: {p:?}");
+        }
+        assert!(close(p.business_units, *r), "R_{j}: {p:?}");
+        assert!(
+            close(p.sci_g_per_unit.unwrap(), (o + m) / r),
+            "SCI_{j}: {p:?}"
+        );
+        assert!(close(p.coverage, *coverage), "coverage_{j}: {p:?}");
+        assert_eq!(p.hosts, 2);
+        assert_eq!(p.windows, 2, "windows ending in period {j}");
+        assert_eq!(p.in_mean, *in_mean);
+    }
+    assert!(e.periods[2]
+        .excluded_reason
+        .as_deref()
+        .unwrap()
+        .contains("coverage 75.0% is below the minimum 90.0%"));
+    let mean = (5.4 / 71.0 + 5.6 / 60.0) / 2.0;
+    let pooled = (5.4 + 5.6) / (71.0 + 60.0);
+    println!(
+        "hand computation: SCI_j = {:?}, mean {mean}, pooled {pooled}",
+        [5.4 / 71.0, 5.6 / 60.0, 2.7 / 21.0]
+    );
+    assert!(close(e.sci_cf_mean.unwrap(), mean));
+    assert!(close(e.sci_cf_pooled.unwrap(), pooled));
+    assert_eq!(e.periods_in_mean, 2);
+    assert_eq!(e.periods_below_coverage, 1);
+    assert!(e
+        .coverage_note
+        .as_deref()
+        .unwrap()
+        .contains("1 of 3 periods with transactions are below the minimum coverage of 90%"));
+    // Disclosure per data centre: factors as sent, shares by energy.
+    let d = &e.disclosure[0];
+    assert_eq!(d.datacenter, "dc-east");
+    assert!(close(d.intensity_g_per_kwh, 530.6));
+    assert!(close(d.pue, 1.25));
+    assert!(close(d.total_embodied_g, 1_000_000.0));
+    assert!(close(d.resource_share, 2.0 / 64.0));
+    assert_eq!(
+        d.intensity_sources,
+        vec!["region:CN-East (test grid factor)"]
+    );
+    assert_eq!(d.energy_models, vec!["linear 10-35 W per vCPU"]);
+    assert!(close(d.estimated_energy_share, 1.0));
+    assert!(close(d.unattributed_energy_share, 0.05));
+    // host-seconds 180 + 150; steal 10 ms per second.
+    assert!(close(d.host_seconds, 330.0));
+    assert!(close(d.steal_cpu_s, 3.3));
+}
+
+/// Every number of two evaluations' JSON equal to 1e-9 (relative).
+fn assert_same(a: &serde_json::Value, b: &serde_json::Value, path: &str) {
+    match (a, b) {
+        (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(close(x, y), "{path}: {x} vs {y}");
+        }
+        (serde_json::Value::Array(x), serde_json::Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{path}");
+            for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                assert_same(x, y, &format!("{path}[{i}]"));
+            }
+        }
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "{path}"
+            );
+            for (k, v) in x {
+                assert_same(v, &y[k], &format!("{path}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{path}"),
+    }
+}
+
+fn postgres_store(server: &ScratchPostgres, database: &str) -> PostgresStore {
+    let url = server.create_database(database).unwrap();
+    PostgresStore::open(&url, LAYOUT, 4, Duration::from_secs(30)).unwrap()
+}
+
+fn check_outcomes(store: &dyn Store) {
+    let first = windows();
+    let outcomes = store.commit(&first).unwrap();
+    assert!(outcomes.iter().all(|o| *o == CommitOutcome::Stored));
+    // A replay: duplicates; the same key with other content: a conflict,
+    // also inside one batch; nothing changes the figures.
+    let mut changed = first[1].clone();
+    changed.host_carbon_g += 1.0;
+    let outcomes = store
+        .commit(&[first[0].clone(), changed, first[0].clone()])
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            CommitOutcome::Duplicate,
+            CommitOutcome::Conflict,
+            CommitOutcome::Duplicate
+        ]
+    );
+    let fresh = window("host-c", 0, 0, 60, 1.0, 0.0, [0, 0, 0, 1]);
+    let mut clash = fresh.clone();
+    clash.host_carbon_g = 2.0;
+    let outcomes = store.commit(&[fresh, clash]).unwrap();
+    assert_eq!(
+        outcomes,
+        vec![CommitOutcome::Stored, CommitOutcome::Conflict]
+    );
+}
+
+#[test]
+fn both_stores_give_the_hand_computed_sci_cf() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    sqlite.commit(&windows()).unwrap();
+    let from_sqlite = evaluate(&sqlite);
+    check_hand_computation(&from_sqlite);
+
+    let Some(server) = ScratchPostgres::start_or_skip("both_stores_give_the_hand_computed_sci_cf")
+    else {
+        return;
+    };
+    let pg = postgres_store(&server, "parity");
+    // In another batching, another order: sums must not depend on it.
+    let mut w = windows();
+    w.reverse();
+    pg.commit(&w[..2]).unwrap();
+    pg.commit(&w[2..]).unwrap();
+    let from_pg = evaluate(&pg);
+    check_hand_computation(&from_pg);
+    assert_same(
+        &serde_json::to_value(&from_sqlite).unwrap(),
+        &serde_json::to_value(&from_pg).unwrap(),
+        "evaluation",
+    );
+    // The report discloses the factors (from either store: same text).
+    let md = sci_aggregator::report::markdown(&from_pg);
+    assert_eq!(md, sci_aggregator::report::markdown(&from_sqlite));
+    for needle in [
+        "| dc-east | 530.6 | region:CN-East (test grid factor) | 1.250 | 1.000 t | 1460 | 0.03125 | vm: 2 of 64 vCPUs | model-linear | linear 10-35 W per vCPU | 3.300 kJ | 100.0% | 5.000% | 0% |",
+        "**Coverage:** 1 of 3 periods with transactions are below the minimum coverage of 90%",
+        "no: coverage 75.0% is below the minimum 90.0%",
+    ] {
+        assert!(md.contains(needle), "{needle}\n{md}");
+    }
+    let html = sci_aggregator::dashboard::render_evaluation_report_html(&from_pg, "now");
+    assert!(
+        html.contains("region:CN-East (test grid factor)") && html.contains("vm: 2 of 64 vCPUs")
+    );
+}
+
+#[test]
+fn duplicates_and_conflicts_in_both_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    check_outcomes(&sqlite);
+    let Some(server) = ScratchPostgres::start_or_skip("duplicates_and_conflicts_in_both_stores")
+    else {
+        return;
+    };
+    let pg = postgres_store(&server, "outcomes");
+    check_outcomes(&pg);
+    // Replays and conflicts changed nothing: host-c's window counted once.
+    for store in [&sqlite as &dyn Store, &pg] {
+        let range = Range::new(T, T + 180, 60, &store.layout()).unwrap();
+        let e = evaluate_store(store, &range, &standard_weights(), 0.0).unwrap();
+        assert!(close(
+            e.operational_g,
+            1.0 + 3.0 + 1.8 + 2.0 + 2.5 + 0.7 + 1.0
+        ));
+    }
+}
+
+#[test]
+fn retention_drops_raw_partitions_and_old_rollups() {
+    let Some(server) =
+        ScratchPostgres::start_or_skip("retention_drops_raw_partitions_and_old_rollups")
+    else {
+        return;
+    };
+    let pg = postgres_store(&server, "retention");
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    let retention = Retention {
+        raw: Duration::from_secs(7 * 86_400),
+        keys: Duration::from_secs(7 * 86_400),
+        rollups: Duration::from_secs(400 * 86_400),
+    };
+    for store in [&sqlite as &dyn Store, &pg] {
+        store.commit(&windows()).unwrap();
+        // Eight days later: raw windows gone, rollups kept.
+        let expired = store.expire(T + 8 * 86_400, &retention).unwrap();
+        assert_eq!(expired.rollup_rows, 0);
+        assert!(close(
+            evaluate(store).sci_cf_mean.unwrap(),
+            (5.4 / 71.0 + 5.6 / 60.0) / 2.0
+        ));
+        // A year and more later: rollups gone too.
+        let expired = store.expire(T + 401 * 86_400, &retention).unwrap();
+        assert!(expired.rollup_rows > 0);
+        assert!(evaluate(store).periods.is_empty());
+    }
+    let raw = server
+        .psql("SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'windows_raw'")
+        .unwrap();
+    assert_eq!(raw.trim(), "0", "every day partition dropped");
+    let usage = sqlite.disk_usage().unwrap();
+    assert!(usage["total"] > 0);
+}
+
+#[test]
+fn two_aggregators_on_one_postgres_store_each_window_once() {
+    let Some(server) =
+        ScratchPostgres::start_or_skip("two_aggregators_on_one_postgres_store_each_window_once")
+    else {
+        return;
+    };
+    let url = server.create_database("shared").unwrap();
+    let a = PostgresStore::open(&url, LAYOUT, 2, Duration::from_secs(30)).unwrap();
+    let b = PostgresStore::open(&url, LAYOUT, 2, Duration::from_secs(30)).unwrap();
+    // Both receive every window (an agent failing over and replaying), at once.
+    let outcomes: Vec<Vec<CommitOutcome>> = std::thread::scope(|s| {
+        let ha = s.spawn(|| {
+            windows()
+                .iter()
+                .map(|w| a.commit(std::slice::from_ref(w)).unwrap()[0])
+                .collect::<Vec<_>>()
+        });
+        let hb = s.spawn(|| {
+            windows()
+                .iter()
+                .rev()
+                .map(|w| b.commit(std::slice::from_ref(w)).unwrap()[0])
+                .collect::<Vec<_>>()
+        });
+        vec![ha.join().unwrap(), hb.join().unwrap()]
+    });
+    let stored = outcomes
+        .iter()
+        .flatten()
+        .filter(|o| **o == CommitOutcome::Stored)
+        .count();
+    assert_eq!(stored, 6, "{outcomes:?}");
+    check_hand_computation(&evaluate(&a));
+    check_hand_computation(&evaluate(&b));
+}
+
+/// Long ranges read whole hours and days from the coarse rollups and only
+/// their edges finely: the figures must be those of the fine rollups and of
+/// the windows themselves, in both stores. 10-minute windows offset by 7
+/// minutes (so they straddle hours and the day boundary) over 27 hours.
+#[test]
+fn coarse_and_fine_rollups_agree() {
+    let day = T / 86_400 * 86_400;
+    let start = day - 3600 + 420;
+    let mut sent = Vec::new();
+    for host in ["host-a", "host-b"] {
+        for i in 0..(27 * 6) {
+            let from = start + 600 * i;
+            let mut w = window(
+                host,
+                i,
+                0,
+                600,
+                0.01 * (i % 7 + 1) as f64,
+                0.002,
+                [1, 0, 1, 3],
+            );
+            w.start_unix_ns = from * 1_000_000_000;
+            w.end_unix_ns = (from + 600) * 1_000_000_000;
+            w.profile.push(v1::ProfileStack {
+                service: "loan".into(),
+                scenario: "credit".into(),
+                stack: format!("main;f{}", i % 3),
+                samples: 10,
+                energy_j: 0.1,
+                ..Default::default()
+            });
+            sent.push(w);
+        }
+    }
+    let carbon: f64 = sent.iter().map(|w| w.host_carbon_g).sum();
+    let energy: f64 = sent.iter().map(|w| w.host_energy_j).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    let server = ScratchPostgres::start_or_skip("coarse_and_fine_rollups_agree");
+    let pg = server.as_ref().map(|s| postgres_store(s, "coarse"));
+    let mut stores: Vec<&dyn Store> = vec![&sqlite];
+    if let Some(pg) = &pg {
+        stores.push(pg);
+    }
+    let mut answers = Vec::new();
+    for store in stores {
+        for chunk in sent.chunks(40) {
+            store.commit(chunk).unwrap();
+        }
+        // Hourly periods: the coarse path; minute periods: the fine one.
+        let hourly = Range::new(day - 7200, day + 86_400 + 10_800, 3600, &store.layout()).unwrap();
+        let minutes = Range::new(day - 7200, day + 86_400 + 10_800, 60, &store.layout()).unwrap();
+        let coarse = evaluate_store(store, &hourly, &standard_weights(), 0.0).unwrap();
+        let fine = evaluate_store(store, &minutes, &standard_weights(), 0.0).unwrap();
+        for e in [&coarse, &fine] {
+            assert!(
+                close(e.operational_g, carbon),
+                "{} vs {carbon}",
+                e.operational_g
+            );
+            assert!(close(e.energy_j, energy));
+            let hosts_energy: f64 = e.hosts.iter().map(|h| h.energy_j).sum();
+            assert!(close(hosts_energy, energy));
+            let txns: f64 = e.scenarios.iter().map(|s| s.transactions).sum();
+            assert!(close(txns, 5.0 * sent.len() as f64));
+        }
+        // Per hour, the hourly period equals the sum of its 60 minute periods.
+        for p in &coarse.periods {
+            let minutes_o: f64 = fine
+                .periods
+                .iter()
+                .filter(|m| m.start_unix_s >= p.start_unix_s && m.start_unix_s < p.end_unix_s)
+                .map(|m| m.operational_g)
+                .sum();
+            assert!(
+                close(p.operational_g, minutes_o),
+                "{}: {} vs {minutes_o}",
+                p.start_unix_s,
+                p.operational_g
+            );
+        }
+        let stacks = store.stacks(&hourly, Some("loan"), None).unwrap();
+        let samples: u64 = stacks.iter().map(|s| s.samples).sum();
+        assert_eq!(samples, 10 * sent.len() as u64);
+        answers.push(serde_json::to_value(&coarse).unwrap());
+    }
+    if answers.len() == 2 {
+        assert_same(&answers[0], &answers[1], "evaluation");
+    }
+}
