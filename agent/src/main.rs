@@ -139,6 +139,7 @@ fn print_table(report: &WindowReport) {
 fn sample(source: &SourceArgs, duration: Duration, json: bool) -> Result<()> {
     let config = load_config(source)?;
     let mut pipeline = open_pipeline(&config, source)?;
+    tracing::info!("window open: sampling for {duration:?}");
     std::thread::sleep(duration);
     let report = pipeline.next_window()?;
     if json {

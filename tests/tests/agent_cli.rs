@@ -2,11 +2,12 @@
 //! start and end inside the window, and the procfs fallback without privileges.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use sci_tests::{cargo_bin, is_root, skip_privileged};
+use sci_tests::{cargo_bin, skip_privileged, skip_privileged_because, wait_for_exec};
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
 
@@ -18,13 +19,34 @@ fn sample_json(extra: &[&str], uid: Option<u32>) -> (serde_json::Value, String) 
     if let Some(uid) = uid {
         cmd.uid(uid).gid(uid);
     }
-    let child = cmd
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Short-lived processes inside the window.
-    std::thread::sleep(Duration::from_millis(700));
+    // The agent says when its window opens (after loading eBPF or opening
+    // the poller): the short-lived processes start after that line.
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let stderr_pipe = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            if line.contains("window open") {
+                let _ = opened_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    if opened_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the agent did not open its window within 60 s: {}",
+            stderr_reader.join().unwrap()
+        );
+    }
     let mut burners = Vec::new();
     for _ in 0..5 {
         burners.push(Command::new(BURN).arg("30").spawn().unwrap());
@@ -33,7 +55,7 @@ fn sample_json(extra: &[&str], uid: Option<u32>) -> (serde_json::Value, String) 
         b.wait().unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = stderr_reader.join().unwrap();
     assert!(out.status.success(), "sample failed: {stderr}");
     (serde_json::from_slice(&out.stdout).unwrap(), stderr)
 }
@@ -89,8 +111,10 @@ fn sample_json_has_the_documented_fields_and_short_lived_processes() {
 
 #[test]
 fn without_privileges_the_agent_falls_back_to_procfs_and_says_so() {
-    if !is_root() {
-        println!("skipping without_privileges_the_agent_falls_back_to_procfs_and_says_so: needs root to switch to an unprivileged user");
+    if skip_privileged_because(
+        "without_privileges_the_agent_falls_back_to_procfs_and_says_so",
+        "needs root to switch to an unprivileged user",
+    ) {
         return;
     }
     // uid 65534 (nobody) cannot load eBPF; the binary must be reachable by it.
@@ -128,8 +152,10 @@ fn schedstat_ns(pid: u32) -> u64 {
 
 #[test]
 fn procfs_mode_owns_its_blind_spot() {
-    if !is_root() {
-        println!("skipping procfs_mode_owns_its_blind_spot: needs root to switch to an unprivileged user");
+    if skip_privileged_because(
+        "procfs_mode_owns_its_blind_spot",
+        "needs root to switch to an unprivileged user",
+    ) {
         return;
     }
     // Built before the clock starts.
@@ -140,7 +166,7 @@ fn procfs_mode_owns_its_blind_spot() {
         .spawn()
         .unwrap();
     let steady_pid = steady.id();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_exec(steady_pid, std::path::Path::new(BURN));
     let before_ns = schedstat_ns(steady_pid);
     let started = std::time::Instant::now();
     let (doc, _) = sample_json(&["--procfs"], Some(65534));
