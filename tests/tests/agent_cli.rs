@@ -257,3 +257,47 @@ fn procfs_mode_owns_its_blind_spot() {
         "processes {processes_j} J"
     );
 }
+
+#[test]
+fn env_rules_without_permission_say_permission() {
+    if skip_privileged_because(
+        "env_rules_without_permission_say_permission",
+        "needs root to switch to an unprivileged user",
+    ) {
+        return;
+    }
+    // A root-owned process with an SCI_* variable that nobody (uid 65534)
+    // may not read: the agent must say it is a permission problem.
+    let mut root_child = Command::new(BURN)
+        .args(["--duty", "10", "--seconds", "60"])
+        .env("SCI_SCENARIO", "credit")
+        .spawn()
+        .unwrap();
+    wait_for_exec(root_child.id(), std::path::Path::new(BURN));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[[scenarios.rules]]\nenv = \"SCI_SCENARIO=credit\"\nscenario = \"credit\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (doc, stderr) = sample_json(
+        &["--procfs", "--config", config.to_str().unwrap()],
+        Some(65534),
+    );
+    let _ = root_child.kill();
+    let _ = root_child.wait();
+    assert_eq!(doc["cpu_source"], "procfs");
+    assert_eq!(
+        stderr.matches("permission: cannot read").count(),
+        1,
+        "said once, naming the permission: {stderr}"
+    );
+    assert!(stderr.contains("CAP_SYS_PTRACE"), "{stderr}");
+}

@@ -93,9 +93,7 @@ pub fn read_proc_info(proc_root: &Path, pid: u32) -> Option<ProcInfo> {
         .ok()
         .and_then(|text| parse_cgroup_v2(&text));
     let container_id = cgroup.as_deref().and_then(container_id_from_cgroup);
-    let env = std::fs::read(dir.join("environ"))
-        .map(|b| parse_sci_environ(&b))
-        .unwrap_or_default();
+    let env = read_sci_environ(&dir);
     Some(ProcInfo {
         pid,
         ppid: stat.ppid,
@@ -125,10 +123,31 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo) -> bool {
     }
     info.exe = exe.map(|p| p.to_string_lossy().into_owned());
     info.cmdline = read_cmdline(&dir);
-    info.env = std::fs::read(dir.join("environ"))
-        .map(|b| parse_sci_environ(&b))
-        .unwrap_or_default();
+    info.env = read_sci_environ(&dir);
     true
+}
+
+/// The `SCI_*` variables of `<dir>/environ`; empty when the process is gone
+/// or the file cannot be read. Another user's environment needs
+/// CAP_SYS_PTRACE (or CAP_DAC_READ_SEARCH): the first refusal is logged once
+/// as a permission problem, since `env` rules then cannot match.
+pub fn read_sci_environ(dir: &Path) -> Vec<(String, String)> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let path = dir.join("environ");
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_sci_environ(&bytes),
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "permission: cannot read {} ({e}): `env` scenario rules cannot match other users' processes without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH",
+                        path.display()
+                    )
+                });
+            }
+            Vec::new()
+        }
+    }
 }
 
 fn read_cmdline(dir: &Path) -> Option<String> {

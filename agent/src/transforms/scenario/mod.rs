@@ -482,7 +482,5 @@ pub fn read_sci_env(pid: u32) -> Vec<(String, String)> {
 
 /// [`read_sci_env`] under another proc root.
 pub fn read_sci_env_at(proc_root: &std::path::Path, pid: u32) -> Vec<(String, String)> {
-    std::fs::read(proc_root.join(pid.to_string()).join("environ"))
-        .map(|bytes| crate::sources::sched::proc_info::parse_sci_environ(&bytes))
-        .unwrap_or_default()
+    crate::sources::sched::proc_info::read_sci_environ(&proc_root.join(pid.to_string()))
 }
