@@ -42,7 +42,15 @@ pub async fn serve(
         }
         tracing::warn!("--insecure: no agent authentication configured, every agent is trusted");
     }
-    let store: SharedStore = Arc::from(crate::store::open(&config)?);
+    // Opened on a blocking thread: the PostgreSQL client blocks on its own runtime.
+    let store: SharedStore = {
+        let config = config.clone();
+        Arc::from(
+            tokio::task::spawn_blocking(move || crate::store::open(&config))
+                .await
+                .map_err(|e| AggregatorError::Invalid(format!("opening the store: {e}")))??,
+        )
+    };
     let config = Arc::new(config);
     let counters = Arc::new(Mutex::new(IngestCounters::default()));
 

@@ -223,7 +223,10 @@ async fn main() -> Result<()> {
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let first_hour = (now_s / 3600 - days * 24) * 3600;
     let backfill_started = Instant::now();
-    {
+    // The store's clients block: off the async runtime.
+    let backfill_config = config.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let config = backfill_config;
         let store = sci_aggregator::store::open(&config)?;
         for h in 0..days * 24 {
             let windows: Vec<v1::WindowReport> = (0..hosts)
@@ -241,17 +244,21 @@ async fn main() -> Result<()> {
                 .collect();
             store.commit(&windows)?;
         }
-    }
+        Ok(())
+    })
+    .await??;
     let backfill_s = backfill_started.elapsed().as_secs_f64();
     let month_windows = hosts * days * 24;
     // Steady state: raw windows past the raw retention (7 days) are gone,
     // as the aggregator's hourly retention pass would have done.
-    let expired = {
-        let store = sci_aggregator::store::open(&config)?;
-        store.expire(now_s, &config.retention())?
-    };
-    eprintln!("retention before serving: {expired:?}");
-    let usage_before = sci_aggregator::store::open(&config)?.disk_usage()?;
+    let usage_config = config.clone();
+    let usage_before = tokio::task::spawn_blocking(move || -> Result<_> {
+        let store = sci_aggregator::store::open(&usage_config)?;
+        let expired = store.expire(now_s, &usage_config.retention())?;
+        eprintln!("retention before serving: {expired:?}");
+        Ok(store.disk_usage()?)
+    })
+    .await??;
 
     let mut server = Command::new(&aggregator)
         .args(["serve", "--insecure", "--config"])
@@ -429,7 +436,11 @@ async fn main() -> Result<()> {
     let _ = server.kill();
     let _ = server.wait();
 
-    let usage_after = sci_aggregator::store::open(&config)?.disk_usage()?;
+    let usage_config = config.clone();
+    let usage_after = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok(sci_aggregator::store::open(&usage_config)?.disk_usage()?)
+    })
+    .await??;
     let (raw_before, rollups_bytes) = split_usage(&usage_before);
     let (raw_after, _) = split_usage(&usage_after);
     let streamed = *stored.lock().expect("lock");
