@@ -11,7 +11,7 @@ use std::fmt::Write;
 
 use crate::hotspots::Hotspot;
 use crate::report::{
-    disclosure_cells, energy_j, mass_g, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS,
+    count, disclosure_cells, energy_j, mass_g, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS,
 };
 use crate::sci::{mean_sci, pooled_sci, Disclosure, Evaluation, PeriodFigures};
 
@@ -101,7 +101,7 @@ fn periods_table(periods: &[PeriodFigures]) -> String {
             let _ = write!(
                 html,
                 "<td>{}</td>",
-                sig4(p.transactions.get(c).copied().unwrap_or(0.0))
+                count(p.transactions.get(c).copied().unwrap_or(0.0))
             );
         }
         let _ = write!(
@@ -168,7 +168,7 @@ fn scenarios_table(e: &Evaluation) -> String {
             "<tr{}><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if warn { " class=\"warn\"" } else { "" },
             escape_html(&s.scenario),
-            sig4(s.transactions),
+            count(s.transactions),
             energy_j(s.energy_j),
             energy_j(s.idle_energy_j),
             energy_j(s.total_energy_j),
@@ -207,7 +207,7 @@ fn hosts_table(e: &Evaluation) -> String {
             sig4(idle * 100.0),
             mass_g(h.carbon_g),
             mass_g(h.embodied_g),
-            sig4(h.transactions)
+            count(h.transactions)
         );
     }
     html.push_str("</table>");
@@ -696,7 +696,7 @@ pub(crate) mod tests {
         let html = render_evaluation_report_html(&evaluation(), "2026-11-25");
         assert!(html.contains("SCI_CF (mean of SCI_j over 2 periods)</th><td>0.2000 gCO2e/unit"));
         assert!(html.contains(
-            "<td class=\"l\">1970-01-01T08:00:00Z</td><td>100.0%</td><td>10.00</td><td>0</td><td>0</td><td>260.0</td><td>40.00</td><td>10.00</td><td>500.0</td><td>0.1000</td>"
+            "<td class=\"l\">1970-01-01T08:00:00Z</td><td>100.0%</td><td>10</td><td>0</td><td>0</td><td>260</td><td>40.00</td><td>10.00</td><td>500.0</td><td>0.1000</td>"
         ), "{html}");
         assert!(html.contains("T/CQJR 032.2-2025 Appendix A"));
         assert!(html.contains("<table class=\"disclosure\">"));

@@ -22,11 +22,22 @@ pub fn sig4(v: f64) -> String {
     format!("{v:.decimals$}")
 }
 
+/// A count: whole numbers as integers, fractions (shares of windows that
+/// straddle a period boundary) with 4 significant digits.
+pub fn count(v: f64) -> String {
+    if (v - v.round()).abs() <= 1e-9 * v.abs().max(1.0) {
+        format!("{}", v.round() as i64)
+    } else {
+        sig4(v)
+    }
+}
+
 /// A value scaled to the first unit (largest first) where it is >= 1; below
 /// the smallest, scientific in the smallest.
 fn scaled(v: f64, units: &[(f64, &str)]) -> String {
     if v == 0.0 {
-        return format!("0 {}", units[units.len() / 2].1);
+        let base = units.iter().find(|(f, _)| *f == 1.0).unwrap_or(&units[0]);
+        return format!("0 {}", base.1);
     }
     for (factor, unit) in units {
         if v.abs() >= *factor {
@@ -201,7 +212,7 @@ pub fn markdown(e: &Evaluation) -> String {
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for p in &e.periods {
-        let ta = |s: &str| sig4(p.transactions.get(s).copied().unwrap_or(0.0));
+        let ta = |s: &str| count(p.transactions.get(s).copied().unwrap_or(0.0));
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -252,7 +263,7 @@ pub fn markdown(e: &Evaluation) -> String {
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.scenario,
-            sig4(s.transactions),
+            count(s.transactions),
             energy_j(s.energy_j),
             energy_j(s.idle_energy_j),
             energy_j(s.total_energy_j),
@@ -283,7 +294,7 @@ pub fn markdown(e: &Evaluation) -> String {
             mass_g(h.carbon_g),
             mass_g(h.embodied_g),
             percent(h.cpu_utilisation),
-            sig4(h.transactions),
+            count(h.transactions),
             if h.estimated {
                 "yes (power model)"
             } else {
@@ -330,7 +341,7 @@ mod tests {
         assert!(md.contains(
             "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |"
         ));
-        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10.00 | 0 | 0 | 260.0 | 40.00 g | 10.00 g | 500.0 | 100.0 mg | yes |"), "{md}");
+        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10 | 0 | 0 | 260 | 40.00 g | 10.00 g | 500.0 | 100.0 mg | yes |"), "{md}");
         assert!(md.contains("| 1970-01-01T10:00:00Z | 1 | 1 | 100.0% | 0 | 0 | 0 | 0 | 3.000 g | 1.000 g | 0 | undefined | no: no completed transactions in the period (R = 0) |"), "{md}");
         // Weights in name order, the disclosure table present.
         assert!(
@@ -353,6 +364,9 @@ mod tests {
         assert_eq!(mass_g(1500.0), "1.500 kg");
         assert_eq!(energy_j(3.64), "3.640 J");
         assert_eq!(energy_j(0.254), "254.0 mJ");
+        assert_eq!(energy_j(0.0), "0 J");
+        assert_eq!(count(24.0), "24");
+        assert_eq!(count(1.5), "1.500");
         assert_eq!(sci_text(None), "undefined");
     }
 }

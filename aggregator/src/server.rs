@@ -129,7 +129,15 @@ pub async fn serve(
         }
         tracing::warn!("--insecure: the HTTP API on {http_addr} needs no token");
     }
-    let store: SharedStore = Arc::from(crate::store::open(&config)?);
+    // Opened on a blocking thread: the PostgreSQL client blocks on its own runtime.
+    let store: SharedStore = {
+        let config = config.clone();
+        Arc::from(
+            tokio::task::spawn_blocking(move || crate::store::open(&config))
+                .await
+                .map_err(|e| AggregatorError::Invalid(format!("opening the store: {e}")))??,
+        )
+    };
     let config = Arc::new(config);
     let grpc_limiter = ConnectionLimiter::new("grpc", &config.limits);
     let http_limiter = ConnectionLimiter::new("http", &config.limits);

@@ -193,6 +193,8 @@ async fn main() -> Result<()> {
     let agents = arg(&args, "--agents", 8);
     let seconds = arg(&args, "--seconds", 30);
     let backfill_workloads = arg(&args, "--backfill-workloads", 10);
+    // The month is already in the store (a previous run's database).
+    let skip_backfill = args.iter().any(|a| a == "--skip-backfill");
     // Offered load: windows/s over all agents (open loop: batches leave on a
     // timer, whatever the acks do, so ack latency is not set by the bench's
     // own queue). 0: closed loop, 3 batches in flight per agent.
@@ -223,9 +225,15 @@ async fn main() -> Result<()> {
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let first_hour = (now_s / 3600 - days * 24) * 3600;
     let backfill_started = Instant::now();
-    {
+    // The store's clients block: off the async runtime.
+    let backfill_config = config.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let config = backfill_config;
         let store = sci_aggregator::store::open(&config)?;
         for h in 0..days * 24 {
+            if skip_backfill {
+                break;
+            }
             let windows: Vec<v1::WindowReport> = (0..hosts)
                 .map(|host| {
                     window(
@@ -241,17 +249,21 @@ async fn main() -> Result<()> {
                 .collect();
             store.commit(&windows)?;
         }
-    }
+        Ok(())
+    })
+    .await??;
     let backfill_s = backfill_started.elapsed().as_secs_f64();
     let month_windows = hosts * days * 24;
     // Steady state: raw windows past the raw retention (7 days) are gone,
     // as the aggregator's hourly retention pass would have done.
-    let expired = {
-        let store = sci_aggregator::store::open(&config)?;
-        store.expire(now_s, &config.retention())?
-    };
-    eprintln!("retention before serving: {expired:?}");
-    let usage_before = sci_aggregator::store::open(&config)?.disk_usage()?;
+    let usage_config = config.clone();
+    let usage_before = tokio::task::spawn_blocking(move || -> Result<_> {
+        let store = sci_aggregator::store::open(&usage_config)?;
+        let expired = store.expire(now_s, &usage_config.retention())?;
+        eprintln!("retention before serving: {expired:?}");
+        Ok(store.disk_usage()?)
+    })
+    .await??;
 
     let mut server = Command::new(&aggregator)
         .args(["serve", "--insecure", "--config"])
@@ -354,6 +366,8 @@ async fn main() -> Result<()> {
             };
             let mut acks = response.into_inner();
             let mut seq = 0u64;
+            // A new agent instance per run: its windows are new in a reused store.
+            let instance = format!("load-{now_s}");
             let mut sent_at: VecDeque<Instant> = VecDeque::new();
             let interval = (rate > 0)
                 .then(|| Duration::from_secs_f64(batch as f64 * agents as f64 / rate as f64));
@@ -366,14 +380,16 @@ async fn main() -> Result<()> {
                     Some(_) => Instant::now() >= next,
                     None => sent.len() < 3,
                 };
-                while may_send(&sent_at, next_send) {
+                // The deadline ends the offer too: a server that falls
+                // behind must not keep the bench sending its backlog.
+                while may_send(&sent_at, next_send) && Instant::now() < deadline {
                     if let Some(i) = interval {
                         next_send += i;
                     }
                     let windows = (0..batch)
                         .map(|i| {
                             let s = seq + i;
-                            window(a, a % 3, "load", s, day_start + s * 10, 10, workloads)
+                            window(a, a % 3, &instance, s, day_start + s * 10, 10, workloads)
                         })
                         .collect();
                     seq += batch;
@@ -381,7 +397,7 @@ async fn main() -> Result<()> {
                     if tx
                         .send(v1::AgentBatch {
                             host: format!("host-{a}"),
-                            agent_instance: "load".into(),
+                            agent_instance: instance.clone(),
                             windows,
                         })
                         .await
@@ -429,7 +445,11 @@ async fn main() -> Result<()> {
     let _ = server.kill();
     let _ = server.wait();
 
-    let usage_after = sci_aggregator::store::open(&config)?.disk_usage()?;
+    let usage_config = config.clone();
+    let usage_after = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok(sci_aggregator::store::open(&usage_config)?.disk_usage()?)
+    })
+    .await??;
     let (raw_before, rollups_bytes) = split_usage(&usage_before);
     let (raw_after, _) = split_usage(&usage_after);
     let streamed = *stored.lock().expect("lock");

@@ -20,10 +20,14 @@ use crate::error::AggregatorError;
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
+/// The `postgres` client blocks on its own runtime: every call, and the
+/// closing of its connections, must happen off the async runtime's threads
+/// (the aggregator calls the store from blocking tasks; [`Drop`] hands the
+/// pools to a plain thread when dropped on a runtime thread).
 pub struct PostgresStore {
     layout: RollupLayout,
-    writers: Pool,
-    readers: Pool,
+    /// (writers, readers); None only while dropping.
+    pools: Option<(Pool, Pool)>,
     partitions: Mutex<HashSet<u64>>,
     query_timeout: Duration,
 }
@@ -136,8 +140,7 @@ impl PostgresStore {
             .map_err(pool_err)?;
         let store = PostgresStore {
             layout,
-            writers,
-            readers,
+            pools: Some((writers, readers)),
             partitions: Mutex::new(HashSet::new()),
             query_timeout,
         };
@@ -166,6 +169,32 @@ impl PostgresStore {
     }
 }
 
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(pools) = self.pools.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let closer = std::thread::spawn(move || drop(pools));
+                let _ = closer.join();
+            }
+        }
+    }
+}
+
+impl PostgresStore {
+    fn writers(&self) -> Result<&Pool, AggregatorError> {
+        self.pools
+            .as_ref()
+            .map(|p| &p.0)
+            .ok_or_else(|| AggregatorError::Postgres("store closed".into()))
+    }
+    fn readers(&self) -> Result<&Pool, AggregatorError> {
+        self.pools
+            .as_ref()
+            .map(|p| &p.1)
+            .ok_or_else(|| AggregatorError::Postgres("store closed".into()))
+    }
+}
+
 fn partition_name(day: u64) -> String {
     format!("windows_raw_d{day}")
 }
@@ -179,14 +208,14 @@ impl Backend for PostgresStore {
         &self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), AggregatorError>,
     ) -> Result<(), AggregatorError> {
-        let mut client = self.writers.get().map_err(pool_err)?;
+        let mut client = self.writers()?.get().map_err(pool_err)?;
         let mut tx = client.transaction().map_err(pg)?;
         f(&mut PgTx(&mut tx))?;
         tx.commit().map_err(pg)
     }
 
     fn read(&self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError> {
-        let mut client = self.readers.get().map_err(pool_err)?;
+        let mut client = self.readers()?.get().map_err(pool_err)?;
         let boxed = params_of(params);
         let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
         match client.query(sql, &refs) {
@@ -209,7 +238,7 @@ impl Backend for PostgresStore {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut client = self.writers.get().map_err(pool_err)?;
+        let mut client = self.writers()?.get().map_err(pool_err)?;
         for day in missing {
             let name = partition_name(day);
             let create = format!(
@@ -236,7 +265,7 @@ impl Backend for PostgresStore {
     }
 
     fn expire_raw(&self, cutoff_ns: u64) -> Result<(u64, u64), AggregatorError> {
-        let mut client = self.writers.get().map_err(pool_err)?;
+        let mut client = self.writers()?.get().map_err(pool_err)?;
         let partitions = client
             .query(
                 "SELECT c.relname, CAST(c.reltuples AS BIGINT) FROM pg_inherits i \
@@ -270,7 +299,7 @@ impl Backend for PostgresStore {
     }
 
     fn disk_usage(&self) -> Result<BTreeMap<String, u64>, AggregatorError> {
-        let mut client = self.readers.get().map_err(pool_err)?;
+        let mut client = self.readers()?.get().map_err(pool_err)?;
         let mut usage = BTreeMap::new();
         for row in client
             .query(
