@@ -520,10 +520,19 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
+    /// Spins while `run` is set; otherwise says so in `paused` and sleeps, off
+    /// the CPU, so the test can drain and read schedstat around an exact
+    /// stretch of spinning (a drain symbolises, which takes a while).
     #[inline(never)]
-    fn credit_spin(stop: &AtomicBool) -> u64 {
+    fn credit_spin(stop: &AtomicBool, run: &AtomicBool, paused: &AtomicBool) -> u64 {
         let mut x = 0u64;
         while !stop.load(Ordering::Relaxed) {
+            if !run.load(Ordering::Relaxed) {
+                paused.store(true, Ordering::Release);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            paused.store(false, Ordering::Release);
             for i in 0..10_000u64 {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
             }
@@ -553,14 +562,21 @@ mod tests {
         )
         .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let run = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let spinner = {
-            let stop = stop.clone();
+            let (stop, run, paused) = (stop.clone(), run.clone(), paused.clone());
             std::thread::spawn(move || {
                 // SAFETY: gettid has no preconditions.
                 tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
-                credit_spin(&stop)
+                credit_spin(&stop, &run, &paused)
             })
+        };
+        let wait_paused = || {
+            while !paused.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
         };
         let tid = tid_rx.recv().unwrap();
         {
@@ -572,6 +588,7 @@ mod tests {
             };
             states.insert(tid, state, 0).unwrap();
         }
+        wait_paused();
         profiler.drain().unwrap();
         let schedstat_ns = || -> u64 {
             std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
@@ -583,7 +600,11 @@ mod tests {
                 .unwrap()
         };
         let cpu_before_ns = schedstat_ns();
+        paused.store(false, Ordering::Release);
+        run.store(true, Ordering::Relaxed);
         std::thread::sleep(std::time::Duration::from_secs(2));
+        run.store(false, Ordering::Relaxed);
+        wait_paused();
         let cpu_ns = schedstat_ns() - cpu_before_ns;
         let profile = profiler.drain().unwrap();
         stop.store(true, Ordering::Relaxed);
