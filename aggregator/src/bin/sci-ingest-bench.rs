@@ -15,10 +15,9 @@ use anyhow::{bail, Context, Result};
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 mod bench_support;
-use bench_support::{arg, free_port, pct, record_ack, rss_mib};
+use bench_support::{arg, free_port, pct, record_ack, rss_mib, stream_request};
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -131,11 +130,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
             let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-            let mut request = tonic::Request::new(ReceiverStream::new(rx));
-            request.metadata_mut().insert(
-                "authorization",
-                format!("Bearer token-{a}").parse().expect("ascii"),
-            );
+            let request = stream_request(rx, &format!("token-{a}"));
             let mut acks = client.stream(request).await.expect("stream").into_inner();
             let host = format!("host-{a}");
             let mut seq = 0u64;

@@ -24,10 +24,9 @@ use sci_aggregator::config::AggregatorConfig;
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 mod bench_support;
-use bench_support::{arg, free_port, pct, record_ack, rss_mib};
+use bench_support::{arg, free_port, pct, record_ack, rss_mib, stream_request};
 
 fn arg_text(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -314,11 +313,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
             let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-            let mut request = tonic::Request::new(ReceiverStream::new(rx));
-            request.metadata_mut().insert(
-                "authorization",
-                format!("Bearer token-{a}").parse().expect("ascii"),
-            );
+            let request = stream_request(rx, &format!("token-{a}"));
             let Ok(response) = client.stream(request).await else {
                 return;
             };

@@ -6,6 +6,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Result;
+use sci_proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// The number after `name` in `args`, or `default`.
 pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
@@ -58,4 +61,17 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
         .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
         .copied()
         .unwrap_or(0.0)
+}
+
+/// The agent's stream request: batches from `rx`, authorised by `token`.
+pub fn stream_request(
+    rx: mpsc::Receiver<v1::AgentBatch>,
+    token: &str,
+) -> tonic::Request<ReceiverStream<v1::AgentBatch>> {
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
 }
