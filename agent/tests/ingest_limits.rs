@@ -3,8 +3,11 @@
 //! through; a UDP flood loses datagrams in the kernel, and every one of them
 //! is counted (accepted + refused + kernel drops = sent).
 #![allow(clippy::unwrap_used)]
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::udp_endpoint;
 use sci_agent::sources::ingest::{IngestConfig, IngestCounters, IngestEndpoint, RefusalReason};
 use sci_agent::transforms::scenario::Scenario;
 use tokio::io::AsyncWriteExt;
@@ -61,13 +64,7 @@ async fn idle_unix_clients_are_closed_and_a_valid_report_gets_through() {
 
 #[tokio::test]
 async fn a_udp_flood_loses_datagrams_only_where_they_are_counted() {
-    let cfg = IngestConfig {
-        udp_listen: Some("127.0.0.1:0".into()),
-        ..Default::default()
-    };
-    let counters = IngestCounters::new();
-    let endpoint = IngestEndpoint::start(&cfg, counters.clone()).await.unwrap();
-    let addr = endpoint.udp_addr().unwrap();
+    let (_endpoint, counters, addr) = udp_endpoint(IngestConfig::default()).await;
     let sent: u64 = 200_000;
     // A plain blocking sender on its own thread, as fast as it goes.
     std::thread::spawn(move || {

@@ -3,10 +3,13 @@
 //! a UDP datagram is all or nothing, floods are rate-limited, and the
 //! endpoint keeps serving after all of it.
 #![allow(clippy::unwrap_used)]
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::udp_endpoint;
 use sci_agent::sources::ingest::{
     IngestConfig, IngestCounters, IngestEndpoint, IngestError, IngestWindow, RefusalReason,
 };
@@ -190,13 +193,7 @@ async fn unix_connections_beyond_the_limit_are_refused_and_counted() {
 
 #[tokio::test]
 async fn udp_datagrams_are_all_or_nothing_and_garbage_does_not_stop_the_endpoint() {
-    let cfg = IngestConfig {
-        udp_listen: Some("127.0.0.1:0".into()),
-        ..Default::default()
-    };
-    let counters = IngestCounters::new();
-    let endpoint = IngestEndpoint::start(&cfg, counters.clone()).await.unwrap();
-    let addr = endpoint.udp_addr().unwrap();
+    let (_endpoint, counters, addr) = udp_endpoint(IngestConfig::default()).await;
     assert_ne!(addr.port(), 0);
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
 
@@ -238,14 +235,11 @@ async fn udp_datagrams_are_all_or_nothing_and_garbage_does_not_stop_the_endpoint
 
 #[tokio::test]
 async fn udp_flood_from_one_source_is_rate_limited() {
-    let cfg = IngestConfig {
-        udp_listen: Some("127.0.0.1:0".into()),
+    let (_endpoint, counters, addr) = udp_endpoint(IngestConfig {
         max_per_second: 500,
         ..Default::default()
-    };
-    let counters = IngestCounters::new();
-    let endpoint = IngestEndpoint::start(&cfg, counters.clone()).await.unwrap();
-    let addr = endpoint.udp_addr().unwrap();
+    })
+    .await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let started = Instant::now();
     let sent = 40u64;

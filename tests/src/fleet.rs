@@ -3,9 +3,13 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sci_agent::sinks::grpc::{run_forwarder, AggregatorConfig, ForwarderStats};
+use sci_agent::sinks::spool::Spool;
 use sci_proto::v1;
+use tokio::sync::Notify;
 
 use crate::cargo_bin;
 
@@ -170,6 +174,21 @@ impl Drop for Aggregator {
 
 /// The value of `series` (name and labels exactly as exposed) in a
 /// Prometheus text exposition.
+/// The sum over the periods of an `/api/v1/sci` answer of the whole number at
+/// JSON `pointer` in each, e.g. "/windows" or "/transactions/query".
+pub fn periods_total(sci: &serde_json::Value, pointer: &str) -> u64 {
+    sci["periods"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no periods in {sci}"))
+        .iter()
+        .map(|p| {
+            p.pointer(pointer)
+                .and_then(|v| v.as_u64())
+                .unwrap_or_else(|| panic!("no whole number at {pointer} in {p}"))
+        })
+        .sum()
+}
+
 pub fn metric_value(exposition: &str, series: &str) -> Option<u64> {
     exposition.lines().find_map(|line| {
         let value = line.strip_prefix(series)?.strip_prefix(' ')?;
@@ -244,5 +263,85 @@ pub fn window(
             .sum(),
         merged_windows: 1,
         ..Default::default()
+    }
+}
+
+/// The agent's delivery half in-process: a real spool and the real forwarder
+/// task sending it to an aggregator. Dropping it stops the forwarder.
+pub struct Agent {
+    pub spool: Arc<Mutex<Spool>>,
+    pub notify: Arc<Notify>,
+    pub stats: Arc<ForwarderStats>,
+    task: tokio::task::JoinHandle<Result<(), sci_agent::error::AgentError>>,
+}
+
+impl Agent {
+    /// Opens the spool in `dir` (capped at `cfg.spool_max_bytes`) and starts forwarding it.
+    pub fn start(dir: &Path, cfg: AggregatorConfig, instance: &str) -> Agent {
+        let spool = Spool::open(dir, cfg.spool_max_bytes, instance)
+            .unwrap_or_else(|e| panic!("opening spool {}: {e}", dir.display()));
+        Self::with_spool(spool, cfg)
+    }
+
+    /// Starts forwarding an already opened spool. Must run inside a tokio runtime.
+    pub fn with_spool(spool: Spool, cfg: AggregatorConfig) -> Agent {
+        let spool = Arc::new(Mutex::new(spool));
+        let notify = Arc::new(Notify::new());
+        let stats = Arc::new(ForwarderStats::default());
+        let task = tokio::spawn(run_forwarder(
+            cfg,
+            true,
+            Arc::clone(&spool),
+            Arc::clone(&notify),
+            Arc::clone(&stats),
+        ));
+        Agent {
+            spool,
+            notify,
+            stats,
+            task,
+        }
+    }
+
+    /// Stops the forwarder task; the spool stays open until the agent is dropped.
+    pub fn stop_forwarder(&self) {
+        self.task.abort();
+    }
+
+    /// Spools one window and wakes the forwarder.
+    pub fn push(&self, w: &v1::WindowReport) {
+        self.spool()
+            .append(w)
+            .unwrap_or_else(|e| panic!("spooling window seq {}: {e}", w.seq));
+        self.notify.notify_one();
+    }
+
+    /// Windows spooled and not yet acknowledged.
+    pub fn pending(&self) -> usize {
+        self.spool().len()
+    }
+
+    /// The spool, locked.
+    pub fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the aggregator has acknowledged every spooled window; panics after `within`.
+    pub async fn drained(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.pending() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} windows still unacknowledged",
+                self.pending()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

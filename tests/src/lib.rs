@@ -2,6 +2,8 @@
 
 pub mod fleet;
 pub mod postgres;
+pub mod procs;
+pub mod spin;
 
 // The one skip rule of privileged tests (agent-common, feature test-support),
 // shared with the agent's own tests.

@@ -7,6 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
+use sci_tests::procs::schedstat_ns;
 use sci_tests::{cargo_bin, skip_privileged, skip_privileged_because, wait_for_exec};
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
@@ -145,11 +146,6 @@ fn without_privileges_the_agent_falls_back_to_procfs_and_says_so() {
 }
 
 /// Reads `/proc/<pid>/schedstat`'s runtime.
-fn schedstat_ns(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-    text.split_whitespace().next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn procfs_mode_owns_its_blind_spot() {
     if skip_privileged_because(

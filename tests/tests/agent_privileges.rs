@@ -9,11 +9,12 @@ use std::process::Command;
 
 use sci_tests::{cargo_bin, skip_privileged};
 
-/// `sci-agent sample` for 1 s as user nobody with exactly `caps` (setpriv
-/// names, e.g. "+bpf,+perfmon"); (JSON document, stderr).
-fn sample_as_nobody(caps: &str) -> (serde_json::Value, String) {
+/// `sci-agent`, to be given its arguments, run under `setpriv` as user nobody
+/// with exactly `caps` (setpriv names, e.g. "+bpf,+perfmon").
+fn agent_as_nobody(caps: &str) -> Command {
     let set = format!("-all{caps}");
-    let out = Command::new("setpriv")
+    let mut command = Command::new("setpriv");
+    command
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -23,7 +24,14 @@ fn sample_as_nobody(caps: &str) -> (serde_json::Value, String) {
             &format!("--bounding-set={set}"),
             "--",
         ])
-        .arg(cargo_bin("sci-agent", "sci-agent"))
+        .arg(cargo_bin("sci-agent", "sci-agent"));
+    command
+}
+
+/// `sci-agent sample` for 1 s as user nobody with exactly `caps` (setpriv
+/// names, e.g. "+bpf,+perfmon"); (JSON document, stderr).
+fn sample_as_nobody(caps: &str) -> (serde_json::Value, String) {
+    let out = agent_as_nobody(caps)
         .args(["sample", "--duration", "1s", "--json"])
         .env("RUST_LOG", "info")
         .output()
@@ -75,18 +83,7 @@ fn markers_need_cap_sys_admin_and_say_so() {
         return;
     }
     let run = |caps: &str| {
-        let set = format!("-all{caps}");
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                &format!("--inh-caps={set}"),
-                &format!("--ambient-caps={set}"),
-                &format!("--bounding-set={set}"),
-                "--",
-            ])
-            .arg(cargo_bin("sci-agent", "sci-agent"))
+        agent_as_nobody(caps)
             .args(["sample", "--duration", "1s", "--json", "--markers"])
             .arg(env!("CARGO_BIN_EXE_sci-shared-service"))
             .env("RUST_BACKTRACE", "0")

@@ -3,44 +3,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::procfs::ProcfsSampler;
-use sci_agent::sources::sched::{CpuSample, CpuSampler};
+use sci_agent::sources::sched::CpuSampler;
+use sci_tests::procs::{cpu_of, load_sampler, schedstat_ns, Reaped};
 use sci_tests::skip_privileged;
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
-
-fn schedstat_ns(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-    text.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-fn load_sampler() -> EbpfSampler {
-    EbpfSampler::load(&EbpfOptions::default())
-        .unwrap_or_else(|e| panic!("eBPF must load here (root/CI): {e}"))
-}
-
-fn cpu_of(sample: &CpuSample, pid: u32) -> u64 {
-    sample
-        .processes
-        .iter()
-        .filter(|p| p.pid == pid)
-        .map(|p| p.cpu_ns)
-        .sum()
-}
-
-struct Reaped(Vec<Child>);
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 #[test]
 fn busy_processes_match_schedstat_within_one_percent() {

@@ -6,11 +6,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
+use sci_tests::procs::{schedstat_ns, Reaped};
 use sci_tests::{skip_privileged, wait_for_exec};
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
@@ -19,21 +20,6 @@ const MAX_UJ: u64 = 262_143_328_850;
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
-}
-
-fn schedstat_ns(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-    text.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-struct Reaped(Vec<Child>);
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[test]

@@ -5,74 +5,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use sci_agent::config::AgentConfig;
-use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
+use sci_agent::sources::sched::ebpf::EbpfSampler;
 use sci_agent::sources::sched::{CpuSample, CpuSampler};
 use sci_agent::transforms::scenario::ScenarioStage;
+use sci_tests::procs::{children_of, cpu_of, load_sampler, schedstat_ns, Reaped};
 use sci_tests::skip_privileged;
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
 const PINGPONG: &str = env!("CARGO_BIN_EXE_sci-pingpong");
-
-fn schedstat_ns(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-    text.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-fn load_sampler() -> EbpfSampler {
-    EbpfSampler::load(&EbpfOptions::default())
-        .unwrap_or_else(|e| panic!("eBPF must load here (root/CI): {e}"))
-}
-
-fn cpu_of(sample: &CpuSample, pid: u32) -> u64 {
-    sample
-        .processes
-        .iter()
-        .filter(|p| p.pid == pid)
-        .map(|p| p.cpu_ns)
-        .sum()
-}
-
-/// Children of `parent`, from each process's /proc/<pid>/stat.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = text.rfind(')') else {
-            continue;
-        };
-        let ppid = text[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-struct Reaped(Vec<Child>);
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// A client and its forked server; returns (client, server).
 fn start_pair(children: &mut Reaped, extra: &[&str]) -> (u32, u32) {

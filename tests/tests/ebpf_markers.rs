@@ -14,6 +14,7 @@ use std::process::Command;
 use agent_common::{SCENARIO_CREDIT, SCENARIO_DRAWDOWN, SCENARIO_QUERY, SCENARIO_REPAYMENT};
 use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::CpuSampler;
+use sci_tests::procs::schedstat_ns;
 use sci_tests::{skip_privileged, wait_for_exec, wait_until};
 
 const SERVICE: &str = env!("CARGO_BIN_EXE_sci-shared-service");
@@ -71,11 +72,6 @@ fn shared_process_is_split_by_scenario() {
     // Time outside any marker stays in slot 0; the slots add up to the process total.
     assert!(service.scenario_cpu_ns[0] > 0);
     assert_eq!(service.scenario_cpu_ns.iter().sum::<u64>(), service.cpu_ns);
-}
-
-fn schedstat_ns(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-    text.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 /// The window document's business figures: two services mapped by rules (a

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::{CpuSample, CpuSampler};
 use sci_tests::postgres::ScratchPostgres;
+use sci_tests::procs::children_of;
 use sci_tests::skip_privileged;
 
 /// The cgroup2 mount (`/sys/fs/cgroup/unified` on this hybrid layout).
@@ -96,34 +97,6 @@ impl Drop for ScratchCgroup {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// Children of `parent`, from each process's /proc/<pid>/stat.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = text.rfind(')') else {
-            continue;
-        };
-        let ppid = text[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 /// Freezes the group, closes a window and reads the group's usage while

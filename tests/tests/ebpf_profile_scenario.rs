@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
+use sci_tests::procs::schedstat_ns;
 use sci_tests::{skip_privileged, wait_for_exec, wait_until, workspace_root};
 
 #[test]
@@ -157,9 +158,4 @@ fn stop(pid: u32) {
             })
             .unwrap_or(false)
     });
-}
-
-fn schedstat_ns(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
-    text.split_whitespace().next().unwrap().parse().unwrap()
 }

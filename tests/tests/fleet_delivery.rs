@@ -5,77 +5,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sci_agent::sinks::grpc::{run_forwarder, AggregatorConfig, ForwarderStats};
+use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::{Spool, QUARANTINE_DIR};
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
-use sci_tests::fleet::{now_s, window, Aggregator};
-use tokio::sync::Notify;
+use sci_tests::fleet::{now_s, periods_total, window, Agent, Aggregator};
 
 const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a\"\n";
-
-struct Agent {
-    spool: Arc<Mutex<Spool>>,
-    notify: Arc<Notify>,
-    stats: Arc<ForwarderStats>,
-    task: tokio::task::JoinHandle<Result<(), sci_agent::error::AgentError>>,
-}
-
-impl Agent {
-    fn start(dir: &Path, cfg: AggregatorConfig, instance: &str) -> Agent {
-        let spool = Spool::open(dir, cfg.spool_max_bytes, instance).unwrap();
-        Self::with_spool(spool, cfg)
-    }
-
-    fn with_spool(spool: Spool, cfg: AggregatorConfig) -> Agent {
-        let spool = Arc::new(Mutex::new(spool));
-        let notify = Arc::new(Notify::new());
-        let stats = Arc::new(ForwarderStats::default());
-        let task = tokio::spawn(run_forwarder(
-            cfg,
-            true,
-            Arc::clone(&spool),
-            Arc::clone(&notify),
-            Arc::clone(&stats),
-        ));
-        Agent {
-            spool,
-            notify,
-            stats,
-            task,
-        }
-    }
-
-    fn push(&self, w: &v1::WindowReport) {
-        self.spool.lock().unwrap().append(w).unwrap();
-        self.notify.notify_one();
-    }
-
-    fn pending(&self) -> usize {
-        self.spool.lock().unwrap().len()
-    }
-
-    async fn drained(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.pending() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{} windows still unacknowledged",
-                self.pending()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 fn config(urls: &[String]) -> AggregatorConfig {
     AggregatorConfig {
@@ -91,13 +29,10 @@ fn config(urls: &[String]) -> AggregatorConfig {
 /// (windows stored, operational carbon g) over the last hour and a bit.
 fn stored(agg: &Aggregator, from_s: u64) -> (u64, f64) {
     let e = agg.sci(from_s, now_s() + 60, 3600);
-    let windows = e["periods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["windows"].as_u64().unwrap())
-        .sum();
-    (windows, e["operational_g"].as_f64().unwrap())
+    (
+        periods_total(&e, "/windows"),
+        e["operational_g"].as_f64().unwrap(),
+    )
 }
 
 fn quarantined(spool_dir: &Path) -> Vec<String> {
@@ -110,6 +45,23 @@ fn quarantined(spool_dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// One query per second at `start_s + i` for each i in `seconds`: 1 J, 0.01 g each.
+fn push_queries(agent: &Agent, start_s: u64, seconds: std::ops::Range<u64>) {
+    for i in seconds {
+        agent.push(&window(
+            "host-a",
+            "x",
+            0,
+            start_s + i,
+            1,
+            1.0,
+            0.01,
+            0.0,
+            [0, 0, 0, 1],
+        ));
+    }
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -273,7 +225,7 @@ async fn a_backlog_over_the_message_limit_is_delivered_in_smaller_batches() {
     println!("backlog {backlog} bytes in 40 windows");
     assert!(backlog > 10 * 1024 * 1024);
     // The agent restarts its forwarder towards the real aggregator (same spool).
-    agent.task.abort();
+    agent.stop_forwarder();
     let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, "ignored").unwrap();
     drop(agent);
     let agent = Agent::with_spool(spool, cfg);
@@ -340,35 +292,11 @@ async fn the_agent_fails_over_to_the_next_aggregator_and_resumes_from_acks() {
         config(&[a.url(), b.url()]),
         "inst",
     );
-    for i in 0..10 {
-        agent.push(&window(
-            "host-a",
-            "x",
-            0,
-            start + i,
-            1,
-            1.0,
-            0.01,
-            0.0,
-            [0, 0, 0, 1],
-        ));
-    }
+    push_queries(&agent, start, 0..10);
     agent.drained(Duration::from_secs(30)).await;
     assert_eq!(stored(&a, start - 10).0, 10);
     a.kill_9();
-    for i in 10..25 {
-        agent.push(&window(
-            "host-a",
-            "x",
-            0,
-            start + i,
-            1,
-            1.0,
-            0.01,
-            0.0,
-            [0, 0, 0, 1],
-        ));
-    }
+    push_queries(&agent, start, 10..25);
     agent.drained(Duration::from_secs(30)).await;
     let (on_b, _) = stored(&b, start - 10);
     assert_eq!(on_b, 15, "B holds exactly what A never acknowledged");
@@ -433,19 +361,7 @@ async fn a_damaged_state_starts_a_new_instance_and_loses_nothing() {
     let start = now_s() - 600;
     let spool_dir = dir.path().join("spool");
     let agent = Agent::start(&spool_dir, config(&[agg.url()]), "inst");
-    for i in 0..20 {
-        agent.push(&window(
-            "host-a",
-            "x",
-            0,
-            start + i,
-            1,
-            1.0,
-            0.01,
-            0.0,
-            [0, 0, 0, 1],
-        ));
-    }
+    push_queries(&agent, start, 0..20);
     agent.drained(Duration::from_secs(30)).await;
     drop(agent);
     // One digit of the state changes while the agent is stopped: next seq 20 reads 10.
@@ -457,19 +373,7 @@ async fn a_damaged_state_starts_a_new_instance_and_loses_nothing() {
     let s = agent.spool.lock().unwrap().stats().clone();
     assert_eq!(s.state_recovered, 1);
     assert_ne!(agent.spool.lock().unwrap().agent_instance(), "inst");
-    for i in 20..35 {
-        agent.push(&window(
-            "host-a",
-            "x",
-            0,
-            start + i,
-            1,
-            1.0,
-            0.01,
-            0.0,
-            [0, 0, 0, 1],
-        ));
-    }
+    push_queries(&agent, start, 20..35);
     agent.drained(Duration::from_secs(30)).await;
     let (windows, carbon) = stored(&agg, start - 10);
     assert_eq!(windows, 35, "none of the 15 new windows taken for a replay");
@@ -553,19 +457,7 @@ async fn a_full_spool_disk_counts_what_it_loses_and_recovers() {
     let appended = s.appended;
     let agent = Agent::with_spool(spool, config(&[agg.url()]));
     agent.drained(Duration::from_secs(60)).await;
-    for i in 60..70 {
-        agent.push(&window(
-            "host-a",
-            "x",
-            0,
-            start + i,
-            1,
-            1.0,
-            0.01,
-            0.0,
-            [0, 0, 0, 1],
-        ));
-    }
+    push_queries(&agent, start, 60..70);
     agent.drained(Duration::from_secs(30)).await;
     let (windows, _) = stored(&agg, start - 10);
     assert_eq!(windows, appended + 10);

@@ -6,76 +6,25 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sci_agent::sinks::grpc::{run_forwarder, AggregatorConfig, ForwarderStats};
+use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::Spool;
-use sci_proto::v1;
-use sci_tests::fleet::{now_s, window, Aggregator};
-use tokio::sync::Notify;
+use sci_tests::fleet::{now_s, periods_total, window, Agent, Aggregator};
 
 const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a\"\n[[agents]]\nhost = \"host-b\"\ntoken = \"token-b\"\n";
 
-struct Agent {
-    spool: Arc<Mutex<Spool>>,
-    notify: Arc<Notify>,
-    task: tokio::task::JoinHandle<Result<(), sci_agent::error::AgentError>>,
-}
-
-impl Agent {
-    fn start(dir: &Path, url: &str, token: &str, instance: &str) -> Agent {
-        let spool = Arc::new(Mutex::new(
-            Spool::open(dir, 64 * 1024 * 1024, instance).unwrap(),
-        ));
-        let notify = Arc::new(Notify::new());
-        let cfg = AggregatorConfig {
-            url: Some(url.into()),
-            token: Some(token.into()),
-            max_backoff: Duration::from_millis(500),
-            batch_windows: 16,
-            ..Default::default()
-        };
-        let task = tokio::spawn(run_forwarder(
-            cfg,
-            true,
-            Arc::clone(&spool),
-            Arc::clone(&notify),
-            Arc::new(ForwarderStats::default()),
-        ));
-        Agent {
-            spool,
-            notify,
-            task,
-        }
-    }
-
-    fn push(&self, w: &v1::WindowReport) {
-        self.spool.lock().unwrap().append(w).unwrap();
-        self.notify.notify_one();
-    }
-
-    fn pending(&self) -> usize {
-        self.spool.lock().unwrap().len()
-    }
-
-    async fn drained(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.pending() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{} windows still unacknowledged",
-                self.pending()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// An agent on its own 64 MiB spool, forwarding to `url` with `token`.
+fn start_agent(dir: &Path, url: &str, token: &str, instance: &str) -> Agent {
+    let spool = Spool::open(dir, 64 * 1024 * 1024, instance).unwrap();
+    let cfg = AggregatorConfig {
+        url: Some(url.into()),
+        token: Some(token.into()),
+        max_backoff: Duration::from_millis(500),
+        batch_windows: 16,
+        ..Default::default()
+    };
+    Agent::with_spool(spool, cfg)
 }
 
 /// Per period: host a's carbon, embodied and transactions, then host b's.
@@ -91,8 +40,8 @@ async fn sci_per_period_equals_the_hand_computation() {
     let agg = Aggregator::start(dir.path(), 10, TOKENS, true);
     // Three 10 s periods in the recent past; each host sends two 5 s windows per period.
     let base = (now_s() / 10 - 5) * 10;
-    let a = Agent::start(&dir.path().join("spool-a"), &agg.url(), "token-a", "inst-a");
-    let b = Agent::start(&dir.path().join("spool-b"), &agg.url(), "token-b", "inst-b");
+    let a = start_agent(&dir.path().join("spool-a"), &agg.url(), "token-a", "inst-a");
+    let b = start_agent(&dir.path().join("spool-b"), &agg.url(), "token-b", "inst-b");
     // (period, host a: carbon, embodied, txns), (host b: ...)
     let plan: [PeriodPlan; 3] = [
         (2.0, 0.5, [1, 2, 3, 10], 1.0, 0.25, [0, 1, 0, 5]),
@@ -212,7 +161,7 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     let mut agg = Aggregator::start(dir.path(), 3600, TOKENS, true);
     let start = now_s() - 600;
     let spool_dir = dir.path().join("spool-a");
-    let mut agent = Agent::start(&spool_dir, &agg.url(), "token-a", "inst-a");
+    let mut agent = start_agent(&spool_dir, &agg.url(), "token-a", "inst-a");
     let mut expected_carbon = 0.0;
     let mut sent = 0u64;
     let mut push = |agent: &Agent, n: u64| {
@@ -257,7 +206,7 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     push(&agent, 30);
     drop(agent);
     agg.restart(true);
-    agent = Agent::start(&spool_dir, &agg.url(), "token-a", "ignored-new-instance");
+    agent = start_agent(&spool_dir, &agg.url(), "token-a", "ignored-new-instance");
     assert_eq!(
         agent.spool.lock().unwrap().agent_instance(),
         "inst-a",
@@ -274,7 +223,7 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     // and each replayed window is counted as a duplicate.
     let duplicates_before = agg.windows_ingested("duplicate");
     let replay_dir = dir.path().join("spool-replay");
-    let replay = Agent::start(&replay_dir, &agg.url(), "token-a", "inst-a");
+    let replay = start_agent(&replay_dir, &agg.url(), "token-a", "inst-a");
     for seq in 0..sent {
         let carbon = 0.001 * (seq + 1) as f64;
         replay.push(&window(
@@ -292,18 +241,8 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     replay.drained(Duration::from_secs(30)).await;
 
     let e = agg.sci(start - 10, now_s() + 10, 3600);
-    let windows: u64 = e["periods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["windows"].as_u64().unwrap())
-        .sum();
-    let queries: u64 = e["periods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["transactions"]["query"].as_u64().unwrap())
-        .sum();
+    let windows = periods_total(&e, "/windows");
+    let queries = periods_total(&e, "/transactions/query");
     let carbon = e["operational_g"].as_f64().unwrap();
     println!("sent {sent} windows; aggregator holds {windows}, {queries} transactions, {carbon} g (expected {expected_carbon} g)");
     assert_eq!(windows, sent, "every window exactly once");

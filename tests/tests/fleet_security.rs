@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
-use sci_tests::fleet::{now_s, window, Aggregator};
+use sci_tests::fleet::{now_s, periods_total, window, Aggregator};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
@@ -188,13 +188,7 @@ async fn hostile_payloads_are_refused_with_a_reason_and_the_server_keeps_serving
         ]
     );
     // Only the two good windows are stored, whole.
-    let e = agg.sci(now_s() - 3600, now_s() + 10, 3600);
-    let stored: u64 = e["periods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["windows"].as_u64().unwrap())
-        .sum();
+    let stored = periods_total(&agg.sci(now_s() - 3600, now_s() + 10, 3600), "/windows");
     assert_eq!(stored, 2);
 
     // Random bytes on the gRPC port, then an oversized message: the server survives both.
@@ -365,13 +359,7 @@ async fn mutual_tls_identifies_agents_by_certificate() {
     println!("plaintext: {plain:?}");
     assert!(refused_before_grpc(&plain), "{plain:?}");
     // Only the first window, from the valid agent, is stored.
-    let e = agg.sci(now_s() - 3600, now_s() + 10, 3600);
-    let stored: u64 = e["periods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["windows"].as_u64().unwrap())
-        .sum();
+    let stored = periods_total(&agg.sci(now_s() - 3600, now_s() + 10, 3600), "/windows");
     assert_eq!(stored, 1);
 
     // A connection that never starts its TLS handshake is closed after handshake_timeout.

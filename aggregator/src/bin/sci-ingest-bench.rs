@@ -15,21 +15,9 @@ use anyhow::{bail, Context, Result};
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+mod bench_support;
+use bench_support::{arg, free_port, pct, record_ack, rss_mib, stream_request};
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -41,18 +29,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
         .sum();
     ticks as f64 / 100.0
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 fn window(host: &str, seq: u64, workloads: u64, now_s: u64) -> v1::WindowReport {
@@ -154,11 +130,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
             let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-            let mut request = tonic::Request::new(ReceiverStream::new(rx));
-            request.metadata_mut().insert(
-                "authorization",
-                format!("Bearer token-{a}").parse().expect("ascii"),
-            );
+            let request = stream_request(rx, &format!("token-{a}"));
             let mut acks = client.stream(request).await.expect("stream").into_inner();
             let host = format!("host-{a}");
             let mut seq = 0u64;
@@ -184,13 +156,7 @@ async fn main() -> Result<()> {
                 }
                 match acks.message().await {
                     Ok(Some(_)) => {
-                        if let Some(t) = sent_at.pop_front() {
-                            latencies
-                                .lock()
-                                .expect("lock")
-                                .push(t.elapsed().as_secs_f64() * 1000.0);
-                            *stored.lock().expect("lock") += batch;
-                        }
+                        record_ack(&mut sent_at, &latencies, &stored, batch);
                     }
                     _ => return,
                 }
@@ -208,11 +174,6 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let mut l = latencies.lock().expect("lock").clone();
     l.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
     let windows = *stored.lock().expect("lock") as f64;
     // Wire size: one window of `workloads` records, protobuf-encoded, per record.
     let sample = window("host-0", 1, workloads, now_s);
@@ -229,8 +190,8 @@ async fn main() -> Result<()> {
             "batch": batch,
             "windows_per_s": windows / elapsed,
             "workload_records_per_s": windows * workloads as f64 / elapsed,
-            "ack_latency_p50_ms": pct(0.5),
-            "ack_latency_p99_ms": pct(0.99),
+            "ack_latency_p50_ms": pct(&l, 0.5),
+            "ack_latency_p99_ms": pct(&l, 0.99),
             "aggregator_cpu_percent": 100.0 * cpu / elapsed,
             "aggregator_rss_mib": rss,
             "bytes_per_workload_record": bytes_per_record,

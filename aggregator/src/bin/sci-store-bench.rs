@@ -24,39 +24,15 @@ use sci_aggregator::config::AggregatorConfig;
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod bench_support;
+use bench_support::{arg, free_port, pct, record_ack, rss_mib, stream_request};
 
 fn arg_text(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .cloned()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 /// GET on loopback: (status, body bytes, seconds).
@@ -174,13 +150,6 @@ fn split_usage(usage: &BTreeMap<String, u64>) -> (u64, u64) {
         }
     }
     (raw, rollups)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -356,11 +325,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
             let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-            let mut request = tonic::Request::new(ReceiverStream::new(rx));
-            request.metadata_mut().insert(
-                "authorization",
-                format!("Bearer token-{a}").parse().expect("ascii"),
-            );
+            let request = stream_request(rx, &format!("token-{a}"));
             let Ok(response) = client.stream(request).await else {
                 return;
             };
@@ -421,13 +386,7 @@ async fn main() -> Result<()> {
                 };
                 match ack {
                     Ok(Some(_)) => {
-                        if let Some(t) = sent_at.pop_front() {
-                            latencies
-                                .lock()
-                                .expect("lock")
-                                .push(t.elapsed().as_secs_f64() * 1000.0);
-                            *stored.lock().expect("lock") += batch;
-                        }
+                        record_ack(&mut sent_at, &latencies, &stored, batch);
                     }
                     _ => return,
                 }

@@ -6,28 +6,11 @@
 //!   for `percent`% of it and sleeps the rest, for `s` seconds of wall time.
 //!   With `--threads N` (after the other arguments), N threads do so, thread
 //!   i at `percent / (i + 1)`%.
-use std::hint::black_box;
+use sci_tests::spin::spin_thread_cpu_ns;
 use std::time::{Duration, Instant};
 
-fn cpu_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn spin_cpu_ns(ns: u64) {
-    let until = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID) + ns;
-    let mut x = 0u64;
-    while cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID) < until {
-        for i in 0..200u64 {
-            x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
-        }
-    }
-    black_box(x);
+    spin_thread_cpu_ns(ns, 200);
 }
 
 fn duty_cycle(percent: u64, end: Instant) {

@@ -6,28 +6,13 @@
 //! `sci-pingpong [--work-us N] [--rename NAME --rename-after-ms M]`: with
 //! `--rename`, the server child renames itself (`prctl(PR_SET_NAME)`) after
 //! M ms, as services that name their workers do.
-use std::hint::black_box;
 use std::io::{Read, Write};
 
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use sci_tests::spin::spin_thread_cpu_ns;
 
+/// Spins for `us` of this thread's CPU time.
 fn spin_us(us: u64) {
-    let until = thread_cpu_ns() + us * 1000;
-    let mut x = 0u64;
-    while thread_cpu_ns() < until {
-        for i in 0..50u64 {
-            x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
-        }
-    }
-    black_box(x);
+    spin_thread_cpu_ns(us * 1000, 50);
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {

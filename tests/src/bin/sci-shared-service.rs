@@ -8,10 +8,10 @@
 //! thread CPU time spent between begin and end (CLOCK_THREAD_CPUTIME_ID),
 //! and the same including the two marker calls (`marked_cpu_ns`), the
 //! transactions completed and failed.
-use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sci_marker::{sci_scenario_begin, sci_scenario_end};
+use sci_tests::spin::{spin_thread_cpu_ns, thread_cpu_ns};
 
 const SCENARIOS: [(&str, u32, u64); 4] = [
     // (name, marker code, CPU cost per transaction in microseconds)
@@ -28,25 +28,9 @@ static MARKED_CPU_NS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static COMPLETED: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static FAILED: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
+/// Spins for `us` of this thread's CPU time.
 fn spin_us(us: u64) {
-    let until = thread_cpu_ns() + us * 1000;
-    let mut x = 0u64;
-    while thread_cpu_ns() < until {
-        for i in 0..100u64 {
-            x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
-        }
-    }
-    black_box(x);
+    spin_thread_cpu_ns(us * 1000, 100);
 }
 
 fn transaction(code: u32, cost_us: u64, ok: bool) {

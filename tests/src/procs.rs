@@ -1,0 +1,76 @@
+//! Processes the privileged tests start, and the kernel's own accounting of
+//! them (schedstat, /proc/<pid>/stat) that the eBPF figures are checked against.
+use std::process::Child;
+
+use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
+use sci_agent::sources::sched::CpuSample;
+
+/// The kernel's on-CPU time of `pid` (first field of /proc/<pid>/schedstat).
+pub fn schedstat_ns(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/schedstat");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no run time in {text:?}"))
+}
+
+/// The eBPF sampler with default options; panics when it cannot load (the
+/// caller has already decided, through `skip_privileged`, that it must).
+pub fn load_sampler() -> EbpfSampler {
+    EbpfSampler::load(&EbpfOptions::default())
+        .unwrap_or_else(|e| panic!("eBPF must load here (root/CI): {e}"))
+}
+
+/// CPU time the sample attributes to `pid`, summed over its records.
+pub fn cpu_of(sample: &CpuSample, pid: u32) -> u64 {
+    sample
+        .processes
+        .iter()
+        .filter(|p| p.pid == pid)
+        .map(|p| p.cpu_ns)
+        .sum()
+}
+
+/// Children of `parent`, from each process's /proc/<pid>/stat.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else {
+        panic!("cannot list /proc");
+    };
+    for entry in proc_dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = text.rfind(')') else {
+            continue;
+        };
+        let ppid = text[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Child processes killed and reaped when this goes out of scope.
+pub struct Reaped(pub Vec<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
