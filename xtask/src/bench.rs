@@ -20,6 +20,38 @@ pub struct BenchArgs {
     /// Shorter runs (for a quick look; the committed file uses the defaults).
     #[arg(long)]
     quick: bool,
+    /// Re-measure only the sections whose title contains one of these words
+    /// (case-insensitive, repeatable); the other sections of BENCHMARKS.md
+    /// are kept as they were, each naming the machine that measured it.
+    #[arg(long)]
+    only: Vec<String>,
+}
+
+impl BenchArgs {
+    fn selects(&self, title: &str) -> bool {
+        let title = title.to_lowercase();
+        self.only.is_empty() || self.only.iter().any(|o| title.contains(&o.to_lowercase()))
+    }
+}
+
+/// The `## ` sections of a BENCHMARKS.md (title, whole text) and the machine
+/// its header names.
+fn previous_sections(text: &str) -> (Option<String>, Vec<(String, String)>) {
+    let machine = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Machine: "))
+        .map(str::to_string);
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(title) = line.strip_prefix("## ") {
+            sections.push((title.to_string(), String::new()));
+        }
+        if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    (machine, sections)
 }
 
 struct Measurement {
@@ -398,20 +430,31 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         runs: 1,
         notes: "",
     });
-    let postgres = sci_tests::postgres::ScratchPostgres::start()
-        .map_err(|e| anyhow::anyhow!("scratch PostgreSQL for the store bench: {e}"))?;
-    let postgres_url = postgres
-        .create_database("sci_bench")
-        .map_err(|e| anyhow::anyhow!("creating the bench database: {e}"))?;
-    measurements.push(Measurement {
-        title: "The fleet at real size: PostgreSQL 15",
-        method: STORE_METHOD,
-        program: release.join("sci-store-bench"),
-        args: store_args(&["--postgres-url".to_string(), postgres_url]),
-        figures: store_figures,
-        runs: 1,
-        notes: "One run: each run needs a fresh database (the month is written once).",
-    });
+    // Started only when its section is measured; stopped and removed when
+    // this function returns.
+    let postgres = if args.selects("The fleet at real size: PostgreSQL 15") {
+        Some(
+            sci_tests::postgres::ScratchPostgres::start()
+                .map_err(|e| anyhow::anyhow!("scratch PostgreSQL for the store bench: {e}"))?,
+        )
+    } else {
+        None
+    };
+    if let Some(postgres) = &postgres {
+        let postgres_url = postgres
+            .create_database("sci_bench")
+            .map_err(|e| anyhow::anyhow!("creating the bench database: {e}"))?;
+        measurements.push(Measurement {
+            title: "The fleet at real size: PostgreSQL 15",
+            method: STORE_METHOD,
+            program: release.join("sci-store-bench"),
+            args: store_args(&["--postgres-url".to_string(), postgres_url]),
+            figures: store_figures,
+            runs: 1,
+            notes: "One run: each run needs a fresh database (the month is written once).",
+        });
+    }
+    measurements.retain(|m| args.selects(m.title));
 
     let mut design_misses = Vec::new();
     let mut md = String::new();
@@ -420,8 +463,31 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         md,
         "Produced by `cargo xtask bench` (release build). Every figure is the median of several runs, with min and max; ratios that compare two methods are taken inside one run.\n"
     )?;
-    writeln!(md, "Machine: {}\n", machine())?;
+    let this_machine = machine();
+    let path = workspace_root().join("BENCHMARKS.md");
+    let (previous_machine, previous) = if args.only.is_empty() {
+        (None, Vec::new())
+    } else {
+        previous_sections(&std::fs::read_to_string(&path).unwrap_or_default())
+    };
+    if args.only.is_empty() {
+        writeln!(md, "Machine: {this_machine}\n")?;
+    } else {
+        writeln!(
+            md,
+            "Machine: each section names the machine that measured it (sections are re-measured with `cargo xtask bench --only WORD`).\n"
+        )?;
+    }
+    let mut fresh: Vec<(String, String)> = Vec::new();
     for m in &measurements {
+        let mut md = String::new();
+        if !args.only.is_empty() {
+            writeln!(md, "## {}\n", m.title)?;
+            writeln!(
+                md,
+                "Machine: {this_machine} (re-measured alone in a later run)\n"
+            )?;
+        }
         eprintln!("xtask bench: {} ({} runs)", m.title, m.runs);
         let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for _ in 0..m.runs {
@@ -432,7 +498,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 }
             }
         }
-        writeln!(md, "## {}\n", m.title)?;
+        if args.only.is_empty() {
+            writeln!(md, "## {}\n", m.title)?;
+        }
         writeln!(md, "Method: {}\n", m.method)?;
         writeln!(
             md,
@@ -472,8 +540,34 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         if !m.notes.is_empty() {
             writeln!(md, "Notes: {}\n", m.notes)?;
         }
+        fresh.push((m.title.to_string(), md));
     }
-    let path = workspace_root().join("BENCHMARKS.md");
+    if args.only.is_empty() {
+        for (_, text) in &fresh {
+            md.push_str(text);
+        }
+    } else {
+        // The earlier sections in their order, the re-measured ones in place.
+        for (title, text) in &previous {
+            match fresh.iter().position(|(t, _)| t == title) {
+                Some(i) => md.push_str(&fresh.remove(i).1),
+                None if text.contains("\nMachine: ") => md.push_str(text),
+                None => {
+                    let mut lines = text.splitn(2, '\n');
+                    let heading = lines.next().unwrap_or_default();
+                    let rest = lines.next().unwrap_or_default();
+                    writeln!(
+                        md,
+                        "{heading}\n\nMachine: {}\n{rest}",
+                        previous_machine.as_deref().unwrap_or("not recorded")
+                    )?;
+                }
+            }
+        }
+        for (_, text) in &fresh {
+            md.push_str(text);
+        }
+    }
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("xtask bench: wrote {}", path.display());
     if !design_misses.is_empty() {
