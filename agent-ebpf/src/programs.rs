@@ -7,7 +7,7 @@ use agent_common::{
     SCENARIO_SLOTS,
 };
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -281,11 +281,14 @@ fn try_sched_switch_bare(_ctx: &BtfTracePointContext) -> Result<u32, u32> {
 /// Sends a lifecycle event. Only an exec wakes the reader: it must read the
 /// new program's procfs entry while the process lives; forks, renames and
 /// exits wait for the next wake-up (an exec, the reader's 100 ms poll, or the
-/// window's close), which spares a context switch per event.
+/// window's close), which spares a context switch per event. The exec's
+/// wake-up is forced: the ring buffer's default wakes the reader only when
+/// it has consumed everything before this record, and the fork event
+/// committed without a wake-up just before it has not been.
 #[inline(always)]
 fn send_event(event: &ProcEvent) {
     let flags = if event.kind == PROC_EVENT_EXEC {
-        0
+        BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
     };
