@@ -48,13 +48,12 @@ fn sample_json(extra: &[&str], uid: Option<u32>) -> (serde_json::Value, String) 
             stderr_reader.join().unwrap()
         );
     }
-    // One after another: five CPU-bound burners at once on this 2-CPU
-    // machine can keep the agent's event thread off the CPU until a burner
-    // has exited, and a process that exits before its exec is read keeps no
-    // exe (README, "Limits"; the kernel-side fix is to carry the exec'd
-    // filename in the event).
+    let mut burners = Vec::new();
     for _ in 0..5 {
-        Command::new(BURN).arg("30").status().unwrap();
+        burners.push(Command::new(BURN).arg("30").spawn().unwrap());
+    }
+    for mut b in burners {
+        b.wait().unwrap();
     }
     let out = child.wait_with_output().unwrap();
     let stderr = stderr_reader.join().unwrap();
