@@ -127,17 +127,39 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo) -> bool {
     true
 }
 
+/// Whether this process holds CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH in its
+/// effective set (`CapEff` of /proc/self/status), either of which lets it
+/// read other users' environments.
+fn can_read_other_environs() -> bool {
+    static HELD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HELD.get_or_init(|| {
+        const CAP_DAC_READ_SEARCH: u32 = 2;
+        const CAP_SYS_PTRACE: u32 = 19;
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            })
+            .is_some_and(|eff| eff & (1 << CAP_SYS_PTRACE | 1 << CAP_DAC_READ_SEARCH) != 0)
+    })
+}
+
 /// The `SCI_*` variables of `<dir>/environ`; empty when the process is gone
 /// or the file cannot be read. Another user's environment needs
-/// CAP_SYS_PTRACE (or CAP_DAC_READ_SEARCH): the first refusal is logged once
-/// as a permission problem, since `env` rules then cannot match.
+/// CAP_SYS_PTRACE (or CAP_DAC_READ_SEARCH): without either, the first
+/// refusal is logged once as a permission problem, since `env` rules then
+/// cannot match. (With them, a refusal is the process's own doing, e.g. a
+/// kernel thread, and says nothing about the agent's privileges.)
 pub fn read_sci_environ(dir: &Path) -> Vec<(String, String)> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     let path = dir.join("environ");
     match std::fs::read(&path) {
         Ok(bytes) => parse_sci_environ(&bytes),
         Err(e) => {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
+            if e.kind() == std::io::ErrorKind::PermissionDenied && !can_read_other_environs() {
                 WARNED.call_once(|| {
                     tracing::warn!(
                         "permission: cannot read {} ({e}): `env` scenario rules cannot match other users' processes without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH",
