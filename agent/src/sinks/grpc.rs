@@ -201,6 +201,7 @@ impl From<&WindowReport> for v1::WindowReport {
             unattributed_cpu_ns: w.unattributed_cpu_ns,
             profile_stacks_trimmed: 0,
             profile_trimmed_energy_j: 0.0,
+            request_cpu: Vec::new(),
         }
     }
 }
