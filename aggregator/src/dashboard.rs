@@ -243,7 +243,7 @@ ol.hot li{margin:6px 0}.kind{display:inline-block;font-size:11px;padding:1px 6px
 iframe.flame{border:1px solid #dfe5ec;margin:8px 0;width:100%;display:block}\
 @media print{body{margin:10mm}.cards{break-inside:avoid}table{break-inside:auto}tr{break-inside:avoid}}";
 
-fn page(title: &str, body: &str) -> String {
+pub(crate) fn page(title: &str, body: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>{}</title><style>{STYLE}</style></head><body>\n{body}</body></html>\n",

@@ -2,7 +2,13 @@
 //! `GET /api/v1/hotspots?from=&to=` (ranked hotspots with evidence),
 //! `GET /api/v1/profile?service=&scenario=&format=svg|pprof` (energy flame
 //! graph or pprof), `GET /dashboard` (HTML), `GET /report?format=md|html`,
-//! `GET /metrics` (Prometheus text), `GET /healthz`.
+//! `GET /metrics` (Prometheus text), `GET /healthz`;
+//! optimisation reviews: `GET /api/v1/compare?baseline_from=&baseline_to=&
+//! candidate_from=&candidate_to=[&scope=&datacenter=&service=&host=&period=&
+//! profile_service=&profile_scenario=&target_utilisation=&seed=]&format=
+//! json|md|html|svg`, `GET /dashboard/compare?...` (the HTML review) and
+//! `GET /api/v1/distributions?from=&to=[&service=]` (per-request CPU and
+//! energy p50/p90/p99 per service and scenario).
 //!
 //! Every query reads rollups on the store's read connections, never the
 //! ingest's. At most `max_concurrent_queries` expensive queries run at once
@@ -286,6 +292,169 @@ async fn sci(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Res
     .await
 }
 
+#[derive(Debug, Deserialize)]
+pub struct CompareQuery {
+    pub baseline_from: u64,
+    pub baseline_to: u64,
+    pub candidate_from: u64,
+    pub candidate_to: u64,
+    pub period: Option<u64>,
+    pub scope: Option<String>,
+    pub datacenter: Option<String>,
+    pub service: Option<String>,
+    pub host: Option<String>,
+    pub profile_service: Option<String>,
+    pub profile_scenario: Option<String>,
+    pub target_utilisation: Option<f64>,
+    pub seed: Option<u64>,
+    /// json (default), md, html or svg (the differential flame graph).
+    pub format: Option<String>,
+}
+
+fn review_request(
+    state: &HttpState,
+    q: &CompareQuery,
+) -> Result<crate::review::ReviewRequest, Failure> {
+    use crate::review::{compare, consolidation, stats};
+    let range = |from, to| {
+        range_of(
+            state,
+            &RangeQuery {
+                from: Some(from),
+                to: Some(to),
+                period: q.period,
+                format: None,
+            },
+        )
+    };
+    let scope: compare::Scope = q
+        .scope
+        .as_deref()
+        .unwrap_or("datacenter")
+        .parse()
+        .map_err(|m| (StatusCode::BAD_REQUEST, m))?;
+    let target = q.target_utilisation.unwrap_or(0.6);
+    if !(target > 0.0 && target <= 1.0) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("target_utilisation {target}: give a share in (0, 1]"),
+        ));
+    }
+    let mut bootstrap = stats::Bootstrap::default();
+    if let Some(seed) = q.seed {
+        bootstrap.seed = seed;
+    }
+    Ok(crate::review::ReviewRequest {
+        baseline: range(q.baseline_from, q.baseline_to)?,
+        candidate: range(q.candidate_from, q.candidate_to)?,
+        compare: compare::CompareOptions {
+            scope,
+            filters: compare::Filters {
+                datacenter: q.datacenter.clone(),
+                service: q.service.clone(),
+                host: q.host.clone(),
+            },
+            bootstrap,
+            weights: state.config.weights.clone(),
+            min_coverage: state.config.min_coverage,
+        },
+        profile_service: q.profile_service.clone(),
+        profile_scenario: q.profile_scenario.clone(),
+        min_profile_samples: state.config.min_profile_samples,
+        consolidation: consolidation::ConsolidationOptions {
+            target_utilisation: target,
+            ..Default::default()
+        },
+    })
+}
+
+fn review_failure(e: AggregatorError) -> Failure {
+    match e {
+        AggregatorError::Invalid(m) => (StatusCode::BAD_REQUEST, m),
+        other => store_failure(other),
+    }
+}
+
+fn render_review(q: &CompareQuery, r: &crate::review::Review) -> Result<Response, Failure> {
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(r).into_response()),
+        "md" => Ok((
+            [("content-type", "text/markdown; charset=utf-8")],
+            crate::review::report::markdown(r),
+        )
+            .into_response()),
+        "html" => Ok((
+            [("content-type", "text/html; charset=utf-8")],
+            crate::review::report::html(r, &crate::report::unix_to_text(now_s())),
+        )
+            .into_response()),
+        "svg" => match &r.diff_profile {
+            Some(p) => Ok((
+                [("content-type", "image/svg+xml")],
+                p.flamegraph_svg()
+                    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+            )
+                .into_response()),
+            None => Err((
+                StatusCode::NOT_FOUND,
+                "no profiled service for the differential flame graph: give profile_service".into(),
+            )),
+        },
+        other => Err((
+            StatusCode::BAD_REQUEST,
+            format!("format {other:?}: use json, md, html or svg"),
+        )),
+    }
+}
+
+async fn compare(State(state): State<HttpState>, Query(q): Query<CompareQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let request = review_request(&s, &q)?;
+        let r = crate::review::review(s.store.as_ref(), &request).map_err(review_failure)?;
+        render_review(&q, &r)
+    })
+    .await
+}
+
+async fn compare_page(State(state): State<HttpState>, Query(mut q): Query<CompareQuery>) -> Response {
+    q.format = Some("html".into());
+    compare(State(state), Query(q)).await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DistributionQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub service: Option<String>,
+}
+
+async fn distributions(
+    State(state): State<HttpState>,
+    Query(q): Query<DistributionQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let range = range_of(
+            &s,
+            &RangeQuery {
+                from: q.from,
+                to: q.to,
+                period: None,
+                format: None,
+            },
+        )?;
+        let rows = s.store.request_cpu(&range).map_err(store_failure)?;
+        let found: Vec<crate::review::distribution::Distribution> = rows
+            .iter()
+            .filter(|r| q.service.as_deref().is_none_or(|x| x == r.service))
+            .map(crate::review::distribution::Distribution::of)
+            .collect();
+        Ok(Json(found).into_response())
+    })
+    .await
+}
+
 /// Re-evaluates the last 24 h for /metrics every `every` (a rollup query
 /// of the size of the answer, off the scrape path).
 pub async fn refresh_recent(state: HttpState, every: Duration) {
@@ -440,6 +609,9 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/sci", get(sci))
         .route("/api/v1/hotspots", get(hotspots))
         .route("/api/v1/profile", get(profile))
+        .route("/api/v1/compare", get(compare))
+        .route("/api/v1/distributions", get(distributions))
+        .route("/dashboard/compare", get(compare_page))
         .route("/dashboard", get(dashboard))
         .route("/report", get(report))
         .route("/metrics", get(metrics))

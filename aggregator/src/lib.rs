@@ -9,6 +9,7 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod profiles;
+pub mod review;
 pub mod report;
 pub mod sci;
 pub mod server;

@@ -46,6 +46,61 @@ enum Command {
         #[arg(long, default_value = "md")]
         format: String,
     },
+    /// Optimisation review: the candidate range against the baseline, per
+    /// transaction, with 95% intervals, the differential flame graph, the
+    /// distributions and the consolidation plan.
+    Compare {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// FROM..TO (unix seconds or RFC 3339).
+        #[arg(long)]
+        baseline: String,
+        /// FROM..TO (unix seconds or RFC 3339).
+        #[arg(long)]
+        candidate: String,
+        /// datacenter, service or host.
+        #[arg(long, default_value = "datacenter")]
+        scope: String,
+        #[arg(long)]
+        datacenter: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        /// Period length, e.g. 1h (default: the configured one).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        period: Option<std::time::Duration>,
+        /// Scenario of the differential flame graph (default: credit).
+        #[arg(long)]
+        profile_scenario: Option<String>,
+        /// Service of the differential flame graph (default: the service
+        /// holding most of the scenario's profiled energy, or --service).
+        #[arg(long)]
+        profile_service: Option<String>,
+        /// Consolidation: target utilisation of the remaining hosts.
+        #[arg(long, default_value_t = 0.6)]
+        target_utilisation: f64,
+        /// Bootstrap seed (the same seed gives the same interval).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// md, html, json, or svg (the differential flame graph alone).
+        #[arg(long, default_value = "md")]
+        format: String,
+    },
+}
+
+fn parse_range(text: &str, what: &str) -> Result<(u64, u64)> {
+    let (from, to) = text
+        .split_once("..")
+        .with_context(|| format!("--{what} {text:?}: write FROM..TO"))?;
+    let (from, to) = (parse_time(from)?, parse_time(to)?);
+    let max_s = i64::MAX as u64 / 1_000_000_000;
+    if from >= to || to > max_s {
+        bail!("--{what} {text:?}: FROM must be before TO, both before unix second {max_s}");
+    }
+    Ok((from, to))
 }
 
 fn parse_time(text: &str) -> Result<u64> {
@@ -150,6 +205,90 @@ fn main() -> Result<()> {
                     )
                 ),
                 other => bail!("--format {other}: use json, md or html"),
+            }
+            Ok(())
+        }
+        Command::Compare {
+            config,
+            db,
+            baseline,
+            candidate,
+            scope,
+            datacenter,
+            service,
+            host,
+            period,
+            profile_scenario,
+            profile_service,
+            target_utilisation,
+            seed,
+            format,
+        } => {
+            use sci_aggregator::review;
+            let mut cfg = match &config {
+                Some(path) => AggregatorConfig::load(path)?,
+                None => AggregatorConfig::default(),
+            };
+            if let Some(db) = db {
+                cfg.database = db;
+            } else if config.is_none() {
+                bail!("give --config or --db");
+            }
+            if !(target_utilisation > 0.0 && target_utilisation <= 1.0) {
+                bail!("--target-utilisation {target_utilisation}: give a share in (0, 1]");
+            }
+            let scope: review::compare::Scope = scope.parse().map_err(anyhow::Error::msg)?;
+            let period_s = period.unwrap_or(cfg.period).as_secs().max(1);
+            let store = sci_aggregator::store::open(&cfg)?;
+            let layout = store.layout();
+            let range = |text: &str, what: &str| -> Result<sci_aggregator::store::Range> {
+                let (from, to) = parse_range(text, what)?;
+                sci_aggregator::store::Range::new(from, to, period_s, &layout)
+                    .map_err(anyhow::Error::msg)
+            };
+            let mut bootstrap = review::stats::Bootstrap::default();
+            if let Some(seed) = seed {
+                bootstrap.seed = seed;
+            }
+            let request = review::ReviewRequest {
+                baseline: range(&baseline, "baseline")?,
+                candidate: range(&candidate, "candidate")?,
+                compare: review::compare::CompareOptions {
+                    scope,
+                    filters: review::compare::Filters {
+                        datacenter,
+                        service,
+                        host,
+                    },
+                    bootstrap,
+                    weights: cfg.weights.clone(),
+                    min_coverage: cfg.min_coverage,
+                },
+                profile_service,
+                profile_scenario,
+                min_profile_samples: cfg.min_profile_samples,
+                consolidation: review::consolidation::ConsolidationOptions {
+                    target_utilisation,
+                    ..Default::default()
+                },
+            };
+            let result = review::review(store.as_ref(), &request)?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&result)?),
+                "md" => print!("{}", review::report::markdown(&result)),
+                "html" => print!(
+                    "{}",
+                    review::report::html(
+                        &result,
+                        &humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            .to_string()
+                    )
+                ),
+                "svg" => match &result.diff_profile {
+                    Some(p) => print!("{}", p.flamegraph_svg()?),
+                    None => bail!("no profiled service for the differential flame graph: give --profile-service"),
+                },
+                other => bail!("--format {other}: use md, html, json or svg"),
             }
             Ok(())
         }

@@ -201,6 +201,42 @@ pub struct StackSum {
     pub energy_j: f64,
 }
 
+/// A (data centre, service, scenario)'s sums in one period (whole host steps).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServicePeriodRow {
+    pub period_start_s: u64,
+    pub row: ServiceRow,
+}
+
+/// A host's sums in one period (whole host steps).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostPeriodRow {
+    pub period_start_s: u64,
+    pub row: HostRow,
+}
+
+/// A merged per-request CPU histogram of one service and scenario.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestCpuRow {
+    pub service: String,
+    pub scenario: String,
+    /// Requests per log2 bin (bin i: 2^(i-1) <= t < 2^i ns; bin 0: t = 0).
+    pub bins: Vec<f64>,
+    pub requests: f64,
+    pub cpu_ns: f64,
+    /// Energy of those requests' CPU time (sum_cpu_ns x J per CPU-ns).
+    pub energy_j: f64,
+}
+
+/// CPU of one service on one host over a range.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostServiceRow {
+    pub datacenter: String,
+    pub host: String,
+    pub service: String,
+    pub cpu_ns: f64,
+}
+
 /// A data centre's intensity in one hour: sum of intensity x host-seconds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IntensityRow {
@@ -268,6 +304,16 @@ pub trait Store: Send + Sync {
     fn disk_usage(&self) -> Result<BTreeMap<String, u64>, AggregatorError>;
     /// Whether the store can serve (a trivial query succeeds).
     fn healthy(&self) -> bool;
+    /// Service sums per period: the range in whole host steps, the period a
+    /// multiple of the host step.
+    fn service_periods(&self, range: &Range) -> Result<Vec<ServicePeriodRow>, AggregatorError>;
+    /// Host sums per period (as [`Store::service_periods`]).
+    fn host_periods(&self, range: &Range) -> Result<Vec<HostPeriodRow>, AggregatorError>;
+    /// Per-request CPU histograms merged over the range (whole host steps),
+    /// per service and scenario.
+    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError>;
+    /// CPU of each service on each host over the range (whole host steps).
+    fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError>;
 }
 
 /// A value crossing into or out of SQL.
@@ -502,7 +548,24 @@ const PROFILE_COARSE: Table = Table {
     name: "profile_rollup_d",
     ..PROFILE
 };
-const TABLES: [&Table; 10] = [
+/// Optimisation reviews (#15): per host step, request CPU histograms (bin
+/// counts and totals) and each service's CPU on each host.
+const REQUEST_CPU: Table = Table {
+    name: "request_cpu_rollup",
+    keys: &["bucket_s", "service", "scenario", "bin"],
+    sums: &["requests"],
+};
+const REQUEST_CPU_TOTAL: Table = Table {
+    name: "request_cpu_total_rollup",
+    keys: &["bucket_s", "service", "scenario"],
+    sums: &["requests", "cpu_ns", "energy_j"],
+};
+const HOST_SERVICE: Table = Table {
+    name: "host_service_rollup",
+    keys: &["bucket_s", "datacenter", "host", "service"],
+    sums: &["cpu_ns"],
+};
+const TABLES: [&Table; 13] = [
     &FLEET,
     &SCENARIO,
     &HOST,
@@ -513,6 +576,9 @@ const TABLES: [&Table; 10] = [
     &HOST_COARSE,
     &SERVICE_COARSE,
     &PROFILE_COARSE,
+    &REQUEST_CPU,
+    &REQUEST_CPU_TOTAL,
+    &HOST_SERVICE,
 ];
 pub const DAY_S: u64 = 86_400;
 
@@ -525,7 +591,7 @@ enum Key {
 /// Rollup additions of one commit, summed per row key before they are written.
 #[derive(Default)]
 struct Deltas {
-    rows: [BTreeMap<Vec<Key>, Vec<f64>>; 10],
+    rows: [BTreeMap<Vec<Key>, Vec<f64>>; 13],
 }
 
 impl Deltas {
@@ -660,6 +726,53 @@ impl Deltas {
                         &e.map(|v| share * v),
                     );
                 }
+            }
+        }
+        let host_end_bucket = end_bucket(layout.host_step_s) as i64;
+        for h in &w.request_cpu {
+            let (service, scenario) = (or_none(&h.service), or_none(&h.scenario));
+            let mut requests = 0.0;
+            for (bin, &n) in h.counts.iter().enumerate() {
+                if n > 0 {
+                    requests += n as f64;
+                    self.add(
+                        10,
+                        vec![
+                            Key::I(host_end_bucket),
+                            Key::T(service.clone()),
+                            Key::T(scenario.clone()),
+                            Key::I(bin as i64),
+                        ],
+                        &[n as f64],
+                    );
+                }
+            }
+            self.add(
+                11,
+                vec![Key::I(host_end_bucket), Key::T(service), Key::T(scenario)],
+                &[
+                    requests,
+                    h.sum_cpu_ns as f64,
+                    h.sum_cpu_ns as f64 * h.energy_j_per_cpu_ns,
+                ],
+            );
+        }
+        let mut host_services: BTreeMap<String, f64> = BTreeMap::new();
+        for p in &w.processes {
+            *host_services.entry(or_none(&p.service)).or_default() += p.cpu_ns as f64;
+        }
+        for (bucket, share, _) in split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s) {
+            for (service, cpu_ns) in &host_services {
+                self.add(
+                    12,
+                    vec![
+                        Key::I(bucket as i64),
+                        Key::T(dc.clone()),
+                        Key::T(w.host.clone()),
+                        Key::T(service.clone()),
+                    ],
+                    &[share * cpu_ns],
+                );
             }
         }
         for (profile_t, step) in [(4, layout.host_step_s), (9, DAY_S)] {
@@ -1229,6 +1342,156 @@ impl<B: Backend> Store for B {
     fn healthy(&self) -> bool {
         self.read("SELECT 1", &[]).is_ok()
     }
+
+    fn service_periods(&self, range: &Range) -> Result<Vec<ServicePeriodRow>, AggregatorError> {
+        let layout = Backend::layout(self);
+        let (from, to) = host_periods_range(range, &layout)?;
+        let mut params = Vec::new();
+        let src = source(
+            &SERVICE,
+            &SERVICE_COARSE,
+            DAY_S,
+            from,
+            to,
+            Some(range.period_s),
+            &mut params,
+        );
+        let period = period_expr(range.period_s, &mut params);
+        let sql = format!(
+            "SELECT {period}, datacenter, service, scenario, {} FROM {src} \
+             GROUP BY {period}, datacenter, service, scenario ORDER BY 1, 2, 3, 4",
+            sum_list(SERVICE.sums)
+        );
+        Ok(self
+            .read(&sql, &params)?
+            .into_iter()
+            .map(|r| ServicePeriodRow {
+                period_start_s: r[0].i64() as u64 * range.period_s,
+                row: ServiceRow {
+                    datacenter: r[1].text(),
+                    service: r[2].text(),
+                    scenario: r[3].text(),
+                    cpu_ns: r[4].f64(),
+                    energy_j: r[5].f64(),
+                    idle_energy_j: r[6].f64(),
+                    carbon_g: r[7].f64(),
+                    embodied_g: r[8].f64(),
+                },
+            })
+            .collect())
+    }
+
+    fn host_periods(&self, range: &Range) -> Result<Vec<HostPeriodRow>, AggregatorError> {
+        let layout = Backend::layout(self);
+        let (from, to) = host_periods_range(range, &layout)?;
+        let mut params = Vec::new();
+        let src = source(
+            &HOST,
+            &HOST_COARSE,
+            DAY_S,
+            from,
+            to,
+            Some(range.period_s),
+            &mut params,
+        );
+        let period = period_expr(range.period_s, &mut params);
+        let sql = format!(
+            "SELECT {period}, host, MAX(datacenter), {} FROM {src} \
+             GROUP BY {period}, host ORDER BY 1, 2",
+            sum_list(HOST.sums)
+        );
+        Ok(self
+            .read(&sql, &params)?
+            .into_iter()
+            .map(|r| {
+                let f = |i: usize| r[3 + i].f64();
+                HostPeriodRow {
+                    period_start_s: r[0].i64() as u64 * range.period_s,
+                    row: HostRow {
+                        host: r[1].text(),
+                        datacenter: r[2].text(),
+                        host_s: f(0),
+                        energy_j: f(1),
+                        idle_energy_j: f(2),
+                        estimated_energy_j: f(3),
+                        carbon_g: f(4),
+                        embodied_g: f(5),
+                        busy_cpu_ns: f(6),
+                        idle_cpu_ns: f(7),
+                        transactions: f(8),
+                    },
+                }
+            })
+            .collect())
+    }
+
+    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        let params = [Value::Int(from as i64), Value::Int(to as i64)];
+        let mut out: BTreeMap<(String, String), RequestCpuRow> = BTreeMap::new();
+        for r in self.read(
+            "SELECT service, scenario, SUM(requests), SUM(cpu_ns), SUM(energy_j) \
+             FROM request_cpu_total_rollup WHERE bucket_s >= $1 AND bucket_s < $2 \
+             GROUP BY service, scenario ORDER BY 1, 2",
+            &params,
+        )? {
+            out.insert(
+                (r[0].text(), r[1].text()),
+                RequestCpuRow {
+                    service: r[0].text(),
+                    scenario: r[1].text(),
+                    bins: Vec::new(),
+                    requests: r[2].f64(),
+                    cpu_ns: r[3].f64(),
+                    energy_j: r[4].f64(),
+                },
+            );
+        }
+        for r in self.read(
+            "SELECT service, scenario, bin, SUM(requests) FROM request_cpu_rollup \
+             WHERE bucket_s >= $1 AND bucket_s < $2 GROUP BY service, scenario, bin ORDER BY 1, 2, 3",
+            &params,
+        )? {
+            let bin = r[2].i64().clamp(0, 64) as usize;
+            if let Some(row) = out.get_mut(&(r[0].text(), r[1].text())) {
+                if row.bins.len() <= bin {
+                    row.bins.resize(bin + 1, 0.0);
+                }
+                row.bins[bin] += r[3].f64();
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        Ok(self
+            .read(
+                "SELECT MAX(datacenter), host, service, SUM(cpu_ns) FROM host_service_rollup \
+                 WHERE bucket_s >= $1 AND bucket_s < $2 GROUP BY host, service ORDER BY 2, 3",
+                &[Value::Int(from as i64), Value::Int(to as i64)],
+            )?
+            .into_iter()
+            .map(|r| HostServiceRow {
+                datacenter: r[0].text(),
+                host: r[1].text(),
+                service: r[2].text(),
+                cpu_ns: r[3].f64(),
+            })
+            .collect())
+    }
+}
+
+/// The range of a per-period host-step query: whole host steps, periods
+/// made of whole host steps.
+fn host_periods_range(range: &Range, layout: &RollupLayout) -> Result<(u64, u64), AggregatorError> {
+    if !range.period_s.is_multiple_of(layout.host_step_s) {
+        return Err(AggregatorError::Invalid(format!(
+            "period {} s is not a multiple of host_rollup_step {} s: host and service figures per period need whole host steps",
+            range.period_s, layout.host_step_s
+        )));
+    }
+    Ok(range.host_range(layout))
 }
 
 /// Opens the store the configuration names: PostgreSQL when `postgres_url`
@@ -1286,7 +1549,7 @@ pub(crate) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(crate) fn migrations(postgres: bool) -> [(i64, &'static str); 2] {
+pub(crate) fn migrations(postgres: bool) -> [(i64, &'static str); 3] {
     if postgres {
         [
             (
@@ -1297,6 +1560,10 @@ pub(crate) fn migrations(postgres: bool) -> [(i64, &'static str); 2] {
                 2,
                 include_str!("../../migrations/postgres/0002_coarse_rollups.sql"),
             ),
+            (
+                4,
+                include_str!("../../migrations/postgres/0004_review_rollups.sql"),
+            ),
         ]
     } else {
         [
@@ -1304,6 +1571,10 @@ pub(crate) fn migrations(postgres: bool) -> [(i64, &'static str); 2] {
             (
                 2,
                 include_str!("../../migrations/sqlite/0002_coarse_rollups.sql"),
+            ),
+            (
+                4,
+                include_str!("../../migrations/sqlite/0004_review_rollups.sql"),
             ),
         ]
     }

@@ -1,0 +1,301 @@
+//! Differential energy flame graph of one service and scenario between two
+//! ranges, per transaction: each stack's energy in a range (profile
+//! rollups) divided by the scenario's completed transactions in that range,
+//! so a busier range does not look worse. The SVG is inferno's differential
+//! flame graph (folded `stack baseline candidate`, nano-joules per
+//! transaction): frame widths are the candidate's energy per transaction,
+//! colours diverge from white, blue where it fell, red where it rose. The
+//! functions are ranked by the change of their inclusive energy per
+//! transaction (itself and its callees), each with its samples in both
+//! ranges. Below the minimum samples (#11) in either range, the graph and
+//! the functions are withheld and say why.
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::error::AggregatorError;
+use crate::store::{Range, StackSum, Store};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StackChange {
+    pub stack: String,
+    pub baseline_j_per_transaction: f64,
+    pub candidate_j_per_transaction: f64,
+    pub baseline_samples: u64,
+    pub candidate_samples: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionChange {
+    pub function: String,
+    /// Inclusive energy per transaction (the function and its callees).
+    pub baseline_j_per_transaction: f64,
+    pub candidate_j_per_transaction: f64,
+    /// candidate - baseline.
+    pub change_j_per_transaction: f64,
+    /// Samples of stacks holding the function.
+    pub baseline_samples: u64,
+    pub candidate_samples: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiffProfile {
+    pub service: String,
+    pub scenario: String,
+    pub baseline_transactions: f64,
+    pub candidate_transactions: f64,
+    pub baseline_samples: u64,
+    pub candidate_samples: u64,
+    pub baseline_energy_j: f64,
+    pub candidate_energy_j: f64,
+    pub min_samples: u64,
+    /// Why the graph and functions are withheld, when they are.
+    pub withheld_reason: Option<String>,
+    pub stacks: Vec<StackChange>,
+    /// By |change|, largest first.
+    pub functions: Vec<FunctionChange>,
+}
+
+fn per_transaction(energy_j: f64, transactions: f64) -> f64 {
+    if transactions > 0.0 {
+        energy_j / transactions
+    } else {
+        0.0
+    }
+}
+
+/// Builds the differential profile from both ranges' stacks and transactions.
+pub fn diff(
+    service: &str,
+    scenario: &str,
+    baseline: &[StackSum],
+    candidate: &[StackSum],
+    baseline_transactions: f64,
+    candidate_transactions: f64,
+    min_samples: u64,
+) -> DiffProfile {
+    let mut stacks: BTreeMap<&str, StackChange> = BTreeMap::new();
+    for (rows, transactions, is_baseline) in [
+        (baseline, baseline_transactions, true),
+        (candidate, candidate_transactions, false),
+    ] {
+        for r in rows {
+            let e = stacks.entry(&r.stack).or_insert_with(|| StackChange {
+                stack: r.stack.clone(),
+                baseline_j_per_transaction: 0.0,
+                candidate_j_per_transaction: 0.0,
+                baseline_samples: 0,
+                candidate_samples: 0,
+            });
+            let j = per_transaction(r.energy_j, transactions);
+            if is_baseline {
+                e.baseline_j_per_transaction += j;
+                e.baseline_samples += r.samples;
+            } else {
+                e.candidate_j_per_transaction += j;
+                e.candidate_samples += r.samples;
+            }
+        }
+    }
+    let mut functions: BTreeMap<&str, FunctionChange> = BTreeMap::new();
+    for s in stacks.values() {
+        let mut seen: Vec<&str> = Vec::new();
+        for frame in s.stack.split(';') {
+            if seen.contains(&frame) {
+                continue;
+            }
+            seen.push(frame);
+            let f = functions.entry(frame).or_insert_with(|| FunctionChange {
+                function: frame.to_string(),
+                baseline_j_per_transaction: 0.0,
+                candidate_j_per_transaction: 0.0,
+                change_j_per_transaction: 0.0,
+                baseline_samples: 0,
+                candidate_samples: 0,
+            });
+            f.baseline_j_per_transaction += s.baseline_j_per_transaction;
+            f.candidate_j_per_transaction += s.candidate_j_per_transaction;
+            f.baseline_samples += s.baseline_samples;
+            f.candidate_samples += s.candidate_samples;
+        }
+    }
+    let mut functions: Vec<FunctionChange> = functions
+        .into_values()
+        .map(|mut f| {
+            f.change_j_per_transaction = f.candidate_j_per_transaction - f.baseline_j_per_transaction;
+            f
+        })
+        .collect();
+    // Roots (every stack's first frame) change by the whole profile's change:
+    // rank the functions that explain it, not the frames that only hold it.
+    let roots: Vec<&str> = stacks
+        .keys()
+        .filter_map(|s| s.split(';').next())
+        .collect();
+    let nested = |f: &FunctionChange| !roots.contains(&f.function.as_str());
+    functions.sort_by(|a, b| {
+        nested(b)
+            .cmp(&nested(a))
+            .then(
+                b.change_j_per_transaction
+                    .abs()
+                    .total_cmp(&a.change_j_per_transaction.abs()),
+            )
+            .then_with(|| a.function.cmp(&b.function))
+    });
+    let baseline_samples: u64 = baseline.iter().map(|r| r.samples).sum();
+    let candidate_samples: u64 = candidate.iter().map(|r| r.samples).sum();
+    let mut withheld_reason = None;
+    if baseline_samples < min_samples || candidate_samples < min_samples {
+        withheld_reason = Some(format!(
+            "{service}/{scenario}: differential flame graph and functions withheld: {baseline_samples} baseline and {candidate_samples} candidate samples, the minimum is {min_samples} in each"
+        ));
+    } else if baseline_transactions <= 0.0 || candidate_transactions <= 0.0 {
+        withheld_reason = Some(format!(
+            "{service}/{scenario}: no completed transactions in a range: no energy per transaction"
+        ));
+    }
+    if withheld_reason.is_some() {
+        functions.clear();
+    }
+    DiffProfile {
+        service: service.to_string(),
+        scenario: scenario.to_string(),
+        baseline_transactions,
+        candidate_transactions,
+        baseline_samples,
+        candidate_samples,
+        baseline_energy_j: baseline.iter().map(|r| r.energy_j).sum(),
+        candidate_energy_j: candidate.iter().map(|r| r.energy_j).sum(),
+        min_samples,
+        withheld_reason,
+        stacks: stacks.into_values().collect(),
+        functions,
+    }
+}
+
+/// Reads both ranges' stacks of `service`/`scenario` and the scenario's
+/// transactions (scenario rollups) and builds the differential profile.
+pub fn diff_ranges(
+    store: &dyn Store,
+    baseline: &Range,
+    candidate: &Range,
+    service: &str,
+    scenario: &str,
+    min_samples: u64,
+) -> Result<DiffProfile, AggregatorError> {
+    // Stacks cover whole host steps: count the transactions of the same span.
+    let layout = store.layout();
+    let transactions = |r: &Range| -> Result<f64, AggregatorError> {
+        let (from, to) = r.host_range(&layout);
+        let whole = Range::new(from, to, to - from, &layout).map_err(AggregatorError::Invalid)?;
+        Ok(store
+            .scenario_periods(&whole)?
+            .iter()
+            .filter(|s| s.scenario == scenario)
+            .map(|s| s.transactions)
+            .sum())
+    };
+    Ok(diff(
+        service,
+        scenario,
+        &store.stacks(baseline, Some(service), Some(scenario))?,
+        &store.stacks(candidate, Some(service), Some(scenario))?,
+        transactions(baseline)?,
+        transactions(candidate)?,
+        min_samples,
+    ))
+}
+
+impl DiffProfile {
+    /// Folded lines `stack baseline candidate` in nano-joules per transaction.
+    pub fn folded_lines(&self) -> Vec<String> {
+        let nj = |j: f64| (j * 1e9).round().max(0.0) as u64;
+        self.stacks
+            .iter()
+            .filter(|s| nj(s.baseline_j_per_transaction) > 0 || nj(s.candidate_j_per_transaction) > 0)
+            .map(|s| {
+                format!(
+                    "{} {} {}",
+                    s.stack,
+                    nj(s.baseline_j_per_transaction),
+                    nj(s.candidate_j_per_transaction)
+                )
+            })
+            .collect()
+    }
+
+    /// The differential flame graph (SVG); a one-frame graph saying why when withheld.
+    pub fn flamegraph_svg(&self) -> Result<String, crate::profiles::ProfileExportError> {
+        let mut options = inferno::flamegraph::Options::default();
+        options.title = format!(
+            "Energy per transaction, candidate vs baseline: {}/{} (blue: lower, red: higher)",
+            self.service, self.scenario
+        );
+        options.count_name = "nJ/transaction".to_string();
+        options.deterministic = true;
+        let lines = if self.withheld_reason.is_some() {
+            Vec::new()
+        } else {
+            self.folded_lines()
+        };
+        let mut svg = Vec::new();
+        let result = if lines.is_empty() {
+            let reason = self
+                .withheld_reason
+                .clone()
+                .unwrap_or_else(|| "no energy measured".into())
+                .replace([';', ' '], "_");
+            inferno::flamegraph::from_lines(&mut options, [format!("[{reason}] 1 1").as_str()], &mut svg)
+        } else {
+            inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
+        };
+        result.map_err(|source| crate::profiles::ProfileExportError::FlameGraph {
+            subject: format!("{}/{}", self.service, self.scenario),
+            source,
+        })?;
+        Ok(String::from_utf8_lossy(&svg).into_owned())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn row(stack: &str, samples: u64, energy_j: f64) -> StackSum {
+        StackSum {
+            service: "svc".into(),
+            scenario: "credit".into(),
+            stack: stack.into(),
+            samples,
+            energy_j,
+        }
+    }
+
+    #[test]
+    fn the_function_made_cheaper_ranks_first_per_transaction() {
+        // Baseline: 100 transactions; main;score 60 J, main;price 40 J.
+        // Candidate: 200 transactions (busier); main;score 60 J (0.3 J/txn,
+        // was 0.6), main;price 80 J (0.4 J/txn, unchanged).
+        let base = [row("main;score", 600, 60.0), row("main;price", 400, 40.0)];
+        let cand = [row("main;score", 600, 60.0), row("main;price", 800, 80.0)];
+        let d = diff("svc", "credit", &base, &cand, 100.0, 200.0, 50);
+        assert!(d.withheld_reason.is_none());
+        let top = &d.functions[0];
+        assert_eq!(top.function, "score");
+        assert!((top.baseline_j_per_transaction - 0.6).abs() < 1e-12);
+        assert!((top.candidate_j_per_transaction - 0.3).abs() < 1e-12);
+        assert!((top.change_j_per_transaction + 0.3).abs() < 1e-12);
+        assert_eq!((top.baseline_samples, top.candidate_samples), (600, 600));
+        let price = d.functions.iter().find(|f| f.function == "price").unwrap();
+        assert!(price.change_j_per_transaction.abs() < 1e-12);
+        let svg = d.flamegraph_svg().unwrap();
+        assert!(svg.contains("score") && svg.contains("<svg"));
+        assert!(d.folded_lines().contains(&"main;score 600000000 300000000".to_string()));
+        // Too few samples: withheld, with the reason.
+        let few = diff("svc", "credit", &base[..1], &cand, 100.0, 200.0, 1000);
+        assert!(few.functions.is_empty());
+        assert!(few.withheld_reason.unwrap().contains("600 baseline"));
+    }
+}

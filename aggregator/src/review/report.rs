@@ -1,0 +1,340 @@
+//! The review report: Markdown and printable HTML of a [`Review`] (its JSON
+//! is the review itself), with the disclosed factors of both ranges.
+use std::fmt::Write as _;
+
+use super::stats::Difference;
+use super::Review;
+use crate::dashboard::{disclosure_table, escape_html, page};
+use crate::report::{disclosure_cells, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS};
+
+fn opt(v: Option<f64>) -> String {
+    v.map(sig4).unwrap_or_else(|| "–".into())
+}
+
+fn relative(v: Option<f64>) -> String {
+    v.map(|r| format!("{:+.1}%", r * 100.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn interval(d: &Difference) -> String {
+    match (d.ci_low, d.ci_high) {
+        (Some(lo), Some(hi)) => format!("[{}, {}]", sig4(lo), sig4(hi)),
+        _ => "–".into(),
+    }
+}
+
+/// Rows of (label, unit, difference) of the whole comparison.
+fn difference_rows(r: &Review) -> Vec<(String, &'static str, &Difference)> {
+    let c = &r.comparison;
+    let mut rows = vec![
+        ("SCI_CF (mean of periods)".to_string(), "gCO2e/unit", &c.sci_cf_mean),
+        ("SCI_CF (pooled)".to_string(), "gCO2e/unit", &c.sci_cf_pooled),
+    ];
+    for s in &c.scenarios {
+        rows.push((format!("{} carbon / transaction", s.scenario), "gCO2e", &s.g_per_transaction));
+        rows.push((format!("{} energy / transaction", s.scenario), "J", &s.energy_j_per_transaction));
+        rows.push((format!("{} CPU / transaction", s.scenario), "ns", &s.cpu_ns_per_transaction));
+    }
+    rows
+}
+
+fn difference_cells(label: &str, unit: &str, d: &Difference) -> Vec<String> {
+    vec![
+        label.to_string(),
+        unit.to_string(),
+        opt(d.baseline),
+        opt(d.candidate),
+        opt(d.difference),
+        relative(d.relative_difference),
+        interval(d),
+        d.verdict.as_str().to_string(),
+        format!("{} / {}", d.baseline_periods, d.candidate_periods),
+    ]
+}
+
+const DIFFERENCE_COLUMNS: [&str; 9] = [
+    "figure",
+    "unit",
+    "baseline",
+    "candidate",
+    "difference",
+    "relative",
+    "95% interval",
+    "verdict",
+    "periods",
+];
+
+const DISTRIBUTION_COLUMNS: [&str; 10] = [
+    "service",
+    "scenario",
+    "requests (base / cand)",
+    "p50 CPU ns",
+    "p90 CPU ns",
+    "p99 CPU ns",
+    "p50 J",
+    "p90 J",
+    "p99 J",
+    "mean J",
+];
+
+fn pair(a: Option<f64>, b: Option<f64>) -> String {
+    format!("{} → {}", opt(a), opt(b))
+}
+
+fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
+    let mut out = Vec::new();
+    let diffs = difference_rows(r)
+        .into_iter()
+        .map(|(l, u, d)| difference_cells(&l, u, d))
+        .collect();
+    out.push((
+        "Comparison per transaction".to_string(),
+        DIFFERENCE_COLUMNS.iter().map(|s| s.to_string()).collect(),
+        diffs,
+    ));
+    let dist = r
+        .distributions
+        .iter()
+        .map(|d| {
+            let (a, b) = (&d.baseline, &d.candidate);
+            vec![
+                d.service.clone(),
+                d.scenario.clone(),
+                format!("{} / {}", sig4(a.requests), sig4(b.requests)),
+                pair(a.p50_cpu_ns, b.p50_cpu_ns),
+                pair(a.p90_cpu_ns, b.p90_cpu_ns),
+                pair(a.p99_cpu_ns, b.p99_cpu_ns),
+                pair(a.p50_energy_j, b.p50_energy_j),
+                pair(a.p90_energy_j, b.p90_energy_j),
+                pair(a.p99_energy_j, b.p99_energy_j),
+                pair(a.mean_energy_j, b.mean_energy_j),
+            ]
+        })
+        .collect();
+    out.push((
+        "Per-request CPU and energy distributions (baseline → candidate)".to_string(),
+        DISTRIBUTION_COLUMNS.iter().map(|s| s.to_string()).collect(),
+        dist,
+    ));
+    if let Some(p) = &r.diff_profile {
+        let rows = p
+            .functions
+            .iter()
+            .take(15)
+            .map(|f| {
+                vec![
+                    f.function.clone(),
+                    sig4(f.baseline_j_per_transaction),
+                    sig4(f.candidate_j_per_transaction),
+                    sig4(f.change_j_per_transaction),
+                    format!("{} / {}", f.baseline_samples, f.candidate_samples),
+                ]
+            })
+            .collect();
+        out.push((
+            format!(
+                "Functions whose energy per transaction changed most: {}/{}",
+                p.service, p.scenario
+            ),
+            ["function", "baseline J/txn", "candidate J/txn", "change J/txn", "samples (base / cand)"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            rows,
+        ));
+    }
+    let mut zombies = Vec::new();
+    let mut pools = Vec::new();
+    for dc in &r.consolidation.datacenters {
+        for z in &dc.zombies {
+            zombies.push(vec![
+                z.datacenter.clone(),
+                z.host.clone(),
+                z.service.clone(),
+                percent(z.utilisation),
+                sig4(z.idle_power_w),
+                sig4(z.energy_saved_j_per_day / 3.6e6),
+                sig4(z.operational_saved_g_per_day),
+                sig4(z.embodied_saved_g_per_day),
+            ]);
+        }
+        for p in &dc.pools {
+            pools.push(vec![
+                p.datacenter.clone(),
+                p.service.clone(),
+                p.hosts.len().to_string(),
+                sig4(p.peak_busy_cores),
+                sig4(p.valley_busy_cores),
+                opt(p.peak_to_valley),
+                p.valley_hours.len().to_string(),
+                sig4(p.freed_host_hours_per_day),
+                sig4(p.idle_power_w),
+                sig4(p.energy_saved_j_per_day / 3.6e6),
+                sig4(p.operational_saved_g_per_day),
+                sig4(p.embodied_saved_g_per_day),
+            ]);
+        }
+    }
+    out.push((
+        "Zombie hosts (first: all their time is saved)".to_string(),
+        ["data centre", "host", "service", "utilisation", "idle W", "kWh/day", "O g/day", "M g/day"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        zombies,
+    ));
+    out.push((
+        format!(
+            "Consolidation at {:.0}% target utilisation (candidate range)",
+            r.consolidation.options.target_utilisation * 100.0
+        ),
+        [
+            "data centre",
+            "pool (service)",
+            "hosts",
+            "peak busy cores",
+            "valley busy cores",
+            "peak/valley",
+            "valley hours",
+            "freed host-h/day",
+            "idle W/host",
+            "kWh/day",
+            "O g/day",
+            "M g/day",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        pools,
+    ));
+    out
+}
+
+fn md_row(cells: &[String]) -> String {
+    let cells: Vec<String> = cells
+        .iter()
+        .map(|c| c.replace('|', "\\|").replace('\n', " "))
+        .collect();
+    format!("| {} |\n", cells.join(" | "))
+}
+
+fn range_text(from: u64, to: u64, period: u64) -> String {
+    format!("{} to {} (periods of {period} s)", unix_to_text(from), unix_to_text(to))
+}
+
+/// The review in Markdown.
+pub fn markdown(r: &Review) -> String {
+    let c = &r.comparison;
+    let mut md = String::from("# Optimisation review\n\n");
+    let _ = writeln!(
+        md,
+        "Baseline: {}. Candidate: {}. Scope: {:?}; filters: data centre {}, service {}, host {}.\n",
+        range_text(c.baseline.from_unix_s, c.baseline.to_unix_s, c.baseline.period_s),
+        range_text(c.candidate.from_unix_s, c.candidate.to_unix_s, c.candidate.period_s),
+        c.scope,
+        c.filters.datacenter.as_deref().unwrap_or("all"),
+        c.filters.service.as_deref().unwrap_or("all"),
+        c.filters.host.as_deref().unwrap_or("all"),
+    );
+    for (title, header, rows) in tables(r) {
+        let _ = writeln!(md, "## {title}\n");
+        if rows.is_empty() {
+            md.push_str("(none)\n\n");
+            continue;
+        }
+        md.push_str(&md_row(&header));
+        md.push_str(&md_row(&vec!["---".to_string(); header.len()]));
+        for row in rows {
+            md.push_str(&md_row(&row));
+        }
+        md.push('\n');
+    }
+    if let Some(p) = &r.diff_profile {
+        if let Some(reason) = &p.withheld_reason {
+            let _ = writeln!(md, "Differential flame graph: {reason}.\n");
+        } else {
+            let _ = writeln!(md, "Differential flame graph: `GET /api/v1/compare?...&format=svg` or the HTML report.\n");
+        }
+    }
+    for (title, disclosure) in [
+        ("Disclosure: baseline", &c.baseline_disclosure),
+        ("Disclosure: candidate", &c.candidate_disclosure),
+    ] {
+        let _ = writeln!(md, "## {title}\n");
+        md.push_str(&md_row(&DISCLOSURE_COLUMNS.map(String::from)));
+        md.push_str(&md_row(&vec!["---".to_string(); DISCLOSURE_COLUMNS.len()]));
+        for d in disclosure {
+            md.push_str(&md_row(&disclosure_cells(d)));
+        }
+        md.push('\n');
+    }
+    md.push_str("## What this could not see\n\n");
+    for n in &c.notes {
+        let _ = writeln!(md, "- {n}");
+    }
+    md.push_str("\n## Method and assumptions\n\n");
+    let _ = writeln!(md, "- {}", c.method);
+    for d in r.consolidation.data.iter().chain(&r.consolidation.assumptions) {
+        let _ = writeln!(md, "- {d}");
+    }
+    md
+}
+
+/// The review as a printable HTML page (with the differential flame graph).
+pub fn html(r: &Review, generated_at: &str) -> String {
+    let c = &r.comparison;
+    let title = "Optimisation review";
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>{title}</h1><div class=\"meta\">baseline {} · candidate {} · scope {:?} · generated {}</div>",
+        escape_html(&range_text(c.baseline.from_unix_s, c.baseline.to_unix_s, c.baseline.period_s)),
+        escape_html(&range_text(c.candidate.from_unix_s, c.candidate.to_unix_s, c.candidate.period_s)),
+        c.scope,
+        escape_html(generated_at)
+    );
+    for (title, header, rows) in tables(r) {
+        let _ = write!(body, "<h2>{}</h2>", escape_html(&title));
+        if rows.is_empty() {
+            body.push_str("<p>(none)</p>");
+            continue;
+        }
+        body.push_str("<table><tr>");
+        for h in header {
+            let _ = write!(body, "<th>{}</th>", escape_html(&h));
+        }
+        body.push_str("</tr>");
+        for row in rows {
+            body.push_str("<tr>");
+            for cell in row {
+                let _ = write!(body, "<td>{}</td>", escape_html(&cell));
+            }
+            body.push_str("</tr>");
+        }
+        body.push_str("</table>");
+    }
+    if let Some(p) = &r.diff_profile {
+        body.push_str("<h2>Differential energy flame graph (per transaction)</h2>");
+        match p.flamegraph_svg() {
+            Ok(svg) => body.push_str(&svg),
+            Err(e) => {
+                let _ = write!(body, "<p>{}</p>", escape_html(&e.to_string()));
+            }
+        }
+    }
+    body.push_str("<h2>Disclosure: baseline</h2>");
+    body.push_str(&disclosure_table(&c.baseline_disclosure));
+    body.push_str("<h2>Disclosure: candidate</h2>");
+    body.push_str(&disclosure_table(&c.candidate_disclosure));
+    body.push_str("<h2>What this could not see</h2><ul>");
+    for n in &c.notes {
+        let _ = write!(body, "<li>{}</li>", escape_html(n));
+    }
+    body.push_str("</ul><h2>Method and assumptions</h2><ul>");
+    let _ = write!(body, "<li>{}</li>", escape_html(&c.method));
+    for d in r.consolidation.data.iter().chain(&r.consolidation.assumptions) {
+        let _ = write!(body, "<li>{}</li>", escape_html(d));
+    }
+    body.push_str("</ul>");
+    page(title, &body)
+}
