@@ -417,7 +417,10 @@ async fn compare(State(state): State<HttpState>, Query(q): Query<CompareQuery>) 
     .await
 }
 
-async fn compare_page(State(state): State<HttpState>, Query(mut q): Query<CompareQuery>) -> Response {
+async fn compare_page(
+    State(state): State<HttpState>,
+    Query(mut q): Query<CompareQuery>,
+) -> Response {
     q.format = Some("html".into());
     compare(State(state), Query(q)).await
 }

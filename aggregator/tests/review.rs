@@ -51,9 +51,8 @@ fn weights() -> BTreeMap<String, f64> {
 
 fn open() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(60))
-            .unwrap();
+    let store = SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(60))
+        .unwrap();
     (dir, store)
 }
 
@@ -110,7 +109,14 @@ fn hour_window(host: &str, seq: u64, start_s: u64, txns: &[Txn]) -> v1::WindowRe
 
 /// A day of hourly windows: credit at `credit_g` per transaction and query
 /// at 0.05 g, volumes `volume` x ~1000 / ~3000, each figure with +-10% noise.
-fn day(host: &str, seq0: u64, day_start_s: u64, credit_g: f64, volume: f64, rng: &mut Rng) -> Vec<v1::WindowReport> {
+fn day(
+    host: &str,
+    seq0: u64,
+    day_start_s: u64,
+    credit_g: f64,
+    volume: f64,
+    rng: &mut Rng,
+) -> Vec<v1::WindowReport> {
     (0..24)
         .map(|h| {
             let credit = (1000.0 * volume * rng.around(0.1)).round() as u64;
@@ -160,7 +166,9 @@ fn day_range(d: u64) -> Range {
 fn credit_twenty_percent_lower_is_reported_lower_with_an_interval_excluding_zero() {
     let (_dir, store) = open();
     let mut rng = Rng(7);
-    store.commit(&day("h1", 0, DAY0, 0.5, 1.0, &mut rng)).unwrap();
+    store
+        .commit(&day("h1", 0, DAY0, 0.5, 1.0, &mut rng))
+        .unwrap();
     store
         .commit(&day("h1", 100, DAY0 + 86_400, 0.4, 1.0, &mut rng))
         .unwrap();
@@ -173,7 +181,10 @@ fn credit_twenty_percent_lower_is_reported_lower_with_an_interval_excluding_zero
         let rel = g.relative_difference.unwrap();
         assert!((rel + 0.2).abs() < 0.03, "relative difference {rel}");
         // The interval holds the true difference, -0.1 g.
-        assert!(g.ci_low.unwrap() < -0.1 && g.ci_high.unwrap() > -0.1, "{g:?}");
+        assert!(
+            g.ci_low.unwrap() < -0.1 && g.ci_high.unwrap() > -0.1,
+            "{g:?}"
+        );
         // Energy and CPU per transaction were built proportional to carbon.
         assert_eq!(credit.energy_j_per_transaction.verdict, Verdict::Lower);
         assert_eq!(credit.cpu_ns_per_transaction.verdict, Verdict::Lower);
@@ -187,12 +198,24 @@ fn credit_twenty_percent_lower_is_reported_lower_with_an_interval_excluding_zero
         assert_eq!(credit.baseline.transactions as u64 > 20_000, true);
     }
     // SCI_CF: credit (24 x 1000 per hour) weighs most of R; the mean falls.
-    let c = compare_ranges(&store, &day_range(0), &day_range(1), &options(Scope::Datacenter)).unwrap();
+    let c = compare_ranges(
+        &store,
+        &day_range(0),
+        &day_range(1),
+        &options(Scope::Datacenter),
+    )
+    .unwrap();
     assert_eq!(c.sci_cf_mean.verdict, Verdict::Lower, "{:?}", c.sci_cf_mean);
     assert_eq!(c.sci_cf_pooled.verdict, Verdict::Lower);
     assert_eq!(c.sci_cf_mean.baseline_periods, 24);
     // Same answer twice (fixed seed).
-    let again = compare_ranges(&store, &day_range(0), &day_range(1), &options(Scope::Datacenter)).unwrap();
+    let again = compare_ranges(
+        &store,
+        &day_range(0),
+        &day_range(1),
+        &options(Scope::Datacenter),
+    )
+    .unwrap();
     assert_eq!(c, again);
     // Host scope: all the host's transactions, unweighted.
     let mut host = options(Scope::Host);
@@ -212,7 +235,14 @@ fn same_distribution_ranges_show_no_detectable_difference_in_at_least_95_of_100_
     let (_dir, store) = open();
     for trial in 0..100u64 {
         let mut rng = Rng(trial);
-        let mut windows = day("h1", trial * 1000, DAY0 + 2 * trial * 86_400, 0.5, 1.0, &mut rng);
+        let mut windows = day(
+            "h1",
+            trial * 1000,
+            DAY0 + 2 * trial * 86_400,
+            0.5,
+            1.0,
+            &mut rng,
+        );
         windows.extend(day(
             "h1",
             trial * 1000 + 500,
@@ -251,12 +281,20 @@ fn same_distribution_ranges_show_no_detectable_difference_in_at_least_95_of_100_
 fn a_volume_change_alone_is_not_an_improvement() {
     let (_dir, store) = open();
     let mut rng = Rng(99);
-    store.commit(&day("h1", 0, DAY0, 0.5, 1.0, &mut rng)).unwrap();
+    store
+        .commit(&day("h1", 0, DAY0, 0.5, 1.0, &mut rng))
+        .unwrap();
     // A quiet day: 40% of the volume, the same carbon per transaction.
     store
         .commit(&day("h1", 100, DAY0 + 86_400, 0.5, 0.4, &mut rng))
         .unwrap();
-    let c = compare_ranges(&store, &day_range(0), &day_range(1), &options(Scope::Datacenter)).unwrap();
+    let c = compare_ranges(
+        &store,
+        &day_range(0),
+        &day_range(1),
+        &options(Scope::Datacenter),
+    )
+    .unwrap();
     let credit = c.scenarios.iter().find(|s| s.scenario == "credit").unwrap();
     // Total carbon fell by 60% ...
     assert!(credit.candidate.carbon_g < 0.5 * credit.baseline.carbon_g);
@@ -313,7 +351,14 @@ fn consolidation_on_the_demo_daily_shape_matches_the_hand_computation() {
     for h in 0..24u64 {
         let busy = 24.0 * load_fraction(h as f64);
         for i in 0..10 {
-            windows.push(host_window(&format!("risk-{i}"), h, h, busy / 10.0, "risk-api", 100));
+            windows.push(host_window(
+                &format!("risk-{i}"),
+                h,
+                h,
+                busy / 10.0,
+                "risk-api",
+                100,
+            ));
         }
         windows.push(host_window("zombie-1", h, h, 0.04, "legacy-batch", 0));
     }
@@ -326,7 +371,9 @@ fn consolidation_on_the_demo_daily_shape_matches_the_hand_computation() {
     // Hand computation: hosts needed = ceil(24 f(h) / (0.6 x 4)) = ceil(10 f(h)):
     // f at 0..23 h = .2 .1667 .1333 .1 .1 .1 .1 .3 .5 .7 .7667 .85 .95 .9167
     // .75 .7333 .7167 .7 .7857 .8714 .9571 .9333 .8 .5
-    let needed = [2, 2, 2, 1, 1, 1, 1, 3, 5, 7, 8, 9, 10, 10, 8, 8, 8, 7, 8, 9, 10, 10, 8, 5];
+    let needed = [
+        2, 2, 2, 1, 1, 1, 1, 3, 5, 7, 8, 9, 10, 10, 8, 8, 8, 7, 8, 9, 10, 10, 8, 5,
+    ];
     let freed: usize = needed.iter().map(|n| 10 - n).sum();
     assert_eq!(freed, 97);
     let pool = &dc.pools.iter().find(|p| p.service == "risk-api").unwrap();
@@ -418,7 +465,9 @@ fn profiled_day(seq0: u64, day_start_s: u64, score_j: f64, bin: usize) -> Vec<v1
 fn the_review_finds_the_cheaper_function_and_the_lower_p50() {
     let (_dir, store) = open();
     store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
-    store.commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20)).unwrap();
+    store
+        .commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20))
+        .unwrap();
     let request = ReviewRequest {
         baseline: day_range(0),
         candidate: day_range(1),

@@ -48,6 +48,8 @@ pub struct ServiceConfig {
     pub workers: usize,
     pub sizes: DataSizes,
     pub max_connections: usize,
+    /// SHA-256 rounds of the credit identity check (None: the default 1000).
+    pub identity_rounds: Option<u32>,
 }
 
 impl ServiceConfig {
@@ -60,6 +62,7 @@ impl ServiceConfig {
             workers: 2,
             sizes: DataSizes::default(),
             max_connections: 512,
+            identity_rounds: None,
         }
     }
 }
@@ -178,10 +181,13 @@ impl Service {
         let mut workers = Vec::with_capacity(config.workers);
         let mut first_db = Some(first_db);
         for _ in 0..config.workers {
-            let db = match first_db.take() {
+            let mut db = match first_db.take() {
                 Some(db) => db,
                 None => FinanceDb::open(&db_path, sizes)?,
             };
+            if let Some(rounds) = config.identity_rounds {
+                db.set_identity_rounds(rounds);
+            }
             let worker = Worker {
                 role: config.role,
                 db,

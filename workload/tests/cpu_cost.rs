@@ -75,3 +75,33 @@ fn cpu_cost_per_transaction_is_the_thread_cpu_time_the_kernel_accounts() {
         );
     }
 }
+
+/// `--identity-rounds`: the same credit flows (same request ids, same
+/// decisions) with the hot identity check cut from 1000 to 100 SHA-256
+/// rounds cost less CPU, as the kernel accounts it (schedstat).
+#[test]
+fn fewer_identity_rounds_make_credit_cheaper_with_the_same_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |rounds: Option<u32>, name: &str| {
+        let (mut db, _) =
+            FinanceDb::create_or_reuse(&dir.path().join(name), DataSizes::default()).unwrap();
+        if let Some(rounds) = rounds {
+            db.set_identity_rounds(rounds);
+        }
+        let mut outcomes = Vec::new();
+        thread_cpu_ns_of_flows(&mut db, Scenario::Credit, 5, "warm-up").unwrap();
+        let before_ns = schedstat_ns();
+        for i in 0..40 {
+            outcomes.push(format!("{:?}", db.credit(&format!("same-{i}")).unwrap()));
+        }
+        (schedstat_ns() - before_ns, outcomes)
+    };
+    let (default_ns, default_outcomes) = run(None, "default.sqlite");
+    let (cheaper_ns, cheaper_outcomes) = run(Some(100), "cheaper.sqlite");
+    println!("credit x40: 1000 rounds {default_ns} ns, 100 rounds {cheaper_ns} ns");
+    assert_eq!(default_outcomes, cheaper_outcomes);
+    assert!(
+        (cheaper_ns as f64) < 0.95 * default_ns as f64,
+        "100 rounds: {cheaper_ns} ns, 1000 rounds: {default_ns} ns"
+    );
+}

@@ -224,9 +224,7 @@ pub fn plan(
         let members: Vec<&str> = hosts
             .iter()
             .filter(|(name, h)| {
-                h.datacenter == dc_name
-                    && !zombie_hosts.contains(*name)
-                    && pool_of(name) == service
+                h.datacenter == dc_name && !zombie_hosts.contains(*name) && pool_of(name) == service
             })
             .map(|(name, _)| *name)
             .collect();
@@ -245,8 +243,8 @@ pub fn plan(
             .into_iter()
             .map(|(hour, (busy_ns, reporting))| {
                 let busy_cores = busy_ns / 3.6e12;
-                let needed = hosts_needed(busy_cores, cores, options.target_utilisation)
-                    .min(reporting);
+                let needed =
+                    hosts_needed(busy_cores, cores, options.target_utilisation).min(reporting);
                 HourLoad {
                     hour_unix_s: hour,
                     busy_cores,
@@ -290,16 +288,33 @@ pub fn plan(
     }
     let mut datacenters: Vec<DatacenterPlan> = datacenters.into_values().collect();
     for dc in &mut datacenters {
-        dc.energy_saved_j_per_day = dc.zombies.iter().map(|z| z.energy_saved_j_per_day).sum::<f64>()
-            + dc.pools.iter().map(|p| p.energy_saved_j_per_day).sum::<f64>();
+        dc.energy_saved_j_per_day = dc
+            .zombies
+            .iter()
+            .map(|z| z.energy_saved_j_per_day)
+            .sum::<f64>()
+            + dc.pools
+                .iter()
+                .map(|p| p.energy_saved_j_per_day)
+                .sum::<f64>();
         dc.operational_saved_g_per_day = dc
             .zombies
             .iter()
             .map(|z| z.operational_saved_g_per_day)
             .sum::<f64>()
-            + dc.pools.iter().map(|p| p.operational_saved_g_per_day).sum::<f64>();
-        dc.embodied_saved_g_per_day = dc.zombies.iter().map(|z| z.embodied_saved_g_per_day).sum::<f64>()
-            + dc.pools.iter().map(|p| p.embodied_saved_g_per_day).sum::<f64>();
+            + dc.pools
+                .iter()
+                .map(|p| p.operational_saved_g_per_day)
+                .sum::<f64>();
+        dc.embodied_saved_g_per_day = dc
+            .zombies
+            .iter()
+            .map(|z| z.embodied_saved_g_per_day)
+            .sum::<f64>()
+            + dc.pools
+                .iter()
+                .map(|p| p.embodied_saved_g_per_day)
+                .sum::<f64>();
     }
     ConsolidationPlan {
         from_unix_s: range.0,

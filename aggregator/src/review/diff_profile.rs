@@ -122,16 +122,14 @@ pub fn diff(
     let mut functions: Vec<FunctionChange> = functions
         .into_values()
         .map(|mut f| {
-            f.change_j_per_transaction = f.candidate_j_per_transaction - f.baseline_j_per_transaction;
+            f.change_j_per_transaction =
+                f.candidate_j_per_transaction - f.baseline_j_per_transaction;
             f
         })
         .collect();
     // Roots (every stack's first frame) change by the whole profile's change:
     // rank the functions that explain it, not the frames that only hold it.
-    let roots: Vec<&str> = stacks
-        .keys()
-        .filter_map(|s| s.split(';').next())
-        .collect();
+    let roots: Vec<&str> = stacks.keys().filter_map(|s| s.split(';').next()).collect();
     let nested = |f: &FunctionChange| !roots.contains(&f.function.as_str());
     functions.sort_by(|a, b| {
         nested(b)
@@ -213,7 +211,9 @@ impl DiffProfile {
         let nj = |j: f64| (j * 1e9).round().max(0.0) as u64;
         self.stacks
             .iter()
-            .filter(|s| nj(s.baseline_j_per_transaction) > 0 || nj(s.candidate_j_per_transaction) > 0)
+            .filter(|s| {
+                nj(s.baseline_j_per_transaction) > 0 || nj(s.candidate_j_per_transaction) > 0
+            })
             .map(|s| {
                 format!(
                     "{} {} {}",
@@ -246,9 +246,17 @@ impl DiffProfile {
                 .clone()
                 .unwrap_or_else(|| "no energy measured".into())
                 .replace([';', ' '], "_");
-            inferno::flamegraph::from_lines(&mut options, [format!("[{reason}] 1 1").as_str()], &mut svg)
+            inferno::flamegraph::from_lines(
+                &mut options,
+                [format!("[{reason}] 1 1").as_str()],
+                &mut svg,
+            )
         } else {
-            inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
+            inferno::flamegraph::from_lines(
+                &mut options,
+                lines.iter().map(String::as_str),
+                &mut svg,
+            )
         };
         result.map_err(|source| crate::profiles::ProfileExportError::FlameGraph {
             subject: format!("{}/{}", self.service, self.scenario),
@@ -292,7 +300,9 @@ mod tests {
         assert!(price.change_j_per_transaction.abs() < 1e-12);
         let svg = d.flamegraph_svg().unwrap();
         assert!(svg.contains("score") && svg.contains("<svg"));
-        assert!(d.folded_lines().contains(&"main;score 600000000 300000000".to_string()));
+        assert!(d
+            .folded_lines()
+            .contains(&"main;score 600000000 300000000".to_string()));
         // Too few samples: withheld, with the reason.
         let few = diff("svc", "credit", &base[..1], &cand, 100.0, 200.0, 1000);
         assert!(few.functions.is_empty());

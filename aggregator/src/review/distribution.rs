@@ -56,9 +56,7 @@ pub fn quantile(bins: &[f64], q: f64) -> Option<f64> {
         }
         below += n;
     }
-    bins.iter()
-        .rposition(|&n| n > 0.0)
-        .map(|i| bin_bounds(i).1)
+    bins.iter().rposition(|&n| n > 0.0).map(|i| bin_bounds(i).1)
 }
 
 impl Distribution {

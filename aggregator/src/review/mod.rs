@@ -43,8 +43,12 @@ pub struct Review {
 
 /// Runs a review.
 pub fn review(store: &dyn Store, request: &ReviewRequest) -> Result<Review, AggregatorError> {
-    let comparison =
-        compare::compare_ranges(store, &request.baseline, &request.candidate, &request.compare)?;
+    let comparison = compare::compare_ranges(
+        store,
+        &request.baseline,
+        &request.candidate,
+        &request.compare,
+    )?;
     let service_filter = request.compare.filters.service.as_deref();
     let distributions = distribution::compare_distributions(
         &store.request_cpu(&request.baseline)?,

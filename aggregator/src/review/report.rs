@@ -27,13 +27,33 @@ fn interval(d: &Difference) -> String {
 fn difference_rows(r: &Review) -> Vec<(String, &'static str, &Difference)> {
     let c = &r.comparison;
     let mut rows = vec![
-        ("SCI_CF (mean of periods)".to_string(), "gCO2e/unit", &c.sci_cf_mean),
-        ("SCI_CF (pooled)".to_string(), "gCO2e/unit", &c.sci_cf_pooled),
+        (
+            "SCI_CF (mean of periods)".to_string(),
+            "gCO2e/unit",
+            &c.sci_cf_mean,
+        ),
+        (
+            "SCI_CF (pooled)".to_string(),
+            "gCO2e/unit",
+            &c.sci_cf_pooled,
+        ),
     ];
     for s in &c.scenarios {
-        rows.push((format!("{} carbon / transaction", s.scenario), "gCO2e", &s.g_per_transaction));
-        rows.push((format!("{} energy / transaction", s.scenario), "J", &s.energy_j_per_transaction));
-        rows.push((format!("{} CPU / transaction", s.scenario), "ns", &s.cpu_ns_per_transaction));
+        rows.push((
+            format!("{} carbon / transaction", s.scenario),
+            "gCO2e",
+            &s.g_per_transaction,
+        ));
+        rows.push((
+            format!("{} energy / transaction", s.scenario),
+            "J",
+            &s.energy_j_per_transaction,
+        ));
+        rows.push((
+            format!("{} CPU / transaction", s.scenario),
+            "ns",
+            &s.cpu_ns_per_transaction,
+        ));
     }
     rows
 }
@@ -136,10 +156,16 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
                 "Functions whose energy per transaction changed most: {}/{}",
                 p.service, p.scenario
             ),
-            ["function", "baseline J/txn", "candidate J/txn", "change J/txn", "samples (base / cand)"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            [
+                "function",
+                "baseline J/txn",
+                "candidate J/txn",
+                "change J/txn",
+                "samples (base / cand)",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             rows,
         ));
     }
@@ -177,10 +203,19 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
     }
     out.push((
         "Zombie hosts (first: all their time is saved)".to_string(),
-        ["data centre", "host", "service", "utilisation", "idle W", "kWh/day", "O g/day", "M g/day"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        [
+            "data centre",
+            "host",
+            "service",
+            "utilisation",
+            "idle W",
+            "kWh/day",
+            "O g/day",
+            "M g/day",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         zombies,
     ));
     out.push((
@@ -219,14 +254,19 @@ fn md_row(cells: &[String]) -> String {
 }
 
 fn range_text(from: u64, to: u64, period: u64) -> String {
-    format!("{} to {} (periods of {period} s)", unix_to_text(from), unix_to_text(to))
+    format!(
+        "{} to {} (periods of {period} s)",
+        unix_to_text(from),
+        unix_to_text(to)
+    )
 }
 
 /// The review in Markdown.
 pub fn markdown(r: &Review) -> String {
     let c = &r.comparison;
     let mut md = String::from("# Optimisation review\n\n");
-    let _ = writeln!(
+    let _ =
+        writeln!(
         md,
         "Baseline: {}. Candidate: {}. Scope: {:?}; filters: data centre {}, service {}, host {}.\n",
         range_text(c.baseline.from_unix_s, c.baseline.to_unix_s, c.baseline.period_s),
@@ -274,7 +314,12 @@ pub fn markdown(r: &Review) -> String {
     }
     md.push_str("\n## Method and assumptions\n\n");
     let _ = writeln!(md, "- {}", c.method);
-    for d in r.consolidation.data.iter().chain(&r.consolidation.assumptions) {
+    for d in r
+        .consolidation
+        .data
+        .iter()
+        .chain(&r.consolidation.assumptions)
+    {
         let _ = writeln!(md, "- {d}");
     }
     md
@@ -332,7 +377,12 @@ pub fn html(r: &Review, generated_at: &str) -> String {
     }
     body.push_str("</ul><h2>Method and assumptions</h2><ul>");
     let _ = write!(body, "<li>{}</li>", escape_html(&c.method));
-    for d in r.consolidation.data.iter().chain(&r.consolidation.assumptions) {
+    for d in r
+        .consolidation
+        .data
+        .iter()
+        .chain(&r.consolidation.assumptions)
+    {
         let _ = write!(body, "<li>{}</li>", escape_html(d));
     }
     body.push_str("</ul>");

@@ -761,7 +761,8 @@ impl Deltas {
         for p in &w.processes {
             *host_services.entry(or_none(&p.service)).or_default() += p.cpu_ns as f64;
         }
-        for (bucket, share, _) in split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s) {
+        for (bucket, share, _) in split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s)
+        {
             for (service, cpu_ns) in &host_services {
                 self.add(
                     12,

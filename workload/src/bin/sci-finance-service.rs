@@ -39,6 +39,11 @@ struct Args {
     /// Customer accounts generated in the database.
     #[arg(long, default_value_t = DataSizes::default().accounts)]
     accounts: u32,
+    /// SHA-256 rounds of the credit identity check, the credit flow's hot
+    /// function `identity_digest` (default 1000): fewer make a cheaper
+    /// release of the same flow, for optimisation reviews.
+    #[arg(long)]
+    identity_rounds: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         config.ingest_udp = args.ingest_udp;
         config.db_path = args.db;
         config.workers = args.workers;
+        config.identity_rounds = args.identity_rounds;
         config.sizes = DataSizes {
             bureau_records: args.bureau_records.max(1),
             accounts: args.accounts.max(1),
