@@ -7,7 +7,9 @@
 //! colours diverge from white, blue where it fell, red where it rose. The
 //! functions are ranked by the change of their inclusive energy per
 //! transaction (itself and its callees), each with its samples in both
-//! ranges. Below the minimum samples (#11) in either range, the graph and
+//! ranges; a caller whose change one callee carries (>= 80% of it, same
+//! sign) names that callee and ranks after the functions that locate the
+//! change. Below the minimum samples (#11) in either range, the graph and
 //! the functions are withheld and say why.
 use std::collections::BTreeMap;
 
@@ -36,6 +38,10 @@ pub struct FunctionChange {
     /// Samples of stacks holding the function.
     pub baseline_samples: u64,
     pub candidate_samples: u64,
+    /// A callee that carries at least 80% of this function's change (the
+    /// deepest such): the change is located there, so this one ranks after
+    /// the functions that are not so explained.
+    pub explained_by_callee: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -112,6 +118,7 @@ pub fn diff(
                 change_j_per_transaction: 0.0,
                 baseline_samples: 0,
                 candidate_samples: 0,
+                explained_by_callee: None,
             });
             f.baseline_j_per_transaction += s.baseline_j_per_transaction;
             f.candidate_j_per_transaction += s.candidate_j_per_transaction;
@@ -127,13 +134,43 @@ pub fn diff(
             f
         })
         .collect();
-    // Roots (every stack's first frame) change by the whole profile's change:
-    // rank the functions that explain it, not the frames that only hold it.
-    let roots: Vec<&str> = stacks.keys().filter_map(|s| s.split(';').next()).collect();
-    let nested = |f: &FunctionChange| !roots.contains(&f.function.as_str());
+    // A caller changes by at least its callees' change: rank the functions
+    // that locate the change first, their callers after them.
+    let change: BTreeMap<String, f64> = functions
+        .iter()
+        .map(|f| (f.function.clone(), f.change_j_per_transaction))
+        .collect();
+    let mut explained: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for s in stacks.keys() {
+        let frames: Vec<&str> = s.split(';').collect();
+        for (i, caller) in frames.iter().enumerate() {
+            let c = change.get(*caller).copied().unwrap_or(0.0);
+            if c == 0.0 {
+                continue;
+            }
+            for (depth, callee) in frames.iter().enumerate().skip(i + 1) {
+                if callee == caller {
+                    continue;
+                }
+                let g = change.get(*callee).copied().unwrap_or(0.0);
+                if g * c > 0.0 && g.abs() >= 0.8 * c.abs() {
+                    let e = explained
+                        .entry(caller.to_string())
+                        .or_insert((0, String::new()));
+                    if depth >= e.0 {
+                        *e = (depth, callee.to_string());
+                    }
+                }
+            }
+        }
+    }
+    for f in &mut functions {
+        f.explained_by_callee = explained.get(&f.function).map(|e| e.1.clone());
+    }
     functions.sort_by(|a, b| {
-        nested(b)
-            .cmp(&nested(a))
+        a.explained_by_callee
+            .is_some()
+            .cmp(&b.explained_by_callee.is_some())
             .then(
                 b.change_j_per_transaction
                     .abs()
@@ -296,6 +333,10 @@ mod tests {
         assert!((top.candidate_j_per_transaction - 0.3).abs() < 1e-12);
         assert!((top.change_j_per_transaction + 0.3).abs() < 1e-12);
         assert_eq!((top.baseline_samples, top.candidate_samples), (600, 600));
+        assert_eq!(top.explained_by_callee, None);
+        // main changes by exactly score's change: explained by it, ranked after.
+        let main = d.functions.iter().find(|f| f.function == "main").unwrap();
+        assert_eq!(main.explained_by_callee.as_deref(), Some("score"));
         let price = d.functions.iter().find(|f| f.function == "price").unwrap();
         assert!(price.change_j_per_transaction.abs() < 1e-12);
         let svg = d.flamegraph_svg().unwrap();
