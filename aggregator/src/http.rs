@@ -294,10 +294,12 @@ async fn sci(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Res
 
 #[derive(Debug, Deserialize)]
 pub struct CompareQuery {
-    pub baseline_from: u64,
-    pub baseline_to: u64,
-    pub candidate_from: u64,
-    pub candidate_to: u64,
+    /// Default: as long as the candidate range, just before it.
+    pub baseline_from: Option<u64>,
+    pub baseline_to: Option<u64>,
+    /// Default: the last 24 h.
+    pub candidate_from: Option<u64>,
+    pub candidate_to: Option<u64>,
     pub period: Option<u64>,
     pub scope: Option<String>,
     pub datacenter: Option<String>,
@@ -344,9 +346,17 @@ fn review_request(
     if let Some(seed) = q.seed {
         bootstrap.seed = seed;
     }
+    let candidate_to = q.candidate_to.unwrap_or_else(|| now_s() + 1);
+    let candidate_from = q
+        .candidate_from
+        .unwrap_or(candidate_to.saturating_sub(86_400));
+    let baseline_to = q.baseline_to.unwrap_or(candidate_from);
+    let baseline_from = q
+        .baseline_from
+        .unwrap_or(baseline_to.saturating_sub(candidate_to.saturating_sub(candidate_from)));
     Ok(crate::review::ReviewRequest {
-        baseline: range(q.baseline_from, q.baseline_to)?,
-        candidate: range(q.candidate_from, q.candidate_to)?,
+        baseline: range(baseline_from, baseline_to)?,
+        candidate: range(candidate_from, candidate_to)?,
         compare: compare::CompareOptions {
             scope,
             filters: compare::Filters {

@@ -553,3 +553,85 @@ fn the_interval_is_calibrated_over_many_trials() {
     eprintln!("false alarms: {alarms} of {trials}");
     assert!((0.02..=0.07).contains(&rate), "false-alarm rate {rate}");
 }
+
+/// GET over a real socket; (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+#[test]
+fn the_review_over_http_json_page_and_errors() {
+    let (_dir, store) = open();
+    store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
+    store.commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20)).unwrap();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
+    let config = sci_aggregator::config::AggregatorConfig {
+        min_profile_samples: 50,
+        ..Default::default()
+    };
+    let state = sci_aggregator::http::HttpState::new(
+        store,
+        std::sync::Arc::new(config),
+        Default::default(),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        axum::serve(listener, sci_aggregator::http::router(state))
+            .await
+            .unwrap()
+    });
+    let q = format!(
+        "baseline_from={}&baseline_to={}&candidate_from={}&candidate_to={}",
+        DAY0,
+        DAY0 + 86_400,
+        DAY0 + 86_400,
+        DAY0 + 2 * 86_400
+    );
+    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}"));
+    assert_eq!(status, 200, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let credit = r["comparison"]["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scenario"] == "credit")
+        .unwrap();
+    assert_eq!(credit["energy_j_per_transaction"]["verdict"], "lower");
+    assert_eq!(r["diff_profile"]["functions"][0]["function"], "score");
+    let (status, page) = http_get(addr, &format!("/dashboard/compare?{q}"));
+    assert_eq!(status, 200);
+    assert!(page.contains("Optimisation review") && page.contains("<svg"));
+    let (status, svg) = http_get(addr, &format!("/api/v1/compare?{q}&format=svg"));
+    assert_eq!(status, 200);
+    assert!(svg.starts_with("<?xml") || svg.contains("<svg"));
+    let (status, body) = http_get(
+        addr,
+        &format!("/api/v1/distributions?from={DAY0}&to={}", DAY0 + 86_400),
+    );
+    assert_eq!(status, 200);
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(d[0]["scenario"], "credit");
+    assert_eq!(d[0]["requests"], 24_000.0);
+    // Bad input is named.
+    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&scope=rack"));
+    assert_eq!(status, 400);
+    assert!(body.contains("rack"), "{body}");
+    let (status, body) =
+        http_get(addr, &format!("/api/v1/compare?{q}&target_utilisation=1.5"));
+    assert_eq!(status, 400);
+    assert!(body.contains("target_utilisation"), "{body}");
+    // A service scope needs periods of whole host steps.
+    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&scope=service&period=60"));
+    assert_eq!(status, 400, "{body}");
+}

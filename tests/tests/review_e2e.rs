@@ -7,7 +7,8 @@
 //! transaction lower (interval excluding 0), the change located at that
 //! function in the differential flame graph, and the per-request CPU p50 of
 //! credit lower (the kernel's histograms, WindowReport.request_cpu).
-//! Privileged: skipped (with one line) without root outside CI.
+//! The services are built with frame pointers (else the stacks stop at the
+//! leaf). Privileged: skipped (with one line) without root outside CI.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -21,6 +22,34 @@ use sci_tests::{cargo_bin, skip_privileged};
 
 const TOKEN: &str = "review-e2e-token-0123456789abcdef";
 const RUN_S: u64 = 40;
+
+/// The finance service built with frame pointers (in its own target
+/// directory under target/), so the profiler's user stacks reach from the
+/// SHA-256 code up through `identity_digest` and the credit flow (std, built
+/// without them, still ends the walk at the thread's start).
+fn finance_service_with_frame_pointers() -> std::path::PathBuf {
+    let target = sci_tests::workspace_root().join("target/frame-pointers");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "sci-workload",
+            "--bin",
+            "sci-finance-service",
+        ])
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C force-frame-pointers=yes")
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(sci_tests::workspace_root())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "building sci-finance-service with frame pointers"
+    );
+    target.join("debug/sci-finance-service")
+}
 
 /// Starts a finance service and returns it with its address.
 fn service(bin: &Path, role: &str, ingest: u16, identity_rounds: Option<u32>) -> (Child, String) {
@@ -78,7 +107,7 @@ fn a_cheaper_credit_release_is_found_lower_at_its_hot_function() {
     }
     let aggregator = cargo_bin("sci-aggregator", "sci-aggregator");
     let agent = cargo_bin("sci-agent", "sci-agent");
-    let finance = cargo_bin("sci-workload", "sci-finance-service");
+    let finance = finance_service_with_frame_pointers();
     let loadgen = cargo_bin("sci-workload", "sci-loadgen");
     let dir = tempfile::tempdir().unwrap();
     let (grpc, http, ingest, metrics) = (free_port(), free_port(), free_port(), free_port());
@@ -150,6 +179,20 @@ fn a_cheaper_credit_release_is_found_lower_at_its_hot_function() {
         String::from_utf8_lossy(&out.stderr)
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let artifacts = sci_tests::workspace_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    std::fs::write(artifacts.join("review_e2e.json"), &out.stdout).unwrap();
+    for f in r["diff_profile"]["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(12)
+    {
+        println!(
+            "changed: {} {} (explained by {})",
+            f["function"], f["change_j_per_transaction"], f["explained_by_callee"]
+        );
+    }
     let credit = r["comparison"]["scenarios"]
         .as_array()
         .unwrap()
