@@ -558,7 +558,11 @@ fn the_interval_is_calibrated_over_many_trials() {
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -570,7 +574,9 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 fn the_review_over_http_json_page_and_errors() {
     let (_dir, store) = open();
     store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
-    store.commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20)).unwrap();
+    store
+        .commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20))
+        .unwrap();
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
     let config = sci_aggregator::config::AggregatorConfig {
         min_profile_samples: 50,
@@ -627,11 +633,13 @@ fn the_review_over_http_json_page_and_errors() {
     let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&scope=rack"));
     assert_eq!(status, 400);
     assert!(body.contains("rack"), "{body}");
-    let (status, body) =
-        http_get(addr, &format!("/api/v1/compare?{q}&target_utilisation=1.5"));
+    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&target_utilisation=1.5"));
     assert_eq!(status, 400);
     assert!(body.contains("target_utilisation"), "{body}");
     // A service scope needs periods of whole host steps.
-    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&scope=service&period=60"));
+    let (status, body) = http_get(
+        addr,
+        &format!("/api/v1/compare?{q}&scope=service&period=60"),
+    );
     assert_eq!(status, 400, "{body}");
 }
