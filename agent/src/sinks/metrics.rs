@@ -13,8 +13,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::State as Shared;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::error::AgentError;
 use crate::window::WindowReport;
@@ -574,6 +582,37 @@ fn num(v: f64) -> String {
     }
 }
 
+/// Connections served at once; further ones are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that has not sent a complete request head in this time is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The endpoint's routes: `GET /metrics` (Prometheus text) and `GET /healthz`.
+pub fn metrics_router(registry: Arc<MetricsRegistry>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(health_page))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "see /metrics\n") })
+        .with_state(registry)
+}
+
+async fn metrics_page(Shared(registry): Shared<Arc<MetricsRegistry>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        registry.render(),
+    )
+}
+
+async fn health_page(Shared(registry): Shared<Arc<MetricsRegistry>>) -> impl IntoResponse {
+    match registry.health() {
+        Ok(text) => (StatusCode::OK, text),
+        Err(text) => (StatusCode::SERVICE_UNAVAILABLE, text),
+    }
+}
+
 /// Serve `GET /metrics` on `addr` until the task is dropped.
 pub async fn serve_metrics(
     addr: SocketAddr,
@@ -586,103 +625,45 @@ pub async fn serve_metrics(
 }
 
 /// Serve `GET /metrics` on an already bound listener (tests bind port 0).
+///
+/// HTTP/1.1 by hyper, routes by axum. At most [`MAX_CONNECTIONS`] at once (a
+/// further one is closed at once), and a connection that sends no complete
+/// request head within [`HEADER_READ_TIMEOUT`] is closed, so idle clients
+/// cannot hold the endpoint.
 pub async fn serve_metrics_on(
     listener: TcpListener,
     registry: Arc<MetricsRegistry>,
 ) -> Result<(), AgentError> {
+    let router = metrics_router(registry);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let registry = Arc::clone(&registry);
-                tokio::spawn(async move {
-                    if let Err(e) = handle_connection(stream, &registry).await {
-                        tracing::debug!("metrics connection: {e}");
-                    }
-                });
-            }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: keep serving.
                 tracing::warn!("metrics endpoint: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
-    }
-}
-
-async fn handle_connection(
-    mut stream: TcpStream,
-    registry: &MetricsRegistry,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let head_complete =
-        |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
-    while !head_complete(&buf) {
-        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-            Ok(result) => result?,
-            Err(_) => return Ok(()),
         };
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 8192 {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request head too large\n",
-            )
-            .await;
-        }
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(
+                "metrics endpoint: {MAX_CONNECTIONS} connections open, closing a new one"
+            );
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!("metrics connection: {e}");
+            }
+            drop(permit);
+        });
     }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    match (method, path) {
-        ("GET", "/metrics") => {
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                &registry.render(),
-            )
-            .await
-        }
-        ("GET", "/healthz") => match registry.health() {
-            Ok(text) => respond(&mut stream, "200 OK", "text/plain", &text).await,
-            Err(text) => respond(&mut stream, "503 Service Unavailable", "text/plain", &text).await,
-        },
-        (_, "/metrics") => {
-            respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET\n",
-            )
-            .await
-        }
-        _ => respond(&mut stream, "404 Not Found", "text/plain", "see /metrics\n").await,
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
