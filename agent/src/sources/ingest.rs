@@ -100,12 +100,10 @@ mod duration_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
         let text = String::deserialize(d)?;
-        match humantime::parse_duration(&text) {
+        match agent_common::time_text::parse_duration(&text) {
             Ok(d) if !d.is_zero() => Ok(d),
             Ok(_) => Err(serde::de::Error::custom("interval must be > 0")),
-            Err(e) => Err(serde::de::Error::custom(format!(
-                "invalid duration {text:?}: {e}"
-            ))),
+            Err(e) => Err(serde::de::Error::custom(e)),
         }
     }
 }
