@@ -5,8 +5,15 @@
 //! feature each type implements `aya::Pod` so aya can read it from a map.
 #![no_std]
 
-#[cfg(any(feature = "test-support", feature = "time-text"))]
+#[cfg(any(
+    feature = "test-support",
+    feature = "time-text",
+    feature = "exposition"
+))]
 extern crate std;
+
+#[cfg(feature = "exposition")]
+pub mod prometheus_text;
 
 #[cfg(feature = "time-text")]
 pub mod time_text;

@@ -8,7 +8,6 @@
 //! series (no `pid` label), so the sum over a comm's series never decreases.
 //! Beyond `max_comm_series` comm series, the rest go to `comm="_other"`.
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +22,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+use agent_common::prometheus_text::{self, Family, Labels};
 
 use crate::error::AgentError;
 use crate::window::WindowReport;
@@ -184,33 +185,65 @@ impl MetricsRegistry {
         ))
     }
 
-    fn render_delivery(&self, out: &mut String) {
+    fn delivery_families(&self, out: &mut Vec<Family>) {
         use std::sync::atomic::Ordering;
         let delivery = self.delivery.lock().unwrap_or_else(|p| p.into_inner());
         let Some((d, _)) = delivery.as_ref() else {
             return;
         };
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP sci_agent_spool_windows Windows in the spool waiting for an acknowledgement.\n# TYPE sci_agent_spool_windows gauge\nsci_agent_spool_windows {}", load(&d.pending_windows));
-        let _ = writeln!(out, "# HELP sci_agent_spool_bytes Bytes of window records in the spool.\n# TYPE sci_agent_spool_bytes gauge\nsci_agent_spool_bytes {}", load(&d.pending_bytes));
-        let oldest = load(&d.oldest_pending_end_ns);
-        let _ = writeln!(out, "# HELP sci_agent_delivery_oldest_pending_end_seconds End of the oldest unacknowledged window (unix seconds; 0: none).\n# TYPE sci_agent_delivery_oldest_pending_end_seconds gauge\nsci_agent_delivery_oldest_pending_end_seconds {}", oldest / 1_000_000_000);
-        let _ = writeln!(out, "# HELP sci_agent_delivery_last_ack_seconds Time of the last acknowledgement (unix seconds; 0: none yet).\n# TYPE sci_agent_delivery_last_ack_seconds gauge\nsci_agent_delivery_last_ack_seconds {}", load(&d.last_ack_unix_s));
-        let _ = writeln!(out, "# HELP sci_agent_windows_acked_total Windows the aggregator acknowledged as stored.\n# TYPE sci_agent_windows_acked_total counter\nsci_agent_windows_acked_total {}", load(&d.acked));
-        let _ = writeln!(out, "# HELP sci_agent_windows_lost_total Windows that will not reach the aggregator, per reason (quarantined ones are kept on disk).\n# TYPE sci_agent_windows_lost_total counter");
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        out.push(
+            Family::gauge(
+                "sci_agent_spool_windows",
+                "Windows in the spool waiting for an acknowledgement.",
+            )
+            .single(load(&d.pending_windows)),
+        );
+        out.push(
+            Family::gauge(
+                "sci_agent_spool_bytes",
+                "Bytes of window records in the spool.",
+            )
+            .single(load(&d.pending_bytes)),
+        );
+        out.push(
+            Family::gauge(
+                "sci_agent_delivery_oldest_pending_end_seconds",
+                "End of the oldest unacknowledged window (unix seconds; 0: none).",
+            )
+            .single((d.oldest_pending_end_ns.load(Ordering::Relaxed) / 1_000_000_000) as f64),
+        );
+        out.push(
+            Family::gauge(
+                "sci_agent_delivery_last_ack_seconds",
+                "Time of the last acknowledgement (unix seconds; 0: none yet).",
+            )
+            .single(load(&d.last_ack_unix_s)),
+        );
+        out.push(
+            Family::counter(
+                "sci_agent_windows_acked_total",
+                "Windows the aggregator acknowledged as stored.",
+            )
+            .single(load(&d.acked)),
+        );
+        let mut lost = Family::counter(
+            "sci_agent_windows_lost_total",
+            "Windows that will not reach the aggregator, per reason (quarantined ones are kept on disk).",
+        );
         for (reason, a) in [
             ("quarantined_refused", &d.quarantined_refused),
             ("quarantined_damaged", &d.corrupt),
             ("dropped_write_failed", &d.dropped_write_failed),
             ("dropped_spool_full", &d.dropped_spool_full),
         ] {
-            let _ = writeln!(
-                out,
-                "sci_agent_windows_lost_total{{reason=\"{reason}\"}} {}",
-                load(a)
-            );
+            lost.push(&[("reason", reason)], load(a));
         }
-        let _ = writeln!(out, "# HELP sci_agent_spool_events_total What the spool did to keep every window: merges, renumbering, new instances, state rebuilt, refusals deferred, write failures.\n# TYPE sci_agent_spool_events_total counter");
+        out.push(lost);
+        let mut events = Family::counter(
+            "sci_agent_spool_events_total",
+            "What the spool did to keep every window: merges, renumbering, new instances, state rebuilt, refusals deferred, write failures.",
+        );
         for (event, a) in [
             ("merged", &d.merges),
             ("renumbered", &d.renumbered),
@@ -219,13 +252,16 @@ impl MetricsRegistry {
             ("deferred_clock_ahead", &d.deferred),
             ("write_failed", &d.write_failures),
         ] {
-            let _ = writeln!(
-                out,
-                "sci_agent_spool_events_total{{event=\"{event}\"}} {}",
-                load(a)
-            );
+            events.push(&[("event", event)], load(a));
         }
-        let _ = writeln!(out, "# HELP sci_agent_profile_stacks_trimmed_total Profile stacks left out so a window fits the batch limit.\n# TYPE sci_agent_profile_stacks_trimmed_total counter\nsci_agent_profile_stacks_trimmed_total {}", load(&d.trimmed_stacks));
+        out.push(events);
+        out.push(
+            Family::counter(
+                "sci_agent_profile_stacks_trimmed_total",
+                "Profile stacks left out so a window fits the batch limit.",
+            )
+            .single(load(&d.trimmed_stacks)),
+        );
     }
 
     /// Count energy-source warnings (unreadable or rejected domains) of a window.
@@ -347,56 +383,52 @@ impl MetricsRegistry {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let s = self.lock();
-        let mut out = String::new();
-        let mut host = |name: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                num(value)
-            );
-        };
-        host(
-            "sci_host_energy_joules_total",
-            "Host energy (packages + dram, or psys, or model).",
-            s.host_energy_j,
-        );
-        host(
-            "sci_host_idle_energy_joules_total",
-            "Part of the host energy that is idle baseline.",
-            s.host_idle_energy_j,
-        );
-        host(
-            "sci_host_unattributed_energy_joules_total",
-            "Dynamic energy no process could be charged with.",
-            s.host_unattributed_energy_j,
-        );
-        host(
-            "sci_host_carbon_grams_total",
-            "Operational carbon of the host, gCO2e (E x I x PUE).",
-            s.host_carbon_g,
-        );
-        host(
-            "sci_host_embodied_grams_total",
-            "Embodied carbon of the host apportioned to the time measured, gCO2e.",
-            s.host_embodied_g,
-        );
-        host("sci_windows_total", "Windows observed.", s.windows as f64);
-        host(
-            "sci_conservation_violations_total",
-            "Windows whose attribution did not add up to the host energy.",
-            s.conservation_violations as f64,
-        );
-        host(
-            "sci_energy_warnings_total",
-            "Energy domains left out of a window (unreadable or rejected).",
-            s.energy_warnings as f64,
-        );
-
-        host(
-            "sci_business_units_total",
-            "R: completed transactions weighted by the scenario weights.",
-            s.business_units,
-        );
+        let mut out: Vec<Family> = Vec::new();
+        for (name, help, value) in [
+            (
+                "sci_host_energy_joules_total",
+                "Host energy (packages + dram, or psys, or model).",
+                s.host_energy_j,
+            ),
+            (
+                "sci_host_idle_energy_joules_total",
+                "Part of the host energy that is idle baseline.",
+                s.host_idle_energy_j,
+            ),
+            (
+                "sci_host_unattributed_energy_joules_total",
+                "Dynamic energy no process could be charged with.",
+                s.host_unattributed_energy_j,
+            ),
+            (
+                "sci_host_carbon_grams_total",
+                "Operational carbon of the host, gCO2e (E x I x PUE).",
+                s.host_carbon_g,
+            ),
+            (
+                "sci_host_embodied_grams_total",
+                "Embodied carbon of the host apportioned to the time measured, gCO2e.",
+                s.host_embodied_g,
+            ),
+            ("sci_windows_total", "Windows observed.", s.windows as f64),
+            (
+                "sci_conservation_violations_total",
+                "Windows whose attribution did not add up to the host energy.",
+                s.conservation_violations as f64,
+            ),
+            (
+                "sci_energy_warnings_total",
+                "Energy domains left out of a window (unreadable or rejected).",
+                s.energy_warnings as f64,
+            ),
+            (
+                "sci_business_units_total",
+                "R: completed transactions weighted by the scenario weights.",
+                s.business_units,
+            ),
+        ] {
+            out.push(Family::counter(name, help).single(value));
+        }
         let scenario_series: [ScenarioSeries; 5] = [
             (
                 "sci_scenario_transactions_total",
@@ -425,77 +457,80 @@ impl MetricsRegistry {
             ),
         ];
         for (name, help, value) in scenario_series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let mut family = Family::counter(name, help);
             for (scenario, totals) in &s.scenarios {
-                let _ = writeln!(
-                    out,
-                    "{name}{{scenario=\"{}\"}} {}",
-                    escape(scenario),
-                    num(value(totals))
-                );
+                family.push(&[("scenario", scenario)], value(totals));
             }
+            out.push(family);
         }
-        let _ = writeln!(out, "# HELP sci_scenario_weight Weight alpha of each scenario in R (disclosed as SCI requires).\n# TYPE sci_scenario_weight gauge");
+        let mut weights = Family::gauge(
+            "sci_scenario_weight",
+            "Weight alpha of each scenario in R (disclosed as SCI requires).",
+        );
         for (scenario, totals) in &s.scenarios {
-            let _ = writeln!(
-                out,
-                "sci_scenario_weight{{scenario=\"{}\"}} {}",
-                escape(scenario),
-                num(totals.weight)
-            );
+            weights.push(&[("scenario", scenario)], totals.weight);
         }
-
-        let _ = writeln!(out, "# HELP sci_host_cpu_seconds_total CPU time of the host summed over CPUs.\n# TYPE sci_host_cpu_seconds_total counter");
-        let _ = writeln!(
-            out,
-            "sci_host_cpu_seconds_total{{mode=\"busy\"}} {}",
-            num(s.busy_cpu_ns as f64 / 1e9)
+        out.push(weights);
+        out.push(
+            Family::counter(
+                "sci_host_cpu_seconds_total",
+                "CPU time of the host summed over CPUs.",
+            )
+            .with(&[("mode", "busy")], s.busy_cpu_ns as f64 / 1e9)
+            .with(&[("mode", "idle")], s.idle_cpu_ns as f64 / 1e9),
         );
-        let _ = writeln!(
-            out,
-            "sci_host_cpu_seconds_total{{mode=\"idle\"}} {}",
-            num(s.idle_cpu_ns as f64 / 1e9)
+        out.push(
+            Family::gauge(
+                "sci_carbon_intensity_g_per_kwh",
+                "Grid carbon intensity used in the last window.",
+            )
+            .single(s.intensity_g_per_kwh),
         );
-
-        let _ = writeln!(out, "# HELP sci_carbon_intensity_g_per_kwh Grid carbon intensity used in the last window.\n# TYPE sci_carbon_intensity_g_per_kwh gauge\nsci_carbon_intensity_g_per_kwh {}", num(s.intensity_g_per_kwh));
-        let _ = writeln!(out, "# HELP sci_pue Power usage effectiveness used in the last window.\n# TYPE sci_pue gauge\nsci_pue {}", num(s.pue));
-        let _ = writeln!(out, "# HELP sci_energy_source_info Energy source in use.\n# TYPE sci_energy_source_info gauge");
+        out.push(
+            Family::gauge(
+                "sci_pue",
+                "Power usage effectiveness used in the last window.",
+            )
+            .single(s.pue),
+        );
+        let mut energy_source = Family::gauge("sci_energy_source_info", "Energy source in use.");
         if let Some((source, estimated)) = &s.energy_source {
-            let _ = writeln!(
-                out,
-                "sci_energy_source_info{{source=\"{}\",estimated=\"{estimated}\"}} 1",
-                escape(source)
+            energy_source.push(
+                &[("source", source), ("estimated", &estimated.to_string())],
+                1.0,
             );
         }
-        let _ = writeln!(out, "# HELP sci_cpu_source_info CPU accounting source in use.\n# TYPE sci_cpu_source_info gauge");
+        out.push(energy_source);
+        let mut cpu_source = Family::gauge("sci_cpu_source_info", "CPU accounting source in use.");
         if let Some(source) = &s.cpu_source {
-            let _ = writeln!(
-                out,
-                "sci_cpu_source_info{{source=\"{}\"}} 1",
-                escape(source)
-            );
+            cpu_source.push(&[("source", source)], 1.0);
         }
-        let _ = writeln!(out, "# HELP sci_lost_events_total Events the CPU accounting could not record.\n# TYPE sci_lost_events_total counter");
+        out.push(cpu_source);
+        let mut lost_events = Family::counter(
+            "sci_lost_events_total",
+            "Events the CPU accounting could not record.",
+        );
         for (kind, n) in &s.lost_events {
-            let _ = writeln!(out, "sci_lost_events_total{{kind=\"{kind}\"}} {n}");
+            lost_events.push(&[("kind", kind)], *n as f64);
         }
-        let _ = writeln!(out, "# HELP sci_lost_cpu_seconds_total CPU time charged to no process (map full) or late.\n# TYPE sci_lost_cpu_seconds_total counter");
+        out.push(lost_events);
+        let mut lost_cpu = Family::counter(
+            "sci_lost_cpu_seconds_total",
+            "CPU time charged to no process (map full) or late.",
+        );
         for (kind, ns) in &s.lost_cpu_ns {
-            let _ = writeln!(
-                out,
-                "sci_lost_cpu_seconds_total{{kind=\"{kind}\"}} {}",
-                num(*ns as f64 / 1e9)
-            );
+            lost_cpu.push(&[("kind", kind)], *ns as f64 / 1e9);
         }
+        out.push(lost_cpu);
 
-        let mut series: Vec<(String, &Totals)> = Vec::new();
+        let mut series: Vec<(Labels, &Totals)> = Vec::new();
         let mut pids: Vec<_> = s.processes.iter().collect();
         pids.sort_by(|a, b| a.0.cmp(b.0));
         for ((pid, comm), p) in pids {
-            series.push((labels(Some(*pid), comm, &p.cgroup), &p.totals));
+            series.push((process_labels(Some(*pid), comm, &p.cgroup), &p.totals));
         }
         for ((comm, cgroup), totals) in &s.comms {
-            series.push((labels(None, comm, cgroup), totals));
+            series.push((process_labels(None, comm, cgroup), totals));
         }
         let families: [(&str, &str, TotalsField); 5] = [
             (
@@ -525,14 +560,19 @@ impl MetricsRegistry {
             ),
         ];
         for (name, help, get) in families {
-            let _ = writeln!(out, "# HELP {name} {help} Exited processes are folded into comm-level series.\n# TYPE {name} counter");
-            for (labels, totals) in &series {
-                let _ = writeln!(out, "{name}{{{labels}}} {}", num(get(totals)));
-            }
+            let mut family = Family::counter(
+                name,
+                &format!("{help} Exited processes are folded into comm-level series."),
+            );
+            family.series = series
+                .iter()
+                .map(|(labels, totals)| (labels.clone(), get(totals)))
+                .collect();
+            out.push(family);
         }
         drop(s);
-        self.render_delivery(&mut out);
-        out
+        self.delivery_families(&mut out);
+        prometheus_text::render(out)
     }
 }
 
@@ -555,31 +595,16 @@ fn fold(
     comms.entry(key).or_default().add(totals);
 }
 
-fn labels(pid: Option<u32>, comm: &str, cgroup: &str) -> String {
-    let mut out = String::new();
+fn process_labels(pid: Option<u32>, comm: &str, cgroup: &str) -> Labels {
+    let mut labels = Labels::new();
     if let Some(pid) = pid {
-        let _ = write!(out, "pid=\"{pid}\",");
+        labels.push(("pid".into(), pid.to_string()));
     }
-    let _ = write!(out, "comm=\"{}\"", escape(comm));
+    labels.push(("comm".into(), comm.into()));
     if !cgroup.is_empty() {
-        let _ = write!(out, ",cgroup=\"{}\"", escape(cgroup));
+        labels.push(("cgroup".into(), cgroup.into()));
     }
-    out
-}
-
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn num(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v}")
-    } else {
-        "0".to_string()
-    }
+    labels
 }
 
 /// Connections served at once; further ones are closed at once.
