@@ -1,10 +1,15 @@
-//! Compiles proto/sci/v1/sci.proto with protox (pure Rust): no system protoc.
+//! Compiles proto/sci/v1/sci.proto (the wire format) and
+//! proto/perftools/profiles/profile.proto (pprof) with protox (pure Rust): no
+//! system protoc.
 use anyhow::Context;
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors =
-        protox::compile(["sci/v1/sci.proto"], ["proto"]).context("compiling sci.proto")?;
+    let descriptors = protox::compile(
+        ["sci/v1/sci.proto", "perftools/profiles/profile.proto"],
+        ["proto"],
+    )
+    .context("compiling the .proto files")?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

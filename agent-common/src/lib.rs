@@ -5,8 +5,18 @@
 //! feature each type implements `aya::Pod` so aya can read it from a map.
 #![no_std]
 
-#[cfg(feature = "test-support")]
+#[cfg(any(
+    feature = "test-support",
+    feature = "time-text",
+    feature = "exposition"
+))]
 extern crate std;
+
+#[cfg(feature = "exposition")]
+pub mod prometheus_text;
+
+#[cfg(feature = "time-text")]
+pub mod time_text;
 
 #[cfg(feature = "test-support")]
 pub mod privileged;

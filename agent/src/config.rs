@@ -14,7 +14,7 @@ pub struct AgentSection {
     /// Data centre / region label for fleet breakdowns.
     pub datacenter: Option<String>,
     /// Window length, e.g. "1s", "10s".
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub interval: Duration,
     /// Also keep CPU time per thread in the kernel (costs one more map update per switch).
     pub per_thread: bool,
@@ -144,8 +144,8 @@ impl AgentConfig {
                 path: "agent.interval".into(),
                 message: format!(
                     "{} is shorter than the minimum {}",
-                    humantime::format_duration(self.agent.interval),
-                    humantime::format_duration(MIN_INTERVAL)
+                    agent_common::time_text::format_duration(self.agent.interval),
+                    agent_common::time_text::format_duration(MIN_INTERVAL)
                 ),
             });
         }
@@ -158,19 +158,6 @@ impl AgentConfig {
             message: format!("cannot read: {e}"),
         })?;
         Self::from_toml_str(&text, path)
-    }
-}
-
-/// Durations in config as human text ("1s", "500ms").
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
     }
 }
 

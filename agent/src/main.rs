@@ -42,7 +42,7 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
         /// Window length, e.g. 5s, 500ms.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = agent_common::time_text::parse_duration)]
         duration: Duration,
         #[arg(long)]
         json: bool,

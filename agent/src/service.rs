@@ -189,7 +189,7 @@ pub async fn run(
     let measurement = spawn_measurement(setup, Arc::clone(&stop), tx).await?;
     tracing::info!(
         "measuring every {}",
-        humantime::format_duration(config.agent.interval)
+        agent_common::time_text::format_duration(config.agent.interval)
     );
 
     tokio::pin!(shutdown);

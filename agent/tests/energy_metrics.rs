@@ -165,12 +165,18 @@ async fn serves_metrics_over_http() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve_metrics_on(listener, Arc::clone(&reg)));
 
-    let response = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let response = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert!(
-        head.contains(&format!("Content-Length: {}", body.len())),
+        // Header names are case-insensitive (hyper writes them in lower case).
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {}", body.len())),
         "{head}"
     );
     let m = parse(body);
@@ -183,16 +189,25 @@ async fn serves_metrics_over_http() {
         parse(response.split_once("\r\n\r\n").unwrap().1)["sci_host_energy_joules_total"] == 20.0
     );
 
-    assert!(http(addr, "GET /other HTTP/1.1\r\n\r\n")
-        .await
-        .starts_with("HTTP/1.1 404"));
-    assert!(http(addr, "POST /metrics HTTP/1.1\r\n\r\n")
-        .await
-        .starts_with("HTTP/1.1 405"));
+    assert!(http(
+        addr,
+        "GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .await
+    .starts_with("HTTP/1.1 404"));
+    assert!(http(
+        addr,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .await
+    .starts_with("HTTP/1.1 405"));
     // A client that sends garbage and hangs up does not stop the server.
     drop(tokio::net::TcpStream::connect(addr).await.unwrap());
-    assert!(http(addr, "GET /metrics HTTP/1.1\r\n\r\n")
-        .await
-        .starts_with("HTTP/1.1 200"));
+    assert!(http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .await
+    .starts_with("HTTP/1.1 200"));
     server.abort();
 }

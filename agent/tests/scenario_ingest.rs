@@ -409,6 +409,42 @@ async fn prometheus_counter_increases_become_transactions_resets_handled() {
 }
 
 #[tokio::test]
+async fn prometheus_scrape_reads_a_chunked_body() {
+    use sci_agent::sources::ingest::{PrometheusScrapeConfig, PrometheusScraper};
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut value = 100;
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let _ = conn.read(&mut vec![0u8; 4096]).await;
+            // The body in two chunks, the split inside a series' labels.
+            let body = format!("loan_flows_total{{scenario=\"credit\"}} {value}\n");
+            let (a, b) = body.split_at(20);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                a.len(),
+                b.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+            value += 7;
+        }
+    });
+    let cfg: PrometheusScrapeConfig = toml::from_str(&format!(
+        "url = \"http://{addr}/metrics\"\nmetric = \"loan_flows_total\"\n"
+    ))
+    .unwrap();
+    let counters = IngestCounters::new();
+    let mut scraper = PrometheusScraper::new(&cfg, 1_000_000).unwrap();
+    scraper.scrape_once(&counters).await;
+    scraper.scrape_once(&counters).await;
+    let w = counters.take_window();
+    assert_eq!(w.transactions.get(Scenario::Credit), 7, "{w:?}");
+    assert!(w.refused.is_empty(), "{w:?}");
+}
+
+#[tokio::test]
 async fn prometheus_scrape_runs_from_the_endpoint_on_its_interval() {
     let body = std::sync::Arc::new(std::sync::Mutex::new(Some(exposition(1, 1, ""))));
     let (addr, answered) = metrics_server(body.clone()).await;

@@ -68,10 +68,10 @@ pub struct LimitsConfig {
     /// Open connections from one source address.
     pub max_connections_per_address: usize,
     /// Time a connection has to finish the TLS handshake.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub handshake_timeout: Duration,
     /// A connection that sends nothing for this long is closed.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub idle_timeout: Duration,
     /// Largest gRPC message (one batch), bytes.
     pub max_message_bytes: usize,
@@ -107,17 +107,17 @@ pub struct AggregatorConfig {
     /// Base step of the fleet and scenario rollups: every period is a
     /// multiple of it. Default: the largest divisor of one minute that
     /// divides `period` (1 min for hourly periods). Fixed at database creation.
-    #[serde(with = "opt_duration_text")]
+    #[serde(with = "agent_common::time_text::serde_opt_duration")]
     pub rollup_step: Option<Duration>,
     /// Step of the per-host, per-service and profile rollups (a multiple of
     /// `rollup_step`). Fixed at database creation.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub host_rollup_step: Duration,
     /// Raw windows (and their profile stacks) are kept this long.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub raw_retention: Duration,
     /// Rollups (and hourly merged profiles) are kept this long.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub rollup_retention: Duration,
     /// A period whose coverage (host-seconds of data against hosts x
     /// period length) is below this is shown but left out of SCI_CF.
@@ -127,10 +127,10 @@ pub struct AggregatorConfig {
     /// Expensive queries (sci, dashboard, hotspots, profile) at once; more get 503.
     pub max_concurrent_queries: usize,
     /// A query running longer is cancelled (503).
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub query_timeout: Duration,
     /// Measurement period length, aligned to the wall clock (e.g. "1h").
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub period: Duration,
     /// alpha_i of formula (2); stated in every result.
     pub weights: BTreeMap<String, f64>,
@@ -140,13 +140,13 @@ pub struct AggregatorConfig {
     /// Power a host can physically draw, watts: a window implying more is refused.
     pub max_host_power_w: f64,
     /// A window ending further in the future than this is refused.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub max_clock_skew: Duration,
     /// A window older than this is refused.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub max_window_age: Duration,
     /// A window longer than this is refused (its energy ceiling would be meaningless).
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub max_window_length: Duration,
     /// Completed transactions a host can report per second of window, all scenarios.
     pub max_transactions_per_s: f64,
@@ -182,26 +182,6 @@ impl Default for AggregatorConfig {
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
         }
-    }
-}
-
-mod duration_text {
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-    }
-}
-
-mod opt_duration_text {
-    use serde::Deserializer;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<std::time::Duration>, D::Error> {
-        super::duration_text::deserialize(d).map(Some)
     }
 }
 

@@ -15,7 +15,7 @@
 //! (more get 503 with `Retry-After`), each within `query_timeout` (503
 //! past it). /metrics reads counters kept at ingest and an evaluation of
 //! the last 24 h refreshed in the background, never a query per scrape.
-use std::fmt::Write as _;
+use agent_common::prometheus_text::{self, Family};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -494,114 +494,123 @@ pub async fn refresh_recent(state: HttpState, every: Duration) {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// Prometheus text: fleet SCI over the last 24 h, per scenario, ingest counters.
 pub fn render_metrics(state: &HttpState) -> String {
-    let mut out = String::new();
-    let healthy = state.store.healthy();
-    let _ = writeln!(out, "# HELP sci_store_healthy 1 when the store answers.\n# TYPE sci_store_healthy gauge\nsci_store_healthy {}", u8::from(healthy));
+    let mut out: Vec<Family> = Vec::new();
+    out.push(
+        Family::gauge("sci_store_healthy", "1 when the store answers.")
+            .single(f64::from(u8::from(state.store.healthy()))),
+    );
     let recent = lock(&state.recent).clone();
     if let Some(e) = recent {
-        let _ = writeln!(out, "# HELP sci_fleet_sci_g_per_unit Fleet SCI_CF over the last 24 h, gCO2e per business unit (mean of periods, and pooled).\n# TYPE sci_fleet_sci_g_per_unit gauge");
+        let mut sci = Family::gauge(
+            "sci_fleet_sci_g_per_unit",
+            "Fleet SCI_CF over the last 24 h, gCO2e per business unit (mean of periods, and pooled).",
+        );
         if let Some(v) = e.sci_cf_mean {
-            let _ = writeln!(out, "sci_fleet_sci_g_per_unit{{method=\"mean\"}} {v}");
+            sci.push(&[("method", "mean")], v);
         }
         if let Some(v) = e.sci_cf_pooled {
-            let _ = writeln!(out, "sci_fleet_sci_g_per_unit{{method=\"pooled\"}} {v}");
+            sci.push(&[("method", "pooled")], v);
         }
-        let _ = writeln!(out, "# HELP sci_fleet_scenario_g_per_transaction Carbon per completed transaction over the last 24 h.\n# TYPE sci_fleet_scenario_g_per_transaction gauge");
-        for s in e.scenarios.iter().filter(|s| s.g_per_transaction.is_some()) {
-            let _ = writeln!(
-                out,
-                "sci_fleet_scenario_g_per_transaction{{scenario=\"{}\"}} {}",
-                s.scenario,
-                s.g_per_transaction.unwrap_or(0.0)
-            );
+        out.push(sci);
+        let mut per_txn = Family::gauge(
+            "sci_fleet_scenario_g_per_transaction",
+            "Carbon per completed transaction over the last 24 h.",
+        );
+        let mut measured = Family::gauge(
+            "sci_fleet_scenario_measured_weight",
+            "Carbon per transaction relative to query's (the measured alpha).",
+        );
+        for s in &e.scenarios {
+            if let Some(v) = s.g_per_transaction {
+                per_txn.push(&[("scenario", &s.scenario)], v);
+            }
+            if let Some(v) = s.measured_weight {
+                measured.push(&[("scenario", &s.scenario)], v);
+            }
         }
-        let _ = writeln!(out, "# HELP sci_fleet_scenario_measured_weight Carbon per transaction relative to query's (the measured alpha).\n# TYPE sci_fleet_scenario_measured_weight gauge");
-        for s in e.scenarios.iter().filter(|s| s.measured_weight.is_some()) {
-            let _ = writeln!(
-                out,
-                "sci_fleet_scenario_measured_weight{{scenario=\"{}\"}} {}",
-                s.scenario,
-                s.measured_weight.unwrap_or(0.0)
-            );
-        }
+        out.push(per_txn);
+        out.push(measured);
     }
     let c = lock(&state.counters);
-    let _ = writeln!(out, "# HELP sci_ingest_windows_total Windows stored (new), and replays ignored (duplicate).\n# TYPE sci_ingest_windows_total counter");
-    let _ = writeln!(
-        out,
-        "sci_ingest_windows_total{{result=\"accepted\"}} {}",
-        c.windows_accepted
+    out.push(
+        Family::counter(
+            "sci_ingest_windows_total",
+            "Windows stored (new), and replays ignored (duplicate).",
+        )
+        .with(&[("result", "accepted")], c.windows_accepted as f64)
+        .with(&[("result", "duplicate")], c.windows_duplicate as f64)
+        .with(&[("result", "conflict")], c.windows_conflict as f64),
     );
-    let _ = writeln!(
-        out,
-        "sci_ingest_windows_total{{result=\"duplicate\"}} {}",
-        c.windows_duplicate
+    out.push(
+        Family::counter(
+            "sci_ingest_carbon_grams_total",
+            "Operational and embodied carbon of the windows stored since start.",
+        )
+        .with(&[("kind", "operational")], c.operational_g)
+        .with(&[("kind", "embodied")], c.embodied_g),
     );
-    let _ = writeln!(
-        out,
-        "sci_ingest_windows_total{{result=\"conflict\"}} {}",
-        c.windows_conflict
+    out.push(
+        Family::counter(
+            "sci_ingest_energy_joules_total",
+            "Host energy of the windows stored since start.",
+        )
+        .single(c.energy_j),
     );
-    let _ = writeln!(out, "# HELP sci_ingest_carbon_grams_total Operational and embodied carbon of the windows stored since start.\n# TYPE sci_ingest_carbon_grams_total counter");
-    let _ = writeln!(
-        out,
-        "sci_ingest_carbon_grams_total{{kind=\"operational\"}} {}",
-        c.operational_g
+    let mut transactions = Family::counter(
+        "sci_ingest_transactions_total",
+        "Completed transactions of the windows stored since start, per scenario.",
     );
-    let _ = writeln!(
-        out,
-        "sci_ingest_carbon_grams_total{{kind=\"embodied\"}} {}",
-        c.embodied_g
-    );
-    let _ = writeln!(out, "# HELP sci_ingest_energy_joules_total Host energy of the windows stored since start.\n# TYPE sci_ingest_energy_joules_total counter\nsci_ingest_energy_joules_total {}", c.energy_j);
-    let _ = writeln!(out, "# HELP sci_ingest_transactions_total Completed transactions of the windows stored since start, per scenario.\n# TYPE sci_ingest_transactions_total counter");
     for (scenario, n) in &c.transactions {
-        let _ = writeln!(
-            out,
-            "sci_ingest_transactions_total{{scenario=\"{}\"}} {n}",
-            escape(scenario)
-        );
+        transactions.push(&[("scenario", scenario)], *n as f64);
     }
-    let _ = writeln!(out, "# HELP sci_ingest_batches_total Batches committed and acknowledged.\n# TYPE sci_ingest_batches_total counter\nsci_ingest_batches_total {}", c.batches);
-    let _ = writeln!(out, "# HELP sci_ingest_refused_windows_total Windows refused, per host and reason.\n# TYPE sci_ingest_refused_windows_total counter");
+    out.push(transactions);
+    out.push(
+        Family::counter(
+            "sci_ingest_batches_total",
+            "Batches committed and acknowledged.",
+        )
+        .single(c.batches as f64),
+    );
+    let mut refused = Family::counter(
+        "sci_ingest_refused_windows_total",
+        "Windows refused, per host and reason.",
+    );
     for ((host, kind), n) in &c.refused {
-        let _ = writeln!(
-            out,
-            "sci_ingest_refused_windows_total{{host=\"{}\",reason=\"{kind}\"}} {n}",
-            escape(host)
-        );
+        refused.push(&[("host", host), ("reason", &kind.to_string())], *n as f64);
     }
-    let _ = writeln!(out, "# HELP sci_ingest_refused_streams_total Streams refused before any window, per reason.\n# TYPE sci_ingest_refused_streams_total counter");
+    out.push(refused);
+    let mut streams = Family::counter(
+        "sci_ingest_refused_streams_total",
+        "Streams refused before any window, per reason.",
+    );
     for (kind, n) in &c.streams_refused {
-        let _ = writeln!(
-            out,
-            "sci_ingest_refused_streams_total{{reason=\"{kind}\"}} {n}"
-        );
+        streams.push(&[("reason", &kind.to_string())], *n as f64);
     }
-    let _ = writeln!(out, "# HELP sci_ingest_decode_errors_total Streams ended by an undecodable message.\n# TYPE sci_ingest_decode_errors_total counter\nsci_ingest_decode_errors_total {}", c.decode_errors);
-    c.render_limits(&mut out);
-    let _ = writeln!(out, "# HELP sci_host_last_seen_seconds End of the last window accepted from each host (unix seconds).\n# TYPE sci_host_last_seen_seconds gauge");
+    out.push(streams);
+    out.push(
+        Family::counter(
+            "sci_ingest_decode_errors_total",
+            "Streams ended by an undecodable message.",
+        )
+        .single(c.decode_errors as f64),
+    );
+    c.limit_families(&mut out);
+    let mut last_seen = Family::gauge(
+        "sci_host_last_seen_seconds",
+        "End of the last window accepted from each host (unix seconds).",
+    );
     for (host, s) in &c.last_seen {
-        let _ = writeln!(
-            out,
-            "sci_host_last_seen_seconds{{host=\"{}\"}} {s}",
-            escape(host)
-        );
+        last_seen.push(&[("host", host)], *s as f64);
     }
-    out
+    out.push(last_seen);
+    prometheus_text::render(out)
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
     match tokio::task::spawn_blocking(move || render_metrics(&state)).await {
-        Ok(text) => ([("content-type", "text/plain; version=0.0.4")], text).into_response(),
+        Ok(text) => ([("content-type", prometheus_text::CONTENT_TYPE)], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

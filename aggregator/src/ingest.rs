@@ -8,6 +8,7 @@
 //! `PermissionDenied`; no or unknown credentials are `Unauthenticated`.
 //! Without tokens and client CA the server only runs with `--insecure`, and
 //! then trusts the host a batch names.
+use agent_common::prometheus_text::Family;
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -53,35 +54,42 @@ pub struct IngestCounters {
 
 impl IngestCounters {
     /// Prometheus lines of the delivery contract and the listeners' limits.
-    pub fn render_limits(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    pub fn limit_families(&self, out: &mut Vec<Family>) {
         use std::sync::atomic::Ordering;
-        let _ = writeln!(out, "# HELP sci_ingest_conflicts_total Windows refused because a different window with the same (host, instance, seq) is stored.\n# TYPE sci_ingest_conflicts_total counter\nsci_ingest_conflicts_total {}", self.windows_conflict);
-        let _ = writeln!(out, "# HELP sci_http_unauthorized_total HTTP requests refused without a valid bearer token.\n# TYPE sci_http_unauthorized_total counter\nsci_http_unauthorized_total {}", self.http_unauthorized);
-        let _ = writeln!(out, "# HELP sci_connections_open Connections open per listener.\n# TYPE sci_connections_open gauge");
+        out.push(
+            Family::counter(
+                "sci_ingest_conflicts_total",
+                "Windows refused because a different window with the same (host, instance, seq) is stored.",
+            )
+            .single(self.windows_conflict as f64),
+        );
+        out.push(
+            Family::counter(
+                "sci_http_unauthorized_total",
+                "HTTP requests refused without a valid bearer token.",
+            )
+            .single(self.http_unauthorized as f64),
+        );
+        let mut open = Family::gauge("sci_connections_open", "Connections open per listener.");
+        let mut refused = Family::counter(
+            "sci_connections_refused_total",
+            "Connections closed at accept, per listener and limit, and closed idle.",
+        );
         for l in &self.limiters {
-            let _ = writeln!(
-                out,
-                "sci_connections_open{{listener=\"{}\"}} {}",
-                l.listener,
-                l.open()
-            );
-        }
-        let _ = writeln!(out, "# HELP sci_connections_refused_total Connections closed at accept, per listener and limit, and closed idle.\n# TYPE sci_connections_refused_total counter");
-        for l in &self.limiters {
+            open.push(&[("listener", l.listener)], l.open() as f64);
             for (limit, n) in [
                 ("max_connections", &l.refused_total_limit),
                 ("max_connections_per_address", &l.refused_address_limit),
                 ("idle_timeout", &l.closed_idle),
             ] {
-                let _ = writeln!(
-                    out,
-                    "sci_connections_refused_total{{listener=\"{}\",limit=\"{limit}\"}} {}",
-                    l.listener,
-                    n.load(Ordering::Relaxed)
+                refused.push(
+                    &[("listener", l.listener), ("limit", limit)],
+                    n.load(Ordering::Relaxed) as f64,
                 );
             }
         }
+        out.push(open);
+        out.push(refused);
     }
 }
 

@@ -40,7 +40,7 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
         /// Period length, e.g. 1h (default: the configured one).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = agent_common::time_text::parse_duration)]
         period: Option<std::time::Duration>,
         /// json, md or html (printable, with the SCI_j chart).
         #[arg(long, default_value = "md")]
@@ -107,9 +107,9 @@ fn parse_time(text: &str) -> Result<u64> {
     if let Ok(s) = text.parse::<u64>() {
         return Ok(s);
     }
-    let t = humantime::parse_rfc3339_weak(text)
-        .with_context(|| format!("{text:?} is neither unix seconds nor RFC 3339"))?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs())
+    let t = agent_common::time_text::parse_time_utc_default(text)
+        .map_err(|e| anyhow::anyhow!("{e}; or give unix seconds"))?;
+    u64::try_from(t.as_second()).with_context(|| format!("{text:?} is before 1970"))
 }
 
 fn main() -> Result<()> {
@@ -200,8 +200,7 @@ fn main() -> Result<()> {
                     "{}",
                     sci_aggregator::dashboard::render_evaluation_report_html(
                         &evaluation,
-                        &humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                            .to_string()
+                        &agent_common::time_text::now_rfc3339().to_string()
                     )
                 ),
                 other => bail!("--format {other}: use json, md or html"),

@@ -89,8 +89,7 @@ pub fn percent(share: f64) -> String {
 }
 
 pub fn unix_to_text(s: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
-        .to_string()
+    agent_common::time_text::format_unix_s(s as i64)
 }
 
 fn md_cell(text: &str) -> String {

@@ -144,7 +144,7 @@ pub fn withheld_reason(p: &MergedProfile, min_samples: u64) -> Option<String> {
 }
 
 fn now_text() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    agent_common::time_text::now_rfc3339()
 }
 
 pub fn dashboard(

@@ -24,24 +24,20 @@ use crate::{cargo, run, workspace_root};
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// How long the load runs (one compressed business day).
-    #[arg(long, default_value = "60s", value_parser = humantime_parse)]
+    #[arg(long, default_value = "60s", value_parser = agent_common::time_text::parse_duration)]
     duration: Duration,
     /// Peak requests per second of the load generator.
     #[arg(long, default_value_t = 40)]
     peak_rps: u32,
     /// Agent window length.
-    #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+    #[arg(long, default_value = "2s", value_parser = agent_common::time_text::parse_duration)]
     interval: Duration,
     /// Measurement period length at the aggregator (several periods make the mean).
-    #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+    #[arg(long, default_value = "10s", value_parser = agent_common::time_text::parse_duration)]
     period: Duration,
     /// Where the run's files go (default: target/demo/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-fn humantime_parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
 fn free_port() -> Result<u16> {
@@ -124,7 +120,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let root = unsafe_is_root();
     println!(
         "sci-cf demo: {} of load, agent windows of {:?}, periods of {:?}; files in {}",
-        humantime_fmt(args.duration),
+        agent_common::time_text::format_duration(args.duration),
         args.interval,
         args.period,
         out.display()
@@ -282,10 +278,6 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     print!("{}", summary?);
     Ok(())
-}
-
-fn humantime_fmt(d: Duration) -> String {
-    format!("{}s", d.as_secs())
 }
 
 fn unsafe_is_root() -> bool {

@@ -57,12 +57,12 @@ pub struct AggregatorConfig {
     pub batch_max_bytes: u64,
     /// The agent's /healthz reports delivery behind when the oldest unacknowledged
     /// window ended longer ago than this.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub behind_after: Duration,
     /// Spool bound in bytes; beyond it the oldest unsent windows are merged.
     pub spool_max_bytes: u64,
     /// Longest wait between reconnection attempts.
-    #[serde(with = "duration_text")]
+    #[serde(with = "agent_common::time_text::serde_duration")]
     pub max_backoff: Duration,
 }
 
@@ -81,16 +81,6 @@ impl Default for AggregatorConfig {
             spool_max_bytes: 256 * 1024 * 1024,
             max_backoff: Duration::from_secs(30),
         }
-    }
-}
-
-mod duration_text {
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
     }
 }
 

@@ -8,13 +8,22 @@
 //! series (no `pid` label), so the sum over a comm's series never decreases.
 //! Beyond `max_comm_series` comm series, the rest go to `comm="_other"`.
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::State as Shared;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use agent_common::prometheus_text::{self, Family, Labels};
 
 use crate::error::AgentError;
 use crate::window::WindowReport;
@@ -176,33 +185,65 @@ impl MetricsRegistry {
         ))
     }
 
-    fn render_delivery(&self, out: &mut String) {
+    fn delivery_families(&self, out: &mut Vec<Family>) {
         use std::sync::atomic::Ordering;
         let delivery = self.delivery.lock().unwrap_or_else(|p| p.into_inner());
         let Some((d, _)) = delivery.as_ref() else {
             return;
         };
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP sci_agent_spool_windows Windows in the spool waiting for an acknowledgement.\n# TYPE sci_agent_spool_windows gauge\nsci_agent_spool_windows {}", load(&d.pending_windows));
-        let _ = writeln!(out, "# HELP sci_agent_spool_bytes Bytes of window records in the spool.\n# TYPE sci_agent_spool_bytes gauge\nsci_agent_spool_bytes {}", load(&d.pending_bytes));
-        let oldest = load(&d.oldest_pending_end_ns);
-        let _ = writeln!(out, "# HELP sci_agent_delivery_oldest_pending_end_seconds End of the oldest unacknowledged window (unix seconds; 0: none).\n# TYPE sci_agent_delivery_oldest_pending_end_seconds gauge\nsci_agent_delivery_oldest_pending_end_seconds {}", oldest / 1_000_000_000);
-        let _ = writeln!(out, "# HELP sci_agent_delivery_last_ack_seconds Time of the last acknowledgement (unix seconds; 0: none yet).\n# TYPE sci_agent_delivery_last_ack_seconds gauge\nsci_agent_delivery_last_ack_seconds {}", load(&d.last_ack_unix_s));
-        let _ = writeln!(out, "# HELP sci_agent_windows_acked_total Windows the aggregator acknowledged as stored.\n# TYPE sci_agent_windows_acked_total counter\nsci_agent_windows_acked_total {}", load(&d.acked));
-        let _ = writeln!(out, "# HELP sci_agent_windows_lost_total Windows that will not reach the aggregator, per reason (quarantined ones are kept on disk).\n# TYPE sci_agent_windows_lost_total counter");
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        out.push(
+            Family::gauge(
+                "sci_agent_spool_windows",
+                "Windows in the spool waiting for an acknowledgement.",
+            )
+            .single(load(&d.pending_windows)),
+        );
+        out.push(
+            Family::gauge(
+                "sci_agent_spool_bytes",
+                "Bytes of window records in the spool.",
+            )
+            .single(load(&d.pending_bytes)),
+        );
+        out.push(
+            Family::gauge(
+                "sci_agent_delivery_oldest_pending_end_seconds",
+                "End of the oldest unacknowledged window (unix seconds; 0: none).",
+            )
+            .single((d.oldest_pending_end_ns.load(Ordering::Relaxed) / 1_000_000_000) as f64),
+        );
+        out.push(
+            Family::gauge(
+                "sci_agent_delivery_last_ack_seconds",
+                "Time of the last acknowledgement (unix seconds; 0: none yet).",
+            )
+            .single(load(&d.last_ack_unix_s)),
+        );
+        out.push(
+            Family::counter(
+                "sci_agent_windows_acked_total",
+                "Windows the aggregator acknowledged as stored.",
+            )
+            .single(load(&d.acked)),
+        );
+        let mut lost = Family::counter(
+            "sci_agent_windows_lost_total",
+            "Windows that will not reach the aggregator, per reason (quarantined ones are kept on disk).",
+        );
         for (reason, a) in [
             ("quarantined_refused", &d.quarantined_refused),
             ("quarantined_damaged", &d.corrupt),
             ("dropped_write_failed", &d.dropped_write_failed),
             ("dropped_spool_full", &d.dropped_spool_full),
         ] {
-            let _ = writeln!(
-                out,
-                "sci_agent_windows_lost_total{{reason=\"{reason}\"}} {}",
-                load(a)
-            );
+            lost.push(&[("reason", reason)], load(a));
         }
-        let _ = writeln!(out, "# HELP sci_agent_spool_events_total What the spool did to keep every window: merges, renumbering, new instances, state rebuilt, refusals deferred, write failures.\n# TYPE sci_agent_spool_events_total counter");
+        out.push(lost);
+        let mut events = Family::counter(
+            "sci_agent_spool_events_total",
+            "What the spool did to keep every window: merges, renumbering, new instances, state rebuilt, refusals deferred, write failures.",
+        );
         for (event, a) in [
             ("merged", &d.merges),
             ("renumbered", &d.renumbered),
@@ -211,13 +252,16 @@ impl MetricsRegistry {
             ("deferred_clock_ahead", &d.deferred),
             ("write_failed", &d.write_failures),
         ] {
-            let _ = writeln!(
-                out,
-                "sci_agent_spool_events_total{{event=\"{event}\"}} {}",
-                load(a)
-            );
+            events.push(&[("event", event)], load(a));
         }
-        let _ = writeln!(out, "# HELP sci_agent_profile_stacks_trimmed_total Profile stacks left out so a window fits the batch limit.\n# TYPE sci_agent_profile_stacks_trimmed_total counter\nsci_agent_profile_stacks_trimmed_total {}", load(&d.trimmed_stacks));
+        out.push(events);
+        out.push(
+            Family::counter(
+                "sci_agent_profile_stacks_trimmed_total",
+                "Profile stacks left out so a window fits the batch limit.",
+            )
+            .single(load(&d.trimmed_stacks)),
+        );
     }
 
     /// Count energy-source warnings (unreadable or rejected domains) of a window.
@@ -339,56 +383,52 @@ impl MetricsRegistry {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let s = self.lock();
-        let mut out = String::new();
-        let mut host = |name: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                num(value)
-            );
-        };
-        host(
-            "sci_host_energy_joules_total",
-            "Host energy (packages + dram, or psys, or model).",
-            s.host_energy_j,
-        );
-        host(
-            "sci_host_idle_energy_joules_total",
-            "Part of the host energy that is idle baseline.",
-            s.host_idle_energy_j,
-        );
-        host(
-            "sci_host_unattributed_energy_joules_total",
-            "Dynamic energy no process could be charged with.",
-            s.host_unattributed_energy_j,
-        );
-        host(
-            "sci_host_carbon_grams_total",
-            "Operational carbon of the host, gCO2e (E x I x PUE).",
-            s.host_carbon_g,
-        );
-        host(
-            "sci_host_embodied_grams_total",
-            "Embodied carbon of the host apportioned to the time measured, gCO2e.",
-            s.host_embodied_g,
-        );
-        host("sci_windows_total", "Windows observed.", s.windows as f64);
-        host(
-            "sci_conservation_violations_total",
-            "Windows whose attribution did not add up to the host energy.",
-            s.conservation_violations as f64,
-        );
-        host(
-            "sci_energy_warnings_total",
-            "Energy domains left out of a window (unreadable or rejected).",
-            s.energy_warnings as f64,
-        );
-
-        host(
-            "sci_business_units_total",
-            "R: completed transactions weighted by the scenario weights.",
-            s.business_units,
-        );
+        let mut out: Vec<Family> = Vec::new();
+        for (name, help, value) in [
+            (
+                "sci_host_energy_joules_total",
+                "Host energy (packages + dram, or psys, or model).",
+                s.host_energy_j,
+            ),
+            (
+                "sci_host_idle_energy_joules_total",
+                "Part of the host energy that is idle baseline.",
+                s.host_idle_energy_j,
+            ),
+            (
+                "sci_host_unattributed_energy_joules_total",
+                "Dynamic energy no process could be charged with.",
+                s.host_unattributed_energy_j,
+            ),
+            (
+                "sci_host_carbon_grams_total",
+                "Operational carbon of the host, gCO2e (E x I x PUE).",
+                s.host_carbon_g,
+            ),
+            (
+                "sci_host_embodied_grams_total",
+                "Embodied carbon of the host apportioned to the time measured, gCO2e.",
+                s.host_embodied_g,
+            ),
+            ("sci_windows_total", "Windows observed.", s.windows as f64),
+            (
+                "sci_conservation_violations_total",
+                "Windows whose attribution did not add up to the host energy.",
+                s.conservation_violations as f64,
+            ),
+            (
+                "sci_energy_warnings_total",
+                "Energy domains left out of a window (unreadable or rejected).",
+                s.energy_warnings as f64,
+            ),
+            (
+                "sci_business_units_total",
+                "R: completed transactions weighted by the scenario weights.",
+                s.business_units,
+            ),
+        ] {
+            out.push(Family::counter(name, help).single(value));
+        }
         let scenario_series: [ScenarioSeries; 5] = [
             (
                 "sci_scenario_transactions_total",
@@ -417,77 +457,80 @@ impl MetricsRegistry {
             ),
         ];
         for (name, help, value) in scenario_series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let mut family = Family::counter(name, help);
             for (scenario, totals) in &s.scenarios {
-                let _ = writeln!(
-                    out,
-                    "{name}{{scenario=\"{}\"}} {}",
-                    escape(scenario),
-                    num(value(totals))
-                );
+                family.push(&[("scenario", scenario)], value(totals));
             }
+            out.push(family);
         }
-        let _ = writeln!(out, "# HELP sci_scenario_weight Weight alpha of each scenario in R (disclosed as SCI requires).\n# TYPE sci_scenario_weight gauge");
+        let mut weights = Family::gauge(
+            "sci_scenario_weight",
+            "Weight alpha of each scenario in R (disclosed as SCI requires).",
+        );
         for (scenario, totals) in &s.scenarios {
-            let _ = writeln!(
-                out,
-                "sci_scenario_weight{{scenario=\"{}\"}} {}",
-                escape(scenario),
-                num(totals.weight)
-            );
+            weights.push(&[("scenario", scenario)], totals.weight);
         }
-
-        let _ = writeln!(out, "# HELP sci_host_cpu_seconds_total CPU time of the host summed over CPUs.\n# TYPE sci_host_cpu_seconds_total counter");
-        let _ = writeln!(
-            out,
-            "sci_host_cpu_seconds_total{{mode=\"busy\"}} {}",
-            num(s.busy_cpu_ns as f64 / 1e9)
+        out.push(weights);
+        out.push(
+            Family::counter(
+                "sci_host_cpu_seconds_total",
+                "CPU time of the host summed over CPUs.",
+            )
+            .with(&[("mode", "busy")], s.busy_cpu_ns as f64 / 1e9)
+            .with(&[("mode", "idle")], s.idle_cpu_ns as f64 / 1e9),
         );
-        let _ = writeln!(
-            out,
-            "sci_host_cpu_seconds_total{{mode=\"idle\"}} {}",
-            num(s.idle_cpu_ns as f64 / 1e9)
+        out.push(
+            Family::gauge(
+                "sci_carbon_intensity_g_per_kwh",
+                "Grid carbon intensity used in the last window.",
+            )
+            .single(s.intensity_g_per_kwh),
         );
-
-        let _ = writeln!(out, "# HELP sci_carbon_intensity_g_per_kwh Grid carbon intensity used in the last window.\n# TYPE sci_carbon_intensity_g_per_kwh gauge\nsci_carbon_intensity_g_per_kwh {}", num(s.intensity_g_per_kwh));
-        let _ = writeln!(out, "# HELP sci_pue Power usage effectiveness used in the last window.\n# TYPE sci_pue gauge\nsci_pue {}", num(s.pue));
-        let _ = writeln!(out, "# HELP sci_energy_source_info Energy source in use.\n# TYPE sci_energy_source_info gauge");
+        out.push(
+            Family::gauge(
+                "sci_pue",
+                "Power usage effectiveness used in the last window.",
+            )
+            .single(s.pue),
+        );
+        let mut energy_source = Family::gauge("sci_energy_source_info", "Energy source in use.");
         if let Some((source, estimated)) = &s.energy_source {
-            let _ = writeln!(
-                out,
-                "sci_energy_source_info{{source=\"{}\",estimated=\"{estimated}\"}} 1",
-                escape(source)
+            energy_source.push(
+                &[("source", source), ("estimated", &estimated.to_string())],
+                1.0,
             );
         }
-        let _ = writeln!(out, "# HELP sci_cpu_source_info CPU accounting source in use.\n# TYPE sci_cpu_source_info gauge");
+        out.push(energy_source);
+        let mut cpu_source = Family::gauge("sci_cpu_source_info", "CPU accounting source in use.");
         if let Some(source) = &s.cpu_source {
-            let _ = writeln!(
-                out,
-                "sci_cpu_source_info{{source=\"{}\"}} 1",
-                escape(source)
-            );
+            cpu_source.push(&[("source", source)], 1.0);
         }
-        let _ = writeln!(out, "# HELP sci_lost_events_total Events the CPU accounting could not record.\n# TYPE sci_lost_events_total counter");
+        out.push(cpu_source);
+        let mut lost_events = Family::counter(
+            "sci_lost_events_total",
+            "Events the CPU accounting could not record.",
+        );
         for (kind, n) in &s.lost_events {
-            let _ = writeln!(out, "sci_lost_events_total{{kind=\"{kind}\"}} {n}");
+            lost_events.push(&[("kind", kind)], *n as f64);
         }
-        let _ = writeln!(out, "# HELP sci_lost_cpu_seconds_total CPU time charged to no process (map full) or late.\n# TYPE sci_lost_cpu_seconds_total counter");
+        out.push(lost_events);
+        let mut lost_cpu = Family::counter(
+            "sci_lost_cpu_seconds_total",
+            "CPU time charged to no process (map full) or late.",
+        );
         for (kind, ns) in &s.lost_cpu_ns {
-            let _ = writeln!(
-                out,
-                "sci_lost_cpu_seconds_total{{kind=\"{kind}\"}} {}",
-                num(*ns as f64 / 1e9)
-            );
+            lost_cpu.push(&[("kind", kind)], *ns as f64 / 1e9);
         }
+        out.push(lost_cpu);
 
-        let mut series: Vec<(String, &Totals)> = Vec::new();
+        let mut series: Vec<(Labels, &Totals)> = Vec::new();
         let mut pids: Vec<_> = s.processes.iter().collect();
         pids.sort_by(|a, b| a.0.cmp(b.0));
         for ((pid, comm), p) in pids {
-            series.push((labels(Some(*pid), comm, &p.cgroup), &p.totals));
+            series.push((process_labels(Some(*pid), comm, &p.cgroup), &p.totals));
         }
         for ((comm, cgroup), totals) in &s.comms {
-            series.push((labels(None, comm, cgroup), totals));
+            series.push((process_labels(None, comm, cgroup), totals));
         }
         let families: [(&str, &str, TotalsField); 5] = [
             (
@@ -517,14 +560,19 @@ impl MetricsRegistry {
             ),
         ];
         for (name, help, get) in families {
-            let _ = writeln!(out, "# HELP {name} {help} Exited processes are folded into comm-level series.\n# TYPE {name} counter");
-            for (labels, totals) in &series {
-                let _ = writeln!(out, "{name}{{{labels}}} {}", num(get(totals)));
-            }
+            let mut family = Family::counter(
+                name,
+                &format!("{help} Exited processes are folded into comm-level series."),
+            );
+            family.series = series
+                .iter()
+                .map(|(labels, totals)| (labels.clone(), get(totals)))
+                .collect();
+            out.push(family);
         }
         drop(s);
-        self.render_delivery(&mut out);
-        out
+        self.delivery_families(&mut out);
+        prometheus_text::render(out)
     }
 }
 
@@ -547,30 +595,46 @@ fn fold(
     comms.entry(key).or_default().add(totals);
 }
 
-fn labels(pid: Option<u32>, comm: &str, cgroup: &str) -> String {
-    let mut out = String::new();
+fn process_labels(pid: Option<u32>, comm: &str, cgroup: &str) -> Labels {
+    let mut labels = Labels::new();
     if let Some(pid) = pid {
-        let _ = write!(out, "pid=\"{pid}\",");
+        labels.push(("pid".into(), pid.to_string()));
     }
-    let _ = write!(out, "comm=\"{}\"", escape(comm));
+    labels.push(("comm".into(), comm.into()));
     if !cgroup.is_empty() {
-        let _ = write!(out, ",cgroup=\"{}\"", escape(cgroup));
+        labels.push(("cgroup".into(), cgroup.into()));
     }
-    out
+    labels
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Connections served at once; further ones are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that has not sent a complete request head in this time is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The endpoint's routes: `GET /metrics` (Prometheus text) and `GET /healthz`.
+pub fn metrics_router(registry: Arc<MetricsRegistry>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(health_page))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "see /metrics\n") })
+        .with_state(registry)
 }
 
-fn num(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v}")
-    } else {
-        "0".to_string()
+async fn metrics_page(Shared(registry): Shared<Arc<MetricsRegistry>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        registry.render(),
+    )
+}
+
+async fn health_page(Shared(registry): Shared<Arc<MetricsRegistry>>) -> impl IntoResponse {
+    match registry.health() {
+        Ok(text) => (StatusCode::OK, text),
+        Err(text) => (StatusCode::SERVICE_UNAVAILABLE, text),
     }
 }
 
@@ -586,103 +650,45 @@ pub async fn serve_metrics(
 }
 
 /// Serve `GET /metrics` on an already bound listener (tests bind port 0).
+///
+/// HTTP/1.1 by hyper, routes by axum. At most [`MAX_CONNECTIONS`] at once (a
+/// further one is closed at once), and a connection that sends no complete
+/// request head within [`HEADER_READ_TIMEOUT`] is closed, so idle clients
+/// cannot hold the endpoint.
 pub async fn serve_metrics_on(
     listener: TcpListener,
     registry: Arc<MetricsRegistry>,
 ) -> Result<(), AgentError> {
+    let router = metrics_router(registry);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let registry = Arc::clone(&registry);
-                tokio::spawn(async move {
-                    if let Err(e) = handle_connection(stream, &registry).await {
-                        tracing::debug!("metrics connection: {e}");
-                    }
-                });
-            }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: keep serving.
                 tracing::warn!("metrics endpoint: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
-    }
-}
-
-async fn handle_connection(
-    mut stream: TcpStream,
-    registry: &MetricsRegistry,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let head_complete =
-        |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
-    while !head_complete(&buf) {
-        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-            Ok(result) => result?,
-            Err(_) => return Ok(()),
         };
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 8192 {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request head too large\n",
-            )
-            .await;
-        }
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(
+                "metrics endpoint: {MAX_CONNECTIONS} connections open, closing a new one"
+            );
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!("metrics connection: {e}");
+            }
+            drop(permit);
+        });
     }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    match (method, path) {
-        ("GET", "/metrics") => {
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                &registry.render(),
-            )
-            .await
-        }
-        ("GET", "/healthz") => match registry.health() {
-            Ok(text) => respond(&mut stream, "200 OK", "text/plain", &text).await,
-            Err(text) => respond(&mut stream, "503 Service Unavailable", "text/plain", &text).await,
-        },
-        (_, "/metrics") => {
-            respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET\n",
-            )
-            .await
-        }
-        _ => respond(&mut stream, "404 Not Found", "text/plain", "see /metrics\n").await,
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

@@ -27,6 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
@@ -95,12 +100,10 @@ mod duration_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
         let text = String::deserialize(d)?;
-        match humantime::parse_duration(&text) {
+        match agent_common::time_text::parse_duration(&text) {
             Ok(d) if !d.is_zero() => Ok(d),
             Ok(_) => Err(serde::de::Error::custom("interval must be > 0")),
-            Err(e) => Err(serde::de::Error::custom(format!(
-                "invalid duration {text:?}: {e}"
-            ))),
+            Err(e) => Err(serde::de::Error::custom(e)),
         }
     }
 }
@@ -656,6 +659,8 @@ const MAX_SCRAPE_BYTES: usize = 16 << 20;
 /// One `[[ingest.prometheus]]` target with the counter values it last saw.
 #[derive(Debug)]
 pub struct PrometheusScraper {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    uri: hyper::Uri,
     host_port: String,
     path: String,
     metric: String,
@@ -686,7 +691,15 @@ impl PrometheusScraper {
         if host_port.is_empty() || !host_port.contains(':') {
             return Err(bad("needs host:port"));
         }
+        let uri: hyper::Uri = format!("http://{host_port}{path}")
+            .parse()
+            .map_err(|e| bad(&format!("{e}")))?;
         Ok(PrometheusScraper {
+            // One request per scrape, every few seconds: no idle connections kept.
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http(),
+            uri,
             host_port: host_port.to_string(),
             path: path.to_string(),
             metric: cfg.metric.clone(),
@@ -763,61 +776,20 @@ impl PrometheusScraper {
     }
 
     async fn fetch(&self) -> Result<String, String> {
-        use tokio::io::AsyncWriteExt;
-        let mut stream = tokio::net::TcpStream::connect(&self.host_port)
+        let response = self
+            .client
+            .get(self.uri.clone())
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request = format!(
-            "GET {} HTTP/1.0\r\nHost: {}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
-            self.path, self.host_port
-        );
-        stream
-            .write_all(request.as_bytes())
+            .map_err(|e| format!("request: {e}"))?;
+        if response.status() != hyper::StatusCode::OK {
+            return Err(format!("HTTP status {}", response.status()));
+        }
+        let body = Limited::new(response.into_body(), MAX_SCRAPE_BYTES)
+            .collect()
             .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut raw = Vec::new();
-        (&mut stream)
-            .take(MAX_SCRAPE_BYTES as u64 + 1)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("receive: {e}"))?;
-        if raw.len() > MAX_SCRAPE_BYTES {
-            return Err(format!("body larger than {MAX_SCRAPE_BYTES} bytes"));
-        }
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
-        let status = head.lines().next().unwrap_or_default();
-        if status.split_whitespace().nth(1) != Some("200") {
-            return Err(format!("HTTP status line {status:?}"));
-        }
-        let chunked = head.lines().any(|l| {
-            l.to_ascii_lowercase()
-                .replace(' ', "")
-                .starts_with("transfer-encoding:chunked")
-        });
-        Ok(if chunked {
-            dechunk(body)?
-        } else {
-            body.to_string()
-        })
-    }
-}
-
-fn dechunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size_line, rest) = body.split_once("\r\n").ok_or("bad chunk")?;
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "bad chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest.get(..size).ok_or("short chunk")?;
-        out.push_str(chunk);
-        body = rest
-            .get(size..)
-            .and_then(|r| r.strip_prefix("\r\n"))
-            .ok_or("bad chunk end")?;
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
 
@@ -958,9 +930,5 @@ mod tests {
         assert_eq!(series[0].1, 12.0);
         assert!(series[1].0.is_empty());
         assert_eq!(series[1].1, 3.0);
-        assert_eq!(
-            dechunk("5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n").as_deref(),
-            Ok("hello!")
-        );
     }
 }

@@ -18,7 +18,7 @@ struct Args {
     #[arg(long = "target", required = true)]
     targets: Vec<String>,
     /// Length of the run, e.g. 60s, 5m.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = agent_common::time_text::parse_duration)]
     duration: Duration,
     /// Requests per second at the daily peak.
     #[arg(long, default_value_t = 40.0)]
@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Time allowed for one request (connect, send, answer).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = agent_common::time_text::parse_duration)]
     request_timeout: Duration,
     /// Seed of the scenario/target choices and of the request ids.
     #[arg(long, default_value_t = 1)]
