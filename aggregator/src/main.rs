@@ -70,7 +70,7 @@ enum Command {
         #[arg(long)]
         host: Option<String>,
         /// Period length, e.g. 1h (default: the configured one).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = agent_common::time_text::parse_duration)]
         period: Option<std::time::Duration>,
         /// Scenario of the differential flame graph (default: credit).
         #[arg(long)]
@@ -279,7 +279,7 @@ fn main() -> Result<()> {
                     "{}",
                     review::report::html(
                         &result,
-                        &humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        &agent_common::time_text::now_rfc3339()
                             .to_string()
                     )
                 ),
