@@ -89,8 +89,14 @@ pub fn hotspot_input(
         .iter()
         .flat_map(|p| {
             p.functions().into_iter().map(|f| FunctionPeriod {
-                service: p.service.clone().unwrap_or_else(|| "unassigned".into()),
-                scenario: p.scenario.clone().unwrap_or_else(|| "unassigned".into()),
+                service: p
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| agent_common::UNASSIGNED.into()),
+                scenario: p
+                    .scenario
+                    .clone()
+                    .unwrap_or_else(|| agent_common::UNASSIGNED.into()),
                 function: f.function.clone(),
                 energy_j: f.self_energy_j,
                 samples: f.self_samples,
@@ -163,8 +169,14 @@ pub fn dashboard(
         }
         if let Ok(svg) = p.flamegraph_svg() {
             flamegraphs.push(FlameGraphPanel {
-                service: p.service.clone().unwrap_or_else(|| "unassigned".into()),
-                scenario: p.scenario.clone().unwrap_or_else(|| "unassigned".into()),
+                service: p
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| agent_common::UNASSIGNED.into()),
+                scenario: p
+                    .scenario
+                    .clone()
+                    .unwrap_or_else(|| agent_common::UNASSIGNED.into()),
                 samples: p.total_samples(),
                 svg,
             });
