@@ -276,6 +276,8 @@ pub struct EbpfSampler {
     /// per key in one flat buffer (both reused across windows).
     cpu_keys: Vec<ProcScenarioKey>,
     cpu_values: Vec<u64>,
+    /// Processes in the last window (the next one's table is sized for them).
+    last_active_processes: usize,
     previous_txn: HashMap<ProcScenarioKey, u64>,
     previous_idle_ns: Vec<u64>,
     previous_losses: Vec<u64>,
@@ -423,6 +425,7 @@ impl EbpfSampler {
             previous_cpu_ns: HashMap::new(),
             cpu_keys: Vec::new(),
             cpu_values: Vec::new(),
+            last_active_processes: 0,
             previous_txn: HashMap::new(),
             previous_idle_ns: Vec::new(),
             previous_losses: Vec::new(),
@@ -697,7 +700,8 @@ impl CpuSampler for EbpfSampler {
         // CPU time per key, as deltas since the last window.
         // An unchanged key costs one lookup and a compare: its previous
         // values are updated in place, nothing is allocated for it.
-        let mut by_tgid: HashMap<u32, ProcessCpu> = HashMap::new();
+        let mut by_tgid: HashMap<u32, ProcessCpu> =
+            HashMap::with_capacity(self.last_active_processes);
         self.read_proc_cpu(slots)?;
         let seen_keys = std::mem::take(&mut self.cpu_keys);
         for (key, now) in seen_keys.iter().zip(self.cpu_values.chunks_exact(slots)) {
@@ -868,8 +872,9 @@ impl CpuSampler for EbpfSampler {
         self.previous_unowned_ns = unowned_now;
 
         let start_unix_ns = std::mem::replace(&mut self.window_start_unix_ns, end_unix_ns);
+        self.last_active_processes = by_tgid.len();
         let mut processes: Vec<ProcessCpu> = by_tgid.into_values().collect();
-        processes.sort_by_key(|p| p.pid);
+        processes.sort_unstable_by_key(|p| p.pid);
         Ok(CpuSample {
             source: CpuSource::Ebpf,
             start_unix_ns,

@@ -219,27 +219,31 @@ impl ScenarioStage {
         // A verdict a rule gave stays for the process's life; a process no
         // rule claimed is looked at again once it renames itself (workers
         // that take their role's name after start).
-        let fresh = match self.cache.get(&key) {
-            Some(v) => v.comm != process.comm && v.assignment.rule_index.is_none(),
+        let fresh = match self.cache.get_mut(&key) {
+            Some(v) => {
+                v.seen_window = window;
+                v.comm != process.comm && v.assignment.rule_index.is_none()
+            }
             None => true,
         };
         if fresh {
             self.evaluations += 1;
-            let assignment = self.evaluate(process);
-            self.cache.insert(
-                key,
-                CachedVerdict {
-                    comm: process.comm.clone(),
-                    assignment,
-                    seen_window: window,
-                },
-            );
+            let assignment = rules::evaluate(&self.rules, process, self.pod_labels_dir.as_deref());
+            let verdict = CachedVerdict {
+                comm: process.comm.clone(),
+                assignment,
+                seen_window: window,
+            };
+            return match self.cache.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    e.insert(verdict);
+                    &e.into_mut().assignment
+                }
+                std::collections::hash_map::Entry::Vacant(e) => &e.insert(verdict).assignment,
+            };
         }
-        match self.cache.get_mut(&key) {
-            Some(verdict) => {
-                verdict.seen_window = window;
-                &verdict.assignment
-            }
+        match self.cache.get(&key) {
+            Some(verdict) => &verdict.assignment,
             None => &self.uncached,
         }
     }
