@@ -691,10 +691,12 @@ fn energy_warnings_of_a_window_reach_the_metric() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     two_package_tree(root);
-    let mut config = AgentConfig::default();
-    config.energy = EnergyConfig {
-        source: "powercap".into(),
-        ..cfg(root)
+    let config = AgentConfig {
+        energy: EnergyConfig {
+            source: "powercap".into(),
+            ..cfg(root)
+        },
+        ..AgentConfig::default()
     };
     let options = PipelineOptions {
         force_procfs: true,
