@@ -3,7 +3,7 @@
 //! Everything here is `#[repr(C)]` plain data: the kernel writes it into maps
 //! and ring buffers, userspace reads it back byte for byte. With the `user`
 //! feature each type implements `aya::Pod` so aya can read it from a map.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 #[cfg(any(
     feature = "test-support",
@@ -21,18 +21,11 @@ pub mod time_text;
 #[cfg(feature = "test-support")]
 pub mod privileged;
 
-/// Scenario slot of time or transactions that no marker claimed.
-pub const SCENARIO_NONE: u32 = 0;
-/// 授信: credit granting.
-pub const SCENARIO_CREDIT: u32 = 1;
-/// 支用: drawdown.
-pub const SCENARIO_DRAWDOWN: u32 = 2;
-/// 还款: repayment.
-pub const SCENARIO_REPAYMENT: u32 = 3;
-/// 查询: query.
-pub const SCENARIO_QUERY: u32 = 4;
-/// Number of scenario slots (including `SCENARIO_NONE`).
-pub const SCENARIO_SLOTS: u32 = 5;
+pub mod scenario;
+pub use scenario::{
+    PerScenario, Scenario, TransactionCounts, UnknownScenario, SCENARIO_CREDIT, SCENARIO_DRAWDOWN,
+    SCENARIO_NAMES, SCENARIO_NONE, SCENARIO_QUERY, SCENARIO_REPAYMENT, SCENARIO_SLOTS, UNASSIGNED,
+};
 
 /// Key of the per-CPU process accounting maps: a thread group and the
 /// scenario its thread was serving (from the marker uprobes) when the time

@@ -6,11 +6,14 @@
 //!   `ingest`: transaction counts reported by services);
 //! - `transforms`: what is derived (`attribution`: energy to processes;
 //!   `scenario`: processes and requests to business scenarios; `carbon`:
-//!   operational and embodied carbon);
+//!   operational and embodied carbon; `profile_energy`: energy of the CPU
+//!   profile's stacks);
 //! - `sinks`: where it goes (`spool`: durable on-disk queue; `grpc`: the
 //!   aggregator stream; `metrics`: Prometheus endpoint).
 //!
-//! `pipeline` runs one window through all stages into a [`window::WindowReport`].
+//! `pipeline` runs one window through all stages into a [`window::WindowReport`]
+//! (the one schema of the window document); `wire` is its one conversion to
+//! and from the `sci.v1` protobuf messages.
 pub mod config;
 pub mod error;
 pub mod pipeline;
@@ -19,3 +22,4 @@ pub mod sinks;
 pub mod sources;
 pub mod transforms;
 pub mod window;
+pub mod wire;

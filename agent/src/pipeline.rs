@@ -6,13 +6,14 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::sources::energy::{select_energy_source, EnergySource};
 use crate::sources::ingest::IngestCounters;
-use crate::sources::profile::{weigh, CpuProfiler, ProfilerOptions};
+use crate::sources::profile::{CpuProfiler, ProfilerOptions};
 use crate::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use crate::sources::sched::proc_info::hostname;
 use crate::sources::sched::procfs::ProcfsSampler;
 use crate::sources::sched::{CpuSample, CpuSampler};
 use crate::transforms::attribution::Attributor;
 use crate::transforms::carbon::CarbonTransform;
+use crate::transforms::profile_energy::weigh;
 use crate::transforms::scenario::{ScenarioStage, TransactionCounts};
 use crate::window::{ProcessRecord, ThreadRecord, WindowReport};
 
@@ -37,6 +38,8 @@ pub struct Pipeline {
     ingest: Option<std::sync::Arc<IngestCounters>>,
     /// Energy warnings already logged (each distinct one is logged once).
     logged_warnings: std::collections::HashSet<String>,
+    /// Energy warnings of the last window (for `sci_energy_warnings_total`).
+    last_energy_warnings: usize,
     host: String,
     datacenter: Option<String>,
     agent_instance: String,
@@ -152,6 +155,7 @@ impl Pipeline {
                 scenarios,
                 ingest: None,
                 logged_warnings: Default::default(),
+                last_energy_warnings: 0,
                 host: config
                     .agent
                     .host
@@ -188,11 +192,13 @@ impl Pipeline {
     /// window keeps everything the other stages measured.
     pub fn next_window(&mut self) -> Result<WindowReport, AgentError> {
         let sample = self.sampler.sample()?;
+        self.last_energy_warnings = 0;
         let mut report = self.cpu_report(&sample);
         report.seq = self.next_seq;
         self.next_seq += 1;
         match self.energy.window_energy(&sample) {
             Ok(energy) => {
+                self.last_energy_warnings = energy.warnings.len();
                 for warning in &energy.warnings {
                     if self.logged_warnings.insert(warning.clone()) {
                         tracing::warn!("energy: {warning}");
@@ -231,6 +237,12 @@ impl Pipeline {
             }
         }
         Ok(report)
+    }
+
+    /// How many warnings (domains left out, unreadable counters) the energy
+    /// source gave for the last window; each distinct one is logged once.
+    pub fn last_energy_warnings(&self) -> usize {
+        self.last_energy_warnings
     }
 
     /// Name of the energy source in use.

@@ -38,6 +38,8 @@ struct MeasurementSetup {
     config: AgentConfig,
     options: PipelineOptions,
     counters: Arc<IngestCounters>,
+    /// Where each window's energy-source warnings are counted.
+    metrics: Arc<MetricsRegistry>,
     /// (agent_instance, next_seq) from the spool, when there is one.
     resume: Option<(String, u64)>,
 }
@@ -83,6 +85,9 @@ async fn spawn_measurement(
                 }
                 match pipeline.next_window() {
                     Ok(window) => {
+                        setup
+                            .metrics
+                            .observe_energy_warnings(pipeline.last_energy_warnings());
                         if windows.blocking_send(window).is_err() {
                             return;
                         }
@@ -184,6 +189,7 @@ pub async fn run(
         config: config.clone(),
         options: options.pipeline.clone(),
         counters,
+        metrics: Arc::clone(&metrics),
         resume: forwarding.as_ref().map(|(_, _, _, resume)| resume.clone()),
     };
     let measurement = spawn_measurement(setup, Arc::clone(&stop), tx).await?;

@@ -5,6 +5,13 @@
 //! fills its own fields: the sched source the CPU figures, the energy
 //! sources and attribution the joules, the carbon transform grams, the
 //! scenario transform the business figures. Units are in the field names.
+//!
+//! This is the one schema of the window: `crate::wire` is its one
+//! conversion to and from `sci.v1.WindowReport` (tested field by field), and
+//! [`WindowReport::absorb`] its one arithmetic (adding two windows' figures),
+//! which the spool's merge uses.
+use std::collections::{BTreeMap, HashMap};
+
 use serde::{Deserialize, Serialize};
 
 /// Where per-process CPU time came from.
@@ -196,6 +203,49 @@ pub struct WindowReport {
     /// Folded CPU stacks with their energy (empty when profiling is off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub profile: Vec<ProfileStack>,
+    /// Profile stacks left out so the window fits the batch limit (lowest
+    /// energy first), and their energy: a trim is never silent.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub profile_stacks_trimmed: u64,
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub profile_trimmed_energy_j: f64,
+    /// Per-request CPU time of marker-bracketed requests, per scenario and service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_cpu: Vec<RequestCpuHistogram>,
+    /// How many measured windows this one stands for (more than 1 after the
+    /// spool merged old windows to stay within its bound).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub merged_windows: u32,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+
+/// The distribution of per-request CPU time of one scenario in one service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestCpuHistogram {
+    pub scenario: String,
+    pub service: String,
+    /// counts[i]: requests whose CPU time t in ns has i significant bits
+    /// (2^(i-1) <= t < 2^i; counts[0]: t = 0).
+    pub counts: Vec<u64>,
+    /// Exact sum of those requests' CPU time.
+    pub sum_cpu_ns: u64,
+    /// Joules per CPU-ns of this service's time in this scenario in the window.
+    pub energy_j_per_cpu_ns: f64,
 }
 
 impl WindowReport {
@@ -243,10 +293,157 @@ impl WindowReport {
             ingest_refused: Default::default(),
             processes: Vec::new(),
             profile: Vec::new(),
+            profile_stacks_trimmed: 0,
+            profile_trimmed_energy_j: 0.0,
+            request_cpu: Vec::new(),
+            merged_windows: 1,
         }
     }
 
     pub fn duration_ns(&self) -> u64 {
         self.end_unix_ns.saturating_sub(self.start_unix_ns)
+    }
+
+    /// Window arithmetic: this window becomes one coarser window standing for
+    /// `earlier` then itself (it keeps its own identity, seq and factors).
+    /// Host figures, losses and business figures add up; domains, scenario
+    /// lines and profile stacks add up by name; processes add up by (comm,
+    /// service, scenario) without pid, exe or threads, which no longer name
+    /// one process.
+    pub fn absorb(&mut self, earlier: &WindowReport) {
+        let (a, b) = (earlier, &*self);
+        let mut m = b.clone();
+        m.start_unix_ns = a.start_unix_ns.min(b.start_unix_ns);
+        m.end_unix_ns = a.end_unix_ns.max(b.end_unix_ns);
+        m.idle_cpu_ns = a.idle_cpu_ns + b.idle_cpu_ns;
+        m.busy_cpu_ns = a.busy_cpu_ns + b.busy_cpu_ns;
+        m.steal_cpu_ns = a.steal_cpu_ns + b.steal_cpu_ns;
+        m.unattributed_cpu_ns = a.unattributed_cpu_ns + b.unattributed_cpu_ns;
+        m.host_energy_j = a.host_energy_j + b.host_energy_j;
+        m.idle_energy_j = a.idle_energy_j + b.idle_energy_j;
+        m.unattributed_energy_j = a.unattributed_energy_j + b.unattributed_energy_j;
+        m.host_carbon_g = a.host_carbon_g + b.host_carbon_g;
+        m.host_embodied_g = a.host_embodied_g + b.host_embodied_g;
+        m.business_units = a.business_units + b.business_units;
+        m.estimated = a.estimated || b.estimated;
+        m.conservation_violations = a.conservation_violations.max(b.conservation_violations);
+        m.merged_windows = a.merged_windows.max(1) + b.merged_windows.max(1);
+        m.lost = a.lost.plus(&b.lost);
+        m.profile_stacks_trimmed = a.profile_stacks_trimmed + b.profile_stacks_trimmed;
+        m.profile_trimmed_energy_j = a.profile_trimmed_energy_j + b.profile_trimmed_energy_j;
+        for (reason, n) in &a.ingest_refused {
+            *m.ingest_refused.entry(reason.clone()).or_default() += n;
+        }
+
+        let mut domains: BTreeMap<&str, f64> = BTreeMap::new();
+        for d in a.domains.iter().chain(&b.domains) {
+            *domains.entry(&d.domain).or_default() += d.energy_j;
+        }
+        m.domains = domains
+            .into_iter()
+            .map(|(domain, energy_j)| DomainEnergy {
+                domain: domain.to_string(),
+                energy_j,
+            })
+            .collect();
+
+        let mut scenarios: BTreeMap<&str, ScenarioRecord> = BTreeMap::new();
+        for s in a.scenarios.iter().chain(&b.scenarios) {
+            let e = scenarios
+                .entry(&s.scenario)
+                .or_insert_with(|| ScenarioRecord {
+                    scenario: s.scenario.clone(),
+                    weight: s.weight,
+                    ..Default::default()
+                });
+            e.transactions += s.transactions;
+            e.cpu_ns += s.cpu_ns;
+            e.energy_j += s.energy_j;
+            e.carbon_g += s.carbon_g;
+            e.embodied_g += s.embodied_g;
+        }
+        m.scenarios = scenarios.into_values().collect();
+
+        type ProcessKey<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
+        let mut processes: HashMap<ProcessKey, ProcessRecord> = HashMap::new();
+        for p in a.processes.iter().chain(&b.processes) {
+            let key = (p.comm.as_str(), p.service.as_deref(), p.scenario.as_deref());
+            let e = processes.entry(key).or_insert_with(|| ProcessRecord {
+                comm: p.comm.clone(),
+                service: p.service.clone(),
+                scenario: p.scenario.clone(),
+                cgroup: p.cgroup.clone(),
+                ..Default::default()
+            });
+            e.cpu_ns += p.cpu_ns;
+            e.energy_j += p.energy_j;
+            e.idle_share_j += p.idle_share_j;
+            e.carbon_g += p.carbon_g;
+            e.embodied_g += p.embodied_g;
+        }
+        let mut processes: Vec<ProcessRecord> = processes.into_values().collect();
+        processes.sort_by(|x, y| (&x.comm, &x.service).cmp(&(&y.comm, &y.service)));
+        m.processes = processes;
+
+        type StackKey<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str);
+        let mut stacks: BTreeMap<StackKey, ProfileStack> = BTreeMap::new();
+        for s in a.profile.iter().chain(&b.profile) {
+            let key = (
+                s.comm.as_str(),
+                s.service.as_deref(),
+                s.scenario.as_deref(),
+                s.stack.as_str(),
+            );
+            let e = stacks.entry(key).or_insert_with(|| ProfileStack {
+                samples: 0,
+                energy_j: 0.0,
+                ..s.clone()
+            });
+            e.samples += s.samples;
+            e.energy_j += s.energy_j;
+        }
+        m.profile = stacks.into_values().collect();
+
+        let mut requests: BTreeMap<(&str, &str), RequestCpuHistogram> = BTreeMap::new();
+        for h in a.request_cpu.iter().chain(&b.request_cpu) {
+            let e = requests
+                .entry((&h.scenario, &h.service))
+                .or_insert_with(|| RequestCpuHistogram {
+                    scenario: h.scenario.clone(),
+                    service: h.service.clone(),
+                    ..Default::default()
+                });
+            // Joules per CPU-ns of the two, weighted by their CPU time.
+            let cpu_ns = e.sum_cpu_ns + h.sum_cpu_ns;
+            if cpu_ns > 0 {
+                e.energy_j_per_cpu_ns = (e.energy_j_per_cpu_ns * e.sum_cpu_ns as f64
+                    + h.energy_j_per_cpu_ns * h.sum_cpu_ns as f64)
+                    / cpu_ns as f64;
+            }
+            e.sum_cpu_ns = cpu_ns;
+            if e.counts.len() < h.counts.len() {
+                e.counts.resize(h.counts.len(), 0);
+            }
+            for (sum, n) in e.counts.iter_mut().zip(&h.counts) {
+                *sum += n;
+            }
+        }
+        m.request_cpu = requests.into_values().collect();
+        *self = m;
+    }
+}
+
+impl LossCounters {
+    /// Both windows' losses.
+    pub fn plus(&self, other: &LossCounters) -> LossCounters {
+        LossCounters {
+            proc_map_full_events: self.proc_map_full_events + other.proc_map_full_events,
+            proc_map_full_cpu_ns: self.proc_map_full_cpu_ns + other.proc_map_full_cpu_ns,
+            ringbuf_drops: self.ringbuf_drops + other.ringbuf_drops,
+            thread_map_full: self.thread_map_full + other.thread_map_full,
+            txn_map_full: self.txn_map_full + other.txn_map_full,
+            scenario_map_full: self.scenario_map_full + other.scenario_map_full,
+            late_cpu_ns: self.late_cpu_ns + other.late_cpu_ns,
+        }
     }
 }

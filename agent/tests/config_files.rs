@@ -16,6 +16,10 @@ fn example_agent_toml_parses_with_the_documented_values() {
     assert_eq!(config.carbon.pue, 1.0);
     assert_eq!(config.carbon.embodied_kg_per_host, 1000.0);
     config.energy.validate().unwrap();
+    // The file shows the defaults: the profiler is off unless turned on.
+    let defaults = AgentConfig::default();
+    assert_eq!(config.profile.enabled, defaults.profile.enabled);
+    assert_eq!(config.profile.frequency_hz, defaults.profile.frequency_hz);
 }
 
 #[test]

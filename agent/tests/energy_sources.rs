@@ -678,3 +678,46 @@ fn energy_config_validation_names_the_key() {
     }
     assert!(EnergyConfig::default().validate().is_ok());
 }
+
+/// A window's energy warnings reach `sci_energy_warnings_total`: the
+/// pipeline keeps the count of its last window, which the agent's
+/// measurement loop adds to the registry (as here).
+#[test]
+fn energy_warnings_of_a_window_reach_the_metric() {
+    use sci_agent::config::AgentConfig;
+    use sci_agent::pipeline::{Pipeline, PipelineOptions};
+    use sci_agent::sinks::metrics::MetricsRegistry;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    two_package_tree(root);
+    let config = AgentConfig {
+        energy: EnergyConfig {
+            source: "powercap".into(),
+            ..cfg(root)
+        },
+        ..AgentConfig::default()
+    };
+    let options = PipelineOptions {
+        force_procfs: true,
+        marker_libraries: Vec::new(),
+    };
+    let (mut pipeline, _) = Pipeline::open(&config, &options).unwrap();
+    let metrics = MetricsRegistry::new();
+    pipeline.next_window().unwrap();
+    let first = pipeline.last_energy_warnings();
+    metrics.observe_energy_warnings(first);
+    fs::remove_dir_all(root.join("class/powercap/intel-rapl:1")).unwrap();
+    pipeline.next_window().unwrap();
+    let second = pipeline.last_energy_warnings();
+    assert!(second >= 1, "a vanished package is a warning");
+    metrics.observe_energy_warnings(second);
+    let rendered = metrics.render();
+    let total: f64 = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("sci_energy_warnings_total "))
+        .unwrap_or_else(|| panic!("no sci_energy_warnings_total in\n{rendered}"))
+        .parse()
+        .unwrap();
+    assert_eq!(total, (first + second) as f64);
+}

@@ -6,9 +6,7 @@ use std::path::Path;
 
 use sci_agent::config::AgentConfig;
 use sci_agent::sources::sched::{CpuSample, ProcessCpu};
-use sci_agent::transforms::scenario::{
-    apply_scenarios, Scenario, ScenarioError, ScenarioStage, TransactionCounts,
-};
+use sci_agent::transforms::scenario::{Scenario, ScenarioError, ScenarioStage, TransactionCounts};
 use sci_agent::window::{CpuSource, ProcessRecord, ScenarioRecord, WindowReport};
 
 const RULES: &str = r#"
@@ -151,7 +149,7 @@ fn ingest_counts() -> TransactionCounts {
 fn figures_match_a_hand_computation() {
     let mut stage = stage("");
     let (sample, mut report) = hand_window();
-    apply_scenarios(&mut stage, &sample, &mut report, &ingest_counts()).unwrap();
+    stage.apply(&sample, &mut report, &ingest_counts()).unwrap();
 
     let names: Vec<&str> = report
         .scenarios
@@ -213,7 +211,7 @@ fn figures_match_a_hand_computation() {
 fn overridden_weights_change_r_and_are_disclosed() {
     let mut stage = stage("[scenarios.weights]\ncredit = 30\nquery = 2\n");
     let (sample, mut report) = hand_window();
-    apply_scenarios(&mut stage, &sample, &mut report, &ingest_counts()).unwrap();
+    stage.apply(&sample, &mut report, &ingest_counts()).unwrap();
     assert_eq!(
         report.business_units,
         30.0 * 13.0 + 14.0 + 3.0 + 2.0 * 107.0
@@ -256,13 +254,9 @@ fn energy_is_conserved_across_scenarios_for_many_processes() {
         .collect();
     let mut stage = stage("");
     let (sample, mut report) = window(&procs);
-    apply_scenarios(
-        &mut stage,
-        &sample,
-        &mut report,
-        &TransactionCounts::default(),
-    )
-    .unwrap();
+    stage
+        .apply(&sample, &mut report, &TransactionCounts::default())
+        .unwrap();
 
     let sum = |f: fn(&ScenarioRecord) -> f64| report.scenarios.iter().map(f).sum::<f64>();
     let process_energy_j: f64 = report.processes.iter().map(|p| p.energy_j).sum();
@@ -298,13 +292,9 @@ fn a_new_process_with_a_reused_pid_gets_its_own_scenario_across_windows() {
         embodied_g: 0.0,
     }]);
     sample.processes[0].exited = true;
-    apply_scenarios(
-        &mut stage,
-        &sample,
-        &mut report,
-        &TransactionCounts::default(),
-    )
-    .unwrap();
+    stage
+        .apply(&sample, &mut report, &TransactionCounts::default())
+        .unwrap();
     assert_eq!(report.processes[0].scenario.as_deref(), Some("credit"));
     assert_eq!(line(&report, "credit").energy_j, 1.0);
 
@@ -319,13 +309,9 @@ fn a_new_process_with_a_reused_pid_gets_its_own_scenario_across_windows() {
         embodied_g: 0.0,
     }]);
     sample.processes[0].start_ticks = Some(99_999);
-    apply_scenarios(
-        &mut stage,
-        &sample,
-        &mut report,
-        &TransactionCounts::default(),
-    )
-    .unwrap();
+    stage
+        .apply(&sample, &mut report, &TransactionCounts::default())
+        .unwrap();
     assert_eq!(report.processes[0].scenario.as_deref(), Some("query"));
     assert_eq!(line(&report, "credit").energy_j, 0.0);
     assert_eq!(line(&report, "query").energy_j, 1.0);
@@ -336,13 +322,9 @@ fn mismatched_report_is_an_error_not_a_wrong_figure() {
     let mut stage = stage("");
     let (sample, mut report) = hand_window();
     report.processes.pop();
-    let e = apply_scenarios(
-        &mut stage,
-        &sample,
-        &mut report,
-        &TransactionCounts::default(),
-    )
-    .unwrap_err();
+    let e = stage
+        .apply(&sample, &mut report, &TransactionCounts::default())
+        .unwrap_err();
     assert!(
         matches!(
             e,

@@ -3,24 +3,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent_common::Scenario;
 use serde::Deserialize;
 
 use crate::error::AggregatorError;
 
 /// The standard's weights (T/CQJR 032.2, formula 2).
 pub fn standard_weights() -> BTreeMap<String, f64> {
-    [
-        ("credit", 24.0),
-        ("drawdown", 7.0),
-        ("repayment", 3.0),
-        ("query", 1.0),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    Scenario::ALL
+        .into_iter()
+        .map(|s| (s.name().to_string(), s.standard_weight()))
+        .collect()
 }
 
-pub const SCENARIOS: [&str; 4] = ["credit", "drawdown", "repayment", "query"];
+/// The scenarios' English codes, in the standard's order (agent-common owns them).
+pub const SCENARIOS: [&str; 4] = agent_common::SCENARIO_NAMES;
 
 /// One agent allowed to send: its host name and its bearer token.
 #[derive(Debug, Clone, Deserialize)]

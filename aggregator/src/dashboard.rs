@@ -62,7 +62,7 @@ pub fn period_label(p: &PeriodFigures) -> String {
     unix_to_text(p.start_unix_s)
 }
 
-const SCENARIO_ORDER: [&str; 4] = ["credit", "drawdown", "repayment", "query"];
+const SCENARIO_ORDER: [&str; 4] = agent_common::SCENARIO_NAMES;
 
 /// Scenario columns: the standard's four, then any other seen, in name order.
 fn scenario_columns(periods: &[PeriodFigures]) -> Vec<String> {

@@ -18,13 +18,7 @@ use std::collections::BTreeMap;
 
 /// The standard's compute weight alpha of a scenario (Appendix A).
 pub fn standard_weight(scenario: &str) -> Option<f64> {
-    match scenario {
-        "credit" => Some(24.0),
-        "drawdown" => Some(7.0),
-        "repayment" => Some(3.0),
-        "query" => Some(1.0),
-        _ => None,
-    }
+    agent_common::Scenario::from_code_name(scenario).map(agent_common::Scenario::standard_weight)
 }
 
 /// One host over the period.

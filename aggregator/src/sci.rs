@@ -24,6 +24,7 @@ use serde::{Serialize, Serializer};
 use crate::config::SCENARIOS;
 use crate::error::AggregatorError;
 use crate::store::{FleetRow, HostRow, HostSpan, Range, ScenarioRow, ServiceRow, Store};
+use agent_common::UNASSIGNED;
 
 /// Counts that are sums of time-split shares: written as integers when whole.
 fn count<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
@@ -365,7 +366,7 @@ pub fn evaluate(
     let unassigned_by: BTreeMap<(u64, String), f64> = input
         .scenarios
         .iter()
-        .filter(|s| s.scenario == "unassigned")
+        .filter(|s| s.scenario == UNASSIGNED)
         .fold(BTreeMap::new(), |mut m, s| {
             *m.entry((s.period, s.datacenter.clone())).or_default() += s.energy_j + s.idle_energy_j;
             m
@@ -553,8 +554,8 @@ pub fn evaluate(
         .iter()
         .map(|name| figures(name, weights.get(*name).copied().unwrap_or(0.0), true))
         .collect();
-    if by_scenario.contains_key("unassigned") {
-        scenarios.push(figures("unassigned", 0.0, false));
+    if by_scenario.contains_key(UNASSIGNED) {
+        scenarios.push(figures(UNASSIGNED, 0.0, false));
     }
 
     let last_seen: BTreeMap<&str, u64> = input

@@ -8,7 +8,10 @@ use sci_proto::v1::RefusalCode;
 
 use crate::config::AggregatorConfig;
 
-const KNOWN_SCENARIOS: [&str; 5] = ["credit", "drawdown", "repayment", "query", "unassigned"];
+/// The scenario codes a window may carry: the four of the standard and the unassigned line.
+fn known_scenario(name: &str) -> bool {
+    agent_common::SCENARIO_NAMES.contains(&name) || name == agent_common::UNASSIGNED
+}
 const MAX_PROCESSES: usize = 200_000;
 const MAX_PROFILE_STACKS: usize = 200_000;
 
@@ -238,7 +241,7 @@ pub fn validate_window(
                 "the scenarios' transactions sum past 2^64".to_string(),
             )
         })?;
-        if !KNOWN_SCENARIOS.contains(&s.scenario.as_str()) {
+        if !known_scenario(&s.scenario) {
             return Err(refuse(
                 "unknown_scenario",
                 format!(
@@ -290,7 +293,7 @@ pub fn validate_window(
         ] {
             check_amount(&format!("processes[pid {}].{name}", p.pid), value)?;
         }
-        if !p.scenario.is_empty() && !KNOWN_SCENARIOS.contains(&p.scenario.as_str()) {
+        if !p.scenario.is_empty() && !known_scenario(&p.scenario) {
             return Err(refuse(
                 "unknown_scenario",
                 format!("process {} has scenario {}", p.pid, clip(&p.scenario)),

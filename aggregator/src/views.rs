@@ -89,8 +89,8 @@ pub fn hotspot_input(
         .iter()
         .flat_map(|p| {
             p.functions().into_iter().map(|f| FunctionPeriod {
-                service: p.service.clone().unwrap_or_else(|| "unassigned".into()),
-                scenario: p.scenario.clone().unwrap_or_else(|| "unassigned".into()),
+                service: or_unassigned(&p.service),
+                scenario: or_unassigned(&p.scenario),
                 function: f.function.clone(),
                 energy_j: f.self_energy_j,
                 samples: f.self_samples,
@@ -163,8 +163,8 @@ pub fn dashboard(
         }
         if let Ok(svg) = p.flamegraph_svg() {
             flamegraphs.push(FlameGraphPanel {
-                service: p.service.clone().unwrap_or_else(|| "unassigned".into()),
-                scenario: p.scenario.clone().unwrap_or_else(|| "unassigned".into()),
+                service: or_unassigned(&p.service),
+                scenario: or_unassigned(&p.scenario),
                 samples: p.total_samples(),
                 svg,
             });
@@ -178,6 +178,13 @@ pub fn dashboard(
         flamegraphs,
         withheld,
     })
+}
+
+/// A profile's service or scenario label, `unassigned` when it has none.
+fn or_unassigned(label: &Option<String>) -> String {
+    label
+        .clone()
+        .unwrap_or_else(|| agent_common::UNASSIGNED.into())
 }
 
 #[cfg(test)]

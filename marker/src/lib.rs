@@ -15,13 +15,17 @@
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Scenario codes; they equal the agent's slot numbers.
-pub const SCI_NONE: u32 = 0;
-pub const SCI_CREDIT: u32 = 1;
-pub const SCI_DRAWDOWN: u32 = 2;
-pub const SCI_REPAYMENT: u32 = 3;
-pub const SCI_QUERY: u32 = 4;
-const SLOTS: usize = 5;
+/// The scenario vocabulary (names, slots, weights) is agent-common's.
+pub use agent_common::scenario::Scenario;
+
+/// Scenario codes: the agent's slot numbers (`include/sci_marker.h` repeats
+/// them for C; `tests/header.rs` checks it against these).
+pub const SCI_NONE: u32 = agent_common::SCENARIO_NONE;
+pub const SCI_CREDIT: u32 = agent_common::SCENARIO_CREDIT;
+pub const SCI_DRAWDOWN: u32 = agent_common::SCENARIO_DRAWDOWN;
+pub const SCI_REPAYMENT: u32 = agent_common::SCENARIO_REPAYMENT;
+pub const SCI_QUERY: u32 = agent_common::SCENARIO_QUERY;
+const SLOTS: usize = agent_common::SCENARIO_SLOTS as usize;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicU64 = AtomicU64::new(0);
@@ -74,13 +78,7 @@ pub extern "C" fn sci_scenario_end(scenario: u32, ok: c_int) {
 /// Code of a scenario name (`credit`, `drawdown`, `repayment`, `query`, or the
 /// standard's Chinese names 授信, 支用, 还款, 查询); None when unknown.
 pub fn scenario_code(name: &str) -> Option<u32> {
-    match name {
-        "credit" | "授信" => Some(SCI_CREDIT),
-        "drawdown" | "支用" => Some(SCI_DRAWDOWN),
-        "repayment" | "还款" => Some(SCI_REPAYMENT),
-        "query" | "查询" => Some(SCI_QUERY),
-        _ => None,
-    }
+    Scenario::from_name(name).map(Scenario::code)
 }
 
 /// Begins the scenario named by a NUL-terminated UTF-8 string; returns its
@@ -123,67 +121,27 @@ pub extern "C" fn sci_scenario_failed(scenario: u32) -> u64 {
     FAILED[slot(scenario)].load(Ordering::Relaxed)
 }
 
-/// The four scenarios of the standard (table 1), for the Rust API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u32)]
-pub enum Scenario {
-    Credit = SCI_CREDIT,
-    Drawdown = SCI_DRAWDOWN,
-    Repayment = SCI_REPAYMENT,
-    Query = SCI_QUERY,
+/// This process's marker counters of a scenario, for the Rust API.
+pub trait ScenarioCounters {
+    /// `end(ok != 0)` calls so far.
+    fn completed(self) -> u64;
+    /// `end(ok = 0)` calls so far.
+    fn failed(self) -> u64;
+    /// `begin` calls so far.
+    fn begun(self) -> u64;
 }
 
-impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario::Credit,
-        Scenario::Drawdown,
-        Scenario::Repayment,
-        Scenario::Query,
-    ];
-
-    pub fn code(self) -> u32 {
-        self as u32
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::Credit => "credit",
-            Scenario::Drawdown => "drawdown",
-            Scenario::Repayment => "repayment",
-            Scenario::Query => "query",
-        }
-    }
-
-    /// Position in [`Scenario::ALL`], for per-scenario arrays.
-    pub fn index(self) -> usize {
-        self.code() as usize - 1
-    }
-
-    pub fn from_name(name: &str) -> Option<Scenario> {
-        match scenario_code(name)? {
-            SCI_CREDIT => Some(Scenario::Credit),
-            SCI_DRAWDOWN => Some(Scenario::Drawdown),
-            SCI_REPAYMENT => Some(Scenario::Repayment),
-            _ => Some(Scenario::Query),
-        }
-    }
-
-    pub fn completed(self) -> u64 {
+impl ScenarioCounters for Scenario {
+    fn completed(self) -> u64 {
         sci_scenario_completed(self.code())
     }
 
-    pub fn failed(self) -> u64 {
+    fn failed(self) -> u64 {
         sci_scenario_failed(self.code())
     }
 
-    pub fn begun(self) -> u64 {
+    fn begun(self) -> u64 {
         sci_scenario_begun(self.code())
-    }
-}
-
-impl std::fmt::Display for Scenario {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 

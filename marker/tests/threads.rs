@@ -2,7 +2,7 @@
 //! counters equal what the threads did (one test per file: the counters are
 //! process-wide).
 #![allow(clippy::unwrap_used)]
-use sci_marker::{Scenario, ScenarioGuard};
+use sci_marker::{Scenario, ScenarioCounters, ScenarioGuard};
 
 #[test]
 fn concurrent_guards_are_counted_exactly() {

@@ -3,7 +3,7 @@ use std::str::FromStr;
 
 use crate::error::WorkloadError;
 
-pub use sci_marker::Scenario;
+pub use sci_marker::{Scenario, ScenarioCounters};
 
 /// The scenario named `name` (English code or the standard's Chinese name).
 pub fn parse_scenario(name: &str) -> Result<Scenario, WorkloadError> {

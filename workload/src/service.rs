@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::error::WorkloadError;
 use crate::flows::{DataSizes, FinanceDb, FlowOutcome};
 use crate::ingest::{IngestReporter, FLUSH_INTERVAL};
-use crate::scenario::{Role, Scenario};
+use crate::scenario::{Role, Scenario, ScenarioCounters};
 use crate::sys::thread_cpu_ns;
 
 /// Longest request line accepted, newline excluded.

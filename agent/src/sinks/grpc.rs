@@ -31,7 +31,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::spool::Spool;
 use crate::error::AgentError;
-use crate::window::WindowReport;
 
 /// `[aggregator]` section of agent.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -80,118 +79,6 @@ impl Default for AggregatorConfig {
             behind_after: Duration::from_secs(300),
             spool_max_bytes: 256 * 1024 * 1024,
             max_backoff: Duration::from_secs(30),
-        }
-    }
-}
-
-fn opt(s: &Option<String>) -> String {
-    s.clone().unwrap_or_default()
-}
-
-impl From<&WindowReport> for v1::WindowReport {
-    fn from(w: &WindowReport) -> Self {
-        v1::WindowReport {
-            host: w.host.clone(),
-            agent_instance: w.agent_instance.clone(),
-            seq: w.seq,
-            datacenter: opt(&w.datacenter),
-            start_unix_ns: w.start_unix_ns,
-            end_unix_ns: w.end_unix_ns,
-            cpu_source: w.cpu_source.as_str().to_string(),
-            cpus: w.cpus,
-            idle_cpu_ns: w.idle_cpu_ns,
-            busy_cpu_ns: w.busy_cpu_ns,
-            lost: Some(v1::LossCounters {
-                proc_map_full_events: w.lost.proc_map_full_events,
-                proc_map_full_cpu_ns: w.lost.proc_map_full_cpu_ns,
-                ringbuf_drops: w.lost.ringbuf_drops,
-                thread_map_full: w.lost.thread_map_full,
-                txn_map_full: w.lost.txn_map_full,
-                scenario_map_full: w.lost.scenario_map_full,
-                late_cpu_ns: w.lost.late_cpu_ns,
-            }),
-            energy_source: w.energy_source.clone(),
-            estimated: w.estimated,
-            host_energy_j: w.host_energy_j,
-            idle_energy_j: w.idle_energy_j,
-            unattributed_energy_j: w.unattributed_energy_j,
-            idle_baseline_source: w.idle_baseline_source.clone(),
-            domains: w
-                .domains
-                .iter()
-                .map(|d| v1::DomainEnergy {
-                    domain: d.domain.clone(),
-                    energy_j: d.energy_j,
-                })
-                .collect(),
-            carbon_intensity_g_per_kwh: w.carbon_intensity_g_per_kwh,
-            pue: w.pue,
-            host_carbon_g: w.host_carbon_g,
-            host_embodied_g: w.host_embodied_g,
-            conservation_violations: w.conservation_violations,
-            weights: w.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            scenarios: w
-                .scenarios
-                .iter()
-                .map(|s| v1::ScenarioRecord {
-                    scenario: s.scenario.clone(),
-                    weight: s.weight,
-                    transactions: s.transactions,
-                    cpu_ns: s.cpu_ns,
-                    energy_j: s.energy_j,
-                    carbon_g: s.carbon_g,
-                    embodied_g: s.embodied_g,
-                })
-                .collect(),
-            business_units: w.business_units,
-            processes: w
-                .processes
-                .iter()
-                .map(|p| v1::ProcessRecord {
-                    pid: p.pid,
-                    ppid: p.ppid,
-                    comm: p.comm.clone(),
-                    exe: opt(&p.exe),
-                    cmdline: opt(&p.cmdline),
-                    cgroup: opt(&p.cgroup),
-                    container_id: opt(&p.container_id),
-                    cpu_ns: p.cpu_ns,
-                    exited: p.exited,
-                    scenario: opt(&p.scenario),
-                    service: opt(&p.service),
-                    energy_j: p.energy_j,
-                    idle_share_j: p.idle_share_j,
-                    carbon_g: p.carbon_g,
-                    embodied_g: p.embodied_g,
-                })
-                .collect(),
-            profile: w
-                .profile
-                .iter()
-                .map(|s| v1::ProfileStack {
-                    pid: s.pid,
-                    comm: s.comm.clone(),
-                    service: opt(&s.service),
-                    scenario: opt(&s.scenario),
-                    stack: s.stack.clone(),
-                    samples: s.samples,
-                    energy_j: s.energy_j,
-                })
-                .collect(),
-            merged_windows: 1,
-            steal_cpu_ns: w.steal_cpu_ns,
-            intensity_source: w.intensity_source.clone(),
-            energy_model: w.energy_model.clone(),
-            embodied: Some(v1::EmbodiedFactors {
-                total_embodied_g: w.embodied.total_embodied_g,
-                lifespan_s: w.embodied.lifespan_s,
-                resource_share: w.embodied.resource_share,
-                share_source: w.embodied.share_source.clone(),
-            }),
-            unattributed_cpu_ns: w.unattributed_cpu_ns,
-            profile_stacks_trimmed: 0,
-            profile_trimmed_energy_j: 0.0,
-            request_cpu: Vec::new(),
         }
     }
 }

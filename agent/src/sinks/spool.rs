@@ -38,7 +38,7 @@
 //! A window larger than `max_window_bytes` has its profile stacks trimmed,
 //! lowest energy first, until it fits; the trim is recorded in the window
 //! (`profile_stacks_trimmed`, `profile_trimmed_energy_j`) and counted.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,6 +51,8 @@ use sci_proto::v1;
 use sci_proto::v1::RefusalCode;
 
 use crate::error::AgentError;
+use crate::window::WindowReport;
+use crate::wire::ToWire;
 
 const MAGIC: &[u8; 4] = b"SCIW";
 const VERSION: u8 = 1;
@@ -768,101 +770,13 @@ impl Spool {
     }
 }
 
-/// One coarser window standing for `a` then `b` (b keeps its seq).
+/// One coarser window standing for `a` then `b` (b keeps its seq): the
+/// window document's arithmetic ([`WindowReport::absorb`]).
 pub fn merge_windows(a: &v1::WindowReport, b: &v1::WindowReport) -> v1::WindowReport {
-    let mut m = b.clone();
-    m.start_unix_ns = a.start_unix_ns.min(b.start_unix_ns);
-    m.end_unix_ns = a.end_unix_ns.max(b.end_unix_ns);
-    m.idle_cpu_ns = a.idle_cpu_ns + b.idle_cpu_ns;
-    m.busy_cpu_ns = a.busy_cpu_ns + b.busy_cpu_ns;
-    m.host_energy_j = a.host_energy_j + b.host_energy_j;
-    m.idle_energy_j = a.idle_energy_j + b.idle_energy_j;
-    m.unattributed_energy_j = a.unattributed_energy_j + b.unattributed_energy_j;
-    m.host_carbon_g = a.host_carbon_g + b.host_carbon_g;
-    m.host_embodied_g = a.host_embodied_g + b.host_embodied_g;
-    m.business_units = a.business_units + b.business_units;
-    m.estimated = a.estimated || b.estimated;
-    m.conservation_violations = a.conservation_violations.max(b.conservation_violations);
-    m.merged_windows = a.merged_windows.max(1) + b.merged_windows.max(1);
-    if let (Some(la), Some(lb)) = (&a.lost, &m.lost) {
-        m.lost = Some(v1::LossCounters {
-            proc_map_full_events: la.proc_map_full_events + lb.proc_map_full_events,
-            proc_map_full_cpu_ns: la.proc_map_full_cpu_ns + lb.proc_map_full_cpu_ns,
-            ringbuf_drops: la.ringbuf_drops + lb.ringbuf_drops,
-            thread_map_full: la.thread_map_full + lb.thread_map_full,
-            txn_map_full: la.txn_map_full + lb.txn_map_full,
-            scenario_map_full: la.scenario_map_full + lb.scenario_map_full,
-            late_cpu_ns: la.late_cpu_ns + lb.late_cpu_ns,
-        });
-    }
-    let mut domains: BTreeMap<String, f64> = BTreeMap::new();
-    for d in a.domains.iter().chain(&b.domains) {
-        *domains.entry(d.domain.clone()).or_default() += d.energy_j;
-    }
-    m.domains = domains
-        .into_iter()
-        .map(|(domain, energy_j)| v1::DomainEnergy { domain, energy_j })
-        .collect();
-    let mut scenarios: BTreeMap<String, v1::ScenarioRecord> = BTreeMap::new();
-    for s in a.scenarios.iter().chain(&b.scenarios) {
-        let e = scenarios
-            .entry(s.scenario.clone())
-            .or_insert_with(|| v1::ScenarioRecord {
-                scenario: s.scenario.clone(),
-                weight: s.weight,
-                ..Default::default()
-            });
-        e.transactions += s.transactions;
-        e.cpu_ns += s.cpu_ns;
-        e.energy_j += s.energy_j;
-        e.carbon_g += s.carbon_g;
-        e.embodied_g += s.embodied_g;
-    }
-    m.scenarios = scenarios.into_values().collect();
-    let mut processes: HashMap<(String, String, String), v1::ProcessRecord> = HashMap::new();
-    for p in a.processes.iter().chain(&b.processes) {
-        let e = processes
-            .entry((p.comm.clone(), p.service.clone(), p.scenario.clone()))
-            .or_insert_with(|| v1::ProcessRecord {
-                comm: p.comm.clone(),
-                service: p.service.clone(),
-                scenario: p.scenario.clone(),
-                cgroup: p.cgroup.clone(),
-                ..Default::default()
-            });
-        e.cpu_ns += p.cpu_ns;
-        e.energy_j += p.energy_j;
-        e.idle_share_j += p.idle_share_j;
-        e.carbon_g += p.carbon_g;
-        e.embodied_g += p.embodied_g;
-    }
-    let mut processes: Vec<_> = processes.into_values().collect();
-    processes.sort_by(|x, y| (&x.comm, &x.service).cmp(&(&y.comm, &y.service)));
-    m.processes = processes;
-    let mut stacks: BTreeMap<(String, String, String, String), v1::ProfileStack> = BTreeMap::new();
-    for s in a.profile.iter().chain(&b.profile) {
-        let e = stacks
-            .entry((
-                s.comm.clone(),
-                s.service.clone(),
-                s.scenario.clone(),
-                s.stack.clone(),
-            ))
-            .or_insert_with(|| v1::ProfileStack {
-                pid: s.pid,
-                comm: s.comm.clone(),
-                service: s.service.clone(),
-                scenario: s.scenario.clone(),
-                stack: s.stack.clone(),
-                ..Default::default()
-            });
-        e.samples += s.samples;
-        e.energy_j += s.energy_j;
-    }
-    m.profile = stacks.into_values().collect();
-    m.profile_stacks_trimmed = a.profile_stacks_trimmed + b.profile_stacks_trimmed;
-    m.profile_trimmed_energy_j = a.profile_trimmed_energy_j + b.profile_trimmed_energy_j;
-    m
+    let earlier: WindowReport = a.to_wire();
+    let mut merged: WindowReport = b.to_wire();
+    merged.absorb(&earlier);
+    merged.to_wire()
 }
 
 #[cfg(test)]

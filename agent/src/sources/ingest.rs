@@ -39,7 +39,7 @@ use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::transforms::scenario::{Scenario, TransactionCounts};
+use agent_common::scenario::{Scenario, TransactionCounts};
 
 /// `[ingest]` section of agent.toml.
 #[derive(Debug, Clone, Deserialize)]

@@ -624,7 +624,7 @@ impl Deltas {
         let mut services: BTreeMap<(String, String), [f64; 5]> = BTreeMap::new();
         for p in &w.processes {
             let scenario = if p.scenario.is_empty() {
-                "unassigned".to_string()
+                agent_common::UNASSIGNED.to_string()
             } else {
                 p.scenario.clone()
             };
@@ -643,7 +643,7 @@ impl Deltas {
         let transactions: f64 = w
             .scenarios
             .iter()
-            .filter(|s| s.scenario != "unassigned")
+            .filter(|s| s.scenario != agent_common::UNASSIGNED)
             .map(|s| s.transactions as f64)
             .sum();
         for (fleet_t, scenario_t, step) in [(0, 1, layout.step_s), (5, 6, layout.host_step_s)] {

@@ -272,6 +272,12 @@ pub struct EbpfSampler {
     host_times: HostCpuTimes,
     last_steal_cpu_ns: u64,
     previous_cpu_ns: HashMap<ProcScenarioKey, Vec<u64>>,
+    /// This window's PROC_CPU_NS read: the keys, and `slots` per-CPU values
+    /// per key in one flat buffer (both reused across windows).
+    cpu_keys: Vec<ProcScenarioKey>,
+    cpu_values: Vec<u64>,
+    /// Processes in the last window (the next one's table is sized for them).
+    last_active_processes: usize,
     previous_txn: HashMap<ProcScenarioKey, u64>,
     previous_idle_ns: Vec<u64>,
     previous_losses: Vec<u64>,
@@ -417,6 +423,9 @@ impl EbpfSampler {
             host_times,
             last_steal_cpu_ns: 0,
             previous_cpu_ns: HashMap::new(),
+            cpu_keys: Vec::new(),
+            cpu_values: Vec::new(),
+            last_active_processes: 0,
             previous_txn: HashMap::new(),
             previous_idle_ns: Vec::new(),
             previous_losses: Vec::new(),
@@ -571,34 +580,48 @@ impl BareBaseline {
 }
 
 impl EbpfSampler {
-    /// Every (key, per-CPU ns) of PROC_CPU_NS: in batches where the kernel
-    /// supports it, else key by key.
-    fn read_proc_cpu(&mut self) -> Result<Vec<(ProcScenarioKey, Vec<u64>)>, AgentError> {
+    /// Every key of PROC_CPU_NS into `cpu_keys` and its first `slots`
+    /// per-CPU values into `cpu_values`: in batches where the kernel supports
+    /// it, else key by key. No allocation per key.
+    fn read_proc_cpu(&mut self, slots: usize) -> Result<(), AgentError> {
+        let (keys, values) = (&mut self.cpu_keys, &mut self.cpu_values);
+        keys.clear();
+        values.clear();
+        fn push(
+            keys: &mut Vec<ProcScenarioKey>,
+            values: &mut Vec<u64>,
+            slots: usize,
+            key: ProcScenarioKey,
+            per_cpu: &[u64],
+        ) {
+            keys.push(key);
+            values.extend(per_cpu.iter().copied().take(slots));
+            values.resize(keys.len() * slots, 0);
+        }
         if let Some(reader) = self.proc_cpu_batch.as_mut() {
-            let mut entries = Vec::new();
-            let result = reader.for_each(|key, values| {
+            let result = reader.for_each(|key, per_cpu| {
                 // SAFETY: the map's keys are ProcScenarioKey (repr(C), 8 bytes).
                 let key: ProcScenarioKey = unsafe { std::ptr::read_unaligned(key.as_ptr().cast()) };
-                entries.push((key, values.to_vec()));
+                push(keys, values, slots, key, per_cpu);
             });
             match result {
-                Ok(()) => return Ok(entries),
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(
                         "batch lookup unavailable ({e}); reading the CPU map key by key"
                     );
                     self.proc_cpu_batch = None;
+                    keys.clear();
+                    values.clear();
                 }
             }
         }
-        self.proc_cpu
-            .iter()
-            .map(|entry| {
-                entry
-                    .map(|(key, values)| (key, values.iter().copied().collect()))
-                    .map_err(|e| ebpf_err("reading PROC_CPU_NS", e))
-            })
-            .collect()
+        for entry in self.proc_cpu.iter() {
+            let (key, per_cpu) = entry.map_err(|e| ebpf_err("reading PROC_CPU_NS", e))?;
+            let per_cpu: Vec<u64> = per_cpu.iter().copied().collect();
+            push(keys, values, slots, key, &per_cpu);
+        }
+        Ok(())
     }
 
     /// Adds this window's per-thread CPU time to `by_tgid`; returns the keys
@@ -675,20 +698,25 @@ impl CpuSampler for EbpfSampler {
         };
 
         // CPU time per key, as deltas since the last window.
-        let mut by_tgid: HashMap<u32, ProcessCpu> = HashMap::new();
-        let mut seen_keys = Vec::new();
-        for (key, values) in self.read_proc_cpu()? {
-            let previous = self.previous_cpu_ns.get(&key);
-            let mut delta_per_cpu = vec![0u64; slots];
-            for (cpu, value) in values.iter().enumerate().take(slots) {
-                let before = previous.and_then(|p| p.get(cpu)).copied().unwrap_or(0);
-                delta_per_cpu[cpu] = value.saturating_sub(before);
-            }
-            let delta: u64 = delta_per_cpu.iter().sum();
-            self.previous_cpu_ns
-                .insert(key, values.iter().take(slots).copied().collect());
-            seen_keys.push(key);
+        // An unchanged key costs one lookup and a compare: its previous
+        // values are updated in place, nothing is allocated for it.
+        let mut by_tgid: HashMap<u32, ProcessCpu> =
+            HashMap::with_capacity(self.last_active_processes);
+        self.read_proc_cpu(slots)?;
+        let seen_keys = std::mem::take(&mut self.cpu_keys);
+        for (key, now) in seen_keys.iter().zip(self.cpu_values.chunks_exact(slots)) {
+            let previous = self
+                .previous_cpu_ns
+                .entry(*key)
+                .or_insert_with(|| vec![0; slots]);
+            previous.resize(slots, 0);
+            let delta: u64 = now
+                .iter()
+                .zip(previous.iter())
+                .map(|(n, p)| n.saturating_sub(*p))
+                .sum();
             if delta == 0 && !closed.contains_key(&key.tgid) {
+                previous.copy_from_slice(now);
                 continue;
             }
             let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
@@ -697,9 +725,15 @@ impl CpuSampler for EbpfSampler {
                 ..Default::default()
             });
             process.cpu_ns += delta;
-            for (cpu, d) in delta_per_cpu.iter().enumerate() {
-                process.cpu_ns_per_cpu[cpu] += d;
+            for ((sum, n), p) in process
+                .cpu_ns_per_cpu
+                .iter_mut()
+                .zip(now)
+                .zip(previous.iter())
+            {
+                *sum += n.saturating_sub(*p);
             }
+            previous.copy_from_slice(now);
             if (key.scenario as usize) < SCENARIO_SLOTS as usize {
                 process.scenario_cpu_ns[key.scenario as usize] += delta;
             }
@@ -725,45 +759,40 @@ impl CpuSampler for EbpfSampler {
         let thread_keys = self.read_threads(&mut by_tgid)?;
 
         // Enrich; a process whose /proc entry is gone has exited too.
+        // Known processes are described under the lock (one copy of their
+        // description); unknown ones are read from procfs outside it.
         let mut newly_read = Vec::new();
         let mut dead: HashSet<u32> = closed.keys().copied().collect();
-        let known: HashMap<u32, ProcInfo> = {
+        let mut unknown = Vec::new();
+        {
             let lifecycle = self.lifecycle();
-            by_tgid
-                .keys()
-                .filter_map(|tgid| lifecycle.state.info.get(tgid).map(|i| (*tgid, i.clone())))
-                .collect()
-        };
-        for (tgid, process) in by_tgid.iter_mut() {
-            let info = match known.get(tgid) {
-                Some(info) => Some(info.clone()),
-                None => {
-                    let info = read_proc_info(&self.proc_root, *tgid);
-                    if let Some(info) = &info {
-                        newly_read.push(info.clone());
-                    }
-                    info
+            for (tgid, process) in by_tgid.iter_mut() {
+                match lifecycle.state.info.get(tgid) {
+                    Some(info) => info.describe(process),
+                    None => unknown.push(*tgid),
                 }
-            };
+            }
+        }
+        for tgid in unknown {
+            if let (Some(info), Some(process)) = (
+                read_proc_info(&self.proc_root, tgid),
+                by_tgid.get_mut(&tgid),
+            ) {
+                info.describe(process);
+                newly_read.push(info);
+            }
+        }
+        for (tgid, process) in by_tgid.iter_mut() {
+            let described = process.start_ticks.is_some();
             if let Some(exit) = closed.get(tgid) {
                 process.exited = true;
-                if info.is_none() {
+                if !described {
                     process.comm = exit.comm.clone();
                     process.cgroup = self.cgroups.path_of(exit.cgroup_id);
                 }
-            } else if info.is_none() {
+            } else if !described {
                 process.exited = true;
                 dead.insert(*tgid);
-            }
-            if let Some(info) = info {
-                process.ppid = info.ppid;
-                process.comm = info.comm;
-                process.exe = info.exe;
-                process.cmdline = info.cmdline;
-                process.cgroup = info.cgroup;
-                process.container_id = info.container_id;
-                process.env = info.env;
-                process.start_ticks = Some(info.start_ticks);
             }
         }
 
@@ -772,6 +801,7 @@ impl CpuSampler for EbpfSampler {
             let _ = self.proc_cpu.remove(key);
             self.previous_cpu_ns.remove(key);
         }
+        self.cpu_keys = seen_keys;
         if let Some(thread_cpu) = self.thread_cpu.as_mut() {
             for key in thread_keys {
                 let (tgid, tid) = ((key >> 32) as u32, key as u32);
@@ -842,8 +872,9 @@ impl CpuSampler for EbpfSampler {
         self.previous_unowned_ns = unowned_now;
 
         let start_unix_ns = std::mem::replace(&mut self.window_start_unix_ns, end_unix_ns);
+        self.last_active_processes = by_tgid.len();
         let mut processes: Vec<ProcessCpu> = by_tgid.into_values().collect();
-        processes.sort_by_key(|p| p.pid);
+        processes.sort_unstable_by_key(|p| p.pid);
         Ok(CpuSample {
             source: CpuSource::Ebpf,
             start_unix_ns,

@@ -17,6 +17,20 @@ pub struct ProcInfo {
     pub start_ticks: u64,
 }
 
+impl ProcInfo {
+    /// Copies this description into a window's process (its CPU figures stay).
+    pub fn describe(&self, process: &mut super::ProcessCpu) {
+        process.ppid = self.ppid;
+        process.comm.clone_from(&self.comm);
+        process.exe.clone_from(&self.exe);
+        process.cmdline.clone_from(&self.cmdline);
+        process.cgroup.clone_from(&self.cgroup);
+        process.container_id.clone_from(&self.container_id);
+        process.env.clone_from(&self.env);
+        process.start_ticks = Some(self.start_ticks);
+    }
+}
+
 /// Fields of `/proc/<pid>/stat` the agent needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatFields {

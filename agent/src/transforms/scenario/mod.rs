@@ -18,9 +18,7 @@
 //! ingest endpoint (and scraped Prometheus counters), passed in as
 //! [`TransactionCounts`].
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
@@ -30,9 +28,6 @@ use crate::window::{ScenarioRecord, WindowReport};
 mod rules;
 
 pub use rules::{pod_uid_from_cgroup, read_pod_labels, systemd_unit_from_cgroup, ScenarioRule};
-
-/// Name of the line that collects what no scenario claimed.
-pub const UNASSIGNED: &str = "unassigned";
 
 /// Errors of the scenario stage.
 #[derive(Debug, thiserror::Error)]
@@ -47,136 +42,7 @@ pub enum ScenarioError {
     ProcessMismatch { report: usize, sample: usize },
 }
 
-/// The four scenarios of T/CQJR 032.2 table 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Scenario {
-    /// 授信: application, identity and credit-bureau check, risk pricing, approval.
-    Credit,
-    /// 支用: limit confirmation, drawdown request, fund routing and payout.
-    Drawdown,
-    /// 还款: schedule, reminder, auto-debit, overdue handling.
-    Repayment,
-    /// 查询: authenticated account lookup (the unit of business, alpha = 1).
-    Query,
-}
-
-impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario::Credit,
-        Scenario::Drawdown,
-        Scenario::Repayment,
-        Scenario::Query,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::Credit => "credit",
-            Scenario::Drawdown => "drawdown",
-            Scenario::Repayment => "repayment",
-            Scenario::Query => "query",
-        }
-    }
-
-    pub fn name_zh(self) -> &'static str {
-        match self {
-            Scenario::Credit => "授信",
-            Scenario::Drawdown => "支用",
-            Scenario::Repayment => "还款",
-            Scenario::Query => "查询",
-        }
-    }
-
-    /// Slot number shared with the eBPF side and the marker library.
-    pub fn slot(self) -> u32 {
-        match self {
-            Scenario::Credit => agent_common::SCENARIO_CREDIT,
-            Scenario::Drawdown => agent_common::SCENARIO_DRAWDOWN,
-            Scenario::Repayment => agent_common::SCENARIO_REPAYMENT,
-            Scenario::Query => agent_common::SCENARIO_QUERY,
-        }
-    }
-
-    /// The scenario of a slot; None for `SCENARIO_NONE` and out-of-range slots.
-    pub fn from_slot(slot: u32) -> Option<Scenario> {
-        Scenario::ALL.into_iter().find(|s| s.slot() == slot)
-    }
-
-    /// alpha_i of the standard: 24, 7, 3, 1.
-    pub fn standard_weight(self) -> f64 {
-        match self {
-            Scenario::Credit => 24.0,
-            Scenario::Drawdown => 7.0,
-            Scenario::Repayment => 3.0,
-            Scenario::Query => 1.0,
-        }
-    }
-
-    fn index(self) -> usize {
-        self.slot() as usize - 1
-    }
-}
-
-impl fmt::Display for Scenario {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Scenario {
-    type Err = ScenarioError;
-
-    /// Accepts the English codes and the standard's Chinese names.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Scenario::ALL
-            .into_iter()
-            .find(|s| s.name() == text || s.name_zh() == text)
-            .ok_or_else(|| ScenarioError::UnknownScenario {
-                name: text.to_string(),
-            })
-    }
-}
-
-impl<'de> Deserialize<'de> for Scenario {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A value per scenario (transactions, weights, ...).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct PerScenario<T>(pub [T; 4]);
-
-impl<T: Copy> PerScenario<T> {
-    pub fn get(&self, scenario: Scenario) -> T {
-        self.0[scenario.index()]
-    }
-
-    pub fn set(&mut self, scenario: Scenario, value: T) {
-        self.0[scenario.index()] = value;
-    }
-}
-
-/// Completed transactions per scenario reported outside the markers (ingest
-/// endpoint, Prometheus scrapes).
-pub type TransactionCounts = PerScenario<u64>;
-
-impl TransactionCounts {
-    pub fn add(&mut self, scenario: Scenario, count: u64) {
-        let slot = &mut self.0[scenario.index()];
-        *slot = slot.saturating_add(count);
-    }
-
-    pub fn merge(&mut self, other: &TransactionCounts) {
-        for s in Scenario::ALL {
-            self.add(s, other.get(s));
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.0.iter().fold(0u64, |a, b| a.saturating_add(*b))
-    }
-}
+pub use agent_common::scenario::{PerScenario, Scenario, TransactionCounts, UNASSIGNED};
 
 /// alpha_i in use: the standard's unless agent.toml overrides some.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -297,10 +163,15 @@ pub struct ScenarioStage {
     weights: Weights,
     rules: Vec<ScenarioRule>,
     pod_labels_dir: Option<PathBuf>,
-    /// Verdicts by (pid, start_ticks), with the comm they were given for: an
-    /// unclaimed process that renames itself is evaluated again.
-    cache: HashMap<(u32, u64), (String, Assignment)>,
+    /// Verdicts by (pid, start_ticks), with the comm they were given for (an
+    /// unclaimed process that renames itself is evaluated again) and the
+    /// last window that saw the process.
+    cache: HashMap<(u32, u64), CachedVerdict>,
     evaluations: u64,
+    /// Windows applied so far: entries not seen in the latest are forgotten.
+    window: u64,
+    /// The verdict on a process without a start time (never cached).
+    uncached: Assignment,
 }
 
 impl ScenarioStage {
@@ -311,6 +182,8 @@ impl ScenarioStage {
             pod_labels_dir: config.pod_labels_dir.clone(),
             cache: HashMap::new(),
             evaluations: 0,
+            window: 0,
+            uncached: Assignment::default(),
         })
     }
 
@@ -330,24 +203,49 @@ impl ScenarioStage {
 
     /// The rules' verdict on one process, cached under (pid, start_ticks).
     pub fn assign(&mut self, process: &ProcessCpu) -> Assignment {
+        self.assign_cached(process).clone()
+    }
+
+    /// [`ScenarioStage::assign`] without the copy: the rules run only for a
+    /// process not seen before (or an unclaimed one that renamed itself).
+    fn assign_cached(&mut self, process: &ProcessCpu) -> &Assignment {
         let Some(start_ticks) = process.start_ticks else {
             self.evaluations += 1;
-            return self.evaluate(process);
+            self.uncached = self.evaluate(process);
+            return &self.uncached;
         };
+        let window = self.window;
         let key = (process.pid, start_ticks);
-        if let Some((comm, found)) = self.cache.get(&key) {
-            // A verdict a rule gave stays for the process's life; a process no
-            // rule claimed is looked at again once it renames itself (workers
-            // that take their role's name after start).
-            if *comm == process.comm || found.rule_index.is_some() {
-                return found.clone();
+        // A verdict a rule gave stays for the process's life; a process no
+        // rule claimed is looked at again once it renames itself (workers
+        // that take their role's name after start).
+        let fresh = match self.cache.get_mut(&key) {
+            Some(v) => {
+                v.seen_window = window;
+                v.comm != process.comm && v.assignment.rule_index.is_none()
             }
+            None => true,
+        };
+        if fresh {
+            self.evaluations += 1;
+            let assignment = rules::evaluate(&self.rules, process, self.pod_labels_dir.as_deref());
+            let verdict = CachedVerdict {
+                comm: process.comm.clone(),
+                assignment,
+                seen_window: window,
+            };
+            return match self.cache.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    e.insert(verdict);
+                    &e.into_mut().assignment
+                }
+                std::collections::hash_map::Entry::Vacant(e) => &e.insert(verdict).assignment,
+            };
         }
-        self.evaluations += 1;
-        let assignment = self.evaluate(process);
-        self.cache
-            .insert(key, (process.comm.clone(), assignment.clone()));
-        assignment
+        match self.cache.get(&key) {
+            Some(verdict) => &verdict.assignment,
+            None => &self.uncached,
+        }
     }
 
     /// Fills each process's `scenario` and `service`, `report.weights`,
@@ -379,21 +277,23 @@ impl ScenarioStage {
             ..Default::default()
         });
         let mut transactions = *external;
+        self.window += 1;
 
         for (process, record) in sample.processes.iter().zip(report.processes.iter_mut()) {
-            let assignment = self.assign(process);
-            record.scenario = assignment.scenario.map(|s| s.name().to_string());
-            record.service = assignment.service.clone();
+            let assignment = self.assign_cached(process);
+            let rule_scenario = assignment.scenario;
+            record.scenario = rule_scenario.map(|s| s.name().to_string());
+            record.service.clone_from(&assignment.service);
 
             for s in Scenario::ALL {
                 transactions.add(s, process.scenario_transactions[s.slot() as usize]);
             }
-            let shares = split_process(process, assignment.scenario);
+            let shares = split_process(process, rule_scenario);
             let energy_j = record.energy_j;
             let carbon_g = record.carbon_g;
             let embodied_g = record.embodied_g;
             let mut given = (0.0, 0.0, 0.0);
-            for (line, cpu_ns, fraction) in shares.marked {
+            for &(line, cpu_ns, fraction) in &shares.marked[..shares.marked_len] {
                 let target = &mut lines[line];
                 target.cpu_ns += cpu_ns;
                 target.energy_j += energy_j * fraction;
@@ -422,29 +322,29 @@ impl ScenarioStage {
 
     /// Forgets processes that exited or were not in this window.
     fn retain_seen(&mut self, sample: &CpuSample) {
-        let live: std::collections::HashSet<(u32, u64)> = sample
-            .processes
-            .iter()
-            .filter(|p| !p.exited)
-            .filter_map(|p| p.start_ticks.map(|t| (p.pid, t)))
-            .collect();
-        self.cache.retain(|key, _| live.contains(key));
+        for p in sample.processes.iter().filter(|p| p.exited) {
+            if let Some(t) = p.start_ticks {
+                self.cache.remove(&(p.pid, t));
+            }
+        }
+        let window = self.window;
+        self.cache.retain(|_, v| v.seen_window == window);
     }
 }
 
-/// `apply_scenarios(stage, sample, report, counts)`: see [`ScenarioStage::apply`].
-pub fn apply_scenarios(
-    stage: &mut ScenarioStage,
-    sample: &CpuSample,
-    report: &mut WindowReport,
-    external: &TransactionCounts,
-) -> Result<(), ScenarioError> {
-    stage.apply(sample, report, external)
+/// A cached verdict of the rules on one process.
+#[derive(Debug)]
+struct CachedVerdict {
+    comm: String,
+    assignment: Assignment,
+    seen_window: u64,
 }
 
 struct ProcessSplit {
-    /// (line index, cpu_ns, fraction of the process) for marker slots 1..4.
-    marked: Vec<(usize, u64, f64)>,
+    /// (line index, cpu_ns, fraction of the process) for marker slots 1..4;
+    /// the first `marked_len` are used.
+    marked: [(usize, u64, f64); 4],
+    marked_len: usize,
     rest_line: usize,
     rest_cpu_ns: u64,
 }
@@ -455,19 +355,22 @@ fn split_process(process: &ProcessCpu, rule_scenario: Option<Scenario>) -> Proce
     let slots = &process.scenario_cpu_ns;
     let slot_total: u64 = slots.iter().sum();
     let denominator = slot_total.max(process.cpu_ns);
-    let mut marked = Vec::new();
+    let mut marked = [(0, 0, 0.0); 4];
+    let mut marked_len = 0;
     let mut marked_cpu_ns = 0u64;
     if denominator > 0 {
         for s in Scenario::ALL {
             let cpu_ns = slots[s.slot() as usize];
             if cpu_ns > 0 {
-                marked.push((s.index(), cpu_ns, cpu_ns as f64 / denominator as f64));
+                marked[marked_len] = (s.index(), cpu_ns, cpu_ns as f64 / denominator as f64);
+                marked_len += 1;
                 marked_cpu_ns += cpu_ns;
             }
         }
     }
     ProcessSplit {
         marked,
+        marked_len,
         rest_line: rule_scenario.map_or(Scenario::ALL.len(), Scenario::index),
         rest_cpu_ns: process.cpu_ns.saturating_sub(marked_cpu_ns),
     }

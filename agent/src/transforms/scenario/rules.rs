@@ -92,7 +92,9 @@ impl ScenarioRule {
         let scenario = match text.scenario.as_deref() {
             None => RuleScenario::None,
             Some("from_env") => RuleScenario::FromEnv,
-            Some(name) => RuleScenario::Fixed(name.parse().map_err(|e| format!("{e}"))?),
+            Some(name) => RuleScenario::Fixed(Scenario::from_name(name).ok_or_else(|| {
+                super::ScenarioError::UnknownScenario { name: name.into() }.to_string()
+            })?),
         };
         if text.service.as_deref() == Some("") {
             return Err("service must not be empty".into());
