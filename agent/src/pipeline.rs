@@ -224,6 +224,7 @@ impl Pipeline {
             None => TransactionCounts::default(),
         };
         self.scenarios.apply(&sample, &mut report, &reported)?;
+        report.request_cpu = crate::transforms::request_cpu::histograms(&sample, &report);
         if let Some(profiler) = self.profiler.as_mut() {
             match profiler.drain() {
                 Ok(profile) => report.profile = weigh(&profile, &report),

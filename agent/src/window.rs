@@ -39,6 +39,9 @@ pub struct LossCounters {
     pub thread_map_full: u64,
     pub txn_map_full: u64,
     pub scenario_map_full: u64,
+    /// Completed requests left out of the per-request CPU histograms (map full).
+    #[serde(default)]
+    pub request_histogram_full: u64,
     /// CPU time charged to processes that had already exited and whose
     /// record was closed (charged in the window after their exit).
     pub late_cpu_ns: u64,
@@ -196,6 +199,23 @@ pub struct WindowReport {
     /// Folded CPU stacks with their energy (empty when profiling is off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub profile: Vec<ProfileStack>,
+    /// Per-request CPU time of marker-bracketed requests, per (service, scenario).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_cpu: Vec<RequestCpuHistogram>,
+}
+
+/// The requests of one scenario in one service completed in the window, in
+/// log2 buckets of their CPU time (the bucket rule of `agent_common::request_cpu_bucket`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestCpuHistogram {
+    pub scenario: String,
+    /// Empty when no rule names the process's service.
+    pub service: String,
+    /// counts[i]: requests whose CPU ns t has i significant bits (2^(i-1) <= t < 2^i).
+    pub counts: Vec<u64>,
+    pub sum_cpu_ns: u64,
+    /// Joules per CPU-ns of this service's time in this scenario in the window.
+    pub energy_j_per_cpu_ns: f64,
 }
 
 impl WindowReport {
@@ -243,6 +263,7 @@ impl WindowReport {
             ingest_refused: Default::default(),
             processes: Vec::new(),
             profile: Vec::new(),
+            request_cpu: Vec::new(),
         }
     }
 

@@ -119,6 +119,7 @@ impl From<&WindowReport> for v1::WindowReport {
                 txn_map_full: w.lost.txn_map_full,
                 scenario_map_full: w.lost.scenario_map_full,
                 late_cpu_ns: w.lost.late_cpu_ns,
+                request_histogram_full: w.lost.request_histogram_full,
             }),
             energy_source: w.energy_source.clone(),
             estimated: w.estimated,
@@ -201,7 +202,17 @@ impl From<&WindowReport> for v1::WindowReport {
             unattributed_cpu_ns: w.unattributed_cpu_ns,
             profile_stacks_trimmed: 0,
             profile_trimmed_energy_j: 0.0,
-            request_cpu: Vec::new(),
+            request_cpu: w
+                .request_cpu
+                .iter()
+                .map(|h| v1::RequestCpuHistogram {
+                    scenario: h.scenario.clone(),
+                    service: h.service.clone(),
+                    counts: h.counts.clone(),
+                    sum_cpu_ns: h.sum_cpu_ns,
+                    energy_j_per_cpu_ns: h.energy_j_per_cpu_ns,
+                })
+                .collect(),
         }
     }
 }

@@ -793,6 +793,7 @@ pub fn merge_windows(a: &v1::WindowReport, b: &v1::WindowReport) -> v1::WindowRe
             txn_map_full: la.txn_map_full + lb.txn_map_full,
             scenario_map_full: la.scenario_map_full + lb.scenario_map_full,
             late_cpu_ns: la.late_cpu_ns + lb.late_cpu_ns,
+            request_histogram_full: la.request_histogram_full + lb.request_histogram_full,
         });
     }
     let mut domains: BTreeMap<String, f64> = BTreeMap::new();
@@ -862,7 +863,42 @@ pub fn merge_windows(a: &v1::WindowReport, b: &v1::WindowReport) -> v1::WindowRe
     m.profile = stacks.into_values().collect();
     m.profile_stacks_trimmed = a.profile_stacks_trimmed + b.profile_stacks_trimmed;
     m.profile_trimmed_energy_j = a.profile_trimmed_energy_j + b.profile_trimmed_energy_j;
+    m.request_cpu = merge_request_cpu(&a.request_cpu, &b.request_cpu);
     m
+}
+
+/// Histograms of the same (service, scenario) add bucket by bucket; the
+/// joules per CPU-ns are averaged weighted by the requests' CPU time.
+fn merge_request_cpu(
+    a: &[v1::RequestCpuHistogram],
+    b: &[v1::RequestCpuHistogram],
+) -> Vec<v1::RequestCpuHistogram> {
+    let mut merged: BTreeMap<(String, String), v1::RequestCpuHistogram> = BTreeMap::new();
+    for h in a.iter().chain(b) {
+        let e = merged
+            .entry((h.service.clone(), h.scenario.clone()))
+            .or_insert_with(|| v1::RequestCpuHistogram {
+                scenario: h.scenario.clone(),
+                service: h.service.clone(),
+                ..Default::default()
+            });
+        if e.counts.len() < h.counts.len() {
+            e.counts.resize(h.counts.len(), 0);
+        }
+        for (sum, count) in e.counts.iter_mut().zip(&h.counts) {
+            *sum += count;
+        }
+        let total_ns = e.sum_cpu_ns + h.sum_cpu_ns;
+        if total_ns > 0 {
+            e.energy_j_per_cpu_ns = (e.energy_j_per_cpu_ns * e.sum_cpu_ns as f64
+                + h.energy_j_per_cpu_ns * h.sum_cpu_ns as f64)
+                / total_ns as f64;
+        } else {
+            e.energy_j_per_cpu_ns = h.energy_j_per_cpu_ns;
+        }
+        e.sum_cpu_ns = total_ns;
+    }
+    merged.into_values().collect()
 }
 
 #[cfg(test)]
