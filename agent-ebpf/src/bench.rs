@@ -19,7 +19,6 @@ static BARE_LAST_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static BARE_CPU_NS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
-
 /// The least a sched_switch accounting program can do: the clock, the
 /// CPU's previous mark, the pid, one per-CPU hash update.
 #[btf_tracepoint(function = "sched_switch")]
@@ -43,4 +42,3 @@ fn try_sched_switch_bare(_ctx: &BtfTracePointContext) -> Result<u32, u32> {
     let _ = add_to(&BARE_CPU_NS, &tgid, now - previous);
     Ok(0)
 }
-

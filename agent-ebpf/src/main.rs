@@ -19,12 +19,12 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(all(target_arch = "bpf", feature = "bench"))]
+mod bench;
 #[cfg(target_arch = "bpf")]
 mod profile;
 #[cfg(target_arch = "bpf")]
 mod programs;
-#[cfg(all(target_arch = "bpf", feature = "bench"))]
-mod bench;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

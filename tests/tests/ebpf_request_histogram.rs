@@ -104,7 +104,11 @@ fn each_request_lands_in_its_bucket() {
             .find(|h| h.scenario == scenario)
             .unwrap_or_else(|| panic!("no histogram for scenario {scenario}"));
         let kernel_requests: u64 = histogram.counts.iter().sum();
-        assert_eq!(kernel_requests, mine.len() as u64, "scenario {scenario}: requests");
+        assert_eq!(
+            kernel_requests,
+            mine.len() as u64,
+            "scenario {scenario}: requests"
+        );
         assert_eq!(
             kernel_requests, me.scenario_transactions[scenario as usize],
             "histogram and transaction count agree"
@@ -118,7 +122,10 @@ fn each_request_lands_in_its_bucket() {
             error * 100.0,
             histogram.counts
         );
-        assert!(error.abs() < 0.01, "scenario {scenario}: sum off by {error}");
+        assert!(
+            error.abs() < 0.01,
+            "scenario {scenario}: sum off by {error}"
+        );
 
         // Every request in its bucket, or its neighbour where the truth sits
         // within 1% of a bucket boundary: per bucket, the kernel's count lies
@@ -134,8 +141,8 @@ fn each_request_lands_in_its_bucket() {
             if low == high {
                 sure[low] += 1;
             }
-            for b in low..=high {
-                may[b] += 1;
+            for count in &mut may[low..=high] {
+                *count += 1;
             }
         }
         for b in 0..agent_common::REQUEST_CPU_BUCKETS {

@@ -938,15 +938,14 @@ mod tests {
 
     #[test]
     fn merged_windows_add_request_histograms_bucket_by_bucket() {
-        let histogram = |service: &str, counts: Vec<u64>, sum: u64, rate: f64| {
-            v1::RequestCpuHistogram {
+        let histogram =
+            |service: &str, counts: Vec<u64>, sum: u64, rate: f64| v1::RequestCpuHistogram {
                 scenario: "credit".into(),
                 service: service.into(),
                 counts,
                 sum_cpu_ns: sum,
                 energy_j_per_cpu_ns: rate,
-            }
-        };
+            };
         let mut a = window(1, 1.0, 0);
         a.request_cpu = vec![histogram("loans", vec![0, 2, 1], 10, 1e-9)];
         a.lost = Some(v1::LossCounters {

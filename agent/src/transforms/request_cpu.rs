@@ -128,7 +128,10 @@ mod tests {
         }
         let h = histograms(&sample, &report);
         assert_eq!(h.len(), 2);
-        assert_eq!((h[0].service.as_str(), h[0].scenario.as_str()), ("loans", "credit"));
+        assert_eq!(
+            (h[0].service.as_str(), h[0].scenario.as_str()),
+            ("loans", "credit")
+        );
         assert_eq!(h[0].counts, vec![0, 1, 3, 2]);
         assert_eq!(h[0].sum_cpu_ns, 22);
         // Credit time: 0.5 s at 2 nJ/ns and 0.5 s at 6 nJ/ns: 4 J over 1e9 ns.
