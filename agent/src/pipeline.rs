@@ -66,6 +66,13 @@ pub fn open_sampler(
     };
     match EbpfSampler::load(&ebpf_options) {
         Ok(mut sampler) => {
+            sampler.set_read_environ(
+                config
+                    .scenarios
+                    .rules
+                    .iter()
+                    .any(|rule| rule.reads_environment()),
+            );
             for library in &options.marker_libraries {
                 sampler.attach_markers(library).map_err(|e| {
                     let text = e.to_string();

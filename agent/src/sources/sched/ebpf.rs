@@ -35,7 +35,8 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use super::batch::PerCpuBatchReader;
 use super::btf::KernelBtf;
 use super::proc_info::{
-    clock_ticks_per_second, online_cpus, read_proc_info, refresh_after_exec, CgroupPaths, ProcInfo,
+    clock_ticks_per_second, online_cpus, read_proc_info_with, refresh_after_exec, CgroupPaths,
+    ProcInfo,
 };
 use super::procfs::HostCpuTimes;
 use super::{CpuSample, CpuSampler, ProcessCpu, RequestCpu};
@@ -124,6 +125,8 @@ struct Lifecycle {
     ring: RingBuf<MapData>,
     state: LifecycleState,
     proc_root: PathBuf,
+    /// Whether to read `SCI_*` environments (only when a scenario rule uses them).
+    read_environ: bool,
 }
 
 impl Lifecycle {
@@ -152,13 +155,15 @@ impl Lifecycle {
                     let known = match self.state.info.get_mut(&event.tgid) {
                         Some(info) => {
                             info.comm = comm_to_string(&event.comm);
-                            refresh_after_exec(&self.proc_root, info);
+                            refresh_after_exec(&self.proc_root, info, self.read_environ);
                             true
                         }
                         None => false,
                     };
                     if !known {
-                        if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
+                        if let Some(info) =
+                            read_proc_info_with(&self.proc_root, event.tgid, self.read_environ)
+                        {
                             self.state.info.insert(event.tgid, info);
                         }
                     }
@@ -187,7 +192,7 @@ impl Lifecycle {
     /// (it started before the agent); the child itself is not read.
     fn inherit(&mut self, event: &ProcEvent) {
         if !self.state.info.contains_key(&event.origin_tgid) {
-            match read_proc_info(&self.proc_root, event.origin_tgid) {
+            match read_proc_info_with(&self.proc_root, event.origin_tgid, self.read_environ) {
                 Some(info) => {
                     self.state.info.insert(event.origin_tgid, info);
                 }
@@ -392,6 +397,7 @@ impl EbpfSampler {
             ring,
             state: LifecycleState::default(),
             proc_root: proc_root.clone(),
+            read_environ: true,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let events_thread = {
@@ -489,6 +495,13 @@ impl EbpfSampler {
             .map_err(|e| ebpf_err("switching marker slices on", e))?;
         self.marker_links.push(library.to_path_buf());
         Ok(())
+    }
+
+    /// Whether process descriptions include the `SCI_*` environment (default
+    /// yes). Without a scenario rule that reads it, leaving it out saves one
+    /// procfs read per new program (exec).
+    pub fn set_read_environ(&mut self, read_environ: bool) {
+        self.lifecycle().read_environ = read_environ;
     }
 
     /// Cumulative (run_time_ns, run_count) of each loaded program, from the
@@ -760,18 +773,19 @@ impl CpuSampler for EbpfSampler {
         // Enrich; a process whose /proc entry is gone has exited too.
         let mut newly_read = Vec::new();
         let mut dead: HashSet<u32> = closed.keys().copied().collect();
-        let known: HashMap<u32, ProcInfo> = {
+        let (known, read_environ): (HashMap<u32, ProcInfo>, bool) = {
             let lifecycle = self.lifecycle();
-            by_tgid
+            let known = by_tgid
                 .keys()
                 .filter_map(|tgid| lifecycle.state.info.get(tgid).map(|i| (*tgid, i.clone())))
-                .collect()
+                .collect();
+            (known, lifecycle.read_environ)
         };
         for (tgid, process) in by_tgid.iter_mut() {
             let info = match known.get(tgid) {
                 Some(info) => Some(info.clone()),
                 None => {
-                    let info = read_proc_info(&self.proc_root, *tgid);
+                    let info = read_proc_info_with(&self.proc_root, *tgid, read_environ);
                     if let Some(info) = &info {
                         newly_read.push(info.clone());
                     }
