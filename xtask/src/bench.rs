@@ -236,7 +236,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     });
     measurements.push(Measurement {
         title: "Agent cost with process churn: 100 new processes per second",
-        method: "`sci-bench agent --processes 100 --churn`: 100 shell loops that fork+exec `sleep 1` every second; each fork inherits its parent's description from a kernel event (no procfs read), each exec re-reads only what exec changes (exe, cmdline, environ), each exit closes the process.",
+        method: "`sci-bench agent --processes 100 --churn`: 100 shell loops that fork+exec `sleep 1` every second; each fork inherits its parent's description from a kernel event (no procfs read), each exec re-reads only what exec changes (exe, cmdline; the SCI_* environ only when a scenario rule reads it, none here), each exit closes the process.",
         program: release.join("sci-bench"),
         args: vec![
             "agent".into(),
@@ -251,7 +251,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ("rss_mib", "agent RSS", "MiB"),
         ],
         runs: args.runs,
-        notes: "Only exec events wake the agent's event thread (forks, renames and exits are read at the next wake-up); an exec costs three procfs reads (readlink exe, cmdline, environ), which is most of the remaining cost. Procfs polling would not see most of these processes at all.",
+        notes: "Only exec events wake the agent's event thread (forks, renames and exits are read at the next wake-up); an exec costs two procfs reads (readlink exe, cmdline; environ only when a scenario rule reads it); those reads and the wake-up are most of the remaining cost. Procfs polling would not see most of these processes at all.",
     });
 
     measurements.push(Measurement {
