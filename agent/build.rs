@@ -22,10 +22,17 @@ fn main() -> anyhow::Result<()> {
     let root_dir = root_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", root_dir.display()))?;
+    // The benchmark's baseline program goes into the object only for sci-bench.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        &["bench"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "agent-ebpf",
             root_dir,
+            features,
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

@@ -80,7 +80,67 @@ pub struct ThreadState {
     /// Scenario the thread is serving (`SCENARIO_*`), between marker begin and end.
     pub scenario: u32,
     pub _pad: u32,
+    /// Everything charged to this thread since it was first seen (switches
+    /// and marker calls): the thread's CPU clock as the accounting sees it.
+    pub charged_ns: u64,
+    /// `charged_ns` at the thread's last `sci_scenario_begin`: the request's
+    /// CPU time at its end is the growth since.
+    pub request_start_ns: u64,
 }
+
+/// Per-CPU clock state of the sched_switch program (`CPU_CLOCK`), one
+/// lookup for everything it needs about the CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuClock {
+    /// `bpf_ktime_get_ns` at the last switch or marker call, kept only while
+    /// marker uprobes are attached: a marker's estimate of the running slice
+    /// runs from there.
+    pub mark_ns: u64,
+    /// The scheduler's task clock (`rq_clock_task`, read from the switching
+    /// tasks' `se.exec_start`) when this CPU went idle; 0 while busy.
+    pub idle_since_ns: u64,
+    /// Cumulative idle time of this CPU on the task clock (steal excluded, as
+    /// in task runtime).
+    pub idle_ns: u64,
+}
+
+/// Log2 buckets of a request's CPU time: bucket i holds t with i significant
+/// bits (2^(i-1) <= t < 2^i; bucket 0 holds t = 0); t >= 2^63 ns goes to the last.
+pub const REQUEST_CPU_BUCKETS: usize = 64;
+
+/// Per-(process, scenario) distribution of the CPU time of requests
+/// bracketed by the marker library (`REQUEST_CPU`, per-CPU values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestCpuBuckets {
+    pub counts: [u64; REQUEST_CPU_BUCKETS],
+    /// Exact sum of the requests' CPU time.
+    pub sum_cpu_ns: u64,
+}
+
+impl Default for RequestCpuBuckets {
+    fn default() -> Self {
+        RequestCpuBuckets {
+            counts: [0; REQUEST_CPU_BUCKETS],
+            sum_cpu_ns: 0,
+        }
+    }
+}
+
+/// The bucket of a request that took `cpu_ns` (see [`REQUEST_CPU_BUCKETS`]).
+#[inline(always)]
+pub fn request_cpu_bucket(cpu_ns: u64) -> usize {
+    let bits = (64 - cpu_ns.leading_zeros()) as usize;
+    if bits >= REQUEST_CPU_BUCKETS {
+        REQUEST_CPU_BUCKETS - 1
+    } else {
+        bits
+    }
+}
+
+/// Capacity of the request histogram map (processes x scenarios using markers).
+pub const MAX_REQUEST_HISTOGRAMS: u32 = 4096;
 
 /// Indexes of the read-only offsets global `TASK_OFFSETS` (bytes into `struct
 /// task_struct`, resolved from the running kernel's BTF at load time).
@@ -89,6 +149,8 @@ pub const OFFSET_PID: usize = 1;
 pub const OFFSET_TGID: usize = 2;
 pub const OFFSET_START_TIME: usize = 3;
 pub const OFFSET_REAL_PARENT: usize = 4;
+/// `se.exec_start`: the task clock at the task's last runtime update.
+pub const OFFSET_EXEC_START: usize = 5;
 pub const OFFSET_SLOTS: usize = 8;
 
 /// Indexes of the `LOSSES` per-CPU counter array: whatever the kernel side
@@ -104,6 +166,8 @@ pub const LOSS_SCENARIO_MAP_FULL: u32 = 5;
 /// Thread-state inserts that failed (map full): such a thread is charged its
 /// whole runtime at each switch-out from a fresh baseline, and its scenario is lost.
 pub const LOSS_THREAD_STATE_FULL: u32 = 6;
+/// Requests whose CPU time could not be added to a histogram (map full).
+pub const LOSS_REQUEST_HISTOGRAM_FULL: u32 = 7;
 pub const LOSS_SLOTS: u32 = 8;
 
 /// Capacity of the per-process CPU time map.
@@ -118,6 +182,8 @@ mod pod {
     unsafe impl aya::Pod for super::ProcScenarioKey {}
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
+    unsafe impl aya::Pod for super::CpuClock {}
+    unsafe impl aya::Pod for super::RequestCpuBuckets {}
 }
 
 /// Key of the CPU profile's sample counts (`PROFILE_COUNTS`): the sampled

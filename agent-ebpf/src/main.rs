@@ -1,20 +1,26 @@
 //! eBPF programs of the sci-cf agent.
 //!
-//! CPU-time accounting invariant: on every CPU, `LAST_ACCOUNTED_NS` holds the
-//! last instant up to which that CPU's time has been charged. Every program
-//! that runs in a task's context on a CPU (sched_switch for the outgoing
-//! task, the marker uprobes for the calling thread) first charges
-//! `now - LAST_ACCOUNTED_NS` to the current task and its current scenario,
-//! then moves the mark to `now`. Hence a CPU's time is charged exactly once,
-//! to whoever was running, and a thread that switches scenario without being
-//! switched out is still split exactly at the marker call. Idle (pid 0) time
-//! goes to `IDLE_NS`. Userspace closes a window by making every CPU switch
-//! (it runs a thread on each CPU in turn), so nothing is left in flight.
+//! CPU time is the kernel's own runtime: at sched_switch the outgoing thread
+//! is charged the growth of its `se.sum_exec_runtime` since its last charge
+//! (its baseline lives in `THREAD_STATE`, one lookup per switch). Marker
+//! uprobes split a running slice by scenario with a wall-clock estimate
+//! (`CpuClock::mark_ns`, taken at every switch only while markers are
+//! followed); the switch-out charges the rest of the runtime growth, so a
+//! thread's total stays the kernel's figure. Idle time is the scheduler's
+//! task clock between the switch into idle and the switch out of it, read
+//! from the switching tasks' `se.exec_start` (no clock helper). Each thread's
+//! state also keeps its cumulative charged time, so a marker-bracketed
+//! request's CPU time is the growth between its begin and its end, added to
+//! a per-(process, scenario) log2 histogram (`REQUEST_CPU`) in the kernel.
 //!
-//! Nothing is read from kernel structs: only `bpf_get_current_*` helpers.
+//! Task fields are read at offsets resolved from the running kernel's BTF at
+//! load time (`TASK_OFFSETS`, read-only). Programs used only by the
+//! benchmark live in `bench` (cargo feature `bench`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(all(target_arch = "bpf", feature = "bench"))]
+mod bench;
 #[cfg(target_arch = "bpf")]
 mod profile;
 #[cfg(target_arch = "bpf")]

@@ -1,13 +1,14 @@
 use agent_common::{
-    ProcEvent, ProcScenarioKey, ThreadState, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
+    request_cpu_bucket, CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, ThreadState,
+    LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
     LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
-    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES, MAX_THREADS, OFFSET_PID,
-    OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID,
-    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, SCENARIO_NONE,
-    SCENARIO_SLOTS,
+    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES, MAX_REQUEST_HISTOGRAMS, MAX_THREADS,
+    OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS,
+    OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK,
+    PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS, SCENARIO_NONE, SCENARIO_SLOTS,
 };
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -21,6 +22,11 @@ use aya_ebpf::{
 /// Set to 1 by userspace (at load time) to keep CPU time per thread as well.
 #[unsafe(no_mangle)]
 static TRACK_THREADS: u8 = 0;
+
+/// Set to 0 by userspace (at load time) to keep no per-request CPU histogram
+/// (the benchmark measures the marker uprobes with and without it).
+#[unsafe(no_mangle)]
+static REQUEST_HISTOGRAM: u8 = 1;
 
 /// Byte offsets into `struct task_struct` (`agent_common::OFFSET_*`), resolved
 /// by userspace from the running kernel's BTF and patched in at load time.
@@ -38,15 +44,10 @@ static LOAD_KTIME_NS: u64 = 0;
 /// `TASK_DEAD` in `prev_state`: the task's final switch.
 const TASK_DEAD: u64 = 0x80;
 
-/// Per CPU: the instant of the last switch (or marker call) that needed a
-/// clock reading. The idle task's time runs from the switch into it; a
-/// marker's estimate of the current slice runs from the switch in or the
-/// previous marker (marks are then taken at every switch).
+/// Per CPU: idle time and the marks it and the marker estimates run from
+/// (one entry, one lookup).
 #[map]
-static LAST_ACCOUNTED_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-#[map]
-static IDLE_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static CPU_CLOCK: PerCpuArray<CpuClock> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot 0 set to 1 by userspace once marker uprobes are attached: from then
 /// on every switch takes a clock reading for the markers' slice estimates.
@@ -72,18 +73,21 @@ pub(crate) static THREAD_STATE: HashMap<u32, ThreadState> =
 static TXN_COMPLETED: PerCpuHashMap<ProcScenarioKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
+/// CPU time of each marker-bracketed request, per process and scenario, in
+/// log2 buckets (allocated on first use: few processes use markers).
+#[map]
+static REQUEST_CPU: PerCpuHashMap<ProcScenarioKey, RequestCpuBuckets> =
+    PerCpuHashMap::with_max_entries(MAX_REQUEST_HISTOGRAMS, BPF_F_NO_PREALLOC);
+
+/// One all-zero histogram, never written: the initial value of new entries.
+#[map]
+static REQUEST_CPU_EMPTY: Array<RequestCpuBuckets> = Array::with_max_entries(1, 0);
+
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
 #[map]
 static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
-
-/// The benchmark's baseline: the least a sched_switch accounting program can do.
-#[map]
-static BARE_LAST_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-#[map]
-static BARE_CPU_NS: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 const EEXIST: i32 = -17;
 
@@ -120,7 +124,7 @@ fn count_loss(slot: u32, amount: u64) {
 }
 
 #[inline(always)]
-fn add_to<K>(map: &PerCpuHashMap<K, u64>, key: &K, amount: u64) -> Result<(), ()> {
+pub(crate) fn add_to<K>(map: &PerCpuHashMap<K, u64>, key: &K, amount: u64) -> Result<(), ()> {
     if let Some(value) = map.get_ptr_mut(key) {
         // SAFETY: per-CPU value of this CPU; no other writer while we run.
         unsafe { *value += amount };
@@ -199,17 +203,26 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     // SAFETY: BTF task pointers given by the tracepoint.
     let tid: i32 = unsafe { task_field(prev, OFFSET_PID) };
     let next_tid: i32 = unsafe { task_field(next, OFFSET_PID) };
-    if tid == 0 || next_tid == 0 || markers_followed() {
-        let now = unsafe { bpf_ktime_get_ns() };
-        if let Some(mark) = LAST_ACCOUNTED_NS.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot of this CPU.
-            let previous = unsafe { *mark };
-            unsafe { *mark = now };
-            if tid == 0 && previous != 0 && now > previous {
-                if let Some(idle) = IDLE_NS.get_ptr_mut(0) {
-                    // SAFETY: per-CPU slot of this CPU.
-                    unsafe { *idle += now - previous };
+    let followed = markers_followed();
+    if tid == 0 || next_tid == 0 || followed {
+        if let Some(clock) = CPU_CLOCK.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot of this CPU; no other writer while we run.
+            let clock = unsafe { &mut *clock };
+            // Idle time on the scheduler's task clock, without a clock
+            // helper: the task going to sleep had its runtime (and
+            // exec_start) brought up to now on its way out, the task leaving
+            // idle had exec_start set to now on its way in.
+            if next_tid == 0 {
+                clock.idle_since_ns = unsafe { task_field(prev, OFFSET_EXEC_START) };
+            } else if tid == 0 {
+                let now_ns: u64 = unsafe { task_field(next, OFFSET_EXEC_START) };
+                if clock.idle_since_ns != 0 && now_ns > clock.idle_since_ns {
+                    clock.idle_ns += now_ns - clock.idle_since_ns;
                 }
+                clock.idle_since_ns = 0;
+            }
+            if followed {
+                clock.mark_ns = unsafe { bpf_ktime_get_ns() };
             }
         }
     }
@@ -230,6 +243,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             let rest = grown.saturating_sub(state.precharged_ns);
             state.runtime_ns = runtime_ns;
             state.precharged_ns = 0;
+            state.charged_ns += rest;
             (rest, state.scenario)
         }
         None => {
@@ -241,6 +255,8 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
                     precharged_ns: 0,
                     scenario: SCENARIO_NONE,
                     _pad: 0,
+                    charged_ns: runtime_ns - baseline,
+                    request_start_ns: 0,
                 };
                 if THREAD_STATE.insert(&tid, &state, 0).is_err() {
                     count_loss(LOSS_THREAD_STATE_FULL, 1);
@@ -253,28 +269,6 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     if dead {
         let _ = THREAD_STATE.remove(&tid);
     }
-    Ok(0)
-}
-
-#[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch_bare(ctx: BtfTracePointContext) -> u32 {
-    match try_sched_switch_bare(&ctx) {
-        Ok(ret) => ret,
-        Err(ret) => ret,
-    }
-}
-
-fn try_sched_switch_bare(_ctx: &BtfTracePointContext) -> Result<u32, u32> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let last = BARE_LAST_NS.get_ptr_mut(0).ok_or(0u32)?;
-    // SAFETY: per-CPU slot of this CPU.
-    let previous = unsafe { *last };
-    unsafe { *last = now };
-    if previous == 0 {
-        return Ok(0);
-    }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let _ = add_to(&BARE_CPU_NS, &tgid, now - previous);
     Ok(0)
 }
 
@@ -420,10 +414,11 @@ fn charge_at_marker(pid_tgid: u64) -> Option<*mut ThreadState> {
     let tgid = (pid_tgid >> 32) as u32;
     let now = unsafe { bpf_ktime_get_ns() };
     let mut elapsed_ns = 0;
-    if let Some(mark) = LAST_ACCOUNTED_NS.get_ptr_mut(0) {
+    if let Some(clock) = CPU_CLOCK.get_ptr_mut(0) {
         // SAFETY: per-CPU slot of this CPU.
-        let previous = unsafe { *mark };
-        unsafe { *mark = now };
+        let clock = unsafe { &mut *clock };
+        let previous = clock.mark_ns;
+        clock.mark_ns = now;
         if previous != 0 && now > previous {
             elapsed_ns = now - previous;
         }
@@ -436,6 +431,8 @@ fn charge_at_marker(pid_tgid: u64) -> Option<*mut ThreadState> {
             precharged_ns: 0,
             scenario: SCENARIO_NONE,
             _pad: 0,
+            charged_ns: 0,
+            request_start_ns: 0,
         };
         if THREAD_STATE
             .insert(&tid, &state, BPF_NOEXIST as u64)
@@ -448,8 +445,34 @@ fn charge_at_marker(pid_tgid: u64) -> Option<*mut ThreadState> {
     // SAFETY: this thread's own entry (see try_sched_switch).
     let scenario = unsafe { (*state).scenario };
     unsafe { (*state).precharged_ns += elapsed_ns };
+    unsafe { (*state).charged_ns += elapsed_ns };
     charge(tgid, tid, scenario, elapsed_ns);
     Some(state)
+}
+
+/// Adds one request of `cpu_ns` to the histogram of `key` (this CPU's copy).
+#[inline(always)]
+fn add_request(key: &ProcScenarioKey, cpu_ns: u64) -> Result<(), ()> {
+    let bucket = request_cpu_bucket(cpu_ns);
+    if REQUEST_CPU.get_ptr_mut(key).is_none() {
+        // The empty histogram is larger than a BPF stack frame may hold: it
+        // is inserted from a map value.
+        let empty = REQUEST_CPU_EMPTY.get(0).ok_or(())?;
+        match REQUEST_CPU.insert(key, empty, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) if e == EEXIST => {}
+            Err(_) => return Err(()),
+        }
+    }
+    let buckets = REQUEST_CPU.get_ptr_mut(key).ok_or(())?;
+    if bucket < REQUEST_CPU_BUCKETS {
+        // SAFETY: this CPU's value of a live entry; no other writer while we run.
+        unsafe {
+            (*buckets).counts[bucket] += 1;
+            (*buckets).sum_cpu_ns += cpu_ns;
+        }
+    }
+    Ok(())
 }
 
 /// uprobe on `sci_scenario_begin(uint32_t scenario)` of libsci_marker.
@@ -468,7 +491,10 @@ fn try_scenario_begin(ctx: &ProbeContext) -> Result<u32, u32> {
     }
     if let Some(state) = charge_at_marker(bpf_get_current_pid_tgid()) {
         // SAFETY: this thread's own entry.
-        unsafe { (*state).scenario = scenario };
+        unsafe {
+            (*state).scenario = scenario;
+            (*state).request_start_ns = (*state).charged_ns;
+        }
     }
     Ok(0)
 }
@@ -486,9 +512,15 @@ fn try_scenario_end(ctx: &ProbeContext) -> Result<u32, u32> {
     let scenario: u32 = ctx.arg(0).ok_or(1u32)?;
     let ok: u32 = ctx.arg(1).ok_or(1u32)?;
     let pid_tgid = bpf_get_current_pid_tgid();
+    // The request's CPU time, when its begin was seen on this thread.
+    let mut request_cpu_ns = None;
     if let Some(state) = charge_at_marker(pid_tgid) {
         // SAFETY: this thread's own entry.
-        unsafe { (*state).scenario = SCENARIO_NONE };
+        let state = unsafe { &mut *state };
+        if state.scenario == scenario {
+            request_cpu_ns = Some(state.charged_ns.saturating_sub(state.request_start_ns));
+        }
+        state.scenario = SCENARIO_NONE;
     }
     if ok != 0 && scenario != SCENARIO_NONE && scenario < SCENARIO_SLOTS {
         let key = ProcScenarioKey {
@@ -497,6 +529,13 @@ fn try_scenario_end(ctx: &ProbeContext) -> Result<u32, u32> {
         };
         if add_to(&TXN_COMPLETED, &key, 1).is_err() {
             count_loss(LOSS_TXN_MAP_FULL, 1);
+        }
+        // SAFETY: a read-only global patched by the loader.
+        let histogram_on = unsafe { core::ptr::read_volatile(&REQUEST_HISTOGRAM) } != 0;
+        if let (true, Some(cpu_ns)) = (histogram_on, request_cpu_ns) {
+            if add_request(&key, cpu_ns).is_err() {
+                count_loss(LOSS_REQUEST_HISTOGRAM_FULL, 1);
+            }
         }
     }
     Ok(0)

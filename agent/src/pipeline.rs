@@ -69,6 +69,13 @@ pub fn open_sampler(
     };
     match EbpfSampler::load(&ebpf_options) {
         Ok(mut sampler) => {
+            sampler.set_read_environ(
+                config
+                    .scenarios
+                    .rules
+                    .iter()
+                    .any(|rule| rule.reads_environment()),
+            );
             for library in &options.marker_libraries {
                 sampler.attach_markers(library).map_err(|e| {
                     let text = e.to_string();
@@ -230,6 +237,7 @@ impl Pipeline {
             None => TransactionCounts::default(),
         };
         self.scenarios.apply(&sample, &mut report, &reported)?;
+        report.request_cpu = crate::transforms::request_cpu::histograms(&sample, &report);
         if let Some(profiler) = self.profiler.as_mut() {
             match profiler.drain() {
                 Ok(profile) => report.profile = weigh(&profile, &report),

@@ -46,6 +46,9 @@ pub struct LossCounters {
     pub thread_map_full: u64,
     pub txn_map_full: u64,
     pub scenario_map_full: u64,
+    /// Completed requests left out of the per-request CPU histograms (map full).
+    #[serde(default)]
+    pub request_histogram_full: u64,
     /// CPU time charged to processes that had already exited and whose
     /// record was closed (charged in the window after their exit).
     pub late_cpu_ns: u64,
@@ -444,6 +447,7 @@ impl LossCounters {
             txn_map_full: self.txn_map_full + other.txn_map_full,
             scenario_map_full: self.scenario_map_full + other.scenario_map_full,
             late_cpu_ns: self.late_cpu_ns + other.late_cpu_ns,
+            request_histogram_full: self.request_histogram_full + other.request_histogram_full,
         }
     }
 }

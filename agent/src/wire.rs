@@ -123,6 +123,7 @@ wire_pair!(LossCounters <-> LossCounters {
     txn_map_full,
     scenario_map_full,
     late_cpu_ns,
+    request_histogram_full,
 });
 
 wire_pair!(ThreadRecord <-> ThreadRecord { tid, cpu_ns });
@@ -265,6 +266,7 @@ mod tests {
             txn_map_full: 5,
             scenario_map_full: 6,
             late_cpu_ns: 7,
+            request_histogram_full: 8,
         };
         w.energy_source = "powercap".into();
         w.estimated = true;

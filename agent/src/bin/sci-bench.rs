@@ -12,8 +12,9 @@
 //! - `accuracy`: eBPF cpu_ns of three busy processes against schedstat.
 //! - `capture`: 300 processes of 5-20 ms: share accounted by eBPF and by procfs polling.
 //! - `markers --pairs N`: ns per marker call (sci_scenario_begin/end) without
-//!   and with the agent's uprobes, in the same run; checks the kernel counted
-//!   every transaction.
+//!   the agent's uprobes, with them but without the per-request CPU
+//!   histogram, and with both, in the same run; checks the kernel counted
+//!   every transaction and every request.
 use std::io::{Read, Write};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -21,8 +22,44 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
-use sci_agent::sources::sched::ebpf::{BareBaseline, EbpfOptions, EbpfSampler, ProgramStats};
+use sci_agent::sources::sched::ebpf::{ebpf_object, EbpfOptions, EbpfSampler, ProgramStats};
 use sci_agent::sources::sched::CpuSampler;
+
+/// The baseline of `kernel`: only `sched_switch_bare` (built into the eBPF
+/// object with the `bench` feature), a sched_switch program that adds elapsed
+/// time to a per-CPU hash map keyed by tgid and does nothing else. Detached
+/// on drop.
+struct BareBaseline {
+    ebpf: aya::Ebpf,
+}
+
+impl BareBaseline {
+    fn load() -> Result<Self> {
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(ebpf_object())
+            .context("loading the eBPF object")?;
+        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let program: &mut aya::programs::BtfTracePoint = ebpf
+            .program_mut("sched_switch_bare")
+            .context("program sched_switch_bare missing (built without the bench feature?)")?
+            .try_into()?;
+        program
+            .load("sched_switch", &btf)
+            .context("verifying sched_switch_bare")?;
+        program.attach().context("attaching sched_switch_bare")?;
+        Ok(BareBaseline { ebpf })
+    }
+
+    fn stats(&self) -> Option<ProgramStats> {
+        let info = self.ebpf.program("sched_switch_bare")?.info().ok()?;
+        Some(ProgramStats {
+            name: "sched_switch_bare".into(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+            run_count: info.run_count(),
+        })
+        .filter(|s| s.run_count > 0)
+    }
+}
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -228,25 +265,48 @@ fn marker_pairs_ns(pairs: u64) -> f64 {
     started.elapsed().as_nanos() as f64 / pairs as f64
 }
 
+/// ns per followed begin+end pair, with the agent's uprobes attached by a
+/// sampler loaded with `options`; checks the kernel counted every transaction
+/// (and, with the histogram, every request).
+fn followed_pairs_ns(pairs: u64, request_histogram: bool) -> Result<f64> {
+    let mut sampler =
+        EbpfSampler::load_with_request_histogram(&EbpfOptions::default(), request_histogram)?;
+    sampler.attach_markers(&std::env::current_exe()?)?;
+    let pair_ns = marker_pairs_ns(pairs);
+    let window = sampler.sample()?;
+    let me = std::process::id();
+    let mine = || window.processes.iter().filter(|p| p.pid == me);
+    let counted: u64 = mine().map(|p| p.scenario_transactions[4]).sum();
+    if counted != pairs {
+        bail!("the kernel counted {counted} transactions of {pairs}");
+    }
+    let in_histogram: u64 = mine()
+        .flat_map(|p| &p.request_cpu)
+        .flat_map(|h| &h.counts)
+        .sum();
+    let expected = if request_histogram { pairs } else { 0 };
+    if in_histogram != expected {
+        bail!("the request histogram holds {in_histogram} requests, expected {expected}");
+    }
+    Ok(pair_ns)
+}
+
 /// Cost of one marker call followed by the agent's uprobes: the same loop of
-/// begin/end pairs without, then with, the uprobes attached (same run).
+/// begin/end pairs without the uprobes, with them but without the per-request
+/// CPU histogram, and with both (same run, `--rounds` alternations, fastest
+/// round of each).
 fn markers(args: &[String]) -> Result<()> {
     let pairs = arg(args, "--pairs", 200_000);
     marker_pairs_ns(pairs / 10);
     let bare_pair_ns = marker_pairs_ns(pairs);
-    let mut sampler = EbpfSampler::load(&EbpfOptions::default())?;
-    sampler.attach_markers(&std::env::current_exe()?)?;
-    let followed_pair_ns = marker_pairs_ns(pairs);
-    let window = sampler.sample()?;
-    let me = std::process::id();
-    let counted: u64 = window
-        .processes
-        .iter()
-        .filter(|p| p.pid == me)
-        .map(|p| p.scenario_transactions[4])
-        .sum();
-    if counted != pairs {
-        bail!("the kernel counted {counted} transactions of {pairs}");
+    // Alternate rounds without and with the histogram; the fastest round of
+    // each stands for it (other load on the machine only ever adds time).
+    let rounds = arg(args, "--rounds", 3).max(1);
+    let mut no_histogram_pair_ns = f64::MAX;
+    let mut followed_pair_ns = f64::MAX;
+    for _ in 0..rounds {
+        no_histogram_pair_ns = no_histogram_pair_ns.min(followed_pairs_ns(pairs, false)?);
+        followed_pair_ns = followed_pair_ns.min(followed_pairs_ns(pairs, true)?);
     }
     println!(
         "{}",
@@ -254,8 +314,10 @@ fn markers(args: &[String]) -> Result<()> {
             "bench": "markers",
             "pairs": pairs,
             "bare_ns_per_call": bare_pair_ns / 2.0,
+            "followed_without_histogram_ns_per_call": no_histogram_pair_ns / 2.0,
             "followed_ns_per_call": followed_pair_ns / 2.0,
             "uprobe_overhead_ns_per_call": (followed_pair_ns - bare_pair_ns) / 2.0,
+            "histogram_over_without": followed_pair_ns / no_histogram_pair_ns,
         })
     );
     Ok(())

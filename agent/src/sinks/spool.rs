@@ -814,6 +814,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn merged_windows_add_request_histograms_bucket_by_bucket() {
+        let histogram =
+            |service: &str, counts: Vec<u64>, sum: u64, rate: f64| v1::RequestCpuHistogram {
+                scenario: "credit".into(),
+                service: service.into(),
+                counts,
+                sum_cpu_ns: sum,
+                energy_j_per_cpu_ns: rate,
+            };
+        let mut a = window(1, 1.0, 0);
+        a.request_cpu = vec![histogram("loans", vec![0, 2, 1], 10, 1e-9)];
+        a.lost = Some(v1::LossCounters {
+            request_histogram_full: 2,
+            ..Default::default()
+        });
+        let mut b = window(2, 1.0, 0);
+        b.request_cpu = vec![
+            histogram("loans", vec![1, 0, 0, 4], 30, 3e-9),
+            histogram("web", vec![0, 1], 1, 5e-9),
+        ];
+        b.lost = Some(v1::LossCounters {
+            request_histogram_full: 1,
+            ..Default::default()
+        });
+        let m = merge_windows(&a, &b);
+        assert_eq!(m.request_cpu.len(), 2);
+        assert_eq!(m.request_cpu[0].service, "loans");
+        assert_eq!(m.request_cpu[0].counts, vec![1, 2, 1, 4]);
+        assert_eq!(m.request_cpu[0].sum_cpu_ns, 40);
+        // Weighted by the requests' CPU time: (10 x 1 + 30 x 3) / 40 nJ/ns.
+        assert!((m.request_cpu[0].energy_j_per_cpu_ns - 2.5e-9).abs() < 1e-20);
+        assert_eq!(m.request_cpu[1], histogram("web", vec![0, 1], 1, 5e-9));
+        assert_eq!(m.lost.unwrap().request_histogram_full, 3);
+    }
+
     fn all_windows(spool: &mut Spool) -> Vec<v1::WindowReport> {
         spool.next_batch(None, usize::MAX, u64::MAX).unwrap()
     }

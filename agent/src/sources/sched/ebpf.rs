@@ -21,11 +21,12 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::{
-    ProcEvent, ProcScenarioKey, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
-    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME,
-    OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
-    PROC_EVENT_FORK, PROC_EVENT_RENAME, SCENARIO_SLOTS,
+    CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, LOSS_PROC_MAP_FULL_EVENTS,
+    LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL,
+    LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START,
+    OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID,
+    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS,
+    SCENARIO_SLOTS,
 };
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
@@ -34,18 +35,20 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use super::batch::PerCpuBatchReader;
 use super::btf::KernelBtf;
 use super::proc_info::{
-    clock_ticks_per_second, online_cpus, read_proc_info, refresh_after_exec, CgroupPaths, ProcInfo,
+    clock_ticks_per_second, online_cpus, read_proc_info_with, refresh_after_exec, CgroupPaths,
+    ProcInfo,
 };
 use super::procfs::HostCpuTimes;
-use super::{CpuSample, CpuSampler, ProcessCpu};
+use super::{CpuSample, CpuSampler, ProcessCpu, RequestCpu};
 use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
 
 /// The compiled `agent-ebpf` object (built by agent/build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
-/// The compiled object, for other sources that load their own programs from it.
-pub(crate) fn ebpf_object() -> &'static [u8] {
+/// The compiled object, for other sources that load their own programs from
+/// it (and, built with the `bench` feature, for sci-bench's baseline).
+pub fn ebpf_object() -> &'static [u8] {
     EBPF_OBJECT
 }
 
@@ -91,6 +94,7 @@ pub fn task_offsets(btf: &KernelBtf) -> Result<[u32; OFFSET_SLOTS], AgentError> 
     offsets[OFFSET_TGID] = btf.field_of_size("task_struct", "tgid", 4)?;
     offsets[OFFSET_START_TIME] = btf.field_of_size("task_struct", "start_time", 8)?;
     offsets[OFFSET_REAL_PARENT] = btf.field_of_size("task_struct", "real_parent", 8)?;
+    offsets[OFFSET_EXEC_START] = btf.field_of_size("task_struct", "se.exec_start", 8)?;
     Ok(offsets)
 }
 
@@ -121,6 +125,8 @@ struct Lifecycle {
     ring: RingBuf<MapData>,
     state: LifecycleState,
     proc_root: PathBuf,
+    /// Whether to read `SCI_*` environments (only when a scenario rule uses them).
+    read_environ: bool,
 }
 
 impl Lifecycle {
@@ -149,13 +155,15 @@ impl Lifecycle {
                     let known = match self.state.info.get_mut(&event.tgid) {
                         Some(info) => {
                             info.comm = comm_to_string(&event.comm);
-                            refresh_after_exec(&self.proc_root, info);
+                            refresh_after_exec(&self.proc_root, info, self.read_environ);
                             true
                         }
                         None => false,
                     };
                     if !known {
-                        if let Some(info) = read_proc_info(&self.proc_root, event.tgid) {
+                        if let Some(info) =
+                            read_proc_info_with(&self.proc_root, event.tgid, self.read_environ)
+                        {
                             self.state.info.insert(event.tgid, info);
                         }
                     }
@@ -184,7 +192,7 @@ impl Lifecycle {
     /// (it started before the agent); the child itself is not read.
     fn inherit(&mut self, event: &ProcEvent) {
         if !self.state.info.contains_key(&event.origin_tgid) {
-            match read_proc_info(&self.proc_root, event.origin_tgid) {
+            match read_proc_info_with(&self.proc_root, event.origin_tgid, self.read_environ) {
                 Some(info) => {
                     self.state.info.insert(event.origin_tgid, info);
                 }
@@ -262,7 +270,9 @@ pub struct EbpfSampler {
     txn_completed: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
     thread_cpu: Option<PerCpuHashMap<MapData, u64, u64>>,
     previous_thread_ns: HashMap<u64, u64>,
-    idle: PerCpuArray<MapData, u64>,
+    idle: PerCpuArray<MapData, CpuClock>,
+    request_cpu: PerCpuHashMap<MapData, ProcScenarioKey, RequestCpuBuckets>,
+    previous_request_cpu: HashMap<ProcScenarioKey, RequestCpuBuckets>,
     losses: PerCpuArray<MapData, u64>,
     lifecycle: Arc<Mutex<Lifecycle>>,
     stop: Arc<AtomicBool>,
@@ -298,12 +308,22 @@ impl EbpfSampler {
     /// Loads and attaches the accounting programs. Fails (and the caller falls
     /// back to procfs) without root/CAP_BPF+CAP_PERFMON or on a kernel without BTF.
     pub fn load(options: &EbpfOptions) -> Result<Self, AgentError> {
+        Self::load_with_request_histogram(options, true)
+    }
+
+    /// [`EbpfSampler::load`], with or without the per-request CPU histogram
+    /// at the marker uprobes (the benchmark measures their cost both ways).
+    pub fn load_with_request_histogram(
+        options: &EbpfOptions,
+        request_histogram: bool,
+    ) -> Result<Self, AgentError> {
         if EBPF_OBJECT.is_empty() {
             return Err(AgentError::Ebpf(
                 "this build has no eBPF object (built with AYA_BUILD_SKIP)".into(),
             ));
         }
         let track_threads = u8::from(options.track_threads);
+        let request_histogram = u8::from(request_histogram);
         // The kernel's BTF is read once: our reader takes the offsets from it,
         // aya's relocates and attaches with it.
         let vmlinux = std::fs::read(VMLINUX_BTF)
@@ -317,6 +337,7 @@ impl EbpfSampler {
         loader
             .btf(Some(&btf))
             .override_global("TRACK_THREADS", &track_threads, true)
+            .override_global("REQUEST_HISTOGRAM", &request_histogram, true)
             .override_global("TASK_OFFSETS", &offsets, true)
             .override_global("LOAD_KTIME_NS", &load_ktime_ns, true);
         if !options.track_threads {
@@ -365,8 +386,10 @@ impl EbpfSampler {
         } else {
             None
         };
-        let idle = PerCpuArray::try_from(take(&mut ebpf, "IDLE_NS")?)
-            .map_err(|e| ebpf_err("IDLE_NS", e))?;
+        let idle = PerCpuArray::try_from(take(&mut ebpf, "CPU_CLOCK")?)
+            .map_err(|e| ebpf_err("CPU_CLOCK", e))?;
+        let request_cpu = PerCpuHashMap::try_from(take(&mut ebpf, "REQUEST_CPU")?)
+            .map_err(|e| ebpf_err("REQUEST_CPU", e))?;
         let losses =
             PerCpuArray::try_from(take(&mut ebpf, "LOSSES")?).map_err(|e| ebpf_err("LOSSES", e))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "PROC_EVENTS")?)
@@ -380,6 +403,7 @@ impl EbpfSampler {
             ring,
             state: LifecycleState::default(),
             proc_root: proc_root.clone(),
+            read_environ: true,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let events_thread = {
@@ -414,6 +438,8 @@ impl EbpfSampler {
             thread_cpu,
             previous_thread_ns: HashMap::new(),
             idle,
+            request_cpu,
+            previous_request_cpu: HashMap::new(),
             losses,
             lifecycle,
             stop,
@@ -478,6 +504,13 @@ impl EbpfSampler {
             .map_err(|e| ebpf_err("switching marker slices on", e))?;
         self.marker_links.push(library.to_path_buf());
         Ok(())
+    }
+
+    /// Whether process descriptions include the `SCI_*` environment (default
+    /// yes). Without a scenario rule that reads it, leaving it out saves one
+    /// procfs read per new program (exec).
+    pub fn set_read_environ(&mut self, read_environ: bool) {
+        self.lifecycle().read_environ = read_environ;
     }
 
     /// Cumulative (run_time_ns, run_count) of each loaded program, from the
@@ -545,40 +578,6 @@ fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
         .collect()
 }
 
-/// Benchmark baseline: loads and attaches only `sched_switch_bare`, a
-/// sched_switch program that adds elapsed time to a per-CPU hash map keyed by
-/// tgid and does nothing else. Returns its handle (detached on drop).
-pub struct BareBaseline {
-    ebpf: Ebpf,
-}
-
-impl BareBaseline {
-    pub fn load() -> Result<Self, AgentError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(|e| ebpf_err("loading the object", e))?;
-        let btf = Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF", e))?;
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut("sched_switch_bare")
-            .ok_or_else(|| AgentError::Ebpf("program sched_switch_bare missing".into()))?
-            .try_into()
-            .map_err(|e| ebpf_err("sched_switch_bare", e))?;
-        program
-            .load("sched_switch", &btf)
-            .map_err(|e| ebpf_err("verifying sched_switch_bare", e))?;
-        program
-            .attach()
-            .map_err(|e| ebpf_err("attaching sched_switch_bare", e))?;
-        Ok(BareBaseline { ebpf })
-    }
-
-    pub fn stats(&self) -> Option<ProgramStats> {
-        program_stats(&self.ebpf)
-            .into_iter()
-            .find(|s| s.name == "sched_switch_bare" && s.run_count > 0)
-    }
-}
-
 impl EbpfSampler {
     /// Every key of PROC_CPU_NS into `cpu_keys` and its first `slots`
     /// per-CPU values into `cpu_values`: in batches where the kernel supports
@@ -622,6 +621,52 @@ impl EbpfSampler {
             push(keys, values, slots, key, &per_cpu);
         }
         Ok(())
+    }
+
+    /// Adds this window's per-request CPU histograms (growth of the kernel's
+    /// cumulative per-CPU buckets since the last read) to `by_tgid`; returns
+    /// every key read (the dead ones are removed after enrichment).
+    fn read_request_cpu(
+        &mut self,
+        by_tgid: &mut HashMap<u32, ProcessCpu>,
+        slots: usize,
+    ) -> Result<Vec<ProcScenarioKey>, AgentError> {
+        let mut keys = Vec::new();
+        for entry in self.request_cpu.iter() {
+            let (key, values) = entry.map_err(|e| ebpf_err("reading REQUEST_CPU", e))?;
+            let mut total = RequestCpuBuckets::default();
+            for cpu_value in values.iter() {
+                for (sum, count) in total.counts.iter_mut().zip(cpu_value.counts.iter()) {
+                    *sum += count;
+                }
+                total.sum_cpu_ns += cpu_value.sum_cpu_ns;
+            }
+            keys.push(key);
+            let before = self.previous_request_cpu.insert(key, total);
+            let mut delta = RequestCpu {
+                scenario: key.scenario,
+                counts: vec![0; REQUEST_CPU_BUCKETS],
+                sum_cpu_ns: total
+                    .sum_cpu_ns
+                    .saturating_sub(before.map_or(0, |b| b.sum_cpu_ns)),
+            };
+            for (i, count) in total.counts.iter().enumerate() {
+                delta.counts[i] = count.saturating_sub(before.map_or(0, |b| b.counts[i]));
+            }
+            if delta.counts.iter().all(|c| *c == 0) || key.scenario >= SCENARIO_SLOTS {
+                continue;
+            }
+            while delta.counts.last() == Some(&0) {
+                delta.counts.pop();
+            }
+            let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
+                pid: key.tgid,
+                cpu_ns_per_cpu: vec![0; slots],
+                ..Default::default()
+            });
+            process.request_cpu.push(delta);
+        }
+        Ok(keys)
     }
 
     /// Adds this window's per-thread CPU time to `by_tgid`; returns the keys
@@ -756,6 +801,7 @@ impl CpuSampler for EbpfSampler {
             process.scenario_transactions[key.scenario as usize] += delta;
         }
 
+        let histogram_keys = self.read_request_cpu(&mut by_tgid, slots)?;
         let thread_keys = self.read_threads(&mut by_tgid)?;
 
         // Enrich; a process whose /proc entry is gone has exited too.
@@ -764,7 +810,7 @@ impl CpuSampler for EbpfSampler {
         let mut newly_read = Vec::new();
         let mut dead: HashSet<u32> = closed.keys().copied().collect();
         let mut unknown = Vec::new();
-        {
+        let read_environ = {
             let lifecycle = self.lifecycle();
             for (tgid, process) in by_tgid.iter_mut() {
                 match lifecycle.state.info.get(tgid) {
@@ -772,10 +818,11 @@ impl CpuSampler for EbpfSampler {
                     None => unknown.push(*tgid),
                 }
             }
-        }
+            lifecycle.read_environ
+        };
         for tgid in unknown {
             if let (Some(info), Some(process)) = (
-                read_proc_info(&self.proc_root, tgid),
+                read_proc_info_with(&self.proc_root, tgid, read_environ),
                 by_tgid.get_mut(&tgid),
             ) {
                 info.describe(process);
@@ -817,6 +864,10 @@ impl CpuSampler for EbpfSampler {
             let _ = self.txn_completed.remove(key);
             self.previous_txn.remove(key);
         }
+        for key in histogram_keys.iter().filter(|k| dead.contains(&k.tgid)) {
+            let _ = self.request_cpu.remove(key);
+            self.previous_request_cpu.remove(key);
+        }
         {
             let mut lifecycle = self.lifecycle();
             for info in newly_read {
@@ -828,7 +879,17 @@ impl CpuSampler for EbpfSampler {
             }
         }
 
-        let idle_now = Self::per_cpu_array_delta(&self.idle, 0, slots)?;
+        let idle_now: Vec<u64> = {
+            let clocks = self
+                .idle
+                .get(&0, 0)
+                .map_err(|e| ebpf_err("reading CPU_CLOCK", e))?;
+            let mut out = vec![0u64; slots];
+            for (cpu, clock) in clocks.iter().enumerate().take(slots) {
+                out[cpu] = clock.idle_ns;
+            }
+            out
+        };
         let idle_ns_per_cpu: Vec<u64> = idle_now
             .iter()
             .enumerate()
@@ -859,6 +920,7 @@ impl CpuSampler for EbpfSampler {
             thread_map_full: loss(LOSS_THREAD_MAP_FULL),
             txn_map_full: loss(LOSS_TXN_MAP_FULL),
             scenario_map_full: loss(LOSS_SCENARIO_MAP_FULL) + loss(LOSS_THREAD_STATE_FULL),
+            request_histogram_full: loss(LOSS_REQUEST_HISTOGRAM_FULL),
             late_cpu_ns: 0,
         };
         // Per-CPU busy time no process could be charged with, this window only.

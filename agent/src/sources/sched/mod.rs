@@ -41,6 +41,20 @@ pub struct ProcessCpu {
     pub threads: Vec<(u32, u64)>,
     /// Transactions completed (marker `end(ok=true)`) per scenario slot.
     pub scenario_transactions: [u64; agent_common::SCENARIO_SLOTS as usize],
+    /// CPU-time distribution of the requests completed in the window, per
+    /// marker scenario slot (eBPF with marker uprobes only).
+    pub request_cpu: Vec<RequestCpu>,
+}
+
+/// The requests of one process and scenario completed in a window, in log2
+/// buckets of their CPU time (`agent_common::request_cpu_bucket`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestCpu {
+    /// Marker scenario slot (`agent_common::SCENARIO_*`).
+    pub scenario: u32,
+    /// counts[i]: requests with i significant bits of CPU ns; trailing zeros left out.
+    pub counts: Vec<u64>,
+    pub sum_cpu_ns: u64,
 }
 
 /// One window of CPU accounting.

@@ -97,6 +97,12 @@ pub fn parse_sci_environ(bytes: &[u8]) -> Vec<(String, String)> {
 
 /// Reads everything the window document shows about `pid`; None when the process is gone.
 pub fn read_proc_info(proc_root: &Path, pid: u32) -> Option<ProcInfo> {
+    read_proc_info_with(proc_root, pid, true)
+}
+
+/// [`read_proc_info`]; the `SCI_*` environment only with `environ` (no
+/// scenario rule looks at it otherwise: one procfs read saved per process).
+pub fn read_proc_info_with(proc_root: &Path, pid: u32, environ: bool) -> Option<ProcInfo> {
     let dir = proc_root.join(pid.to_string());
     let (comm, stat) = read_stat(proc_root, pid)?;
     let exe = std::fs::read_link(dir.join("exe"))
@@ -107,7 +113,11 @@ pub fn read_proc_info(proc_root: &Path, pid: u32) -> Option<ProcInfo> {
         .ok()
         .and_then(|text| parse_cgroup_v2(&text));
     let container_id = cgroup.as_deref().and_then(container_id_from_cgroup);
-    let env = read_sci_environ(&dir);
+    let env = if environ {
+        read_sci_environ(&dir)
+    } else {
+        Vec::new()
+    };
     Some(ProcInfo {
         pid,
         ppid: stat.ppid,
@@ -126,7 +136,7 @@ pub fn read_proc_info(proc_root: &Path, pid: u32) -> Option<ProcInfo> {
 /// stay. Three reads instead of [`read_proc_info`]'s five. When the process
 /// is gone already, what exec changed is unknown: exe, cmdline and
 /// environment are cleared (not left as the parent's) and false is returned.
-pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo) -> bool {
+pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo, environ: bool) -> bool {
     let dir = proc_root.join(info.pid.to_string());
     let exe = std::fs::read_link(dir.join("exe")).ok();
     if exe.is_none() && !dir.exists() {
@@ -137,7 +147,11 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo) -> bool {
     }
     info.exe = exe.map(|p| p.to_string_lossy().into_owned());
     info.cmdline = read_cmdline(&dir);
-    info.env = read_sci_environ(&dir);
+    info.env = if environ {
+        read_sci_environ(&dir)
+    } else {
+        Vec::new()
+    };
     true
 }
 

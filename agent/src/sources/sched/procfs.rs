@@ -249,6 +249,7 @@ impl CpuSampler for ProcfsSampler {
                 threads: Vec::new(),
                 scenario_cpu_ns,
                 scenario_transactions: [0; agent_common::SCENARIO_SLOTS as usize],
+                request_cpu: Vec::new(),
             });
         }
         processes.sort_by_key(|p| p.pid);

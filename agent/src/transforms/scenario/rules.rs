@@ -63,6 +63,17 @@ pub struct ScenarioRule {
     matchers: Vec<Matcher>,
 }
 
+impl ScenarioRule {
+    /// Whether the rule looks at a process's `SCI_*` environment.
+    pub fn reads_environment(&self) -> bool {
+        matches!(self.scenario, RuleScenario::FromEnv)
+            || self
+                .matchers
+                .iter()
+                .any(|m| matches!(m, Matcher::Env { .. }))
+    }
+}
+
 fn path_glob(field: &str, pattern: &str) -> Result<GlobMatcher, String> {
     GlobBuilder::new(pattern)
         .literal_separator(true)
