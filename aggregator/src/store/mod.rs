@@ -25,6 +25,7 @@
 //! is a [`CommitOutcome::Duplicate`], another content a
 //! [`CommitOutcome::Conflict`] (nothing is overwritten). The raw window is
 //! kept (that encoding) in `windows_raw` for the raw retention.
+mod group;
 pub mod postgres;
 pub mod sqlite;
 
@@ -322,6 +323,17 @@ pub trait Tx {
 /// and the raw-window partitions.
 pub trait Backend: Send + Sync {
     fn layout(&self) -> RollupLayout;
+    /// Stores one batch (see [`Store::commit`]); PostgreSQL merges the
+    /// batches that arrive together into one transaction ([`group`]).
+    fn commit_batch(
+        &self,
+        windows: &[v1::WindowReport],
+    ) -> Result<Vec<CommitOutcome>, AggregatorError>
+    where
+        Self: Sized,
+    {
+        commit_windows(self, windows)
+    }
     /// Runs `f` in one transaction, committed when it returns Ok.
     fn write(
         &self,
@@ -936,7 +948,7 @@ fn sum_list(columns: &[&str]) -> String {
 /// The queries shared by every backend.
 impl<B: Backend> Store for B {
     fn commit(&self, windows: &[v1::WindowReport]) -> Result<Vec<CommitOutcome>, AggregatorError> {
-        commit_windows(self, windows)
+        self.commit_batch(windows)
     }
 
     fn layout(&self) -> RollupLayout {

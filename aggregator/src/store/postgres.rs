@@ -15,7 +15,10 @@ use postgres::types::{ToSql, Type};
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::{check_layout, migrations, Backend, RollupLayout, Tx, Value, DAY_NS};
+use sci_proto::v1;
+
+use super::group::GroupCommit;
+use super::{check_layout, migrations, Backend, CommitOutcome, RollupLayout, Tx, Value, DAY_NS};
 use crate::error::AggregatorError;
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -30,6 +33,7 @@ pub struct PostgresStore {
     pools: Option<(Pool, Pool)>,
     partitions: Mutex<HashSet<u64>>,
     query_timeout: Duration,
+    group_commit: GroupCommit,
 }
 
 fn pg(e: postgres::Error) -> AggregatorError {
@@ -143,6 +147,7 @@ impl PostgresStore {
             pools: Some((writers, readers)),
             partitions: Mutex::new(HashSet::new()),
             query_timeout,
+            group_commit: GroupCommit::default(),
         };
         store.write(&mut |tx| {
             tx.query("SELECT pg_advisory_xact_lock(50320251)", &[])?;
@@ -202,6 +207,13 @@ fn partition_name(day: u64) -> String {
 impl Backend for PostgresStore {
     fn layout(&self) -> RollupLayout {
         self.layout
+    }
+
+    fn commit_batch(
+        &self,
+        windows: &[v1::WindowReport],
+    ) -> Result<Vec<CommitOutcome>, AggregatorError> {
+        self.group_commit.commit(self, windows)
     }
 
     fn write(
