@@ -25,7 +25,7 @@ use crate::error::AggregatorError;
 
 /// At most this many windows in one merged transaction (a batch larger
 /// than this goes alone).
-pub const MAX_WINDOWS: usize = 4096;
+pub const MAX_WINDOWS: usize = 1024;
 
 #[derive(Default)]
 struct State {
@@ -142,10 +142,7 @@ fn write_group(
                 "store: a commit of {} merged batches failed ({e}); committing them one by one",
                 group.len()
             );
-            group
-                .iter()
-                .map(|(_, w)| commit_windows(db, w))
-                .collect()
+            group.iter().map(|(_, w)| commit_windows(db, w)).collect()
         }
     }
 }
