@@ -364,7 +364,8 @@ async fn main() -> Result<()> {
                     None => {
                         let in_flight = || sent_at.lock().unwrap_or_else(|p| p.into_inner()).len();
                         while in_flight() >= 3 && Instant::now() < deadline {
-                            let _ = tokio::time::timeout_at(deadline.into(), acked.notified()).await;
+                            let _ =
+                                tokio::time::timeout_at(deadline.into(), acked.notified()).await;
                         }
                     }
                 }
