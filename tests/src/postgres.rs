@@ -191,6 +191,12 @@ impl ScratchPostgres {
 
     /// Runs SQL through psql (unaligned, tuples only) and returns its output.
     pub fn psql(&self, sql: &str) -> Result<String, String> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// Runs SQL through psql in `database` (unaligned, tuples only, columns
+    /// separated by `|`) and returns its output.
+    pub fn psql_in(&self, database: &str, sql: &str) -> Result<String, String> {
         let mut cmd = self.client("psql");
         cmd.args([
             "-X",
@@ -199,7 +205,7 @@ impl ScratchPostgres {
             "-v",
             "ON_ERROR_STOP=1",
             "-d",
-            "postgres",
+            database,
             "-c",
             sql,
         ]);

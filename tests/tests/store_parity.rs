@@ -474,3 +474,65 @@ fn coarse_and_fine_rollups_agree() {
         assert_same(&answers[0], &answers[1], "evaluation");
     }
 }
+
+/// One aggregator's streams committing at once (PostgreSQL merges them in
+/// one transaction, `store/group.rs`): four threads each commit every
+/// window one by one, in different orders; each window is stored by
+/// exactly one of them, the others get `Duplicate`, and the figures are
+/// the hand computation's (each window counted once in the rollups).
+#[test]
+fn concurrent_commits_into_one_postgres_store_each_window_once() {
+    let Some(server) = ScratchPostgres::start_or_skip(
+        "concurrent_commits_into_one_postgres_store_each_window_once",
+    ) else {
+        return;
+    };
+    let store = postgres_store(&server, "grouped");
+    let all = windows();
+    type Key = (String, u64);
+    let outcomes: Vec<Vec<(Key, CommitOutcome)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (store, all) = (&store, &all);
+                s.spawn(move || {
+                    let mut order: Vec<&v1::WindowReport> = all.iter().collect();
+                    order.rotate_left(t % all.len());
+                    if t % 2 == 1 {
+                        order.reverse();
+                    }
+                    order
+                        .into_iter()
+                        .map(|w| {
+                            let outcome = store.commit(std::slice::from_ref(w)).unwrap()[0];
+                            ((w.host.clone(), w.seq), outcome)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for w in &all {
+        let of_this: Vec<CommitOutcome> = outcomes
+            .iter()
+            .flatten()
+            .filter(|(key, _)| key.0 == w.host && key.1 == w.seq)
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(of_this.len(), 4);
+        assert_eq!(
+            of_this
+                .iter()
+                .filter(|o| **o == CommitOutcome::Stored)
+                .count(),
+            1,
+            "{} seq {}: {of_this:?}",
+            w.host,
+            w.seq
+        );
+        assert!(of_this
+            .iter()
+            .all(|o| matches!(o, CommitOutcome::Stored | CommitOutcome::Duplicate)));
+    }
+    check_hand_computation(&evaluate(&store));
+}

@@ -330,10 +330,25 @@ async fn main() -> Result<()> {
                 return;
             };
             let mut acks = response.into_inner();
+            // Acks are read by their own task: a sender held up by the
+            // server's backpressure must not leave acks unread (which would
+            // hold the server's stream, and count its wait as ack latency).
+            let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+            let acked = Arc::new(tokio::sync::Notify::new());
+            let reader = {
+                let (sent_at, acked) = (Arc::clone(&sent_at), Arc::clone(&acked));
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = acks.message().await {
+                        let mut sent = sent_at.lock().unwrap_or_else(|p| p.into_inner());
+                        record_ack(&mut sent, &latencies, &stored, batch);
+                        drop(sent);
+                        acked.notify_one();
+                    }
+                })
+            };
             let mut seq = 0u64;
             // A new agent instance per run: its windows are new in a reused store.
             let instance = format!("load-{now_s}");
-            let mut sent_at: VecDeque<Instant> = VecDeque::new();
             let interval = (rate > 0)
                 .then(|| Duration::from_secs_f64(batch as f64 * agents as f64 / rate as f64));
             let mut next_send = Instant::now();
@@ -341,56 +356,48 @@ async fn main() -> Result<()> {
             // after an outage: inside the month and the raw retention).
             let day_start = now_s - 5 * 86_400;
             while Instant::now() < deadline {
-                let may_send = |sent: &VecDeque<Instant>, next: Instant| match interval {
-                    Some(_) => Instant::now() >= next,
-                    None => sent.len() < 3,
-                };
-                // The deadline ends the offer too: a server that falls
-                // behind must not keep the bench sending its backlog.
-                while may_send(&sent_at, next_send) && Instant::now() < deadline {
-                    if let Some(i) = interval {
+                match interval {
+                    Some(i) => {
+                        tokio::time::sleep_until(next_send.into()).await;
                         next_send += i;
                     }
-                    let windows = (0..batch)
-                        .map(|i| {
-                            let s = seq + i;
-                            window(a, a % 3, &instance, s, day_start + s * 10, 10, workloads)
-                        })
-                        .collect();
-                    seq += batch;
-                    sent_at.push_back(Instant::now());
-                    if tx
-                        .send(v1::AgentBatch {
-                            host: format!("host-{a}"),
-                            agent_instance: instance.clone(),
-                            windows,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                let ack = match interval {
-                    Some(_) if sent_at.is_empty() => {
-                        tokio::time::sleep_until(next_send.into()).await;
-                        continue;
-                    }
-                    Some(_) => {
-                        match tokio::time::timeout_at(next_send.into(), acks.message()).await {
-                            Ok(ack) => ack,
-                            Err(_) => continue,
+                    None => {
+                        let in_flight = || sent_at.lock().unwrap_or_else(|p| p.into_inner()).len();
+                        while in_flight() >= 3 && Instant::now() < deadline {
+                            let _ =
+                                tokio::time::timeout_at(deadline.into(), acked.notified()).await;
                         }
                     }
-                    None => acks.message().await,
+                }
+                // The deadline ends the offer too: a server that falls
+                // behind must not keep the bench sending its backlog.
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let windows = (0..batch)
+                    .map(|i| {
+                        let s = seq + i;
+                        window(a, a % 3, &instance, s, day_start + s * 10, 10, workloads)
+                    })
+                    .collect();
+                seq += batch;
+                sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(Instant::now());
+                let batch = v1::AgentBatch {
+                    host: format!("host-{a}"),
+                    agent_instance: instance.clone(),
+                    windows,
                 };
-                match ack {
-                    Ok(Some(_)) => {
-                        record_ack(&mut sent_at, &latencies, &stored, batch);
-                    }
-                    _ => return,
+                match tokio::time::timeout_at(deadline.into(), tx.send(batch)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
                 }
             }
+            // Acks still due after the deadline are not counted.
+            tokio::time::sleep_until(deadline.into()).await;
+            reader.abort();
         }));
     }
     for t in tasks {

@@ -25,6 +25,7 @@
 //! is a [`CommitOutcome::Duplicate`], another content a
 //! [`CommitOutcome::Conflict`] (nothing is overwritten). The raw window is
 //! kept (that encoding) in `windows_raw` for the raw retention.
+mod group;
 pub mod postgres;
 pub mod sqlite;
 
@@ -361,6 +362,13 @@ pub trait Tx {
     fn batch(&mut self, sql: &str) -> Result<(), AggregatorError>;
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, AggregatorError>;
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError>;
+    /// A statement whose row count nobody needs: it may be held and sent
+    /// with the others in one round trip before the next query or the
+    /// commit (PostgreSQL), or run at once (SQLite). Its error, if any,
+    /// fails the transaction either way.
+    fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<(), AggregatorError> {
+        self.execute(sql, params).map(|_| ())
+    }
 }
 
 /// What a database supplies: transactions on a write connection, queries on
@@ -368,6 +376,17 @@ pub trait Tx {
 /// and the raw-window partitions.
 pub trait Backend: Send + Sync {
     fn layout(&self) -> RollupLayout;
+    /// Stores one batch (see [`Store::commit`]); PostgreSQL merges the
+    /// batches that arrive together into one transaction ([`group`]).
+    fn commit_batch(
+        &self,
+        windows: &[v1::WindowReport],
+    ) -> Result<Vec<CommitOutcome>, AggregatorError>
+    where
+        Self: Sized,
+    {
+        commit_windows(self, windows)
+    }
     /// Runs `f` in one transaction, committed when it returns Ok.
     fn write(
         &self,
@@ -936,7 +955,7 @@ pub fn commit_windows(
                 params.push(Value::Int(w.seq as i64));
                 params.push(Value::Bytes(encoded[i].0.clone()));
             }
-            tx.execute(&sql, &params)?;
+            tx.execute_later(&sql, &params)?;
         }
         let mut deltas = Deltas::default();
         let mut spans: BTreeMap<String, HostSpan> = BTreeMap::new();
@@ -966,11 +985,11 @@ pub fn commit_windows(
                     }
                     params.extend(sums.iter().map(|v| Value::Real(*v)));
                 }
-                tx.execute(&upsert_sql(t, chunk.len()), &params)?;
+                tx.execute_later(&upsert_sql(t, chunk.len()), &params)?;
             }
         }
         for span in spans.values() {
-            tx.execute(
+            tx.execute_later(
                 "INSERT INTO hosts (host, datacenter, first_start_ns, last_end_ns) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (host) DO UPDATE SET datacenter = excluded.datacenter, \
                  first_start_ns = CASE WHEN excluded.first_start_ns < hosts.first_start_ns THEN excluded.first_start_ns ELSE hosts.first_start_ns END, \
@@ -1050,7 +1069,7 @@ fn sum_list(columns: &[&str]) -> String {
 /// The queries shared by every backend.
 impl<B: Backend> Store for B {
     fn commit(&self, windows: &[v1::WindowReport]) -> Result<Vec<CommitOutcome>, AggregatorError> {
-        commit_windows(self, windows)
+        self.commit_batch(windows)
     }
 
     fn layout(&self) -> RollupLayout {
