@@ -312,5 +312,66 @@ pub fn validate_window(
         check_count("profile.samples", samples)?;
     }
     check_amount("profile_trimmed_energy_j", w.profile_trimmed_energy_j)?;
+    check_request_cpu(&w.request_cpu)
+}
+
+/// Per-request CPU histograms: known scenarios, at most 65 log2 buckets,
+/// finite non-negative energy rates, totals that fit the store.
+fn check_request_cpu(histograms: &[v1::RequestCpuHistogram]) -> Result<(), Refusal> {
+    for h in histograms {
+        let at = |name: &str| format!("request_cpu[{}].{name}", clip(&h.scenario));
+        if !known_scenario(&h.scenario) {
+            return Err(refuse(
+                "unknown_scenario",
+                format!("request_cpu has scenario {}", clip(&h.scenario)),
+            ));
+        }
+        // Bucket i holds CPU times of i significant bits: at most 65 buckets.
+        if h.counts.len() > 65 {
+            return Err(refuse(
+                "too_large",
+                format!(
+                    "{} has {} buckets (at most 65)",
+                    at("counts"),
+                    h.counts.len()
+                ),
+            ));
+        }
+        check_amount(&at("energy_j_per_cpu_ns"), h.energy_j_per_cpu_ns)?;
+        check_count(&at("sum_cpu_ns"), h.sum_cpu_ns)?;
+        let requests = h
+            .counts
+            .iter()
+            .try_fold(0u64, |sum, n| sum.checked_add(*n))
+            .ok_or_else(|| refuse("overflow", format!("{} sum past 2^64", at("counts"))))?;
+        check_count(&at("counts"), requests)?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn histogram(scenario: &str, counts: Vec<u64>, rate: f64) -> v1::RequestCpuHistogram {
+        v1::RequestCpuHistogram {
+            scenario: scenario.into(),
+            service: "loan".into(),
+            counts,
+            sum_cpu_ns: 1_000,
+            energy_j_per_cpu_ns: rate,
+        }
+    }
+
+    #[test]
+    fn request_histograms_are_checked_with_a_reason() {
+        assert!(check_request_cpu(&[histogram("credit", vec![0, 1, 2], 1e-9)]).is_ok());
+        let reason = |h| check_request_cpu(&[h]).unwrap_err().kind;
+        assert!(reason(histogram("credit", vec![1], f64::NAN)).starts_with("not_finite"));
+        assert!(reason(histogram("credit", vec![1], -1e-9)).starts_with("negative"));
+        assert!(reason(histogram("loan", vec![1], 1e-9)).starts_with("unknown_scenario"));
+        assert!(reason(histogram("credit", vec![1; 66], 1e-9)).starts_with("too_large"));
+        assert!(reason(histogram("credit", vec![u64::MAX, 1], 1e-9)).starts_with("overflow"));
+    }
 }
