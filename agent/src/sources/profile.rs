@@ -572,9 +572,23 @@ mod tests {
         );
         // Without frame pointers (std is built without them) the user stack may
         // stop short of credit_spin, but its leaf is always in the spinner's code.
+        // For a few samples the kernel takes no stack at all (on the AMD EPYC VM
+        // of this project, bpf_get_stackid answers -EFAULT for the user stack of
+        // some user-mode samples): they stay counted, as `[unknown]`, and must
+        // remain a small minority.
+        let no_stack: u64 = credit
+            .iter()
+            .filter(|s| s.stack == UNKNOWN_FRAME)
+            .map(|s| s.samples)
+            .sum();
+        assert!(
+            no_stack as f64 <= 0.1 * samples as f64,
+            "{no_stack} of {samples} samples without a stack: {credit:?}"
+        );
         assert!(
             credit
                 .iter()
+                .filter(|s| s.stack != UNKNOWN_FRAME)
                 .all(|s| s.stack.starts_with("start_thread;") || s.stack.contains("credit_spin")),
             "{credit:?}"
         );
