@@ -218,9 +218,11 @@ fn procfs_mode_owns_its_blind_spot() {
         .iter()
         .map(|p| p["cpu_ns"].as_u64().unwrap() as f64)
         .sum();
+    // /proc/stat and /proc/<pid>/stat count 10 ms ticks: 150 ms of 30 ms
+    // bursts is 15 ticks give or take a few (100 to 170 ms measured here).
     assert!(
-        unattributed_ns >= 4.0 * 30e6,
-        "unattributed {unattributed_ns} ns < the burners' 150 ms"
+        unattributed_ns >= 2.0 * 30e6,
+        "unattributed {unattributed_ns} ns: less than two of the five burners' 30 ms"
     );
     assert!(
         (seen_ns + unattributed_ns - busy_ns).abs() < 1.0,

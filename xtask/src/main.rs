@@ -91,7 +91,8 @@ impl TestTotals {
 fn cargo_test(args: &[&str], skip_log: &Path, totals: &mut TestTotals) -> Result<()> {
     use std::io::BufRead;
     let mut cmd = cargo();
-    cmd.arg("test")
+    // Every test binary runs even after one fails, so a run shows all failures.
+    cmd.args(["test", "--no-fail-fast"])
         .args(args)
         .env(sci_tests::SKIP_LOG_ENV, skip_log)
         .current_dir(workspace_root());
@@ -155,13 +156,12 @@ fn test(no_lint: bool) -> Result<()> {
     );
     // End-to-end and privileged tests one at a time: they load eBPF, start
     // servers and measure CPU time, and must not disturb each other.
-    let end_to_end = crates.and_then(|_| {
-        cargo_test(
-            &["-p", "sci-tests", "--", "--test-threads=1", "--nocapture"],
-            &skip_log,
-            &mut totals,
-        )
-    });
+    // Run even when a crate test failed, so one run shows every failure.
+    let end_to_end = cargo_test(
+        &["-p", "sci-tests", "--", "--test-threads=1", "--nocapture"],
+        &skip_log,
+        &mut totals,
+    );
     // A test that skipped passed for cargo; not for us.
     let skips = recorded_skips(&skip_log)?;
     let skipped = skips.len() as u64;
@@ -174,6 +174,7 @@ fn test(no_lint: bool) -> Result<()> {
     for skip in &skips {
         println!("  {skip}");
     }
+    crates?;
     end_to_end?;
     check_skips(sci_tests::ci(), &skips)
 }
