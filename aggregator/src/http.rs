@@ -90,6 +90,19 @@ fn store_failure(e: AggregatorError) -> Failure {
     (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
+/// The range `from`..`to` of a query that has no period or format of its own.
+fn range_from_to(state: &HttpState, from: Option<u64>, to: Option<u64>) -> Result<Range, Failure> {
+    range_of(
+        state,
+        &RangeQuery {
+            from,
+            to,
+            period: None,
+            format: None,
+        },
+    )
+}
+
 /// The range a query asks for, in whole rollup steps.
 pub fn range_of(state: &HttpState, q: &RangeQuery) -> Result<Range, Failure> {
     let to = q.to.unwrap_or_else(|| now_s() + 1);
@@ -236,15 +249,7 @@ pub struct ProfileQuery {
 async fn profile(State(state): State<HttpState>, Query(q): Query<ProfileQuery>) -> Response {
     let s = state.clone();
     bounded(&state, move || {
-        let range = range_of(
-            &s,
-            &RangeQuery {
-                from: q.from,
-                to: q.to,
-                period: None,
-                format: None,
-            },
-        )?;
+        let range = range_from_to(&s, q.from, q.to)?;
         let merged = crate::views::profiles(
             s.store.as_ref(),
             &range,
@@ -448,15 +453,7 @@ async fn distributions(
 ) -> Response {
     let s = state.clone();
     bounded(&state, move || {
-        let range = range_of(
-            &s,
-            &RangeQuery {
-                from: q.from,
-                to: q.to,
-                period: None,
-                format: None,
-            },
-        )?;
+        let range = range_from_to(&s, q.from, q.to)?;
         let rows = s.store.request_cpu(&range).map_err(store_failure)?;
         let found: Vec<crate::review::distribution::Distribution> = rows
             .iter()

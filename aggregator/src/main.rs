@@ -103,6 +103,23 @@ fn parse_range(text: &str, what: &str) -> Result<(u64, u64)> {
     Ok((from, to))
 }
 
+/// The configuration of `--config` (defaults without it), its database replaced by `--db`.
+fn config_with_db(
+    config: Option<&std::path::Path>,
+    db: Option<std::path::PathBuf>,
+) -> Result<AggregatorConfig> {
+    let mut cfg = match config {
+        Some(path) => AggregatorConfig::load(path)?,
+        None => AggregatorConfig::default(),
+    };
+    match db {
+        Some(db) => cfg.database = db,
+        None if config.is_none() => bail!("give --config or --db"),
+        None => {}
+    }
+    Ok(cfg)
+}
+
 fn parse_time(text: &str) -> Result<u64> {
     if let Ok(s) = text.parse::<u64>() {
         return Ok(s);
@@ -149,15 +166,7 @@ fn main() -> Result<()> {
             period,
             format,
         } => {
-            let mut cfg = match &config {
-                Some(path) => AggregatorConfig::load(path)?,
-                None => AggregatorConfig::default(),
-            };
-            if let Some(db) = db {
-                cfg.database = db;
-            } else if config.is_none() {
-                bail!("give --config or --db");
-            }
+            let cfg = config_with_db(config.as_deref(), db)?;
             let to = match to {
                 Some(t) => parse_time(&t)?,
                 None => {
@@ -224,15 +233,7 @@ fn main() -> Result<()> {
             format,
         } => {
             use sci_aggregator::review;
-            let mut cfg = match &config {
-                Some(path) => AggregatorConfig::load(path)?,
-                None => AggregatorConfig::default(),
-            };
-            if let Some(db) = db {
-                cfg.database = db;
-            } else if config.is_none() {
-                bail!("give --config or --db");
-            }
+            let cfg = config_with_db(config.as_deref(), db)?;
             if !(target_utilisation > 0.0 && target_utilisation <= 1.0) {
                 bail!("--target-utilisation {target_utilisation}: give a share in (0, 1]");
             }

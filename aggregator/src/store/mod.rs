@@ -317,6 +317,26 @@ pub trait Store: Send + Sync {
     fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError>;
 }
 
+impl HostRow {
+    /// host, datacenter, then the nine sums in field order.
+    fn from_columns(r: &[Value]) -> HostRow {
+        let f = |i: usize| r[2 + i].f64();
+        HostRow {
+            host: r[0].text(),
+            datacenter: r[1].text(),
+            host_s: f(0),
+            energy_j: f(1),
+            idle_energy_j: f(2),
+            estimated_energy_j: f(3),
+            carbon_g: f(4),
+            embodied_g: f(5),
+            busy_cpu_ns: f(6),
+            idle_cpu_ns: f(7),
+            transactions: f(8),
+        }
+    }
+}
+
 /// A value crossing into or out of SQL.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -1175,22 +1195,7 @@ impl<B: Backend> Store for B {
         Ok(self
             .read(&sql, &params)?
             .into_iter()
-            .map(|r| {
-                let f = |i: usize| r[2 + i].f64();
-                HostRow {
-                    host: r[0].text(),
-                    datacenter: r[1].text(),
-                    host_s: f(0),
-                    energy_j: f(1),
-                    idle_energy_j: f(2),
-                    estimated_energy_j: f(3),
-                    carbon_g: f(4),
-                    embodied_g: f(5),
-                    busy_cpu_ns: f(6),
-                    idle_cpu_ns: f(7),
-                    transactions: f(8),
-                }
-            })
+            .map(|r| HostRow::from_columns(&r))
             .collect())
     }
 
@@ -1423,24 +1428,9 @@ impl<B: Backend> Store for B {
         Ok(self
             .read(&sql, &params)?
             .into_iter()
-            .map(|r| {
-                let f = |i: usize| r[3 + i].f64();
-                HostPeriodRow {
-                    period_start_s: r[0].i64() as u64 * range.period_s,
-                    row: HostRow {
-                        host: r[1].text(),
-                        datacenter: r[2].text(),
-                        host_s: f(0),
-                        energy_j: f(1),
-                        idle_energy_j: f(2),
-                        estimated_energy_j: f(3),
-                        carbon_g: f(4),
-                        embodied_g: f(5),
-                        busy_cpu_ns: f(6),
-                        idle_cpu_ns: f(7),
-                        transactions: f(8),
-                    },
-                }
+            .map(|r| HostPeriodRow {
+                period_start_s: r[0].i64() as u64 * range.period_s,
+                row: HostRow::from_columns(&r[1..]),
             })
             .collect())
     }
