@@ -317,6 +317,22 @@ pub trait Store: Send + Sync {
     fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError>;
 }
 
+impl ServiceRow {
+    /// datacenter, service, scenario, then the five sums in field order.
+    fn from_columns(r: &[Value]) -> ServiceRow {
+        ServiceRow {
+            datacenter: r[0].text(),
+            service: r[1].text(),
+            scenario: r[2].text(),
+            cpu_ns: r[3].f64(),
+            energy_j: r[4].f64(),
+            idle_energy_j: r[5].f64(),
+            carbon_g: r[6].f64(),
+            embodied_g: r[7].f64(),
+        }
+    }
+}
+
 impl HostRow {
     /// host, datacenter, then the nine sums in field order.
     fn from_columns(r: &[Value]) -> HostRow {
@@ -1219,16 +1235,7 @@ impl<B: Backend> Store for B {
         Ok(self
             .read(&sql, &params)?
             .into_iter()
-            .map(|r| ServiceRow {
-                datacenter: r[0].text(),
-                service: r[1].text(),
-                scenario: r[2].text(),
-                cpu_ns: r[3].f64(),
-                energy_j: r[4].f64(),
-                idle_energy_j: r[5].f64(),
-                carbon_g: r[6].f64(),
-                embodied_g: r[7].f64(),
-            })
+            .map(|r| ServiceRow::from_columns(&r))
             .collect())
     }
 
@@ -1392,16 +1399,7 @@ impl<B: Backend> Store for B {
             .into_iter()
             .map(|r| ServicePeriodRow {
                 period_start_s: r[0].i64() as u64 * range.period_s,
-                row: ServiceRow {
-                    datacenter: r[1].text(),
-                    service: r[2].text(),
-                    scenario: r[3].text(),
-                    cpu_ns: r[4].f64(),
-                    energy_j: r[5].f64(),
-                    idle_energy_j: r[6].f64(),
-                    carbon_g: r[7].f64(),
-                    embodied_g: r[8].f64(),
-                },
+                row: ServiceRow::from_columns(&r[1..]),
             })
             .collect())
     }
