@@ -103,6 +103,28 @@ pub struct CpuClock {
     /// Cumulative idle time of this CPU on the task clock (steal excluded, as
     /// in task runtime).
     pub idle_ns: u64,
+    /// The CPU's paravirtual steal clock when `mark_ns` was taken (0: not
+    /// read): a marker's estimate subtracts the steal since, as the
+    /// scheduler's task clock does.
+    pub mark_steal_ns: u64,
+    /// Address of this CPU's steal counter (`steal_time.steal` of its
+    /// per-CPU area), found once from the running task's runqueue; 0 until then.
+    pub steal_addr: u64,
+}
+
+/// Where a CPU's paravirtual steal clock is (`STEAL_CLOCK`, read-only, from
+/// the running kernel's BTF): `task_struct.se.cfs_rq`, then `cfs_rq.rq` give
+/// the CPU's runqueue (`runqueues`, a per-CPU variable); the KVM guest's
+/// per-CPU `steal_time` lies `rq_to_steal` bytes from it in the same per-CPU
+/// area. `enabled` is 0 on kernels without these (no correction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StealClockOffsets {
+    pub enabled: u32,
+    pub task_cfs_rq: u32,
+    pub cfs_rq_rq: u32,
+    pub _pad: u32,
+    pub rq_to_steal: i64,
 }
 
 /// Log2 buckets of a request's CPU time: bucket i holds t with i significant
@@ -183,6 +205,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
     unsafe impl aya::Pod for super::CpuClock {}
+    unsafe impl aya::Pod for super::StealClockOffsets {}
     unsafe impl aya::Pod for super::RequestCpuBuckets {}
 }
 

@@ -3,10 +3,12 @@
 //! CPU time is the kernel's own runtime: at sched_switch the outgoing thread
 //! is charged the growth of its `se.sum_exec_runtime` since its last charge
 //! (its baseline lives in `THREAD_STATE`, one lookup per switch). Marker
-//! uprobes split a running slice by scenario with a wall-clock estimate
-//! (`CpuClock::mark_ns`, taken at every switch only while markers are
-//! followed); the switch-out charges the rest of the runtime growth, so a
-//! thread's total stays the kernel's figure. Idle time is the scheduler's
+//! uprobes split a running slice by scenario with an estimate of the task
+//! clock: wall clock minus the CPU's paravirtual steal clock since
+//! `CpuClock::mark_ns` (taken at every switch only while markers are
+//! followed), so time the hypervisor took is charged to no scenario; the
+//! switch-out charges the rest of the runtime growth, so a thread's total
+//! stays the kernel's figure. Idle time is the scheduler's
 //! task clock between the switch into idle and the switch out of it, read
 //! from the switching tasks' `se.exec_start` (no clock helper). Each thread's
 //! state also keeps its cumulative charged time, so a marker-bracketed

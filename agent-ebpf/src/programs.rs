@@ -1,6 +1,6 @@
 use agent_common::{
-    request_cpu_bucket, CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, ThreadState,
-    LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
+    request_cpu_bucket, CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, StealClockOffsets,
+    ThreadState, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
     LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
     LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES, MAX_REQUEST_HISTOGRAMS, MAX_THREADS,
     OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS,
@@ -34,6 +34,17 @@ static REQUEST_HISTOGRAM: u8 = 1;
 /// read task fields with direct loads from the tracepoints' BTF pointers.
 #[unsafe(no_mangle)]
 static TASK_OFFSETS: [u32; OFFSET_SLOTS] = [0; OFFSET_SLOTS];
+
+/// Where each CPU's paravirtual steal clock is, from the running kernel's
+/// BTF (read-only; `enabled` 0 where the kernel has none).
+#[unsafe(no_mangle)]
+static STEAL_CLOCK: StealClockOffsets = StealClockOffsets {
+    enabled: 0,
+    task_cfs_rq: 0,
+    cfs_rq_rq: 0,
+    _pad: 0,
+    rq_to_steal: 0,
+};
 
 /// CLOCK_MONOTONIC at load time: a thread that started later has all of its
 /// runtime in the accounted period; an older one only what it runs from the
@@ -113,6 +124,42 @@ fn current_task_field<T: Copy + Default>(slot: usize) -> T {
     // SAFETY: the helper checks the address.
     unsafe { bpf_probe_read_kernel(task.wrapping_add(offset(slot)) as *const T) }
         .unwrap_or_default()
+}
+
+/// This CPU's paravirtual steal clock (ns the hypervisor kept the CPU from
+/// running), read live: the hypervisor updates it before the CPU runs again.
+/// 0 where there is none. The address is found once per CPU from the running
+/// task's runqueue and kept in `clock`.
+#[inline(always)]
+fn steal_now_ns(clock: &mut CpuClock) -> u64 {
+    // SAFETY: a read-only global patched by the loader.
+    let steal = unsafe { core::ptr::read_volatile(&STEAL_CLOCK) };
+    if steal.enabled == 0 {
+        return 0;
+    }
+    if clock.steal_addr == 0 {
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        // SAFETY: the helper checks each address.
+        let cfs_rq: u64 = unsafe {
+            bpf_probe_read_kernel(task.wrapping_add(steal.task_cfs_rq as usize) as *const u64)
+        }
+        .unwrap_or(0);
+        if cfs_rq == 0 {
+            return 0;
+        }
+        let rq: u64 = unsafe {
+            bpf_probe_read_kernel(
+                (cfs_rq as *const u8).wrapping_add(steal.cfs_rq_rq as usize) as *const u64
+            )
+        }
+        .unwrap_or(0);
+        if rq == 0 {
+            return 0;
+        }
+        clock.steal_addr = rq.wrapping_add(steal.rq_to_steal as u64);
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel(clock.steal_addr as *const u64) }.unwrap_or(0)
 }
 
 #[inline(always)]
@@ -223,6 +270,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             }
             if followed {
                 clock.mark_ns = unsafe { bpf_ktime_get_ns() };
+                clock.mark_steal_ns = steal_now_ns(clock);
             }
         }
     }
@@ -404,10 +452,11 @@ fn try_task_rename(ctx: &BtfTracePointContext) -> Result<u32, u32> {
 
 /// At a marker call: charge the calling thread's time since the start of its
 /// slice (or its previous marker call) to the scenario it was serving, and
-/// return its state so the caller can change the scenario. The charge is a
-/// wall-clock estimate (the kernel updates `sum_exec_runtime` only at ticks
-/// and switches); the switch-out charges the rest of the runtime growth, so
-/// the thread's total stays the kernel's runtime.
+/// return its state so the caller can change the scenario. The charge is the
+/// wall clock minus the steal clock over the interval, which is how the
+/// scheduler's task clock advances (the kernel updates `sum_exec_runtime`
+/// only at ticks and switches); the switch-out charges the rest of the
+/// runtime growth, so the thread's total stays the kernel's runtime.
 #[inline(always)]
 fn charge_at_marker(pid_tgid: u64) -> Option<*mut ThreadState> {
     let tid = pid_tgid as u32;
@@ -417,10 +466,15 @@ fn charge_at_marker(pid_tgid: u64) -> Option<*mut ThreadState> {
     if let Some(clock) = CPU_CLOCK.get_ptr_mut(0) {
         // SAFETY: per-CPU slot of this CPU.
         let clock = unsafe { &mut *clock };
-        let previous = clock.mark_ns;
+        let steal_ns = steal_now_ns(clock);
+        let (previous, previous_steal) = (clock.mark_ns, clock.mark_steal_ns);
         clock.mark_ns = now;
+        clock.mark_steal_ns = steal_ns;
         if previous != 0 && now > previous {
             elapsed_ns = now - previous;
+            if previous_steal != 0 && steal_ns > previous_steal {
+                elapsed_ns = elapsed_ns.saturating_sub(steal_ns - previous_steal);
+            }
         }
     }
     if THREAD_STATE.get_ptr_mut(&tid).is_none() {

@@ -1,10 +1,11 @@
 //! Request-level attribution inside one shared process: the marker uprobes
 //! split its CPU time by scenario and count completed transactions in the
 //! kernel. Ground truth: the service's own per-scenario thread CPU time and
-//! counts. Each marker call is a uprobe trap (several microseconds here); the
-//! kernel switches the thread's scenario in the middle of it, so the true
-//! cost of a scenario lies between the work alone (`cpu_ns`) and the work
-//! with both marker calls (`marked_cpu_ns`): the truth is their midpoint.
+//! counts. Each marker call is a uprobe trap (up to tens of microseconds on
+//! this VM); the kernel switches the thread's scenario in the middle of it,
+//! so the true cost of a scenario lies between the work alone (`cpu_ns`) and
+//! the work with both marker calls (`marked_cpu_ns`): the check is against
+//! that band, 2% either side.
 //! Privileged: skipped (with one line) without root outside CI.
 #![allow(clippy::unwrap_used)]
 
@@ -19,10 +20,22 @@ use sci_tests::{skip_privileged, wait_for_exec, wait_until};
 
 const SERVICE: &str = env!("CARGO_BIN_EXE_sci-shared-service");
 
-fn scenario_truth_ns(truth: &serde_json::Value, name: &str) -> u64 {
+/// (work alone, work with both marker calls) of a scenario, in ns.
+fn scenario_truth_ns(truth: &serde_json::Value, name: &str) -> (u64, u64) {
     let work = truth[name]["cpu_ns"].as_u64().unwrap();
     let marked = truth[name]["marked_cpu_ns"].as_u64().unwrap();
-    (work + marked) / 2
+    (work, marked)
+}
+
+/// How far `agent_ns` lies outside the band [work, marked], relative to it (0 inside).
+fn band_error(agent_ns: u64, (work, marked): (u64, u64)) -> f64 {
+    if agent_ns < work {
+        (work - agent_ns) as f64 / work as f64
+    } else if agent_ns > marked {
+        (agent_ns - marked) as f64 / marked as f64
+    } else {
+        0.0
+    }
 }
 
 #[test]
@@ -34,9 +47,16 @@ fn shared_process_is_split_by_scenario() {
     // The service links libsci_marker statically: follow the symbols in its own executable.
     sampler.attach_markers(Path::new(SERVICE)).unwrap();
     sampler.sample().unwrap();
+    let steal_before: u64 = sampler.last_steal_clock_ns_per_cpu().unwrap().iter().sum();
     let out = Command::new(SERVICE).args(["2", "80"]).output().unwrap();
     assert!(out.status.success());
     let window = sampler.sample().unwrap();
+    // The hypervisor's share of the run: the markers' estimates leave it out.
+    let steal_after: u64 = sampler.last_steal_clock_ns_per_cpu().unwrap().iter().sum();
+    println!(
+        "steal during the run: {:.3} ms",
+        steal_after.saturating_sub(steal_before) as f64 / 1e6
+    );
     let truth: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
 
@@ -51,14 +71,17 @@ fn shared_process_is_split_by_scenario() {
         ("repayment", SCENARIO_REPAYMENT),
         ("query", SCENARIO_QUERY),
     ] {
-        let truth_ns = scenario_truth_ns(&truth, name);
+        let (work, marked) = scenario_truth_ns(&truth, name);
         let agent_ns = service.scenario_cpu_ns[slot as usize];
-        let error = (agent_ns as f64 - truth_ns as f64).abs() / truth_ns as f64;
+        let error = band_error(agent_ns, (work, marked));
         println!(
-            "{name}: agent {agent_ns} ns, service {truth_ns} ns, error {:.3}%",
+            "{name}: agent {agent_ns} ns, service {work}-{marked} ns, outside by {:.3}%",
             error * 100.0
         );
-        assert!(error < 0.02, "{name}: agent {agent_ns} vs truth {truth_ns}");
+        assert!(
+            error < 0.02,
+            "{name}: agent {agent_ns} ns outside [{work}, {marked}] ns"
+        );
         let completed = truth[name]["completed"].as_u64().unwrap();
         assert_eq!(
             service.scenario_transactions[slot as usize], completed,
@@ -195,15 +218,18 @@ enabled = false
             .iter()
             .find(|s| s.scenario == name)
             .unwrap();
-        let expected_ns = rule_ns + scenario_truth_ns(&truth, name);
-        let error = (line.cpu_ns as f64 - expected_ns as f64).abs() / expected_ns as f64;
+        let (work, marked) = scenario_truth_ns(&truth, name);
+        let band = (rule_ns + work, rule_ns + marked);
+        let error = band_error(line.cpu_ns, band);
         println!(
-            "{name}: window {} ns, truth {expected_ns} ns ({:.3}%), {} transactions",
+            "{name}: window {} ns, truth {}-{} ns (outside by {:.3}%), {} transactions",
             line.cpu_ns,
+            band.0,
+            band.1,
             error * 100.0,
             line.transactions
         );
-        assert!(error < 0.02, "{name}: {} vs {expected_ns}", line.cpu_ns);
+        assert!(error < 0.02, "{name}: {} ns outside {band:?}", line.cpu_ns);
         let expected_txn = reported + truth[name]["completed"].as_u64().unwrap();
         assert_eq!(line.transactions, expected_txn, "{name} transactions");
         expected_units += line.weight * expected_txn as f64;
@@ -216,4 +242,56 @@ enabled = false
     let by_scenario: f64 = report.scenarios.iter().map(|s| s.energy_j).sum();
     assert!((by_process - by_scenario).abs() <= 1e-9 * by_process.max(1.0));
     drop(endpoint);
+}
+
+/// Per-CPU steal time from /proc/stat (USER_HZ ticks converted to ns).
+fn proc_stat_steal_ns() -> Vec<u64> {
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .map(|l| {
+            let steal: u64 = l.split_whitespace().nth(8).unwrap().parse().unwrap();
+            steal * 1_000_000_000 / ticks_per_s
+        })
+        .collect()
+}
+
+/// The marker estimates subtract the CPU's paravirtual steal clock, read
+/// live in the kernel from an address found through the BTF. Ground truth:
+/// the steal time the kernel accounts in /proc/stat, which it takes from the
+/// same clock at each tick (so it trails by up to a tick and rounds down to
+/// USER_HZ).
+#[test]
+fn the_steal_clock_the_markers_subtract_is_the_kernels() {
+    use sci_agent::sources::sched::btf::KernelBtf;
+    use sci_agent::sources::sched::ebpf::steal_clock_offsets;
+
+    if skip_privileged("the_steal_clock_the_markers_subtract_is_the_kernels") {
+        return;
+    }
+    let btf = KernelBtf::from_sys_fs().unwrap();
+    if let Err(reason) = steal_clock_offsets(&btf) {
+        println!("skipping the steal clock check: {reason}");
+        return;
+    }
+    let mut sampler = EbpfSampler::load(&EbpfOptions::default()).unwrap();
+    sampler.attach_markers(Path::new(SERVICE)).unwrap();
+    // A window's flush switches on every CPU: each reads its steal clock.
+    sampler.sample().unwrap();
+    let kernel = sampler.last_steal_clock_ns_per_cpu().unwrap();
+    let accounted = proc_stat_steal_ns();
+    let tick_ns = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    for (cpu, accounted_ns) in accounted.iter().enumerate() {
+        let kernel_ns = kernel[cpu];
+        println!("cpu{cpu}: steal clock {kernel_ns} ns, /proc/stat {accounted_ns} ns");
+        // The clock leads the accounting by what accrued since the last
+        // tick plus the rounding; 50 ms covers a tick on an idle CPU.
+        assert!(
+            kernel_ns + tick_ns >= *accounted_ns
+                && kernel_ns <= accounted_ns + tick_ns + 50_000_000,
+            "cpu{cpu}: steal clock {kernel_ns} ns vs {accounted_ns} ns in /proc/stat"
+        );
+    }
 }

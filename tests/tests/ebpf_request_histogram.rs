@@ -4,7 +4,10 @@
 //! thread's own CPU clock (CLOCK_THREAD_CPUTIME_ID) around each request.
 //! The kernel's interval starts inside the begin call's uprobe trap and ends
 //! inside the end call's, so a request's true cost lies between the work
-//! alone and the work with both marker calls: the truth is their midpoint.
+//! alone and the work with both marker calls. On this VM a trap costs tens
+//! of microseconds when the thread has just woken (40-90 us measured for the
+//! pair), a tenth of the smallest requests: the check is against that band,
+//! not a single figure.
 //! Some requests sleep half-way (switched out and back in), others are
 //! preempted by a contending thread, so both the switch path and the marker
 //! estimates are exercised. Privileged: skipped (with one line) without root
@@ -114,29 +117,29 @@ fn each_request_lands_in_its_bucket() {
             "histogram and transaction count agree"
         );
 
-        let truth_sum: u64 = mine.iter().map(|(i, o)| (i + o) / 2).sum();
-        let error = (histogram.sum_cpu_ns as f64 - truth_sum as f64) / truth_sum as f64;
+        let work_ns: u64 = mine.iter().map(|(inner, _)| inner).sum();
+        let marked_ns: u64 = mine.iter().map(|(_, outer)| outer).sum();
         println!(
-            "scenario {scenario}: {kernel_requests} requests, kernel {} ns, truth {truth_sum} ns ({:+.3}%), counts {:?}",
-            histogram.sum_cpu_ns,
-            error * 100.0,
-            histogram.counts
+            "scenario {scenario}: {kernel_requests} requests, kernel {} ns, work alone {work_ns} ns, with markers {marked_ns} ns, counts {:?}",
+            histogram.sum_cpu_ns, histogram.counts
         );
+        // 1% either side for the estimate inside a running slice.
         assert!(
-            error.abs() < 0.01,
-            "scenario {scenario}: sum off by {error}"
+            histogram.sum_cpu_ns as f64 >= work_ns as f64 * 0.99
+                && histogram.sum_cpu_ns as f64 <= marked_ns as f64 * 1.01,
+            "scenario {scenario}: sum {} ns outside [{work_ns}, {marked_ns}] ns",
+            histogram.sum_cpu_ns
         );
 
-        // Every request in its bucket, or its neighbour where the truth sits
-        // within 1% of a bucket boundary: per bucket, the kernel's count lies
-        // between the requests surely there and those that may be.
+        // Every request in a bucket its band reaches (1% either side): per
+        // bucket, the kernel's count lies between the requests surely there
+        // and those that may be.
         let mut sure = vec![0u64; agent_common::REQUEST_CPU_BUCKETS];
         let mut may = vec![0u64; agent_common::REQUEST_CPU_BUCKETS];
         for (inner, outer) in &mine {
-            let t = (inner + outer) / 2;
             let (low, high) = (
-                request_cpu_bucket((t as f64 * 0.99) as u64),
-                request_cpu_bucket((t as f64 * 1.01) as u64),
+                request_cpu_bucket((*inner as f64 * 0.99) as u64),
+                request_cpu_bucket((*outer as f64 * 1.01) as u64),
             );
             if low == high {
                 sure[low] += 1;

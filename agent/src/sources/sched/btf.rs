@@ -33,6 +33,8 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
+/// A struct/union member or function parameter; for a data section's
+/// variable, `bit_offset` holds its byte offset and `bitfield_size` its size.
 #[derive(Debug, Clone, Copy)]
 struct Member {
     /// Offset of the name in the string section.
@@ -183,7 +185,22 @@ impl KernelBtf {
                         at += 8;
                     }
                 }
-                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
+                KIND_DATASEC => {
+                    // Variables of a section: (VAR type id, byte offset, size).
+                    for _ in 0..vlen {
+                        let var = read_u32(data, at, little)?;
+                        let offset = read_u32(data, at + 4, little)?;
+                        let size = read_u32(data, at + 8, little)?;
+                        all_members.push(Member {
+                            name: 0,
+                            type_id: var,
+                            bit_offset: offset,
+                            bitfield_size: size,
+                        });
+                        at += 12;
+                    }
+                }
+                KIND_ENUM64 => at += 12 * vlen,
                 KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
                 | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => {}
                 other => return Err(btf_err(format!("unknown type kind {other}"))),
@@ -323,6 +340,23 @@ impl KernelBtf {
         Ok(field.offset)
     }
 
+    /// Byte offset of global variable `var` in data section `section` (for
+    /// example `.data..percpu`) and its type's name; None when the kernel's
+    /// BTF does not describe it.
+    pub fn section_var(&self, section: &str, var: &str) -> Option<(u32, String)> {
+        let id = self.find_type(section, |t| t.kind == KIND_DATASEC)?;
+        let datasec = *self.get(id).ok()?;
+        self.members_of(&datasec).iter().find_map(|entry| {
+            let v = self.get(entry.type_id).ok()?;
+            if v.kind != KIND_VAR || self.name(v.name) != var.as_bytes() {
+                return None;
+            }
+            let ty = self.get(self.strip(v.size_or_type).ok()?).ok()?;
+            let type_name = String::from_utf8_lossy(self.name(ty.name)).into_owned();
+            Some((entry.bit_offset, type_name))
+        })
+    }
+
     /// Index of parameter `param` among a BTF tracepoint's arguments as the
     /// program's context sees them: the parameters of the kernel's
     /// `__bpf_trace_<name>` function (whose prototype names them) without its
@@ -398,6 +432,24 @@ mod tests {
             Some(1)
         );
         assert!(btf.tracepoint_arg("sched_switch", "nothing").is_err());
+    }
+
+    #[test]
+    fn per_cpu_variables_of_the_running_kernel() {
+        let Some(btf) = kernel() else { return };
+        let (rq, rq_type) = btf
+            .section_var(".data..percpu", "runqueues")
+            .expect("runqueues is a per-CPU variable");
+        assert_eq!(rq_type, "rq");
+        let rq_size = btf.field("rq", "nr_running").expect("rq.nr_running");
+        assert!(rq_size.offset < 64, "nr_running leads struct rq");
+        // Another per-CPU variable lies elsewhere in the same area.
+        let (other, _) = btf
+            .section_var(".data..percpu", "kernel_cpustat")
+            .expect("kernel_cpustat");
+        assert_ne!(rq, other);
+        assert!(btf.section_var(".data..percpu", "no_such_var").is_none());
+        assert!(btf.section_var(".no_such_section", "runqueues").is_none());
     }
 
     #[test]

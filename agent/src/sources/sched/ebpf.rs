@@ -21,12 +21,12 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::{
-    CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, LOSS_PROC_MAP_FULL_EVENTS,
-    LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL,
-    LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START,
-    OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID,
-    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS,
-    SCENARIO_SLOTS,
+    CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, StealClockOffsets,
+    LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
+    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT,
+    OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
+    PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS, SCENARIO_SLOTS,
 };
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
@@ -96,6 +96,35 @@ pub fn task_offsets(btf: &KernelBtf) -> Result<[u32; OFFSET_SLOTS], AgentError> 
     offsets[OFFSET_REAL_PARENT] = btf.field_of_size("task_struct", "real_parent", 8)?;
     offsets[OFFSET_EXEC_START] = btf.field_of_size("task_struct", "se.exec_start", 8)?;
     Ok(offsets)
+}
+
+/// Where each CPU's paravirtual steal clock is (see
+/// `agent_common::StealClockOffsets`), or why the marker estimates run
+/// without it: a kernel that is no KVM guest, or lacks these fields.
+pub fn steal_clock_offsets(btf: &KernelBtf) -> Result<StealClockOffsets, String> {
+    let (rq, rq_type) = btf
+        .section_var(".data..percpu", "runqueues")
+        .ok_or("no per-CPU runqueues in the kernel's BTF")?;
+    let (steal, steal_type) = btf
+        .section_var(".data..percpu", "steal_time")
+        .ok_or("no per-CPU steal_time (not a KVM guest kernel)")?;
+    if rq_type != "rq" || steal_type != "kvm_steal_time" {
+        return Err(format!(
+            "runqueues is a {rq_type}, steal_time a {steal_type}: not the layout this reader knows"
+        ));
+    }
+    let field = |outer: &str, path: &str| {
+        btf.field_of_size(outer, path, 8)
+            .map_err(|e| format!("{e} (CONFIG_FAIR_GROUP_SCHED off?)"))
+    };
+    let steal_in_struct = field("kvm_steal_time", "steal")?;
+    Ok(StealClockOffsets {
+        enabled: 1,
+        task_cfs_rq: field("task_struct", "se.cfs_rq")?,
+        cfs_rq_rq: field("cfs_rq", "rq")?,
+        _pad: 0,
+        rq_to_steal: i64::from(steal) + i64::from(steal_in_struct) - i64::from(rq),
+    })
 }
 
 #[derive(Debug, Clone, Default)]
@@ -328,7 +357,15 @@ impl EbpfSampler {
         // aya's relocates and attaches with it.
         let vmlinux = std::fs::read(VMLINUX_BTF)
             .map_err(|e| ebpf_err(&format!("reading {VMLINUX_BTF}"), e))?;
-        let offsets = task_offsets(&KernelBtf::parse(&vmlinux)?)?;
+        let kernel_btf = KernelBtf::parse(&vmlinux)?;
+        let offsets = task_offsets(&kernel_btf)?;
+        let steal_clock = steal_clock_offsets(&kernel_btf).unwrap_or_else(|reason| {
+            tracing::info!(
+                "marker estimates cannot subtract steal time: {reason}; they count it as running time until the next switch corrects the thread's total"
+            );
+            StealClockOffsets::default()
+        });
+        drop(kernel_btf);
         let btf = Btf::parse(&vmlinux, aya::Endianness::default())
             .map_err(|e| ebpf_err("parsing kernel BTF", e))?;
         drop(vmlinux);
@@ -339,7 +376,8 @@ impl EbpfSampler {
             .override_global("TRACK_THREADS", &track_threads, true)
             .override_global("REQUEST_HISTOGRAM", &request_histogram, true)
             .override_global("TASK_OFFSETS", &offsets, true)
-            .override_global("LOAD_KTIME_NS", &load_ktime_ns, true);
+            .override_global("LOAD_KTIME_NS", &load_ktime_ns, true)
+            .override_global("STEAL_CLOCK", &steal_clock, true);
         if !options.track_threads {
             // Unused: no need to preallocate 64k per-CPU entries.
             loader.map_max_entries("THREAD_CPU_NS", 1);
@@ -504,6 +542,17 @@ impl EbpfSampler {
             .map_err(|e| ebpf_err("switching marker slices on", e))?;
         self.marker_links.push(library.to_path_buf());
         Ok(())
+    }
+
+    /// Per CPU, the paravirtual steal clock as the programs last read it (at
+    /// a switch or marker call while markers are followed; 0 where it was
+    /// never read or the kernel has none).
+    pub fn last_steal_clock_ns_per_cpu(&self) -> Result<Vec<u64>, AgentError> {
+        let clocks = self
+            .idle
+            .get(&0, 0)
+            .map_err(|e| ebpf_err("reading CPU_CLOCK", e))?;
+        Ok(clocks.iter().map(|clock| clock.mark_steal_ns).collect())
     }
 
     /// Whether process descriptions include the `SCI_*` environment (default
