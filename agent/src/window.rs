@@ -54,26 +54,31 @@ pub struct LossCounters {
     pub late_cpu_ns: u64,
 }
 
+/// Text a process's description shares with every window it appears in:
+/// cloning it is a reference count, not a copy (a window of 5,000 processes
+/// would otherwise copy 25,000 strings it already holds).
+pub type Text = std::sync::Arc<str>;
+
 /// One process (thread group) in the window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessRecord {
     pub pid: u32,
     /// 0 when the process vanished before its parent could be read.
     pub ppid: u32,
-    pub comm: String,
-    pub exe: Option<String>,
-    pub cmdline: Option<String>,
+    pub comm: Text,
+    pub exe: Option<Text>,
+    pub cmdline: Option<Text>,
     /// cgroup v2 path (`/system.slice/foo.service`), when known.
-    pub cgroup: Option<String>,
-    pub container_id: Option<String>,
+    pub cgroup: Option<Text>,
+    pub container_id: Option<Text>,
     /// CPU time spent in this window, all threads, all CPUs.
     pub cpu_ns: u64,
     /// The process exited during this window.
     pub exited: bool,
     /// Scenario given by the first matching rule (null when none).
-    pub scenario: Option<String>,
+    pub scenario: Option<Text>,
     /// Service name given by the matching rule.
-    pub service: Option<String>,
+    pub service: Option<Text>,
     /// CPU time per thread in this window (only with `per_thread = true`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub threads: Vec<ThreadRecord>,
@@ -370,7 +375,7 @@ impl WindowReport {
         type ProcessKey<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
         let mut processes: HashMap<ProcessKey, ProcessRecord> = HashMap::new();
         for p in a.processes.iter().chain(&b.processes) {
-            let key = (p.comm.as_str(), p.service.as_deref(), p.scenario.as_deref());
+            let key = (&*p.comm, p.service.as_deref(), p.scenario.as_deref());
             let e = processes.entry(key).or_insert_with(|| ProcessRecord {
                 comm: p.comm.clone(),
                 service: p.service.clone(),

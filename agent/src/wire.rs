@@ -13,7 +13,7 @@ use sci_proto::v1;
 
 use crate::window::{
     CpuSource, DomainEnergy, EmbodiedFactors, LossCounters, ProcessRecord, ProfileStack,
-    RequestCpuHistogram, ScenarioRecord, ThreadRecord, WindowReport,
+    RequestCpuHistogram, ScenarioRecord, Text, ThreadRecord, WindowReport,
 };
 
 /// A wire window the document cannot hold.
@@ -48,6 +48,30 @@ impl ToWire<String> for Option<String> {
 impl ToWire<Option<String>> for String {
     fn to_wire(&self) -> Option<String> {
         (!self.is_empty()).then(|| self.clone())
+    }
+}
+
+impl ToWire<String> for Text {
+    fn to_wire(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl ToWire<Text> for String {
+    fn to_wire(&self) -> Text {
+        Text::from(self.as_str())
+    }
+}
+
+impl ToWire<String> for Option<Text> {
+    fn to_wire(&self) -> String {
+        self.as_deref().unwrap_or_default().to_string()
+    }
+}
+
+impl ToWire<Option<Text>> for String {
+    fn to_wire(&self) -> Option<Text> {
+        (!self.is_empty()).then(|| Text::from(self.as_str()))
     }
 }
 

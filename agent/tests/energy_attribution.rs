@@ -13,7 +13,7 @@ const S: u64 = 1_000_000_000;
 fn proc(pid: u32, cpu_ns: u64, per_cpu: Vec<u64>) -> ProcessCpu {
     ProcessCpu {
         pid,
-        comm: format!("p{pid}"),
+        comm: format!("p{pid}").into(),
         cpu_ns,
         cpu_ns_per_cpu: per_cpu,
         ..Default::default()

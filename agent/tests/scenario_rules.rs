@@ -59,7 +59,7 @@ impl Sleeper {
             cmdline: info.cmdline,
             cgroup: info.cgroup,
             container_id: info.container_id,
-            env: read_sci_env(pid),
+            env: read_sci_env(pid).into(),
             start_ticks: Some(info.start_ticks),
             ..Default::default()
         }
@@ -109,7 +109,7 @@ fn wait_for_exec(sleeper: &Sleeper) -> ProcessCpu {
     for _ in 0..200 {
         let p = sleeper.as_process_cpu();
         // comm changes early in exec, the argument area a little later.
-        if p.comm == "sleep" && p.cmdline.as_deref() == Some("sleep 30") {
+        if &*p.comm == "sleep" && p.cmdline.as_deref() == Some("sleep 30") {
             return p;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -165,7 +165,7 @@ fn comm_exe_cmdline_cgroup_rules_on_a_real_process() {
 
     let by_exe = stage(&format!(
         "[[scenarios.rules]]\nservice = \"s\"\nscenario = \"drawdown\"\nexe = \"{}/*\"\n",
-        Path::new(&exe).parent().unwrap().display()
+        Path::new(&*exe).parent().unwrap().display()
     ));
     assert_eq!(by_exe.evaluate(&p).scenario, Some(Scenario::Drawdown));
     // `*` does not cross `/` in path globs; `**` does.
@@ -191,7 +191,7 @@ fn comm_exe_cmdline_cgroup_rules_on_a_real_process() {
 fn systemd_unit_container_and_all_matchers_must_match() {
     let mut p = process(10, "java");
     p.cgroup = Some("/system.slice/loan-credit.service".into());
-    p.container_id = Some("4f3c2b1a".repeat(8));
+    p.container_id = Some("4f3c2b1a".repeat(8).into());
     assert_eq!(
         systemd_unit_from_cgroup("/system.slice/a.service/sub"),
         Some("a.service")
@@ -243,7 +243,7 @@ fn pod_label_rule_reads_the_pod_labels_directory() {
     p.cgroup = Some(cgroupfs_path.into());
     assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Credit));
     // Another pod (no labels file) and a non-pod cgroup do not match.
-    p.cgroup = Some(cgroupfs_path.replace("1b2c", "9b2c"));
+    p.cgroup = Some(cgroupfs_path.replace("1b2c", "9b2c").into());
     assert_eq!(s.evaluate(&p), Assignment::default());
     p.cgroup = Some("/system.slice/x.service".into());
     assert_eq!(s.evaluate(&p), Assignment::default());

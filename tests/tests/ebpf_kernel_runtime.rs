@@ -128,7 +128,7 @@ fn forked_children_are_described_by_their_parent() {
     );
     assert_eq!(server_record.exe, client_record.exe);
     assert_eq!(server_record.cmdline, client_record.cmdline);
-    assert_eq!(server_record.comm, "sci-pingpong");
+    assert_eq!(&*server_record.comm, "sci-pingpong");
     let truth_cgroup = std::fs::read_to_string(format!("/proc/{server}/cgroup")).unwrap();
     let truth_cgroup = truth_cgroup
         .lines()
@@ -168,7 +168,7 @@ scenario = "query"
     std::thread::sleep(Duration::from_millis(300));
     let early = sampler.sample().unwrap();
     let before = early.processes.iter().find(|p| p.pid == server).unwrap();
-    assert_eq!(before.comm, "sci-pingpong");
+    assert_eq!(&*before.comm, "sci-pingpong");
     assert_eq!(stage.assign(before).service, None);
 
     std::thread::sleep(Duration::from_millis(1000));
@@ -176,7 +176,7 @@ scenario = "query"
     let after = late.processes.iter().find(|p| p.pid == server).unwrap();
     let truth = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
     assert_eq!(truth.trim(), "sci-renamed");
-    assert_eq!(after.comm, "sci-renamed", "the rename reached the window");
+    assert_eq!(&*after.comm, "sci-renamed", "the rename reached the window");
     let assignment = stage.assign(after);
     assert_eq!(assignment.service.as_deref(), Some("renamed-worker"));
     assert!(assignment.scenario.is_some());

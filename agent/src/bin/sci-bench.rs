@@ -223,11 +223,14 @@ fn agent(args: &[String]) -> Result<()> {
     // process churn rather than its live processes, is not in it).
     let mut window_ns = 0u64;
     let mut window_rows = 0u64;
+    let mut per_window_ns: Vec<u64> = Vec::new();
     while started.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(1));
         let before = thread_cpu_ns();
         let report = pipeline.next_window()?;
-        window_ns += thread_cpu_ns() - before;
+        let this_window_ns = thread_cpu_ns() - before;
+        window_ns += this_window_ns;
+        per_window_ns.push(this_window_ns);
         window_rows += report.processes.len() as u64;
         rows = rows.max(report.processes.len());
         windows += 1;
@@ -248,6 +251,7 @@ fn agent(args: &[String]) -> Result<()> {
             "cpu_percent_of_one_core": 100.0 * cpu_ns as f64 / 1e9 / elapsed,
             "window_thread_cpu_percent_of_one_core": 100.0 * window_ns as f64 / 1e9 / elapsed,
             "window_ns_per_process_row": window_ns as f64 / window_rows.max(1) as f64,
+            "per_window_ms": per_window_ns.iter().map(|ns| *ns as f64 / 1e6).collect::<Vec<_>>(),
             "rss_mib": max_rss_kib as f64 / 1024.0,
         })
     );

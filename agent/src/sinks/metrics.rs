@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use agent_common::prometheus_text::{self, Family, Labels};
 
 use crate::error::AgentError;
-use crate::window::WindowReport;
+use crate::window::{Text, WindowReport};
 
 /// A process series not seen for this many windows is folded into its comm series.
 pub const STALE_WINDOWS: u64 = 60;
@@ -64,7 +64,7 @@ fn finite(v: f64) -> f64 {
 
 #[derive(Debug)]
 struct ProcessSeries {
-    cgroup: String,
+    cgroup: Text,
     totals: Totals,
     last_window: u64,
 }
@@ -88,9 +88,9 @@ struct State {
     lost_events: BTreeMap<&'static str, u64>,
     lost_cpu_ns: BTreeMap<&'static str, u64>,
     /// (pid, comm) -> series.
-    processes: HashMap<(u32, String), ProcessSeries>,
+    processes: HashMap<(u32, Text), ProcessSeries>,
     /// (comm, cgroup) -> folded totals.
-    comms: BTreeMap<(String, String), Totals>,
+    comms: BTreeMap<(Text, Text), Totals>,
     /// Per business scenario (credit, drawdown, repayment, query, unassigned).
     scenarios: BTreeMap<String, ScenarioTotals>,
     business_units: f64,
@@ -326,7 +326,7 @@ impl MetricsRegistry {
                 carbon_g: finite(p.carbon_g),
                 embodied_g: finite(p.embodied_g),
             };
-            let cgroup = p.cgroup.clone().unwrap_or_default();
+            let cgroup = p.cgroup.clone().unwrap_or_else(|| Text::from(""));
             let key = (p.pid, p.comm.clone());
             if let Some(series) = s.processes.get_mut(&key) {
                 series.totals.add(&delta);
@@ -355,7 +355,7 @@ impl MetricsRegistry {
                 fold(&mut s.comms, self.max_comm_series, key.1, cgroup, &delta);
             }
         }
-        let stale: Vec<(u32, String)> = s
+        let stale: Vec<(u32, Text)> = s
             .processes
             .iter()
             .filter(|(_, series)| series.last_window + STALE_WINDOWS <= window)
@@ -580,17 +580,17 @@ impl MetricsRegistry {
 type TotalsField = fn(&Totals) -> f64;
 
 fn fold(
-    comms: &mut BTreeMap<(String, String), Totals>,
+    comms: &mut BTreeMap<(Text, Text), Totals>,
     max: usize,
-    comm: String,
-    cgroup: String,
+    comm: Text,
+    cgroup: Text,
     totals: &Totals,
 ) {
     let key = (comm, cgroup);
     let key = if comms.contains_key(&key) || comms.len() + 1 < max {
         key
     } else {
-        (OTHER_COMM.to_string(), String::new())
+        (Text::from(OTHER_COMM), Text::from(""))
     };
     comms.entry(key).or_default().add(totals);
 }

@@ -36,16 +36,16 @@ pub fn weigh(profile: &WindowProfile, report: &WindowReport) -> Vec<ProfileStack
                 _ => 0.0,
             };
             let comm = process
-                .map(|p| p.comm.clone())
+                .map(|p| p.comm.to_string())
                 .or_else(|| profile.comms.get(&stack.pid).cloned())
                 .unwrap_or_default();
             let scenario = scenario_of_slot(stack.scenario_slot)
                 .map(str::to_string)
-                .or_else(|| process.and_then(|p| p.scenario.clone()));
+                .or_else(|| process.and_then(|p| p.scenario.as_deref().map(str::to_string)));
             ProfileStack {
                 pid: stack.pid,
                 comm,
-                service: process.and_then(|p| p.service.clone()),
+                service: process.and_then(|p| p.service.as_deref().map(str::to_string)),
                 scenario,
                 stack: stack.stack.clone(),
                 samples: stack.samples,

@@ -28,7 +28,7 @@ pub fn histograms(sample: &CpuSample, report: &WindowReport) -> Vec<RequestCpuHi
         if process.request_cpu.is_empty() {
             continue;
         }
-        let service = record.service.clone().unwrap_or_default();
+        let service = record.service.as_deref().unwrap_or_default().to_string();
         let energy_j_per_cpu_ns = if process.cpu_ns > 0 {
             record.energy_j / process.cpu_ns as f64
         } else {

@@ -12,7 +12,8 @@
 //! consumes them as they come so that a process that lives a few
 //! milliseconds is read from procfs (exe, cmdline, parent, cgroup) right at
 //! exec, while it still exists.
-use std::collections::{HashMap, HashSet};
+// foldhash: these maps are keyed by pids and map keys, hashed thousands of times a window.
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +42,7 @@ use super::proc_info::{
 use super::procfs::HostCpuTimes;
 use super::{CpuSample, CpuSampler, ProcessCpu, RequestCpu};
 use crate::error::AgentError;
-use crate::window::{CpuSource, LossCounters};
+use crate::window::{CpuSource, LossCounters, Text};
 
 /// The compiled `agent-ebpf` object (built by agent/build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -127,6 +128,13 @@ pub fn steal_clock_offsets(btf: &KernelBtf) -> Result<StealClockOffsets, String>
     })
 }
 
+/// Stands in the previous read for a key that was closed: no map key has
+/// this scenario.
+const CLOSED_KEY: ProcScenarioKey = ProcScenarioKey {
+    tgid: u32::MAX,
+    scenario: u32::MAX,
+};
+
 #[derive(Debug, Clone, Default)]
 pub struct EbpfOptions {
     /// Also account CPU time per thread in the kernel.
@@ -175,7 +183,7 @@ impl Lifecycle {
                 PROC_EVENT_FORK => self.inherit(&event),
                 PROC_EVENT_RENAME => {
                     if let Some(info) = self.state.info.get_mut(&event.tgid) {
-                        info.comm = comm_to_string(&event.comm);
+                        info.comm = comm_to_string(&event.comm).into();
                     }
                 }
                 PROC_EVENT_EXEC => {
@@ -183,7 +191,7 @@ impl Lifecycle {
                     // and cgroup: only what exec changes is read.
                     let known = match self.state.info.get_mut(&event.tgid) {
                         Some(info) => {
-                            info.comm = comm_to_string(&event.comm);
+                            info.comm = comm_to_string(&event.comm).into();
                             refresh_after_exec(&self.proc_root, info, self.read_environ);
                             true
                         }
@@ -237,7 +245,7 @@ impl Lifecycle {
         let mut child = origin.clone();
         child.pid = event.tgid;
         child.ppid = event.ppid;
-        child.comm = comm_to_string(&event.comm);
+        child.comm = comm_to_string(&event.comm).into();
         child.start_ticks = event.ktime_ns / (1_000_000_000 / clock_ticks_per_second()).max(1);
         self.state.info.insert(event.tgid, child);
         self.state.exited.remove(&event.tgid);
@@ -310,11 +318,15 @@ pub struct EbpfSampler {
     cpus: Vec<u32>,
     host_times: HostCpuTimes,
     last_steal_cpu_ns: u64,
-    previous_cpu_ns: HashMap<ProcScenarioKey, Vec<u64>>,
     /// This window's PROC_CPU_NS read: the keys, and `slots` per-CPU values
     /// per key in one flat buffer (both reused across windows).
     cpu_keys: Vec<ProcScenarioKey>,
     cpu_values: Vec<u64>,
+    /// The previous window's read, in the same layout; closed keys are
+    /// overwritten with [`CLOSED_KEY`].
+    previous_keys: Vec<ProcScenarioKey>,
+    previous_values: Vec<u64>,
+    previous_slots: usize,
     /// Processes in the last window (the next one's table is sized for them).
     last_active_processes: usize,
     previous_txn: HashMap<ProcScenarioKey, u64>,
@@ -486,9 +498,11 @@ impl EbpfSampler {
             cpus,
             host_times,
             last_steal_cpu_ns: 0,
-            previous_cpu_ns: HashMap::new(),
             cpu_keys: Vec::new(),
             cpu_values: Vec::new(),
+            previous_keys: Vec::new(),
+            previous_values: Vec::new(),
+            previous_slots: 0,
             last_active_processes: 0,
             previous_txn: HashMap::new(),
             previous_idle_ns: Vec::new(),
@@ -791,26 +805,46 @@ impl CpuSampler for EbpfSampler {
                 .collect()
         };
 
-        // CPU time per key, as deltas since the last window.
-        // An unchanged key costs one lookup and a compare: its previous
-        // values are updated in place, nothing is allocated for it.
+        // CPU time per key, as deltas since the last window. The map's
+        // iteration order is stable between reads (a bucket's entries stay in
+        // order), so a key is first looked for where the cursor into the
+        // previous read stands (or one further, past a closed key); only a
+        // key out of place costs a hash lookup, in an index built on demand.
         let mut by_tgid: HashMap<u32, ProcessCpu> =
             HashMap::with_capacity(self.last_active_processes);
         self.read_proc_cpu(slots)?;
         let seen_keys = std::mem::take(&mut self.cpu_keys);
+        let previous_slots = self.previous_slots;
+        let mut cursor = 0usize;
+        let mut index: Option<HashMap<ProcScenarioKey, usize>> = None;
         for (key, now) in seen_keys.iter().zip(self.cpu_values.chunks_exact(slots)) {
-            let previous = self
-                .previous_cpu_ns
-                .entry(*key)
-                .or_insert_with(|| vec![0; slots]);
-            previous.resize(slots, 0);
+            let previous_keys = &self.previous_keys;
+            let found = if previous_keys.get(cursor) == Some(key) {
+                Some(cursor)
+            } else if previous_keys.get(cursor + 1) == Some(key) {
+                Some(cursor + 1)
+            } else {
+                index
+                    .get_or_insert_with(|| {
+                        previous_keys.iter().enumerate().map(|(i, k)| (*k, i)).collect()
+                    })
+                    .get(key)
+                    .copied()
+            };
+            let previous: &[u64] = match found {
+                Some(at) => {
+                    cursor = at + 1;
+                    &self.previous_values[at * previous_slots..(at + 1) * previous_slots]
+                }
+                None => &[],
+            };
+            let before = |cpu: usize| previous.get(cpu).copied().unwrap_or(0);
             let delta: u64 = now
                 .iter()
-                .zip(previous.iter())
-                .map(|(n, p)| n.saturating_sub(*p))
+                .enumerate()
+                .map(|(cpu, n)| n.saturating_sub(before(cpu)))
                 .sum();
             if delta == 0 && !closed.contains_key(&key.tgid) {
-                previous.copy_from_slice(now);
                 continue;
             }
             let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
@@ -819,15 +853,9 @@ impl CpuSampler for EbpfSampler {
                 ..Default::default()
             });
             process.cpu_ns += delta;
-            for ((sum, n), p) in process
-                .cpu_ns_per_cpu
-                .iter_mut()
-                .zip(now)
-                .zip(previous.iter())
-            {
-                *sum += n.saturating_sub(*p);
+            for (cpu, (sum, n)) in process.cpu_ns_per_cpu.iter_mut().zip(now).enumerate() {
+                *sum += n.saturating_sub(before(cpu));
             }
-            previous.copy_from_slice(now);
             if (key.scenario as usize) < SCENARIO_SLOTS as usize {
                 process.scenario_cpu_ns[key.scenario as usize] += delta;
             }
@@ -883,8 +911,8 @@ impl CpuSampler for EbpfSampler {
             if let Some(exit) = closed.get(tgid) {
                 process.exited = true;
                 if !described {
-                    process.comm = exit.comm.clone();
-                    process.cgroup = self.cgroups.path_of(exit.cgroup_id);
+                    process.comm = exit.comm.as_str().into();
+                    process.cgroup = self.cgroups.path_of(exit.cgroup_id).map(Text::from);
                 }
             } else if !described {
                 process.exited = true;
@@ -892,12 +920,17 @@ impl CpuSampler for EbpfSampler {
             }
         }
 
-        // Close the keys of dead processes: a later process with the same PID starts afresh.
-        for key in seen_keys.iter().filter(|k| dead.contains(&k.tgid)) {
+        // Close the keys of dead processes: a later process with the same PID
+        // starts afresh (its key never matches the closed one's values).
+        // This read becomes the previous one; its buffers are swapped, not copied.
+        let mut seen_keys = seen_keys;
+        for key in seen_keys.iter_mut().filter(|k| dead.contains(&k.tgid)) {
             let _ = self.proc_cpu.remove(key);
-            self.previous_cpu_ns.remove(key);
+            *key = CLOSED_KEY;
         }
-        self.cpu_keys = seen_keys;
+        self.cpu_keys = std::mem::replace(&mut self.previous_keys, seen_keys);
+        std::mem::swap(&mut self.cpu_values, &mut self.previous_values);
+        self.previous_slots = slots;
         if let Some(thread_cpu) = self.thread_cpu.as_mut() {
             for key in thread_keys {
                 let (tgid, tid) = ((key >> 32) as u32, key as u32);
@@ -984,8 +1017,19 @@ impl CpuSampler for EbpfSampler {
 
         let start_unix_ns = std::mem::replace(&mut self.window_start_unix_ns, end_unix_ns);
         self.last_active_processes = by_tgid.len();
-        let mut processes: Vec<ProcessCpu> = by_tgid.into_values().collect();
-        processes.sort_unstable_by_key(|p| p.pid);
+        // In pid order; the records are large, so their indexes are sorted
+        // and each record is moved once.
+        let mut unsorted: Vec<ProcessCpu> = by_tgid.into_values().collect();
+        let mut order: Vec<(u32, usize)> = unsorted
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.pid, i))
+            .collect();
+        order.sort_unstable();
+        let processes: Vec<ProcessCpu> = order
+            .iter()
+            .map(|(_, i)| std::mem::take(&mut unsorted[*i]))
+            .collect();
         Ok(CpuSample {
             source: CpuSource::Ebpf,
             start_unix_ns,

@@ -5,7 +5,11 @@
 //! `procfs` (polls `/proc/<pid>/stat`, the method of Scaphandre and Kepler
 //! 0.10, used when eBPF cannot be loaded).
 use crate::error::AgentError;
-use crate::window::{CpuSource, LossCounters};
+use crate::window::{CpuSource, LossCounters, Text};
+
+/// The `SCI_*` variables of a process's environment, shared like its other
+/// description fields.
+pub type Environment = std::sync::Arc<[(String, String)]>;
 
 mod batch;
 pub mod btf;
@@ -18,13 +22,13 @@ pub mod procfs;
 pub struct ProcessCpu {
     pub pid: u32,
     pub ppid: u32,
-    pub comm: String,
-    pub exe: Option<String>,
-    pub cmdline: Option<String>,
-    pub cgroup: Option<String>,
-    pub container_id: Option<String>,
+    pub comm: Text,
+    pub exe: Option<Text>,
+    pub cmdline: Option<Text>,
+    pub cgroup: Option<Text>,
+    pub container_id: Option<Text>,
     /// Environment variables the scenario rules may look at (only `SCI_*` ones are kept).
-    pub env: Vec<(String, String)>,
+    pub env: Environment,
     /// Start time of the process (clock ticks since boot, /proc/<pid>/stat field 22);
     /// distinguishes a reused PID from the process that had it before.
     pub start_ticks: Option<u64>,

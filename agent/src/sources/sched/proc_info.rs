@@ -3,17 +3,20 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::Environment;
+use crate::window::Text;
+
 /// Identity and labels of a process, read from `/proc/<pid>`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcInfo {
     pub pid: u32,
     pub ppid: u32,
-    pub comm: String,
-    pub exe: Option<String>,
-    pub cmdline: Option<String>,
-    pub cgroup: Option<String>,
-    pub container_id: Option<String>,
-    pub env: Vec<(String, String)>,
+    pub comm: Text,
+    pub exe: Option<Text>,
+    pub cmdline: Option<Text>,
+    pub cgroup: Option<Text>,
+    pub container_id: Option<Text>,
+    pub env: Environment,
     pub start_ticks: u64,
 }
 
@@ -121,12 +124,12 @@ pub fn read_proc_info_with(proc_root: &Path, pid: u32, environ: bool) -> Option<
     Some(ProcInfo {
         pid,
         ppid: stat.ppid,
-        comm,
-        exe,
-        cmdline,
-        cgroup,
-        container_id,
-        env,
+        comm: comm.into(),
+        exe: exe.map(Text::from),
+        cmdline: cmdline.map(Text::from),
+        container_id: container_id.map(Text::from),
+        cgroup: cgroup.map(Text::from),
+        env: env.into(),
         start_ticks: stat.start_ticks,
     })
 }
@@ -142,15 +145,15 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo, environ: bool) 
     if exe.is_none() && !dir.exists() {
         info.exe = None;
         info.cmdline = None;
-        info.env.clear();
+        info.env = Environment::default();
         return false;
     }
-    info.exe = exe.map(|p| p.to_string_lossy().into_owned());
-    info.cmdline = read_cmdline(&dir);
+    info.exe = exe.map(|p| Text::from(p.to_string_lossy()));
+    info.cmdline = read_cmdline(&dir).map(Text::from);
     info.env = if environ {
-        read_sci_environ(&dir)
+        read_sci_environ(&dir).into()
     } else {
-        Vec::new()
+        Environment::default()
     };
     true
 }

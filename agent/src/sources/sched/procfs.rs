@@ -51,16 +51,25 @@ struct StatTicks {
 /// softirq (guest time is already inside user), idle is idle + iowait, steal
 /// is time the hypervisor ran someone else while this vCPU wanted to run.
 fn read_stat_ticks(proc_root: &Path, cpus: &[u32]) -> Result<StatTicks, AgentError> {
+    use std::io::Read;
     let path = proc_root.join("stat");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
     let slots = cpus.iter().copied().max().unwrap_or(0) as usize + 1;
+    // Only the leading cpu lines are needed (at most ~230 bytes each); the
+    // rest of the file (the interrupt counts: tens of kilobytes on a busy
+    // host) is left unread.
+    let mut buffer = vec![0u8; 256 * (slots + 1) + 1024];
+    let read = std::fs::File::open(&path)
+        .and_then(|mut file| file.read(&mut buffer))
+        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+    let text = String::from_utf8_lossy(&buffer[..read]);
+    // A line cut off by the end of the buffer is left out.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
     let mut ticks = StatTicks {
         busy: vec![0; slots],
         idle: vec![0; slots],
         steal: vec![0; slots],
     };
-    for line in text.lines() {
+    for line in complete.lines() {
         let mut parts = line.split_whitespace();
         let Some(label) = parts.next() else { continue };
         let Some(cpu) = label
@@ -72,8 +81,11 @@ fn read_stat_ticks(proc_root: &Path, cpus: &[u32]) -> Result<StatTicks, AgentErr
         if cpu >= slots {
             continue;
         }
-        let values: Vec<u64> = parts.filter_map(|v| v.parse().ok()).collect();
-        let field = |i: usize| values.get(i).copied().unwrap_or(0);
+        let mut values = [0u64; 10];
+        for (slot, value) in values.iter_mut().zip(parts) {
+            *slot = value.parse().unwrap_or(0);
+        }
+        let field = |i: usize| values[i];
         ticks.busy[cpu] = field(0) + field(1) + field(2) + field(5) + field(6);
         ticks.idle[cpu] = field(3) + field(4);
         ticks.steal[cpu] = field(7);

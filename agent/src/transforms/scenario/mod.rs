@@ -17,13 +17,15 @@
 //! Transactions TA_i of a window = marker completions + lines received by the
 //! ingest endpoint (and scraped Prometheus counters), passed in as
 //! [`TransactionCounts`].
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer};
 
 use crate::sources::sched::{CpuSample, ProcessCpu};
-use crate::window::{ScenarioRecord, WindowReport};
+use crate::window::{ScenarioRecord, Text, WindowReport};
 
 mod rules;
 
@@ -152,7 +154,7 @@ pub struct ScenarioConfig {
 pub struct Assignment {
     /// Scenario of the process's unmarked time (slot 0); None = unassigned.
     pub scenario: Option<Scenario>,
-    pub service: Option<String>,
+    pub service: Option<Text>,
     /// Index of the rule that matched.
     pub rule_index: Option<usize>,
 }
@@ -172,6 +174,8 @@ pub struct ScenarioStage {
     window: u64,
     /// The verdict on a process without a start time (never cached).
     uncached: Assignment,
+    /// Each scenario's name, shared by every process record that carries it.
+    scenario_names: [Text; 4],
 }
 
 impl ScenarioStage {
@@ -184,6 +188,7 @@ impl ScenarioStage {
             evaluations: 0,
             window: 0,
             uncached: Assignment::default(),
+            scenario_names: Scenario::ALL.map(|s| Text::from(s.name())),
         })
     }
 
@@ -222,7 +227,9 @@ impl ScenarioStage {
         let fresh = match self.cache.get_mut(&key) {
             Some(v) => {
                 v.seen_window = window;
-                v.comm != process.comm && v.assignment.rule_index.is_none()
+                v.assignment.rule_index.is_none()
+                    && !Text::ptr_eq(&v.comm, &process.comm)
+                    && *v.comm != *process.comm
             }
             None => true,
         };
@@ -280,10 +287,12 @@ impl ScenarioStage {
         self.window += 1;
 
         for (process, record) in sample.processes.iter().zip(report.processes.iter_mut()) {
-            let assignment = self.assign_cached(process);
-            let rule_scenario = assignment.scenario;
-            record.scenario = rule_scenario.map(|s| s.name().to_string());
-            record.service.clone_from(&assignment.service);
+            let (rule_scenario, service) = {
+                let assignment = self.assign_cached(process);
+                (assignment.scenario, assignment.service.clone())
+            };
+            record.service = service;
+            record.scenario = rule_scenario.map(|s| self.scenario_names[s.index()].clone());
 
             for s in Scenario::ALL {
                 transactions.add(s, process.scenario_transactions[s.slot() as usize]);
@@ -335,7 +344,7 @@ impl ScenarioStage {
 /// A cached verdict of the rules on one process.
 #[derive(Debug)]
 struct CachedVerdict {
-    comm: String,
+    comm: Text,
     assignment: Assignment,
     seen_window: u64,
 }

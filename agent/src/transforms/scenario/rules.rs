@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{Assignment, Scenario};
 use crate::sources::sched::ProcessCpu;
+use crate::window::Text;
 
 /// Environment variable a `scenario = "from_env"` rule reads.
 pub const SCENARIO_ENV: &str = "SCI_SCENARIO";
@@ -58,7 +59,7 @@ enum Matcher {
 #[derive(Debug, Clone)]
 pub struct ScenarioRule {
     pub index: usize,
-    pub service: Option<String>,
+    pub service: Option<Text>,
     pub scenario: RuleScenario,
     matchers: Vec<Matcher>,
 }
@@ -155,7 +156,7 @@ impl ScenarioRule {
         }
         Ok(ScenarioRule {
             index,
-            service: text.service,
+            service: text.service.map(Text::from),
             scenario,
             matchers,
         })
@@ -173,7 +174,7 @@ impl ScenarioRule {
                 .container_id
                 .as_deref()
                 .is_some_and(|id| id.starts_with(c.as_str())),
-            Matcher::Comm(g) => g.is_match(&process.comm),
+            Matcher::Comm(g) => g.is_match(&*process.comm),
             Matcher::Exe(g) => process.exe.as_deref().is_some_and(|e| g.is_match(e)),
             Matcher::Cmdline(re) => process.cmdline.as_deref().is_some_and(|c| re.is_match(c)),
             Matcher::Env { key, value } => process
