@@ -322,7 +322,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
 
 /// Sends a lifecycle event. Only an exec wakes the reader: it must read the
 /// new program's procfs entry while the process lives; forks, renames and
-/// exits wait for the next wake-up (an exec, the reader's 100 ms poll, or the
+/// exits wait for the next wake-up (an exec, the reader's 1 s poll, or the
 /// window's close), which spares a context switch per event. The exec's
 /// wake-up is forced: the ring buffer's default wakes the reader only when
 /// it has consumed everything before this record, and the fork event

@@ -278,12 +278,12 @@ impl Pipeline {
             .iter()
             .map(|p| ProcessRecord {
                 pid: p.pid,
-                ppid: p.ppid,
-                comm: p.comm.clone(),
-                exe: p.exe.clone(),
-                cmdline: p.cmdline.clone(),
-                cgroup: p.cgroup.clone(),
-                container_id: p.container_id.clone(),
+                ppid: p.info.ppid,
+                comm: p.info.comm.clone(),
+                exe: p.info.exe.clone(),
+                cmdline: p.info.cmdline.clone(),
+                cgroup: p.info.cgroup.clone(),
+                container_id: p.info.container_id.clone(),
                 cpu_ns: p.cpu_ns,
                 exited: p.exited,
                 threads: p

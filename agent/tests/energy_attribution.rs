@@ -4,6 +4,9 @@
 use sci_agent::sources::energy::{
     DomainKind, DomainReading, EnergySource, ModelSource, PowerModel, WindowEnergy,
 };
+use std::sync::Arc;
+
+use sci_agent::sources::sched::proc_info::ProcInfo;
 use sci_agent::sources::sched::{CpuSample, ProcessCpu};
 use sci_agent::transforms::attribution::{conservation_holds, Attributor};
 use sci_agent::window::{CpuSource, LossCounters, ProcessRecord, WindowReport};
@@ -13,7 +16,10 @@ const S: u64 = 1_000_000_000;
 fn proc(pid: u32, cpu_ns: u64, per_cpu: Vec<u64>) -> ProcessCpu {
     ProcessCpu {
         pid,
-        comm: format!("p{pid}").into(),
+        info: Arc::new(ProcInfo {
+            comm: format!("p{pid}").into(),
+            ..Default::default()
+        }),
         cpu_ns,
         cpu_ns_per_cpu: per_cpu,
         ..Default::default()
@@ -47,7 +53,7 @@ fn report_for(sample: &CpuSample) -> WindowReport {
         .iter()
         .map(|p| ProcessRecord {
             pid: p.pid,
-            comm: p.comm.clone(),
+            comm: p.info.comm.clone(),
             cpu_ns: p.cpu_ns,
             ..Default::default()
         })

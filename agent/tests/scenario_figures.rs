@@ -3,8 +3,10 @@
 //! R = sum alpha_i * TA_i, and energy conservation across the scenario lines.
 #![allow(clippy::unwrap_used)]
 use std::path::Path;
+use std::sync::Arc;
 
 use sci_agent::config::AgentConfig;
+use sci_agent::sources::sched::proc_info::ProcInfo;
 use sci_agent::sources::sched::{CpuSample, ProcessCpu};
 use sci_agent::transforms::scenario::{Scenario, ScenarioError, ScenarioStage, TransactionCounts};
 use sci_agent::window::{CpuSource, ProcessRecord, ScenarioRecord, WindowReport};
@@ -46,7 +48,10 @@ fn window(procs: &[Proc]) -> (CpuSample, WindowReport) {
         .iter()
         .map(|p| ProcessCpu {
             pid: p.pid,
-            comm: p.comm.into(),
+            info: Arc::new(ProcInfo {
+                comm: p.comm.into(),
+                ..Default::default()
+            }),
             start_ticks: Some(100 + p.pid as u64),
             cpu_ns: p.slots_cpu_ns.iter().sum(),
             scenario_cpu_ns: p.slots_cpu_ns,

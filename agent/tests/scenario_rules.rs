@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used)]
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::Arc;
 
 use sci_agent::config::AgentConfig;
-use sci_agent::sources::sched::proc_info::read_proc_info;
+use sci_agent::sources::sched::proc_info::{read_proc_info, ProcInfo};
 use sci_agent::sources::sched::ProcessCpu;
 use sci_agent::transforms::scenario::{
     pod_uid_from_cgroup, read_sci_env, systemd_unit_from_cgroup, Assignment, Scenario,
@@ -28,7 +29,10 @@ fn config_error(toml_text: &str) -> String {
 fn process(pid: u32, comm: &str) -> ProcessCpu {
     ProcessCpu {
         pid,
-        comm: comm.into(),
+        info: Arc::new(ProcInfo {
+            comm: comm.into(),
+            ..Default::default()
+        }),
         start_ticks: Some(1000 + pid as u64),
         ..Default::default()
     }
@@ -53,14 +57,11 @@ impl Sleeper {
         let info = read_proc_info(Path::new("/proc"), pid).unwrap();
         ProcessCpu {
             pid,
-            ppid: info.ppid,
-            comm: info.comm,
-            exe: info.exe,
-            cmdline: info.cmdline,
-            cgroup: info.cgroup,
-            container_id: info.container_id,
-            env: read_sci_env(pid).into(),
             start_ticks: Some(info.start_ticks),
+            info: Arc::new(ProcInfo {
+                env: read_sci_env(pid).into(),
+                ..info
+            }),
             ..Default::default()
         }
     }
@@ -109,7 +110,7 @@ fn wait_for_exec(sleeper: &Sleeper) -> ProcessCpu {
     for _ in 0..200 {
         let p = sleeper.as_process_cpu();
         // comm changes early in exec, the argument area a little later.
-        if &*p.comm == "sleep" && p.cmdline.as_deref() == Some("sleep 30") {
+        if &*p.info.comm == "sleep" && p.info.cmdline.as_deref() == Some("sleep 30") {
             return p;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -154,8 +155,8 @@ comm = "sleep"
 fn comm_exe_cmdline_cgroup_rules_on_a_real_process() {
     let sleeper = Sleeper::spawn(&[]);
     let p = wait_for_exec(&sleeper);
-    let exe = p.exe.clone().unwrap();
-    let cgroup = p.cgroup.clone();
+    let exe = p.info.exe.clone().unwrap();
+    let cgroup = p.info.cgroup.clone();
 
     let by_comm =
         stage("[[scenarios.rules]]\nservice = \"s\"\nscenario = \"query\"\ncomm = \"sle*\"\n");
@@ -190,8 +191,8 @@ fn comm_exe_cmdline_cgroup_rules_on_a_real_process() {
 #[test]
 fn systemd_unit_container_and_all_matchers_must_match() {
     let mut p = process(10, "java");
-    p.cgroup = Some("/system.slice/loan-credit.service".into());
-    p.container_id = Some("4f3c2b1a".repeat(8).into());
+    Arc::make_mut(&mut p.info).cgroup = Some("/system.slice/loan-credit.service".into());
+    Arc::make_mut(&mut p.info).container_id = Some("4f3c2b1a".repeat(8).into());
     assert_eq!(
         systemd_unit_from_cgroup("/system.slice/a.service/sub"),
         Some("a.service")
@@ -238,14 +239,14 @@ fn pod_label_rule_reads_the_pod_labels_directory() {
         dir.path().display()
     ));
     let mut p = process(20, "java");
-    p.cgroup = Some(systemd_path.into());
+    Arc::make_mut(&mut p.info).cgroup = Some(systemd_path.into());
     assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Credit));
-    p.cgroup = Some(cgroupfs_path.into());
+    Arc::make_mut(&mut p.info).cgroup = Some(cgroupfs_path.into());
     assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Credit));
     // Another pod (no labels file) and a non-pod cgroup do not match.
-    p.cgroup = Some(cgroupfs_path.replace("1b2c", "9b2c").into());
+    Arc::make_mut(&mut p.info).cgroup = Some(cgroupfs_path.replace("1b2c", "9b2c").into());
     assert_eq!(s.evaluate(&p), Assignment::default());
-    p.cgroup = Some("/system.slice/x.service".into());
+    Arc::make_mut(&mut p.info).cgroup = Some("/system.slice/x.service".into());
     assert_eq!(s.evaluate(&p), Assignment::default());
 
     // Labels in a per-pod directory (`<dir>/<uid>/labels`) work too.
@@ -256,7 +257,7 @@ fn pod_label_rule_reads_the_pod_labels_directory() {
         "[scenarios]\npod_labels_dir = \"{}\"\n[[scenarios.rules]]\nservice = \"q\"\nscenario = \"query\"\npod_label = \"app=query-api\"\n",
         dir2.path().display()
     ));
-    p.cgroup = Some(cgroupfs_path.into());
+    Arc::make_mut(&mut p.info).cgroup = Some(cgroupfs_path.into());
     assert_eq!(s.evaluate(&p).scenario, Some(Scenario::Query));
 }
 
@@ -307,7 +308,10 @@ fn reused_pid_is_evaluated_again_same_process_is_cached() {
     );
     let old = ProcessCpu {
         pid: 4242,
-        comm: "credit-worker".into(),
+        info: Arc::new(ProcInfo {
+            comm: "credit-worker".into(),
+            ..Default::default()
+        }),
         start_ticks: Some(500),
         ..Default::default()
     };
@@ -315,7 +319,10 @@ fn reused_pid_is_evaluated_again_same_process_is_cached() {
     assert_eq!(s.rule_evaluations(), 1);
     // Same process again (even if its comm changed later): cached verdict.
     let renamed = ProcessCpu {
-        comm: "renamed".into(),
+        info: Arc::new(ProcInfo {
+            comm: "renamed".into(),
+            ..Default::default()
+        }),
         ..old.clone()
     };
     assert_eq!(s.assign(&renamed).scenario, Some(Scenario::Credit));
@@ -323,7 +330,10 @@ fn reused_pid_is_evaluated_again_same_process_is_cached() {
     // Same PID, new start time: a new process with its own scenario.
     let reused = ProcessCpu {
         pid: 4242,
-        comm: "query-worker".into(),
+        info: Arc::new(ProcInfo {
+            comm: "query-worker".into(),
+            ..Default::default()
+        }),
         start_ticks: Some(9_000),
         ..Default::default()
     };

@@ -159,8 +159,8 @@ fn short_lived_processes_are_accounted() {
         .iter()
         .filter(|p| truth.contains_key(&p.pid))
     {
-        assert_eq!(&*p.comm, "sci-burn", "pid {}", p.pid);
-        assert_eq!(p.ppid, std::process::id(), "pid {}", p.pid);
+        assert_eq!(&*p.info.comm, "sci-burn", "pid {}", p.pid);
+        assert_eq!(p.info.ppid, std::process::id(), "pid {}", p.pid);
     }
 }
 

@@ -120,26 +120,33 @@ fn forked_children_are_described_by_their_parent() {
     let server_record = window.processes.iter().find(|p| p.pid == server).unwrap();
     println!("client {client_record:?}\nserver {server_record:?}");
     assert!(server_record.cpu_ns > 0);
-    assert_eq!(server_record.ppid, client, "true parent");
+    assert_eq!(server_record.info.ppid, client, "true parent");
     assert_eq!(
-        server_record.exe.as_deref(),
+        server_record.info.exe.as_deref(),
         Some(PINGPONG),
         "a child that never exec'd runs its parent's program"
     );
-    assert_eq!(server_record.exe, client_record.exe);
-    assert_eq!(server_record.cmdline, client_record.cmdline);
-    assert_eq!(&*server_record.comm, "sci-pingpong");
+    assert_eq!(server_record.info.exe, client_record.info.exe);
+    assert_eq!(server_record.info.cmdline, client_record.info.cmdline);
+    assert_eq!(&*server_record.info.comm, "sci-pingpong");
     let truth_cgroup = std::fs::read_to_string(format!("/proc/{server}/cgroup")).unwrap();
     let truth_cgroup = truth_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .unwrap()
         .to_string();
-    assert_eq!(server_record.cgroup.as_deref(), Some(truth_cgroup.as_str()));
+    assert_eq!(
+        server_record.info.cgroup.as_deref(),
+        Some(truth_cgroup.as_str())
+    );
     // Every process in the window has a name and a cgroup.
     for p in &window.processes {
-        assert!(!p.comm.is_empty(), "pid {} has no comm: {p:?}", p.pid);
-        assert!(p.cgroup.is_some(), "pid {} has no cgroup: {p:?}", p.pid);
+        assert!(!p.info.comm.is_empty(), "pid {} has no comm: {p:?}", p.pid);
+        assert!(
+            p.info.cgroup.is_some(),
+            "pid {} has no cgroup: {p:?}",
+            p.pid
+        );
     }
 }
 
@@ -168,7 +175,7 @@ scenario = "query"
     std::thread::sleep(Duration::from_millis(300));
     let early = sampler.sample().unwrap();
     let before = early.processes.iter().find(|p| p.pid == server).unwrap();
-    assert_eq!(&*before.comm, "sci-pingpong");
+    assert_eq!(&*before.info.comm, "sci-pingpong");
     assert_eq!(stage.assign(before).service, None);
 
     std::thread::sleep(Duration::from_millis(1000));
@@ -176,7 +183,10 @@ scenario = "query"
     let after = late.processes.iter().find(|p| p.pid == server).unwrap();
     let truth = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
     assert_eq!(truth.trim(), "sci-renamed");
-    assert_eq!(&*after.comm, "sci-renamed", "the rename reached the window");
+    assert_eq!(
+        &*after.info.comm, "sci-renamed",
+        "the rename reached the window"
+    );
     let assignment = stage.assign(after);
     assert_eq!(assignment.service.as_deref(), Some("renamed-worker"));
     assert!(assignment.scenario.is_some());

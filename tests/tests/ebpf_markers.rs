@@ -63,7 +63,7 @@ fn shared_process_is_split_by_scenario() {
     let service = window
         .processes
         .iter()
-        .find(|p| p.comm.starts_with("sci-shared-ser"))
+        .find(|p| p.info.comm.starts_with("sci-shared-ser"))
         .expect("the service appears in the window");
     for (name, slot) in [
         ("credit", SCENARIO_CREDIT),

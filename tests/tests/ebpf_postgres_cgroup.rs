@@ -150,10 +150,13 @@ fn postgres_under_pgbench_c_matches_its_cgroup_cpu_stat() {
     let in_group: Vec<_> = window
         .processes
         .iter()
-        .filter(|p| p.cgroup.as_deref() == Some(path.as_str()))
+        .filter(|p| p.info.cgroup.as_deref() == Some(path.as_str()))
         .collect();
     let agent_ns: u64 = in_group.iter().map(|p| p.cpu_ns).sum();
-    let backends: Vec<_> = in_group.iter().filter(|p| p.ppid == postmaster).collect();
+    let backends: Vec<_> = in_group
+        .iter()
+        .filter(|p| p.info.ppid == postmaster)
+        .collect();
     let exited = in_group.iter().filter(|p| p.exited).count();
     let error = (agent_ns as f64 - truth_ns as f64) / truth_ns as f64;
     println!(
@@ -182,15 +185,19 @@ fn postgres_under_pgbench_c_matches_its_cgroup_cpu_stat() {
     );
     for backend in &backends {
         assert_eq!(
-            backend.exe.as_deref(),
+            backend.info.exe.as_deref(),
             Some(postmaster_exe.as_str()),
             "{backend:?}"
         );
-        assert!(!backend.comm.is_empty(), "{backend:?}");
+        assert!(!backend.info.comm.is_empty(), "{backend:?}");
     }
     // The postmaster's CPU time is not everyone else's either: no process outside the group is in it.
     for p in &window.processes {
-        assert!(p.cgroup.is_some(), "pid {} has no cgroup: {p:?}", p.pid);
+        assert!(
+            p.info.cgroup.is_some(),
+            "pid {} has no cgroup: {p:?}",
+            p.pid
+        );
     }
     drop(server);
 }

@@ -14,7 +14,7 @@
 //! exec, while it still exists.
 // foldhash: these maps are keyed by pids and map keys, hashed thousands of times a window.
 use foldhash::{HashMap, HashMapExt, HashSet};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -153,7 +153,7 @@ struct ExitRecord {
 #[derive(Default)]
 struct LifecycleState {
     /// Processes read from procfs at exec time (or first sight), by tgid.
-    info: HashMap<u32, ProcInfo>,
+    info: HashMap<u32, Arc<ProcInfo>>,
     /// Group leaders that exited and whose keys are still in the maps.
     exited: HashMap<u32, ExitRecord>,
 }
@@ -183,7 +183,7 @@ impl Lifecycle {
                 PROC_EVENT_FORK => self.inherit(&event),
                 PROC_EVENT_RENAME => {
                     if let Some(info) = self.state.info.get_mut(&event.tgid) {
-                        info.comm = comm_to_string(&event.comm).into();
+                        Arc::make_mut(info).comm = comm_to_string(&event.comm).into();
                     }
                 }
                 PROC_EVENT_EXEC => {
@@ -191,6 +191,7 @@ impl Lifecycle {
                     // and cgroup: only what exec changes is read.
                     let known = match self.state.info.get_mut(&event.tgid) {
                         Some(info) => {
+                            let info = Arc::make_mut(info);
                             info.comm = comm_to_string(&event.comm).into();
                             refresh_after_exec(&self.proc_root, info, self.read_environ);
                             true
@@ -201,7 +202,7 @@ impl Lifecycle {
                         if let Some(info) =
                             read_proc_info_with(&self.proc_root, event.tgid, self.read_environ)
                         {
-                            self.state.info.insert(event.tgid, info);
+                            self.state.info.insert(event.tgid, Arc::new(info));
                         }
                     }
                     self.state.exited.remove(&event.tgid);
@@ -231,7 +232,7 @@ impl Lifecycle {
         if !self.state.info.contains_key(&event.origin_tgid) {
             match read_proc_info_with(&self.proc_root, event.origin_tgid, self.read_environ) {
                 Some(info) => {
-                    self.state.info.insert(event.origin_tgid, info);
+                    self.state.info.insert(event.origin_tgid, Arc::new(info));
                 }
                 None => {
                     // The origin is gone already: the child is read like any unknown process.
@@ -242,12 +243,12 @@ impl Lifecycle {
         let Some(origin) = self.state.info.get(&event.origin_tgid) else {
             return;
         };
-        let mut child = origin.clone();
+        let mut child = ProcInfo::clone(origin);
         child.pid = event.tgid;
         child.ppid = event.ppid;
         child.comm = comm_to_string(&event.comm).into();
         child.start_ticks = event.ktime_ns / (1_000_000_000 / clock_ticks_per_second()).max(1);
-        self.state.info.insert(event.tgid, child);
+        self.state.info.insert(event.tgid, Arc::new(child));
         self.state.exited.remove(&event.tgid);
     }
 }
@@ -313,6 +314,7 @@ pub struct EbpfSampler {
     losses: PerCpuArray<MapData, u64>,
     lifecycle: Arc<Mutex<Lifecycle>>,
     stop: Arc<AtomicBool>,
+    stop_fd: OwnedFd,
     events_thread: Option<JoinHandle<()>>,
     proc_root: PathBuf,
     cpus: Vec<u32>,
@@ -456,20 +458,45 @@ impl EbpfSampler {
             read_environ: true,
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        // Wakes the event thread when the sampler is dropped.
+        // SAFETY: plain eventfd(2); the descriptor is owned below.
+        let stop_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if stop_fd < 0 {
+            return Err(AgentError::io(
+                "creating the event thread's stop eventfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: a descriptor just returned by eventfd, owned by nothing else.
+        let stop_fd = unsafe { OwnedFd::from_raw_fd(stop_fd) };
         let events_thread = {
             let lifecycle = Arc::clone(&lifecycle);
             let stop = Arc::clone(&stop);
+            let stop_raw_fd = stop_fd.as_raw_fd();
             std::thread::Builder::new()
                 .name("sci-proc-events".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        let mut pollfd = libc::pollfd {
-                            fd: ring_fd,
-                            events: libc::POLLIN,
-                            revents: 0,
-                        };
-                        // SAFETY: one valid pollfd; the ring buffer outlives this thread (joined on drop).
-                        unsafe { libc::poll(&mut pollfd, 1, 100) };
+                        let mut pollfds = [
+                            libc::pollfd {
+                                fd: ring_fd,
+                                events: libc::POLLIN,
+                                revents: 0,
+                            },
+                            libc::pollfd {
+                                fd: stop_raw_fd,
+                                events: libc::POLLIN,
+                                revents: 0,
+                            },
+                        ];
+                        // Execs wake this thread (their procfs entry must be
+                        // read while the process lives); forks, renames and
+                        // exits wait for this 1 s poll or the window's own
+                        // drain. The ring holds 16k events: a host that
+                        // forks faster without exec'ing loses events, counted.
+                        // SAFETY: valid pollfds; the ring buffer and the
+                        // eventfd outlive this thread (joined on drop).
+                        unsafe { libc::poll(pollfds.as_mut_ptr(), 2, 1000) };
                         if let Ok(mut lifecycle) = lifecycle.lock() {
                             lifecycle.drain();
                         }
@@ -493,6 +520,7 @@ impl EbpfSampler {
             losses,
             lifecycle,
             stop,
+            stop_fd,
             events_thread: Some(events_thread),
             proc_root,
             cpus,
@@ -765,6 +793,15 @@ impl EbpfSampler {
 impl Drop for EbpfSampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write to our own eventfd.
+        let _ = unsafe {
+            libc::write(
+                self.stop_fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
         if let Some(handle) = self.events_thread.take() {
             let _ = handle.join();
         }
@@ -826,7 +863,11 @@ impl CpuSampler for EbpfSampler {
             } else {
                 index
                     .get_or_insert_with(|| {
-                        previous_keys.iter().enumerate().map(|(i, k)| (*k, i)).collect()
+                        previous_keys
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| (*k, i))
+                            .collect()
                     })
                     .get(key)
                     .copied()
@@ -902,6 +943,7 @@ impl CpuSampler for EbpfSampler {
                 read_proc_info_with(&self.proc_root, tgid, read_environ),
                 by_tgid.get_mut(&tgid),
             ) {
+                let info = Arc::new(info);
                 info.describe(process);
                 newly_read.push(info);
             }
@@ -911,8 +953,12 @@ impl CpuSampler for EbpfSampler {
             if let Some(exit) = closed.get(tgid) {
                 process.exited = true;
                 if !described {
-                    process.comm = exit.comm.as_str().into();
-                    process.cgroup = self.cgroups.path_of(exit.cgroup_id).map(Text::from);
+                    process.info = Arc::new(ProcInfo {
+                        pid: *tgid,
+                        comm: exit.comm.as_str().into(),
+                        cgroup: self.cgroups.path_of(exit.cgroup_id).map(Text::from),
+                        ..Default::default()
+                    });
                 }
             } else if !described {
                 process.exited = true;

@@ -5,7 +5,10 @@
 //! `procfs` (polls `/proc/<pid>/stat`, the method of Scaphandre and Kepler
 //! 0.10, used when eBPF cannot be loaded).
 use crate::error::AgentError;
-use crate::window::{CpuSource, LossCounters, Text};
+use std::sync::Arc;
+
+use crate::window::{CpuSource, LossCounters};
+use proc_info::ProcInfo;
 
 /// The `SCI_*` variables of a process's environment, shared like its other
 /// description fields.
@@ -18,19 +21,17 @@ pub mod proc_info;
 pub mod procfs;
 
 /// CPU figures of one process (thread group) over one window.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessCpu {
     pub pid: u32,
-    pub ppid: u32,
-    pub comm: Text,
-    pub exe: Option<Text>,
-    pub cmdline: Option<Text>,
-    pub cgroup: Option<Text>,
-    pub container_id: Option<Text>,
-    /// Environment variables the scenario rules may look at (only `SCI_*` ones are kept).
-    pub env: Environment,
-    /// Start time of the process (clock ticks since boot, /proc/<pid>/stat field 22);
-    /// distinguishes a reused PID from the process that had it before.
+    /// What the process is (parent, names, cgroup, `SCI_*` environment):
+    /// the description the sampler keeps for the process's life, shared by
+    /// every window it appears in (one reference count, not a copy).
+    pub info: Arc<ProcInfo>,
+    /// Start time of the process (clock ticks since boot, /proc/<pid>/stat
+    /// field 22) when it was described; distinguishes a reused PID from the
+    /// process that had it before. None: never described (gone before it
+    /// could be read).
     pub start_ticks: Option<u64>,
     pub exited: bool,
     /// CPU time in the window, summed over CPUs.
@@ -48,6 +49,23 @@ pub struct ProcessCpu {
     /// CPU-time distribution of the requests completed in the window, per
     /// marker scenario slot (eBPF with marker uprobes only).
     pub request_cpu: Vec<RequestCpu>,
+}
+
+impl Default for ProcessCpu {
+    fn default() -> Self {
+        ProcessCpu {
+            pid: 0,
+            info: ProcInfo::undescribed(),
+            start_ticks: None,
+            exited: false,
+            cpu_ns: 0,
+            cpu_ns_per_cpu: Vec::new(),
+            scenario_cpu_ns: [0; agent_common::SCENARIO_SLOTS as usize],
+            threads: Vec::new(),
+            scenario_transactions: [0; agent_common::SCENARIO_SLOTS as usize],
+            request_cpu: Vec::new(),
+        }
+    }
 }
 
 /// The requests of one process and scenario completed in a window, in log2

@@ -2,6 +2,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use super::Environment;
 use crate::window::Text;
@@ -21,15 +22,15 @@ pub struct ProcInfo {
 }
 
 impl ProcInfo {
-    /// Copies this description into a window's process (its CPU figures stay).
-    pub fn describe(&self, process: &mut super::ProcessCpu) {
-        process.ppid = self.ppid;
-        process.comm.clone_from(&self.comm);
-        process.exe.clone_from(&self.exe);
-        process.cmdline.clone_from(&self.cmdline);
-        process.cgroup.clone_from(&self.cgroup);
-        process.container_id.clone_from(&self.container_id);
-        process.env.clone_from(&self.env);
+    /// The description of a process nobody could read (one shared value).
+    pub fn undescribed() -> Arc<ProcInfo> {
+        static UNDESCRIBED: OnceLock<Arc<ProcInfo>> = OnceLock::new();
+        Arc::clone(UNDESCRIBED.get_or_init(|| Arc::new(ProcInfo::default())))
+    }
+
+    /// Gives a window's process this description (its CPU figures stay).
+    pub fn describe(self: &Arc<Self>, process: &mut super::ProcessCpu) {
+        process.info = Arc::clone(self);
         process.start_ticks = Some(self.start_ticks);
     }
 }

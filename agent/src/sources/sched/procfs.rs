@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::proc_info::{clock_ticks_per_second, online_cpus, read_proc_info, read_stat};
+use std::sync::Arc;
+
 use super::{CpuSample, CpuSampler, ProcessCpu};
 use crate::error::AgentError;
 use crate::window::{CpuSource, LossCounters};
@@ -247,13 +249,7 @@ impl CpuSampler for ProcfsSampler {
             scenario_cpu_ns[0] = cpu_ns;
             processes.push(ProcessCpu {
                 pid,
-                ppid: info.ppid,
-                comm: info.comm,
-                exe: info.exe,
-                cmdline: info.cmdline,
-                cgroup: info.cgroup,
-                container_id: info.container_id,
-                env: info.env,
+                info: Arc::new(info),
                 start_ticks: Some(start_ticks),
                 exited: !alive,
                 cpu_ns,

@@ -228,8 +228,8 @@ impl ScenarioStage {
             Some(v) => {
                 v.seen_window = window;
                 v.assignment.rule_index.is_none()
-                    && !Text::ptr_eq(&v.comm, &process.comm)
-                    && *v.comm != *process.comm
+                    && !Text::ptr_eq(&v.comm, &process.info.comm)
+                    && *v.comm != *process.info.comm
             }
             None => true,
         };
@@ -237,7 +237,7 @@ impl ScenarioStage {
             self.evaluations += 1;
             let assignment = rules::evaluate(&self.rules, process, self.pod_labels_dir.as_deref());
             let verdict = CachedVerdict {
-                comm: process.comm.clone(),
+                comm: process.info.comm.clone(),
                 assignment,
                 seen_window: window,
             };

@@ -163,6 +163,7 @@ impl ScenarioRule {
     }
 
     fn matches(&self, process: &ProcessCpu, pod_labels_dir: Option<&Path>) -> bool {
+        let process = &*process.info;
         self.matchers.iter().all(|m| match m {
             Matcher::Cgroup(g) => process.cgroup.as_deref().is_some_and(|c| g.is_match(c)),
             Matcher::SystemdUnit(g) => process
@@ -211,6 +212,7 @@ pub(super) fn evaluate(
             RuleScenario::Fixed(s) => Some(*s),
             RuleScenario::FromEnv => {
                 let from_env = process
+                    .info
                     .env
                     .iter()
                     .find(|(k, _)| k == SCENARIO_ENV)
