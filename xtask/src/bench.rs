@@ -223,7 +223,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ],
             runs: if processes >= 5000 { 3.min(args.runs) } else { args.runs },
             notes: if processes >= 1000 {
-                "Where a window's time goes (perf, 5,000 processes, AMD EPYC): about 30% is the kernel copying the per-CPU map out (BPF_MAP_LOOKUP_BATCH, hardened usercopy checks included), 15% the deltas against the previous read, 10% the scenario verdict lookup, 13% building the process records (one reference count per text field), the rest attribution, carbon, sorting and freeing. Descriptions are shared, not copied (one Arc per process), the previous read is matched by position, the per-window maps use foldhash. A first sight of N processes costs about 60 us each (procfs reads), once."
+                "Where a window's time goes (perf, 5,000 processes, AMD EPYC): about 30% is the kernel copying the per-CPU map out (BPF_MAP_LOOKUP_BATCH, hardened usercopy checks included), 15% the deltas against the previous read, 10% the scenario verdict lookup, 13% building the process records (one reference count per text field), the rest attribution, carbon, sorting and freeing. Descriptions are shared, not copied (one Arc per process), the previous read is matched by position, the per-window maps use foldhash. A first sight of N processes costs about 60 us each (procfs reads), once. Before this change (commit f0afc74's sci-bench, same machine, same hour, steady state from runs of 10 and 40 windows: (T40 - T10) / 30): 1,000 processes 0.262% of a core and 2.03 us per process row, 5,000 processes 0.985% and 1.73 us; after, by the same method: 0.159% and 1.40 us, 0.595% and 1.14 us. The earlier table (4.9% at 5,000) averaged the first sight into a 10 s run. Both targets are missed by 4-5%: about a third of the remaining cost is the kernel's batch copy, which only an mmap-able array map (no syscall per read) would remove."
             } else {
                 ""
             },
@@ -265,7 +265,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             ("rss_mib", "agent RSS", "MiB"),
         ],
         runs: args.runs,
-        notes: "Only exec events wake the agent's event thread (forks, renames and exits are read at the next wake-up); an exec costs two procfs reads (readlink exe, cmdline; environ only when a scenario rule reads it); those reads and the wake-up are most of the remaining cost. Procfs polling would not see most of these processes at all.",
+        notes: "Only exec events wake the agent's event thread (forks, renames and exits are read at its 1 s poll or the window's own drain); an exec costs two procfs reads (readlink exe, cmdline; environ only when a scenario rule reads it); those reads and the wake-up are most of the remaining cost (0.87% of a core before the cheaper window and the 1 s poll, same machine). Target 0.3%, not met: carrying exe and argv in the exec event would remove the reads and the wake-up. Procfs polling would not see most of these processes at all.",
     });
 
     measurements.push(Measurement {
