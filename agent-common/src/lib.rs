@@ -73,9 +73,9 @@ pub struct ThreadState {
     /// thread born after the programs were loaded, so its first charge is its
     /// whole runtime).
     pub runtime_ns: u64,
-    /// Time charged at marker calls since `runtime_ns` was read (estimated from
-    /// the wall clock inside the running slice); the next switch charges the
-    /// rest of the runtime growth.
+    /// Time charged at marker calls since `runtime_ns` was read (estimated
+    /// inside the running slice as wall clock minus the CPU's steal clock);
+    /// the next switch charges the rest of the runtime growth.
     pub precharged_ns: u64,
     /// Scenario the thread is serving (`SCENARIO_*`), between marker begin and end.
     pub scenario: u32,
