@@ -59,7 +59,7 @@ impl Sleeper {
             pid,
             start_ticks: Some(info.start_ticks),
             info: Arc::new(ProcInfo {
-                env: read_sci_env(pid).into(),
+                env: read_sci_env(pid),
                 ..info
             }),
             ..Default::default()

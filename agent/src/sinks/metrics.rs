@@ -318,6 +318,7 @@ impl MetricsRegistry {
             *s.lost_cpu_ns.entry(kind).or_default() += ns;
         }
 
+        let no_cgroup = Text::from("");
         for p in &report.processes {
             let delta = Totals {
                 cpu_ns: p.cpu_ns,
@@ -326,7 +327,7 @@ impl MetricsRegistry {
                 carbon_g: finite(p.carbon_g),
                 embodied_g: finite(p.embodied_g),
             };
-            let cgroup = p.cgroup.clone().unwrap_or_else(|| Text::from(""));
+            let cgroup = p.cgroup.clone().unwrap_or_else(|| no_cgroup.clone());
             let key = (p.pid, p.comm.clone());
             if let Some(series) = s.processes.get_mut(&key) {
                 series.totals.add(&delta);

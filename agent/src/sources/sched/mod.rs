@@ -10,10 +10,6 @@ use std::sync::Arc;
 use crate::window::{CpuSource, LossCounters};
 use proc_info::ProcInfo;
 
-/// The `SCI_*` variables of a process's environment, shared like its other
-/// description fields.
-pub type Environment = std::sync::Arc<[(String, String)]>;
-
 mod batch;
 pub mod btf;
 pub mod ebpf;

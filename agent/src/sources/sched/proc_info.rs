@@ -4,7 +4,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use super::Environment;
 use crate::window::Text;
 
 /// Identity and labels of a process, read from `/proc/<pid>`.
@@ -17,7 +16,8 @@ pub struct ProcInfo {
     pub cmdline: Option<Text>,
     pub cgroup: Option<Text>,
     pub container_id: Option<Text>,
-    pub env: Environment,
+    /// Environment variables the scenario rules may look at (only `SCI_*` ones are kept).
+    pub env: Vec<(String, String)>,
     pub start_ticks: u64,
 }
 
@@ -130,7 +130,7 @@ pub fn read_proc_info_with(proc_root: &Path, pid: u32, environ: bool) -> Option<
         cmdline: cmdline.map(Text::from),
         container_id: container_id.map(Text::from),
         cgroup: cgroup.map(Text::from),
-        env: env.into(),
+        env,
         start_ticks: stat.start_ticks,
     })
 }
@@ -146,15 +146,15 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo, environ: bool) 
     if exe.is_none() && !dir.exists() {
         info.exe = None;
         info.cmdline = None;
-        info.env = Environment::default();
+        info.env.clear();
         return false;
     }
     info.exe = exe.map(|p| Text::from(p.to_string_lossy()));
     info.cmdline = read_cmdline(&dir).map(Text::from);
     info.env = if environ {
-        read_sci_environ(&dir).into()
+        read_sci_environ(&dir)
     } else {
-        Environment::default()
+        Vec::new()
     };
     true
 }
