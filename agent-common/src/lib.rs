@@ -64,6 +64,65 @@ pub const PROC_EVENT_FORK: u32 = 3;
 /// A process's main thread changed its name (`prctl(PR_SET_NAME)`, exec); `comm` is the new one.
 pub const PROC_EVENT_RENAME: u32 = 4;
 
+/// Bytes of the new program's path an exec event carries (the path is
+/// rebuilt in the kernel from `mm->exe_file`; longer paths are not carried).
+pub const EXEC_PATH_BYTES: usize = 512;
+/// Room for one path component read at the end of the path buffer (a name
+/// is at most 255 bytes plus its NUL).
+pub const EXEC_NAME_BYTES: usize = 256;
+/// Directory levels the path walk follows (deeper paths are not carried).
+pub const EXEC_PATH_DEPTH: usize = 24;
+/// Bytes of the argument vector an exec event carries; a longer one is
+/// read from procfs instead.
+pub const EXEC_ARGS_BYTES: usize = 1024;
+
+/// An exec (`PROC_EVENT_EXEC`), described by the kernel at the exec itself:
+/// the new program's path (`readlink /proc/PID/exe`) and its argument
+/// vector (`/proc/PID/cmdline`), so that even a process that lives a
+/// millisecond is described, and the reader needs neither a wake-up nor a
+/// procfs read for it. `exe_len` 0 means the path could not be rebuilt
+/// (too deep, too long, or no offsets on this kernel), `args_len <
+/// args_total` that the arguments were cut: the reader then reads procfs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    pub header: ProcEvent,
+    pub exe_len: u32,
+    pub args_len: u32,
+    /// `mm->arg_end - mm->arg_start`: the whole argument vector's size.
+    pub args_total: u64,
+    /// The path, '/'-separated from the root, plus room for the last
+    /// component read past `EXEC_PATH_BYTES` (never counted in `exe_len`).
+    pub exe: [u8; EXEC_PATH_BYTES + EXEC_NAME_BYTES],
+    pub args: [u8; EXEC_ARGS_BYTES],
+}
+
+/// Where the exec program finds the new program's path and arguments
+/// (`EXEC_OFFSETS`, read-only, from the running kernel's BTF). The path is
+/// rebuilt the way the kernel's `d_path` does: up the dentries to the
+/// mount's root (`vfsmount.mnt_root`), then across to the mount point in
+/// the parent mount (`struct mount`, which embeds the `vfsmount` at
+/// `mount_mnt`), until a mount that is its own parent. `enabled` 0: the
+/// kernel lacks one of these, and execs are read from procfs as before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecOffsets {
+    pub enabled: u32,
+    pub task_mm: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    pub mm_exe_file: u32,
+    pub file_path_mnt: u32,
+    pub file_path_dentry: u32,
+    pub dentry_parent: u32,
+    pub dentry_name: u32,
+    pub vfsmount_root: u32,
+    pub mount_mnt: u32,
+    pub mount_parent: u32,
+    pub mount_mountpoint: u32,
+    pub _pad: u32,
+}
+
 /// Per-thread accounting state (`THREAD_STATE`, keyed by tid): everything the
 /// sched_switch program needs about a thread in one map lookup.
 #[repr(C)]
@@ -206,6 +265,7 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadState {}
     unsafe impl aya::Pod for super::CpuClock {}
     unsafe impl aya::Pod for super::StealClockOffsets {}
+    unsafe impl aya::Pod for super::ExecOffsets {}
     unsafe impl aya::Pod for super::RequestCpuBuckets {}
 }
 

@@ -1,18 +1,25 @@
 use agent_common::{
-    request_cpu_bucket, CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, StealClockOffsets,
-    ThreadState, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
-    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES, MAX_REQUEST_HISTOGRAMS, MAX_THREADS,
-    OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS,
-    OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK,
-    PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS, SCENARIO_NONE, SCENARIO_SLOTS,
+    request_cpu_bucket, CpuClock, ExecEvent, ExecOffsets, ProcEvent, ProcScenarioKey,
+    RequestCpuBuckets, StealClockOffsets, ThreadState, EXEC_ARGS_BYTES, EXEC_NAME_BYTES,
+    EXEC_PATH_BYTES, EXEC_PATH_DEPTH, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
+    LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS,
+    LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES,
+    MAX_REQUEST_HISTOGRAMS, MAX_THREADS, OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT,
+    OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
+    PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS, SCENARIO_NONE, SCENARIO_SLOTS,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
+        generated::{
+            bpf_probe_read_kernel_str as probe_read_kernel_str,
+            bpf_probe_read_user as probe_read_user,
+        },
     },
     macros::{btf_tracepoint, map, uprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -44,6 +51,26 @@ static STEAL_CLOCK: StealClockOffsets = StealClockOffsets {
     cfs_rq_rq: 0,
     _pad: 0,
     rq_to_steal: 0,
+};
+
+/// Where the exec program finds the new program's path and arguments, from
+/// the running kernel's BTF (read-only; `enabled` 0 where it has none).
+#[unsafe(no_mangle)]
+static EXEC_OFFSETS: ExecOffsets = ExecOffsets {
+    enabled: 0,
+    task_mm: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+    mm_exe_file: 0,
+    file_path_mnt: 0,
+    file_path_dentry: 0,
+    dentry_parent: 0,
+    dentry_name: 0,
+    vfsmount_root: 0,
+    mount_mnt: 0,
+    mount_parent: 0,
+    mount_mountpoint: 0,
+    _pad: 0,
 };
 
 /// CLOCK_MONOTONIC at load time: a thread that started later has all of its
@@ -98,7 +125,17 @@ static REQUEST_CPU_EMPTY: Array<RequestCpuBuckets> = Array::with_max_entries(1, 
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_SLOTS, 0);
 
 #[map]
-static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_BYTES, 0);
+const PROC_EVENTS_BYTES: u32 = 1 << 21;
+/// Past this much unread data an event wakes the reader whatever its kind,
+/// so a burst of execs never fills the ring before the reader's next poll.
+const PROC_EVENTS_WAKE_BYTES: u64 = (PROC_EVENTS_BYTES / 4) as u64;
+
+/// Slot 0 set to 1 by userspace while exec'd programs must be read from
+/// procfs even when the kernel described them (the `SCI_*` environment,
+/// read only when a scenario rule uses it): each exec then wakes the reader.
+#[map]
+static EXEC_READS_PROCFS: Array<u32> = Array::with_max_entries(1, 0);
 
 const EEXIST: i32 = -17;
 
@@ -320,16 +357,13 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     Ok(0)
 }
 
-/// Sends a lifecycle event. Only an exec wakes the reader: it must read the
-/// new program's procfs entry while the process lives; forks, renames and
-/// exits wait for the next wake-up (an exec, the reader's 1 s poll, or the
-/// window's close), which spares a context switch per event. The exec's
-/// wake-up is forced: the ring buffer's default wakes the reader only when
-/// it has consumed everything before this record, and the fork event
-/// committed without a wake-up just before it has not been.
+/// Sends a fork, rename or exit event without waking the reader: they wait
+/// for its next wake-up (an exec that needs procfs, the reader's 1 s poll,
+/// or the window's close), which spares a context switch per event; past
+/// `PROC_EVENTS_WAKE_BYTES` of unread data the event wakes it.
 #[inline(always)]
 fn send_event(event: &ProcEvent) {
-    let flags = if event.kind == PROC_EVENT_EXEC {
+    let flags = if PROC_EVENTS.query(BPF_RB_AVAIL_DATA as u64) > PROC_EVENTS_WAKE_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -365,10 +399,205 @@ fn emit_proc_event(kind: u32) -> Result<u32, u32> {
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
-    match emit_proc_event(PROC_EVENT_EXEC) {
+    match try_sched_process_exec() {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
+}
+
+/// The exec event, with the new program's path and arguments read here
+/// (see `agent_common::ExecEvent`). The reader is woken only when it must
+/// still read procfs while the process lives (something was not carried,
+/// or the environment is wanted) or when the ring is filling up.
+fn try_sched_process_exec() -> Result<u32, u32> {
+    let Some(mut entry) = PROC_EVENTS.reserve::<ExecEvent>(0) else {
+        count_loss(LOSS_RINGBUF_FULL, 1);
+        return Ok(0);
+    };
+    let event = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: `event` points to the reserved record, written field by field
+    // before it is submitted.
+    let described = unsafe {
+        (*event).header = ProcEvent {
+            kind: PROC_EVENT_EXEC,
+            tgid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            ppid: 0,
+            origin_tgid: 0,
+            _pad: 0,
+            ktime_ns: bpf_ktime_get_ns(),
+            cgroup_id: bpf_get_current_cgroup_id(),
+            comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        };
+        (*event).exe_len = 0;
+        (*event).args_len = 0;
+        (*event).args_total = 0;
+        describe_exec(&mut *event)
+    };
+    let procfs_wanted = EXEC_READS_PROCFS.get(0).is_some_and(|on| *on != 0);
+    let wake = !described
+        || procfs_wanted
+        || PROC_EVENTS.query(BPF_RB_AVAIL_DATA as u64) > PROC_EVENTS_WAKE_BYTES;
+    entry.submit(if wake {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    });
+    Ok(0)
+}
+
+/// A kernel pointer at `addr + offset` (0 when it cannot be read).
+#[inline(always)]
+fn kernel_pointer(addr: u64, offset: u32) -> u64 {
+    // SAFETY: the helper checks the address.
+    unsafe { bpf_probe_read_kernel((addr + offset as u64) as *const u64) }.unwrap_or(0)
+}
+
+/// Fills the event's path and arguments from the current task (the new
+/// program); true when both are complete.
+#[inline(always)]
+unsafe fn describe_exec(event: &mut ExecEvent) -> bool {
+    // SAFETY: a read-only global patched by the loader.
+    let offsets = unsafe { core::ptr::read_volatile(&EXEC_OFFSETS) };
+    if offsets.enabled == 0 {
+        return false;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let mm = kernel_pointer(task, offsets.task_mm);
+    if mm == 0 {
+        return false;
+    }
+    let args_complete = read_args(event, &offsets, mm);
+    let exe_file = kernel_pointer(mm, offsets.mm_exe_file);
+    if exe_file == 0 {
+        return false;
+    }
+    let exe_len = exe_path(event, &offsets, exe_file);
+    event.exe_len = exe_len;
+    args_complete && exe_len != 0
+}
+
+/// The argument vector (`mm->arg_start..arg_end`, NUL-separated, as
+/// /proc/PID/cmdline has it), whole or its first `EXEC_ARGS_BYTES`.
+#[inline(always)]
+fn read_args(event: &mut ExecEvent, offsets: &ExecOffsets, mm: u64) -> bool {
+    let start = kernel_pointer(mm, offsets.mm_arg_start);
+    let end = kernel_pointer(mm, offsets.mm_arg_end);
+    if end <= start {
+        return false;
+    }
+    let total = end - start;
+    event.args_total = total;
+    let len = if total > EXEC_ARGS_BYTES as u64 {
+        EXEC_ARGS_BYTES as u32
+    } else {
+        total as u32
+    };
+    // Masked again so the verifier sees the bound it checks the buffer against.
+    let len = len & (2 * EXEC_ARGS_BYTES as u32 - 1);
+    if len == 0 || len > EXEC_ARGS_BYTES as u32 {
+        return false;
+    }
+    // SAFETY: the helper checks the user address; the buffer holds `len` bytes.
+    let read = unsafe {
+        probe_read_user(
+            event.args.as_mut_ptr().cast(),
+            len,
+            start as *const core::ffi::c_void,
+        )
+    };
+    if read != 0 {
+        return false;
+    }
+    event.args_len = len;
+    total <= EXEC_ARGS_BYTES as u64
+}
+
+/// Scratch for the exec program's path walk: per step, the name of the
+/// directory entry climbed (0 for a step that crossed a mount).
+#[map]
+static EXEC_PATH_STEPS: PerCpuArray<[u64; EXEC_PATH_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The path of `file` from the root, rebuilt as `d_path` does (see
+/// `agent_common::ExecOffsets`); its length, or 0 when it does not fit.
+///
+/// Two loops, so that the verifier's states converge: the walk records one
+/// entry per step whatever the step did (the step index is the loop's own),
+/// then the names are written root first.
+#[inline(always)]
+fn exe_path(event: &mut ExecEvent, offsets: &ExecOffsets, file: u64) -> u32 {
+    let Some(steps) = EXEC_PATH_STEPS.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else runs on this CPU meanwhile.
+    let steps = unsafe { &mut *steps };
+    let mut dentry = kernel_pointer(file, offsets.file_path_dentry);
+    let mut vfsmount = kernel_pointer(file, offsets.file_path_mnt);
+    let mut mount = vfsmount.wrapping_sub(offsets.mount_mnt as u64);
+    let mut reached_root = false;
+    for step in steps.iter_mut() {
+        let mut name = 0;
+        if !reached_root {
+            if dentry == 0 || vfsmount == 0 {
+                return 0;
+            }
+            let mount_root = kernel_pointer(vfsmount, offsets.vfsmount_root);
+            let parent = kernel_pointer(dentry, offsets.dentry_parent);
+            if dentry == mount_root || dentry == parent {
+                let mount_parent = kernel_pointer(mount, offsets.mount_parent);
+                if mount_parent == mount || mount_parent == 0 {
+                    reached_root = true;
+                } else {
+                    dentry = kernel_pointer(mount, offsets.mount_mountpoint);
+                    mount = mount_parent;
+                    vfsmount = mount + offsets.mount_mnt as u64;
+                }
+            } else {
+                name = kernel_pointer(dentry, offsets.dentry_name);
+                dentry = parent;
+            }
+        }
+        *step = name;
+    }
+    if !reached_root {
+        return 0;
+    }
+    let mut len = 0u32;
+    // Every step, last (nearest the root) first; steps past the root hold 0.
+    for i in 0..EXEC_PATH_DEPTH {
+        let Some(name) = steps.get(EXEC_PATH_DEPTH - 1 - i).copied() else {
+            return 0;
+        };
+        if name == 0 {
+            continue;
+        }
+        if len >= EXEC_PATH_BYTES as u32 - 1 {
+            return 0;
+        }
+        let at = (len & (EXEC_PATH_BYTES as u32 - 1)) as usize;
+        // SAFETY: `at` < EXEC_PATH_BYTES, inside the buffer.
+        unsafe { *event.exe.as_mut_ptr().add(at) = b'/' };
+        let at = ((len + 1) & (EXEC_PATH_BYTES as u32 - 1)) as usize;
+        // SAFETY: `at` < EXEC_PATH_BYTES and the buffer has EXEC_NAME_BYTES
+        // more; the helper checks the kernel address and stops at the NUL.
+        let copied = unsafe {
+            probe_read_kernel_str(
+                event.exe.as_mut_ptr().add(at).cast(),
+                EXEC_NAME_BYTES as u32,
+                name as *const core::ffi::c_void,
+            )
+        };
+        if copied <= 1 {
+            return 0;
+        }
+        // `copied` counts the NUL, which the next '/' overwrites.
+        len += copied as u32;
+    }
+    if len == 0 || len >= EXEC_PATH_BYTES as u32 {
+        return 0;
+    }
+    len
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]

@@ -75,7 +75,7 @@ pub fn open_sampler(
                     .rules
                     .iter()
                     .any(|rule| rule.reads_environment()),
-            );
+            )?;
             for library in &options.marker_libraries {
                 sampler.attach_markers(library).map_err(|e| {
                     let text = e.to_string();

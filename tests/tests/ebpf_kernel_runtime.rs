@@ -191,3 +191,104 @@ scenario = "query"
     assert_eq!(assignment.service.as_deref(), Some("renamed-worker"));
     assert!(assignment.scenario.is_some());
 }
+
+/// `readlink /proc/PID/exe` and `/proc/PID/cmdline` (words joined by
+/// spaces), read while the process lives: what the kernel carries in the
+/// exec event must equal them.
+fn procfs_description(pid: u32) -> (String, String) {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let words: Vec<String> = args
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    (exe.to_string_lossy().into_owned(), words.join(" "))
+}
+
+#[test]
+fn an_exec_is_described_by_the_kernel_as_procfs_describes_it() {
+    if skip_privileged("an_exec_is_described_by_the_kernel_as_procfs_describes_it") {
+        return;
+    }
+    let mut sampler = load_sampler();
+    // No environment wanted: execs are described from the kernel's event alone.
+    sampler.set_read_environ(false).unwrap();
+    // A program on another mount (tmpfs under /dev), reached through a
+    // symlink, with a space in an argument; and one with arguments longer
+    // than the event carries (read from procfs instead).
+    let dir = std::path::PathBuf::from(format!("/dev/shm/sci-exec-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("deeper/still")).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let copy = dir.join("deeper/still/sci-exec-burn");
+    std::fs::copy(BURN, &copy).unwrap();
+    let link = dir.join("via-link");
+    std::os::unix::fs::symlink(&copy, &link).unwrap();
+    let long_argument = "x".repeat(3000);
+    let mut children = Reaped(Vec::new());
+    let mut spawn = |program: &std::path::Path, args: &[&str]| {
+        let child = Command::new(program).args(args).spawn().unwrap();
+        let pid = child.id();
+        children.0.push(child);
+        pid
+    };
+    let on_tmpfs = spawn(&link, &["--duty", "5", "--seconds", "3", "two words"]);
+    let plain = spawn(
+        std::path::Path::new(BURN),
+        &["--duty", "5", "--seconds", "3"],
+    );
+    let long = spawn(
+        std::path::Path::new(BURN),
+        &["--duty", "5", "--seconds", "3", &long_argument],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let truth: Vec<(u32, (String, String))> = [on_tmpfs, plain, long]
+        .iter()
+        .map(|pid| (*pid, procfs_description(*pid)))
+        .collect();
+    // A process that is gone before the event thread's next poll: only the
+    // kernel's reading can describe it.
+    let short = Command::new("/bin/true")
+        .arg("short lived")
+        .status()
+        .unwrap();
+    assert!(short.success());
+    let true_exe = std::fs::canonicalize("/bin/true").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let window = sampler.sample().unwrap();
+    for (pid, (exe, cmdline)) in &truth {
+        let record = window.processes.iter().find(|p| p.pid == *pid).unwrap();
+        println!(
+            "{pid}: {:?} {:?}",
+            record.info.exe,
+            record.info.cmdline.as_deref().map(|c| c.len())
+        );
+        assert_eq!(
+            record.info.exe.as_deref(),
+            Some(exe.as_str()),
+            "exe of {pid}"
+        );
+        assert_eq!(
+            record.info.cmdline.as_deref(),
+            Some(cmdline.as_str()),
+            "cmdline of {pid}"
+        );
+    }
+    assert!(truth[0].1 .0.starts_with("/dev/shm/"), "{:?}", truth[0]);
+    assert!(truth[2].1 .1.len() > 3000);
+    let short_record = window
+        .processes
+        .iter()
+        .find(|p| p.info.cmdline.as_deref() == Some("/bin/true short lived"))
+        .unwrap_or_else(|| panic!("the short-lived /bin/true is described in the window"));
+    assert_eq!(
+        short_record.info.exe.as_deref(),
+        Some(true_exe.to_string_lossy().as_ref())
+    );
+}

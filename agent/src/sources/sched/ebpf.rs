@@ -8,10 +8,14 @@
 //! (exit event before the flush, or /proc entry gone), so a reused PID starts
 //! from a fresh key and reading never races with the kernel's additions.
 //!
-//! Process lifecycle events arrive through a ring buffer. A background thread
-//! consumes them as they come so that a process that lives a few
-//! milliseconds is read from procfs (exe, cmdline, parent, cgroup) right at
-//! exec, while it still exists.
+//! Process lifecycle events arrive through a ring buffer, consumed by a
+//! background thread. A fork carries what the child inherits; an exec
+//! carries the new program's path and arguments, read by the kernel at the
+//! exec itself, so a process that lives a millisecond is still described
+//! and the thread is not woken for it. Only what the kernel did not carry
+//! (a path too deep, arguments too long, the `SCI_*` environment when a rule
+//! wants it) is read from procfs, and then the exec wakes the thread so the
+//! read happens while the process lives.
 // foldhash: these maps are keyed by pids and map keys, hashed thousands of times a window.
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -22,12 +26,13 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::{
-    CpuClock, ProcEvent, ProcScenarioKey, RequestCpuBuckets, StealClockOffsets,
-    LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
-    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
-    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT,
-    OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
-    PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS, SCENARIO_SLOTS,
+    CpuClock, ExecEvent, ExecOffsets, ProcEvent, ProcScenarioKey, RequestCpuBuckets,
+    StealClockOffsets, EXEC_ARGS_BYTES, EXEC_PATH_BYTES, LOSS_PROC_MAP_FULL_EVENTS,
+    LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL,
+    LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START,
+    OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID,
+    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS,
+    SCENARIO_SLOTS,
 };
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
@@ -36,8 +41,8 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use super::batch::PerCpuBatchReader;
 use super::btf::KernelBtf;
 use super::proc_info::{
-    clock_ticks_per_second, online_cpus, read_proc_info_with, refresh_after_exec, CgroupPaths,
-    ProcInfo,
+    clock_ticks_per_second, cmdline_from_args, online_cpus, read_proc_info_with,
+    refresh_after_exec, CgroupPaths, ProcInfo,
 };
 use super::procfs::HostCpuTimes;
 use super::{CpuSample, CpuSampler, ProcessCpu, RequestCpu};
@@ -128,6 +133,29 @@ pub fn steal_clock_offsets(btf: &KernelBtf) -> Result<StealClockOffsets, String>
     })
 }
 
+/// Where the exec program finds the new program's path and arguments (see
+/// `agent_common::ExecOffsets`), or why execs are read from procfs instead.
+pub fn exec_offsets(btf: &KernelBtf) -> Result<ExecOffsets, String> {
+    let pointer =
+        |outer: &str, path: &str| btf.field_of_size(outer, path, 8).map_err(|e| e.to_string());
+    Ok(ExecOffsets {
+        enabled: 1,
+        task_mm: pointer("task_struct", "mm")?,
+        mm_arg_start: pointer("mm_struct", "arg_start")?,
+        mm_arg_end: pointer("mm_struct", "arg_end")?,
+        mm_exe_file: pointer("mm_struct", "exe_file")?,
+        file_path_mnt: pointer("file", "f_path.mnt")?,
+        file_path_dentry: pointer("file", "f_path.dentry")?,
+        dentry_parent: pointer("dentry", "d_parent")?,
+        dentry_name: pointer("dentry", "d_name.name")?,
+        vfsmount_root: pointer("vfsmount", "mnt_root")?,
+        mount_mnt: btf.field("mount", "mnt").map_err(|e| e.to_string())?.offset,
+        mount_parent: pointer("mount", "mnt_parent")?,
+        mount_mountpoint: pointer("mount", "mnt_mountpoint")?,
+        _pad: 0,
+    })
+}
+
 /// Stands in the previous read for a key that was closed: no map key has
 /// this scenario.
 const CLOSED_KEY: ProcScenarioKey = ProcScenarioKey {
@@ -169,15 +197,23 @@ struct Lifecycle {
 impl Lifecycle {
     fn drain(&mut self) {
         loop {
-            let event: ProcEvent = {
+            let (event, exec): (ProcEvent, Option<Box<ExecEvent>>) = {
                 let Some(item) = self.ring.next() else {
                     break;
                 };
                 if item.len() < std::mem::size_of::<ProcEvent>() {
                     continue;
                 }
-                // SAFETY: the kernel wrote a ProcEvent (repr(C)); read_unaligned copes with alignment.
-                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) }
+                // SAFETY: the kernel wrote a ProcEvent (repr(C)), or an
+                // ExecEvent that starts with one; read_unaligned copes with alignment.
+                let event: ProcEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let exec = (event.kind == PROC_EVENT_EXEC
+                    && item.len() >= std::mem::size_of::<ExecEvent>())
+                .then(|| {
+                    // SAFETY: as above, an ExecEvent of the size checked.
+                    Box::new(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ExecEvent>()) })
+                });
+                (event, exec)
             };
             match event.kind {
                 PROC_EVENT_FORK => self.inherit(&event),
@@ -187,22 +223,30 @@ impl Lifecycle {
                     }
                 }
                 PROC_EVENT_EXEC => {
+                    let carried = exec.as_deref().map(carried_by_exec).unwrap_or_default();
                     // A process described at its fork keeps its parent, start
-                    // and cgroup: only what exec changes is read.
-                    let known = match self.state.info.get_mut(&event.tgid) {
+                    // and cgroup: only what exec changes is taken, from the
+                    // event where the kernel carried it, else from procfs.
+                    match self.state.info.get_mut(&event.tgid) {
                         Some(info) => {
                             let info = Arc::make_mut(info);
                             info.comm = comm_to_string(&event.comm).into();
-                            refresh_after_exec(&self.proc_root, info, self.read_environ);
-                            true
+                            if carried.is_complete() && !self.read_environ {
+                                info.exe = carried.exe;
+                                info.cmdline = carried.cmdline;
+                                info.env.clear();
+                            } else {
+                                refresh_after_exec(&self.proc_root, info, self.read_environ);
+                                carried.fill(info);
+                            }
                         }
-                        None => false,
-                    };
-                    if !known {
-                        if let Some(info) =
-                            read_proc_info_with(&self.proc_root, event.tgid, self.read_environ)
-                        {
-                            self.state.info.insert(event.tgid, Arc::new(info));
+                        None => {
+                            if let Some(mut info) =
+                                read_proc_info_with(&self.proc_root, event.tgid, self.read_environ)
+                            {
+                                carried.fill(&mut info);
+                                self.state.info.insert(event.tgid, Arc::new(info));
+                            }
                         }
                     }
                     self.state.exited.remove(&event.tgid);
@@ -251,6 +295,44 @@ impl Lifecycle {
         self.state.info.insert(event.tgid, Arc::new(child));
         self.state.exited.remove(&event.tgid);
     }
+}
+
+/// What the kernel carried in an exec event: the program's path and its
+/// command line (None where it did not: too long, or no offsets).
+#[derive(Debug, Default)]
+struct CarriedByExec {
+    exe: Option<Text>,
+    cmdline: Option<Text>,
+}
+
+impl CarriedByExec {
+    fn is_complete(&self) -> bool {
+        self.exe.is_some() && self.cmdline.is_some()
+    }
+
+    /// Puts what was carried into a description just read from procfs: the
+    /// kernel's reading at the exec itself stands where procfs had nothing
+    /// (the process was gone, or its entry was unreadable).
+    fn fill(self, info: &mut ProcInfo) {
+        if info.exe.is_none() {
+            info.exe = self.exe;
+        }
+        if info.cmdline.is_none() {
+            info.cmdline = self.cmdline;
+        }
+    }
+}
+
+fn carried_by_exec(event: &ExecEvent) -> CarriedByExec {
+    let exe_len = (event.exe_len as usize).min(EXEC_PATH_BYTES);
+    let exe = (exe_len > 0).then(|| Text::from(String::from_utf8_lossy(&event.exe[..exe_len])));
+    let args_len = (event.args_len as usize).min(EXEC_ARGS_BYTES);
+    let cmdline = if args_len > 0 && event.args_total == args_len as u64 {
+        cmdline_from_args(&event.args[..args_len]).map(Text::from)
+    } else {
+        None
+    };
+    CarriedByExec { exe, cmdline }
 }
 
 fn comm_to_string(comm: &[u8; 16]) -> String {
@@ -339,6 +421,18 @@ pub struct EbpfSampler {
     window_start_unix_ns: u64,
 }
 
+/// Whether every exec wakes the event thread to read procfs (see
+/// `EXEC_READS_PROCFS` in the kernel program).
+fn exec_reads_procfs(ebpf: &mut Ebpf, on: bool) -> Result<(), AgentError> {
+    let mut flag: Array<_, u32> = Array::try_from(
+        ebpf.map_mut("EXEC_READS_PROCFS")
+            .ok_or_else(|| AgentError::Ebpf("map EXEC_READS_PROCFS missing".into()))?,
+    )
+    .map_err(|e| ebpf_err("EXEC_READS_PROCFS", e))?;
+    flag.set(0, u32::from(on), 0)
+        .map_err(|e| ebpf_err("setting EXEC_READS_PROCFS", e))
+}
+
 fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
     AgentError::Ebpf(format!("{context}: {e}"))
 }
@@ -379,6 +473,12 @@ impl EbpfSampler {
             );
             StealClockOffsets::default()
         });
+        let exec = exec_offsets(&kernel_btf).unwrap_or_else(|reason| {
+            tracing::info!(
+                "execs are described from procfs, as the kernel cannot rebuild the program's path here: {reason}"
+            );
+            ExecOffsets::default()
+        });
         drop(kernel_btf);
         let btf = Btf::parse(&vmlinux, aya::Endianness::default())
             .map_err(|e| ebpf_err("parsing kernel BTF", e))?;
@@ -391,7 +491,8 @@ impl EbpfSampler {
             .override_global("REQUEST_HISTOGRAM", &request_histogram, true)
             .override_global("TASK_OFFSETS", &offsets, true)
             .override_global("LOAD_KTIME_NS", &load_ktime_ns, true)
-            .override_global("STEAL_CLOCK", &steal_clock, true);
+            .override_global("STEAL_CLOCK", &steal_clock, true)
+            .override_global("EXEC_OFFSETS", &exec, true);
         if !options.track_threads {
             // Unused: no need to preallocate 64k per-CPU entries.
             loader.map_max_entries("THREAD_CPU_NS", 1);
@@ -451,6 +552,8 @@ impl EbpfSampler {
             .proc_root
             .clone()
             .unwrap_or_else(|| PathBuf::from("/proc"));
+        // Descriptions include the environment until told otherwise.
+        exec_reads_procfs(&mut ebpf, true)?;
         let lifecycle = Arc::new(Mutex::new(Lifecycle {
             ring,
             state: LifecycleState::default(),
@@ -489,11 +592,11 @@ impl EbpfSampler {
                                 revents: 0,
                             },
                         ];
-                        // Execs wake this thread (their procfs entry must be
-                        // read while the process lives); forks, renames and
-                        // exits wait for this 1 s poll or the window's own
-                        // drain. The ring holds 16k events: a host that
-                        // forks faster without exec'ing loses events, counted.
+                        // An exec wakes this thread only when procfs must be
+                        // read while the process lives; every other event
+                        // waits for this 1 s poll or the window's own drain,
+                        // unless a quarter of the ring (2 MiB) is unread.
+                        // What does not fit is counted (`ringbuf_drops`).
                         // SAFETY: valid pollfds; the ring buffer and the
                         // eventfd outlive this thread (joined on drop).
                         unsafe { libc::poll(pollfds.as_mut_ptr(), 2, 1000) };
@@ -600,8 +703,9 @@ impl EbpfSampler {
     /// Whether process descriptions include the `SCI_*` environment (default
     /// yes). Without a scenario rule that reads it, leaving it out saves one
     /// procfs read per new program (exec).
-    pub fn set_read_environ(&mut self, read_environ: bool) {
+    pub fn set_read_environ(&mut self, read_environ: bool) -> Result<(), AgentError> {
         self.lifecycle().read_environ = read_environ;
+        exec_reads_procfs(&mut self._ebpf, read_environ)
     }
 
     /// Cumulative (run_time_ns, run_count) of each loaded program, from the
@@ -1086,5 +1190,67 @@ impl CpuSampler for EbpfSampler {
             processes,
             lost,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn exec_event(exe: &[u8], args: &[u8], args_total: u64) -> ExecEvent {
+        let mut event = ExecEvent {
+            header: ProcEvent {
+                kind: PROC_EVENT_EXEC,
+                tgid: 7,
+                tid: 7,
+                ppid: 0,
+                origin_tgid: 0,
+                _pad: 0,
+                ktime_ns: 0,
+                cgroup_id: 0,
+                comm: [0; 16],
+            },
+            exe_len: exe.len() as u32,
+            args_len: args.len() as u32,
+            args_total,
+            exe: [0; EXEC_PATH_BYTES + agent_common::EXEC_NAME_BYTES],
+            args: [0; EXEC_ARGS_BYTES],
+        };
+        event.exe[..exe.len()].copy_from_slice(exe);
+        event.args[..args.len()].copy_from_slice(args);
+        event
+    }
+
+    #[test]
+    fn an_exec_event_gives_the_path_and_the_command_line_procfs_would() {
+        let args = b"/usr/bin/sleep\x001\x00two words\x00";
+        let carried = carried_by_exec(&exec_event(b"/usr/bin/sleep", args, args.len() as u64));
+        assert!(carried.is_complete());
+        assert_eq!(carried.exe.as_deref(), Some("/usr/bin/sleep"));
+        assert_eq!(
+            carried.cmdline.as_deref(),
+            Some("/usr/bin/sleep 1 two words")
+        );
+    }
+
+    #[test]
+    fn cut_arguments_or_a_missing_path_are_left_to_procfs() {
+        let args = [b'x'; EXEC_ARGS_BYTES];
+        let cut = carried_by_exec(&exec_event(b"/bin/java", &args, 5000));
+        assert_eq!(cut.exe.as_deref(), Some("/bin/java"));
+        assert_eq!(cut.cmdline, None, "5000 bytes of arguments, 1024 carried");
+        assert!(!cut.is_complete());
+        let no_path = carried_by_exec(&exec_event(b"", b"a\0", 2));
+        assert_eq!(no_path.exe, None);
+        assert!(!no_path.is_complete());
+        // What procfs found stands; what it could not find is taken from the event.
+        let mut info = ProcInfo {
+            exe: Some(Text::from("/from/procfs")),
+            ..ProcInfo::default()
+        };
+        carried_by_exec(&exec_event(b"/from/kernel", b"k\0", 2)).fill(&mut info);
+        assert_eq!(info.exe.as_deref(), Some("/from/procfs"));
+        assert_eq!(info.cmdline.as_deref(), Some("k"));
     }
 }

@@ -205,14 +205,20 @@ pub fn read_sci_environ(dir: &Path) -> Vec<(String, String)> {
 }
 
 fn read_cmdline(dir: &Path) -> Option<String> {
-    std::fs::read(dir.join("cmdline")).ok().and_then(|bytes| {
-        let words: Vec<String> = bytes
-            .split(|b| *b == 0)
-            .filter(|w| !w.is_empty())
-            .map(|w| String::from_utf8_lossy(w).into_owned())
-            .collect();
-        (!words.is_empty()).then(|| words.join(" "))
-    })
+    std::fs::read(dir.join("cmdline"))
+        .ok()
+        .and_then(|bytes| cmdline_from_args(&bytes))
+}
+
+/// A command line from an argument vector as /proc/PID/cmdline holds it
+/// (NUL-separated words): the words joined by spaces; None when empty.
+pub fn cmdline_from_args(args: &[u8]) -> Option<String> {
+    let words: Vec<String> = args
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    (!words.is_empty()).then(|| words.join(" "))
 }
 
 /// Maps cgroup v2 ids (as `bpf_get_current_cgroup_id` returns them: the inode
