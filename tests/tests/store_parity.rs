@@ -536,3 +536,54 @@ fn concurrent_commits_into_one_postgres_store_each_window_once() {
     }
     check_hand_computation(&evaluate(&store));
 }
+
+/// The raw windows PostgreSQL keeps (written by a binary COPY) are the
+/// canonical encodings, byte for byte, under their keys; one large enough
+/// to be compressed is compressed with lz4, which this server offers.
+#[test]
+fn postgres_keeps_each_raw_window_byte_for_byte() {
+    let Some(server) =
+        ScratchPostgres::start_or_skip("postgres_keeps_each_raw_window_byte_for_byte")
+    else {
+        return;
+    };
+    let pg = postgres_store(&server, "raw");
+    let mut stored = windows();
+    let mut large = window("host-large", 0, 0, 60, 1.0, 0.0, [1, 0, 0, 0]);
+    for i in 0..100 {
+        large.processes.push(v1::ProcessRecord {
+            pid: i,
+            comm: format!("worker-{i}"),
+            service: "loan-origination-service".into(),
+            cpu_ns: 1_000_000 + u64::from(i),
+            ..Default::default()
+        });
+    }
+    stored.push(large);
+    let outcomes = pg.commit(&stored).unwrap();
+    assert!(outcomes.iter().all(|o| *o == CommitOutcome::Stored));
+    let rows = server
+        .psql_in(
+            "raw",
+            "SELECT host, agent_instance, seq, end_ns, encode(payload, 'hex'), coalesce(pg_column_compression(payload), 'none') FROM windows_raw",
+        )
+        .unwrap();
+    let rows: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), stored.len());
+    for w in &stored {
+        let row = rows
+            .iter()
+            .find(|r| r[0] == w.host && r[1] == w.agent_instance && r[2] == w.seq.to_string())
+            .unwrap_or_else(|| panic!("{} seq {} not stored", w.host, w.seq));
+        assert_eq!(row[3], w.end_unix_ns.to_string());
+        let hex: String = sci_aggregator::store::canonical_encoding(w)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(row[4], hex, "payload of {} seq {}", w.host, w.seq);
+        if w.host == "host-large" {
+            assert!(hex.len() / 2 > 2048, "{} bytes", hex.len() / 2);
+            assert_eq!(row[5], "lz4");
+        }
+    }
+}

@@ -405,6 +405,26 @@ pub trait Tx {
     fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<(), AggregatorError> {
         self.execute(sql, params).map(|_| ())
     }
+    /// Appends `rows` (each one value per column) to `table`, where no
+    /// conflict can arise: multi-row INSERTs, or a binary COPY on
+    /// PostgreSQL, which spares the server parsing every value as text.
+    fn append_rows(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: &[Vec<Value>],
+    ) -> Result<(), AggregatorError> {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO {table} ({}) VALUES {}",
+                columns.join(", "),
+                values_clause(chunk.len(), columns.len())
+            );
+            let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+            self.execute_later(&sql, &params)?;
+        }
+        Ok(())
+    }
 }
 
 /// What a database supplies: transactions on a write connection, queries on
@@ -977,22 +997,24 @@ pub fn commit_windows(
                 CommitOutcome::Conflict
             };
         }
-        for chunk in stored.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO windows_raw (end_ns, host, agent_instance, seq, payload) VALUES {}",
-                values_clause(chunk.len(), 5)
-            );
-            let mut params = Vec::with_capacity(chunk.len() * 5);
-            for &i in chunk {
+        let raw_rows: Vec<Vec<Value>> = stored
+            .iter()
+            .map(|&i| {
                 let w = &windows[i];
-                params.push(Value::Int(w.end_unix_ns as i64));
-                params.push(Value::Text(w.host.clone()));
-                params.push(Value::Text(w.agent_instance.clone()));
-                params.push(Value::Int(w.seq as i64));
-                params.push(Value::Bytes(encoded[i].0.clone()));
-            }
-            tx.execute_later(&sql, &params)?;
-        }
+                vec![
+                    Value::Int(w.end_unix_ns as i64),
+                    Value::Text(w.host.clone()),
+                    Value::Text(w.agent_instance.clone()),
+                    Value::Int(w.seq as i64),
+                    Value::Bytes(encoded[i].0.clone()),
+                ]
+            })
+            .collect();
+        tx.append_rows(
+            "windows_raw",
+            &["end_ns", "host", "agent_instance", "seq", "payload"],
+            &raw_rows,
+        )?;
         let mut deltas = Deltas::default();
         let mut spans: BTreeMap<String, HostSpan> = BTreeMap::new();
         for &i in &stored {
@@ -1024,19 +1046,25 @@ pub fn commit_windows(
                 tx.execute_later(&upsert_sql(t, chunk.len()), &params)?;
             }
         }
-        for span in spans.values() {
-            tx.execute_later(
-                "INSERT INTO hosts (host, datacenter, first_start_ns, last_end_ns) VALUES ($1, $2, $3, $4) \
+        // One statement per hundred hosts (not one per host): each host
+        // appears once, as `spans` is keyed by host.
+        let spans: Vec<&HostSpan> = spans.values().collect();
+        for chunk in spans.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO hosts (host, datacenter, first_start_ns, last_end_ns) VALUES {} \
                  ON CONFLICT (host) DO UPDATE SET datacenter = excluded.datacenter, \
                  first_start_ns = CASE WHEN excluded.first_start_ns < hosts.first_start_ns THEN excluded.first_start_ns ELSE hosts.first_start_ns END, \
                  last_end_ns = CASE WHEN excluded.last_end_ns > hosts.last_end_ns THEN excluded.last_end_ns ELSE hosts.last_end_ns END",
-                &[
-                    Value::Text(span.host.clone()),
-                    Value::Text(span.datacenter.clone()),
-                    Value::Int(span.first_start_ns as i64),
-                    Value::Int(span.last_end_ns as i64),
-                ],
-            )?;
+                values_clause(chunk.len(), 4)
+            );
+            let mut params = Vec::with_capacity(chunk.len() * 4);
+            for span in chunk {
+                params.push(Value::Text(span.host.clone()));
+                params.push(Value::Text(span.datacenter.clone()));
+                params.push(Value::Int(span.first_start_ns as i64));
+                params.push(Value::Int(span.last_end_ns as i64));
+            }
+            tx.execute_later(&sql, &params)?;
         }
         Ok(())
     })?;

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
@@ -34,6 +35,9 @@ pub struct PostgresStore {
     partitions: Mutex<HashSet<u64>>,
     query_timeout: Duration,
     group_commit: GroupCommit,
+    /// Whether the server compresses with lz4 (PostgreSQL 14+ built with
+    /// it): raw payloads then go to TOAST through lz4 instead of pglz.
+    lz4: bool,
 }
 
 fn pg(e: postgres::Error) -> AggregatorError {
@@ -44,16 +48,18 @@ fn pool_err(e: r2d2::Error) -> AggregatorError {
     AggregatorError::Postgres(format!("connection pool: {e}"))
 }
 
-fn params_of(values: &[Value]) -> Vec<Box<dyn ToSql + Sync>> {
+/// The parameters as the client takes them, borrowed (no copy of texts or bytes).
+fn params_of(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    const NULL: Option<i64> = None;
     values
         .iter()
-        .map(|v| -> Box<dyn ToSql + Sync> {
+        .map(|v| -> &(dyn ToSql + Sync) {
             match v {
-                Value::Int(i) => Box::new(*i),
-                Value::Real(r) => Box::new(*r),
-                Value::Text(t) => Box::new(t.clone()),
-                Value::Bytes(b) => Box::new(b.clone()),
-                Value::Null => Box::new(Option::<i64>::None),
+                Value::Int(i) => i,
+                Value::Real(r) => r,
+                Value::Text(t) => t,
+                Value::Bytes(b) => b,
+                Value::Null => &NULL,
             }
         })
         .collect()
@@ -122,9 +128,12 @@ fn literal(v: &Value, out: &mut String) -> Result<(), AggregatorError> {
             out.push('\'');
         }
         Value::Bytes(b) => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.reserve(b.len() * 2 + 16);
             out.push_str("decode('");
             for byte in b {
-                let _ = write!(out, "{byte:02x}");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 15)]));
             }
             out.push_str("', 'hex')");
         }
@@ -182,19 +191,52 @@ impl Tx for PgTx<'_, '_> {
     }
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, AggregatorError> {
         self.flush()?;
-        let boxed = params_of(params);
-        let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+        let refs = params_of(params);
         self.tx.execute(sql, &refs).map_err(pg)
     }
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError> {
         self.flush()?;
-        let boxed = params_of(params);
-        let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+        let refs = params_of(params);
         rows_of(self.tx.query(sql, &refs).map_err(pg)?)
     }
     fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<(), AggregatorError> {
         inline_params(sql, params, &mut self.held)?;
         self.held.push_str(";\n");
+        Ok(())
+    }
+    fn append_rows(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: &[Vec<Value>],
+    ) -> Result<(), AggregatorError> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let types = first
+            .iter()
+            .map(|v| match v {
+                Value::Int(_) => Ok(Type::INT8),
+                Value::Real(_) => Ok(Type::FLOAT8),
+                Value::Text(_) => Ok(Type::TEXT),
+                Value::Bytes(_) => Ok(Type::BYTEA),
+                Value::Null => Err(AggregatorError::Invalid(format!(
+                    "appending to {table}: a NULL gives no column type"
+                ))),
+            })
+            .collect::<Result<Vec<Type>, _>>()?;
+        let sink = self
+            .tx
+            .copy_in(&format!(
+                "COPY {table} ({}) FROM STDIN (FORMAT binary)",
+                columns.join(", ")
+            ))
+            .map_err(pg)?;
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        for row in rows {
+            writer.write(&params_of(row)).map_err(pg)?;
+        }
+        writer.finish().map_err(pg)?;
         Ok(())
     }
 }
@@ -212,15 +254,16 @@ impl PostgresStore {
             .parse()
             .map_err(|e| AggregatorError::Postgres(format!("postgres_url: {e}")))?;
         let mut config = config;
+        let given = config.get_options().unwrap_or_default().to_string();
         // Held statements carry their values as literals (see `literal`).
-        let options = match config.get_options() {
-            Some(given) => format!("{given} -c standard_conforming_strings=on"),
-            None => "-c standard_conforming_strings=on".to_string(),
-        };
-        config.options(&options);
+        config.options(&format!("{given} -c standard_conforming_strings=on"));
         let mut read_config = config.clone();
+        // Each query on one core: parallel workers are processes forked per
+        // query, and on a small server they took the CPU that ingest needs
+        // (on 2 vCPUs, a quarter of it went to starting and ending them).
+        // Options given in the URL come after, so they can turn them back on.
         read_config.options(&format!(
-            "-c statement_timeout={} -c default_transaction_read_only=on",
+            "-c max_parallel_workers_per_gather=0 {given} -c statement_timeout={} -c default_transaction_read_only=on",
             query_timeout.as_millis()
         ));
         let writers = r2d2::Pool::builder()
@@ -240,7 +283,21 @@ impl PostgresStore {
             partitions: Mutex::new(HashSet::new()),
             query_timeout,
             group_commit: GroupCommit::default(),
+            lz4: false,
         };
+        // A raw window (2-3 KB) crosses the TOAST threshold, and pglz took
+        // the largest share of the writer's CPU (a twentieth of the host's
+        // under the store bench); lz4 compresses about as well for a
+        // fraction of it. Servers without it (or engines without the
+        // setting) keep their default.
+        let lz4 = store
+            .read(
+                "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)",
+                &[],
+            )
+            .is_ok_and(|rows| !rows.is_empty());
+        let mut store = store;
+        store.lz4 = lz4;
         store.write(&mut |tx| {
             tx.query("SELECT pg_advisory_xact_lock(50320251)", &[])?;
             tx.execute(
@@ -316,7 +373,11 @@ impl Backend for PostgresStore {
         let mut tx = client.transaction().map_err(pg)?;
         let mut held = PgTx {
             tx: &mut tx,
-            held: String::new(),
+            held: if self.lz4 {
+                "SET LOCAL default_toast_compression = 'lz4';\n".to_string()
+            } else {
+                String::new()
+            },
         };
         f(&mut held)?;
         held.flush()?;
@@ -325,8 +386,7 @@ impl Backend for PostgresStore {
 
     fn read(&self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError> {
         let mut client = self.readers()?.get().map_err(pool_err)?;
-        let boxed = params_of(params);
-        let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+        let refs = params_of(params);
         match client.query(sql, &refs) {
             Ok(rows) => rows_of(rows),
             Err(e) if e.code() == Some(&postgres::error::SqlState::QUERY_CANCELED) => {
