@@ -70,6 +70,33 @@ pub fn workspace_root() -> std::path::PathBuf {
         .unwrap_or_default()
 }
 
+/// A cargo command without the variables cargo sets for the package it runs
+/// or tests (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...): some build
+/// scripts rerun when those change (ring's does, for `CARGO_PKG_NAME`), so
+/// a build started from a test or from xtask would otherwise recompile
+/// ring and everything above it, in whichever profile it builds.
+pub fn cargo() -> std::process::Command {
+    const PER_PACKAGE: [&str; 6] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    let mut cargo =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name
+            .to_str()
+            .is_some_and(|n| PER_PACKAGE.iter().any(|p| n.starts_with(p)))
+        {
+            cargo.env_remove(name);
+        }
+    }
+    cargo
+}
+
 /// Builds (once per test binary) and returns the path of a workspace binary,
 /// so end-to-end tests run the real executables whatever was built before.
 pub fn cargo_bin(package: &str, bin: &str) -> std::path::PathBuf {
@@ -81,8 +108,7 @@ pub fn cargo_bin(package: &str, bin: &str) -> std::path::PathBuf {
     let path = target_dir.join("debug").join(bin);
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     if !built.iter().any(|b| b == bin) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
+        let status = cargo()
             .args(["build", "--quiet", "-p", package, "--bin", bin])
             .current_dir(workspace_root())
             .status()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use sci_tests::workspace_root;
 
 fn demo(out: &std::path::Path, duration: &str) -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = sci_tests::cargo();
     cmd.args([
         "run",
         "--quiet",
@@ -87,24 +87,22 @@ fn short_demo_prints_the_fleet_sci_and_the_scenario_table() {
 fn ctrl_c_stops_everything() {
     let out = tempfile::tempdir().unwrap();
     // Build first, so the interrupt lands while the system runs.
-    assert!(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "sci-agent",
-                "-p",
-                "sci-aggregator",
-                "-p",
-                "sci-workload"
-            ])
-            .current_dir(workspace_root())
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(sci_tests::cargo()
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "sci-agent",
+            "-p",
+            "sci-aggregator",
+            "-p",
+            "sci-workload"
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .unwrap()
+        .success());
     let mut child = demo(out.path(), "60s")
         .stdout(Stdio::piped())
         .spawn()

@@ -29,7 +29,7 @@ const RUN_S: u64 = 40;
 /// without them, still ends the walk at the thread's start).
 fn finance_service_with_frame_pointers() -> std::path::PathBuf {
     let target = sci_tests::workspace_root().join("target/frame-pointers");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = sci_tests::cargo()
         .args([
             "build",
             "--quiet",

@@ -59,7 +59,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 pub fn cargo() -> Command {
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Without the variables `cargo run` set for xtask itself, so that its
+    // builds and the tests' builds share their artifacts (see sci_tests::cargo).
+    let mut cargo = sci_tests::cargo();
     if sci_tests::ci() {
         // A fresh clone builds once: incremental state would only take disk.
         cargo.env("CARGO_INCREMENTAL", "0");
