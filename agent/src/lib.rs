@@ -17,6 +17,7 @@
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod prefetch;
 pub mod service;
 pub mod sinks;
 pub mod sources;

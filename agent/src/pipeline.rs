@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
+use crate::prefetch::{prefetch_description, PROCESSES_AHEAD};
 use crate::sources::energy::{select_energy_source, EnergySource};
 use crate::sources::ingest::IngestCounters;
 use crate::sources::profile::{CpuProfiler, ProfilerOptions};
@@ -244,6 +245,7 @@ impl Pipeline {
                 Err(e) => tracing::warn!("CPU profile of window {}: {e}", report.seq),
             }
         }
+        self.sampler.recycle(sample);
         Ok(report)
     }
 
@@ -273,9 +275,20 @@ impl Pipeline {
         report.unattributed_cpu_ns = sample.unowned_busy_ns_per_cpu.iter().sum();
         report.steal_cpu_ns = self.sampler.steal_cpu_ns();
         report.lost = sample.lost.clone();
-        report.processes = sample
-            .processes
+        let processes = &sample.processes;
+        report.processes = processes
             .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let ahead = |n: usize| processes.get(i + n).map(|q| &q.info);
+                if let Some(info) = ahead(PROCESSES_AHEAD) {
+                    prefetch_description(info, false);
+                }
+                if let Some(info) = ahead(PROCESSES_AHEAD / 2) {
+                    prefetch_description(info, true);
+                }
+                p
+            })
             .map(|p| ProcessRecord {
                 pid: p.pid,
                 ppid: p.info.ppid,

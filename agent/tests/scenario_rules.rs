@@ -341,6 +341,80 @@ fn reused_pid_is_evaluated_again_same_process_is_cached() {
     assert_eq!(s.rule_evaluations(), 2);
 }
 
+/// Windows through `apply`: verdicts carry over from window to window
+/// whatever order the processes come in, each process is judged once while
+/// it lives, an exited one is forgotten, and a reused PID is judged afresh.
+#[test]
+fn verdicts_carry_over_windows_in_any_order_and_exits_are_forgotten() {
+    use sci_agent::sources::sched::CpuSample;
+    use sci_agent::transforms::scenario::TransactionCounts;
+    use sci_agent::window::{CpuSource, ProcessRecord, WindowReport};
+    let mut s = stage(
+        "[[scenarios.rules]]\nservice = \"c\"\nscenario = \"credit\"\ncomm = \"credit-worker\"\n[[scenarios.rules]]\nservice = \"q\"\nscenario = \"query\"\ncomm = \"query-worker\"\n",
+    );
+    let run = |s: &mut ScenarioStage, processes: Vec<ProcessCpu>| -> Vec<(u32, Option<String>)> {
+        let sample = CpuSample {
+            source: CpuSource::Ebpf,
+            start_unix_ns: 0,
+            end_unix_ns: 1_000_000_000,
+            cpus: 1,
+            idle_ns_per_cpu: vec![0],
+            unowned_busy_ns_per_cpu: vec![0],
+            processes,
+            lost: Default::default(),
+        };
+        let mut report =
+            WindowReport::new("h".into(), "i".into(), 0, 1_000_000_000, CpuSource::Ebpf, 1);
+        report.processes = sample
+            .processes
+            .iter()
+            .map(|p| ProcessRecord {
+                pid: p.pid,
+                ..Default::default()
+            })
+            .collect();
+        s.apply(&sample, &mut report, &TransactionCounts::default())
+            .unwrap();
+        report
+            .processes
+            .iter()
+            .map(|r| (r.pid, r.scenario.as_deref().map(str::to_string)))
+            .collect()
+    };
+    let credit = |pid| process(pid, "credit-worker");
+    let query = |pid| process(pid, "query-worker");
+    let first = run(&mut s, vec![credit(10), query(20), credit(30), query(40)]);
+    assert_eq!(s.rule_evaluations(), 4);
+    assert_eq!(first[1], (20, Some("query".to_string())));
+    // The same processes in reverse order, one of them exiting.
+    let mut exiting = credit(10);
+    exiting.exited = true;
+    let second = run(&mut s, vec![query(40), credit(30), query(20), exiting]);
+    assert_eq!(s.rule_evaluations(), 4, "no process was judged again");
+    assert_eq!(
+        second,
+        vec![
+            (40, Some("query".to_string())),
+            (30, Some("credit".to_string())),
+            (20, Some("query".to_string())),
+            (10, Some("credit".to_string())),
+        ]
+    );
+    // Pid 10 exited: a process that takes the pid later is a new one, and
+    // pid 40, absent from a window, is forgotten too.
+    let mut reborn = query(10);
+    reborn.start_ticks = Some(99_999);
+    let third = run(&mut s, vec![reborn, query(20), credit(30)]);
+    assert_eq!(s.rule_evaluations(), 5);
+    assert_eq!(third[0], (10, Some("query".to_string())));
+    run(&mut s, vec![query(20), query(40)]);
+    assert_eq!(
+        s.rule_evaluations(),
+        6,
+        "pid 40 was forgotten when it missed a window"
+    );
+}
+
 #[test]
 fn bad_rules_are_refused_naming_the_rule_and_its_line() {
     let text = "[agent]\ninterval = \"1s\"\n\n[[scenarios.rules]]\nservice = \"ok\"\ncomm = \"a\"\n\n[[scenarios.rules]]\nservice = \"broken\"\ncmdline = \"(unclosed\"\n";

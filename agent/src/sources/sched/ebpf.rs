@@ -47,6 +47,7 @@ use super::proc_info::{
 use super::procfs::HostCpuTimes;
 use super::{CpuSample, CpuSampler, ProcessCpu, RequestCpu};
 use crate::error::AgentError;
+use crate::prefetch::prefetch_description;
 use crate::window::{CpuSource, LossCounters, Text};
 
 /// The compiled `agent-ebpf` object (built by agent/build.rs).
@@ -413,6 +414,8 @@ pub struct EbpfSampler {
     previous_slots: usize,
     /// Processes in the last window (the next one's table is sized for them).
     last_active_processes: usize,
+    /// Per-CPU vectors of recycled samples (see `CpuSampler::recycle`).
+    spare_per_cpu: Vec<Vec<u64>>,
     previous_txn: HashMap<ProcScenarioKey, u64>,
     previous_idle_ns: Vec<u64>,
     previous_losses: Vec<u64>,
@@ -635,6 +638,7 @@ impl EbpfSampler {
             previous_values: Vec::new(),
             previous_slots: 0,
             last_active_processes: 0,
+            spare_per_cpu: Vec::new(),
             previous_txn: HashMap::new(),
             previous_idle_ns: Vec::new(),
             previous_losses: Vec::new(),
@@ -773,6 +777,79 @@ fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
         .collect()
 }
 
+/// The processes of one window as they are read from the maps: in the
+/// order they are met (a sequential write, not a scatter through a table of
+/// large entries), found by tgid through a small index, and put in pid order
+/// once at the end.
+struct WindowProcesses {
+    index: HashMap<u32, usize>,
+    list: Vec<ProcessCpu>,
+    slots: usize,
+    /// Per-CPU vectors of an earlier window, reused.
+    spare_per_cpu: Vec<Vec<u64>>,
+}
+
+impl WindowProcesses {
+    fn new(capacity: usize, slots: usize, spare_per_cpu: Vec<Vec<u64>>) -> Self {
+        WindowProcesses {
+            index: HashMap::with_capacity(capacity),
+            list: Vec::with_capacity(capacity),
+            slots,
+            spare_per_cpu,
+        }
+    }
+
+    /// The process `tgid`, added (with no CPU time yet) if not met before.
+    fn entry(&mut self, tgid: u32) -> &mut ProcessCpu {
+        let (list, slots, spare) = (&mut self.list, self.slots, &mut self.spare_per_cpu);
+        let at = *self.index.entry(tgid).or_insert_with(|| {
+            let mut cpu_ns_per_cpu = spare.pop().unwrap_or_default();
+            cpu_ns_per_cpu.clear();
+            cpu_ns_per_cpu.resize(slots, 0);
+            list.push(ProcessCpu {
+                pid: tgid,
+                cpu_ns_per_cpu,
+                ..Default::default()
+            });
+            list.len() - 1
+        });
+        &mut self.list[at]
+    }
+
+    fn get_mut(&mut self, tgid: u32) -> Option<&mut ProcessCpu> {
+        let at = *self.index.get(&tgid)?;
+        self.list.get_mut(at)
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// In pid order; the records are large, so their indexes are sorted and
+    /// each record is moved once. Also gives back the spares not used.
+    fn into_sorted(mut self) -> (Vec<ProcessCpu>, Vec<Vec<u64>>) {
+        let spare = std::mem::take(&mut self.spare_per_cpu);
+        (self.sorted(), spare)
+    }
+
+    fn sorted(mut self) -> Vec<ProcessCpu> {
+        let mut order: Vec<(u32, usize)> = self
+            .list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.pid, i))
+            .collect();
+        order.sort_unstable();
+        if order.iter().enumerate().all(|(at, (_, i))| at == *i) {
+            return self.list;
+        }
+        order
+            .iter()
+            .map(|(_, i)| std::mem::take(&mut self.list[*i]))
+            .collect()
+    }
+}
+
 impl EbpfSampler {
     /// Every key of PROC_CPU_NS into `cpu_keys` and its first `slots`
     /// per-CPU values into `cpu_values`: in batches where the kernel supports
@@ -823,10 +900,12 @@ impl EbpfSampler {
     /// every key read (the dead ones are removed after enrichment).
     fn read_request_cpu(
         &mut self,
-        by_tgid: &mut HashMap<u32, ProcessCpu>,
-        slots: usize,
+        by_tgid: &mut WindowProcesses,
     ) -> Result<Vec<ProcScenarioKey>, AgentError> {
         let mut keys = Vec::new();
+        if self.marker_links.is_empty() {
+            return Ok(keys);
+        }
         for entry in self.request_cpu.iter() {
             let (key, values) = entry.map_err(|e| ebpf_err("reading REQUEST_CPU", e))?;
             let mut total = RequestCpuBuckets::default();
@@ -854,22 +933,14 @@ impl EbpfSampler {
             while delta.counts.last() == Some(&0) {
                 delta.counts.pop();
             }
-            let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
-                pid: key.tgid,
-                cpu_ns_per_cpu: vec![0; slots],
-                ..Default::default()
-            });
-            process.request_cpu.push(delta);
+            by_tgid.entry(key.tgid).request_cpu.push(delta);
         }
         Ok(keys)
     }
 
     /// Adds this window's per-thread CPU time to `by_tgid`; returns the keys
     /// that had nothing new (candidates for removal if their thread is gone).
-    fn read_threads(
-        &mut self,
-        by_tgid: &mut HashMap<u32, ProcessCpu>,
-    ) -> Result<Vec<u64>, AgentError> {
+    fn read_threads(&mut self, by_tgid: &mut WindowProcesses) -> Result<Vec<u64>, AgentError> {
         let Some(thread_cpu) = self.thread_cpu.as_ref() else {
             return Ok(Vec::new());
         };
@@ -883,11 +954,11 @@ impl EbpfSampler {
                 idle_keys.push(key);
                 continue;
             }
-            if let Some(process) = by_tgid.get_mut(&((key >> 32) as u32)) {
+            if let Some(process) = by_tgid.get_mut((key >> 32) as u32) {
                 process.threads.push((key as u32, delta));
             }
         }
-        for process in by_tgid.values_mut() {
+        for process in by_tgid.list.iter_mut() {
             process.threads.sort_unstable();
         }
         Ok(idle_keys)
@@ -921,6 +992,15 @@ impl CpuSampler for EbpfSampler {
         self.last_steal_cpu_ns
     }
 
+    fn recycle(&mut self, sample: CpuSample) {
+        let bound = self.last_active_processes.max(1024);
+        for process in sample.processes {
+            if self.spare_per_cpu.len() < bound && process.cpu_ns_per_cpu.capacity() > 0 {
+                self.spare_per_cpu.push(process.cpu_ns_per_cpu);
+            }
+        }
+    }
+
     fn sample(&mut self) -> Result<CpuSample, AgentError> {
         let flush_start_ktime_ns = monotonic_now_ns();
         flush_all_cpus(&self.cpus);
@@ -951,8 +1031,11 @@ impl CpuSampler for EbpfSampler {
         // order), so a key is first looked for where the cursor into the
         // previous read stands (or one further, past a closed key); only a
         // key out of place costs a hash lookup, in an index built on demand.
-        let mut by_tgid: HashMap<u32, ProcessCpu> =
-            HashMap::with_capacity(self.last_active_processes);
+        let mut by_tgid = WindowProcesses::new(
+            self.last_active_processes,
+            slots,
+            std::mem::take(&mut self.spare_per_cpu),
+        );
         self.read_proc_cpu(slots)?;
         let seen_keys = std::mem::take(&mut self.cpu_keys);
         let previous_slots = self.previous_slots;
@@ -992,11 +1075,7 @@ impl CpuSampler for EbpfSampler {
             if delta == 0 && !closed.contains_key(&key.tgid) {
                 continue;
             }
-            let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
-                pid: key.tgid,
-                cpu_ns_per_cpu: vec![0; slots],
-                ..Default::default()
-            });
+            let process = by_tgid.entry(key.tgid);
             process.cpu_ns += delta;
             for (cpu, (sum, n)) in process.cpu_ns_per_cpu.iter_mut().zip(now).enumerate() {
                 *sum += n.saturating_sub(before(cpu));
@@ -1006,7 +1085,10 @@ impl CpuSampler for EbpfSampler {
             }
         }
         let mut txn_keys = Vec::new();
-        for entry in self.txn_completed.iter() {
+        // Only the marker uprobes fill the transaction and request maps; an
+        // empty hash map still costs a walk of every bucket to find that out.
+        let txn_entries = (!self.marker_links.is_empty()).then(|| self.txn_completed.iter());
+        for entry in txn_entries.into_iter().flatten() {
             let (key, values) = entry.map_err(|e| ebpf_err("reading TXN_COMPLETED", e))?;
             let total = per_cpu_sum(&values);
             let before = self.previous_txn.insert(key, total).unwrap_or(0);
@@ -1015,15 +1097,10 @@ impl CpuSampler for EbpfSampler {
             if delta == 0 || key.scenario >= SCENARIO_SLOTS {
                 continue;
             }
-            let process = by_tgid.entry(key.tgid).or_insert_with(|| ProcessCpu {
-                pid: key.tgid,
-                cpu_ns_per_cpu: vec![0; slots],
-                ..Default::default()
-            });
-            process.scenario_transactions[key.scenario as usize] += delta;
+            by_tgid.entry(key.tgid).scenario_transactions[key.scenario as usize] += delta;
         }
 
-        let histogram_keys = self.read_request_cpu(&mut by_tgid, slots)?;
+        let histogram_keys = self.read_request_cpu(&mut by_tgid)?;
         let thread_keys = self.read_threads(&mut by_tgid)?;
 
         // Enrich; a process whose /proc entry is gone has exited too.
@@ -1034,25 +1111,35 @@ impl CpuSampler for EbpfSampler {
         let mut unknown = Vec::new();
         let read_environ = {
             let lifecycle = self.lifecycle();
-            for (tgid, process) in by_tgid.iter_mut() {
-                match lifecycle.state.info.get(tgid) {
-                    Some(info) => info.describe(process),
-                    None => unknown.push(*tgid),
+            // Found first, described after: the descriptions' lines are
+            // asked for on the way, so their misses overlap (crate::prefetch).
+            let mut known = Vec::with_capacity(by_tgid.len());
+            for process in by_tgid.list.iter_mut() {
+                match lifecycle.state.info.get(&process.pid) {
+                    Some(info) => {
+                        prefetch_description(info, false);
+                        known.push((process, info));
+                    }
+                    None => unknown.push(process.pid),
                 }
+            }
+            for (process, info) in known {
+                info.describe(process);
             }
             lifecycle.read_environ
         };
         for tgid in unknown {
             if let (Some(info), Some(process)) = (
                 read_proc_info_with(&self.proc_root, tgid, read_environ),
-                by_tgid.get_mut(&tgid),
+                by_tgid.get_mut(tgid),
             ) {
                 let info = Arc::new(info);
                 info.describe(process);
                 newly_read.push(info);
             }
         }
-        for (tgid, process) in by_tgid.iter_mut() {
+        for process in by_tgid.list.iter_mut() {
+            let tgid = &process.pid;
             let described = process.start_ticks.is_some();
             if let Some(exit) = closed.get(tgid) {
                 process.exited = true;
@@ -1167,19 +1254,8 @@ impl CpuSampler for EbpfSampler {
 
         let start_unix_ns = std::mem::replace(&mut self.window_start_unix_ns, end_unix_ns);
         self.last_active_processes = by_tgid.len();
-        // In pid order; the records are large, so their indexes are sorted
-        // and each record is moved once.
-        let mut unsorted: Vec<ProcessCpu> = by_tgid.into_values().collect();
-        let mut order: Vec<(u32, usize)> = unsorted
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.pid, i))
-            .collect();
-        order.sort_unstable();
-        let processes: Vec<ProcessCpu> = order
-            .iter()
-            .map(|(_, i)| std::mem::take(&mut unsorted[*i]))
-            .collect();
+        let processes;
+        (processes, self.spare_per_cpu) = by_tgid.into_sorted();
         Ok(CpuSample {
             source: CpuSource::Ebpf,
             start_unix_ns,
