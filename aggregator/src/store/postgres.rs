@@ -410,8 +410,13 @@ impl Backend for PostgresStore {
         let mut client = self.writers()?.get().map_err(pool_err)?;
         for day in missing {
             let name = partition_name(day);
+            // Raw windows are only inserted, looked up by key and dropped
+            // with their partition: a vacuum triggered by inserts (PostgreSQL
+            // 13+) would reread every page just written, a core of a small
+            // host for seconds each minute under steady ingest, for nothing
+            // (the partition is gone long before freezing would matter).
             let create = format!(
-                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF windows_raw FOR VALUES FROM ({}) TO ({})",
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF windows_raw FOR VALUES FROM ({}) TO ({}) WITH (autovacuum_vacuum_insert_threshold = -1)",
                 day * DAY_NS,
                 (day + 1) * DAY_NS
             );
