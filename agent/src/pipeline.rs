@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
-use crate::prefetch::{prefetch_description, PROCESSES_AHEAD};
+use crate::prefetch::{prefetch_description, prefetch_description_strings, PROCESSES_AHEAD};
 use crate::sources::energy::{select_energy_source, EnergySource};
 use crate::sources::ingest::IngestCounters;
 use crate::sources::profile::{CpuProfiler, ProfilerOptions};
@@ -282,10 +282,10 @@ impl Pipeline {
             .map(|(i, p)| {
                 let ahead = |n: usize| processes.get(i + n).map(|q| &q.info);
                 if let Some(info) = ahead(PROCESSES_AHEAD) {
-                    prefetch_description(info, false);
+                    prefetch_description(info);
                 }
                 if let Some(info) = ahead(PROCESSES_AHEAD / 2) {
-                    prefetch_description(info, true);
+                    prefetch_description_strings(info);
                 }
                 p
             })

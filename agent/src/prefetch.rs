@@ -37,14 +37,16 @@ fn prefetch_text(text: &Text) {
     prefetch(Arc::as_ptr(text).cast::<u8>().wrapping_sub(16));
 }
 
-/// Brings in a description (`ahead` = true) or, once it is in, the
-/// reference counts of its strings.
+/// Brings in a description.
 #[inline(always)]
-pub fn prefetch_description(info: &Arc<ProcInfo>, strings: bool) {
-    if !strings {
-        prefetch(Arc::as_ptr(info));
-        return;
-    }
+pub fn prefetch_description(info: &Arc<ProcInfo>) {
+    prefetch(Arc::as_ptr(info));
+}
+
+/// Brings in the reference counts of a description's strings; reads the
+/// description, so it should be in already ([`prefetch_description`]).
+#[inline(always)]
+pub fn prefetch_description_strings(info: &ProcInfo) {
     prefetch_text(&info.comm);
     for text in [&info.exe, &info.cmdline, &info.cgroup, &info.container_id]
         .into_iter()

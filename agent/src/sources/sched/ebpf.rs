@@ -1117,7 +1117,7 @@ impl CpuSampler for EbpfSampler {
             for process in by_tgid.list.iter_mut() {
                 match lifecycle.state.info.get(&process.pid) {
                     Some(info) => {
-                        prefetch_description(info, false);
+                        prefetch_description(info);
                         known.push((process, info));
                     }
                     None => unknown.push(process.pid),
