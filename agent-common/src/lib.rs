@@ -251,7 +251,8 @@ pub const LOSS_THREAD_STATE_FULL: u32 = 6;
 pub const LOSS_REQUEST_HISTOGRAM_FULL: u32 = 7;
 pub const LOSS_SLOTS: u32 = 8;
 
-/// Capacity of the per-process CPU time map.
+/// Rows of the per-process CPU table (one per process and scenario), and
+/// capacity of the other per-process maps.
 pub const MAX_PROCESSES: u32 = 32768;
 /// Capacity of the per-thread maps.
 pub const MAX_THREADS: u32 = 65536;

@@ -10,11 +10,12 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
         generated::{
             bpf_probe_read_kernel_str as probe_read_kernel_str,
@@ -22,7 +23,7 @@ use aya_ebpf::{
         },
     },
     macros::{btf_tracepoint, map, uprobe},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, Stack},
     programs::{BtfTracePointContext, ProbeContext},
 };
 
@@ -92,9 +93,27 @@ static CPU_CLOCK: PerCpuArray<CpuClock> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static MARKERS_FOLLOWED: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The per-process CPU table (see `agent::sources::sched::proc_cpu_table`):
+/// each (process, scenario) key owns a row, handed out here from
+/// `PROC_CPU_FREE_ROWS` on the key's first charge and given back by
+/// userspace once the process has exited and its last figures are read.
 #[map]
-static PROC_CPU_NS: PerCpuHashMap<ProcScenarioKey, u64> =
-    PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
+static PROC_CPU_ROW: HashMap<ProcScenarioKey, u32> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Rows not owned by any key (filled by userspace before the programs attach).
+#[map]
+static PROC_CPU_FREE_ROWS: Stack<u32> = Stack::with_max_entries(MAX_PROCESSES, 0);
+
+/// The key owning each row (tgid 0: free); userspace maps it.
+#[map]
+static PROC_CPU_ROW_KEYS: Array<ProcScenarioKey> =
+    Array::with_max_entries(MAX_PROCESSES, BPF_F_MMAPABLE);
+
+/// Cumulative CPU ns of each row on each CPU, at `cpu * MAX_PROCESSES + row`:
+/// every CPU adds to its own region only. Sized by userspace at load for the
+/// possible CPUs, and mapped by it, so a window reads it without a syscall.
+#[map]
+static PROC_CPU_NS: Array<u64> = Array::with_max_entries(MAX_PROCESSES, BPF_F_MMAPABLE);
 
 /// CPU time per thread, keyed by pid_tgid (tgid << 32 | tid); only with TRACK_THREADS.
 #[map]
@@ -229,6 +248,36 @@ pub(crate) fn add_to<K>(map: &PerCpuHashMap<K, u64>, key: &K, amount: u64) -> Re
     }
 }
 
+/// The row of `key` in the per-process CPU table, taken from the free rows
+/// on its first charge; None when no row is free.
+#[inline(always)]
+fn proc_cpu_row(key: &ProcScenarioKey) -> Option<u32> {
+    // SAFETY: a plain u32 value, copied out at once.
+    if let Some(row) = unsafe { PROC_CPU_ROW.get(key) } {
+        return Some(*row);
+    }
+    let row = PROC_CPU_FREE_ROWS.pop().ok().flatten()?;
+    match PROC_CPU_ROW.insert(key, &row, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(owner) = PROC_CPU_ROW_KEYS.get_ptr_mut(row) {
+                // SAFETY: a row just taken from the free rows: ours alone.
+                unsafe { core::ptr::write_volatile(owner, *key) };
+            }
+            Some(row)
+        }
+        Err(e) => {
+            let _ = PROC_CPU_FREE_ROWS.push(row, 0);
+            // Another CPU gave the key a row between our lookup and insert.
+            if e == EEXIST {
+                // SAFETY: as above.
+                unsafe { PROC_CPU_ROW.get(key) }.copied()
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// Charge `cpu_ns` of thread `tid` of process `tgid` to `scenario`.
 #[inline(always)]
 fn charge(tgid: u32, tid: u32, scenario: u32, cpu_ns: u64) {
@@ -236,9 +285,18 @@ fn charge(tgid: u32, tid: u32, scenario: u32, cpu_ns: u64) {
         return;
     }
     let key = ProcScenarioKey { tgid, scenario };
-    if add_to(&PROC_CPU_NS, &key, cpu_ns).is_err() {
-        count_loss(LOSS_PROC_MAP_FULL_EVENTS, 1);
-        count_loss(LOSS_PROC_MAP_FULL_NS, cpu_ns);
+    let cell = proc_cpu_row(&key).and_then(|row| {
+        // SAFETY: a helper with no arguments.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        PROC_CPU_NS.get_ptr_mut(cpu.wrapping_mul(MAX_PROCESSES).wrapping_add(row))
+    });
+    match cell {
+        // SAFETY: this CPU's cell; no other writer while we run.
+        Some(cell) => unsafe { *cell += cpu_ns },
+        None => {
+            count_loss(LOSS_PROC_MAP_FULL_EVENTS, 1);
+            count_loss(LOSS_PROC_MAP_FULL_NS, cpu_ns);
+        }
     }
     // SAFETY: a read-only global patched by the loader.
     if unsafe { core::ptr::read_volatile(&TRACK_THREADS) } != 0 {

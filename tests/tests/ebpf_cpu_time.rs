@@ -38,10 +38,13 @@ fn busy_processes_match_schedstat_within_one_percent() {
     std::thread::sleep(Duration::from_secs(3));
     let window = sampler.sample().unwrap();
     let after: HashMap<u32, u64> = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
-    assert!(
-        sampler.batch_lookup_active(),
-        "kernel 5.6+ supports batch lookups"
-    );
+    let owners: Vec<u32> = sampler.cpu_table_keys().iter().map(|k| k.tgid).collect();
+    for pid in &pids {
+        assert!(
+            owners.contains(pid),
+            "pid {pid} owns no row of the CPU table"
+        );
+    }
 
     let mut measured = Vec::new();
     for pid in &pids {
@@ -150,6 +153,10 @@ fn short_lived_processes_are_accounted() {
         "procfs unattributed {missed_procfs} ns of {total_truth} ns missed"
     );
     assert_eq!(exited_flagged, 300, "every process must be marked exited");
+    // Their rows of the CPU table were given back with that window.
+    let owners: Vec<u32> = sampler.cpu_table_keys().iter().map(|k| k.tgid).collect();
+    let kept = truth.keys().filter(|pid| owners.contains(pid)).count();
+    assert_eq!(kept, 0, "{kept} exited processes still own a row");
     assert!(
         total_ebpf as f64 >= 0.99 * total_truth as f64,
         "eBPF accounted {total_ebpf} of {total_truth} ns"

@@ -1,12 +1,13 @@
 //! eBPF CPU sampler: reads what the `agent-ebpf` programs accumulated.
 //!
-//! The kernel maps hold cumulative per-CPU nanoseconds per (process,
-//! scenario) key; each window is the difference between two reads. To end a
-//! window exactly, [`flush_all_cpus`] makes every CPU switch (this thread
-//! runs once on each CPU), so each CPU's in-flight slice is charged before
-//! the maps are read. Keys are only deleted once their process has exited
-//! (exit event before the flush, or /proc entry gone), so a reused PID starts
-//! from a fresh key and reading never races with the kernel's additions.
+//! The kernel holds cumulative per-CPU nanoseconds per (process, scenario)
+//! key, in a table this process maps (see `proc_cpu_table`); each window is
+//! the difference between two reads. To end a window exactly,
+//! [`flush_all_cpus`] makes every CPU switch (this thread runs once on each
+//! CPU), so each CPU's in-flight slice is charged before the table is read.
+//! A key's row is only given back once its process has exited (exit event
+//! before the flush, or /proc entry gone), so a reused PID starts from a
+//! fresh row and reading never races with the kernel's additions.
 //!
 //! Process lifecycle events arrive through a ring buffer, consumed by a
 //! background thread. A fork carries what the child inherits; an exec
@@ -18,7 +19,7 @@
 //! read happens while the process lives.
 // foldhash: these maps are keyed by pids and map keys, hashed thousands of times a window.
 use foldhash::{HashMap, HashMapExt, HashSet};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,8 +39,8 @@ use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
 use aya::{Btf, Ebpf, EbpfLoader};
 
-use super::batch::PerCpuBatchReader;
 use super::btf::KernelBtf;
+use super::proc_cpu_table::{self, ProcCpuTable, TableRead};
 use super::proc_info::{
     clock_ticks_per_second, cmdline_from_args, online_cpus, read_proc_info_with,
     refresh_after_exec, CgroupPaths, ProcInfo,
@@ -385,9 +386,7 @@ pub struct EbpfSampler {
     // Programs stay attached as long as this lives.
     _ebpf: Ebpf,
     marker_links: Vec<PathBuf>,
-    proc_cpu: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
-    /// Batch reader of PROC_CPU_NS; None where the kernel lacks batch ops.
-    proc_cpu_batch: Option<PerCpuBatchReader>,
+    proc_cpu: ProcCpuTable,
     txn_completed: PerCpuHashMap<MapData, ProcScenarioKey, u64>,
     thread_cpu: Option<PerCpuHashMap<MapData, u64, u64>>,
     previous_thread_ns: HashMap<u64, u64>,
@@ -403,15 +402,11 @@ pub struct EbpfSampler {
     cpus: Vec<u32>,
     host_times: HostCpuTimes,
     last_steal_cpu_ns: u64,
-    /// This window's PROC_CPU_NS read: the keys, and `slots` per-CPU values
-    /// per key in one flat buffer (both reused across windows).
-    cpu_keys: Vec<ProcScenarioKey>,
-    cpu_values: Vec<u64>,
-    /// The previous window's read, in the same layout; closed keys are
-    /// overwritten with [`CLOSED_KEY`].
-    previous_keys: Vec<ProcScenarioKey>,
-    previous_values: Vec<u64>,
-    previous_slots: usize,
+    /// This window's read of the per-process CPU table, and the previous
+    /// window's (keys released since are overwritten with [`CLOSED_KEY`]);
+    /// their buffers are swapped each window, not reallocated.
+    cpu_read: TableRead,
+    previous_cpu_read: TableRead,
     /// Processes in the last window (the next one's table is sized for them).
     last_active_processes: usize,
     /// Per-CPU vectors of recycled samples (see `CpuSampler::recycle`).
@@ -500,9 +495,16 @@ impl EbpfSampler {
             // Unused: no need to preallocate 64k per-CPU entries.
             loader.map_max_entries("THREAD_CPU_NS", 1);
         }
+        let possible_cpus = aya::util::nr_cpus().unwrap_or_else(|_| online_cpus().len());
+        loader.map_max_entries(
+            "PROC_CPU_NS",
+            proc_cpu_table::cpu_ns_entries(possible_cpus)?,
+        );
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the object", e))?;
+        // Its free rows are filled before the programs attach.
+        let proc_cpu = ProcCpuTable::open(&mut ebpf, possible_cpus)?;
         for (program_name, tracepoint) in TRACEPOINT_PROGRAMS {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(program_name)
@@ -520,18 +522,6 @@ impl EbpfSampler {
             ebpf.take_map(name)
                 .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))
         };
-        let proc_cpu_map = take(&mut ebpf, "PROC_CPU_NS")?;
-        let proc_cpu_batch = match &proc_cpu_map {
-            aya::maps::Map::PerCpuHashMap(data) => {
-                data.fd().as_fd().try_clone_to_owned().ok().map(|fd| {
-                    let possible = aya::util::nr_cpus().unwrap_or(online_cpus().len());
-                    PerCpuBatchReader::new(fd, std::mem::size_of::<ProcScenarioKey>(), possible)
-                })
-            }
-            _ => None,
-        };
-        let proc_cpu =
-            PerCpuHashMap::try_from(proc_cpu_map).map_err(|e| ebpf_err("PROC_CPU_NS", e))?;
         let txn_completed = PerCpuHashMap::try_from(take(&mut ebpf, "TXN_COMPLETED")?)
             .map_err(|e| ebpf_err("TXN_COMPLETED", e))?;
         let thread_cpu = if options.track_threads {
@@ -616,7 +606,6 @@ impl EbpfSampler {
             _ebpf: ebpf,
             marker_links: Vec::new(),
             proc_cpu,
-            proc_cpu_batch,
             txn_completed,
             thread_cpu,
             previous_thread_ns: HashMap::new(),
@@ -632,11 +621,8 @@ impl EbpfSampler {
             cpus,
             host_times,
             last_steal_cpu_ns: 0,
-            cpu_keys: Vec::new(),
-            cpu_values: Vec::new(),
-            previous_keys: Vec::new(),
-            previous_values: Vec::new(),
-            previous_slots: 0,
+            cpu_read: TableRead::default(),
+            previous_cpu_read: TableRead::default(),
             last_active_processes: 0,
             spare_per_cpu: Vec::new(),
             previous_txn: HashMap::new(),
@@ -724,9 +710,11 @@ impl EbpfSampler {
         &mut self._ebpf
     }
 
-    /// Whether the CPU map is read in batches (BPF_MAP_LOOKUP_BATCH) rather than key by key.
-    pub fn batch_lookup_active(&self) -> bool {
-        self.proc_cpu_batch.is_some()
+    /// The (process, scenario) keys that own a row of the per-process CPU
+    /// table now (rows of exited processes are given back at the window
+    /// that reports their exit).
+    pub fn cpu_table_keys(&self) -> Vec<ProcScenarioKey> {
+        self.proc_cpu.keys()
     }
 
     pub fn marker_libraries(&self) -> &[PathBuf] {
@@ -851,50 +839,6 @@ impl WindowProcesses {
 }
 
 impl EbpfSampler {
-    /// Every key of PROC_CPU_NS into `cpu_keys` and its first `slots`
-    /// per-CPU values into `cpu_values`: in batches where the kernel supports
-    /// it, else key by key. No allocation per key.
-    fn read_proc_cpu(&mut self, slots: usize) -> Result<(), AgentError> {
-        let (keys, values) = (&mut self.cpu_keys, &mut self.cpu_values);
-        keys.clear();
-        values.clear();
-        fn push(
-            keys: &mut Vec<ProcScenarioKey>,
-            values: &mut Vec<u64>,
-            slots: usize,
-            key: ProcScenarioKey,
-            per_cpu: &[u64],
-        ) {
-            keys.push(key);
-            values.extend(per_cpu.iter().copied().take(slots));
-            values.resize(keys.len() * slots, 0);
-        }
-        if let Some(reader) = self.proc_cpu_batch.as_mut() {
-            let result = reader.for_each(|key, per_cpu| {
-                // SAFETY: the map's keys are ProcScenarioKey (repr(C), 8 bytes).
-                let key: ProcScenarioKey = unsafe { std::ptr::read_unaligned(key.as_ptr().cast()) };
-                push(keys, values, slots, key, per_cpu);
-            });
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(
-                        "batch lookup unavailable ({e}); reading the CPU map key by key"
-                    );
-                    self.proc_cpu_batch = None;
-                    keys.clear();
-                    values.clear();
-                }
-            }
-        }
-        for entry in self.proc_cpu.iter() {
-            let (key, per_cpu) = entry.map_err(|e| ebpf_err("reading PROC_CPU_NS", e))?;
-            let per_cpu: Vec<u64> = per_cpu.iter().copied().collect();
-            push(keys, values, slots, key, &per_cpu);
-        }
-        Ok(())
-    }
-
     /// Adds this window's per-request CPU histograms (growth of the kernel's
     /// cumulative per-CPU buckets since the last read) to `by_tgid`; returns
     /// every key read (the dead ones are removed after enrichment).
@@ -1026,45 +970,29 @@ impl CpuSampler for EbpfSampler {
                 .collect()
         };
 
-        // CPU time per key, as deltas since the last window. The map's
-        // iteration order is stable between reads (a bucket's entries stay in
-        // order), so a key is first looked for where the cursor into the
-        // previous read stands (or one further, past a closed key); only a
-        // key out of place costs a hash lookup, in an index built on demand.
+        // CPU time per key, as deltas since the last window: both reads are
+        // in row order, so the previous figures of a row are met by a cursor,
+        // and count only if the row still has the same key.
         let mut by_tgid = WindowProcesses::new(
             self.last_active_processes,
             slots,
             std::mem::take(&mut self.spare_per_cpu),
         );
-        self.read_proc_cpu(slots)?;
-        let seen_keys = std::mem::take(&mut self.cpu_keys);
-        let previous_slots = self.previous_slots;
+        self.proc_cpu.read(slots, &mut self.cpu_read);
+        let read = &self.cpu_read;
+        let previous_read = &self.previous_cpu_read;
         let mut cursor = 0usize;
-        let mut index: Option<HashMap<ProcScenarioKey, usize>> = None;
-        for (key, now) in seen_keys.iter().zip(self.cpu_values.chunks_exact(slots)) {
-            let previous_keys = &self.previous_keys;
-            let found = if previous_keys.get(cursor) == Some(key) {
-                Some(cursor)
-            } else if previous_keys.get(cursor + 1) == Some(key) {
-                Some(cursor + 1)
+        for (at, (row, key)) in read.rows.iter().zip(&read.keys).enumerate() {
+            let now = read.values_of(at);
+            while previous_read.rows.get(cursor).is_some_and(|r| r < row) {
+                cursor += 1;
+            }
+            let previous: &[u64] = if previous_read.rows.get(cursor) == Some(row)
+                && previous_read.keys.get(cursor) == Some(key)
+            {
+                previous_read.values_of(cursor)
             } else {
-                index
-                    .get_or_insert_with(|| {
-                        previous_keys
-                            .iter()
-                            .enumerate()
-                            .map(|(i, k)| (*k, i))
-                            .collect()
-                    })
-                    .get(key)
-                    .copied()
-            };
-            let previous: &[u64] = match found {
-                Some(at) => {
-                    cursor = at + 1;
-                    &self.previous_values[at * previous_slots..(at + 1) * previous_slots]
-                }
-                None => &[],
+                &[]
             };
             let before = |cpu: usize| previous.get(cpu).copied().unwrap_or(0);
             let delta: u64 = now
@@ -1157,17 +1085,20 @@ impl CpuSampler for EbpfSampler {
             }
         }
 
-        // Close the keys of dead processes: a later process with the same PID
-        // starts afresh (its key never matches the closed one's values).
+        // Release the rows of dead processes: a later process with the same
+        // PID starts afresh in a new row (and a released row's next key never
+        // matches the closed one's figures).
         // This read becomes the previous one; its buffers are swapped, not copied.
-        let mut seen_keys = seen_keys;
-        for key in seen_keys.iter_mut().filter(|k| dead.contains(&k.tgid)) {
-            let _ = self.proc_cpu.remove(key);
-            *key = CLOSED_KEY;
+        let read = &mut self.cpu_read;
+        for (row, key) in read.rows.iter().zip(read.keys.iter_mut()) {
+            if dead.contains(&key.tgid) {
+                if let Err(e) = self.proc_cpu.release(*row, key) {
+                    tracing::warn!("releasing a row of the CPU table: {e}");
+                }
+                *key = CLOSED_KEY;
+            }
         }
-        self.cpu_keys = std::mem::replace(&mut self.previous_keys, seen_keys);
-        std::mem::swap(&mut self.cpu_values, &mut self.previous_values);
-        self.previous_slots = slots;
+        std::mem::swap(&mut self.cpu_read, &mut self.previous_cpu_read);
         if let Some(thread_cpu) = self.thread_cpu.as_mut() {
             for key in thread_keys {
                 let (tgid, tid) = ((key >> 32) as u32, key as u32);

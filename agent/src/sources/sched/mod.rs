@@ -10,9 +10,9 @@ use std::sync::Arc;
 use crate::window::{CpuSource, LossCounters};
 use proc_info::ProcInfo;
 
-mod batch;
 pub mod btf;
 pub mod ebpf;
+mod proc_cpu_table;
 pub mod proc_info;
 pub mod procfs;
 
