@@ -410,13 +410,17 @@ impl Backend for PostgresStore {
         let mut client = self.writers()?.get().map_err(pool_err)?;
         for day in missing {
             let name = partition_name(day);
-            // Raw windows are only inserted, looked up by key and dropped
-            // with their partition: a vacuum triggered by inserts (PostgreSQL
-            // 13+) would reread every page just written, a core of a small
-            // host for seconds each minute under steady ingest, for nothing
-            // (the partition is gone long before freezing would matter).
+            // Raw windows are only inserted (their keys live in window_keys)
+            // and dropped with their partition; the aggregator never reads
+            // them back. Autovacuum has nothing to do there: a vacuum
+            // triggered by inserts (PostgreSQL 13+) would reread every page
+            // just written, and an analyze would sample the growing
+            // partition for statistics no query uses, each a core of a small
+            // host for a second or more, minute after minute under steady
+            // ingest. The partition is gone long before freezing would
+            // matter (an anti-wraparound vacuum still runs regardless).
             let create = format!(
-                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF windows_raw FOR VALUES FROM ({}) TO ({}) WITH (autovacuum_vacuum_insert_threshold = -1)",
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF windows_raw FOR VALUES FROM ({}) TO ({}) WITH (autovacuum_enabled = false)",
                 day * DAY_NS,
                 (day + 1) * DAY_NS
             );
