@@ -431,7 +431,7 @@ fn exec_reads_procfs(ebpf: &mut Ebpf, on: bool) -> Result<(), AgentError> {
         .map_err(|e| ebpf_err("setting EXEC_READS_PROCFS", e))
 }
 
-fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
+pub(super) fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
     AgentError::Ebpf(format!("{context}: {e}"))
 }
 
