@@ -458,22 +458,43 @@ pub trait Backend: Send + Sync {
 }
 
 /// The encoding that is stored and digested: the prost encoding with the
-/// `weights` map (a HashMap, so in no fixed order) written in key order.
+/// `weights` records (field 24) moved to the end, as the first stores wrote
+/// it, so digests stay comparable across versions. A move of bytes, not a
+/// second encoding: the window is not cloned.
 pub fn canonical_encoding(w: &v1::WindowReport) -> Vec<u8> {
-    let mut without_weights = w.clone();
-    without_weights.weights.clear();
-    let mut bytes = without_weights.encode_to_vec();
-    let sorted: BTreeMap<String, f64> = w.weights.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    prost::encoding::btree_map::encode(
-        prost::encoding::string::encode,
-        prost::encoding::string::encoded_len,
-        prost::encoding::double::encode,
-        prost::encoding::double::encoded_len,
-        24,
-        &sorted,
-        &mut bytes,
-    );
-    bytes
+    const WEIGHTS_FIELD: u32 = 24;
+    let encoded = w.encode_to_vec();
+    if w.weights.is_empty() {
+        return encoded;
+    }
+    let mut head = Vec::with_capacity(encoded.len());
+    let mut weights = Vec::new();
+    let mut rest: &[u8] = &encoded;
+    while !rest.is_empty() {
+        let before = rest.len();
+        let mut record = rest;
+        let Ok((tag, wire_type)) = prost::encoding::decode_key(&mut record) else {
+            return encoded;
+        };
+        let skipped = prost::encoding::skip_field(
+            wire_type,
+            tag,
+            &mut record,
+            prost::encoding::DecodeContext::default(),
+        );
+        if skipped.is_err() {
+            return encoded;
+        }
+        let (this, after) = rest.split_at(before - record.len());
+        if tag == WEIGHTS_FIELD {
+            weights.extend_from_slice(this);
+        } else {
+            head.extend_from_slice(this);
+        }
+        rest = after;
+    }
+    head.extend_from_slice(&weights);
+    head
 }
 
 pub fn content_digest(encoding: &[u8]) -> Vec<u8> {
@@ -481,11 +502,11 @@ pub fn content_digest(encoding: &[u8]) -> Vec<u8> {
 }
 
 /// `(none)` for an empty name (as the rollups key it).
-fn or_none(s: &str) -> String {
+fn or_none(s: &str) -> &str {
     if s.is_empty() {
-        "(none)".to_string()
+        "(none)"
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -657,37 +678,62 @@ const TABLES: [&Table; 13] = [
 ];
 pub const DAY_S: u64 = 86_400;
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Key {
+/// A rollup row's key column: the names borrow from the windows being
+/// committed, so summing a window allocates nothing per row it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
     I(i64),
-    T(String),
+    T(&'a str),
 }
 
-/// Rollup additions of one commit, summed per row key before they are written.
+/// The widest key and sum lists of [`TABLES`]: a row is kept in arrays of
+/// these lengths, the unused tail constant within a table (so it neither
+/// reorders nor splits that table's rows).
+const MAX_KEYS: usize = 6;
+const MAX_SUMS: usize = 17;
+const _: () = {
+    let mut i = 0;
+    while i < TABLES.len() {
+        assert!(TABLES[i].keys.len() <= MAX_KEYS && TABLES[i].sums.len() <= MAX_SUMS);
+        i += 1;
+    }
+};
+type RowKey<'a> = [Key<'a>; MAX_KEYS];
+
+fn row_key<'a>(columns: &[Key<'a>]) -> RowKey<'a> {
+    let mut key = [Key::I(0); MAX_KEYS];
+    key[..columns.len()].copy_from_slice(columns);
+    key
+}
+
+/// Rollup additions of one commit, summed per row key before they are
+/// written (in key order, so concurrent aggregators lock rows in one order).
 #[derive(Default)]
-struct Deltas {
-    rows: [BTreeMap<Vec<Key>, Vec<f64>>; 13],
+struct Deltas<'a> {
+    rows: [BTreeMap<RowKey<'a>, [f64; MAX_SUMS]>; 13],
 }
 
-impl Deltas {
-    fn add(&mut self, table: usize, key: Vec<Key>, values: &[f64]) {
+impl<'a> Deltas<'a> {
+    fn add(&mut self, table: usize, key: &[Key<'a>], values: &[f64]) {
         let row = self.rows[table]
-            .entry(key)
-            .or_insert_with(|| vec![0.0; values.len()]);
+            .entry(row_key(key))
+            .or_insert([0.0; MAX_SUMS]);
         for (sum, v) in row.iter_mut().zip(values) {
             *sum += v;
         }
     }
 
-    fn add_window(&mut self, w: &v1::WindowReport, layout: &RollupLayout) {
+    fn add_window(&mut self, w: &'a v1::WindowReport, layout: &RollupLayout) {
         let dc = or_none(&w.datacenter);
         let end_bucket =
             |step: u64| (w.end_unix_ns.saturating_sub(1) / 1_000_000_000) / step * step;
-        let embodied = w.embodied.clone().unwrap_or_default();
+        let no_embodied = v1::EmbodiedFactors::default();
+        let embodied = w.embodied.as_ref().unwrap_or(&no_embodied);
+        let share_source = w.embodied.as_ref().map_or("", |e| e.share_source.as_str());
         let estimated_j = if w.estimated { w.host_energy_j } else { 0.0 };
         // Per scenario over the window: transactions and figures from the
         // scenario lines, idle energy from the processes.
-        let mut scenarios: BTreeMap<String, [f64; 6]> = BTreeMap::new();
+        let mut scenarios: BTreeMap<&'a str, [f64; 6]> = BTreeMap::new();
         for s in &w.scenarios {
             let e = scenarios.entry(or_none(&s.scenario)).or_default();
             e[0] += s.transactions as f64;
@@ -696,14 +742,15 @@ impl Deltas {
             e[4] += s.carbon_g;
             e[5] += s.embodied_g;
         }
-        let mut services: BTreeMap<(String, String), [f64; 5]> = BTreeMap::new();
+        let mut services: BTreeMap<(&'a str, &'a str), [f64; 5]> = BTreeMap::new();
+        let mut host_services: BTreeMap<&'a str, f64> = BTreeMap::new();
         for p in &w.processes {
             let scenario = if p.scenario.is_empty() {
-                agent_common::UNASSIGNED.to_string()
+                agent_common::UNASSIGNED
             } else {
-                p.scenario.clone()
+                p.scenario.as_str()
             };
-            if let Some(e) = scenarios.get_mut(&scenario) {
+            if let Some(e) = scenarios.get_mut(scenario) {
                 e[3] += p.idle_share_j;
             }
             let e = services
@@ -714,6 +761,7 @@ impl Deltas {
             e[2] += p.idle_share_j;
             e[3] += p.carbon_g;
             e[4] += p.embodied_g;
+            *host_services.entry(or_none(&p.service)).or_default() += p.cpu_ns as f64;
         }
         let transactions: f64 = w
             .scenarios
@@ -724,17 +772,17 @@ impl Deltas {
         for (fleet_t, scenario_t, step) in [(0, 1, layout.step_s), (5, 6, layout.host_step_s)] {
             for (bucket, share, seconds) in split_by_time(w.start_unix_ns, w.end_unix_ns, step) {
                 let ended = if bucket == end_bucket(step) { 1.0 } else { 0.0 };
-                let key = vec![
-                    Key::I(bucket as i64),
-                    Key::T(dc.clone()),
-                    Key::T(w.intensity_source.clone()),
-                    Key::T(w.energy_source.clone()),
-                    Key::T(w.energy_model.clone()),
-                    Key::T(embodied.share_source.clone()),
-                ];
+                let bucket = Key::I(bucket as i64);
                 self.add(
                     fleet_t,
-                    key,
+                    &[
+                        bucket,
+                        Key::T(dc),
+                        Key::T(&w.intensity_source),
+                        Key::T(&w.energy_source),
+                        Key::T(&w.energy_model),
+                        Key::T(share_source),
+                    ],
                     &[
                         ended,
                         seconds,
@@ -758,11 +806,7 @@ impl Deltas {
                 for (scenario, e) in &scenarios {
                     self.add(
                         scenario_t,
-                        vec![
-                            Key::I(bucket as i64),
-                            Key::T(dc.clone()),
-                            Key::T(scenario.clone()),
-                        ],
+                        &[bucket, Key::T(dc), Key::T(scenario)],
                         &e.map(|v| share * v),
                     );
                 }
@@ -770,13 +814,10 @@ impl Deltas {
         }
         for (host_t, service_t, step) in [(2, 3, layout.host_step_s), (7, 8, DAY_S)] {
             for (bucket, share, seconds) in split_by_time(w.start_unix_ns, w.end_unix_ns, step) {
+                let bucket = Key::I(bucket as i64);
                 self.add(
                     host_t,
-                    vec![
-                        Key::I(bucket as i64),
-                        Key::T(w.host.clone()),
-                        Key::T(dc.clone()),
-                    ],
+                    &[bucket, Key::T(&w.host), Key::T(dc)],
                     &[
                         seconds,
                         share * w.host_energy_j,
@@ -792,39 +833,29 @@ impl Deltas {
                 for ((service, scenario), e) in &services {
                     self.add(
                         service_t,
-                        vec![
-                            Key::I(bucket as i64),
-                            Key::T(dc.clone()),
-                            Key::T(service.clone()),
-                            Key::T(scenario.clone()),
-                        ],
+                        &[bucket, Key::T(dc), Key::T(service), Key::T(scenario)],
                         &e.map(|v| share * v),
                     );
                 }
             }
         }
-        let host_end_bucket = end_bucket(layout.host_step_s) as i64;
+        let host_end_bucket = Key::I(end_bucket(layout.host_step_s) as i64);
         for h in &w.request_cpu {
-            let (service, scenario) = (or_none(&h.service), or_none(&h.scenario));
+            let (service, scenario) = (Key::T(or_none(&h.service)), Key::T(or_none(&h.scenario)));
             let mut requests = 0.0;
             for (bin, &n) in h.counts.iter().enumerate() {
                 if n > 0 {
                     requests += n as f64;
                     self.add(
                         10,
-                        vec![
-                            Key::I(host_end_bucket),
-                            Key::T(service.clone()),
-                            Key::T(scenario.clone()),
-                            Key::I(bin as i64),
-                        ],
+                        &[host_end_bucket, service, scenario, Key::I(bin as i64)],
                         &[n as f64],
                     );
                 }
             }
             self.add(
                 11,
-                vec![Key::I(host_end_bucket), Key::T(service), Key::T(scenario)],
+                &[host_end_bucket, service, scenario],
                 &[
                     requests,
                     h.sum_cpu_ns as f64,
@@ -832,35 +863,27 @@ impl Deltas {
                 ],
             );
         }
-        let mut host_services: BTreeMap<String, f64> = BTreeMap::new();
-        for p in &w.processes {
-            *host_services.entry(or_none(&p.service)).or_default() += p.cpu_ns as f64;
-        }
         for (bucket, share, _) in split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s)
         {
+            let bucket = Key::I(bucket as i64);
             for (service, cpu_ns) in &host_services {
                 self.add(
                     12,
-                    vec![
-                        Key::I(bucket as i64),
-                        Key::T(dc.clone()),
-                        Key::T(w.host.clone()),
-                        Key::T(service.clone()),
-                    ],
+                    &[bucket, Key::T(dc), Key::T(&w.host), Key::T(service)],
                     &[share * cpu_ns],
                 );
             }
         }
         for (profile_t, step) in [(4, layout.host_step_s), (9, DAY_S)] {
-            let bucket = end_bucket(step) as i64;
+            let bucket = Key::I(end_bucket(step) as i64);
             for s in &w.profile {
                 self.add(
                     profile_t,
-                    vec![
-                        Key::I(bucket),
+                    &[
+                        bucket,
                         Key::T(or_none(&s.service)),
                         Key::T(or_none(&s.scenario)),
-                        Key::T(s.stack.clone()),
+                        Key::T(&s.stack),
                     ],
                     &[s.samples as f64, s.energy_j],
                 );
@@ -1022,26 +1045,26 @@ pub fn commit_windows(
             deltas.add_window(w, &layout);
             let span = spans.entry(w.host.clone()).or_insert_with(|| HostSpan {
                 host: w.host.clone(),
-                datacenter: or_none(&w.datacenter),
+                datacenter: or_none(&w.datacenter).to_string(),
                 first_start_ns: w.start_unix_ns,
                 last_end_ns: w.end_unix_ns,
             });
             span.first_start_ns = span.first_start_ns.min(w.start_unix_ns);
             span.last_end_ns = span.last_end_ns.max(w.end_unix_ns);
-            span.datacenter = or_none(&w.datacenter);
+            or_none(&w.datacenter).clone_into(&mut span.datacenter);
         }
         for (t, rows) in TABLES.iter().zip(&deltas.rows) {
-            let rows: Vec<(&Vec<Key>, &Vec<f64>)> = rows.iter().collect();
+            let rows: Vec<(&RowKey, &[f64; MAX_SUMS])> = rows.iter().collect();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let mut params = Vec::with_capacity(chunk.len() * (t.keys.len() + t.sums.len()));
                 for (key, sums) in chunk {
-                    for k in key.iter() {
+                    for k in &key[..t.keys.len()] {
                         params.push(match k {
                             Key::I(i) => Value::Int(*i),
-                            Key::T(s) => Value::Text(s.clone()),
+                            Key::T(s) => Value::Text(s.to_string()),
                         });
                     }
-                    params.extend(sums.iter().map(|v| Value::Real(*v)));
+                    params.extend(sums[..t.sums.len()].iter().map(|v| Value::Real(*v)));
                 }
                 tx.execute_later(&upsert_sql(t, chunk.len()), &params)?;
             }
@@ -1635,6 +1658,49 @@ mod tests {
         let pieces = split_by_time(h * 1_000_000_000, (h + 3600) * 1_000_000_000, 60);
         assert_eq!(pieces.len(), 60);
         assert!((pieces.iter().map(|p| p.1).sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_canonical_encoding_keeps_the_layout_earlier_digests_were_taken_on() {
+        // As the first stores wrote it: every field but the weights, in
+        // field order, then the weights in key order.
+        let mut w = v1::WindowReport {
+            host: "h".into(),
+            seq: 7,
+            host_energy_j: 12.5,
+            scenarios: vec![v1::ScenarioRecord {
+                scenario: "credit".into(),
+                transactions: 3,
+                ..Default::default()
+            }],
+            processes: vec![v1::ProcessRecord {
+                pid: 4,
+                service: "svc".into(),
+                ..Default::default()
+            }],
+            request_cpu: vec![v1::RequestCpuHistogram::default()],
+            ..Default::default()
+        };
+        for (k, v) in [("query", 1.0), ("credit", 24.0), ("drawdown", 7.0)] {
+            w.weights.insert(k.into(), v);
+        }
+        w.ingest_refused.insert("late".into(), 2);
+        let mut without_weights = w.clone();
+        without_weights.weights.clear();
+        let mut expected = without_weights.encode_to_vec();
+        prost::encoding::btree_map::encode(
+            prost::encoding::string::encode,
+            prost::encoding::string::encoded_len,
+            prost::encoding::double::encode,
+            prost::encoding::double::encoded_len,
+            24,
+            &w.weights,
+            &mut expected,
+        );
+        assert_ne!(expected, w.encode_to_vec());
+        assert_eq!(canonical_encoding(&w), expected);
+        w.weights.clear();
+        assert_eq!(canonical_encoding(&w), w.encode_to_vec());
     }
 
     #[test]
