@@ -392,6 +392,46 @@ impl Value {
     }
 }
 
+/// One column of an [`Upsert`], a value per row.
+pub enum Column {
+    Int(Vec<i64>),
+    Text(Vec<String>),
+    Real(Vec<f64>),
+}
+
+impl Column {
+    fn len(&self) -> usize {
+        match self {
+            Column::Int(v) => v.len(),
+            Column::Text(v) => v.len(),
+            Column::Real(v) => v.len(),
+        }
+    }
+    fn value(&self, row: usize) -> Value {
+        match self {
+            Column::Int(v) => Value::Int(v[row]),
+            Column::Text(v) => Value::Text(v[row].clone()),
+            Column::Real(v) => Value::Real(v[row]),
+        }
+    }
+}
+
+/// Rows for `table`, column by column: each is inserted, or, when a row
+/// with the same `conflict_keys` is there, merged into it by `on_conflict`
+/// (the `DO UPDATE SET` list, where `excluded.c` is the new row's value).
+pub struct Upsert {
+    pub table: &'static str,
+    pub columns: Vec<(&'static str, Column)>,
+    pub conflict_keys: &'static [&'static str],
+    pub on_conflict: String,
+}
+
+impl Upsert {
+    fn rows(&self) -> usize {
+        self.columns.first().map_or(0, |(_, c)| c.len())
+    }
+}
+
 /// One open write transaction.
 pub trait Tx {
     /// Several statements without parameters (migrations).
@@ -422,6 +462,32 @@ pub trait Tx {
             );
             let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
             self.execute_later(&sql, &params)?;
+        }
+        Ok(())
+    }
+    /// Adds `upsert`'s rows, held like [`Tx::execute_later`]: multi-row
+    /// INSERTs of a hundred rows each, or, on PostgreSQL, every upsert of
+    /// the commit in one statement with a binary array per column.
+    fn upsert_later(&mut self, upsert: Upsert) -> Result<(), AggregatorError> {
+        let names: Vec<&str> = upsert.columns.iter().map(|(name, _)| *name).collect();
+        let rows = upsert.rows();
+        let mut first = 0;
+        while first < rows {
+            let count = (rows - first).min(ROWS_PER_STATEMENT);
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
+                upsert.table,
+                names.join(", "),
+                values_clause(count, names.len()),
+                upsert.conflict_keys.join(", "),
+                upsert.on_conflict
+            );
+            let mut params = Vec::with_capacity(count * names.len());
+            for row in first..first + count {
+                params.extend(upsert.columns.iter().map(|(_, c)| c.value(row)));
+            }
+            self.execute_later(&sql, &params)?;
+            first += count;
         }
         Ok(())
     }
@@ -913,21 +979,45 @@ fn values_clause(rows: usize, width: usize) -> String {
 
 const ROWS_PER_STATEMENT: usize = 100;
 
-fn upsert_sql(t: &Table, rows: usize) -> String {
-    let columns: Vec<&str> = t.keys.iter().chain(t.sums).copied().collect();
-    let set: Vec<String> = t
-        .sums
-        .iter()
-        .map(|c| format!("{c} = {}.{c} + excluded.{c}", t.name))
-        .collect();
-    format!(
-        "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
-        t.name,
-        columns.join(", "),
-        values_clause(rows, columns.len()),
-        t.keys.join(", "),
-        set.join(", ")
-    )
+/// A table's summed additions as an [`Upsert`] that adds them to the rows
+/// already there.
+fn rollup_upsert(t: &Table, rows: &BTreeMap<RowKey, [f64; MAX_SUMS]>) -> Upsert {
+    let mut columns = Vec::with_capacity(t.keys.len() + t.sums.len());
+    for (c, name) in t.keys.iter().enumerate() {
+        let column = match rows.keys().next().map(|k| k[c]) {
+            Some(Key::T(_)) => Column::Text(
+                rows.keys()
+                    .map(|k| match k[c] {
+                        Key::T(s) => s.to_string(),
+                        Key::I(i) => i.to_string(),
+                    })
+                    .collect(),
+            ),
+            _ => Column::Int(
+                rows.keys()
+                    .map(|k| match k[c] {
+                        Key::I(i) => i,
+                        Key::T(_) => 0,
+                    })
+                    .collect(),
+            ),
+        };
+        columns.push((*name, column));
+    }
+    for (c, name) in t.sums.iter().enumerate() {
+        columns.push((*name, Column::Real(rows.values().map(|s| s[c]).collect())));
+    }
+    Upsert {
+        table: t.name,
+        columns,
+        conflict_keys: t.keys,
+        on_conflict: t
+            .sums
+            .iter()
+            .map(|c| format!("{c} = {}.{c} + excluded.{c}", t.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 fn key_key(w: &v1::WindowReport) -> (String, String, u64) {
@@ -1054,40 +1144,35 @@ pub fn commit_windows(
             or_none(&w.datacenter).clone_into(&mut span.datacenter);
         }
         for (t, rows) in TABLES.iter().zip(&deltas.rows) {
-            let rows: Vec<(&RowKey, &[f64; MAX_SUMS])> = rows.iter().collect();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut params = Vec::with_capacity(chunk.len() * (t.keys.len() + t.sums.len()));
-                for (key, sums) in chunk {
-                    for k in &key[..t.keys.len()] {
-                        params.push(match k {
-                            Key::I(i) => Value::Int(*i),
-                            Key::T(s) => Value::Text(s.to_string()),
-                        });
-                    }
-                    params.extend(sums[..t.sums.len()].iter().map(|v| Value::Real(*v)));
-                }
-                tx.execute_later(&upsert_sql(t, chunk.len()), &params)?;
+            if !rows.is_empty() {
+                tx.upsert_later(rollup_upsert(t, rows))?;
             }
         }
-        // One statement per hundred hosts (not one per host): each host
-        // appears once, as `spans` is keyed by host.
-        let spans: Vec<&HostSpan> = spans.values().collect();
-        for chunk in spans.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO hosts (host, datacenter, first_start_ns, last_end_ns) VALUES {} \
-                 ON CONFLICT (host) DO UPDATE SET datacenter = excluded.datacenter, \
-                 first_start_ns = CASE WHEN excluded.first_start_ns < hosts.first_start_ns THEN excluded.first_start_ns ELSE hosts.first_start_ns END, \
-                 last_end_ns = CASE WHEN excluded.last_end_ns > hosts.last_end_ns THEN excluded.last_end_ns ELSE hosts.last_end_ns END",
-                values_clause(chunk.len(), 4)
-            );
-            let mut params = Vec::with_capacity(chunk.len() * 4);
-            for span in chunk {
-                params.push(Value::Text(span.host.clone()));
-                params.push(Value::Text(span.datacenter.clone()));
-                params.push(Value::Int(span.first_start_ns as i64));
-                params.push(Value::Int(span.last_end_ns as i64));
-            }
-            tx.execute_later(&sql, &params)?;
+        if !spans.is_empty() {
+            let spans: Vec<&HostSpan> = spans.values().collect();
+            tx.upsert_later(Upsert {
+                table: "hosts",
+                columns: vec![
+                    ("host", Column::Text(spans.iter().map(|s| s.host.clone()).collect())),
+                    (
+                        "datacenter",
+                        Column::Text(spans.iter().map(|s| s.datacenter.clone()).collect()),
+                    ),
+                    (
+                        "first_start_ns",
+                        Column::Int(spans.iter().map(|s| s.first_start_ns as i64).collect()),
+                    ),
+                    (
+                        "last_end_ns",
+                        Column::Int(spans.iter().map(|s| s.last_end_ns as i64).collect()),
+                    ),
+                ],
+                conflict_keys: &["host"],
+                on_conflict: "datacenter = excluded.datacenter, \
+                    first_start_ns = CASE WHEN excluded.first_start_ns < hosts.first_start_ns THEN excluded.first_start_ns ELSE hosts.first_start_ns END, \
+                    last_end_ns = CASE WHEN excluded.last_end_ns > hosts.last_end_ns THEN excluded.last_end_ns ELSE hosts.last_end_ns END"
+                    .to_string(),
+            })?;
         }
         Ok(())
     })?;
