@@ -241,7 +241,11 @@ impl Pipeline {
         report.request_cpu = crate::transforms::request_cpu::histograms(&sample, &report);
         if let Some(profiler) = self.profiler.as_mut() {
             match profiler.drain() {
-                Ok(profile) => report.profile = weigh(&profile, &report),
+                Ok(profile) => {
+                    report.lost.profile_samples_lost += profile.lost_samples;
+                    report.lost.profile_stacks_lost += profile.lost_stacks;
+                    report.profile = weigh(&profile, &report);
+                }
                 Err(e) => tracing::warn!("CPU profile of window {}: {e}", report.seq),
             }
         }

@@ -49,6 +49,13 @@ pub struct LossCounters {
     /// Completed requests left out of the per-request CPU histograms (map full).
     #[serde(default)]
     pub request_histogram_full: u64,
+    /// CPU profile samples the kernel could not count (count map full).
+    #[serde(default)]
+    pub profile_samples_lost: u64,
+    /// Profile stacks whose frames could not be kept (stack map full or
+    /// bucket taken): their samples show as `[unknown]`.
+    #[serde(default)]
+    pub profile_stacks_lost: u64,
     /// CPU time charged to processes that had already exited and whose
     /// record was closed (charged in the window after their exit).
     pub late_cpu_ns: u64,
@@ -453,6 +460,8 @@ impl LossCounters {
             scenario_map_full: self.scenario_map_full + other.scenario_map_full,
             late_cpu_ns: self.late_cpu_ns + other.late_cpu_ns,
             request_histogram_full: self.request_histogram_full + other.request_histogram_full,
+            profile_samples_lost: self.profile_samples_lost + other.profile_samples_lost,
+            profile_stacks_lost: self.profile_stacks_lost + other.profile_stacks_lost,
         }
     }
 }

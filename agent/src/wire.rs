@@ -148,6 +148,8 @@ wire_pair!(LossCounters <-> LossCounters {
     scenario_map_full,
     late_cpu_ns,
     request_histogram_full,
+    profile_samples_lost,
+    profile_stacks_lost,
 });
 
 wire_pair!(ThreadRecord <-> ThreadRecord { tid, cpu_ns });
@@ -291,6 +293,8 @@ mod tests {
             scenario_map_full: 6,
             late_cpu_ns: 7,
             request_histogram_full: 8,
+            profile_samples_lost: 9,
+            profile_stacks_lost: 10,
         };
         w.energy_source = "powercap".into();
         w.estimated = true;

@@ -46,6 +46,9 @@ fn window(seq: u64, processes: Vec<ProcessRecord>) -> WindowReport {
     r.lost = LossCounters {
         ringbuf_drops: 3,
         late_cpu_ns: 2_000_000_000,
+        request_histogram_full: 4,
+        profile_samples_lost: 5,
+        profile_stacks_lost: 7,
         ..Default::default()
     };
     r.processes = processes;
@@ -105,6 +108,18 @@ fn totals_and_exited_processes_folded_by_comm() {
     assert_eq!(m["sci_host_idle_energy_joules_total"], 8.0);
     assert_eq!(m["sci_host_embodied_grams_total"], 0.5);
     assert_eq!(m["sci_lost_events_total{kind=\"ringbuf_drop\"}"], 6.0);
+    assert_eq!(
+        m["sci_lost_events_total{kind=\"request_histogram_full\"}"],
+        8.0
+    );
+    assert_eq!(
+        m["sci_lost_events_total{kind=\"profile_samples_lost\"}"],
+        10.0
+    );
+    assert_eq!(
+        m["sci_lost_events_total{kind=\"profile_stacks_lost\"}"],
+        14.0
+    );
     assert_eq!(m["sci_lost_cpu_seconds_total{kind=\"late\"}"], 4.0);
     assert_eq!(m["sci_host_cpu_seconds_total{mode=\"busy\"}"], 2.0);
     // pid 100 exited: its 5 J now live in the comm series; pid 101 has its own.

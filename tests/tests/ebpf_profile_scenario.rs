@@ -84,17 +84,31 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
         let leaf = s.stack.rsplit(';').next().unwrap_or_default().to_string();
         *by_function.entry(leaf).or_default() += s.energy_j;
     }
+    // A sample whose stack the kernel could not keep (its bucket in the
+    // stack map taken by another stack) is still counted, folded as
+    // `[unknown]`, and the window says how many stacks were lost.
+    let unknown_j = by_function.get("[unknown]").copied().unwrap_or(0.0);
     let (top, top_j) = by_function
         .iter()
+        .filter(|(function, _)| function.as_str() != "[unknown]")
         .max_by(|a, b| a.1.total_cmp(b.1))
         .unwrap();
     println!(
-        "credit: scenario {:.4} J, profile {profile_j:.4} J ({:.2}% apart); top function {top} with {:.1}% of it",
+        "credit: scenario {:.4} J, profile {profile_j:.4} J ({:.2}% apart); top function {top} with {:.1}% of it, [unknown] {:.1}%; lost in the window: {} stacks, {} samples",
         credit.energy_j,
         error * 100.0,
-        100.0 * top_j / profile_j
+        100.0 * top_j / profile_j,
+        100.0 * unknown_j / profile_j,
+        report.lost.profile_stacks_lost,
+        report.lost.profile_samples_lost,
     );
     assert_eq!(top, "hot_path");
+    assert!(
+        unknown_j < 0.05 * profile_j || report.lost.profile_stacks_lost > 0,
+        "{:.1}% of the credit profile is [unknown] and no lost stack was counted: symbolisation failed",
+        100.0 * unknown_j / profile_j
+    );
+    assert_eq!(report.lost.profile_samples_lost, 0);
     assert!(
         error < 0.05,
         "profile {profile_j} J vs scenario {} J",

@@ -308,6 +308,9 @@ impl MetricsRegistry {
             ("thread_map_full", l.thread_map_full),
             ("txn_map_full", l.txn_map_full),
             ("scenario_map_full", l.scenario_map_full),
+            ("request_histogram_full", l.request_histogram_full),
+            ("profile_samples_lost", l.profile_samples_lost),
+            ("profile_stacks_lost", l.profile_stacks_lost),
         ] {
             *s.lost_events.entry(kind).or_default() += n;
         }

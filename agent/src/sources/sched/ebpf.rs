@@ -1172,6 +1172,9 @@ impl CpuSampler for EbpfSampler {
             scenario_map_full: loss(LOSS_SCENARIO_MAP_FULL) + loss(LOSS_THREAD_STATE_FULL),
             request_histogram_full: loss(LOSS_REQUEST_HISTOGRAM_FULL),
             late_cpu_ns: 0,
+            // The profiler's own, added by the pipeline when it drains.
+            profile_samples_lost: 0,
+            profile_stacks_lost: 0,
         };
         // Per-CPU busy time no process could be charged with, this window only.
         let unowned_busy_ns_per_cpu: Vec<u64> = unowned_now
