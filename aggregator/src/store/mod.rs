@@ -438,13 +438,6 @@ pub trait Tx {
     fn batch(&mut self, sql: &str) -> Result<(), AggregatorError>;
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, AggregatorError>;
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError>;
-    /// A statement whose row count nobody needs: it may be held and sent
-    /// with the others in one round trip before the next query or the
-    /// commit (PostgreSQL), or run at once (SQLite). Its error, if any,
-    /// fails the transaction either way.
-    fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<(), AggregatorError> {
-        self.execute(sql, params).map(|_| ())
-    }
     /// Appends `rows` (each one value per column) to `table`, where no
     /// conflict can arise: multi-row INSERTs, or a binary COPY on
     /// PostgreSQL, which spares the server parsing every value as text.
@@ -461,13 +454,14 @@ pub trait Tx {
                 values_clause(chunk.len(), columns.len())
             );
             let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
-            self.execute_later(&sql, &params)?;
+            self.execute(&sql, &params)?;
         }
         Ok(())
     }
-    /// Adds `upsert`'s rows, held like [`Tx::execute_later`]: multi-row
-    /// INSERTs of a hundred rows each, or, on PostgreSQL, every upsert of
-    /// the commit in one statement with a binary array per column.
+    /// Adds `upsert`'s rows: multi-row INSERTs of a hundred rows each, or, on
+    /// PostgreSQL, held and sent with every other upsert of the commit in one
+    /// statement with a binary array per column. An error, if any, fails the
+    /// transaction either way.
     fn upsert_later(&mut self, upsert: Upsert) -> Result<(), AggregatorError> {
         let names: Vec<&str> = upsert.columns.iter().map(|(name, _)| *name).collect();
         let rows = upsert.rows();
@@ -486,7 +480,7 @@ pub trait Tx {
             for row in first..first + count {
                 params.extend(upsert.columns.iter().map(|(_, c)| c.value(row)));
             }
-            self.execute_later(&sql, &params)?;
+            self.execute(&sql, &params)?;
             first += count;
         }
         Ok(())

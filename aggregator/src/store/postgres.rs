@@ -105,80 +105,19 @@ fn rows_of(rows: Vec<postgres::Row>) -> Result<Vec<Vec<Value>>, AggregatorError>
     Ok(out)
 }
 
-/// A value as an SQL literal that PostgreSQL reads back exactly: floats in
-/// Rust's shortest round-trip form through `float8in` (correctly rounded),
-/// text quoted with `'` doubled (the writers' sessions force
-/// `standard_conforming_strings`, so a backslash is only a backslash),
-/// bytes as hex.
-fn literal(v: &Value, out: &mut String) -> Result<(), AggregatorError> {
-    use std::fmt::Write as _;
-    match v {
-        Value::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
-        Value::Real(r) => {
-            let _ = write!(out, "CAST('{r:?}' AS DOUBLE PRECISION)");
-        }
-        Value::Text(t) => {
-            if t.contains('\0') {
-                return Err(AggregatorError::Invalid(format!(
-                    "text with a NUL character cannot be stored: {:?}",
-                    t.chars().take(60).collect::<String>()
-                )));
-            }
-            out.push('\'');
-            out.push_str(&t.replace('\'', "''"));
-            out.push('\'');
-        }
-        Value::Bytes(b) => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.reserve(b.len() * 2 + 16);
-            out.push_str("decode('");
-            for byte in b {
-                out.push(char::from(HEX[usize::from(byte >> 4)]));
-                out.push(char::from(HEX[usize::from(byte & 15)]));
-            }
-            out.push_str("', 'hex')");
-        }
-        Value::Null => out.push_str("NULL"),
-    }
-    Ok(())
-}
-
-/// `sql` with its `$n` placeholders replaced by the literals of `params`
-/// (the shared SQL has no `$` anywhere else).
-fn inline_params(sql: &str, params: &[Value], out: &mut String) -> Result<(), AggregatorError> {
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        let n: usize = after[..digits].parse().map_err(|_| {
-            AggregatorError::Invalid(format!("placeholder without a number in {sql:?}"))
-        })?;
-        let v = n
-            .checked_sub(1)
-            .and_then(|i| params.get(i))
-            .ok_or_else(|| AggregatorError::Invalid(format!("no parameter ${n} for {sql:?}")))?;
-        literal(v, out)?;
-        rest = &after[digits..];
-    }
-    out.push_str(rest);
-    Ok(())
-}
-
-/// Statements held by [`Tx::execute_later`] are sent together, in one
-/// simple-query message (one round trip), and the held upserts in one
-/// statement, before the next statement that needs an answer and before the
-/// commit. On a busy host every round trip waits for both processes to be
-/// scheduled; a commit of a few hundred windows went from some 70 round
-/// trips to about 5. The upserts carry their values as binary arrays
-/// (`unnest`), which the server neither parses nor converts from text: with
-/// the values inline as literals, parsing them was a third of the writer's
-/// time. Statements with parameters are sent with their types, so the server
-/// is not asked to describe them first (one round trip each, not two).
+/// The upserts held by [`Tx::upsert_later`] are sent as one statement
+/// (after the held settings), before the next statement that needs an
+/// answer and before the commit. On a busy host every round trip waits for
+/// both processes to be scheduled; a commit of a few hundred windows went
+/// from some 70 round trips to about 5. The upserts carry their values as
+/// binary arrays (`unnest`), which the server neither parses nor converts
+/// from text: with the values inline as literals, parsing them was a third
+/// of the writer's time. Statements with parameters are sent with their
+/// types, so the server is not asked to describe them first (one round trip
+/// each, not two).
 struct PgTx<'a, 'b> {
     tx: &'a mut postgres::Transaction<'b>,
+    /// Settings of the transaction (`SET LOCAL ...`), sent with its first statement.
     held: String,
     upserts: Vec<Upsert>,
 }
@@ -227,21 +166,23 @@ fn upserts_statement(upserts: &[Upsert]) -> (String, Vec<(&(dyn ToSql + Sync), T
     (sql, params)
 }
 
-/// The parameters with their types, when none is NULL (a NULL says no type).
+/// The column type a value is sent as (none for NULL, which says no type).
+fn pg_type(v: &Value) -> Option<Type> {
+    match v {
+        Value::Int(_) => Some(Type::INT8),
+        Value::Real(_) => Some(Type::FLOAT8),
+        Value::Text(_) => Some(Type::TEXT),
+        Value::Bytes(_) => Some(Type::BYTEA),
+        Value::Null => None,
+    }
+}
+
+/// The parameters with their types, when none is NULL.
 fn typed_params(values: &[Value]) -> Option<Vec<(&(dyn ToSql + Sync), Type)>> {
     values
         .iter()
         .zip(params_of(values))
-        .map(|(v, p)| {
-            let t = match v {
-                Value::Int(_) => Type::INT8,
-                Value::Real(_) => Type::FLOAT8,
-                Value::Text(_) => Type::TEXT,
-                Value::Bytes(_) => Type::BYTEA,
-                Value::Null => return None,
-            };
-            Some((p, t))
-        })
+        .map(|(v, p)| Some((p, pg_type(v)?)))
         .collect()
 }
 
@@ -297,11 +238,6 @@ impl Tx for PgTx<'_, '_> {
         self.upserts.push(upsert);
         Ok(())
     }
-    fn execute_later(&mut self, sql: &str, params: &[Value]) -> Result<(), AggregatorError> {
-        inline_params(sql, params, &mut self.held)?;
-        self.held.push_str(";\n");
-        Ok(())
-    }
     fn append_rows(
         &mut self,
         table: &str,
@@ -313,14 +249,12 @@ impl Tx for PgTx<'_, '_> {
         };
         let types = first
             .iter()
-            .map(|v| match v {
-                Value::Int(_) => Ok(Type::INT8),
-                Value::Real(_) => Ok(Type::FLOAT8),
-                Value::Text(_) => Ok(Type::TEXT),
-                Value::Bytes(_) => Ok(Type::BYTEA),
-                Value::Null => Err(AggregatorError::Invalid(format!(
-                    "appending to {table}: a NULL gives no column type"
-                ))),
+            .map(|v| {
+                pg_type(v).ok_or_else(|| {
+                    AggregatorError::Invalid(format!(
+                        "appending to {table}: a NULL gives no column type"
+                    ))
+                })
             })
             .collect::<Result<Vec<Type>, _>>()?;
         let sink = self
@@ -351,10 +285,7 @@ impl PostgresStore {
         let config: postgres::Config = url
             .parse()
             .map_err(|e| AggregatorError::Postgres(format!("postgres_url: {e}")))?;
-        let mut config = config;
         let given = config.get_options().unwrap_or_default().to_string();
-        // Held statements carry their values as literals (see `literal`).
-        config.options(&format!("{given} -c standard_conforming_strings=on"));
         let mut read_config = config.clone();
         // Each query on one core: parallel workers are processes forked per
         // query, and on a small server they took the CPU that ingest needs
