@@ -273,7 +273,12 @@ fn the_steal_clock_the_markers_subtract_is_the_kernels() {
     }
     let btf = KernelBtf::from_sys_fs().unwrap();
     if let Err(reason) = steal_clock_offsets(&btf) {
-        println!("skipping the steal clock check: {reason}");
+        // A kernel without a paravirtual steal clock (bare metal, another
+        // hypervisor) has nothing to compare: recorded, so CI fails on it.
+        sci_tests::record_skip(
+            "the_steal_clock_the_markers_subtract_is_the_kernels",
+            &format!("no steal clock in this kernel: {reason}"),
+        );
         return;
     }
     let mut sampler = EbpfSampler::load(&EbpfOptions::default()).unwrap();

@@ -457,7 +457,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     // this function returns.
     let postgres = if args.selects("The fleet at real size: PostgreSQL 15") {
         Some(
-            sci_tests::postgres::ScratchPostgres::start()
+            sci_test_harness::postgres::ScratchPostgres::start()
                 .map_err(|e| anyhow::anyhow!("scratch PostgreSQL for the store bench: {e}"))?,
         )
     } else {

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sci_tests::fleet::http_get;
+use sci_test_harness::http::http_get;
 
 pub fn config(grpc_port: u16, http_port: u16, db: &Path, period: Duration, token: &str) -> String {
     format!(

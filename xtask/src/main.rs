@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod demo_aggregator;
+#[cfg(test)]
+mod dependency_closure;
 mod setup;
 mod supervisor;
 
@@ -60,9 +62,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 pub fn cargo() -> Command {
     // Without the variables `cargo run` set for xtask itself, so that its
-    // builds and the tests' builds share their artifacts (see sci_tests::cargo).
-    let mut cargo = sci_tests::cargo();
-    if sci_tests::ci() {
+    // builds and the tests' builds share their artifacts (see sci_test_harness::cargo).
+    let mut cargo = sci_test_harness::cargo();
+    if sci_test_harness::ci() {
         // A fresh clone builds once: incremental state would only take disk.
         cargo.env("CARGO_INCREMENTAL", "0");
     }
@@ -101,7 +103,7 @@ fn cargo_test(args: &[&str], skip_log: &Path, totals: &mut TestTotals) -> Result
     // Every test binary runs even after one fails, so a run shows all failures.
     cmd.args(["test", "--no-fail-fast"])
         .args(args)
-        .env(sci_tests::SKIP_LOG_ENV, skip_log)
+        .env(sci_test_harness::SKIP_LOG_ENV, skip_log)
         .current_dir(workspace_root());
     eprintln!("xtask: {cmd:?}");
     let mut child = cmd
@@ -183,7 +185,7 @@ fn test(no_lint: bool) -> Result<()> {
     }
     crates?;
     end_to_end?;
-    check_skips(sci_tests::ci(), &skips)
+    check_skips(sci_test_harness::ci(), &skips)
 }
 
 /// Under CI every privileged test must run: any recorded skip fails the run, naming the tests.

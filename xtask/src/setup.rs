@@ -161,10 +161,34 @@ fn ensure_python_tools() -> Result<()> {
     Ok(())
 }
 
+/// One set-up step: runs it and prints one line with what it was and, when
+/// it took longer than a second, how long.
+fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let started = std::time::Instant::now();
+    let result = f().with_context(|| format!("set-up step: {what}"));
+    let elapsed = started.elapsed().as_secs_f64();
+    let outcome = if result.is_ok() { "ok" } else { "FAILED" };
+    if elapsed >= 1.0 {
+        eprintln!("setup: {what}: {outcome} ({elapsed:.1} s)");
+    } else {
+        eprintln!("setup: {what}: {outcome}");
+    }
+    result
+}
+
 pub fn setup() -> Result<()> {
-    ensure_nightly_rust_src()?;
-    ensure_bpf_linker()?;
-    ensure_debian_packages()?;
-    ensure_python_tools()?;
+    step(
+        "nightly toolchain with rust-src (eBPF build-std)",
+        ensure_nightly_rust_src,
+    )?;
+    step(
+        &format!("bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM"),
+        ensure_bpf_linker,
+    )?;
+    step(
+        &format!("Debian packages {}", DEBIAN_PACKAGES.join(", ")),
+        ensure_debian_packages,
+    )?;
+    step("Python tools (kubernetes-validate)", ensure_python_tools)?;
     Ok(())
 }

@@ -385,7 +385,10 @@ mod tests {
     fn kernel() -> Option<KernelBtf> {
         let path = Path::new("/sys/kernel/btf/vmlinux");
         if !path.exists() {
-            println!("skipping: this kernel has no BTF at {}", path.display());
+            agent_common::privileged::record_skip(
+                "sources::sched::btf::tests",
+                &format!("this kernel has no BTF at {}", path.display()),
+            );
             return None;
         }
         Some(KernelBtf::from_file(path).expect("the running kernel's BTF parses"))

@@ -144,7 +144,7 @@ impl ScratchPostgres {
         match ScratchPostgres::start() {
             Ok(server) => Some(server),
             Err(e) if !crate::ci() => {
-                println!("skipping {test}: cannot start PostgreSQL: {e}");
+                crate::record_skip(test, &format!("cannot start PostgreSQL: {e}"));
                 None
             }
             Err(e) => panic!("{test}: cannot start PostgreSQL on CI: {e}"),
