@@ -8,9 +8,13 @@
 #[cfg(any(
     feature = "test-support",
     feature = "time-text",
-    feature = "exposition"
+    feature = "exposition",
+    feature = "cli"
 ))]
 extern crate std;
+
+#[cfg(feature = "cli")]
+pub mod cli_exit;
 
 #[cfg(feature = "exposition")]
 pub mod prometheus_text;

@@ -185,7 +185,11 @@ fn run(source: &SourceArgs, insecure: bool) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    agent_common::cli_exit::exit_code(run_command())
+}
+
+fn run_command() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -129,7 +129,11 @@ fn parse_time(text: &str) -> Result<u64> {
     u64::try_from(t.as_second()).with_context(|| format!("{text:?} is before 1970"))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    agent_common::cli_exit::exit_code(run())
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -200,7 +200,11 @@ fn check_skips(ci: bool, skips: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    agent_common::cli_exit::exit_code(run_task())
+}
+
+fn run_task() -> Result<()> {
     let cli = Cli::parse();
     setup::setup()?;
     match cli.task {

@@ -46,7 +46,11 @@ struct Args {
     identity_rounds: Option<u32>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    agent_common::cli_exit::exit_code(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let comm = args.role.comm();
     // The main thread's name is the process's comm; every other thread gets
