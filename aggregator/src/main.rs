@@ -189,7 +189,7 @@ fn run() -> Result<()> {
             if from > max_s || to > max_s {
                 bail!("--from and --to must be before unix second {max_s}");
             }
-            let store = sci_aggregator::store::open(&cfg)?;
+            let store = cfg.open_store()?;
             let from = if from == 0 {
                 store
                     .extent()?
@@ -243,7 +243,7 @@ fn run() -> Result<()> {
             }
             let scope: review::compare::Scope = scope.parse().map_err(anyhow::Error::msg)?;
             let period_s = period.unwrap_or(cfg.period).as_secs().max(1);
-            let store = sci_aggregator::store::open(&cfg)?;
+            let store = cfg.open_store()?;
             let layout = store.layout();
             let range = |text: &str, what: &str| -> Result<sci_aggregator::store::Range> {
                 let (from, to) = parse_range(text, what)?;
