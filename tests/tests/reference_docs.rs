@@ -203,7 +203,7 @@ fn exposition_names(text: &str) -> BTreeSet<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| match l.split_once(' ') {
-            Some((name, "counter")) => format!("{name}_total"),
+            Some((name, "counter")) if !name.ends_with("_total") => format!("{name}_total"),
             Some((name, _)) => name.to_string(),
             None => l.to_string(),
         })
@@ -232,7 +232,7 @@ fn metrics_are_the_reference_metrics() {
         ..Default::default()
     };
     let store: Arc<dyn sci_aggregator::store::Store> =
-        Arc::from(sci_aggregator::store::open(&config).unwrap());
+        Arc::from(config.open_store().unwrap());
     let state =
         sci_aggregator::http::HttpState::new(store, Arc::new(config), Default::default());
     let now = std::time::SystemTime::now()
