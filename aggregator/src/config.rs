@@ -236,9 +236,9 @@ impl AggregatorConfig {
 
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AggregatorError> {
         let config: AggregatorConfig =
-            toml::from_str(text).map_err(|e| AggregatorError::Config {
+            agent_common::config_text::parse(text).map_err(|message| AggregatorError::Config {
                 path: origin.to_path_buf(),
-                message: e.to_string(),
+                message,
             })?;
         config.validate(origin)?;
         Ok(config)
