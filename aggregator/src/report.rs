@@ -323,6 +323,104 @@ pub fn markdown(e: &Evaluation) -> String {
     md
 }
 
+/// What a service key without a rule means, printed beside it.
+pub const UNASSIGNED_NOTE: &str = "unassigned (no rule): processes no scenario rule claims (the OS, the agent, the load generator, anything not yet under a rule); their energy counts in the hosts' O and so in SCI_CF, but in no scenario";
+
+/// The evaluation for a terminal: the same figures as [`markdown`] (4
+/// significant digits, unit-scaled), the periods in the mean and those left
+/// out with why, O, M and R over the covered periods (so that (O+M)/R is
+/// the pooled figure printed beside it), the scenarios and the
+/// heaviest services.
+pub fn console(e: &Evaluation) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "== Fleet SCI_CF (T/CQJR 032.2-2025, gCO2e per business unit; query = 1 unit) =="
+    );
+    let _ = writeln!(
+        s,
+        "  SCI_CF, mean of the SCI_j of {} period(s) of {} s:   {}",
+        e.periods_in_mean,
+        e.period_s,
+        sci_text(e.sci_cf_mean)
+    );
+    let _ = writeln!(
+        s,
+        "  pooled sum(O+M)/sum(R) over the covered periods:  {}",
+        sci_text(e.sci_cf_pooled)
+    );
+    let covered = e.periods.iter().filter(|p| p.covered);
+    let (o_g, m_g, r) = covered.fold((0.0, 0.0, 0.0), |(o, m, r), p| {
+        (o + p.operational_g, m + p.embodied_g, r + p.business_units)
+    });
+    let _ = writeln!(
+        s,
+        "  over the covered periods: O = {}, M = {}, R = {} units",
+        mass_g(o_g),
+        mass_g(m_g),
+        count(r)
+    );
+    let _ = writeln!(
+        s,
+        "  periods: {} with data ({} with transactions, {} in SCI_CF), {} without data",
+        e.periods.len(),
+        e.periods_defined,
+        e.periods_in_mean,
+        e.periods_without_data
+    );
+    for p in e.periods.iter().filter(|p| !p.in_mean) {
+        let _ = writeln!(
+            s,
+            "    left out {} (coverage {}): {}",
+            unix_to_text(p.start_unix_s),
+            percent(p.coverage),
+            p.excluded_reason.as_deref().unwrap_or("not in the mean")
+        );
+    }
+    let _ = writeln!(s, "\n== Per scenario (whole range) ==");
+    let _ = writeln!(
+        s,
+        "  {:<11} {:>12} {:>12} {:>16} {:>9} {:>9}",
+        "scenario", "transactions", "energy", "per transaction", "measured", "standard"
+    );
+    for sc in &e.scenarios {
+        let _ = writeln!(
+            s,
+            "  {:<11} {:>12} {:>12} {:>16} {:>9} {:>9}",
+            sc.scenario,
+            count(sc.transactions),
+            energy_j(sc.total_energy_j),
+            sc.g_per_transaction.map_or("–".into(), mass_g),
+            sc.measured_weight.map_or("–".into(), sig4),
+            sc.standard_weight
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n== Where the carbon goes (heaviest services, whole range) =="
+    );
+    let mut unassigned = false;
+    for sv in e.services.iter().take(6) {
+        let key = if sv.key == "(none)/(none)" {
+            unassigned = true;
+            "unassigned (no rule)"
+        } else {
+            sv.key.as_str()
+        };
+        let _ = writeln!(
+            s,
+            "  {:<30} {:>12} {:>12}",
+            key,
+            energy_j(sv.energy_j),
+            mass_g(sv.carbon_g + sv.embodied_g)
+        );
+    }
+    if unassigned {
+        let _ = writeln!(s, "  {UNASSIGNED_NOTE}");
+    }
+    s
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -349,6 +447,35 @@ mod tests {
         );
         assert!(md.contains("## Disclosure: the factors behind the figures"));
         assert!(md.contains("| data centre | intensity (gCO2e/kWh) | intensity source | PUE | TE | EL (days) | RR/ToR |"));
+    }
+
+    #[test]
+    fn console_counts_the_periods_and_agrees_with_the_pooled_figure() {
+        let e = crate::dashboard::tests::evaluation();
+        let text = console(&e);
+        assert!(text.contains("SCI_CF, mean of the SCI_j of 2 period(s) of 3600 s:   200.0 mg CO2e per business unit"), "{text}");
+        assert!(
+            text.contains("pooled sum(O+M)/sum(R) over the covered periods:  162.9 mg CO2e"),
+            "{text}"
+        );
+        // O + M over the covered periods, divided by their R: the pooled figure.
+        let (o, m, r) = e
+            .periods
+            .iter()
+            .filter(|p| p.covered)
+            .fold((0.0, 0.0, 0.0), |a, p| {
+                (
+                    a.0 + p.operational_g,
+                    a.1 + p.embodied_g,
+                    a.2 + p.business_units,
+                )
+            });
+        assert!(((o + m) / r - e.sci_cf_pooled.unwrap()).abs() < 1e-12);
+        assert!(
+            text.contains("over the covered periods: O = 93.00 g, M = 21.00 g, R = 700 units"),
+            "{text}"
+        );
+        assert!(text.contains("left out 1970-01-01T10:00:00Z (coverage 100.0%): no completed transactions in the period (R = 0)"), "{text}");
     }
 
     #[test]

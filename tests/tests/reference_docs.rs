@@ -128,7 +128,12 @@ fn reference_names(file: &str, column: &str) -> BTreeSet<String> {
             header = false;
             continue;
         }
-        let first = line.trim_matches('|').split('|').next().unwrap_or("").trim();
+        let first = line
+            .trim_matches('|')
+            .split('|')
+            .next()
+            .unwrap_or("")
+            .trim();
         if !in_table && !header {
             header = true;
             in_table = first == column;
@@ -231,10 +236,8 @@ fn metrics_are_the_reference_metrics() {
         database: dir.path().join("sci.db"),
         ..Default::default()
     };
-    let store: Arc<dyn sci_aggregator::store::Store> =
-        Arc::from(config.open_store().unwrap());
-    let state =
-        sci_aggregator::http::HttpState::new(store, Arc::new(config), Default::default());
+    let store: Arc<dyn sci_aggregator::store::Store> = Arc::from(config.open_store().unwrap());
+    let state = sci_aggregator::http::HttpState::new(store, Arc::new(config), Default::default());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -248,7 +251,15 @@ fn metrics_are_the_reference_metrics() {
     let evaluation = sci_aggregator::http::evaluate_range(&state, &query).unwrap();
     *state.recent.lock().unwrap() = Some(evaluation);
     let aggregator = exposition_names(&sci_aggregator::http::render_metrics(&state));
-    assert!(aggregator.contains("sci_fleet_sci_g_per_unit"), "{aggregator:?}");
+    assert!(
+        aggregator.contains("sci_fleet_sci_g_per_unit"),
+        "{aggregator:?}"
+    );
     let reference = reference_names("metrics.md", "aggregator metric");
-    compare("the aggregator's metrics", "metrics.md", &aggregator, &reference);
+    compare(
+        "the aggregator's metrics",
+        "metrics.md",
+        &aggregator,
+        &reference,
+    );
 }
