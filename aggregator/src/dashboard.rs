@@ -5,14 +5,13 @@
 //! One self-contained page each: inline CSS, charts drawn here as inline SVG,
 //! no script, nothing fetched from elsewhere. Every value from the data is
 //! escaped. [`crate::hotspots`] and [`crate::profiles`] supply the hotspot
-//! list and flame graphs. Figures print with 4 significant digits,
-//! unit-scaled ([`crate::report::sig4`], [`crate::report::mass_g`]).
+//! list and flame graphs. Figures print as [`crate::figures`] says; the
+//! chart's axis is labelled in the mass unit of its top tick.
 use std::fmt::Write;
 
+use crate::figures::{count, energy_j, evidence_figure, mass_g, mass_unit, percent, sig4};
 use crate::hotspots::Hotspot;
-use crate::report::{
-    count, disclosure_cells, energy_j, mass_g, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS,
-};
+use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 use crate::sci::{mean_sci, pooled_sci, Disclosure, Evaluation, PeriodFigures};
 
 /// A flame graph SVG (from [`crate::profiles::MergedProfile::flamegraph_svg`]).
@@ -252,7 +251,6 @@ pub(crate) fn page(title: &str, body: &str) -> String {
 }
 
 /// Bar chart of SCI_j per period (g CO2e per business unit), with the mean as a line.
-/// Bar chart of SCI_j per period (g CO2e per business unit), with the mean as a line.
 pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
     let (width, height) = (900.0_f64, 260.0_f64);
     let (left, right, top, bottom) = (64.0, 16.0, 16.0, 48.0);
@@ -268,17 +266,19 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
          width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"SCI_CF per period\" \
          font-family=\"sans-serif\" font-size=\"11\">"
     );
+    // Ticks print as plain numbers in the unit of the top one (µg for 5e-5 g).
+    let (unit_g, unit) = mass_unit(scale_max);
     for tick in 0..=4 {
         let value = scale_max * tick as f64 / 4.0;
         let y = top + plot_h - plot_h * tick as f64 / 4.0;
         let _ = write!(
             svg,
             "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#dfe5ec\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#5b6b7c\">{}</text>",
+             <text class=\"tick\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#5b6b7c\">{}</text>",
             left + plot_w,
             left - 6.0,
             y + 4.0,
-            format_tick(value)
+            sig4(value / unit_g)
         );
     }
     let n = periods.len().max(1) as f64;
@@ -297,10 +297,10 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
             let _ = write!(
                 svg,
                 "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{h:.1}\" \
-                 fill=\"{fill}\"><title>{}: {} g/unit</title></rect>",
+                 fill=\"{fill}\"><title>{}: {} CO2e per business unit</title></rect>",
                 top + plot_h - h,
                 escape_html(&period_label(period)),
-                sig4(*v)
+                mass_g(*v)
             );
         }
         // Label every period when few, else about ten of them.
@@ -325,14 +325,14 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
             left + plot_w,
             left + plot_w,
             y - 4.0,
-            sig4(mean)
+            mass_g(mean)
         );
     }
     let _ = write!(
         svg,
         "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1d2733\"/>\
          <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#5b6b7c\">\
-         SCI_CF per period, gCO2e per business unit</text></svg>",
+         SCI_CF per period, {unit}CO2e per business unit</text></svg>",
         top + plot_h,
         left + plot_w,
         top + plot_h,
@@ -353,20 +353,6 @@ fn nice_ceiling(value: f64) -> f64 {
     10.0 * magnitude
 }
 
-fn format_tick(value: f64) -> String {
-    if value == 0.0 {
-        "0".into()
-    } else if value >= 100.0 {
-        format!("{value:.0}")
-    } else if value >= 1.0 {
-        format!("{value:.1}")
-    } else if value >= 0.1 {
-        format!("{value:.3}")
-    } else {
-        format!("{value:.4}")
-    }
-}
-
 fn hotspot_list(hotspots: &[Hotspot]) -> String {
     if hotspots.is_empty() {
         return "<p>No hotspot found in this period.</p>".into();
@@ -377,29 +363,21 @@ fn hotspot_list(hotspots: &[Hotspot]) -> String {
             .evidence
             .figures
             .iter()
-            .map(|(k, v)| format!("{}={}", escape_html(k), format_figure(*v)))
+            .map(|(k, v)| format!("{}={}", escape_html(k), evidence_figure(*v)))
             .collect();
         let _ = write!(
             html,
-            "<li><span class=\"kind\">{}</span><b>{}</b> – {:.2} gCO2e at stake<br>{}<br>\
+            "<li><span class=\"kind\">{}</span><b>{}</b> – {} CO2e at stake<br>{}<br>\
              <span class=\"meta\">{}</span></li>",
             h.kind.as_str(),
             escape_html(&h.subject),
-            h.impact_carbon_g,
+            mass_g(h.impact_carbon_g),
             escape_html(&h.recommendation),
             figures.join(", ")
         );
     }
     html.push_str("</ol>");
     html
-}
-
-fn format_figure(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.4}")
-    }
 }
 
 /// Height in pixels from an SVG's `height="N"` attribute (inferno writes one).
@@ -516,8 +494,9 @@ pub fn render_evaluation_report_html(e: &Evaluation, generated_at: &str) -> Stri
     for (scenario, weight) in &weights {
         let _ = write!(
             body,
-            "<tr><td class=\"l\">{}</td><td>{weight}</td></tr>",
-            escape_html(scenario)
+            "<tr><td class=\"l\">{}</td><td>{}</td></tr>",
+            escape_html(scenario),
+            count(*weight)
         );
     }
     body.push_str("</table>");
@@ -572,12 +551,6 @@ pub(crate) mod tests {
         rows(&mut input, 8, 10, 260, 40.0, 10.0);
         rows(&mut input, 9, 5, 80, 50.0, 10.0);
         rows(&mut input, 10, 0, 0, 3.0, 1.0);
-        input.spans.push(HostSpan {
-            host: "app-1".into(),
-            datacenter: "dc-1".into(),
-            first_start_ns: 8 * HOUR * 1_000_000_000,
-            last_end_ns: 11 * HOUR * 1_000_000_000,
-        });
         input.hosts.push(HostRow {
             host: "app-1".into(),
             datacenter: "east".into(),
@@ -591,12 +564,23 @@ pub(crate) mod tests {
             transactions: 10.0,
             ..Default::default()
         });
+        evaluate_hours(&mut input, 8, 11)
+    }
+
+    /// The evaluation of hours `from_h..to_h`, host app-1 covering them all.
+    fn evaluate_hours(input: &mut EvaluationInput, from_h: u64, to_h: u64) -> Evaluation {
+        input.spans.push(HostSpan {
+            host: "app-1".into(),
+            datacenter: "dc-1".into(),
+            first_start_ns: from_h * HOUR * 1_000_000_000,
+            last_end_ns: to_h * HOUR * 1_000_000_000,
+        });
         let range = Range {
-            from_s: 8 * HOUR,
-            to_s: 11 * HOUR,
+            from_s: from_h * HOUR,
+            to_s: to_h * HOUR,
             period_s: HOUR,
         };
-        evaluate(&input, &range, (range.from_s, range.to_s), &weights(), 0.9)
+        evaluate(input, &range, (range.from_s, range.to_s), &weights(), 0.9)
     }
 
     #[test]
@@ -627,7 +611,7 @@ pub(crate) mod tests {
         assert_eq!(heights, vec![39.2, 117.6]);
         // The mean line at 0.2: y = 16 + 196 - 78.4 = 133.6.
         assert!(svg.contains("<line class=\"mean\" x1=\"64\" y1=\"133.6\""));
-        assert!(svg.contains(">mean 0.2000<"));
+        assert!(svg.contains(">mean 200.0 mg<"));
     }
 
     #[test]
@@ -700,6 +684,103 @@ pub(crate) mod tests {
         ), "{html}");
         assert!(html.contains("T/CQJR 032.2-2025 Appendix A"));
         assert!(html.contains("<table class=\"disclosure\">"));
+    }
+
+    /// The chart's tick labels, read back from the SVG, against the data:
+    /// the axis title names the unit, the labels in that unit sit where
+    /// their values fall, and each bar's top reads as its period's SCI_j.
+    fn assert_axis_matches_data(page: &str, periods: &[PeriodFigures]) {
+        let svg = &page[page.find("<svg").unwrap()..];
+        let svg = &svg[..svg.find("</svg>").unwrap()];
+        let title = "SCI_CF per period, ";
+        let unit = &svg[svg.find(title).unwrap() + title.len()..];
+        let unit = &unit[..unit.find("CO2e per business unit").unwrap()];
+        let unit_g = match unit {
+            "t" => 1e6,
+            "kg" => 1e3,
+            "g" => 1.0,
+            "mg" => 1e-3,
+            "µg" => 1e-6,
+            other => panic!("axis unit {other:?}"),
+        };
+        let attr = |tag: &str, name: &str| -> f64 {
+            let at = tag.rfind(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+            tag[at..at + tag[at..].find('"').unwrap()].parse().unwrap()
+        };
+        // (y of the tick's grid line, value of its label in grams)
+        let mut ticks: Vec<(f64, f64)> = Vec::new();
+        let parts: Vec<&str> = svg.split("<text class=\"tick\"").collect();
+        for (before, tick) in parts.iter().zip(&parts[1..]) {
+            let line = &before[before.rfind("<line").unwrap()..];
+            let label = &tick[tick.find('>').unwrap() + 1..tick.find("</text>").unwrap()];
+            ticks.push((attr(line, "y1"), label.parse::<f64>().unwrap() * unit_g));
+        }
+        assert_eq!(ticks.len(), 5, "{svg}");
+        let (y0, v0) = ticks[0];
+        let (y4, v4) = ticks[4];
+        assert_eq!(v0, 0.0);
+        let value_at = |y: f64| v0 + (y - y0) * (v4 - v0) / (y4 - y0);
+        for (y, v) in &ticks {
+            assert!(
+                (value_at(*y) - v).abs() <= 1e-3 * v4,
+                "tick {v} at y {y}: {ticks:?}"
+            );
+        }
+        let max = periods
+            .iter()
+            .filter_map(|p| p.sci_g_per_unit)
+            .fold(0.0, f64::max);
+        assert!(
+            v4 >= max && v4 < 2.5 * max,
+            "top tick {v4} for data up to {max}"
+        );
+        let bars: Vec<f64> = svg
+            .split("<rect class=\"bar")
+            .skip(1)
+            .map(|rect| value_at(attr(&rect[..rect.find('>').unwrap()], "y")))
+            .collect();
+        let expected: Vec<f64> = periods.iter().filter_map(|p| p.sci_g_per_unit).collect();
+        assert_eq!(bars.len(), expected.len());
+        for (bar, want) in bars.iter().zip(&expected) {
+            assert!(
+                (bar - want).abs() <= 5e-3 * want,
+                "bar reads {bar}, data {want}"
+            );
+        }
+    }
+
+    /// SCI_j of 4e-5 and 1e-5 g per unit: an axis to 5e-5 g, ticks every
+    /// 1.25e-5 g, labelled 0, 12.50, 25.00, 37.50, 50.00 in µg.
+    fn micrograms_evaluation() -> Evaluation {
+        let mut input = EvaluationInput::default();
+        rows(&mut input, 8, 10, 260, 0.015, 0.005);
+        rows(&mut input, 9, 5, 80, 0.0015, 0.0005);
+        evaluate_hours(&mut input, 8, 10)
+    }
+
+    #[test]
+    fn chart_ticks_are_labelled_with_their_values() {
+        let e = micrograms_evaluation();
+        let svg = sci_chart_svg(&e.periods);
+        let labels: Vec<&str> = svg
+            .split("<text class=\"tick\"")
+            .skip(1)
+            .map(|t| &t[t.find('>').unwrap() + 1..t.find("</text>").unwrap()])
+            .collect();
+        assert_eq!(labels, ["0", "12.50", "25.00", "37.50", "50.00"]);
+        assert!(svg.contains("SCI_CF per period, µgCO2e per business unit"));
+        for e in [micrograms_evaluation(), evaluation()] {
+            let data = DashboardData {
+                title: "Fleet".into(),
+                generated_at: "now".into(),
+                evaluation: e.clone(),
+                hotspots: vec![],
+                flamegraphs: vec![],
+                withheld: vec![],
+            };
+            assert_axis_matches_data(&render_dashboard(&data), &e.periods);
+            assert_axis_matches_data(&render_evaluation_report_html(&e, "now"), &e.periods);
+        }
     }
 
     #[test]

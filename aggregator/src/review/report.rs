@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use super::stats::Difference;
 use super::Review;
 use crate::dashboard::{disclosure_table, escape_html, page};
-use crate::report::{disclosure_cells, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS};
+use crate::figures::{percent, sig4};
+use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 
 fn opt(v: Option<f64>) -> String {
     v.map(sig4).unwrap_or_else(|| "–".into())
@@ -220,8 +221,8 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
     ));
     out.push((
         format!(
-            "Consolidation at {:.0}% target utilisation (candidate range)",
-            r.consolidation.options.target_utilisation * 100.0
+            "Consolidation at {} target utilisation (candidate range)",
+            percent(r.consolidation.options.target_utilisation)
         ),
         [
             "data centre",
