@@ -40,6 +40,12 @@ pub fn percent(share: f64) -> String {
     format!("{}%", sig4(100.0 * share))
 }
 
+/// A relative change (-0.18) as a signed percentage ("-18.00%", "+5.000%").
+pub fn signed_percent(change: f64) -> String {
+    let sign = if change > 0.0 { "+" } else { "" };
+    format!("{sign}{}", percent(change))
+}
+
 const MASS_UNITS: [(f64, &str); 5] = [
     (1e6, "t"),
     (1e3, "kg"),
@@ -142,6 +148,8 @@ mod tests {
     #[test]
     fn rounding_to_the_next_power_of_ten() {
         assert_eq!(percent(1.0), "100.0%");
+        assert_eq!(signed_percent(-0.18), "-18.00%");
+        assert_eq!(signed_percent(0.05), "+5.000%");
         assert_eq!(percent(0.999_999), "100.0%");
         assert_eq!(percent(0.099_999_9), "10.00%");
         assert_eq!(sig4(9.99999), "10.00");

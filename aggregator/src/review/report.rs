@@ -7,7 +7,7 @@ use maud::{html, PreEscaped};
 use super::stats::Difference;
 use super::Review;
 use crate::dashboard::{disclosure_table, page};
-use crate::figures::{percent, sig4};
+use crate::figures::{percent, sig4, signed_percent};
 use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 
 fn opt(v: Option<f64>) -> String {
@@ -15,8 +15,7 @@ fn opt(v: Option<f64>) -> String {
 }
 
 fn relative(v: Option<f64>) -> String {
-    v.map(|r| format!("{:+.1}%", r * 100.0))
-        .unwrap_or_else(|| "–".into())
+    v.map(signed_percent).unwrap_or_else(|| "–".into())
 }
 
 fn interval(d: &Difference) -> String {
