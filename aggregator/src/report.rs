@@ -1,80 +1,10 @@
 //! The Appendix A evaluation report (step e) in Markdown, the one Markdown
 //! rendering of [`Evaluation`] (JSON is the evaluation itself; HTML is in
-//! [`crate::dashboard`]), and how figures print: 4 significant digits,
-//! unit-scaled (g, mg, µg; J, kJ, MJ) or scientific below the smallest unit.
+//! [`crate::dashboard`]). Figures print as [`crate::figures`] says.
 use std::fmt::Write as _;
 
+use crate::figures::{count, energy_j, mass_g, percent, sig4};
 use crate::sci::{Disclosure, Evaluation};
-
-/// `v` with 4 significant digits (scientific outside 1e-4 ..= 1e6).
-pub fn sig4(v: f64) -> String {
-    if v == 0.0 {
-        return "0".into();
-    }
-    if !v.is_finite() {
-        return v.to_string();
-    }
-    let magnitude = v.abs().log10().floor() as i32;
-    if !(-4..=5).contains(&magnitude) {
-        return format!("{v:.3e}");
-    }
-    let decimals = (3 - magnitude).max(0) as usize;
-    format!("{v:.decimals$}")
-}
-
-/// A count: whole numbers as integers, fractions (shares of windows that
-/// straddle a period boundary) with 4 significant digits.
-pub fn count(v: f64) -> String {
-    if (v - v.round()).abs() <= 1e-9 * v.abs().max(1.0) {
-        format!("{}", v.round() as i64)
-    } else {
-        sig4(v)
-    }
-}
-
-/// A value scaled to the first unit (largest first) where it is >= 1; below
-/// the smallest, scientific in the smallest.
-fn scaled(v: f64, units: &[(f64, &str)]) -> String {
-    if v == 0.0 {
-        let base = units.iter().find(|(f, _)| *f == 1.0).unwrap_or(&units[0]);
-        return format!("0 {}", base.1);
-    }
-    for (factor, unit) in units {
-        if v.abs() >= *factor {
-            return format!("{} {unit}", sig4(v / factor));
-        }
-    }
-    let (factor, unit) = units[units.len() - 1];
-    format!("{:.3e} {unit}", v / factor)
-}
-
-/// Grams of CO2e: t, kg, g, mg, µg.
-pub fn mass_g(v: f64) -> String {
-    scaled(
-        v,
-        &[
-            (1e6, "t"),
-            (1e3, "kg"),
-            (1.0, "g"),
-            (1e-3, "mg"),
-            (1e-6, "µg"),
-        ],
-    )
-}
-
-/// Joules: GJ, MJ, kJ, J, mJ.
-pub fn energy_j(v: f64) -> String {
-    scaled(
-        v,
-        &[
-            (1e9, "GJ"),
-            (1e6, "MJ"),
-            (1e3, "kJ"),
-            (1.0, "J"),
-            (1e-3, "mJ"),
-        ],
-    )
-}
 
 /// gCO2e per business unit, unit-scaled.
 pub fn sci_text(v: Option<f64>) -> String {
@@ -82,10 +12,6 @@ pub fn sci_text(v: Option<f64>) -> String {
         || "undefined".to_string(),
         |v| format!("{} CO2e per business unit", mass_g(v)),
     )
-}
-
-pub fn percent(share: f64) -> String {
-    format!("{}%", sig4(100.0 * share))
 }
 
 pub fn unix_to_text(s: u64) -> String {
@@ -194,7 +120,7 @@ pub fn markdown(e: &Evaluation) -> String {
         "Weights used (alpha_i): {}.\n",
         weights
             .iter()
-            .map(|(k, v)| format!("{k} {v}"))
+            .map(|(k, v)| format!("{k} {}", count(**v)))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -479,20 +405,8 @@ mod tests {
     }
 
     #[test]
-    fn four_significant_digits_unit_scaled() {
-        assert_eq!(sig4(0.2), "0.2000");
-        assert_eq!(sig4(114.0 / 700.0), "0.1629");
-        assert_eq!(sig4(1234.5678), "1235");
-        assert_eq!(sig4(0.000083), "8.300e-5");
-        assert_eq!(mass_g(0.000083), "83.00 µg");
-        assert_eq!(mass_g(0.2), "200.0 mg");
-        assert_eq!(mass_g(2.5e-9), "2.500e-3 µg");
-        assert_eq!(mass_g(1500.0), "1.500 kg");
-        assert_eq!(energy_j(3.64), "3.640 J");
-        assert_eq!(energy_j(0.254), "254.0 mJ");
-        assert_eq!(energy_j(0.0), "0 J");
-        assert_eq!(count(24.0), "24");
-        assert_eq!(count(1.5), "1.500");
+    fn sci_text_names_the_unit() {
+        assert_eq!(sci_text(Some(0.000083)), "83.00 µg CO2e per business unit");
         assert_eq!(sci_text(None), "undefined");
     }
 }
