@@ -22,8 +22,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::AggregatorConfig;
+use crate::error::AggregatorError;
 use crate::store::{CommitOutcome, Store};
-use crate::validate::{check_names, clip, code_of, validate_window};
+use crate::validate::{check_names, clip, code_of, shorten_stacks, validate_window};
 
 /// Ingest counters, shown on /metrics.
 #[derive(Debug, Default)]
@@ -48,6 +49,8 @@ pub struct IngestCounters {
     pub decode_errors: u64,
     /// HTTP requests refused for want of a valid bearer token.
     pub http_unauthorized: u64,
+    /// Profile stacks shortened to the store's bounds (long frames, deep stacks).
+    pub stacks_shortened: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }
@@ -70,6 +73,13 @@ impl IngestCounters {
             )
             .single(self.http_unauthorized as f64),
         );
+        out.push(
+            Family::counter(
+                "sci_ingest_stacks_shortened_total",
+                "Profile stacks shortened to the store's key bounds (frames over 256 bytes, stacks over 2,048 bytes).",
+            )
+            .single(self.stacks_shortened as f64),
+        );
         let mut open = Family::gauge("sci_connections_open", "Connections open per listener.");
         let mut refused = Family::counter(
             "sci_connections_refused_total",
@@ -90,6 +100,39 @@ impl IngestCounters {
         }
         out.push(open);
         out.push(refused);
+    }
+}
+
+/// Commits `windows` in one transaction; when the store refuses the data
+/// (not when it is down), commits them one by one, so that only a window the
+/// store refuses on its own is refused (`Err` with the store's reason) and
+/// the others are stored. Any other error is the store's: the caller
+/// answers UNAVAILABLE and the agent retries.
+pub fn commit_isolating(
+    store: &dyn Store,
+    windows: &[v1::WindowReport],
+) -> Result<Vec<Result<CommitOutcome, String>>, AggregatorError> {
+    match store.commit(windows) {
+        Ok(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
+        Err(e) if e.is_rejected() => {
+            tracing::warn!(
+                "store: a batch of {} windows was refused ({e}); committing them one by one",
+                windows.len()
+            );
+            let mut out = Vec::with_capacity(windows.len());
+            for w in windows {
+                match store.commit(std::slice::from_ref(w)) {
+                    Ok(outcome) => out.push(Ok(outcome
+                        .first()
+                        .copied()
+                        .unwrap_or(CommitOutcome::Duplicate))),
+                    Err(e) if e.is_rejected() => out.push(Err(e.to_string())),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -292,9 +335,13 @@ impl Ingest for IngestService {
                 let now = now_unix_ns();
                 let mut accepted = Vec::new();
                 let mut refused = Vec::new();
-                for w in batch.windows {
+                let mut stacks_shortened = 0;
+                for mut w in batch.windows {
                     match validate_window(&w, &batch.host, &batch.agent_instance, &config, now) {
-                        Ok(()) => accepted.push(w),
+                        Ok(()) => {
+                            stacks_shortened += shorten_stacks(&mut w);
+                            accepted.push(w)
+                        }
                         Err(r) => {
                             *lock(&counters)
                                 .refused
@@ -315,7 +362,7 @@ impl Ingest for IngestService {
                     .max();
                 let store = Arc::clone(&store);
                 let committed = tokio::task::spawn_blocking(move || {
-                    store.commit(&accepted).map(|outcomes| (outcomes, accepted))
+                    commit_isolating(store.as_ref(), &accepted).map(|outcomes| (outcomes, accepted))
                 })
                 .await;
                 let (outcomes, accepted) = match committed {
@@ -336,12 +383,27 @@ impl Ingest for IngestService {
                 };
                 let mut stored = 0u64;
                 let mut duplicates = 0u64;
+                let mut store_refused = 0u64;
                 let mut last_end_s = None;
                 let mut stored_sums = (0.0, 0.0, 0.0);
                 let mut stored_transactions: BTreeMap<String, u64> = BTreeMap::new();
                 for (w, outcome) in accepted.iter().zip(&outcomes) {
                     match outcome {
-                        CommitOutcome::Stored => {
+                        Err(reason) => {
+                            store_refused += 1;
+                            tracing::warn!(
+                                "host {} instance {} seq {}: the store refused the window ({reason}); refused",
+                                clip(&w.host),
+                                clip(&w.agent_instance),
+                                w.seq
+                            );
+                            refused.push(v1::Refusal {
+                                seq: w.seq,
+                                reason: format!("store_refused: {}", clip(reason)),
+                                code: code_of("store_refused") as i32,
+                            });
+                        }
+                        Ok(CommitOutcome::Stored) => {
                             stored += 1;
                             last_end_s = last_end_s.max(Some(w.end_unix_ns / 1_000_000_000));
                             stored_sums.0 += w.host_carbon_g;
@@ -352,8 +414,8 @@ impl Ingest for IngestService {
                                 *t = t.saturating_add(s.transactions);
                             }
                         }
-                        CommitOutcome::Duplicate => duplicates += 1,
-                        CommitOutcome::Conflict => {
+                        Ok(CommitOutcome::Duplicate) => duplicates += 1,
+                        Ok(CommitOutcome::Conflict) => {
                             tracing::warn!(
                                 "host {} instance {} seq {}: a different window with this key is stored; refused",
                                 clip(&w.host),
@@ -374,7 +436,7 @@ impl Ingest for IngestService {
                 }
                 let conflicts = outcomes
                     .iter()
-                    .filter(|o| **o == CommitOutcome::Conflict)
+                    .filter(|o| **o == Ok(CommitOutcome::Conflict))
                     .count() as u64;
                 refused.sort_by_key(|r| r.seq);
                 {
@@ -389,6 +451,12 @@ impl Ingest for IngestService {
                     for (scenario, n) in stored_transactions {
                         let t = c.transactions.entry(scenario).or_default();
                         *t = t.saturating_add(n);
+                    }
+                    c.stacks_shortened += stacks_shortened;
+                    if store_refused > 0 {
+                        *c.refused
+                            .entry((batch.host.clone(), "store_refused".into()))
+                            .or_default() += store_refused;
                     }
                     if conflicts > 0 {
                         *c.refused
