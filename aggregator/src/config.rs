@@ -74,6 +74,18 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest request metadata (headers), bytes, on both listeners.
     pub max_metadata_bytes: usize,
+    /// A connection that has not presented valid credentials (an agent's
+    /// token or certificate, a reader's token) this long after it was
+    /// accepted is closed, whatever it sends.
+    #[serde(with = "agent_common::time_text::serde_duration")]
+    pub auth_timeout: Duration,
+    /// Connections not yet authenticated, in total: the rest of
+    /// `max_connections` is kept for authenticated clients. A new one
+    /// beyond it evicts the oldest unauthenticated connection.
+    pub max_unauthenticated_connections: usize,
+    /// Connections not yet authenticated from one source address (beyond
+    /// it, that address's oldest is evicted).
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for LimitsConfig {
@@ -85,6 +97,9 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(120),
             max_message_bytes: 32 * 1024 * 1024,
             max_metadata_bytes: 16 * 1024,
+            auth_timeout: Duration::from_secs(10),
+            max_unauthenticated_connections: 128,
+            max_unauthenticated_per_address: 16,
         }
     }
 }
@@ -322,6 +337,24 @@ impl AggregatorConfig {
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_address == 0 {
             return Err(err("limits.max_connections* must be > 0".into()));
+        }
+        if l.max_unauthenticated_connections == 0 || l.max_unauthenticated_per_address == 0 {
+            return Err(err(
+                "limits.max_unauthenticated_* must be > 0 (no client could ever authenticate)"
+                    .into(),
+            ));
+        }
+        if l.max_unauthenticated_connections >= l.max_connections {
+            return Err(err(format!(
+                "limits.max_unauthenticated_connections ({}) must be below limits.max_connections ({}): the difference is kept for authenticated agents",
+                l.max_unauthenticated_connections, l.max_connections
+            )));
+        }
+        if l.auth_timeout < Duration::from_millis(100) {
+            return Err(err(format!(
+                "limits.auth_timeout = {:?} must be at least 100ms (no agent could authenticate in time)",
+                l.auth_timeout
+            )));
         }
         if l.max_message_bytes < 1024 || l.max_metadata_bytes < 1024 {
             return Err(err("limits.max_*_bytes must be at least 1024".into()));

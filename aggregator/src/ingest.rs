@@ -49,6 +49,8 @@ pub struct IngestCounters {
     pub decode_errors: u64,
     /// HTTP requests refused for want of a valid bearer token.
     pub http_unauthorized: u64,
+    /// HTTP requests refused for headers over limits.max_metadata_bytes.
+    pub http_headers_too_large: u64,
     /// Profile stacks shortened to the store's bounds (long frames, deep stacks).
     pub stacks_shortened: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
@@ -75,6 +77,13 @@ impl IngestCounters {
         );
         out.push(
             Family::counter(
+                "sci_http_headers_too_large_total",
+                "HTTP requests refused (431) for headers over limits.max_metadata_bytes.",
+            )
+            .single(self.http_headers_too_large as f64),
+        );
+        out.push(
+            Family::counter(
                 "sci_ingest_stacks_shortened_total",
                 "Profile stacks shortened to the store's key bounds (frames over 256 bytes, stacks over 2,048 bytes).",
             )
@@ -91,6 +100,11 @@ impl IngestCounters {
                 ("max_connections", &l.refused_total_limit),
                 ("max_connections_per_address", &l.refused_address_limit),
                 ("idle_timeout", &l.closed_idle),
+                ("auth_timeout", &l.closed_unauthenticated),
+                (
+                    "max_unauthenticated_connections",
+                    &l.evicted_unauthenticated,
+                ),
             ] {
                 refused.push(
                     &[("listener", l.listener), ("limit", limit)],
@@ -98,7 +112,15 @@ impl IngestCounters {
                 );
             }
         }
+        let mut pending = Family::gauge(
+            "sci_connections_unauthenticated",
+            "Connections open per listener that have not presented valid credentials yet.",
+        );
+        for l in &self.limiters {
+            pending.push(&[("listener", l.listener)], l.unauthenticated() as f64);
+        }
         out.push(open);
+        out.push(pending);
         out.push(refused);
     }
 }
@@ -146,6 +168,8 @@ pub struct IngestService {
     tokens: HashMap<String, String>,
     revoked: Vec<String>,
     require_identity: bool,
+    /// The gRPC listener's limiter: told which connections authenticated.
+    limiter: Option<Arc<crate::limits::ConnectionLimiter>>,
 }
 
 fn now_unix_ns() -> u64 {
@@ -197,7 +221,14 @@ impl IngestService {
             tokens,
             revoked,
             require_identity,
+            limiter: None,
         }
+    }
+
+    /// Tells `limiter` of each connection that presents valid credentials.
+    pub fn with_limiter(mut self, limiter: Arc<crate::limits::ConnectionLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 
     fn refuse_stream(&self, kind: &str, status: Status) -> Status {
@@ -274,6 +305,9 @@ impl Ingest for IngestService {
         request: Request<Streaming<v1::AgentBatch>>,
     ) -> Result<Response<AckStream>, Status> {
         let identity = self.authenticate(&request)?;
+        if let (Some(limiter), Some(peer)) = (&self.limiter, request.remote_addr()) {
+            limiter.mark_authenticated(peer);
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<v1::Ack, Status>>(8);
         let store = Arc::clone(&self.store);

@@ -53,7 +53,15 @@ fn channel(url: String) -> Channel {
 
 /// Sends one batch as host-a and returns the first answer.
 async fn send(url: String, windows: Vec<v1::WindowReport>) -> Result<v1::Ack, tonic::Status> {
-    let mut client = IngestClient::new(channel(url));
+    send_on(channel(url), windows).await
+}
+
+/// Sends one batch as host-a on `channel` and returns the first answer.
+async fn send_on(
+    channel: Channel,
+    windows: Vec<v1::WindowReport>,
+) -> Result<v1::Ack, tonic::Status> {
+    let mut client = IngestClient::new(channel);
     let mut request = tonic::Request::new(tokio_stream::iter(vec![v1::AgentBatch {
         host: "host-a".into(),
         agent_instance: "inst".into(),
@@ -365,4 +373,347 @@ async fn a_window_the_store_refuses_is_refused_alone_with_a_permanent_code() {
             store.name
         );
     }
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the source address `from`.
+fn connect_from(from: std::net::Ipv4Addr, port: u16) -> Option<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let addr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let local = addr(from, 0);
+        let remote = addr(std::net::Ipv4Addr::LOCALHOST, port);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0
+            || libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0
+        {
+            libc::close(fd);
+            return None;
+        }
+        Some(std::net::TcpStream::from_raw_fd(fd))
+    }
+}
+
+/// Raises this process's open-file limit to `n` (up to the hard limit).
+fn allow_open_files(n: u64) {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < n {
+            limit.rlim_cur = n.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// What an attacker's connection sends: an HTTP/2 client that pings, or
+/// an HTTP/1 client that sends its headers one byte at a time.
+#[derive(Clone, Copy)]
+enum Attack {
+    Http2Ping,
+    Slowloris,
+}
+
+/// `count` attacking connections to `port` from 127.0.0.2 and up (`count /
+/// addresses` from each), each sending something every 500 ms so that no
+/// idle timeout closes it, and opened again when the server closes it.
+/// Returns the stop flag and the number of connections opened.
+fn attack(
+    port: u16,
+    count: usize,
+    addresses: u8,
+    kind: Attack,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicU64::new(0));
+    for i in 0..count {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % addresses as usize) as u8);
+        let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(std) = connect_from(from, port) else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                opened.fetch_add(1, Ordering::Relaxed);
+                std.set_nonblocking(true).unwrap();
+                let mut conn = tokio::net::TcpStream::from_std(std).unwrap();
+                let first: Vec<u8> = match kind {
+                    // Client preface and an empty SETTINGS frame.
+                    Attack::Http2Ping => {
+                        let mut b = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                        b.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+                        b
+                    }
+                    Attack::Slowloris => b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec(),
+                };
+                if conn.write_all(&first).await.is_err() {
+                    continue;
+                }
+                let mut buf = [0u8; 4096];
+                let mut n = 0u64;
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let more: Vec<u8> = match kind {
+                        Attack::Http2Ping => {
+                            let mut f = vec![0, 0, 8, 6, 0, 0, 0, 0, 0];
+                            f.extend_from_slice(&n.to_be_bytes());
+                            f
+                        }
+                        Attack::Slowloris => format!("X-{n}: a\r\n").into_bytes(),
+                    };
+                    n += 1;
+                    if conn.write_all(&more).await.is_err() {
+                        break;
+                    }
+                    // Read what the server sends (SETTINGS, PING acks) until the next ping.
+                    match tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        _ => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    (stop, opened)
+}
+
+/// Item 3: 520 connections from 9 loopback addresses, each an HTTP/2 client
+/// pinging under the idle timeout, opened again whenever closed, cannot keep a
+/// valid agent out (acknowledged within 1 s, default limits); nor can 520
+/// slowloris connections keep `/healthz` from answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinging_connections_without_credentials_cannot_lock_agents_out() {
+    allow_open_files(8192);
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path(), 3600, TOKENS, true);
+    let (grpc_stop, grpc_opened) = attack(agg.grpc_port, 520, 9, Attack::Http2Ping);
+    let (http_stop, http_opened) = attack(agg.http_port, 520, 9, Attack::Slowloris);
+    // Until every attacker has connected once and the server's slots are taken.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while grpc_opened.load(std::sync::atomic::Ordering::Relaxed) < 520
+        || http_opened.load(std::sync::atomic::Ordering::Relaxed) < 520
+    {
+        assert!(Instant::now() < deadline, "attackers could not connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let start = now_s() - 60;
+    for seq in 0..3u64 {
+        let began = Instant::now();
+        let ack = tokio::time::timeout(
+            Duration::from_secs(1),
+            send(agg.url(), vec![valid(seq, start + seq)]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("attempt {seq}: a valid agent waited more than 1 s"))
+        .unwrap_or_else(|s| panic!("attempt {seq}: {:?}: {}", s.code(), s.message()));
+        assert_eq!(ack.stored, 1);
+        println!("agent acknowledged in {:?}", began.elapsed());
+        let began = Instant::now();
+        let health = tokio::task::spawn_blocking({
+            let port = agg.http_port;
+            move || sci_tests::fleet::http_get(port, "/healthz")
+        })
+        .await
+        .unwrap();
+        let health_ms = began.elapsed().as_millis();
+        assert_eq!(health.map(|(c, _)| c), Some(200));
+        assert!(health_ms < 1000, "/healthz in {health_ms} ms");
+        println!("/healthz in {health_ms} ms");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let m = agg.metrics();
+    grpc_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    http_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for listener in ["grpc", "http"] {
+        let series = |limit: &str| {
+            metric_value(
+                &m,
+                &format!(
+                    "sci_connections_refused_total{{listener=\"{listener}\",limit=\"{limit}\"}}"
+                ),
+            )
+            .unwrap_or_else(|| panic!("no {limit} series for {listener}:\n{m}"))
+        };
+        let (timed_out, evicted) = (
+            series("auth_timeout"),
+            series("max_unauthenticated_connections"),
+        );
+        let unauthenticated = metric_value(
+            &m,
+            &format!("sci_connections_unauthenticated{{listener=\"{listener}\"}}"),
+        )
+        .unwrap();
+        println!("{listener}: {timed_out} closed at auth_timeout, {evicted} evicted, {unauthenticated} unauthenticated open");
+        assert!(evicted > 0, "{listener}");
+        assert!(unauthenticated <= 128, "{listener}: {unauthenticated}");
+    }
+}
+
+/// Item 3: at start-up the aggregator raises its open-file limit to what
+/// its connection limits need, or refuses to start, saying why.
+#[test]
+fn the_open_file_limit_is_raised_or_start_up_refused() {
+    use std::os::unix::process::CommandExt;
+    fn spawn(dir: &std::path::Path, soft: u64, hard: u64) -> std::process::Child {
+        let config = dir.join("aggregator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\ndatabase = \"{}\"\n{TOKENS}",
+                sci_tests::fleet::free_port(),
+                sci_tests::fleet::free_port(),
+                dir.join("sci.db").display()
+            ),
+        )
+        .unwrap();
+        let mut cmd =
+            std::process::Command::new(sci_tests::cargo_bin("sci-aggregator", "sci-aggregator"));
+        cmd.args(["serve", "--insecure", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: setrlimit only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    }
+    // Default limits: 512 connections per listener need 2 x 512 + 256 + 6 = 1,286.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn(dir.path(), 1024, 1024);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running with 1,024 descriptors"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    println!("{stderr}");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("need 1286 file descriptors")
+            && stderr.contains("hard open-file limit is 1024")
+            && stderr.contains("limits.max_connections"),
+        "{stderr}"
+    );
+    // A soft limit below the need and a hard limit above it: raised at start.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn(dir.path(), 1024, 4096);
+    let limits_file = format!("/proc/{}/limits", child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let soft = loop {
+        assert!(child.try_wait().unwrap().is_none(), "exited");
+        let text = std::fs::read_to_string(&limits_file).unwrap();
+        let soft: u64 = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        if soft != 1024 || Instant::now() > deadline {
+            break soft;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, 1286);
+}
+
+/// Item 3: a connection that keeps pinging but never presents credentials
+/// is closed at `auth_timeout`, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinging_connection_without_credentials_is_closed_at_auth_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        dir.path(),
+        3600,
+        &format!("{TOKENS}[limits]\nauth_timeout = \"1s\"\n"),
+        true,
+    );
+    let (stop, opened) = attack(agg.grpc_port, 4, 2, Attack::Http2Ping);
+    let began = Instant::now();
+    let series = "sci_connections_refused_total{listener=\"grpc\",limit=\"auth_timeout\"}";
+    loop {
+        let closed = metric_value(&agg.metrics(), series).unwrap();
+        if closed >= 4 {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{closed} closed at auth_timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = began.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "4 pinging connections closed at auth_timeout after {elapsed:?} ({} opened)",
+        opened.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    // An agent's connection, authenticated, outlives auth_timeout.
+    let channel = channel(agg.url());
+    let ack = send_on(channel.clone(), vec![valid(0, now_s() - 60)])
+        .await
+        .unwrap();
+    assert_eq!(ack.stored, 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = agg.metrics();
+    assert_eq!(
+        metric_value(&m, "sci_connections_open{listener=\"grpc\"}"),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "sci_connections_unauthenticated{listener=\"grpc\"}"),
+        Some(0),
+        "{m}"
+    );
+    let ack = send_on(channel, vec![valid(1, now_s() - 59)])
+        .await
+        .unwrap();
+    assert_eq!(ack.stored, 1);
 }
