@@ -162,6 +162,19 @@ pub struct AggregatorConfig {
     pub max_window_length: Duration,
     /// Completed transactions a host can report per second of window, all scenarios.
     pub max_transactions_per_s: f64,
+    /// Highest grid carbon intensity a window may use, g/kWh (the dirtiest
+    /// grids are near 1,100; diesel generators near 900).
+    pub max_intensity_g_per_kwh: f64,
+    /// Highest PUE a window may use (the lowest is 1).
+    pub max_pue: f64,
+    /// Power one CPU (and its share of the host) can draw, watts: a window's
+    /// energy above this x cpus x seconds is refused.
+    pub max_cpu_power_w: f64,
+    /// Requests a CPU can complete per second (per-request histograms).
+    pub max_requests_per_cpu_s: f64,
+    /// Embodied emissions of one physical machine at most, grams (TE);
+    /// embodied carbon of a window is at most this over a one-year life.
+    pub max_embodied_g: f64,
     /// Readers of the HTTP side; none: it only serves on a loopback address.
     pub http_tokens: Vec<HttpToken>,
     pub limits: LimitsConfig,
@@ -191,6 +204,11 @@ impl Default for AggregatorConfig {
             max_window_age: Duration::from_secs(30 * 86_400),
             max_window_length: Duration::from_secs(3600),
             max_transactions_per_s: 1_000_000.0,
+            max_intensity_g_per_kwh: 2_000.0,
+            max_pue: 5.0,
+            max_cpu_power_w: 250.0,
+            max_requests_per_cpu_s: 1_000_000.0,
+            max_embodied_g: 100_000_000.0,
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
         }
@@ -316,6 +334,22 @@ impl AggregatorConfig {
         }
         if !self.max_transactions_per_s.is_finite() || self.max_transactions_per_s <= 0.0 {
             return Err(err("max_transactions_per_s must be > 0".into()));
+        }
+        for (key, value) in [
+            ("max_intensity_g_per_kwh", self.max_intensity_g_per_kwh),
+            ("max_cpu_power_w", self.max_cpu_power_w),
+            ("max_requests_per_cpu_s", self.max_requests_per_cpu_s),
+            ("max_embodied_g", self.max_embodied_g),
+        ] {
+            if !value.is_finite() || value <= 0.0 {
+                return Err(err(format!("{key} = {value} must be a finite number > 0")));
+            }
+        }
+        if !self.max_pue.is_finite() || self.max_pue < 1.0 {
+            return Err(err(format!(
+                "max_pue = {} must be at least 1 (no data centre uses less than its IT energy)",
+                self.max_pue
+            )));
         }
         if self.max_window_length < Duration::from_secs(1) {
             return Err(err("max_window_length must be at least 1s".into()));

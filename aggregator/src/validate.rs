@@ -13,6 +13,11 @@ fn known_scenario(name: &str) -> bool {
     agent_common::SCENARIO_NAMES.contains(&name) || name == agent_common::UNASSIGNED
 }
 const MAX_PROCESSES: usize = 200_000;
+/// Most logical CPUs a host may report.
+const MAX_CPUS: u32 = 65_536;
+const J_PER_KWH: f64 = 3.6e6;
+/// Shortest machine life the embodied ceiling assumes.
+const YEAR_S: f64 = 365.0 * 86_400.0;
 const MAX_PROFILE_STACKS: usize = 200_000;
 
 /// Longest piece of client input quoted back in a refusal or an error.
@@ -361,6 +366,7 @@ pub fn validate_window(
             ),
         ));
     }
+    check_plausible(w, config, seconds)?;
     if w.processes.len() > MAX_PROCESSES || w.profile.len() > MAX_PROFILE_STACKS {
         return Err(refuse(
             "too_large",
@@ -459,7 +465,125 @@ pub fn validate_window(
         check_count("profile.samples", samples)?;
     }
     check_amount("profile_trimmed_energy_j", w.profile_trimmed_energy_j)?;
-    check_request_cpu(&w.request_cpu)
+    check_request_cpu(&w.request_cpu)?;
+    let requests: f64 = w
+        .request_cpu
+        .iter()
+        .flat_map(|h| h.counts.iter())
+        .map(|n| *n as f64)
+        .sum();
+    let max_requests = config.max_requests_per_cpu_s * f64::from(w.cpus) * seconds;
+    if requests > max_requests {
+        return Err(refuse(
+            "implausible_requests",
+            format!(
+                "{requests:.0} requests in the histograms, above {} per CPU-second x {} CPUs x {seconds:.3} s (max_requests_per_cpu_s)",
+                config.max_requests_per_cpu_s, w.cpus
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The host's factors and figures against physical bounds: CPUs, intensity,
+/// PUE, energy per CPU-second, idle within host energy, carbon and embodied
+/// carbon below what the bounds allow. Each bound keeps every later sum finite.
+fn check_plausible(
+    w: &v1::WindowReport,
+    config: &AggregatorConfig,
+    seconds: f64,
+) -> Result<(), Refusal> {
+    if w.cpus == 0 || w.cpus > MAX_CPUS {
+        return Err(refuse(
+            "implausible_cpus",
+            format!("cpus = {} (1 to {MAX_CPUS})", w.cpus),
+        ));
+    }
+    if w.carbon_intensity_g_per_kwh > config.max_intensity_g_per_kwh {
+        return Err(refuse(
+            "implausible_intensity",
+            format!(
+                "carbon_intensity_g_per_kwh = {} above max_intensity_g_per_kwh ({})",
+                w.carbon_intensity_g_per_kwh, config.max_intensity_g_per_kwh
+            ),
+        ));
+    }
+    if w.pue < 1.0 || w.pue > config.max_pue {
+        return Err(refuse(
+            "implausible_pue",
+            format!("pue = {} (1 to max_pue {})", w.pue, config.max_pue),
+        ));
+    }
+    let cpu_ceiling_j = config.max_cpu_power_w * f64::from(w.cpus) * seconds;
+    if w.host_energy_j > cpu_ceiling_j {
+        return Err(refuse(
+            "implausible_energy",
+            format!(
+                "{:.1} J in {seconds:.3} s on {} CPUs is {:.0} W per CPU, above max_cpu_power_w ({})",
+                w.host_energy_j,
+                w.cpus,
+                w.host_energy_j / seconds / f64::from(w.cpus),
+                config.max_cpu_power_w
+            ),
+        ));
+    }
+    if w.idle_energy_j > w.host_energy_j * (1.0 + 1e-9) {
+        return Err(refuse(
+            "implausible_energy",
+            format!(
+                "idle_energy_j ({}) above host_energy_j ({})",
+                w.idle_energy_j, w.host_energy_j
+            ),
+        ));
+    }
+    // The most carbon the host could emit in the window: its power ceiling
+    // at the highest intensity and PUE allowed.
+    let ceiling_j = config.max_host_power_w.min(cpu_ceiling_j / seconds) * seconds;
+    let carbon_ceiling_g = ceiling_j / J_PER_KWH * config.max_intensity_g_per_kwh * config.max_pue;
+    let scenario_carbon_g: f64 = w.scenarios.iter().map(|s| s.carbon_g).sum();
+    for (name, value) in [
+        ("host_carbon_g", w.host_carbon_g),
+        ("the scenarios' carbon_g", scenario_carbon_g),
+    ] {
+        if value > carbon_ceiling_g {
+            return Err(refuse(
+                "implausible_carbon",
+                format!(
+                    "{name} = {value} g above the {carbon_ceiling_g:.3} g the host could emit in {seconds:.3} s (max power x max_intensity_g_per_kwh x max_pue)"
+                ),
+            ));
+        }
+    }
+    let embodied_ceiling_g = config.max_embodied_g * seconds / YEAR_S;
+    let scenario_embodied_g: f64 = w.scenarios.iter().map(|s| s.embodied_g).sum();
+    if let Some(e) = &w.embodied {
+        check_amount("embodied.total_embodied_g", e.total_embodied_g)?;
+        check_amount("embodied.lifespan_s", e.lifespan_s)?;
+        check_amount("embodied.resource_share", e.resource_share)?;
+        if e.total_embodied_g > config.max_embodied_g || e.resource_share > 1.0 {
+            return Err(refuse(
+                "implausible_embodied",
+                format!(
+                    "embodied factors TE = {} g (at most max_embodied_g {}), share {} (at most 1)",
+                    e.total_embodied_g, config.max_embodied_g, e.resource_share
+                ),
+            ));
+        }
+    }
+    for (name, value) in [
+        ("host_embodied_g", w.host_embodied_g),
+        ("the scenarios' embodied_g", scenario_embodied_g),
+    ] {
+        if value > embodied_ceiling_g {
+            return Err(refuse(
+                "implausible_embodied",
+                format!(
+                    "{name} = {value} g above {embodied_ceiling_g:.3} g (max_embodied_g over a one-year life)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Per-request CPU histograms: known scenarios, at most 65 log2 buckets,

@@ -717,3 +717,103 @@ async fn a_pinging_connection_without_credentials_is_closed_at_auth_timeout() {
         .unwrap();
     assert_eq!(ack.stored, 1);
 }
+
+/// Item 2: absurd but finite figures are refused by reason, on both stores,
+/// and the fleet's figures stay the valid windows' (never null or infinite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_figures_are_refused_and_fleet_figures_stay_finite() {
+    let test = "absurd_figures_are_refused_and_fleet_figures_stay_finite";
+    // Windows straddling an hour boundary, as in the report.
+    let hour = (now_s() - 7200) / 3600 * 3600 + 3600;
+    for store in stores(test) {
+        let dir = tempfile::tempdir().unwrap();
+        let agg = Aggregator::start(dir.path(), 3600, &format!("{}{TOKENS}", store.toml), true);
+        let mut seq = 0;
+        let mut absurd = |f: &dyn Fn(&mut v1::WindowReport)| {
+            let mut w = valid(seq, hour - 1 + seq * 2);
+            w.end_unix_ns = w.start_unix_ns + 2_000_000_000;
+            f(&mut w);
+            seq += 1;
+            w
+        };
+        let cases: Vec<(&str, v1::WindowReport)> = vec![
+            ("implausible_carbon", absurd(&|w| w.host_carbon_g = 1e308)),
+            (
+                "implausible_carbon",
+                absurd(&|w| w.scenarios[0].carbon_g = 1e308),
+            ),
+            ("implausible_pue", absurd(&|w| w.pue = 0.0)),
+            ("implausible_pue", absurd(&|w| w.pue = 1e6)),
+            ("implausible_cpus", absurd(&|w| w.cpus = 0)),
+            (
+                "implausible_energy",
+                absurd(&|w| w.idle_energy_j = w.host_energy_j * 2.0),
+            ),
+            ("implausible_energy", absurd(&|w| w.host_energy_j = 2_000.0)),
+            (
+                "implausible_intensity",
+                absurd(&|w| w.carbon_intensity_g_per_kwh = 1e308),
+            ),
+            (
+                "implausible_embodied",
+                absurd(&|w| w.host_embodied_g = 1e300),
+            ),
+            (
+                "implausible_embodied",
+                absurd(&|w| {
+                    w.embodied = Some(v1::EmbodiedFactors {
+                        total_embodied_g: 1e300,
+                        lifespan_s: 1.0,
+                        resource_share: 1.0,
+                        share_source: "config".into(),
+                    })
+                }),
+            ),
+            (
+                "implausible_requests",
+                absurd(&|w| {
+                    w.request_cpu.push(v1::RequestCpuHistogram {
+                        scenario: "credit".into(),
+                        service: "loan".into(),
+                        counts: vec![0, 1 << 62],
+                        sum_cpu_ns: 1 << 62,
+                        energy_j_per_cpu_ns: 1e-9,
+                    })
+                }),
+            ),
+        ];
+        for (kind, w) in cases {
+            let ack = send(agg.url(), vec![w]).await.unwrap();
+            let got = ack
+                .refused
+                .first()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default();
+            assert!(
+                got.starts_with(kind),
+                "{}: expected {kind}, got {got:?}",
+                store.name
+            );
+            assert_eq!(ack.refused[0].code, v1::RefusalCode::Invalid as i32);
+        }
+        let mut expected_g = 0.0;
+        for k in 0..2u64 {
+            let mut w = valid(seq + k, hour - 1 + k * 2);
+            w.end_unix_ns = w.start_unix_ns + 2_000_000_000;
+            expected_g += w.host_carbon_g;
+            assert_eq!(send(agg.url(), vec![w]).await.unwrap().stored, 1);
+        }
+        let e = agg.sci(hour - 3600, hour + 3600, 3600);
+        let carbon = e["operational_g"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}: operational_g is not a number: {e}", store.name));
+        assert!(
+            (carbon - expected_g).abs() <= 1e-9 * expected_g,
+            "{}: {carbon} g, expected {expected_g}",
+            store.name
+        );
+        for p in e["periods"].as_array().unwrap() {
+            assert!(p["operational_g"].is_number(), "{}: {p}", store.name);
+        }
+    }
+}
