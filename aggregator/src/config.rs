@@ -351,6 +351,45 @@ impl AggregatorConfig {
                 self.max_pue
             )));
         }
+        if self.query_timeout < Duration::from_millis(100) {
+            return Err(err(format!(
+                "query_timeout = {:?} must be at least 100ms (every query would be cancelled)",
+                self.query_timeout
+            )));
+        }
+        if self.max_window_age < Duration::from_secs(3600)
+            || self.max_window_age < self.max_window_length
+        {
+            return Err(err(format!(
+                "max_window_age = {:?} must be at least 1h and at least max_window_length ({:?}): every window would be refused as too old, then quarantined",
+                self.max_window_age, self.max_window_length
+            )));
+        }
+        let mut agent_tokens: BTreeMap<&str, &str> = BTreeMap::new();
+        for a in &self.agents {
+            if a.token.is_empty() || a.host.is_empty() {
+                return Err(err(format!(
+                    "agents: host {:?} needs a host name and a token",
+                    a.host
+                )));
+            }
+            if let Some(other) = agent_tokens.insert(a.token.as_str(), a.host.as_str()) {
+                return Err(err(format!(
+                    "agents: hosts {other:?} and {:?} have the same token (a token names one host)",
+                    a.host
+                )));
+            }
+        }
+        if let Some(t) = self
+            .http_tokens
+            .iter()
+            .find(|t| agent_tokens.contains_key(t.token.as_str()))
+        {
+            return Err(err(format!(
+                "http_tokens {:?}: the token is also an agent's token (a reader could send windows, an agent read the fleet)",
+                t.name
+            )));
+        }
         if self.max_window_length < Duration::from_secs(1) {
             return Err(err("max_window_length must be at least 1s".into()));
         }
@@ -431,5 +470,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("weights.credit"), "{err}");
+    }
+
+    #[test]
+    fn foot_guns_are_refused_with_the_key_and_the_reason() {
+        let refused = |text: &str| {
+            AggregatorConfig::from_toml_str(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("max_window_age = \"0s\"\n");
+        assert!(e.contains("max_window_age") && e.contains("too old"), "{e}");
+        let e = refused("query_timeout = \"0s\"\n");
+        assert!(
+            e.contains("query_timeout") && e.contains("cancelled"),
+            "{e}"
+        );
+        let e = refused(
+            "[[agents]]\nhost = \"a\"\ntoken = \"same-token-0123456789\"\n\
+             [[http_tokens]]\nname = \"grafana\"\ntoken = \"same-token-0123456789\"\n",
+        );
+        assert!(
+            e.contains("http_tokens \"grafana\"") && e.contains("agent's token"),
+            "{e}"
+        );
+        let e = refused(
+            "[[agents]]\nhost = \"a\"\ntoken = \"t1\"\n[[agents]]\nhost = \"b\"\ntoken = \"t1\"\n",
+        );
+        assert!(e.contains("same token"), "{e}");
+        let e = refused("[[http_tokens]]\nname = \"g\"\ntoken = \"x\"\n");
+        assert!(e.contains("shorter than 16"), "{e}");
+        let e = refused("max_pue = 0.5\n");
+        assert!(e.contains("max_pue"), "{e}");
+        let e = refused("[limits]\nmax_unauthenticated_connections = 600\n");
+        assert!(e.contains("max_unauthenticated_connections"), "{e}");
     }
 }
