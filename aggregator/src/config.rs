@@ -175,6 +175,10 @@ pub struct AggregatorConfig {
     /// Embodied emissions of one physical machine at most, grams (TE);
     /// embodied carbon of a window is at most this over a one-year life.
     pub max_embodied_g: f64,
+    /// On SIGTERM: time to commit and acknowledge what is in hand before
+    /// the process exits, whatever is still connected.
+    #[serde(with = "agent_common::time_text::serde_duration")]
+    pub shutdown_grace: Duration,
     /// Readers of the HTTP side; none: it only serves on a loopback address.
     pub http_tokens: Vec<HttpToken>,
     pub limits: LimitsConfig,
@@ -209,6 +213,7 @@ impl Default for AggregatorConfig {
             max_cpu_power_w: 250.0,
             max_requests_per_cpu_s: 1_000_000.0,
             max_embodied_g: 100_000_000.0,
+            shutdown_grace: Duration::from_secs(10),
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
         }

@@ -170,6 +170,8 @@ pub struct IngestService {
     require_identity: bool,
     /// The gRPC listener's limiter: told which connections authenticated.
     limiter: Option<Arc<crate::limits::ConnectionLimiter>>,
+    /// True once the server is stopping: no new stream or batch is taken.
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 fn now_unix_ns() -> u64 {
@@ -222,7 +224,17 @@ impl IngestService {
             revoked,
             require_identity,
             limiter: None,
+            stopping: None,
         }
+    }
+
+    /// Stops taking streams and batches once `stopping` turns true: the
+    /// batch being committed is committed and acknowledged, then the
+    /// stream ends with UNAVAILABLE (the agent resends the rest elsewhere
+    /// or later).
+    pub fn with_stop(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// Tells `limiter` of each connection that presents valid credentials.
@@ -304,6 +316,9 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<v1::AgentBatch>>,
     ) -> Result<Response<AckStream>, Status> {
+        if self.stopping.as_ref().is_some_and(|s| *s.borrow()) {
+            return Err(Status::unavailable("the aggregator is stopping"));
+        }
         let identity = self.authenticate(&request)?;
         if let (Some(limiter), Some(peer)) = (&self.limiter, request.remote_addr()) {
             limiter.mark_authenticated(peer);
@@ -313,9 +328,26 @@ impl Ingest for IngestService {
         let store = Arc::clone(&self.store);
         let config = Arc::clone(&self.config);
         let counters = Arc::clone(&self.counters);
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             loop {
-                let batch = match inbound.message().await {
+                let next = match stopping.as_mut() {
+                    Some(stop) => tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => None,
+                        next = inbound.message() => Some(next),
+                    },
+                    None => Some(inbound.message().await),
+                };
+                let Some(next) = next else {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "the aggregator is stopping: send the rest again",
+                        )))
+                        .await;
+                    return;
+                };
+                let batch = match next {
                     Ok(Some(batch)) => batch,
                     Ok(None) => return,
                     Err(status) => {

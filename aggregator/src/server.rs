@@ -321,22 +321,32 @@ pub async fn serve(
             .map_err(|e| config_err(format!("tls: {e}")))?;
     }
     let ingest = IngestService::new(Arc::clone(&store), Arc::clone(&config), counters)
-        .with_limiter(grpc_limiter_for_auth);
+        .with_limiter(grpc_limiter_for_auth)
+        .with_stop(stop_rx.clone());
     tracing::info!(
         "gRPC ingest on {}, HTTP on {}",
         config.grpc_listen,
         config.http_listen
     );
-    let mut grpc_stop = stop_rx;
-    builder
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = builder
         .add_service(health_service)
         .add_service(IngestServer::new(ingest).max_decoding_message_size(limits.max_message_bytes))
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stop.changed().await;
-        })
-        .await
-        .map_err(|e| AggregatorError::Invalid(format!("gRPC server: {e}")))?;
-    let _ = http.await;
+        });
+    // Once stopping, the server has shutdown_grace to finish what it holds.
+    let mut grace_stop = stop_rx;
+    let grace = config.shutdown_grace;
+    let deadline = async move {
+        let _ = grace_stop.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = grpc => served.map_err(|e| AggregatorError::Invalid(format!("gRPC server: {e}")))?,
+        _ = deadline => tracing::warn!("stopping: connections still open after shutdown_grace ({grace:?}); exiting"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
     Ok(())
 }
 

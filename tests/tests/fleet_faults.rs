@@ -817,3 +817,88 @@ async fn absurd_figures_are_refused_and_fleet_figures_stay_finite() {
         }
     }
 }
+
+/// Item 6: on SIGTERM the aggregator stops taking batches, acknowledges
+/// what it committed, ends the stream with UNAVAILABLE, and exits within its
+/// grace period; every acknowledged window is stored, and only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_streams_and_exits_within_the_grace_period() {
+    let test = "sigterm_ends_streams_and_exits_within_the_grace_period";
+    for store in stores(test) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agg = Aggregator::start(
+            dir.path(),
+            3600,
+            &format!("{}shutdown_grace = \"5s\"\n{TOKENS}", store.toml),
+            true,
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel::<v1::AgentBatch>(4);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        let mut client = IngestClient::new(channel(agg.url()));
+        let mut acks = client.stream(request).await.unwrap().into_inner();
+        let start = now_s() - 1000;
+        let sender = tokio::spawn(async move {
+            for seq in 0..600u64 {
+                let batch = v1::AgentBatch {
+                    host: "host-a".into(),
+                    agent_instance: "inst".into(),
+                    windows: vec![valid(seq, start + seq)],
+                };
+                if tx.send(batch).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let mut acked = 0u64;
+        let mut stopped_at = None;
+        let end = loop {
+            if acked == 10 && stopped_at.is_none() {
+                // SAFETY: a signal to the child this test started.
+                unsafe { libc::kill(agg.child.id() as i32, libc::SIGTERM) };
+                stopped_at = Some(Instant::now());
+            }
+            match tokio::time::timeout(Duration::from_secs(20), acks.message()).await {
+                Ok(Ok(Some(ack))) => acked += ack.stored,
+                Ok(other) => break other,
+                Err(_) => panic!("{}: no answer for 20 s", store.name),
+            }
+        };
+        let stopped_at = stopped_at.unwrap();
+        let ended_after = stopped_at.elapsed();
+        sender.abort();
+        let status = end.unwrap_err();
+        println!(
+            "{}: stream ended {ended_after:?} after SIGTERM: {:?} {}; {acked} acknowledged",
+            store.name,
+            status.code(),
+            status.message()
+        );
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(ended_after < Duration::from_secs(2), "{ended_after:?}");
+        let exited = loop {
+            if let Some(status) = agg.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                stopped_at.elapsed() < Duration::from_secs(7),
+                "{}: still running 7 s after SIGTERM (grace 5 s)",
+                store.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        println!(
+            "{}: exited {exited} {:?} after SIGTERM",
+            store.name,
+            stopped_at.elapsed()
+        );
+        // Every acknowledged window is stored, and nothing else.
+        agg.restart(true);
+        let e = agg.sci(start - 10, now_s() + 10, 3600);
+        let stored = sci_tests::fleet::periods_total(&e, "/windows");
+        assert_eq!(stored, acked, "{}", store.name);
+    }
+}
