@@ -120,11 +120,17 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limiter.total.fetch_sub(1, Ordering::Relaxed);
         let mut slots = self.limiter.slots();
-        decrement(&mut slots.per_address, self.conn.peer.ip());
-        if self.conn.state.load(Ordering::Relaxed) == PENDING {
-            slots.unpend(&self.conn);
+        match self.conn.state.load(Ordering::Relaxed) {
+            // Its slot was given back when it was evicted.
+            EVICTED => {}
+            state => {
+                self.limiter.total.fetch_sub(1, Ordering::Relaxed);
+                decrement(&mut slots.per_address, self.conn.peer.ip());
+                if state == PENDING {
+                    slots.unpend(&self.conn);
+                }
+            }
         }
         if slots
             .by_peer
@@ -219,7 +225,11 @@ impl ConnectionLimiter {
                 .find(|c| Some(c.peer.ip()) == victim_address)
                 .cloned();
             if let Some(oldest) = oldest {
+                // Its slot is free at once: the connection closes as soon as
+                // its task runs, and must not keep the newcomer out meanwhile.
                 slots.unpend(&oldest);
+                decrement(&mut slots.per_address, oldest.peer.ip());
+                self.total.fetch_sub(1, Ordering::Relaxed);
                 oldest.evict();
                 self.evicted_unauthenticated.fetch_add(1, Ordering::Relaxed);
             }
@@ -229,8 +239,6 @@ impl ConnectionLimiter {
             self.refused_address_limit.fetch_add(1, Ordering::Relaxed);
             return Err("max_connections_per_address");
         }
-        // Evicted connections still hold their descriptor until their task
-        // notices: the total bound counts them.
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             self.refused_total_limit.fetch_add(1, Ordering::Relaxed);
             return Err("max_connections");

@@ -446,10 +446,29 @@ fn attack(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicU64::new(0));
+    // The attackers run on a runtime of their own, so they do not starve the
+    // test's own client of its runtime's threads.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+            runtime.shutdown_background();
+        });
+    }
     for i in 0..count {
         let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % addresses as usize) as u8);
         let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
-        tokio::spawn(async move {
+        handle.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let Some(std) = connect_from(from, port) else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
