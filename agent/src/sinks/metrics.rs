@@ -236,6 +236,8 @@ impl MetricsRegistry {
             ("quarantined_damaged", &d.corrupt),
             ("dropped_write_failed", &d.dropped_write_failed),
             ("dropped_spool_full", &d.dropped_spool_full),
+            ("quarantined_oversized", &d.oversized),
+            ("vanished", &d.vanished),
         ] {
             lost.push(&[("reason", reason)], load(a));
         }
