@@ -94,6 +94,7 @@ async fn conflicting_seqs_are_renumbered_and_refused_windows_quarantined() {
         host: "host-a".into(),
         agent_instance: "inst".into(),
         windows: earlier,
+        sent_unix_ns: 0,
     }]));
     request
         .metadata_mut()

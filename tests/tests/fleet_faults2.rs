@@ -178,3 +178,154 @@ async fn a_window_above_the_message_limit_is_quarantined_and_the_rest_delivered(
     .unwrap();
     assert!(reason.contains("message limit"), "{reason}");
 }
+
+/// One store the aggregator runs on: its TOML and the PostgreSQL server
+/// (kept alive while the test runs).
+struct StoreUnderTest {
+    name: &'static str,
+    toml: String,
+    _pg: Option<sci_tests::postgres::ScratchPostgres>,
+}
+
+/// SQLite, and PostgreSQL when a scratch server starts (else one recorded skip line).
+fn stores(test: &str) -> Vec<StoreUnderTest> {
+    let mut out = vec![StoreUnderTest {
+        name: "sqlite",
+        toml: String::new(),
+        _pg: None,
+    }];
+    if let Some(pg) = sci_tests::postgres::ScratchPostgres::start_or_skip(test) {
+        let url = pg.create_database("sci_faults2").unwrap();
+        out.push(StoreUnderTest {
+            name: "postgres",
+            toml: format!("postgres_url = \"{url}\"\n"),
+            _pg: Some(pg),
+        });
+    }
+    out
+}
+
+/// Sends one batch as host-a (agent clock `sent_unix_ns`) and returns the ack.
+async fn send(
+    url: String,
+    instance: &str,
+    windows: Vec<v1::WindowReport>,
+    sent_unix_ns: u64,
+) -> v1::Ack {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let mut client = v1::ingest_client::IngestClient::new(channel);
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![v1::AgentBatch {
+        host: "host-a".into(),
+        agent_instance: instance.into(),
+        windows,
+        sent_unix_ns,
+    }]));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let mut acks = client.stream(request).await.unwrap().into_inner();
+    acks.message().await.unwrap().unwrap()
+}
+
+/// A window of host-a of `length_s` seconds at 5 W.
+fn valid_for(instance: &str, seq: u64, start_s: u64, length_s: u64) -> v1::WindowReport {
+    let mut w = valid(instance, seq, start_s);
+    let energy_j = 5.0 * length_s as f64;
+    w.end_unix_ns = (start_s + length_s) * 1_000_000_000;
+    w.host_energy_j = energy_j;
+    w.idle_energy_j = energy_j / 2.0;
+    w.host_carbon_g = energy_j / 3.6e6 * 530.6 * 1.2;
+    w.idle_cpu_ns = length_s * 1_000_000_000;
+    w.busy_cpu_ns = length_s * 1_000_000_000;
+    w
+}
+
+fn refused_total(agg: &Aggregator, reason: &str) -> u64 {
+    let series = format!("sci_ingest_refused_windows_total{{host=\"host-a\",reason=\"{reason}\"}}");
+    sci_tests::fleet::metric_value(&agg.metrics(), &series).unwrap_or(0)
+}
+
+/// Item 5: an agent whose clock is a day behind sends 15 windows dated
+/// yesterday (within max_window_age): each is refused with CLOCK_BEHIND and
+/// counted, on both stores (main: 15 of 15 stored into yesterday).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_clock_a_day_behind_is_refused_with_its_own_code_and_counted() {
+    let test = "an_agent_clock_a_day_behind_is_refused_with_its_own_code_and_counted";
+    for store in stores(test) {
+        let dir = tempfile::tempdir().unwrap();
+        let agg = Aggregator::start(dir.path(), 3600, &format!("{}{TOKENS}", store.toml), true);
+        let agent_now_s = now_s() - 86_400;
+        let windows: Vec<_> = (0..15)
+            .map(|i| valid("behind", i, agent_now_s - 60 + i))
+            .collect();
+        let ack = send(agg.url(), "behind", windows, agent_now_s * 1_000_000_000).await;
+        assert_eq!(ack.refused.len(), 15, "{}: {ack:?}", store.name);
+        assert!(
+            ack.refused
+                .iter()
+                .all(|r| r.code == v1::RefusalCode::ClockBehind as i32
+                    && r.reason.contains("behind the aggregator's")),
+            "{}: {:?}",
+            store.name,
+            ack.refused[0]
+        );
+        assert_eq!(agg.windows_ingested("accepted"), 0, "{}", store.name);
+        assert_eq!(refused_total(&agg, "clock_behind"), 15, "{}", store.name);
+        // The same windows from an agent whose clock is right are stored.
+        let windows: Vec<_> = (0..15)
+            .map(|i| valid("right", i, agent_now_s - 60 + i))
+            .collect();
+        let ack = send(agg.url(), "right", windows, now_s() * 1_000_000_000).await;
+        assert!(ack.refused.is_empty(), "{}: {ack:?}", store.name);
+        assert_eq!(agg.windows_ingested("accepted"), 15, "{}", store.name);
+    }
+}
+
+/// Items 2 and 5: a host's windows may not overlap. One agent instance
+/// covers an hour; another sends windows over the same hour (the overlap
+/// that follows a clock set back): refused as `overlap`, counted, and the
+/// host's coverage of that hour stays 3,600 s; a replay of the first is
+/// still a duplicate, and the next hour is stored. Both stores (main: the
+/// hour held 4,200 host-seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_windows_may_not_overlap_on_either_store() {
+    let test = "a_host_windows_may_not_overlap_on_either_store";
+    for store in stores(test) {
+        let dir = tempfile::tempdir().unwrap();
+        let agg = Aggregator::start(dir.path(), 3600, &format!("{}{TOKENS}", store.toml), true);
+        let hour = (now_s() / 3600 - 3) * 3600;
+        let first: Vec<_> = (0..60)
+            .map(|i| valid_for("first", i, hour + i * 60, 60))
+            .collect();
+        let now_ns = now_s() * 1_000_000_000;
+        let ack = send(agg.url(), "first", first.clone(), now_ns).await;
+        assert!(ack.refused.is_empty(), "{}: {ack:?}", store.name);
+        let second: Vec<_> = (0..10)
+            .map(|i| valid_for("second", i, hour + 300 + i * 60, 60))
+            .chain(std::iter::once(valid_for("second", 10, hour + 3600, 60)))
+            .collect();
+        let ack = send(agg.url(), "second", second, now_ns).await;
+        assert_eq!(ack.refused.len(), 10, "{}: {ack:?}", store.name);
+        assert!(
+            ack.refused.iter().all(|r| r.seq < 10
+                && r.code == v1::RefusalCode::Invalid as i32
+                && r.reason.starts_with("overlap:")),
+            "{}: {:?}",
+            store.name,
+            ack.refused
+        );
+        assert_eq!(ack.stored, 1, "{}: the next hour is stored", store.name);
+        assert_eq!(refused_total(&agg, "overlap"), 10, "{}", store.name);
+        let replay = send(agg.url(), "first", first, now_ns).await;
+        assert!(replay.refused.is_empty(), "{}: {replay:?}", store.name);
+        assert_eq!(replay.duplicates, 60, "{}", store.name);
+        assert_eq!(agg.windows_ingested("accepted"), 61, "{}", store.name);
+        // The hour's coverage as the API reports it.
+        let sci = agg.sci(hour, hour + 3600, 3600);
+        let host_s = sci["periods"][0]["host_seconds"].as_f64().unwrap();
+        assert!((host_s - 3600.0).abs() < 1e-6, "{}: {host_s}", store.name);
+    }
+}

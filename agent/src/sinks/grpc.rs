@@ -344,6 +344,9 @@ async fn stream_once(
                     host,
                     agent_instance,
                     windows: batch,
+                    sent_unix_ns: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
                 })
                 .await
                 .map_err(|_| AgentError::Transport("stream closed".into()))?;

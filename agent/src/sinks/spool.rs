@@ -204,6 +204,9 @@ pub struct SpoolStats {
     /// Windows too large to send even trimmed and rolled up, or refused by
     /// the aggregator as larger than its message limit: quarantined.
     pub oversized: u64,
+    /// Windows refused because this host's clock is behind the
+    /// aggregator's (misdated): quarantined.
+    pub clock_behind: u64,
 }
 
 /// What the spool reports to the metrics endpoint, readable without its lock.
@@ -227,6 +230,7 @@ pub struct DeliveryStats {
     pub write_failures: AtomicU64,
     pub vanished: AtomicU64,
     pub oversized: AtomicU64,
+    pub clock_behind: AtomicU64,
     /// Windows held as ahead of the aggregator's clock.
     pub held_windows: AtomicU64,
     /// Unix seconds of the last acknowledgement, 0 before the first.
@@ -452,6 +456,7 @@ impl Spool {
             (&d.write_failures, s.write_failures),
             (&d.vanished, s.vanished),
             (&d.oversized, s.oversized),
+            (&d.clock_behind, s.clock_behind),
             (&d.held_windows, self.held.len() as u64),
         ] {
             atomic.store(value, Ordering::Relaxed);
@@ -823,6 +828,22 @@ impl Spool {
             let code = RefusalCode::try_from(refusal.code).unwrap_or(RefusalCode::Unspecified);
             match code {
                 RefusalCode::SeqConflict | RefusalCode::WrongInstance => renumber.push(refusal.seq),
+                RefusalCode::ClockBehind => {
+                    self.shared
+                        .last_clock_refusal_unix_s
+                        .store(now_unix_s(), Ordering::Relaxed);
+                    let before = self.stats.quarantined_refused;
+                    self.quarantine_file(
+                        refusal.seq,
+                        &format!("refused by the aggregator: {}", refusal.reason),
+                        false,
+                    )?;
+                    if self.stats.quarantined_refused > before {
+                        self.stats.quarantined_refused = before;
+                        self.stats.clock_behind += 1;
+                    }
+                    settled.quarantined += 1;
+                }
                 RefusalCode::ClockAhead => {
                     self.held.insert(refusal.seq);
                     self.stats.deferred += 1;
