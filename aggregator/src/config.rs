@@ -175,6 +175,12 @@ pub struct AggregatorConfig {
     /// Embodied emissions of one physical machine at most, grams (TE);
     /// embodied carbon of a window is at most this over a one-year life.
     pub max_embodied_g: f64,
+    /// Most profile stacks a window may carry: beyond it the window's
+    /// lowest-energy stacks are trimmed (their energy kept as
+    /// `profile_trimmed_energy_j`), counted.
+    pub max_stacks_per_window: usize,
+    /// Most distinct services a window may name: beyond it the window is refused.
+    pub max_services_per_window: usize,
     /// On SIGTERM: time to commit and acknowledge what is in hand before
     /// the process exits, whatever is still connected.
     #[serde(with = "agent_common::time_text::serde_duration")]
@@ -213,6 +219,8 @@ impl Default for AggregatorConfig {
             max_cpu_power_w: 250.0,
             max_requests_per_cpu_s: 1_000_000.0,
             max_embodied_g: 100_000_000.0,
+            max_stacks_per_window: 20_000,
+            max_services_per_window: 1_000,
             shutdown_grace: Duration::from_secs(10),
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
@@ -349,6 +357,20 @@ impl AggregatorConfig {
             if !value.is_finite() || value <= 0.0 {
                 return Err(err(format!("{key} = {value} must be a finite number > 0")));
             }
+        }
+        if self.max_stacks_per_window == 0
+            || self.max_stacks_per_window > crate::validate::MAX_PROFILE_STACKS
+        {
+            return Err(err(format!(
+                "max_stacks_per_window = {} must be between 1 and {} (the most a window may carry)",
+                self.max_stacks_per_window,
+                crate::validate::MAX_PROFILE_STACKS
+            )));
+        }
+        if self.max_services_per_window == 0 {
+            return Err(err(
+                "max_services_per_window = 0 would refuse every window that names a service".into(),
+            ));
         }
         if !self.max_pue.is_finite() || self.max_pue < 1.0 {
             return Err(err(format!(

@@ -24,7 +24,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::AggregatorConfig;
 use crate::error::AggregatorError;
 use crate::store::{CommitOutcome, Store};
-use crate::validate::{check_clock, check_names, clip, code_of, shorten_stacks, validate_window};
+use crate::validate::{
+    check_clock, check_names, clip, code_of, shorten_stacks, trim_stacks, validate_window,
+};
 
 /// Ingest counters, shown on /metrics.
 #[derive(Debug, Default)]
@@ -53,6 +55,8 @@ pub struct IngestCounters {
     pub http_headers_too_large: u64,
     /// Profile stacks shortened to the store's bounds (long frames, deep stacks).
     pub stacks_shortened: u64,
+    /// Profile stacks trimmed from windows over max_stacks_per_window.
+    pub stacks_trimmed: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }
@@ -88,6 +92,13 @@ impl IngestCounters {
                 "Profile stacks shortened to the store's key bounds (frames over 256 bytes, stacks over 2,048 bytes).",
             )
             .single(self.stacks_shortened as f64),
+        );
+        out.push(
+            Family::counter(
+                "sci_ingest_stacks_trimmed_total",
+                "Profile stacks trimmed (lowest energy first, energy kept as profile_trimmed_energy_j) from windows over max_stacks_per_window.",
+            )
+            .single(self.stacks_trimmed as f64),
         );
         let mut open = Family::gauge("sci_connections_open", "Connections open per listener.");
         let mut refused = Family::counter(
@@ -403,12 +414,14 @@ impl Ingest for IngestService {
                 let mut accepted = Vec::new();
                 let mut refused = Vec::new();
                 let mut stacks_shortened = 0;
+                let mut stacks_trimmed = 0;
                 for mut w in batch.windows {
                     let checked = clock.clone().and_then(|()| {
                         validate_window(&w, &batch.host, &batch.agent_instance, &config, now)
                     });
                     match checked {
                         Ok(()) => {
+                            stacks_trimmed += trim_stacks(&mut w, config.max_stacks_per_window);
                             stacks_shortened += shorten_stacks(&mut w);
                             accepted.push(w)
                         }
@@ -544,6 +557,7 @@ impl Ingest for IngestService {
                         *t = t.saturating_add(n);
                     }
                     c.stacks_shortened += stacks_shortened;
+                    c.stacks_trimmed += stacks_trimmed;
                     if store_refused > 0 {
                         *c.refused
                             .entry((batch.host.clone(), "store_refused".into()))

@@ -24,7 +24,9 @@ use serde::{Serialize, Serializer};
 use crate::config::SCENARIOS;
 use crate::error::AggregatorError;
 use crate::figures::{percent, sig4};
-use crate::store::{FleetRow, HostRow, HostSpan, Range, ScenarioRow, ServiceRow, Store};
+use crate::store::{
+    FleetRow, HostRow, HostSpan, Range, ScenarioRow, ServiceRest, ServiceRow, Store,
+};
 use agent_common::UNASSIGNED;
 
 /// Counts that are sums of time-split shares: written as integers when whole.
@@ -302,17 +304,26 @@ pub struct EvaluationInput {
     pub fleet: Vec<FleetRow>,
     pub scenarios: Vec<ScenarioRow>,
     pub hosts: Vec<HostRow>,
+    /// The [`SHOWN_SERVICES`] rows with the most carbon.
     pub services: Vec<ServiceRow>,
+    /// How many service rows the range holds, and their sums together.
+    pub services_all: ServiceRest,
     pub spans: Vec<HostSpan>,
 }
 
+/// Most (data centre, service, scenario) rows an evaluation reads, those
+/// with the most carbon; the rest is one `(N other services)` line.
+pub const SHOWN_SERVICES: usize = 200;
+
 impl EvaluationInput {
     pub fn read(store: &dyn Store, range: &Range) -> Result<Self, AggregatorError> {
+        let (services, services_all) = store.services(range, SHOWN_SERVICES)?;
         Ok(EvaluationInput {
             fleet: store.fleet_periods(range)?,
             scenarios: store.scenario_periods(range)?,
             hosts: store.hosts(range)?,
-            services: store.services(range)?,
+            services,
+            services_all,
             spans: store.host_spans()?,
         })
     }
@@ -608,6 +619,21 @@ pub fn evaluate(
     }
     let mut services: Vec<Breakdown> = services.into_values().collect();
     services.sort_by(|a, b| (b.carbon_g + b.embodied_g).total_cmp(&(a.carbon_g + a.embodied_g)));
+    let all = &input.services_all;
+    if all.services > input.services.len() as u64 {
+        let shown = |f: fn(&ServiceRow) -> f64| input.services.iter().map(f).sum::<f64>();
+        services.push(Breakdown {
+            key: format!(
+                "({} other services)",
+                all.services - input.services.len() as u64
+            ),
+            energy_j: (all.total.energy_j - shown(|s| s.energy_j)).max(0.0),
+            idle_energy_j: (all.total.idle_energy_j - shown(|s| s.idle_energy_j)).max(0.0),
+            carbon_g: (all.total.carbon_g - shown(|s| s.carbon_g)).max(0.0),
+            embodied_g: (all.total.embodied_g - shown(|s| s.embodied_g)).max(0.0),
+            cpu_ns: (all.total.cpu_ns - shown(|s| s.cpu_ns)).max(0.0),
+        });
+    }
 
     Evaluation {
         from_unix_s: range.from_s,

@@ -18,7 +18,8 @@ const MAX_CPUS: u32 = 65_536;
 const J_PER_KWH: f64 = 3.6e6;
 /// Shortest machine life the embodied ceiling assumes.
 const YEAR_S: f64 = 365.0 * 86_400.0;
-const MAX_PROFILE_STACKS: usize = 200_000;
+/// Most profile stacks a window may carry at all (`max_stacks_per_window` at most this).
+pub const MAX_PROFILE_STACKS: usize = 200_000;
 
 /// Longest piece of client input quoted back in a refusal or an error.
 pub const ECHO_MAX: usize = 64;
@@ -204,6 +205,51 @@ fn check_keys(w: &v1::WindowReport) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// The distinct services a window names (processes, profile, request
+/// histograms) at most `max`: each becomes rows of the service, profile and
+/// request rollups, so one window of 40,000 services multiplied what every
+/// later query reads. Refused, not trimmed: a service carries carbon, and
+/// folding services together would state figures for a service that does
+/// not exist; so many services means the agent's service rules name
+/// something unbounded (a pid, a request id), which the agent must fix.
+fn check_services(w: &v1::WindowReport, max: usize) -> Result<(), Refusal> {
+    let mut services: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let names = w
+        .processes
+        .iter()
+        .map(|p| p.service.as_str())
+        .chain(w.profile.iter().map(|s| s.service.as_str()))
+        .chain(w.request_cpu.iter().map(|h| h.service.as_str()));
+    for name in names {
+        if services.insert(name) && services.len() > max {
+            return Err(refuse(
+                "too_many_services",
+                format!(
+                    "the window names more than {max} distinct services (max_services_per_window); the agent's service rules must not name services after something unbounded"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the window's `max` profile stacks with the most energy; the others
+/// are trimmed, their energy added to `profile_trimmed_energy_j` and their
+/// count to `profile_stacks_trimmed` (as the agent trims an oversized
+/// window). Returns how many were trimmed. Trimmed, not refused: a stack is
+/// a sample of where the energy went, the window's figures do not depend
+/// on it, and the trimmed energy stays disclosed.
+pub fn trim_stacks(w: &mut v1::WindowReport, max: usize) -> u64 {
+    if w.profile.len() <= max {
+        return 0;
+    }
+    w.profile.sort_by(|a, b| b.energy_j.total_cmp(&a.energy_j));
+    let trimmed = w.profile.split_off(max);
+    w.profile_trimmed_energy_j += trimmed.iter().map(|s| s.energy_j).sum::<f64>();
+    w.profile_stacks_trimmed += trimmed.len() as u64;
+    trimmed.len() as u64
+}
+
 /// Hex of the first 8 bytes of the SHA-256 of `text`.
 fn short_hash(text: &str) -> String {
     use sha2::Digest;
@@ -329,6 +375,7 @@ pub fn validate_window(
         ));
     }
     check_keys(w)?;
+    check_services(w, config.max_services_per_window)?;
     if w.end_unix_ns <= w.start_unix_ns {
         return Err(refuse(
             "bad_time_range",

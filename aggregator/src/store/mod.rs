@@ -60,7 +60,8 @@ pub use encoding::{canonical_encoding, content_digest};
 pub use layout::{split_by_time, Range, Retention, RollupLayout, DAY_NS, DAY_S};
 pub use rows::{
     CommitOutcome, Expired, FleetRow, HostPeriodRow, HostRow, HostServiceRow, HostSpan,
-    IntensityRow, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRow, StackSum,
+    IntensityRow, ProfileCount, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRest,
+    ServiceRow, StackSum,
 };
 
 use crate::error::AggregatorError;
@@ -75,13 +76,37 @@ pub trait Store: Send + Sync {
     /// Scenario sums per period and data centre.
     fn scenario_periods(&self, range: &Range) -> Result<Vec<ScenarioRow>, AggregatorError>;
     fn hosts(&self, range: &Range) -> Result<Vec<HostRow>, AggregatorError>;
-    fn services(&self, range: &Range) -> Result<Vec<ServiceRow>, AggregatorError>;
+    /// The `limit` (data centre, service, scenario) rows with the most
+    /// carbon (operational and embodied), most first, and how many rows the
+    /// range holds with their sums together. The database ranks.
+    fn services(
+        &self,
+        range: &Range,
+        limit: usize,
+    ) -> Result<(Vec<ServiceRow>, ServiceRest), AggregatorError>;
     /// Stacks of the range, optionally of one service and/or scenario.
     fn stacks(
         &self,
         range: &Range,
         service: Option<&str>,
         scenario: Option<&str>,
+    ) -> Result<Vec<StackSum>, AggregatorError>;
+    /// The `limit` profiles (service, scenario) with the most profile
+    /// energy in the range (stack empty), most first; and how many
+    /// profiles the range holds with their samples and energy together.
+    /// The database ranks: the answer's size is the limit's.
+    fn top_profiles(
+        &self,
+        range: &Range,
+        limit: usize,
+    ) -> Result<(Vec<StackSum>, ProfileCount), AggregatorError>;
+    /// The `limit` stacks of one service and scenario with the most energy, most first.
+    fn top_stacks(
+        &self,
+        range: &Range,
+        service: &str,
+        scenario: &str,
+        limit: usize,
     ) -> Result<Vec<StackSum>, AggregatorError>;
     fn intensity_hours(&self, range: &Range) -> Result<Vec<IntensityRow>, AggregatorError>;
     /// Every host's span of data (one row per host of the fleet).

@@ -12,7 +12,8 @@ use super::backend::{Backend, Value};
 use super::layout::{Range, Retention, RollupLayout, DAY_S};
 use super::rows::{
     CommitOutcome, Expired, FleetRow, HostPeriodRow, HostRow, HostServiceRow, HostSpan,
-    IntensityRow, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRow, StackSum,
+    IntensityRow, ProfileCount, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRest,
+    ServiceRow, StackSum,
 };
 use super::tables::{
     Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
@@ -50,6 +51,10 @@ struct SumQuery<'a> {
     sums: &'a [&'a str],
     /// `column = value` conditions, for the values that are given.
     filters: &'a [(&'a str, Option<&'a str>)],
+    /// Only the `limit` rows with the largest `expression` (of the sums),
+    /// largest first (`(expression, limit)`): the database ranks, the
+    /// answer is the limit's size whatever the rows it read.
+    top: Option<(&'a str, usize)>,
 }
 
 impl<'a> SumQuery<'a> {
@@ -65,6 +70,7 @@ impl<'a> SumQuery<'a> {
             columns: &[],
             sums: table.sums,
             filters: &[],
+            top: None,
         }
     }
 
@@ -104,8 +110,14 @@ impl<'a> SumQuery<'a> {
             select.push(expr);
         }
         select.extend(self.sums.iter().map(|c| format!("SUM({c})")));
+        let mut limit = String::new();
+        if let Some((expression, n)) = self.top {
+            order.insert(0, format!("{expression} DESC"));
+            params.push(Value::Int(i64::try_from(n).unwrap_or(i64::MAX)));
+            limit = format!(" LIMIT ${}", params.len());
+        }
         let sql = format!(
-            "SELECT {} FROM {src}{filter} GROUP BY {} ORDER BY {}",
+            "SELECT {} FROM {src}{filter} GROUP BY {} ORDER BY {}{limit}",
             select.join(", "),
             group.join(", "),
             order.join(", ")
@@ -302,14 +314,42 @@ impl<B: Backend> Store for B {
         .read(self, HostRow::from_columns)
     }
 
-    fn services(&self, range: &Range) -> Result<Vec<ServiceRow>, AggregatorError> {
+    fn services(
+        &self,
+        range: &Range,
+        limit: usize,
+    ) -> Result<(Vec<ServiceRow>, ServiceRest), AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
-        SumQuery {
-            coarse: Some((&SERVICE_COARSE, DAY_S)),
+        let coarse = Some((&SERVICE_COARSE, DAY_S));
+        let top = SumQuery {
+            coarse,
             columns: &[Key("datacenter"), Key("service"), Key("scenario")],
+            top: Some(("SUM(carbon_g) + SUM(embodied_g)", limit)),
             ..SumQuery::over(&SERVICE, from, to)
         }
-        .read(self, ServiceRow::from_columns)
+        .read(self, ServiceRow::from_columns)?;
+        let mut params = Vec::new();
+        let src = source(&SERVICE, coarse, from, to, None, &mut params);
+        let summed: Vec<String> = SERVICE.sums.iter().map(|c| format!("SUM({c})")).collect();
+        let inner: Vec<String> = SERVICE
+            .sums
+            .iter()
+            .map(|c| format!("SUM({c}) AS {c}"))
+            .collect();
+        let sql = format!(
+            "SELECT COUNT(*), {} FROM (SELECT {} FROM {src} \
+             GROUP BY datacenter, service, scenario) AS services",
+            summed.join(", "),
+            inner.join(", ")
+        );
+        let mut rest = ServiceRest::default();
+        if let Some(r) = self.read(&sql, &params)?.first() {
+            rest.services = r[0].i64().max(0) as u64;
+            let mut columns = vec![Value::Text(String::new()); 3];
+            columns.extend(r[1..].iter().cloned());
+            rest.total = ServiceRow::from_columns(&columns);
+        }
+        Ok((top, rest))
     }
 
     fn stacks(
@@ -331,6 +371,69 @@ impl<B: Backend> Store for B {
             stack: r[2].text(),
             samples: r[3].f64().round() as u64,
             energy_j: r[4].f64(),
+        })
+    }
+
+    fn top_profiles(
+        &self,
+        range: &Range,
+        limit: usize,
+    ) -> Result<(Vec<StackSum>, ProfileCount), AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        let coarse = Some((&PROFILE_COARSE, DAY_S));
+        let top = SumQuery {
+            coarse,
+            columns: &[Key("service"), Key("scenario")],
+            top: Some(("SUM(energy_j)", limit)),
+            ..SumQuery::over(&PROFILE, from, to)
+        }
+        .read(self, |r| StackSum {
+            service: r[0].text(),
+            scenario: r[1].text(),
+            stack: String::new(),
+            samples: r[2].f64().round() as u64,
+            energy_j: r[3].f64(),
+        })?;
+        let mut params = Vec::new();
+        let src = source(&PROFILE, coarse, from, to, None, &mut params);
+        let sql = format!(
+            "SELECT COUNT(*), SUM(samples), SUM(energy_j) FROM \
+             (SELECT SUM(samples) AS samples, SUM(energy_j) AS energy_j FROM {src} \
+             GROUP BY service, scenario) AS profiles"
+        );
+        let all = self
+            .read(&sql, &params)?
+            .first()
+            .map(|r| ProfileCount {
+                profiles: r[0].i64().max(0) as u64,
+                samples: r[1].f64().round() as u64,
+                energy_j: r[2].f64(),
+            })
+            .unwrap_or_default();
+        Ok((top, all))
+    }
+
+    fn top_stacks(
+        &self,
+        range: &Range,
+        service: &str,
+        scenario: &str,
+        limit: usize,
+    ) -> Result<Vec<StackSum>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        SumQuery {
+            coarse: Some((&PROFILE_COARSE, DAY_S)),
+            columns: &[Key("stack")],
+            filters: &[("service", Some(service)), ("scenario", Some(scenario))],
+            top: Some(("SUM(energy_j)", limit)),
+            ..SumQuery::over(&PROFILE, from, to)
+        }
+        .read(self, |r| StackSum {
+            service: service.to_string(),
+            scenario: scenario.to_string(),
+            stack: r[0].text(),
+            samples: r[1].f64().round() as u64,
+            energy_j: r[2].f64(),
         })
     }
 

@@ -102,6 +102,23 @@ pub struct StackSum {
     pub energy_j: f64,
 }
 
+/// How many (data centre, service, scenario) rows a range holds, and
+/// their sums together (`total`'s names empty).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceRest {
+    pub services: u64,
+    pub total: ServiceRow,
+}
+
+/// How many profiles (service, scenario) a range holds, and their samples
+/// and energy together.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProfileCount {
+    pub profiles: u64,
+    pub samples: u64,
+    pub energy_j: f64,
+}
+
 /// A (data centre, service, scenario)'s sums in one period (whole host steps).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServicePeriodRow {
