@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use crate::error::AgentError;
 
+/// Longest host name (DNS), as the aggregator bounds it.
+pub const MAX_HOST_BYTES: usize = 253;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
@@ -150,6 +153,17 @@ impl AgentConfig {
                 ),
             });
         }
+        if let Some(host) = &self.agent.host {
+            if host.is_empty() || host.len() > MAX_HOST_BYTES {
+                return Err(AgentError::Config {
+                    path: "agent.host".into(),
+                    message: format!(
+                        "{} bytes: a host name has 1 to {MAX_HOST_BYTES} bytes (DNS; the aggregator refuses longer ones)",
+                        host.len()
+                    ),
+                });
+            }
+        }
         self.aggregator.validate()
     }
 
@@ -184,6 +198,28 @@ mod tests {
         let ok = AgentConfig::from_toml_str("[agent]\ninterval = \"100ms\"\n", Path::new("a.toml"))
             .unwrap();
         assert_eq!(ok.agent.interval, MIN_INTERVAL);
+    }
+
+    #[test]
+    fn short_tokens_and_long_host_names_are_errors_naming_the_key() {
+        let err = |text: &str| {
+            AgentConfig::from_toml_str(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[aggregator]\nurl = \"https://a:7443\"\ntoken = \"token-a\"\n");
+        assert!(
+            e.contains("aggregator.token") && e.contains("16 characters"),
+            "{e}"
+        );
+        let e = err(&format!("[agent]\nhost = \"{}\"\n", "h".repeat(300)));
+        assert!(e.contains("agent.host") && e.contains("300 bytes"), "{e}");
+        for ok in [
+            format!("[agent]\nhost = \"{}\"\n", "h".repeat(253)),
+            "[aggregator]\nurl = \"https://a:7443\"\ntoken = \"token-a-0123456789\"\n".into(),
+        ] {
+            AgentConfig::from_toml_str(&ok, Path::new("a.toml")).unwrap();
+        }
     }
 
     #[test]

@@ -56,6 +56,14 @@ pub fn open_sampler(
     config: &AgentConfig,
     options: &PipelineOptions,
 ) -> Result<OpenedSampler, AgentError> {
+    if config
+        .scenarios
+        .rules
+        .iter()
+        .any(|rule| rule.reads_environment())
+    {
+        crate::sources::sched::proc_info::say_if_environs_unreadable();
+    }
     if options.force_procfs {
         let sampler = ProcfsSampler::new("/proc")?;
         return Ok((

@@ -228,6 +228,9 @@ impl Default for AggregatorConfig {
     }
 }
 
+/// Shortest bearer token accepted, for agents and HTTP readers alike.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
@@ -400,6 +403,12 @@ impl AggregatorConfig {
                     a.host
                 )));
             }
+            if a.token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(err(format!(
+                    "agents: host {:?}: token shorter than {MIN_TOKEN_CHARS} characters (a short token can be guessed)",
+                    a.host
+                )));
+            }
             if let Some(other) = agent_tokens.insert(a.token.as_str(), a.host.as_str()) {
                 return Err(err(format!(
                     "agents: hosts {other:?} and {:?} have the same token (a token names one host)",
@@ -427,9 +436,9 @@ impl AggregatorConfig {
                     t.name, t.role
                 )));
             }
-            if t.token.len() < 16 {
+            if t.token.chars().count() < MIN_TOKEN_CHARS {
                 return Err(err(format!(
-                    "http_tokens {:?}: token shorter than 16 characters",
+                    "http_tokens {:?}: token shorter than {MIN_TOKEN_CHARS} characters",
                     t.name
                 )));
             }
@@ -522,9 +531,14 @@ mod tests {
             "{e}"
         );
         let e = refused(
-            "[[agents]]\nhost = \"a\"\ntoken = \"t1\"\n[[agents]]\nhost = \"b\"\ntoken = \"t1\"\n",
+            "[[agents]]\nhost = \"a\"\ntoken = \"token-0123456789\"\n[[agents]]\nhost = \"b\"\ntoken = \"token-0123456789\"\n",
         );
         assert!(e.contains("same token"), "{e}");
+        let e = refused("[[agents]]\nhost = \"a\"\ntoken = \"token-a\"\n");
+        assert!(
+            e.contains("agents: host \"a\"") && e.contains("shorter than 16"),
+            "{e}"
+        );
         let e = refused("[[http_tokens]]\nname = \"g\"\ntoken = \"x\"\n");
         assert!(e.contains("shorter than 16"), "{e}");
         let e = refused("max_pue = 0.5\n");

@@ -149,7 +149,7 @@ async fn dashboard_renders_real_data_in_chromium() {
     let agg = Aggregator::start(
         dir.path(),
         60,
-        "[[agents]]\nhost = \"loan-host-7\"\ntoken = \"t\"\n",
+        "[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n",
         true,
     );
     let spool = Arc::new(Mutex::new(
@@ -159,7 +159,7 @@ async fn dashboard_renders_real_data_in_chromium() {
     let forwarder = tokio::spawn(run_forwarder(
         AggregatorConfig {
             url: Some(agg.url()),
-            token: Some("t".into()),
+            token: Some("loan-host-7-token-0123".into()),
             ..Default::default()
         },
         true,

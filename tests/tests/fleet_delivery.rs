@@ -13,13 +13,13 @@ use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
 use sci_tests::fleet::{now_s, periods_total, window, Agent, Aggregator};
 
-const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a\"\n";
+const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a-0123456789\"\n";
 
 fn config(urls: &[String]) -> AggregatorConfig {
     AggregatorConfig {
         url: Some(urls[0].clone()),
         urls: urls[1..].to_vec(),
-        token: Some("token-a".into()),
+        token: Some("token-a-0123456789".into()),
         max_backoff: Duration::from_millis(500),
         batch_windows: 16,
         ..Default::default()
@@ -96,9 +96,10 @@ async fn conflicting_seqs_are_renumbered_and_refused_windows_quarantined() {
         windows: earlier,
         sent_unix_ns: 0,
     }]));
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer token-a".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer token-a-0123456789".parse().unwrap(),
+    );
     let ack = client
         .stream(request)
         .await

@@ -12,7 +12,7 @@ use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::Spool;
 use sci_tests::fleet::{now_s, periods_total, window, Agent, Aggregator};
 
-const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a\"\n[[agents]]\nhost = \"host-b\"\ntoken = \"token-b\"\n";
+const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a-0123456789\"\n[[agents]]\nhost = \"host-b\"\ntoken = \"token-b-0123456789\"\n";
 
 /// An agent on its own 64 MiB spool, forwarding to `url` with `token`.
 fn start_agent(dir: &Path, url: &str, token: &str, instance: &str) -> Agent {
@@ -40,8 +40,18 @@ async fn sci_per_period_equals_the_hand_computation() {
     let agg = Aggregator::start(dir.path(), 10, TOKENS, true);
     // Three 10 s periods in the recent past; each host sends two 5 s windows per period.
     let base = (now_s() / 10 - 5) * 10;
-    let a = start_agent(&dir.path().join("spool-a"), &agg.url(), "token-a", "inst-a");
-    let b = start_agent(&dir.path().join("spool-b"), &agg.url(), "token-b", "inst-b");
+    let a = start_agent(
+        &dir.path().join("spool-a"),
+        &agg.url(),
+        "token-a-0123456789",
+        "inst-a",
+    );
+    let b = start_agent(
+        &dir.path().join("spool-b"),
+        &agg.url(),
+        "token-b-0123456789",
+        "inst-b",
+    );
     // (period, host a: carbon, embodied, txns), (host b: ...)
     let plan: [PeriodPlan; 3] = [
         (2.0, 0.5, [1, 2, 3, 10], 1.0, 0.25, [0, 1, 0, 5]),
@@ -161,7 +171,7 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     let mut agg = Aggregator::start(dir.path(), 3600, TOKENS, true);
     let start = now_s() - 600;
     let spool_dir = dir.path().join("spool-a");
-    let mut agent = start_agent(&spool_dir, &agg.url(), "token-a", "inst-a");
+    let mut agent = start_agent(&spool_dir, &agg.url(), "token-a-0123456789", "inst-a");
     let mut expected_carbon = 0.0;
     let mut sent = 0u64;
     let mut push = |agent: &Agent, n: u64| {
@@ -206,7 +216,12 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     push(&agent, 30);
     drop(agent);
     agg.restart(true);
-    agent = start_agent(&spool_dir, &agg.url(), "token-a", "ignored-new-instance");
+    agent = start_agent(
+        &spool_dir,
+        &agg.url(),
+        "token-a-0123456789",
+        "ignored-new-instance",
+    );
     assert_eq!(
         agent.spool.lock().unwrap().agent_instance(),
         "inst-a",
@@ -223,7 +238,7 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     // and each replayed window is counted as a duplicate.
     let duplicates_before = agg.windows_ingested("duplicate");
     let replay_dir = dir.path().join("spool-replay");
-    let replay = start_agent(&replay_dir, &agg.url(), "token-a", "inst-a");
+    let replay = start_agent(&replay_dir, &agg.url(), "token-a-0123456789", "inst-a");
     for seq in 0..sent {
         let carbon = 0.001 * (seq + 1) as f64;
         replay.push(&window(

@@ -12,7 +12,7 @@ use sci_tests::fleet::{allow_open_files, connect_from, now_s, periods_total, win
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
-const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a\"\n";
+const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a-0123456789\"\n";
 
 async fn open(url: String, tls: Option<ClientTlsConfig>) -> Channel {
     let mut endpoint = Endpoint::from_shared(url)
@@ -101,7 +101,7 @@ async fn tokens_identify_agents() {
     assert_eq!(bad_token.code(), Code::Unauthenticated, "{bad_token}");
     let other_host = send(
         ch().await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-b", vec![good("host-b", 0)]),
     )
     .await
@@ -109,7 +109,7 @@ async fn tokens_identify_agents() {
     assert_eq!(other_host.code(), Code::PermissionDenied, "{other_host}");
     let ack = send(
         ch().await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![good("host-a", 0)]),
     )
     .await
@@ -160,7 +160,7 @@ async fn hostile_payloads_are_refused_with_a_reason_and_the_server_keeps_serving
     ];
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", windows),
     )
     .await
@@ -206,7 +206,7 @@ async fn hostile_payloads_are_refused_with_a_reason_and_the_server_keeps_serving
     ];
     let too_big = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![huge]),
     )
     .await;
@@ -216,7 +216,7 @@ async fn hostile_payloads_are_refused_with_a_reason_and_the_server_keeps_serving
     assert!(too_big.message().contains("message limit"), "{too_big}");
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![good("host-a", 9)]),
     )
     .await
@@ -432,7 +432,7 @@ async fn a_seq_conflict_is_refused_with_its_code_and_counted() {
     let first = good("host-a", 0);
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![first.clone()]),
     )
     .await
@@ -441,7 +441,7 @@ async fn a_seq_conflict_is_refused_with_its_code_and_counted() {
     // The same window again: a replay, acknowledged, not stored twice.
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![first.clone()]),
     )
     .await
@@ -453,7 +453,7 @@ async fn a_seq_conflict_is_refused_with_its_code_and_counted() {
     other.host_carbon_g += 1.0;
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![other, good("host-a", 1)]),
     )
     .await
@@ -510,7 +510,7 @@ async fn impossible_figures_are_refused_and_no_sum_wraps() {
     busy.scenarios[3].transactions = 5_000;
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![epoch, wraps, huge, busy, good("host-a", 4)]),
     )
     .await
@@ -545,7 +545,7 @@ async fn impossible_figures_are_refused_and_no_sum_wraps() {
     w.host = long.clone();
     let status = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch(&long, vec![w]),
     )
     .await
@@ -585,7 +585,7 @@ async fn the_http_api_needs_a_token_and_healthz_stays_open() {
         assert_eq!(code, 200, "{path}: {body}");
     }
     // A token of an agent is not a reader's.
-    let (code, _) = get_with_token(port, "/api/v1/sci", Some("token-a"));
+    let (code, _) = get_with_token(port, "/api/v1/sci", Some("token-a-0123456789"));
     assert_eq!(code, 401);
     let (code, body) = get_with_token(port, "/healthz", None);
     assert_eq!((code, body.as_str()), (200, "ok"));
@@ -626,7 +626,7 @@ async fn idle_connections_cannot_lock_agents_out() {
         Duration::from_secs(1),
         send(
             open(agg.url(), None).await,
-            Some("token-a"),
+            Some("token-a-0123456789"),
             batch("host-a", vec![good("host-a", 0)]),
         ),
     )
@@ -715,9 +715,10 @@ async fn oversized_metadata_is_refused_and_the_server_keeps_serving() {
         "host-a",
         vec![good("host-a", 0)],
     )]));
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer token-a".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer token-a-0123456789".parse().unwrap(),
+    );
     // 64 KiB of metadata, above max_metadata_bytes (16 KiB).
     request
         .metadata_mut()
@@ -737,7 +738,7 @@ async fn oversized_metadata_is_refused_and_the_server_keeps_serving() {
     // Nothing of it was stored, and a valid agent is still served.
     let ack = send(
         open(agg.url(), None).await,
-        Some("token-a"),
+        Some("token-a-0123456789"),
         batch("host-a", vec![good("host-a", 1)]),
     )
     .await

@@ -97,6 +97,8 @@ impl AggregatorConfig {
 
     /// Refuses settings that would stall delivery.
     pub fn validate(&self) -> Result<(), AgentError> {
+        /// As the aggregator's shortest token.
+        const MIN_TOKEN_CHARS: usize = 16;
         let err = |path: &str, message: String| AgentError::Config {
             path: format!("aggregator.{path}").into(),
             message,
@@ -110,6 +112,16 @@ impl AggregatorConfig {
                 return Err(err(
                     key,
                     format!("{url:?} must start with https:// (or http:// with --insecure)"),
+                ));
+            }
+        }
+        if let Some(token) = &self.token {
+            if token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(err(
+                    "token",
+                    format!(
+                        "shorter than {MIN_TOKEN_CHARS} characters (the aggregator refuses such tokens: a short token can be guessed)"
+                    ),
                 ));
             }
         }

@@ -91,7 +91,7 @@ async fn main() -> Result<()> {
     );
     for a in 0..agents {
         config.push_str(&format!(
-            "[[agents]]\nhost = \"host-{a}\"\ntoken = \"token-{a}\"\n"
+            "[[agents]]\nhost = \"host-{a}\"\ntoken = \"token-{a}-0123456789\"\n"
         ));
     }
     std::fs::write(dir.join("aggregator.toml"), config)?;
@@ -130,7 +130,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
             let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-            let request = stream_request(rx, &format!("token-{a}"));
+            let request = stream_request(rx, &format!("token-{a}-0123456789"));
             let mut acks = client.stream(request).await.expect("stream").into_inner();
             let host = format!("host-{a}");
             let mut seq = 0u64;

@@ -183,7 +183,7 @@ async fn main() -> Result<()> {
     }
     for a in 0..agents {
         text.push_str(&format!(
-            "[[agents]]\nhost = \"host-{a}\"\ntoken = \"token-{a}\"\n"
+            "[[agents]]\nhost = \"host-{a}\"\ntoken = \"token-{a}-0123456789\"\n"
         ));
     }
     let config_path = dir.join("aggregator.toml");
@@ -342,7 +342,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<v1::AgentBatch>(4);
             let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-            let request = stream_request(rx, &format!("token-{a}"));
+            let request = stream_request(rx, &format!("token-{a}-0123456789"));
             let Ok(response) = client.stream(request).await else {
                 return;
             };

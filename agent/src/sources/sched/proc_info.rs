@@ -159,45 +159,57 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo, environ: bool) 
     true
 }
 
-/// Whether this process holds CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH in its
-/// effective set (`CapEff` of /proc/self/status), either of which lets it
-/// read other users' environments.
-fn can_read_other_environs() -> bool {
-    static HELD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HELD.get_or_init(|| {
-        const CAP_DAC_READ_SEARCH: u32 = 2;
-        const CAP_SYS_PTRACE: u32 = 19;
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("CapEff:"))
-                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            })
-            .is_some_and(|eff| eff & (1 << CAP_SYS_PTRACE | 1 << CAP_DAC_READ_SEARCH) != 0)
-    })
+/// The capabilities this agent lacks to read another user's
+/// `/proc/<pid>/environ`: opening the file (mode 0400, owned by the
+/// process's user) needs CAP_DAC_READ_SEARCH (or CAP_DAC_OVERRIDE), and the
+/// access check behind it CAP_SYS_PTRACE. What deploy/ grants (BPF,
+/// PERFMON, SYS_PTRACE) is not enough. Empty when none is missing.
+fn environ_capabilities_missing() -> Vec<&'static str> {
+    use crate::config::missing_capabilities;
+    let mut missing = Vec::new();
+    if missing_capabilities(&[("CAP_DAC_READ_SEARCH", 2)]).len()
+        + missing_capabilities(&[("CAP_DAC_OVERRIDE", 1)]).len()
+        == 2
+    {
+        missing.push("CAP_DAC_READ_SEARCH");
+    }
+    missing.extend(missing_capabilities(&[("CAP_SYS_PTRACE", 19)]));
+    missing
+}
+
+/// The note said once when other users' environments cannot be read.
+static ENVIRON_NOTE: std::sync::Once = std::sync::Once::new();
+
+/// Says once, at start, when `env` or `from_env` scenario rules cannot see
+/// the environment of other users' processes (a root service with
+/// `SCI_SCENARIO=credit` stayed unmatched in silence), naming the
+/// capabilities the agent lacks. True when they can.
+pub fn say_if_environs_unreadable() -> bool {
+    let missing = environ_capabilities_missing();
+    if missing.is_empty() {
+        return true;
+    }
+    ENVIRON_NOTE.call_once(|| {
+        tracing::warn!(
+            "permission: `env` scenario rules cannot read other users' process environments (/proc/<pid>/environ): they match only the processes of this agent's user; grant {} (see deploy/systemd/sci-agent.service)",
+            missing.join(" and ")
+        )
+    });
+    false
 }
 
 /// The `SCI_*` variables of `<dir>/environ`; empty when the process is gone
-/// or the file cannot be read. Another user's environment needs
-/// CAP_SYS_PTRACE (or CAP_DAC_READ_SEARCH): without either, the first
-/// refusal is logged once as a permission problem, since `env` rules then
-/// cannot match. (With them, a refusal is the process's own doing, e.g. a
-/// kernel thread, and says nothing about the agent's privileges.)
+/// or the file cannot be read. When another user's environment cannot be
+/// read (see [`say_if_environs_unreadable`]) that is said once, since `env`
+/// rules then cannot match. (When it can, a refusal is the process's own
+/// doing, e.g. a kernel thread, and says nothing about the agent's privileges.)
 pub fn read_sci_environ(dir: &Path) -> Vec<(String, String)> {
-    static WARNED: std::sync::Once = std::sync::Once::new();
     let path = dir.join("environ");
     match std::fs::read(&path) {
         Ok(bytes) => parse_sci_environ(&bytes),
         Err(e) => {
-            if e.kind() == std::io::ErrorKind::PermissionDenied && !can_read_other_environs() {
-                WARNED.call_once(|| {
-                    tracing::warn!(
-                        "permission: cannot read {} ({e}): `env` scenario rules cannot match other users' processes without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH",
-                        path.display()
-                    )
-                });
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                say_if_environs_unreadable();
             }
             Vec::new()
         }
