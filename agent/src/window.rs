@@ -343,6 +343,12 @@ impl WindowReport {
         m.idle_energy_j = a.idle_energy_j + b.idle_energy_j;
         m.unattributed_energy_j = a.unattributed_energy_j + b.unattributed_energy_j;
         m.host_carbon_g = a.host_carbon_g + b.host_carbon_g;
+        // The intensity that makes the merged carbon: energy-weighted, so
+        // carbon = energy x intensity x PUE still holds (the aggregator
+        // refuses a window where it does not). PUE is the later window's.
+        if m.host_energy_j > 0.0 && m.pue > 0.0 {
+            m.carbon_intensity_g_per_kwh = m.host_carbon_g / (m.host_energy_j / 3.6e6 * m.pue);
+        }
         m.host_embodied_g = a.host_embodied_g + b.host_embodied_g;
         m.business_units = a.business_units + b.business_units;
         m.estimated = a.estimated || b.estimated;

@@ -1070,6 +1070,37 @@ mod tests {
         }
     }
 
+    /// Issue 28 item 2: a merged window's carbon is still its energy x
+    /// intensity x PUE (the aggregator refuses one that is not): the merge
+    /// keeps the energy-weighted intensity. Two windows, 2 J at 100 g/kWh
+    /// and 6 J at 500 g/kWh, PUE 1.5: 8 J carrying (2 x 100 + 6 x 500) / 8 =
+    /// 400 g/kWh (main: the later window's 500, with the carbon of both).
+    #[test]
+    fn a_merged_window_keeps_carbon_equal_to_energy_x_intensity_x_pue() {
+        let mut a = window(0, 2.0, 0);
+        let mut b = window(1, 6.0, 0);
+        for (w, intensity) in [(&mut a, 100.0), (&mut b, 500.0)] {
+            w.carbon_intensity_g_per_kwh = intensity;
+            w.pue = 1.5;
+            w.host_carbon_g = w.host_energy_j / 3.6e6 * intensity * 1.5;
+        }
+        let m = merge_windows(&a, &b);
+        assert_eq!(m.host_energy_j, 8.0);
+        assert!((m.carbon_intensity_g_per_kwh - 400.0).abs() < 1e-9, "{m:?}");
+        let expected_g = 8.0 / 3.6e6 * 400.0 * 1.5;
+        assert!((m.host_carbon_g - expected_g).abs() < 1e-15);
+        assert!(
+            (m.host_energy_j / 3.6e6 * m.carbon_intensity_g_per_kwh * m.pue - m.host_carbon_g)
+                .abs()
+                < 1e-15
+        );
+        // No energy at all: the later window's intensity stays.
+        let (mut a, mut b) = (window(0, 0.0, 0), window(1, 0.0, 0));
+        a.carbon_intensity_g_per_kwh = 100.0;
+        b.carbon_intensity_g_per_kwh = 500.0;
+        assert_eq!(merge_windows(&a, &b).carbon_intensity_g_per_kwh, 500.0);
+    }
+
     #[test]
     fn merged_windows_add_request_histograms_bucket_by_bucket() {
         let histogram =
