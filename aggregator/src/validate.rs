@@ -16,6 +16,9 @@ const MAX_PROCESSES: usize = 200_000;
 /// Most logical CPUs a host may report.
 const MAX_CPUS: u32 = 65_536;
 const J_PER_KWH: f64 = 3.6e6;
+/// Relative difference allowed between a window's carbon and its energy x
+/// intensity x PUE: rounding, not a second opinion.
+const CARBON_TOLERANCE: f64 = 1e-6;
 /// Shortest machine life the embodied ceiling assumes.
 const YEAR_S: f64 = 365.0 * 86_400.0;
 /// Most profile stacks a window may carry at all (`max_stacks_per_window` at most this).
@@ -639,6 +642,19 @@ fn check_plausible(
                 ),
             ));
         }
+    }
+    // Carbon is energy x intensity x PUE (the agent computes it so, and its
+    // merge keeps it so): a window whose carbon does not follow from its
+    // own factors states a figure nothing supports.
+    let expected_g = w.host_energy_j / J_PER_KWH * w.carbon_intensity_g_per_kwh * w.pue;
+    if (w.host_carbon_g - expected_g).abs() > CARBON_TOLERANCE * expected_g.abs() + 1e-12 {
+        return Err(refuse(
+            "inconsistent_carbon",
+            format!(
+                "host_carbon_g = {} g, but host_energy_j x intensity x pue = {} J x {} g/kWh x {} = {expected_g} g",
+                w.host_carbon_g, w.host_energy_j, w.carbon_intensity_g_per_kwh, w.pue
+            ),
+        ));
     }
     let embodied_ceiling_g = config.max_embodied_g * seconds / YEAR_S;
     let scenario_embodied_g: f64 = w.scenarios.iter().map(|s| s.embodied_g).sum();

@@ -162,7 +162,29 @@ pub fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
-/// A window with the given figures; transactions in credit, drawdown, repayment, query order.
+/// The grid intensity of the test fleet's windows, g/kWh.
+pub const INTENSITY_G_PER_KWH: f64 = 530.6;
+
+/// Operational carbon of `energy_j` at [`INTENSITY_G_PER_KWH`] and `pue`,
+/// as the agent computes it (the aggregator refuses a window whose carbon
+/// is not its energy x intensity x PUE).
+pub fn carbon_g(energy_j: f64, pue: f64) -> f64 {
+    energy_j / 3.6e6 * INTENSITY_G_PER_KWH * pue
+}
+
+/// Sets a window's PUE and the carbon that follows from it (host and
+/// scenarios, each an eighth as [`window`] makes them).
+pub fn set_pue(w: &mut v1::WindowReport, pue: f64) {
+    w.pue = pue;
+    w.host_carbon_g = carbon_g(w.host_energy_j, pue);
+    for s in &mut w.scenarios {
+        s.carbon_g = w.host_carbon_g / 8.0;
+    }
+}
+
+/// A window with the given figures, its carbon following from its energy
+/// ([`carbon_g`] at PUE 1); transactions in credit, drawdown, repayment,
+/// query order.
 #[allow(clippy::too_many_arguments)]
 pub fn window(
     host: &str,
@@ -171,10 +193,10 @@ pub fn window(
     start_s: u64,
     length_s: u64,
     energy_j: f64,
-    carbon_g: f64,
     embodied_g: f64,
     transactions: [u64; 4],
 ) -> v1::WindowReport {
+    let carbon_g = carbon_g(energy_j, 1.0);
     let names = ["credit", "drawdown", "repayment", "query"];
     let weights = [24.0, 7.0, 3.0, 1.0];
     v1::WindowReport {
@@ -194,7 +216,7 @@ pub fn window(
         idle_energy_j: energy_j / 2.0,
         host_carbon_g: carbon_g,
         host_embodied_g: embodied_g,
-        carbon_intensity_g_per_kwh: 530.6,
+        carbon_intensity_g_per_kwh: INTENSITY_G_PER_KWH,
         pue: 1.0,
         weights: names
             .iter()

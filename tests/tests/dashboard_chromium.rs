@@ -37,7 +37,8 @@ fn chromium(args: &[String], profile: &Path) -> std::process::Output {
 
 const WINDOWS: u64 = 12;
 const WINDOW_ENERGY_J: f64 = 145.0;
-const WINDOW_CARBON_G: f64 = 0.5;
+/// Its carbon at the fixture's 530.6 g/kWh and PUE 1 (sci_tests::fleet::carbon_g).
+const WINDOW_CARBON_G: f64 = WINDOW_ENERGY_J / 3.6e6 * sci_tests::fleet::INTENSITY_G_PER_KWH;
 const WINDOW_EMBODIED_G: f64 = 0.25;
 /// The standard's weights: credit, drawdown, repayment, query.
 const WEIGHTS: [f64; 4] = [24.0, 7.0, 3.0, 1.0];
@@ -179,7 +180,6 @@ async fn dashboard_renders_real_data_in_chromium() {
             start + 20 * i,
             20,
             WINDOW_ENERGY_J,
-            WINDOW_CARBON_G,
             WINDOW_EMBODIED_G,
             transactions(i),
         );
@@ -190,7 +190,7 @@ async fn dashboard_renders_real_data_in_chromium() {
             scenario: "credit".into(),
             cpu_ns: 1_000_000_000,
             energy_j: 10.0,
-            carbon_g: 0.2,
+            carbon_g: sci_tests::fleet::carbon_g(10.0, 1.0),
             ..Default::default()
         });
         w.profile.push(v1::ProfileStack {

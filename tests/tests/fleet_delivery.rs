@@ -11,7 +11,7 @@ use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::{Spool, QUARANTINE_DIR};
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
-use sci_tests::fleet::{now_s, periods_total, window, Agent, Aggregator};
+use sci_tests::fleet::{carbon_g, now_s, periods_total, window, Agent, Aggregator};
 
 const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a-0123456789\"\n";
 
@@ -47,7 +47,8 @@ fn quarantined(spool_dir: &Path) -> Vec<String> {
     names
 }
 
-/// One query per second at `start_s + i` for each i in `seconds`: 1 J, 0.01 g each.
+/// One query per second at `start_s + i` for each i in `seconds`: 1 J each
+/// (its carbon at 530.6 g/kWh, [`carbon_g`]).
 fn push_queries(agent: &Agent, start_s: u64, seconds: std::ops::Range<u64>) {
     for i in seconds {
         agent.push(&window(
@@ -57,7 +58,6 @@ fn push_queries(agent: &Agent, start_s: u64, seconds: std::ops::Range<u64>) {
             start_s + i,
             1,
             1.0,
-            0.01,
             0.0,
             [0, 0, 0, 1],
         ));
@@ -84,7 +84,6 @@ async fn conflicting_seqs_are_renumbered_and_refused_windows_quarantined() {
                 start + seq,
                 1,
                 1.0,
-                0.5,
                 0.0,
                 [0, 0, 0, 1],
             )
@@ -115,17 +114,17 @@ async fn conflicting_seqs_are_renumbered_and_refused_windows_quarantined() {
     // Its windows are spooled before the forwarder starts, so all ten carry "inst".
     let spool_dir = dir.path().join("spool");
     let mut spool = Spool::open(&spool_dir, 1 << 28, "inst").unwrap();
-    let mut expected_carbon = 5.0 * 0.5;
+    let mut expected_carbon = 5.0 * carbon_g(1.0, 1.0);
     for i in 0..10u64 {
-        let carbon = 0.001 * (i + 1) as f64;
+        let energy_j = (i + 1) as f64;
+        let carbon = carbon_g(energy_j, 1.0);
         let mut w = window(
             "host-a",
             "x",
             0,
             start + 100 + i,
             1,
-            1.0,
-            carbon,
+            energy_j,
             0.0,
             [0, 0, 0, 1],
         );
@@ -207,18 +206,9 @@ async fn a_backlog_over_the_message_limit_is_delivered_in_smaller_batches() {
     );
     let mut expected_carbon = 0.0;
     for i in 0..40u64 {
-        let carbon = 0.001 * (i + 1) as f64;
-        let mut w = window(
-            "host-a",
-            "x",
-            0,
-            start + i,
-            1,
-            1.0,
-            carbon,
-            0.0,
-            [0, 0, 0, 1],
-        );
+        let energy_j = (i + 1) as f64;
+        let carbon = carbon_g(energy_j, 1.0);
+        let mut w = window("host-a", "x", 0, start + i, 1, energy_j, 0.0, [0, 0, 0, 1]);
         w.profile = profile(i, 1200);
         expected_carbon += carbon;
         agent.push(&w);
@@ -258,7 +248,7 @@ async fn a_window_larger_than_the_limit_is_trimmed_counted_and_delivered() {
     let mut spool = Spool::open(&spool_dir, cfg.spool_max_bytes, "inst").unwrap();
     spool.set_window_limits(cfg.batch_max_bytes, Duration::from_secs(3600));
     let agent = Agent::with_spool(spool, cfg);
-    let mut w = window("host-a", "x", 0, start, 1, 1.0, 0.25, 0.0, [0, 0, 0, 1]);
+    let mut w = window("host-a", "x", 0, start, 1, 1.0, 0.0, [0, 0, 0, 1]);
     w.profile = (0..20_000)
         .map(|i| v1::ProfileStack {
             comm: "svc".into(),
@@ -272,7 +262,7 @@ async fn a_window_larger_than_the_limit_is_trimmed_counted_and_delivered() {
     agent.drained(Duration::from_secs(30)).await;
     let (windows, carbon) = stored(&agg, start - 10);
     assert_eq!(windows, 1);
-    assert!(close(carbon, 0.25));
+    assert!(close(carbon, carbon_g(1.0, 1.0)));
     let trimmed = agent.spool.lock().unwrap().stats().trimmed_stacks;
     println!("{trimmed} of 20000 stacks trimmed");
     assert!(trimmed > 0 && trimmed < 20_000);
@@ -338,7 +328,6 @@ async fn windows_ahead_of_the_aggregator_clock_are_kept_and_delivered_later() {
         ahead_end - 1,
         1,
         1.0,
-        0.5,
         0.0,
         [0, 0, 0, 1],
     ));
@@ -348,7 +337,7 @@ async fn windows_ahead_of_the_aggregator_clock_are_kept_and_delivered_later() {
     assert!(waited >= Duration::from_secs(2), "{waited:?}");
     let (windows, carbon) = stored(&agg, ahead_end - 3600);
     assert_eq!(windows, 1);
-    assert!(close(carbon, 0.5));
+    assert!(close(carbon, carbon_g(1.0, 1.0)));
     let s = agent.spool.lock().unwrap().stats().clone();
     assert!(s.deferred >= 1);
     assert_eq!(s.quarantined_refused, 0);
@@ -378,7 +367,7 @@ async fn a_damaged_state_starts_a_new_instance_and_loses_nothing() {
     agent.drained(Duration::from_secs(30)).await;
     let (windows, carbon) = stored(&agg, start - 10);
     assert_eq!(windows, 35, "none of the 15 new windows taken for a replay");
-    assert!(close(carbon, 0.35));
+    assert!(close(carbon, 35.0 * carbon_g(1.0, 1.0)));
     let m = agg.metrics();
     assert!(m.contains("sci_ingest_conflicts_total 0"), "{m}");
     assert!(
@@ -422,7 +411,7 @@ async fn a_full_spool_disk_counts_what_it_loses_and_recovers() {
     let mut spool = Spool::open(&spool_dir, 1 << 30, "inst").unwrap();
     let mut failed = 0u64;
     for i in 0..60u64 {
-        let mut w = window("host-a", "x", 0, start + i, 1, 1.0, 0.01, 0.0, [0, 0, 0, 1]);
+        let mut w = window("host-a", "x", 0, start + i, 1, 1.0, 0.0, [0, 0, 0, 1]);
         w.processes = (0..100)
             .map(|p| v1::ProcessRecord {
                 pid: p,
@@ -472,7 +461,7 @@ async fn a_full_spool_disk_counts_what_it_loses_and_recovers() {
     assert!(status.success());
     let before = agent.spool.lock().unwrap().stats().clone();
     for i in 70..75 {
-        let w = window("host-a", "x", 0, start + i, 1, 1.0, 0.01, 0.0, [0, 0, 0, 1]);
+        let w = window("host-a", "x", 0, start + i, 1, 1.0, 0.0, [0, 0, 0, 1]);
         let err = agent
             .spool
             .lock()

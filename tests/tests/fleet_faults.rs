@@ -11,7 +11,7 @@ use sci_agent::sinks::grpc::AggregatorConfig as AgentAggregatorConfig;
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
 use sci_tests::fleet::{
-    allow_open_files, connect_from, metric_value, now_s, window, Agent, Aggregator,
+    allow_open_files, connect_from, metric_value, now_s, set_pue, window, Agent, Aggregator,
 };
 use sci_tests::postgres::ScratchPostgres;
 use tonic::transport::{Channel, Endpoint};
@@ -83,20 +83,8 @@ async fn send_on(
 /// A plausible window of host-a (instance "inst") over one second: 5 J at
 /// 530.6 g/kWh and PUE 1.2, carbon as the agent computes it.
 fn valid(seq: u64, start_s: u64) -> v1::WindowReport {
-    let energy_j = 5.0;
-    let carbon_g = energy_j / 3.6e6 * 530.6 * 1.2;
-    let mut w = window(
-        "host-a",
-        "inst",
-        seq,
-        start_s,
-        1,
-        energy_j,
-        carbon_g,
-        0.001,
-        [1, 0, 0, 2],
-    );
-    w.pue = 1.2;
+    let mut w = window("host-a", "inst", seq, start_s, 1, 5.0, 0.001, [1, 0, 0, 2]);
+    set_pue(&mut w, 1.2);
     w
 }
 

@@ -11,7 +11,7 @@ use sci_agent::sinks::grpc::AggregatorConfig as AgentAggregatorConfig;
 use sci_agent::sinks::spool::{Spool, QUARANTINE_DIR};
 use sci_proto::v1;
 use sci_tests::cargo_bin;
-use sci_tests::fleet::{now_s, window, Agent, Aggregator};
+use sci_tests::fleet::{now_s, set_pue, window, Agent, Aggregator};
 
 const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a-0123456789\"\n";
 const TOKEN: &str = "token-a-0123456789";
@@ -19,19 +19,17 @@ const TOKEN: &str = "token-a-0123456789";
 /// A plausible window of host-a over one second: 5 J at 530.6 g/kWh and
 /// PUE 1.2, carbon as the agent computes it.
 fn valid(instance: &str, seq: u64, start_s: u64) -> v1::WindowReport {
-    let energy_j = 5.0;
     let mut w = window(
         "host-a",
         instance,
         seq,
         start_s,
         1,
-        energy_j,
-        energy_j / 3.6e6 * 530.6 * 1.2,
+        5.0,
         0.001,
         [1, 0, 0, 2],
     );
-    w.pue = 1.2;
+    set_pue(&mut w, 1.2);
     w
 }
 
@@ -237,7 +235,7 @@ fn valid_for(instance: &str, seq: u64, start_s: u64, length_s: u64) -> v1::Windo
     w.end_unix_ns = (start_s + length_s) * 1_000_000_000;
     w.host_energy_j = energy_j;
     w.idle_energy_j = energy_j / 2.0;
-    w.host_carbon_g = energy_j / 3.6e6 * 530.6 * 1.2;
+    set_pue(&mut w, 1.2);
     w.idle_cpu_ns = length_s * 1_000_000_000;
     w.busy_cpu_ns = length_s * 1_000_000_000;
     w
@@ -577,5 +575,55 @@ async fn windows_over_the_stack_and_service_caps_are_trimmed_or_refused() {
             assert_eq!(rows, 100);
             assert!((min_j - 0.051).abs() < 1e-12, "{min_j}");
         }
+    }
+}
+
+/// Item 2: a window whose carbon is not its energy x intensity x PUE (here
+/// twice it, as a window that kept another's intensity) is refused as
+/// `inconsistent_carbon` and counted; one off by rounding only (1e-9
+/// relative) is stored. Both stores (main: stored, its carbon in the fleet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_whose_carbon_does_not_follow_from_its_energy_is_refused() {
+    let test = "a_window_whose_carbon_does_not_follow_from_its_energy_is_refused";
+    for store in stores(test) {
+        let dir = tempfile::tempdir().unwrap();
+        let agg = Aggregator::start(dir.path(), 3600, &format!("{}{TOKENS}", store.toml), true);
+        let start = now_s() - 600;
+        let mut doubled = valid("carbon", 0, start);
+        doubled.host_carbon_g *= 2.0;
+        let mut rounded = valid("carbon", 1, start + 1);
+        rounded.host_carbon_g *= 1.0 + 1e-9;
+        let expected_g = rounded.host_carbon_g;
+        let ack = send(
+            agg.url(),
+            "carbon",
+            vec![doubled, rounded],
+            now_s() * 1_000_000_000,
+        )
+        .await;
+        assert_eq!(ack.stored, 1, "{}: {ack:?}", store.name);
+        assert_eq!(ack.refused.len(), 1, "{}: {ack:?}", store.name);
+        let refusal = &ack.refused[0];
+        assert_eq!(refusal.seq, 0);
+        assert_eq!(refusal.code, v1::RefusalCode::Invalid as i32);
+        assert!(
+            refusal.reason.starts_with("inconsistent_carbon:")
+                && refusal.reason.contains("host_energy_j x intensity x pue"),
+            "{}: {refusal:?}",
+            store.name
+        );
+        assert_eq!(
+            refused_total(&agg, "inconsistent_carbon"),
+            1,
+            "{}",
+            store.name
+        );
+        let e = agg.sci(start - 10, now_s() + 10, 3600);
+        let carbon = e["operational_g"].as_f64().unwrap();
+        assert!(
+            (carbon - expected_g).abs() <= 1e-12 * expected_g,
+            "{}: {carbon} g, expected {expected_g} g",
+            store.name
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::Spool;
-use sci_tests::fleet::{now_s, periods_total, window, Agent, Aggregator};
+use sci_tests::fleet::{carbon_g, now_s, periods_total, window, Agent, Aggregator};
 
 const TOKENS: &str = "[[agents]]\nhost = \"host-a\"\ntoken = \"token-a-0123456789\"\n[[agents]]\nhost = \"host-b\"\ntoken = \"token-b-0123456789\"\n";
 
@@ -27,7 +27,7 @@ fn start_agent(dir: &Path, url: &str, token: &str, instance: &str) -> Agent {
     Agent::with_spool(spool, cfg)
 }
 
-/// Per period: host a's carbon, embodied and transactions, then host b's.
+/// Per period: host a's energy, embodied carbon and transactions, then host b's.
 type PeriodPlan = (f64, f64, [u64; 4], f64, f64, [u64; 4]);
 
 fn close(a: f64, b: f64) -> bool {
@@ -52,15 +52,16 @@ async fn sci_per_period_equals_the_hand_computation() {
         "token-b-0123456789",
         "inst-b",
     );
-    // (period, host a: carbon, embodied, txns), (host b: ...)
+    // (period, host a: energy J, embodied g, txns), (host b: ...); the
+    // operational carbon follows from the energy (530.6 g/kWh, PUE 1).
     let plan: [PeriodPlan; 3] = [
-        (2.0, 0.5, [1, 2, 3, 10], 1.0, 0.25, [0, 1, 0, 5]),
-        (3.0, 0.5, [0, 0, 0, 0], 2.0, 0.25, [0, 0, 0, 0]), // R = 0: undefined
-        (1.5, 0.5, [2, 0, 1, 4], 0.5, 0.25, [1, 1, 1, 1]),
+        (2000.0, 0.5, [1, 2, 3, 10], 1000.0, 0.25, [0, 1, 0, 5]),
+        (3000.0, 0.5, [0, 0, 0, 0], 2000.0, 0.25, [0, 0, 0, 0]), // R = 0: undefined
+        (1500.0, 0.5, [2, 0, 1, 4], 500.0, 0.25, [1, 1, 1, 1]),
     ];
     let mut seq_a = 0;
     let mut seq_b = 0;
-    for (j, (ca, ma, ta, cb, mb, tb)) in plan.iter().enumerate() {
+    for (j, (ea, ma, ta, eb, mb, tb)) in plan.iter().enumerate() {
         for half in 0..2u64 {
             let start = base + 10 * j as u64 + 5 * half;
             // Each window carries half the period's figures; transactions all in the first half.
@@ -72,8 +73,7 @@ async fn sci_per_period_equals_the_hand_computation() {
                 seq_a,
                 start,
                 5,
-                10.0,
-                ca / 2.0,
+                ea / 2.0,
                 ma / 2.0,
                 txa,
             ));
@@ -83,8 +83,7 @@ async fn sci_per_period_equals_the_hand_computation() {
                 seq_b,
                 start,
                 5,
-                20.0,
-                cb / 2.0,
+                eb / 2.0,
                 mb / 2.0,
                 txb,
             ));
@@ -101,8 +100,8 @@ async fn sci_per_period_equals_the_hand_computation() {
     let weights = [24.0, 7.0, 3.0, 1.0];
     let mut defined = Vec::new();
     let (mut total_om, mut total_r) = (0.0, 0.0);
-    for (j, (ca, ma, ta, cb, mb, tb)) in plan.iter().enumerate() {
-        let o = ca + cb;
+    for (j, (ea, ma, ta, eb, mb, tb)) in plan.iter().enumerate() {
+        let o = carbon_g(ea + eb, 1.0);
         let m = ma + mb;
         let r: f64 = (0..4).map(|i| weights[i] * (ta[i] + tb[i]) as f64).sum();
         let p = &periods[j];
@@ -176,19 +175,18 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     let mut sent = 0u64;
     let mut push = |agent: &Agent, n: u64| {
         for _ in 0..n {
-            let carbon = 0.001 * (sent + 1) as f64;
+            let energy_j = (sent + 1) as f64;
             agent.push(&window(
                 "host-a",
                 "inst-a",
                 sent,
                 start + sent,
                 1,
-                1.0,
-                carbon,
+                energy_j,
                 0.0,
                 [0, 0, 0, 1],
             ));
-            expected_carbon += carbon;
+            expected_carbon += carbon_g(energy_j, 1.0);
             sent += 1;
         }
     };
@@ -240,15 +238,13 @@ async fn replays_and_faults_never_lose_or_double_count_a_window() {
     let replay_dir = dir.path().join("spool-replay");
     let replay = start_agent(&replay_dir, &agg.url(), "token-a-0123456789", "inst-a");
     for seq in 0..sent {
-        let carbon = 0.001 * (seq + 1) as f64;
         replay.push(&window(
             "host-a",
             "inst-a",
             seq,
             start + seq,
             1,
-            1.0,
-            carbon,
+            (seq + 1) as f64,
             0.0,
             [0, 0, 0, 1],
         ));

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use sci_proto::v1;
 use sci_proto::v1::ingest_client::IngestClient;
-use sci_tests::fleet::{allow_open_files, connect_from, now_s, periods_total, window, Aggregator};
+use sci_tests::fleet::{
+    allow_open_files, carbon_g, connect_from, now_s, periods_total, window, Aggregator,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
@@ -76,7 +78,6 @@ fn good(host: &str, seq: u64) -> v1::WindowReport {
         now_s() - 100 + seq,
         1,
         5.0,
-        0.01,
         0.02,
         [1, 0, 0, 2],
     )
@@ -450,7 +451,8 @@ async fn a_seq_conflict_is_refused_with_its_code_and_counted() {
     assert!(ack.refused.is_empty());
     // Same key, different figures: refused with its own code, never "delivered".
     let mut other = first.clone();
-    other.host_carbon_g += 1.0;
+    other.host_energy_j += 1.0;
+    other.host_carbon_g = carbon_g(other.host_energy_j, 1.0);
     let ack = send(
         open(agg.url(), None).await,
         Some("token-a-0123456789"),
@@ -467,7 +469,7 @@ async fn a_seq_conflict_is_refused_with_its_code_and_counted() {
     let e = agg.sci(now_s() - 3600, now_s() + 10, 3600);
     let carbon = e["operational_g"].as_f64().unwrap();
     assert!(
-        (carbon - 0.02).abs() < 1e-12,
+        (carbon - 2.0 * carbon_g(5.0, 1.0)).abs() < 1e-15,
         "the first window's figures stay: {carbon}"
     );
     let m = agg.metrics();

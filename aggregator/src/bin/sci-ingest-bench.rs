@@ -42,7 +42,8 @@ fn window(host: &str, seq: u64, workloads: u64, now_s: u64) -> v1::WindowReport 
         cpu_source: "ebpf".into(),
         cpus: 2,
         host_energy_j: 0.001,
-        host_carbon_g: 0.000_001,
+        carbon_intensity_g_per_kwh: 530.6,
+        host_carbon_g: 0.001 / 3.6e6 * 530.6,
         host_embodied_g: 0.000_001,
         pue: 1.0,
         scenarios: ["credit", "drawdown", "repayment", "query", "unassigned"]

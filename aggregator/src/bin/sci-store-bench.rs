@@ -89,7 +89,7 @@ fn window(
         carbon_intensity_g_per_kwh: 530.6 + 50.0 * dc as f64,
         intensity_source: format!("region:dc-{dc}"),
         pue: 1.3,
-        host_carbon_g: 150.0 * l / 3.6e6 * 530.6 * 1.3,
+        host_carbon_g: 150.0 * l / 3.6e6 * (530.6 + 50.0 * dc as f64) * 1.3,
         host_embodied_g: 0.001 * l,
         embodied: Some(v1::EmbodiedFactors {
             total_embodied_g: 1_000_000.0,
