@@ -199,21 +199,14 @@ pub fn say_if_environs_unreadable() -> bool {
 }
 
 /// The `SCI_*` variables of `<dir>/environ`; empty when the process is gone
-/// or the file cannot be read. When another user's environment cannot be
-/// read (see [`say_if_environs_unreadable`]) that is said once, since `env`
-/// rules then cannot match. (When it can, a refusal is the process's own
-/// doing, e.g. a kernel thread, and says nothing about the agent's privileges.)
+/// or the file cannot be read. Whether `env` rules can read other users'
+/// environments at all is said once at start ([`say_if_environs_unreadable`],
+/// only when a rule reads them: the environment is also read without rules,
+/// where a refusal means nothing).
 pub fn read_sci_environ(dir: &Path) -> Vec<(String, String)> {
-    let path = dir.join("environ");
-    match std::fs::read(&path) {
-        Ok(bytes) => parse_sci_environ(&bytes),
-        Err(e) => {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                say_if_environs_unreadable();
-            }
-            Vec::new()
-        }
-    }
+    std::fs::read(dir.join("environ"))
+        .map(|bytes| parse_sci_environ(&bytes))
+        .unwrap_or_default()
 }
 
 fn read_cmdline(dir: &Path) -> Option<String> {
