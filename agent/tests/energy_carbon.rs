@@ -97,7 +97,7 @@ fn config_errors_are_clear() {
                 pue: 0.9,
                 ..Default::default()
             },
-            "carbon.pue = 0.9 must be at least 1.0",
+            "carbon.pue = 0.9 must be between 1.0 and 5",
         ),
         (
             CarbonConfig {
