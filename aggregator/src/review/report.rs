@@ -67,7 +67,10 @@ fn difference_cells(label: &str, unit: &str, d: &Difference) -> Vec<String> {
         opt(d.difference),
         relative(d.relative_difference),
         interval(d),
-        d.verdict.as_str().to_string(),
+        match &d.reason {
+            Some(reason) => format!("{}: {reason}", d.verdict.as_str()),
+            None => d.verdict.as_str().to_string(),
+        },
         format!("{} / {}", d.baseline_periods, d.candidate_periods),
     ]
 }
