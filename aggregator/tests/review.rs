@@ -270,6 +270,92 @@ fn credit_twenty_percent_higher_is_reported_higher_with_the_true_change_inside()
     assert_eq!(c.sci_cf_pooled.verdict, Verdict::Higher);
 }
 
+/// A day in which credit's own (dynamic) energy per transaction is
+/// `dynamic_j` and the idle share its process is charged is 20x that, moving
+/// +-60% with whatever else runs on the host (as under pgbench, where 95% of
+/// the host's energy was idle). Carbon follows the total.
+fn idle_heavy_day(
+    seq0: u64,
+    day_start_s: u64,
+    dynamic_j: f64,
+    rng: &mut Rng,
+) -> Vec<v1::WindowReport> {
+    (0..24)
+        .map(|h| {
+            let credit = (1000.0 * rng.around(0.1)).round() as u64;
+            let dynamic = credit as f64 * dynamic_j * rng.around(0.05);
+            let idle = credit as f64 * 20.0 * 0.01 * rng.around(0.6);
+            let carbon = (dynamic + idle) / 3.6e6 * 500.0 * 1.5;
+            let mut w = hour_window(
+                "h1",
+                seq0 + h,
+                day_start_s + h * 3600,
+                &[Txn {
+                    scenario: "credit",
+                    transactions: credit,
+                    carbon_g: carbon,
+                    energy_j: dynamic,
+                    cpu_ns: (dynamic * 1e8) as u64,
+                }],
+            );
+            w.processes[0].idle_share_j = idle;
+            w.idle_energy_j = idle;
+            w.host_energy_j += idle;
+            w
+        })
+        .collect()
+}
+
+/// Dynamic energy per transaction 30% lower while the idle share (95% of
+/// the energy) moves with the neighbours: the dynamic row finds it, and
+/// the summary names the figures that decided.
+#[test]
+fn the_dynamic_energy_row_finds_the_change_the_idle_share_hides() {
+    let (_dir, store) = open();
+    let mut rng = Rng(21);
+    store
+        .commit(&idle_heavy_day(0, DAY0, 0.01, &mut rng))
+        .unwrap();
+    store
+        .commit(&idle_heavy_day(100, DAY0 + 86_400, 0.007, &mut rng))
+        .unwrap();
+    let c = compare_ranges(
+        &store,
+        &day_range(0),
+        &day_range(1),
+        &options(Scope::Datacenter),
+    )
+    .unwrap();
+    let credit = c.scenarios.iter().find(|s| s.scenario == "credit").unwrap();
+    let dynamic = &credit.dynamic_energy_j_per_transaction;
+    assert_eq!(dynamic.verdict, Verdict::Lower, "{dynamic:?}");
+    let rel = dynamic.relative_difference.unwrap();
+    assert!((rel + 0.3).abs() < 0.03, "dynamic J/txn {rel}");
+    assert!(
+        dynamic.ci_low.unwrap() < -0.003 && dynamic.ci_high.unwrap() > -0.003,
+        "holds the true change, -0.003 J: {dynamic:?}"
+    );
+    // Totals: dynamic is the scenario's own energy, without the idle share.
+    assert!(credit.baseline.dynamic_energy_j < 0.1 * credit.baseline.energy_j);
+    assert_eq!(
+        credit.g_per_transaction.verdict,
+        Verdict::NoDetectableDifference,
+        "{:?}",
+        credit.g_per_transaction
+    );
+    assert!(
+        credit
+            .summary
+            .contains("carbon per transaction: no detectable difference")
+            && credit
+                .summary
+                .contains("dynamic energy per transaction lower (-30.")
+            && credit.summary.contains("decided"),
+        "{}",
+        credit.summary
+    );
+}
+
 /// 100 same-distribution trials through the store and the rollups. A
 /// calibrated 95% interval says "no detectable difference" 95 times in 100
 /// on average (binomial sd 2.2): fewer than 89 has a chance of 0.4%. The

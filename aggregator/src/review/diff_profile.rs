@@ -273,17 +273,44 @@ impl DiffProfile {
             .collect()
     }
 
-    /// The differential flame graph (SVG); a one-frame graph saying why when withheld.
+    /// The differential flame graph (SVG) at the candidate's widths; a
+    /// one-frame graph saying why when withheld.
     pub fn flamegraph_svg(&self) -> Result<String, crate::profiles::ProfileExportError> {
+        self.svg(false)
+    }
+
+    /// The same graph at the baseline's widths: code the candidate no longer
+    /// runs is visible here (it has no width in the candidate's graph).
+    /// Colours keep their meaning (blue: lower in the candidate).
+    pub fn baseline_flamegraph_svg(&self) -> Result<String, crate::profiles::ProfileExportError> {
+        self.svg(true)
+    }
+
+    fn svg(&self, baseline_widths: bool) -> Result<String, crate::profiles::ProfileExportError> {
         let mut options = inferno::flamegraph::Options::default();
-        options.title = format!(
-            "Energy per transaction, candidate vs baseline: {}/{} (blue: lower, red: higher)",
-            self.service, self.scenario
+        options.title =
+            format!(
+            "Energy per transaction, {} widths: {}/{} (blue: lower, red: higher in the candidate)",
+            if baseline_widths { "baseline" } else { "candidate" },
+            self.service,
+            self.scenario
         );
         options.count_name = "nJ/transaction".to_string();
         options.deterministic = true;
+        // inferno draws the second column's widths and colours by second -
+        // first; with the columns swapped, negated colours keep "blue: fell".
+        options.negate_differentials = baseline_widths;
         let lines = if self.withheld_reason.is_some() {
             Vec::new()
+        } else if baseline_widths {
+            self.folded_lines()
+                .iter()
+                .filter_map(|l| {
+                    let mut w = l.rsplitn(3, ' ');
+                    let (cand, base, stack) = (w.next()?, w.next()?, w.next()?);
+                    Some(format!("{stack} {cand} {base}"))
+                })
+                .collect()
         } else {
             self.folded_lines()
         };
@@ -361,6 +388,24 @@ mod tests {
         // main's change (+0.1) is not carried by one callee (>= 80%): not explained.
         let main = d.functions.iter().find(|f| f.function == "main").unwrap();
         assert!((main.change_j_per_transaction - 0.1).abs() < 1e-12);
+    }
+
+    /// Code the candidate no longer runs has width only in the baseline-width graph.
+    #[test]
+    fn removed_code_shows_in_the_baseline_width_graph() {
+        let base = [row("main;plan", 100, 50.0), row("main;exec", 100, 50.0)];
+        let cand = [row("main;exec", 100, 50.0)];
+        let d = diff("svc", "credit", &base, &cand, 100.0, 100.0, 1);
+        let title = |svg: &str, f: &str| svg.contains(&format!("<title>{f} ("));
+        let candidate = d.flamegraph_svg().unwrap();
+        let baseline = d.baseline_flamegraph_svg().unwrap();
+        assert!(
+            !title(&candidate, "plan"),
+            "no width in the candidate's graph"
+        );
+        assert!(title(&baseline, "plan"), "visible at the baseline's widths");
+        assert!(title(&baseline, "exec") && title(&candidate, "exec"));
+        assert!(baseline.contains("baseline widths"));
     }
 
     /// `[unknown]` and kernel frames never explain a caller's change.

@@ -45,9 +45,14 @@ fn difference_rows(r: &Review) -> Vec<(String, &'static str, &Difference)> {
             &s.g_per_transaction,
         ));
         rows.push((
-            format!("{} energy / transaction", s.scenario),
+            format!("{} energy / transaction (dynamic + idle share)", s.scenario),
             "J",
             &s.energy_j_per_transaction,
+        ));
+        rows.push((
+            format!("{} dynamic energy / transaction", s.scenario),
+            "J",
+            &s.dynamic_energy_j_per_transaction,
         ));
         rows.push((
             format!("{} CPU / transaction", s.scenario),
@@ -279,6 +284,11 @@ pub fn markdown(r: &Review) -> String {
         c.filters.service.as_deref().unwrap_or("all"),
         c.filters.host.as_deref().unwrap_or("all"),
     );
+    md.push_str("## Verdicts\n\n");
+    for s in &c.scenarios {
+        let _ = writeln!(md, "- {}", s.summary);
+    }
+    md.push('\n');
     for (title, header, rows) in tables(r) {
         let _ = writeln!(md, "## {title}\n");
         if rows.is_empty() {
@@ -341,6 +351,11 @@ pub fn html(r: &Review, generated_at: &str) -> String {
         c.scope,
         escape_html(generated_at)
     );
+    body.push_str("<h2>Verdicts</h2><ul>");
+    for s in &c.scenarios {
+        let _ = write!(body, "<li>{}</li>", escape_html(&s.summary));
+    }
+    body.push_str("</ul>");
     for (title, header, rows) in tables(r) {
         let _ = write!(body, "<h2>{}</h2>", escape_html(&title));
         if rows.is_empty() {
@@ -363,10 +378,12 @@ pub fn html(r: &Review, generated_at: &str) -> String {
     }
     if let Some(p) = &r.diff_profile {
         body.push_str("<h2>Differential energy flame graph (per transaction)</h2>");
-        match p.flamegraph_svg() {
-            Ok(svg) => body.push_str(&svg),
-            Err(e) => {
-                let _ = write!(body, "<p>{}</p>", escape_html(&e.to_string()));
+        for graph in [p.flamegraph_svg(), p.baseline_flamegraph_svg()] {
+            match graph {
+                Ok(svg) => body.push_str(&svg),
+                Err(e) => {
+                    let _ = write!(body, "<p>{}</p>", escape_html(&e.to_string()));
+                }
             }
         }
     }
