@@ -74,6 +74,18 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest request metadata (headers), bytes, on both listeners.
     pub max_metadata_bytes: usize,
+    /// A connection that has not presented valid credentials (an agent's
+    /// token or certificate, a reader's token) this long after it was
+    /// accepted is closed, whatever it sends.
+    #[serde(with = "agent_common::time_text::serde_duration")]
+    pub auth_timeout: Duration,
+    /// Connections not yet authenticated, in total: the rest of
+    /// `max_connections` is kept for authenticated clients. A new one
+    /// beyond it evicts the oldest unauthenticated connection.
+    pub max_unauthenticated_connections: usize,
+    /// Connections not yet authenticated from one source address (beyond
+    /// it, that address's oldest is evicted).
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for LimitsConfig {
@@ -85,6 +97,9 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(120),
             max_message_bytes: 32 * 1024 * 1024,
             max_metadata_bytes: 16 * 1024,
+            auth_timeout: Duration::from_secs(10),
+            max_unauthenticated_connections: 128,
+            max_unauthenticated_per_address: 16,
         }
     }
 }
@@ -147,6 +162,23 @@ pub struct AggregatorConfig {
     pub max_window_length: Duration,
     /// Completed transactions a host can report per second of window, all scenarios.
     pub max_transactions_per_s: f64,
+    /// Highest grid carbon intensity a window may use, g/kWh (the dirtiest
+    /// grids are near 1,100; diesel generators near 900).
+    pub max_intensity_g_per_kwh: f64,
+    /// Highest PUE a window may use (the lowest is 1).
+    pub max_pue: f64,
+    /// Power one CPU (and its share of the host) can draw, watts: a window's
+    /// energy above this x cpus x seconds is refused.
+    pub max_cpu_power_w: f64,
+    /// Requests a CPU can complete per second (per-request histograms).
+    pub max_requests_per_cpu_s: f64,
+    /// Embodied emissions of one physical machine at most, grams (TE);
+    /// embodied carbon of a window is at most this over a one-year life.
+    pub max_embodied_g: f64,
+    /// On SIGTERM: time to commit and acknowledge what is in hand before
+    /// the process exits, whatever is still connected.
+    #[serde(with = "agent_common::time_text::serde_duration")]
+    pub shutdown_grace: Duration,
     /// Readers of the HTTP side; none: it only serves on a loopback address.
     pub http_tokens: Vec<HttpToken>,
     pub limits: LimitsConfig,
@@ -176,6 +208,12 @@ impl Default for AggregatorConfig {
             max_window_age: Duration::from_secs(30 * 86_400),
             max_window_length: Duration::from_secs(3600),
             max_transactions_per_s: 1_000_000.0,
+            max_intensity_g_per_kwh: 2_000.0,
+            max_pue: 5.0,
+            max_cpu_power_w: 250.0,
+            max_requests_per_cpu_s: 1_000_000.0,
+            max_embodied_g: 100_000_000.0,
+            shutdown_grace: Duration::from_secs(10),
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
         }
@@ -236,9 +274,9 @@ impl AggregatorConfig {
 
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AggregatorError> {
         let config: AggregatorConfig =
-            toml::from_str(text).map_err(|e| AggregatorError::Config {
+            agent_common::config_text::parse(text).map_err(|message| AggregatorError::Config {
                 path: origin.to_path_buf(),
-                message: e.to_string(),
+                message,
             })?;
         config.validate(origin)?;
         Ok(config)
@@ -302,6 +340,61 @@ impl AggregatorConfig {
         if !self.max_transactions_per_s.is_finite() || self.max_transactions_per_s <= 0.0 {
             return Err(err("max_transactions_per_s must be > 0".into()));
         }
+        for (key, value) in [
+            ("max_intensity_g_per_kwh", self.max_intensity_g_per_kwh),
+            ("max_cpu_power_w", self.max_cpu_power_w),
+            ("max_requests_per_cpu_s", self.max_requests_per_cpu_s),
+            ("max_embodied_g", self.max_embodied_g),
+        ] {
+            if !value.is_finite() || value <= 0.0 {
+                return Err(err(format!("{key} = {value} must be a finite number > 0")));
+            }
+        }
+        if !self.max_pue.is_finite() || self.max_pue < 1.0 {
+            return Err(err(format!(
+                "max_pue = {} must be at least 1 (no data centre uses less than its IT energy)",
+                self.max_pue
+            )));
+        }
+        if self.query_timeout < Duration::from_millis(100) {
+            return Err(err(format!(
+                "query_timeout = {:?} must be at least 100ms (every query would be cancelled)",
+                self.query_timeout
+            )));
+        }
+        if self.max_window_age < Duration::from_secs(3600)
+            || self.max_window_age < self.max_window_length
+        {
+            return Err(err(format!(
+                "max_window_age = {:?} must be at least 1h and at least max_window_length ({:?}): every window would be refused as too old, then quarantined",
+                self.max_window_age, self.max_window_length
+            )));
+        }
+        let mut agent_tokens: BTreeMap<&str, &str> = BTreeMap::new();
+        for a in &self.agents {
+            if a.token.is_empty() || a.host.is_empty() {
+                return Err(err(format!(
+                    "agents: host {:?} needs a host name and a token",
+                    a.host
+                )));
+            }
+            if let Some(other) = agent_tokens.insert(a.token.as_str(), a.host.as_str()) {
+                return Err(err(format!(
+                    "agents: hosts {other:?} and {:?} have the same token (a token names one host)",
+                    a.host
+                )));
+            }
+        }
+        if let Some(t) = self
+            .http_tokens
+            .iter()
+            .find(|t| agent_tokens.contains_key(t.token.as_str()))
+        {
+            return Err(err(format!(
+                "http_tokens {:?}: the token is also an agent's token (a reader could send windows, an agent read the fleet)",
+                t.name
+            )));
+        }
         if self.max_window_length < Duration::from_secs(1) {
             return Err(err("max_window_length must be at least 1s".into()));
         }
@@ -322,6 +415,24 @@ impl AggregatorConfig {
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_address == 0 {
             return Err(err("limits.max_connections* must be > 0".into()));
+        }
+        if l.max_unauthenticated_connections == 0 || l.max_unauthenticated_per_address == 0 {
+            return Err(err(
+                "limits.max_unauthenticated_* must be > 0 (no client could ever authenticate)"
+                    .into(),
+            ));
+        }
+        if l.max_unauthenticated_connections >= l.max_connections {
+            return Err(err(format!(
+                "limits.max_unauthenticated_connections ({}) must be below limits.max_connections ({}): the difference is kept for authenticated agents",
+                l.max_unauthenticated_connections, l.max_connections
+            )));
+        }
+        if l.auth_timeout < Duration::from_millis(100) {
+            return Err(err(format!(
+                "limits.auth_timeout = {:?} must be at least 100ms (no agent could authenticate in time)",
+                l.auth_timeout
+            )));
         }
         if l.max_message_bytes < 1024 || l.max_metadata_bytes < 1024 {
             return Err(err("limits.max_*_bytes must be at least 1024".into()));
@@ -364,5 +475,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("weights.credit"), "{err}");
+    }
+
+    #[test]
+    fn foot_guns_are_refused_with_the_key_and_the_reason() {
+        let refused = |text: &str| {
+            AggregatorConfig::from_toml_str(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("max_window_age = \"0s\"\n");
+        assert!(e.contains("max_window_age") && e.contains("too old"), "{e}");
+        let e = refused("query_timeout = \"0s\"\n");
+        assert!(
+            e.contains("query_timeout") && e.contains("cancelled"),
+            "{e}"
+        );
+        let e = refused(
+            "[[agents]]\nhost = \"a\"\ntoken = \"same-token-0123456789\"\n\
+             [[http_tokens]]\nname = \"grafana\"\ntoken = \"same-token-0123456789\"\n",
+        );
+        assert!(
+            e.contains("http_tokens \"grafana\"") && e.contains("agent's token"),
+            "{e}"
+        );
+        let e = refused(
+            "[[agents]]\nhost = \"a\"\ntoken = \"t1\"\n[[agents]]\nhost = \"b\"\ntoken = \"t1\"\n",
+        );
+        assert!(e.contains("same token"), "{e}");
+        let e = refused("[[http_tokens]]\nname = \"g\"\ntoken = \"x\"\n");
+        assert!(e.contains("shorter than 16"), "{e}");
+        let e = refused("max_pue = 0.5\n");
+        assert!(e.contains("max_pue"), "{e}");
+        let e = refused("[limits]\nmax_unauthenticated_connections = 600\n");
+        assert!(e.contains("max_unauthenticated_connections"), "{e}");
     }
 }

@@ -10,6 +10,11 @@ pub enum AggregatorError {
     Store(#[from] rusqlite::Error),
     #[error("store (PostgreSQL): {0}")]
     Postgres(String),
+    /// The database refused the data itself (a value out of its range, a
+    /// key too large for an index, a constraint): the same data fails
+    /// again, so it is refused, never retried.
+    #[error("store refused the data: {0}")]
+    Rejected(String),
     /// A read query ran past the configured query timeout and was cancelled.
     #[error("query cancelled after the query timeout of {0:?}")]
     QueryTimeout(std::time::Duration),
@@ -24,6 +29,20 @@ pub enum AggregatorError {
 }
 
 impl AggregatorError {
+    /// Whether the database refused the data (rather than being down or busy).
+    pub fn is_rejected(&self) -> bool {
+        match self {
+            AggregatorError::Rejected(_) => true,
+            AggregatorError::Store(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TooBig
+                    | rusqlite::ErrorCode::TypeMismatch
+            ),
+            _ => false,
+        }
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         AggregatorError::Io {
             context: context.into(),
@@ -36,6 +55,7 @@ impl From<AggregatorError> for tonic::Status {
     fn from(e: AggregatorError) -> Self {
         match e {
             AggregatorError::Invalid(m) => tonic::Status::invalid_argument(m),
+            AggregatorError::Rejected(_) => tonic::Status::invalid_argument(e.to_string()),
             AggregatorError::Config { .. } => tonic::Status::failed_precondition(e.to_string()),
             AggregatorError::Store(_)
             | AggregatorError::Postgres(_)

@@ -22,8 +22,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::AggregatorConfig;
+use crate::error::AggregatorError;
 use crate::store::{CommitOutcome, Store};
-use crate::validate::{check_names, clip, code_of, validate_window};
+use crate::validate::{check_names, clip, code_of, shorten_stacks, validate_window};
 
 /// Ingest counters, shown on /metrics.
 #[derive(Debug, Default)]
@@ -48,6 +49,10 @@ pub struct IngestCounters {
     pub decode_errors: u64,
     /// HTTP requests refused for want of a valid bearer token.
     pub http_unauthorized: u64,
+    /// HTTP requests refused for headers over limits.max_metadata_bytes.
+    pub http_headers_too_large: u64,
+    /// Profile stacks shortened to the store's bounds (long frames, deep stacks).
+    pub stacks_shortened: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }
@@ -70,6 +75,20 @@ impl IngestCounters {
             )
             .single(self.http_unauthorized as f64),
         );
+        out.push(
+            Family::counter(
+                "sci_http_headers_too_large_total",
+                "HTTP requests refused (431) for headers over limits.max_metadata_bytes.",
+            )
+            .single(self.http_headers_too_large as f64),
+        );
+        out.push(
+            Family::counter(
+                "sci_ingest_stacks_shortened_total",
+                "Profile stacks shortened to the store's key bounds (frames over 256 bytes, stacks over 2,048 bytes).",
+            )
+            .single(self.stacks_shortened as f64),
+        );
         let mut open = Family::gauge("sci_connections_open", "Connections open per listener.");
         let mut refused = Family::counter(
             "sci_connections_refused_total",
@@ -81,6 +100,11 @@ impl IngestCounters {
                 ("max_connections", &l.refused_total_limit),
                 ("max_connections_per_address", &l.refused_address_limit),
                 ("idle_timeout", &l.closed_idle),
+                ("auth_timeout", &l.closed_unauthenticated),
+                (
+                    "max_unauthenticated_connections",
+                    &l.evicted_unauthenticated,
+                ),
             ] {
                 refused.push(
                     &[("listener", l.listener), ("limit", limit)],
@@ -88,8 +112,49 @@ impl IngestCounters {
                 );
             }
         }
+        let mut pending = Family::gauge(
+            "sci_connections_unauthenticated",
+            "Connections open per listener that have not presented valid credentials yet.",
+        );
+        for l in &self.limiters {
+            pending.push(&[("listener", l.listener)], l.unauthenticated() as f64);
+        }
         out.push(open);
+        out.push(pending);
         out.push(refused);
+    }
+}
+
+/// Commits `windows` in one transaction; when the store refuses the data
+/// (not when it is down), commits them one by one, so that only a window the
+/// store refuses on its own is refused (`Err` with the store's reason) and
+/// the others are stored. Any other error is the store's: the caller
+/// answers UNAVAILABLE and the agent retries.
+pub fn commit_isolating(
+    store: &dyn Store,
+    windows: &[v1::WindowReport],
+) -> Result<Vec<Result<CommitOutcome, String>>, AggregatorError> {
+    match store.commit(windows) {
+        Ok(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
+        Err(e) if e.is_rejected() => {
+            tracing::warn!(
+                "store: a batch of {} windows was refused ({e}); committing them one by one",
+                windows.len()
+            );
+            let mut out = Vec::with_capacity(windows.len());
+            for w in windows {
+                match store.commit(std::slice::from_ref(w)) {
+                    Ok(outcome) => out.push(Ok(outcome
+                        .first()
+                        .copied()
+                        .unwrap_or(CommitOutcome::Duplicate))),
+                    Err(e) if e.is_rejected() => out.push(Err(e.to_string())),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -103,6 +168,10 @@ pub struct IngestService {
     tokens: HashMap<String, String>,
     revoked: Vec<String>,
     require_identity: bool,
+    /// The gRPC listener's limiter: told which connections authenticated.
+    limiter: Option<Arc<crate::limits::ConnectionLimiter>>,
+    /// True once the server is stopping: no new stream or batch is taken.
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 fn now_unix_ns() -> u64 {
@@ -154,7 +223,24 @@ impl IngestService {
             tokens,
             revoked,
             require_identity,
+            limiter: None,
+            stopping: None,
         }
+    }
+
+    /// Stops taking streams and batches once `stopping` turns true: the
+    /// batch being committed is committed and acknowledged, then the
+    /// stream ends with UNAVAILABLE (the agent resends the rest elsewhere
+    /// or later).
+    pub fn with_stop(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
+    }
+
+    /// Tells `limiter` of each connection that presents valid credentials.
+    pub fn with_limiter(mut self, limiter: Arc<crate::limits::ConnectionLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 
     fn refuse_stream(&self, kind: &str, status: Status) -> Status {
@@ -230,15 +316,38 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<v1::AgentBatch>>,
     ) -> Result<Response<AckStream>, Status> {
+        if self.stopping.as_ref().is_some_and(|s| *s.borrow()) {
+            return Err(Status::unavailable("the aggregator is stopping"));
+        }
         let identity = self.authenticate(&request)?;
+        if let (Some(limiter), Some(peer)) = (&self.limiter, request.remote_addr()) {
+            limiter.mark_authenticated(peer);
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<v1::Ack, Status>>(8);
         let store = Arc::clone(&self.store);
         let config = Arc::clone(&self.config);
         let counters = Arc::clone(&self.counters);
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             loop {
-                let batch = match inbound.message().await {
+                let next = match stopping.as_mut() {
+                    Some(stop) => tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => None,
+                        next = inbound.message() => Some(next),
+                    },
+                    None => Some(inbound.message().await),
+                };
+                let Some(next) = next else {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "the aggregator is stopping: send the rest again",
+                        )))
+                        .await;
+                    return;
+                };
+                let batch = match next {
                     Ok(Some(batch)) => batch,
                     Ok(None) => return,
                     Err(status) => {
@@ -292,9 +401,13 @@ impl Ingest for IngestService {
                 let now = now_unix_ns();
                 let mut accepted = Vec::new();
                 let mut refused = Vec::new();
-                for w in batch.windows {
+                let mut stacks_shortened = 0;
+                for mut w in batch.windows {
                     match validate_window(&w, &batch.host, &batch.agent_instance, &config, now) {
-                        Ok(()) => accepted.push(w),
+                        Ok(()) => {
+                            stacks_shortened += shorten_stacks(&mut w);
+                            accepted.push(w)
+                        }
                         Err(r) => {
                             *lock(&counters)
                                 .refused
@@ -315,7 +428,7 @@ impl Ingest for IngestService {
                     .max();
                 let store = Arc::clone(&store);
                 let committed = tokio::task::spawn_blocking(move || {
-                    store.commit(&accepted).map(|outcomes| (outcomes, accepted))
+                    commit_isolating(store.as_ref(), &accepted).map(|outcomes| (outcomes, accepted))
                 })
                 .await;
                 let (outcomes, accepted) = match committed {
@@ -336,12 +449,27 @@ impl Ingest for IngestService {
                 };
                 let mut stored = 0u64;
                 let mut duplicates = 0u64;
+                let mut store_refused = 0u64;
                 let mut last_end_s = None;
                 let mut stored_sums = (0.0, 0.0, 0.0);
                 let mut stored_transactions: BTreeMap<String, u64> = BTreeMap::new();
                 for (w, outcome) in accepted.iter().zip(&outcomes) {
                     match outcome {
-                        CommitOutcome::Stored => {
+                        Err(reason) => {
+                            store_refused += 1;
+                            tracing::warn!(
+                                "host {} instance {} seq {}: the store refused the window ({reason}); refused",
+                                clip(&w.host),
+                                clip(&w.agent_instance),
+                                w.seq
+                            );
+                            refused.push(v1::Refusal {
+                                seq: w.seq,
+                                reason: format!("store_refused: {}", clip(reason)),
+                                code: code_of("store_refused") as i32,
+                            });
+                        }
+                        Ok(CommitOutcome::Stored) => {
                             stored += 1;
                             last_end_s = last_end_s.max(Some(w.end_unix_ns / 1_000_000_000));
                             stored_sums.0 += w.host_carbon_g;
@@ -352,8 +480,8 @@ impl Ingest for IngestService {
                                 *t = t.saturating_add(s.transactions);
                             }
                         }
-                        CommitOutcome::Duplicate => duplicates += 1,
-                        CommitOutcome::Conflict => {
+                        Ok(CommitOutcome::Duplicate) => duplicates += 1,
+                        Ok(CommitOutcome::Conflict) => {
                             tracing::warn!(
                                 "host {} instance {} seq {}: a different window with this key is stored; refused",
                                 clip(&w.host),
@@ -374,7 +502,7 @@ impl Ingest for IngestService {
                 }
                 let conflicts = outcomes
                     .iter()
-                    .filter(|o| **o == CommitOutcome::Conflict)
+                    .filter(|o| **o == Ok(CommitOutcome::Conflict))
                     .count() as u64;
                 refused.sort_by_key(|r| r.seq);
                 {
@@ -389,6 +517,12 @@ impl Ingest for IngestService {
                     for (scenario, n) in stored_transactions {
                         let t = c.transactions.entry(scenario).or_default();
                         *t = t.saturating_add(n);
+                    }
+                    c.stacks_shortened += stacks_shortened;
+                    if store_refused > 0 {
+                        *c.refused
+                            .entry((batch.host.clone(), "store_refused".into()))
+                            .or_default() += store_refused;
                     }
                     if conflicts > 0 {
                         *c.refused

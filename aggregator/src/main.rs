@@ -42,7 +42,8 @@ enum Command {
         /// Period length, e.g. 1h (default: the configured one).
         #[arg(long, value_parser = agent_common::time_text::parse_duration)]
         period: Option<std::time::Duration>,
-        /// json, md or html (printable, with the SCI_j chart).
+        /// json, md, html (printable, with the SCI_j chart) or text (a
+        /// summary for a terminal).
         #[arg(long, default_value = "md")]
         format: String,
     },
@@ -209,6 +210,7 @@ fn run() -> Result<()> {
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
                 "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
+                "text" => print!("{}", sci_aggregator::report::console(&evaluation)),
                 "html" => print!(
                     "{}",
                     sci_aggregator::dashboard::render_evaluation_report_html(
@@ -216,7 +218,7 @@ fn run() -> Result<()> {
                         &agent_common::time_text::now_rfc3339().to_string()
                     )
                 ),
-                other => bail!("--format {other}: use json, md or html"),
+                other => bail!("--format {other}: use json, md, html or text"),
             }
             Ok(())
         }

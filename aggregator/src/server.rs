@@ -32,6 +32,20 @@ const MAX_URI_BYTES: usize = 4096;
 struct HttpAuth {
     tokens: Arc<Vec<(String, String)>>,
     counters: Arc<Mutex<IngestCounters>>,
+    limiter: Arc<ConnectionLimiter>,
+    max_header_bytes: usize,
+}
+
+impl HttpAuth {
+    /// The connection of `request` presented valid credentials.
+    fn authenticated(&self, request: &Request) {
+        if let Some(peer) = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<crate::limits::Peer>>()
+        {
+            self.limiter.mark_authenticated(peer.0 .0);
+        }
+    }
 }
 
 /// Compares without stopping at the first differing byte.
@@ -51,7 +65,30 @@ async fn require_token(State(auth): State<HttpAuth>, request: Request, next: Nex
         )
             .into_response();
     }
-    if request.uri().path() == "/healthz" || auth.tokens.is_empty() {
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > auth.max_header_bytes {
+        auth.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .http_headers_too_large += 1;
+        return (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "request headers of {header_bytes} bytes (limits.max_metadata_bytes: {})",
+                auth.max_header_bytes
+            ),
+        )
+            .into_response();
+    }
+    if auth.tokens.is_empty() {
+        auth.authenticated(&request);
+        return next.run(request).await;
+    }
+    if request.uri().path() == "/healthz" {
         return next.run(request).await;
     }
     let presented = request
@@ -66,7 +103,10 @@ async fn require_token(State(auth): State<HttpAuth>, request: Request, next: Nex
             .map(|(name, _)| name.clone())
     });
     match holder {
-        Some(_) => next.run(request).await,
+        Some(_) => {
+            auth.authenticated(&request);
+            next.run(request).await
+        }
         None => {
             auth.counters
                 .lock()
@@ -138,6 +178,15 @@ pub async fn serve(
                 .map_err(|e| AggregatorError::Invalid(format!("opening the store: {e}")))??,
         )
     };
+    // Each listener may hold max_connections descriptors, the store and the
+    // process some more: make sure the process may open them, or say why not.
+    let pool = if config.postgres_url.is_some() {
+        2 * (config.max_concurrent_queries as u64 + 1)
+    } else {
+        config.max_concurrent_queries as u64 + 2
+    };
+    let needed = 2 * config.limits.max_connections as u64 + pool + crate::limits::DESCRIPTOR_MARGIN;
+    crate::limits::ensure_descriptors(needed).map_err(|e| config_err(format!("limits: {e}")))?;
     let config = Arc::new(config);
     let grpc_limiter = ConnectionLimiter::new("grpc", &config.limits);
     let http_limiter = ConnectionLimiter::new("http", &config.limits);
@@ -180,6 +229,8 @@ pub async fn serve(
         .await
         .map_err(|e| AggregatorError::io(format!("binding grpc_listen {grpc_addr}"), e))?;
     let idle = config.limits.idle_timeout;
+    let http_limiter_for_auth = Arc::clone(&http_limiter);
+    let grpc_limiter_for_auth = Arc::clone(&grpc_limiter);
     let http_listener = AdmittedListener {
         local: http_addr,
         connections: admit_connections(http_listener, http_limiter, idle),
@@ -228,6 +279,8 @@ pub async fn serve(
                 .collect(),
         ),
         counters: Arc::clone(&counters),
+        limiter: Arc::clone(&http_limiter_for_auth),
+        max_header_bytes: config.limits.max_metadata_bytes,
     };
     let app = router(http_state).layer(axum::middleware::from_fn_with_state(auth, require_token));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -237,11 +290,14 @@ pub async fn serve(
     });
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.changed().await;
-            })
-            .await
+        axum::serve(
+            http_listener,
+            app.into_make_service_with_connect_info::<crate::limits::Peer>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        })
+        .await
     });
 
     let limits = &config.limits;
@@ -264,22 +320,33 @@ pub async fn serve(
             .tls_config(server_tls)
             .map_err(|e| config_err(format!("tls: {e}")))?;
     }
-    let ingest = IngestService::new(Arc::clone(&store), Arc::clone(&config), counters);
+    let ingest = IngestService::new(Arc::clone(&store), Arc::clone(&config), counters)
+        .with_limiter(grpc_limiter_for_auth)
+        .with_stop(stop_rx.clone());
     tracing::info!(
         "gRPC ingest on {}, HTTP on {}",
         config.grpc_listen,
         config.http_listen
     );
-    let mut grpc_stop = stop_rx;
-    builder
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = builder
         .add_service(health_service)
         .add_service(IngestServer::new(ingest).max_decoding_message_size(limits.max_message_bytes))
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stop.changed().await;
-        })
-        .await
-        .map_err(|e| AggregatorError::Invalid(format!("gRPC server: {e}")))?;
-    let _ = http.await;
+        });
+    // Once stopping, the server has shutdown_grace to finish what it holds.
+    let mut grace_stop = stop_rx;
+    let grace = config.shutdown_grace;
+    let deadline = async move {
+        let _ = grace_stop.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = grpc => served.map_err(|e| AggregatorError::Invalid(format!("gRPC server: {e}")))?,
+        _ = deadline => tracing::warn!("stopping: connections still open after shutdown_grace ({grace:?}); exiting"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
     Ok(())
 }
 

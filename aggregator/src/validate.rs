@@ -13,6 +13,11 @@ fn known_scenario(name: &str) -> bool {
     agent_common::SCENARIO_NAMES.contains(&name) || name == agent_common::UNASSIGNED
 }
 const MAX_PROCESSES: usize = 200_000;
+/// Most logical CPUs a host may report.
+const MAX_CPUS: u32 = 65_536;
+const J_PER_KWH: f64 = 3.6e6;
+/// Shortest machine life the embodied ceiling assumes.
+const YEAR_S: f64 = 365.0 * 86_400.0;
 const MAX_PROFILE_STACKS: usize = 200_000;
 
 /// Longest piece of client input quoted back in a refusal or an error.
@@ -20,6 +25,16 @@ pub const ECHO_MAX: usize = 64;
 /// Longest host name (DNS limit) and agent instance accepted.
 pub const MAX_HOST_BYTES: usize = 253;
 pub const MAX_INSTANCE_BYTES: usize = 128;
+/// Longest data centre or service name, and longest disclosure label
+/// (intensity, energy and share sources, energy model). With these bounds
+/// the widest rollup key (data centre and four labels) stays below
+/// PostgreSQL's btree limit of 2,704 bytes, so both stores take the same windows.
+pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_LABEL_BYTES: usize = 400;
+/// Longest frame of a folded stack, and longest stack, as stored: longer
+/// ones are shortened (see [`shorten_stacks`]), never refused.
+pub const MAX_FRAME_BYTES: usize = 256;
+pub const MAX_STACK_BYTES: usize = 2048;
 
 /// `text` cut to [`ECHO_MAX`] bytes (on a character boundary), quoted, with
 /// the full length when cut: safe to put in a refusal.
@@ -89,6 +104,142 @@ pub fn check_names(host: &str, agent_instance: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// A name that becomes part of a store key: bounded, and without NUL
+/// (PostgreSQL text cannot hold one).
+fn check_key_text(what: &str, value: &str, max: usize) -> Result<(), Refusal> {
+    if value.len() > max {
+        return Err(refuse(
+            "bad_name",
+            format!(
+                "{what} of {} bytes (at most {max}): {}",
+                value.len(),
+                clip(value)
+            ),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(refuse(
+            "bad_name",
+            format!("{what} contains a NUL byte: {}", clip(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// Every name of a window that reaches a key or an index of the store.
+fn check_keys(w: &v1::WindowReport) -> Result<(), Refusal> {
+    check_key_text("host", &w.host, MAX_HOST_BYTES)?;
+    check_key_text("agent_instance", &w.agent_instance, MAX_INSTANCE_BYTES)?;
+    check_key_text("datacenter", &w.datacenter, MAX_NAME_BYTES)?;
+    check_key_text("intensity_source", &w.intensity_source, MAX_LABEL_BYTES)?;
+    check_key_text("energy_source", &w.energy_source, MAX_LABEL_BYTES)?;
+    check_key_text("energy_model", &w.energy_model, MAX_LABEL_BYTES)?;
+    if let Some(e) = &w.embodied {
+        check_key_text("embodied.share_source", &e.share_source, MAX_LABEL_BYTES)?;
+    }
+    for p in &w.processes {
+        check_key_text(
+            &format!("processes[pid {}].service", p.pid),
+            &p.service,
+            MAX_NAME_BYTES,
+        )?;
+        check_key_text(
+            &format!("processes[pid {}].scenario", p.pid),
+            &p.scenario,
+            MAX_NAME_BYTES,
+        )?;
+    }
+    for s in &w.profile {
+        check_key_text("profile.service", &s.service, MAX_NAME_BYTES)?;
+        check_key_text("profile.scenario", &s.scenario, MAX_NAME_BYTES)?;
+        if s.stack.contains('\0') {
+            return Err(refuse(
+                "bad_name",
+                format!("a profile stack of pid {} contains a NUL byte", s.pid),
+            ));
+        }
+    }
+    for h in &w.request_cpu {
+        check_key_text("request_cpu.service", &h.service, MAX_NAME_BYTES)?;
+    }
+    Ok(())
+}
+
+/// Hex of the first 8 bytes of the SHA-256 of `text`.
+fn short_hash(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A folded stack bounded for the store's keys: a frame over
+/// [`MAX_FRAME_BYTES`] keeps its start and a hash of the whole frame; a
+/// stack still over [`MAX_STACK_BYTES`] keeps its leaf-most frames behind
+/// one `[N frames elided #hash]` frame (the hash of the whole stack, so
+/// distinct stacks stay distinct). None when it already fits.
+pub fn shorten_stack(stack: &str) -> Option<String> {
+    let frame_cut = stack.split(';').any(|f| f.len() > MAX_FRAME_BYTES);
+    if !frame_cut && stack.len() <= MAX_STACK_BYTES {
+        return None;
+    }
+    let frames: Vec<String> = stack
+        .split(';')
+        .map(|f| {
+            if f.len() > MAX_FRAME_BYTES {
+                format!("{}..#{}", cut(f, MAX_FRAME_BYTES - 20), short_hash(f))
+            } else {
+                f.to_string()
+            }
+        })
+        .collect();
+    let joined = frames.join(";");
+    if joined.len() <= MAX_STACK_BYTES {
+        return Some(joined);
+    }
+    // Leaf-most frames that fit after the marker (at most ~40 bytes).
+    let budget = MAX_STACK_BYTES - 48;
+    let mut kept = 0;
+    let mut bytes = 0;
+    for f in frames.iter().rev() {
+        if bytes + f.len() + 1 > budget {
+            break;
+        }
+        bytes += f.len() + 1;
+        kept += 1;
+    }
+    let elided = frames.len() - kept;
+    let mut out = format!("[{elided} frames elided #{}]", short_hash(stack));
+    for f in &frames[elided..] {
+        out.push(';');
+        out.push_str(f);
+    }
+    Some(out)
+}
+
+/// Shortens the window's profile stacks that exceed the store's bounds
+/// (see [`shorten_stack`]); returns how many were shortened.
+pub fn shorten_stacks(w: &mut v1::WindowReport) -> u64 {
+    let mut shortened = 0;
+    for s in &mut w.profile {
+        if let Some(short) = shorten_stack(&s.stack) {
+            s.stack = short;
+            shortened += 1;
+        }
+    }
+    shortened
+}
+
 /// A count stored as a signed 64-bit integer must fit in one.
 fn check_count(name: &str, value: u64) -> Result<(), Refusal> {
     if value > i64::MAX as u64 {
@@ -138,6 +289,7 @@ pub fn validate_window(
             ),
         ));
     }
+    check_keys(w)?;
     if w.end_unix_ns <= w.start_unix_ns {
         return Err(refuse(
             "bad_time_range",
@@ -214,6 +366,7 @@ pub fn validate_window(
             ),
         ));
     }
+    check_plausible(w, config, seconds)?;
     if w.processes.len() > MAX_PROCESSES || w.profile.len() > MAX_PROFILE_STACKS {
         return Err(refuse(
             "too_large",
@@ -312,7 +465,125 @@ pub fn validate_window(
         check_count("profile.samples", samples)?;
     }
     check_amount("profile_trimmed_energy_j", w.profile_trimmed_energy_j)?;
-    check_request_cpu(&w.request_cpu)
+    check_request_cpu(&w.request_cpu)?;
+    let requests: f64 = w
+        .request_cpu
+        .iter()
+        .flat_map(|h| h.counts.iter())
+        .map(|n| *n as f64)
+        .sum();
+    let max_requests = config.max_requests_per_cpu_s * f64::from(w.cpus) * seconds;
+    if requests > max_requests {
+        return Err(refuse(
+            "implausible_requests",
+            format!(
+                "{requests:.0} requests in the histograms, above {} per CPU-second x {} CPUs x {seconds:.3} s (max_requests_per_cpu_s)",
+                config.max_requests_per_cpu_s, w.cpus
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The host's factors and figures against physical bounds: CPUs, intensity,
+/// PUE, energy per CPU-second, idle within host energy, carbon and embodied
+/// carbon below what the bounds allow. Each bound keeps every later sum finite.
+fn check_plausible(
+    w: &v1::WindowReport,
+    config: &AggregatorConfig,
+    seconds: f64,
+) -> Result<(), Refusal> {
+    if w.cpus == 0 || w.cpus > MAX_CPUS {
+        return Err(refuse(
+            "implausible_cpus",
+            format!("cpus = {} (1 to {MAX_CPUS})", w.cpus),
+        ));
+    }
+    if w.carbon_intensity_g_per_kwh > config.max_intensity_g_per_kwh {
+        return Err(refuse(
+            "implausible_intensity",
+            format!(
+                "carbon_intensity_g_per_kwh = {} above max_intensity_g_per_kwh ({})",
+                w.carbon_intensity_g_per_kwh, config.max_intensity_g_per_kwh
+            ),
+        ));
+    }
+    if w.pue < 1.0 || w.pue > config.max_pue {
+        return Err(refuse(
+            "implausible_pue",
+            format!("pue = {} (1 to max_pue {})", w.pue, config.max_pue),
+        ));
+    }
+    let cpu_ceiling_j = config.max_cpu_power_w * f64::from(w.cpus) * seconds;
+    if w.host_energy_j > cpu_ceiling_j {
+        return Err(refuse(
+            "implausible_energy",
+            format!(
+                "{:.1} J in {seconds:.3} s on {} CPUs is {:.0} W per CPU, above max_cpu_power_w ({})",
+                w.host_energy_j,
+                w.cpus,
+                w.host_energy_j / seconds / f64::from(w.cpus),
+                config.max_cpu_power_w
+            ),
+        ));
+    }
+    if w.idle_energy_j > w.host_energy_j * (1.0 + 1e-9) {
+        return Err(refuse(
+            "implausible_energy",
+            format!(
+                "idle_energy_j ({}) above host_energy_j ({})",
+                w.idle_energy_j, w.host_energy_j
+            ),
+        ));
+    }
+    // The most carbon the host could emit in the window: its power ceiling
+    // at the highest intensity and PUE allowed.
+    let ceiling_j = config.max_host_power_w.min(cpu_ceiling_j / seconds) * seconds;
+    let carbon_ceiling_g = ceiling_j / J_PER_KWH * config.max_intensity_g_per_kwh * config.max_pue;
+    let scenario_carbon_g: f64 = w.scenarios.iter().map(|s| s.carbon_g).sum();
+    for (name, value) in [
+        ("host_carbon_g", w.host_carbon_g),
+        ("the scenarios' carbon_g", scenario_carbon_g),
+    ] {
+        if value > carbon_ceiling_g {
+            return Err(refuse(
+                "implausible_carbon",
+                format!(
+                    "{name} = {value} g above the {carbon_ceiling_g:.3} g the host could emit in {seconds:.3} s (max power x max_intensity_g_per_kwh x max_pue)"
+                ),
+            ));
+        }
+    }
+    let embodied_ceiling_g = config.max_embodied_g * seconds / YEAR_S;
+    let scenario_embodied_g: f64 = w.scenarios.iter().map(|s| s.embodied_g).sum();
+    if let Some(e) = &w.embodied {
+        check_amount("embodied.total_embodied_g", e.total_embodied_g)?;
+        check_amount("embodied.lifespan_s", e.lifespan_s)?;
+        check_amount("embodied.resource_share", e.resource_share)?;
+        if e.total_embodied_g > config.max_embodied_g || e.resource_share > 1.0 {
+            return Err(refuse(
+                "implausible_embodied",
+                format!(
+                    "embodied factors TE = {} g (at most max_embodied_g {}), share {} (at most 1)",
+                    e.total_embodied_g, config.max_embodied_g, e.resource_share
+                ),
+            ));
+        }
+    }
+    for (name, value) in [
+        ("host_embodied_g", w.host_embodied_g),
+        ("the scenarios' embodied_g", scenario_embodied_g),
+    ] {
+        if value > embodied_ceiling_g {
+            return Err(refuse(
+                "implausible_embodied",
+                format!(
+                    "{name} = {value} g above {embodied_ceiling_g:.3} g (max_embodied_g over a one-year life)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Per-request CPU histograms: known scenarios, at most 65 log2 buckets,
@@ -373,5 +644,37 @@ mod tests {
         assert!(reason(histogram("loan", vec![1], 1e-9)).starts_with("unknown_scenario"));
         assert!(reason(histogram("credit", vec![1; 66], 1e-9)).starts_with("too_large"));
         assert!(reason(histogram("credit", vec![u64::MAX, 1], 1e-9)).starts_with("overflow"));
+    }
+
+    #[test]
+    fn long_stacks_are_shortened_within_the_bounds_and_stay_distinct() {
+        assert_eq!(shorten_stack("main;work;leaf"), None);
+        let frame = "f".repeat(1000);
+        let one = shorten_stack(&format!("main;{frame};leaf")).unwrap();
+        assert!(
+            one.starts_with("main;ffff") && one.ends_with(";leaf"),
+            "{one}"
+        );
+        assert!(one.split(';').all(|f| f.len() <= MAX_FRAME_BYTES));
+        let deep = |leaf: &str| {
+            let mut frames: Vec<String> = (0..500).map(|i| format!("frame_{i:04}")).collect();
+            frames.push(leaf.to_string());
+            frames.join(";")
+        };
+        let (a, b) = (
+            shorten_stack(&deep("a")).unwrap(),
+            shorten_stack(&deep("b")).unwrap(),
+        );
+        assert!(a.len() <= MAX_STACK_BYTES && b.len() <= MAX_STACK_BYTES);
+        assert!(a.starts_with('[') && a.contains("frames elided #"), "{a}");
+        assert!(a.ends_with(";frame_0499;a"), "{a}");
+        assert_ne!(
+            a.split(';').next(),
+            b.split(';').next(),
+            "distinct stacks, distinct hashes"
+        );
+        // Multi-byte characters are cut on a boundary.
+        let wide = shorten_stack(&"\u{00e9}".repeat(3000)).unwrap();
+        assert!(wide.len() <= MAX_STACK_BYTES);
     }
 }

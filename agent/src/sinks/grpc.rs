@@ -107,6 +107,15 @@ impl AggregatorConfig {
         if self.url.is_none() && !self.urls.is_empty() {
             return Err(err("urls", "give the first aggregator as `url`".into()));
         }
+        for (i, url) in self.all_urls().iter().enumerate() {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                let key = if i == 0 { "url" } else { "urls" };
+                return Err(err(
+                    key,
+                    format!("{url:?} must start with https:// (or http:// with --insecure)"),
+                ));
+            }
+        }
         if self.batch_windows == 0 {
             return Err(err("batch_windows", "must be at least 1".into()));
         }
@@ -369,5 +378,28 @@ async fn stream_once(
             }
             _ = new_window.notified(), if in_flight < 2 && deferred == 0 => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_aggregator_url_must_be_http_or_https() {
+        let cfg = |url: &str| AggregatorConfig {
+            url: Some(url.into()),
+            ..Default::default()
+        };
+        let e = cfg("ftp://aggregator:7443")
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("aggregator.url") && e.contains("https://"),
+            "{e}"
+        );
+        assert!(cfg("https://aggregator:7443").validate().is_ok());
     }
 }

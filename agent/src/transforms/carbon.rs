@@ -279,6 +279,11 @@ pub fn grid_intensity_g_per_kwh(name: &str) -> Option<f64> {
 }
 
 /// Operational carbon in grams of `energy_j` joules: `E[kWh] x I x PUE`.
+/// Highest intensity and PUE the agent accepts in its configuration (the
+/// aggregator's defaults for `max_intensity_g_per_kwh` and `max_pue`).
+pub const MAX_INTENSITY_G_PER_KWH: f64 = 2_000.0;
+pub const MAX_PUE: f64 = 5.0;
+
 pub fn operational_carbon_g(energy_j: f64, intensity_g_per_kwh: f64, pue: f64) -> f64 {
     energy_j / J_PER_KWH * intensity_g_per_kwh * pue
 }
@@ -328,9 +333,9 @@ impl CarbonTransform {
         const MEE_NBS_2023: &str =
             "2023 electricity CO2 emission factors of the Ministry of Ecology and Environment and the National Bureau of Statistics";
         let (intensity, intensity_source) = if let Some(v) = cfg.intensity_g_per_kwh {
-            if !v.is_finite() || v < 0.0 {
+            if !v.is_finite() || !(0.0..=MAX_INTENSITY_G_PER_KWH).contains(&v) {
                 return Err(CarbonError::Config(format!(
-                    "carbon.intensity_g_per_kwh = {v} must be a non-negative number"
+                    "carbon.intensity_g_per_kwh = {v} must be between 0 and {MAX_INTENSITY_G_PER_KWH} (the aggregator refuses windows above its max_intensity_g_per_kwh)"
                 )));
             }
             (
@@ -363,9 +368,9 @@ impl CarbonTransform {
                 format!("default: China national average, {MEE_NBS_2023}"),
             )
         };
-        if !cfg.pue.is_finite() || cfg.pue < 1.0 {
+        if !cfg.pue.is_finite() || !(1.0..=MAX_PUE).contains(&cfg.pue) {
             return Err(CarbonError::Config(format!(
-                "carbon.pue = {} must be at least 1.0",
+                "carbon.pue = {} must be between 1.0 and {MAX_PUE}",
                 cfg.pue
             )));
         }
@@ -611,6 +616,30 @@ mod tests {
             .expect_err("refused");
             assert!(e.to_string().contains("carbon.resource_share"), "{e}");
         }
+    }
+
+    #[test]
+    fn absurd_intensity_and_pue_are_refused_by_key() {
+        let intensity = CarbonTransform::from_config(&CarbonConfig {
+            intensity_g_per_kwh: Some(1e308),
+            ..Default::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            intensity.contains("carbon.intensity_g_per_kwh = ")
+                && intensity.contains("between 0 and 2000"),
+            "{intensity}"
+        );
+        let pue = CarbonTransform::from_config(&CarbonConfig {
+            pue: 50.0,
+            ..Default::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(pue.contains("carbon.pue = 50"), "{pue}");
     }
 
     #[test]

@@ -43,8 +43,19 @@ pub struct PostgresStore {
     lz4: bool,
 }
 
+/// A data exception (SQLSTATE class 22), an integrity constraint (23) or a
+/// program limit such as an index row too large (54) is the data's fault:
+/// [`AggregatorError::Rejected`]. Anything else is the store's.
 fn pg(e: postgres::Error) -> AggregatorError {
-    AggregatorError::Postgres(e.to_string())
+    let class = e.code().map(|c| &c.code()[..2]);
+    let text = match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    match class {
+        Some("22" | "23" | "54") => AggregatorError::Rejected(text),
+        _ => AggregatorError::Postgres(text),
+    }
 }
 
 fn pool_err(e: r2d2::Error) -> AggregatorError {
