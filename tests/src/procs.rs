@@ -74,3 +74,23 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// Waits (by condition, 20 s at most) until every thread of `pid` is
+/// stopped (state `T` in /proc/<pid>/task/*/stat), e.g. after SIGSTOP:
+/// its runtime no longer grows.
+pub fn wait_stopped(pid: u32) {
+    crate::wait_until(&format!("every thread of pid {pid} stopped"), || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                    Some(state == 'T')
+                })
+                .unwrap_or(false)
+        })
+    });
+}

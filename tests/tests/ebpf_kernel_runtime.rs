@@ -44,7 +44,9 @@ fn signal(pids: &[u32], signal: i32) {
 /// truth then cover exactly the same runtime.
 fn frozen_window(sampler: &mut EbpfSampler, pids: &[u32]) -> (CpuSample, HashMap<u32, u64>) {
     signal(pids, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(100));
+    for pid in pids {
+        sci_tests::procs::wait_stopped(*pid);
+    }
     let window = sampler.sample().unwrap();
     let truth = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
     signal(pids, libc::SIGCONT);

@@ -81,6 +81,8 @@ struct State {
     idle_cpu_ns: u64,
     conservation_violations: u64,
     energy_warnings: u64,
+    /// Seconds between a previous run's last window and this run's first.
+    unmeasured_s: f64,
     energy_source: Option<(String, bool)>,
     cpu_source: Option<String>,
     intensity_g_per_kwh: f64,
@@ -269,6 +271,11 @@ impl MetricsRegistry {
         self.lock().energy_warnings += count as u64;
     }
 
+    /// Time no window covers: between an earlier run's last window and this run's first.
+    pub fn observe_unmeasured(&self, seconds: f64) {
+        self.lock().unmeasured_s += seconds.max(0.0);
+    }
+
     /// Add one window to the totals.
     pub fn observe(&self, report: &WindowReport) {
         let mut s = self.lock();
@@ -424,6 +431,11 @@ impl MetricsRegistry {
                 "sci_energy_warnings_total",
                 "Energy domains left out of a window (unreadable or rejected).",
                 s.energy_warnings as f64,
+            ),
+            (
+                "sci_agent_unmeasured_seconds_total",
+                "Seconds between the previous run's last window and this run's first (the agent was not running).",
+                s.unmeasured_s,
             ),
             (
                 "sci_business_units_total",
