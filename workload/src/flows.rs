@@ -76,12 +76,6 @@ pub enum FlowOutcome {
     Refused(&'static str),
 }
 
-impl FlowOutcome {
-    pub fn is_completed(&self) -> bool {
-        matches!(self, FlowOutcome::Completed)
-    }
-}
-
 /// One connection to a service's database; each worker thread owns one.
 pub struct FinanceDb {
     conn: Connection,
@@ -863,19 +857,6 @@ impl FinanceDb {
         });
         std::hint::black_box(view.to_string());
         Ok(FlowOutcome::Completed)
-    }
-
-    /// Row count of a table (for tests and reports).
-    pub fn count_rows(&self, table: &str) -> Result<i64, WorkloadError> {
-        if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(WorkloadError::invalid("table name", table));
-        }
-        self.conn
-            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
-            .map_err(|source| WorkloadError::Flow {
-                scenario: "count",
-                source,
-            })
     }
 }
 

@@ -44,10 +44,6 @@ pub struct LoadConfig {
 }
 
 impl LoadConfig {
-    pub fn default_mix() -> [f64; 4] {
-        [1.0, 2.0, 3.0, 10.0]
-    }
-
     fn validate(&self) -> Result<(), WorkloadError> {
         if self.targets.is_empty() {
             return Err(WorkloadError::invalid(
