@@ -240,14 +240,14 @@ fn an_exec_is_described_by_the_kernel_as_procfs_describes_it() {
         children.0.push(child);
         pid
     };
-    let on_tmpfs = spawn(&link, &["--duty", "5", "--seconds", "3", "two words"]);
+    let on_tmpfs = spawn(&link, &["--duty", "5", "--seconds", "3", "--", "two words"]);
     let plain = spawn(
         std::path::Path::new(BURN),
         &["--duty", "5", "--seconds", "3"],
     );
     let long = spawn(
         std::path::Path::new(BURN),
-        &["--duty", "5", "--seconds", "3", &long_argument],
+        &["--duty", "5", "--seconds", "3", "--", &long_argument],
     );
     std::thread::sleep(Duration::from_millis(300));
     let truth: Vec<(u32, (String, String))> = [on_tmpfs, plain, long]

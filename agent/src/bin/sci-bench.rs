@@ -20,6 +20,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
 use sci_agent::sources::sched::ebpf::{ebpf_object, EbpfOptions, EbpfSampler, ProgramStats};
@@ -61,14 +62,6 @@ impl BareBaseline {
     }
 }
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn set_bpf_stats(on: bool) -> Result<()> {
     std::fs::write(
         "/proc/sys/kernel/bpf_stats_enabled",
@@ -106,8 +99,7 @@ fn find(stats: &[ProgramStats], name: &str) -> Option<ProgramStats> {
     stats.iter().find(|s| s.name == name).cloned()
 }
 
-fn kernel(args: &[String]) -> Result<()> {
-    let seconds = arg(args, "--seconds", 5);
+fn kernel(seconds: u64) -> Result<()> {
     set_bpf_stats(true)?;
     let result = (|| -> Result<serde_json::Value> {
         let sampler = EbpfSampler::load(&EbpfOptions::default())?;
@@ -175,13 +167,9 @@ impl Drop for Children {
     }
 }
 
-fn agent(args: &[String]) -> Result<()> {
-    let processes = arg(args, "--processes", 100);
-    let seconds = arg(args, "--seconds", 10);
-    let procfs = args.iter().any(|a| a == "--procfs");
+fn agent(processes: u64, seconds: u64, procfs: bool, churn: bool, profiling: bool) -> Result<()> {
     // Long-lived processes that wake every second (each a live, changing map
     // entry); with --churn, shell loops that also fork+exec `sleep` every second.
-    let churn = args.iter().any(|a| a == "--churn");
     let me = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for _ in 0..processes {
@@ -196,7 +184,6 @@ fn agent(args: &[String]) -> Result<()> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let mut config = AgentConfig::default();
-    let profiling = args.iter().any(|a| a == "--profile");
     config.profile.enabled = profiling;
     let (mut pipeline, fallback) = Pipeline::open(
         &config,
@@ -314,13 +301,12 @@ fn followed_pairs_ns(pairs: u64, request_histogram: bool) -> Result<f64> {
 /// begin/end pairs without the uprobes, with them but without the per-request
 /// CPU histogram, and with both (same run, `--rounds` alternations, fastest
 /// round of each).
-fn markers(args: &[String]) -> Result<()> {
-    let pairs = arg(args, "--pairs", 200_000);
+fn markers(pairs: u64, rounds: u64) -> Result<()> {
     marker_pairs_ns(pairs / 10);
     let bare_pair_ns = marker_pairs_ns(pairs);
     // Alternate rounds without and with the histogram; the fastest round of
     // each stands for it (other load on the machine only ever adds time).
-    let rounds = arg(args, "--rounds", 3).max(1);
+    let rounds = rounds.max(1);
     let mut no_histogram_pair_ns = f64::MAX;
     let mut followed_pair_ns = f64::MAX;
     for _ in 0..rounds {
@@ -372,11 +358,11 @@ fn profile_load_outer(stop: &std::sync::atomic::AtomicBool) {
 /// (bpf_stats), samples per second, and the agent's CPU% spent draining and
 /// symbolising one window per second (thread CPU time of `drain`, steady
 /// state after the first window, whose cold symboliser is reported apart).
-fn profile(args: &[String]) -> Result<()> {
+fn profile(seconds: u64) -> Result<()> {
     use sci_agent::sources::profile::{CpuProfiler, ProfilerOptions};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let seconds = arg(args, "--seconds", 5).max(2);
+    let seconds = seconds.max(2);
     set_bpf_stats(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -479,8 +465,7 @@ fn schedstat_ns(pid: u32) -> Result<u64> {
 
 /// CPU-time accuracy: three processes burning 100%, 50% and 20% of a core;
 /// the eBPF window's cpu_ns against /proc/<pid>/schedstat over the same window.
-fn accuracy(args: &[String]) -> Result<()> {
-    let seconds = arg(args, "--seconds", 3);
+fn accuracy(seconds: u64) -> Result<()> {
     let me = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for duty in [100, 50, 20] {
@@ -525,7 +510,7 @@ fn accuracy(args: &[String]) -> Result<()> {
 /// Short-lived processes: 300 processes of 5-20 ms each inside one window;
 /// share of their CPU time (from wait4's rusage) that the eBPF path and a
 /// procfs poller at the same interval account.
-fn capture(_args: &[String]) -> Result<()> {
+fn capture() -> Result<()> {
     use sci_agent::sources::sched::procfs::ProcfsSampler;
     let me = std::env::current_exe()?;
     let mut sampler = EbpfSampler::load(&EbpfOptions::default())?;
@@ -565,20 +550,93 @@ fn capture(_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+#[derive(Parser)]
+#[command(about = "Measurements behind BENCHMARKS.md (one JSON line per run)")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ns per sched_switch event of the full accounting program and of the bare baseline.
+    Kernel {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// The agent's own CPU and RSS with N live processes, a window every second.
+    Agent {
+        #[arg(long, default_value_t = 100)]
+        processes: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Sample procfs instead of eBPF.
+        #[arg(long)]
+        procfs: bool,
+        /// N shell loops that fork+exec `sleep` every second instead of N sleepers.
+        #[arg(long)]
+        churn: bool,
+        /// With the CPU profiler attached.
+        #[arg(long)]
+        profile: bool,
+    },
+    /// ns per marker call, not followed, followed without and with the request histogram.
+    Markers {
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
+        /// Alternating rounds with the uprobes (the fastest of each stands).
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+    },
+    /// eBPF cpu_ns of three busy processes against schedstat.
+    Accuracy {
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+    /// 300 short processes: share of their CPU time accounted by eBPF and by procfs polling.
+    Capture,
+    /// The CPU profiler's cost at 19 Hz and 99 Hz.
+    Profile {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// (child of `capture`) spins until this process has used MS of CPU time.
+    #[command(hide = true)]
+    Burn {
+        #[arg(default_value_t = 10)]
+        ms: u64,
+    },
+    /// (child of `accuracy`) busy PERCENT of every 20 ms, until killed.
+    #[command(hide = true)]
+    Duty {
+        #[arg(default_value_t = 50)]
+        percent: u64,
+    },
+    /// (child of `agent`) wakes once a second, until killed.
+    #[command(hide = true)]
+    Sleeper,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("kernel") => kernel(&args),
-        Some("agent") => agent(&args),
-        Some("markers") => markers(&args),
-        Some("accuracy") => accuracy(&args),
-        Some("capture") => capture(&args),
-        Some("burn") => {
-            burn_ms(arg(&args, "burn", 10));
+    match Args::parse().bench {
+        Bench::Kernel { seconds } => kernel(seconds),
+        Bench::Agent {
+            processes,
+            seconds,
+            procfs,
+            churn,
+            profile,
+        } => agent(processes, seconds, procfs, churn, profile),
+        Bench::Markers { pairs, rounds } => markers(pairs, rounds),
+        Bench::Accuracy { seconds } => accuracy(seconds),
+        Bench::Capture => capture(),
+        Bench::Profile { seconds } => profile(seconds),
+        Bench::Burn { ms } => {
+            burn_ms(ms);
             Ok(())
         }
-        Some("duty") => {
-            let percent = arg(&args, "duty", 50).min(100);
+        Bench::Duty { percent } => {
+            let percent = percent.min(100);
             loop {
                 let start = Instant::now();
                 burn_ms(percent / 5);
@@ -587,10 +645,8 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Some("profile") => profile(&args),
-        Some("sleeper") => loop {
+        Bench::Sleeper => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
-        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N] | profile [--seconds S] | accuracy [--seconds S] | capture"),
     }
 }

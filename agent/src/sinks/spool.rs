@@ -615,15 +615,6 @@ impl Spool {
         Ok(out)
     }
 
-    /// Up to `max` windows after `after` (all windows when None), in seq order.
-    pub fn windows_after(
-        &mut self,
-        after: Option<u64>,
-        max: usize,
-    ) -> Result<Vec<v1::WindowReport>, AgentError> {
-        self.next_batch(after, max, u64::MAX)
-    }
-
     /// The aggregator holds every window with seq <= `seq`: delete them.
     pub fn ack_through(&mut self, seq: u64) -> Result<usize, AgentError> {
         self.settle(&v1::Ack {

@@ -10,6 +10,8 @@
 //! the nominal coverage of the Student interval for a mean while keeping
 //! the bootstrap's handling of ratios (g/transaction is sum(carbon) /
 //! sum(transactions) over the periods, resampled together).
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 /// Fewest periods per range for an interval and a verdict. Chosen from the
@@ -125,22 +127,6 @@ impl Default for Bootstrap {
     }
 }
 
-/// SplitMix64: a small, fast, seedable generator (statistical use only).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64 * n as f64) as usize % n.max(1)
-    }
-}
-
 /// Standard normal quantile (statrs: exact to double precision).
 pub fn normal_quantile(p: f64) -> f64 {
     use statrs::distribution::{ContinuousCDF, Normal};
@@ -202,12 +188,12 @@ pub fn compare(
         out.reason = Some("no transactions in a range: nothing per transaction to compare".into());
         return out;
     }
-    let mut rng = Rng(settings.seed);
+    let mut rng = SmallRng::seed_from_u64(settings.seed);
     let mut diffs = Vec::with_capacity(settings.resamples);
     let (mut ib, mut ic) = (vec![0; n], vec![0; m]);
     for _ in 0..settings.resamples.max(100) {
-        ib.iter_mut().for_each(|i| *i = rng.below(n));
-        ic.iter_mut().for_each(|i| *i = rng.below(m));
+        ib.iter_mut().for_each(|i| *i = rng.random_range(0..n));
+        ic.iter_mut().for_each(|i| *i = rng.random_range(0..m));
         if let (Some(x), Some(y)) = (
             estimator.estimate_indexed(baseline, &ib),
             estimator.estimate_indexed(candidate, &ic),
