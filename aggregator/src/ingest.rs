@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::AggregatorConfig;
 use crate::error::AggregatorError;
 use crate::store::{CommitOutcome, Store};
-use crate::validate::{check_names, clip, code_of, shorten_stacks, validate_window};
+use crate::validate::{check_clock, check_names, clip, code_of, shorten_stacks, validate_window};
 
 /// Ingest counters, shown on /metrics.
 #[derive(Debug, Default)]
@@ -399,11 +399,15 @@ impl Ingest for IngestService {
                     }
                 }
                 let now = now_unix_ns();
+                let clock = check_clock(batch.sent_unix_ns, &config, now);
                 let mut accepted = Vec::new();
                 let mut refused = Vec::new();
                 let mut stacks_shortened = 0;
                 for mut w in batch.windows {
-                    match validate_window(&w, &batch.host, &batch.agent_instance, &config, now) {
+                    let checked = clock.clone().and_then(|()| {
+                        validate_window(&w, &batch.host, &batch.agent_instance, &config, now)
+                    });
+                    match checked {
                         Ok(()) => {
                             stacks_shortened += shorten_stacks(&mut w);
                             accepted.push(w)
@@ -450,6 +454,7 @@ impl Ingest for IngestService {
                 let mut stored = 0u64;
                 let mut duplicates = 0u64;
                 let mut store_refused = 0u64;
+                let mut overlaps = 0u64;
                 let mut last_end_s = None;
                 let mut stored_sums = (0.0, 0.0, 0.0);
                 let mut stored_transactions: BTreeMap<String, u64> = BTreeMap::new();
@@ -481,6 +486,26 @@ impl Ingest for IngestService {
                             }
                         }
                         Ok(CommitOutcome::Duplicate) => duplicates += 1,
+                        Ok(CommitOutcome::Overlap) => {
+                            overlaps += 1;
+                            tracing::warn!(
+                                "host {} instance {} seq {}: overlaps windows of its host already stored; refused",
+                                clip(&w.host),
+                                clip(&w.agent_instance),
+                                w.seq
+                            );
+                            refused.push(v1::Refusal {
+                                seq: w.seq,
+                                reason: format!(
+                                    "overlap: window [{}, {}) s would make host {} cover more than the whole of a {} s bucket (its time overlaps windows already stored)",
+                                    w.start_unix_ns / 1_000_000_000,
+                                    w.end_unix_ns.div_ceil(1_000_000_000),
+                                    clip(&w.host),
+                                    config.host_rollup_step.as_secs()
+                                ),
+                                code: code_of("overlap") as i32,
+                            });
+                        }
                         Ok(CommitOutcome::Conflict) => {
                             tracing::warn!(
                                 "host {} instance {} seq {}: a different window with this key is stored; refused",
@@ -523,6 +548,11 @@ impl Ingest for IngestService {
                         *c.refused
                             .entry((batch.host.clone(), "store_refused".into()))
                             .or_default() += store_refused;
+                    }
+                    if overlaps > 0 {
+                        *c.refused
+                            .entry((batch.host.clone(), "overlap".into()))
+                            .or_default() += overlaps;
                     }
                     if conflicts > 0 {
                         *c.refused

@@ -68,7 +68,8 @@ pub fn code_of(kind: &str) -> RefusalCode {
     match kind {
         "seq_conflict" => RefusalCode::SeqConflict,
         "wrong_instance" => RefusalCode::WrongInstance,
-        "future" => RefusalCode::ClockAhead,
+        "future" | "clock_ahead" => RefusalCode::ClockAhead,
+        "clock_behind" => RefusalCode::ClockBehind,
         "too_old" => RefusalCode::TooOld,
         "too_large" => RefusalCode::TooLarge,
         _ => RefusalCode::Invalid,
@@ -98,6 +99,44 @@ pub fn check_names(host: &str, agent_instance: &str) -> Result<(), Refusal> {
                 "agent instance of {} bytes (at most {MAX_INSTANCE_BYTES}): {}",
                 agent_instance.len(),
                 clip(agent_instance)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The agent's clock against the aggregator's, from the time the agent
+/// says it sent the batch (0: an agent that does not say; only its windows'
+/// ends are checked). A clock behind by more than `max_clock_skew` dates its
+/// windows in the past (an agent a day behind stored a day of windows into
+/// yesterday): refused as `clock_behind`. A clock ahead: `clock_ahead`, kept
+/// by the agent and sent again later. The offset says how far.
+pub fn check_clock(
+    sent_unix_ns: u64,
+    config: &AggregatorConfig,
+    now_unix_ns: u64,
+) -> Result<(), Refusal> {
+    if sent_unix_ns == 0 {
+        return Ok(());
+    }
+    let skew_ns = config.max_clock_skew.as_nanos() as u64;
+    let offset_s = (sent_unix_ns as f64 - now_unix_ns as f64) / 1e9;
+    if sent_unix_ns < now_unix_ns.saturating_sub(skew_ns) {
+        return Err(refuse(
+            "clock_behind",
+            format!(
+                "the agent's clock is {:.0} s behind the aggregator's (max_clock_skew {} s): its windows are misdated",
+                -offset_s,
+                config.max_clock_skew.as_secs()
+            ),
+        ));
+    }
+    if sent_unix_ns > now_unix_ns.saturating_add(skew_ns) {
+        return Err(refuse(
+            "clock_ahead",
+            format!(
+                "the agent's clock is {offset_s:.0} s ahead of the aggregator's (max_clock_skew {} s)",
+                config.max_clock_skew.as_secs()
             ),
         ));
     }

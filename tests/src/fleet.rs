@@ -300,8 +300,14 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stops the forwarder and waits (up to 5 s) until its task has let go
+    /// of the spool, so the spool's lock is free for the next agent.
     fn drop(&mut self) {
         self.task.abort();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.spool) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

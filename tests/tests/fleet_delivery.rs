@@ -94,6 +94,7 @@ async fn conflicting_seqs_are_renumbered_and_refused_windows_quarantined() {
         host: "host-a".into(),
         agent_instance: "inst".into(),
         windows: earlier,
+        sent_unix_ns: 0,
     }]));
     request
         .metadata_mut()
@@ -225,9 +226,8 @@ async fn a_backlog_over_the_message_limit_is_delivered_in_smaller_batches() {
     println!("backlog {backlog} bytes in 40 windows");
     assert!(backlog > 10 * 1024 * 1024);
     // The agent restarts its forwarder towards the real aggregator (same spool).
-    agent.stop_forwarder();
-    let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, "ignored").unwrap();
     drop(agent);
+    let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, "ignored").unwrap();
     let agent = Agent::with_spool(spool, cfg);
     agent.drained(Duration::from_secs(60)).await;
     let (windows, carbon) = stored(&agg, start - 10);

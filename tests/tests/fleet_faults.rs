@@ -68,6 +68,7 @@ async fn send_on(
         host: "host-a".into(),
         agent_instance: "inst".into(),
         windows,
+        sent_unix_ns: 0,
     }]));
     request
         .metadata_mut()
@@ -822,6 +823,7 @@ async fn sigterm_ends_streams_and_exits_within_the_grace_period() {
                     host: "host-a".into(),
                     agent_instance: "inst".into(),
                     windows: vec![valid(seq, start + seq)],
+                    sent_unix_ns: 0,
                 };
                 if tx.send(batch).await.is_err() {
                     return;

@@ -232,6 +232,7 @@ async fn two_aggregators_on_one_postgresql_store_each_window_once_across_a_failo
                     host: HOST.into(),
                     agent_instance: instance.clone(),
                     windows: chunk.to_vec(),
+                    sent_unix_ns: 0,
                 })
                 .collect::<Vec<_>>()
         })

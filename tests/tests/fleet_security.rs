@@ -49,6 +49,7 @@ fn batch(host: &str, windows: Vec<v1::WindowReport>) -> v1::AgentBatch {
         host: host.into(),
         agent_instance: "inst".into(),
         windows,
+        sent_unix_ns: 0,
     }
 }
 

@@ -18,6 +18,12 @@
 //! moves to the next one when a stream fails, and resumes from the spool:
 //! whatever was not acknowledged is sent again (aggregators sharing a store
 //! de-duplicate it).
+//!
+//! A batch the aggregator refuses as larger than its message limit
+//! (RESOURCE_EXHAUSTED) halves the batch bound (down to 64 KiB) and makes the
+//! next stream send one batch at a time, so the next refusal names its batch:
+//! a window refused alone can never be taken and is quarantined (counted as
+//! `oversized`), and the windows after it go on.
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -220,6 +226,9 @@ pub struct ForwarderStats {
     /// Batch byte bound in use when the aggregator said a batch was too large
     /// (halved each time, down to 64 KiB); 0: `batch_max_bytes`.
     pub batch_bytes_override: std::sync::atomic::AtomicU64,
+    /// After a batch refused as too large: one batch in flight at a time, so
+    /// a refusal names its batch, and a window refused alone is quarantined.
+    pub probing: std::sync::atomic::AtomicBool,
 }
 
 /// How a stream ended without a transport error.
@@ -297,6 +306,7 @@ async fn stream_once(
     new_window: &Notify,
     stats: &ForwarderStats,
 ) -> Result<StreamEnd, AgentError> {
+    use std::sync::atomic::Ordering;
     let token = cfg.token.clone();
     let mut client =
         IngestClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
@@ -328,23 +338,34 @@ async fn stream_once(
     // Everything not acknowledged is (re)sent, oldest first.
     let mut sent_through: Option<u64> = None;
     let mut in_flight = 0usize;
+    // (first seq, windows) of each batch in flight, oldest first.
+    let mut batches: std::collections::VecDeque<(u64, usize)> = Default::default();
+    let max_in_flight = if stats.probing.load(Ordering::Relaxed) {
+        1
+    } else {
+        2
+    };
     let mut deferred = 0usize;
     loop {
         if in_flight == 0 && deferred > 0 {
             return Ok(StreamEnd::Deferred(deferred));
         }
-        if in_flight < 2 && deferred == 0 {
+        if in_flight < max_in_flight && deferred == 0 {
             let batch = {
                 let mut s = lock(spool);
                 s.next_batch(sent_through, cfg.batch_windows.max(1), batch_bytes)?
             };
             if let Some(last) = batch.last().map(|w| w.seq) {
+                batches.push_back((batch[0].seq, batch.len()));
                 let host = batch[0].host.clone();
                 let agent_instance = batch[0].agent_instance.clone();
                 tx.send(v1::AgentBatch {
                     host,
                     agent_instance,
                     windows: batch,
+                    sent_unix_ns: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
                 })
                 .await
                 .map_err(|_| AgentError::Transport("stream closed".into()))?;
@@ -358,27 +379,69 @@ async fn stream_once(
         }
         tokio::select! {
             ack = acks.message() => {
-                let ack = ack
-                    .map_err(|status| {
+                let ack = match ack {
+                    Ok(ack) => ack,
+                    Err(status) => {
                         if status.code() == tonic::Code::ResourceExhausted {
-                            let now = batch_bytes.max(128 * 1024) / 2;
-                            stats.batch_bytes_override.store(now, std::sync::atomic::Ordering::Relaxed);
-                            tracing::warn!("the aggregator refused a batch as too large; batches now at most {now} bytes");
+                            too_large(spool, stats, &batches, max_in_flight, batch_bytes, status.message())?;
                         }
-                        AgentError::Transport(format!("{}: {}", status.code(), status.message()))
-                    })?
-                    .ok_or_else(|| AgentError::Transport("the aggregator closed the stream".into()))?;
+                        return Err(AgentError::Transport(format!("{}: {}", status.code(), status.message())));
+                    }
+                }
+                .ok_or_else(|| AgentError::Transport("the aggregator closed the stream".into()))?;
+                batches.pop_front();
+                stats.probing.store(false, Ordering::Relaxed);
                 for refusal in &ack.refused {
                     stats.windows_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!("aggregator refused window {}: {}", refusal.seq, refusal.reason);
+                    // Windows ahead of its clock are kept: the spool says so, rate-limited.
+                    if refusal.code != v1::RefusalCode::ClockAhead as i32 {
+                        tracing::error!("aggregator refused window {}: {}", refusal.seq, refusal.reason);
+                    }
                 }
                 let settled = lock(spool).settle(&ack)?;
                 deferred += settled.deferred;
                 in_flight = in_flight.saturating_sub(1);
             }
-            _ = new_window.notified(), if in_flight < 2 && deferred == 0 => {}
+            _ = new_window.notified(), if in_flight < max_in_flight && deferred == 0 => {}
         }
     }
+}
+
+/// The aggregator refused a batch as larger than its message limit. With
+/// one batch in flight the refused batch is known: a single window is
+/// quarantined (it can never be taken), a larger batch halves the bound.
+/// With more in flight, the next stream probes one batch at a time.
+fn too_large(
+    spool: &Mutex<Spool>,
+    stats: &ForwarderStats,
+    batches: &std::collections::VecDeque<(u64, usize)>,
+    max_in_flight: usize,
+    batch_bytes: u64,
+    message: &str,
+) -> Result<(), AgentError> {
+    use std::sync::atomic::Ordering;
+    match batches.front() {
+        Some(&(seq, 1)) if max_in_flight == 1 => {
+            tracing::error!(
+                "the aggregator refused window {seq} alone as larger than its message limit ({message}); quarantined"
+            );
+            lock(spool).quarantine_oversized(
+                seq,
+                &format!(
+                    "the aggregator refused it alone as larger than its message limit: {message}"
+                ),
+            )?;
+        }
+        _ => {
+            let now = batch_bytes.max(128 * 1024) / 2;
+            stats.batch_bytes_override.store(now, Ordering::Relaxed);
+            tracing::warn!(
+                "the aggregator refused a batch as too large; batches now at most {now} bytes, one at a time"
+            );
+        }
+    }
+    stats.probing.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 #[cfg(test)]

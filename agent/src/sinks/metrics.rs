@@ -175,6 +175,20 @@ impl MetricsRegistry {
             .map(|t| t.as_nanos() as u64)
             .unwrap_or(0);
         let age = Duration::from_nanos(now_ns.saturating_sub(oldest_ns));
+        let held = d.held_windows.load(Ordering::Relaxed);
+        if held > 0 {
+            return Err(format!(
+                "delivery stuck: {held} windows refused as ahead of the aggregator's clock (this host's clock is ahead, or the aggregator's behind); {pending} windows unacknowledged\n"
+            ));
+        }
+        let clock_refused_s = d.last_clock_refusal_unix_s.load(Ordering::Relaxed);
+        let since_s = (now_ns / 1_000_000_000).saturating_sub(clock_refused_s);
+        if clock_refused_s > 0 && since_s <= behind_after.as_secs() {
+            return Err(format!(
+                "delivery stuck: the aggregator refused windows for this host's clock {since_s} s ago ({} quarantined as misdated so far)\n",
+                d.clock_behind.load(Ordering::Relaxed)
+            ));
+        }
         if pending > 0 && oldest_ns > 0 && age > *behind_after {
             return Err(format!(
                 "delivery behind: {pending} windows unacknowledged, the oldest ended {} s ago (behind_after {} s)\n",
@@ -238,6 +252,9 @@ impl MetricsRegistry {
             ("quarantined_damaged", &d.corrupt),
             ("dropped_write_failed", &d.dropped_write_failed),
             ("dropped_spool_full", &d.dropped_spool_full),
+            ("quarantined_oversized", &d.oversized),
+            ("vanished", &d.vanished),
+            ("quarantined_clock_behind", &d.clock_behind),
         ] {
             lost.push(&[("reason", reason)], load(a));
         }
@@ -748,5 +765,38 @@ mod tests {
         );
         assert!(text.contains("sci_agent_profile_stacks_trimmed_total 11"));
         assert!(text.contains("sci_agent_spool_windows 7"));
+    }
+
+    #[test]
+    fn health_says_when_delivery_is_stuck_on_a_clock() {
+        let registry = MetricsRegistry::new();
+        let stats = Arc::new(crate::sinks::spool::DeliveryStats::default());
+        registry.set_delivery(Arc::clone(&stats), Duration::from_secs(60));
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(registry.health().is_ok());
+        // A clock a day ahead: every window held, none old by this clock.
+        stats.pending_windows.store(4, Ordering::Relaxed);
+        stats.held_windows.store(4, Ordering::Relaxed);
+        let stuck = registry.health().unwrap_err();
+        assert!(
+            stuck.contains("delivery stuck: 4 windows refused as ahead"),
+            "{stuck}"
+        );
+        // A clock behind: windows quarantined as misdated, within behind_after.
+        stats.held_windows.store(0, Ordering::Relaxed);
+        stats.pending_windows.store(0, Ordering::Relaxed);
+        stats.clock_behind.store(2, Ordering::Relaxed);
+        stats
+            .last_clock_refusal_unix_s
+            .store(now_s - 5, Ordering::Relaxed);
+        let stuck = registry.health().unwrap_err();
+        assert!(stuck.contains("2 quarantined as misdated"), "{stuck}");
+        stats
+            .last_clock_refusal_unix_s
+            .store(now_s - 600, Ordering::Relaxed);
+        assert!(registry.health().is_ok(), "an old refusal is forgotten");
     }
 }

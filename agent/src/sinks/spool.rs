@@ -19,8 +19,16 @@
 //!   rebuilt from the spool's own files: a new agent instance (so no seq of
 //!   the old one is ever reused) numbering after the highest spooled seq;
 //!   the spooled windows keep the instance they were written with.
-//! - `quarantine/`: windows the aggregator refused for good, and files found
-//!   damaged (at start or while sending), each with a `.reason` file.
+//! - `quarantine/`: windows the aggregator refused for good, files found
+//!   damaged (at start or while sending), and windows too large to send, each
+//!   with a `.reason` file.
+//! - `lock`: held with `flock` by the agent that has the spool open, and
+//!   holding its pid; a second agent on the same spool is refused with that
+//!   pid (two writers would number windows over each other).
+//!
+//! A window file that vanishes while the agent runs (deleted by hand, a
+//! cleaner) is counted in `vanished` and skipped: it is gone, and waiting
+//! for it would stop every later window.
 //!
 //! Refusals (see `sci.v1.RefusalCode`): a seq conflict or a wrong instance
 //! makes the spool start a new agent instance and renumber the refused
@@ -39,7 +47,12 @@
 //! can exceed its bound by what is in flight (at most two batches).
 //! A window larger than `max_window_bytes` has its profile stacks trimmed,
 //! lowest energy first, until it fits; the trim is recorded in the window
-//! (`profile_stacks_trimmed`, `profile_trimmed_energy_j`) and counted.
+//! (`profile_stacks_trimmed`, `profile_trimmed_energy_j`) and counted. If
+//! it still does not fit (a window made of processes), its processes are
+//! rolled up by comm, service and scenario (as a merge does); a window that
+//! still does not fit is quarantined whole and counted in `oversized`.
+//! Splitting it into several windows over the same time would make the
+//! host's windows overlap, which the aggregator refuses.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
@@ -204,6 +217,14 @@ pub struct SpoolStats {
     pub trimmed_stacks: u64,
     /// Failed writes of any spool file (window, merge, state).
     pub write_failures: u64,
+    /// Window files that vanished while the agent ran: skipped.
+    pub vanished: u64,
+    /// Windows too large to send even trimmed and rolled up, or refused by
+    /// the aggregator as larger than its message limit: quarantined.
+    pub oversized: u64,
+    /// Windows refused because this host's clock is behind the
+    /// aggregator's (misdated): quarantined.
+    pub clock_behind: u64,
 }
 
 /// What the spool reports to the metrics endpoint, readable without its lock.
@@ -225,8 +246,16 @@ pub struct DeliveryStats {
     pub dropped_spool_full: AtomicU64,
     pub trimmed_stacks: AtomicU64,
     pub write_failures: AtomicU64,
+    pub vanished: AtomicU64,
+    pub oversized: AtomicU64,
+    pub clock_behind: AtomicU64,
+    /// Windows held as ahead of the aggregator's clock.
+    pub held_windows: AtomicU64,
     /// Unix seconds of the last acknowledgement, 0 before the first.
     pub last_ack_unix_s: AtomicU64,
+    /// Unix seconds of the last refusal for the agent's clock (ahead or
+    /// behind the aggregator's), 0 before the first.
+    pub last_clock_refusal_unix_s: AtomicU64,
 }
 
 pub struct Spool {
@@ -246,6 +275,76 @@ pub struct Spool {
     held: BTreeSet<u64>,
     stats: SpoolStats,
     shared: Arc<DeliveryStats>,
+    clock_log: RateLimitedLog,
+    /// Holds the spool's `flock` while the spool is open.
+    _lock: File,
+}
+
+/// A log line said at most once a minute, with how many were not said.
+#[derive(Debug, Default)]
+struct RateLimitedLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Whether to say the line now, and how many were held back before it.
+    fn admit(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+fn now_unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Takes the spool's lock file, or says which process holds it. The lock
+/// is held on a read-only descriptor (a file open for writing would keep
+/// the spool's filesystem from being remounted read-only); the pid is
+/// written through another.
+fn lock_spool(dir: &Path) -> Result<File, AgentError> {
+    use std::io::Read;
+    let path = dir.join("lock");
+    let io = |what: &str, e| AgentError::io(format!("{what} {}", path.display()), e);
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(|e| io("creating", e))?;
+    let mut file = File::open(&path).map_err(|e| io("opening", e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "a process that has not written its pid yet".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(AgentError::Spool(format!(
+                "{} is in use by another agent ({holder}, holding {}): two agents on one spool would number windows over each other; give each agent its own agent.spool_dir",
+                dir.display(),
+                path.display()
+            )));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io("locking", e)),
+    }
+    fs::write(&path, format!("{}\n", std::process::id())).map_err(|e| io("writing", e))?;
+    Ok(file)
 }
 
 /// What the spool did with an acknowledgement.
@@ -263,6 +362,7 @@ impl Spool {
     pub fn open(dir: &Path, max_bytes: u64, new_instance: &str) -> Result<Spool, AgentError> {
         fs::create_dir_all(dir)
             .map_err(|e| AgentError::io(format!("creating spool {}", dir.display()), e))?;
+        let lock = lock_spool(dir)?;
         let mut spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -276,6 +376,8 @@ impl Spool {
             held: BTreeSet::new(),
             stats: SpoolStats::default(),
             shared: Arc::new(DeliveryStats::default()),
+            clock_log: RateLimitedLog::default(),
+            _lock: lock,
         };
         let entries = fs::read_dir(dir)
             .map_err(|e| AgentError::io(format!("listing {}", dir.display()), e))?;
@@ -376,6 +478,10 @@ impl Spool {
             (&d.dropped_spool_full, s.dropped_spool_full),
             (&d.trimmed_stacks, s.trimmed_stacks),
             (&d.write_failures, s.write_failures),
+            (&d.vanished, s.vanished),
+            (&d.oversized, s.oversized),
+            (&d.clock_behind, s.clock_behind),
+            (&d.held_windows, self.held.len() as u64),
         ] {
             atomic.store(value, Ordering::Relaxed);
         }
@@ -406,8 +512,19 @@ impl Spool {
             to = qdir.join(format!("{seq:020}.{n}.win"));
             n += 1;
         }
-        fs::rename(&from, &to)
-            .map_err(|e| AgentError::io(format!("moving {} to quarantine", from.display()), e))?;
+        match fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from.exists() => {
+                self.vanished(seq);
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(AgentError::io(
+                    format!("moving {} to quarantine", from.display()),
+                    e,
+                ))
+            }
+        }
         let _ = fs::write(to.with_extension("reason"), format!("{reason}\n"));
         self.sizes.remove(&seq);
         self.held.remove(&seq);
@@ -420,6 +537,34 @@ impl Spool {
             "spool: window {seq} quarantined as {}: {reason}",
             to.display()
         );
+        Ok(())
+    }
+
+    /// `seq`'s file is gone: forget it, counted (waiting for it would stop
+    /// every later window).
+    fn vanished(&mut self, seq: u64) {
+        self.sizes.remove(&seq);
+        self.held.remove(&seq);
+        self.stats.vanished += 1;
+        tracing::error!(
+            "spool: window {seq} vanished from {} while the agent ran (deleted by something else); skipped",
+            self.dir.display()
+        );
+    }
+
+    /// Quarantines `seq` as too large to send: the aggregator refused it
+    /// alone as larger than its message limit. Counted in `oversized`.
+    pub fn quarantine_oversized(&mut self, seq: u64, reason: &str) -> Result<(), AgentError> {
+        if !self.sizes.contains_key(&seq) {
+            return Ok(());
+        }
+        let before = self.stats.quarantined_refused;
+        self.quarantine_file(seq, &format!("too large to send: {reason}"), false)?;
+        if self.stats.quarantined_refused > before {
+            self.stats.quarantined_refused = before;
+            self.stats.oversized += 1;
+        }
+        self.publish();
         Ok(())
     }
 
@@ -465,12 +610,34 @@ impl Spool {
     }
 
     /// Removes profile stacks (lowest energy first) until the record fits
-    /// `max_window_bytes`, recording the trim in the window.
-    fn fit(&mut self, window: &mut v1::WindowReport) {
+    /// `max_window_bytes`, recording the trim in the window; then, if it
+    /// still does not fit, rolls its processes up. False when it still does
+    /// not fit.
+    fn fit(&mut self, window: &mut v1::WindowReport) -> bool {
         let limit = self.max_window_bytes as usize;
-        if HEADER + window.encoded_len() <= limit || window.profile.is_empty() {
-            return;
+        if HEADER + window.encoded_len() <= limit {
+            return true;
         }
+        // Without any stack, would it fit? If not, the processes are the bulk.
+        let profile = std::mem::take(&mut window.profile);
+        let without_profile = HEADER + window.encoded_len();
+        window.profile = profile;
+        if without_profile > limit {
+            let before = window.processes.len();
+            roll_up_processes(window);
+            tracing::warn!(
+                "spool: window {} of {before} processes rolled up to {} (by comm, service and scenario) to fit {limit} bytes",
+                window.seq,
+                window.processes.len()
+            );
+        }
+        if HEADER + window.encoded_len() > limit && !window.profile.is_empty() {
+            self.trim_stacks(window, limit);
+        }
+        HEADER + window.encoded_len() <= limit
+    }
+
+    fn trim_stacks(&mut self, window: &mut v1::WindowReport, limit: usize) {
         window
             .profile
             .sort_by(|a, b| b.energy_j.total_cmp(&a.energy_j));
@@ -523,7 +690,9 @@ impl Spool {
         let mut window = window.clone();
         window.agent_instance = self.agent_instance.clone();
         window.seq = self.next_seq;
-        self.fit(&mut window);
+        if !self.fit(&mut window) {
+            return self.quarantine_unsendable(&window);
+        }
         if let Err(e) = self.write_window(&window) {
             self.stats.dropped_write_failed += 1;
             self.publish();
@@ -543,6 +712,46 @@ impl Spool {
         }
         self.publish();
         Ok(window.seq)
+    }
+
+    /// A window that cannot fit `max_window_bytes` even trimmed and rolled
+    /// up goes straight to quarantine (counted in `oversized`); the error
+    /// says so. Its seq is used, so the numbering stays unique.
+    fn quarantine_unsendable(&mut self, window: &v1::WindowReport) -> Result<u64, AgentError> {
+        let size = HEADER + window.encoded_len();
+        let reason = format!(
+            "too large to send: {size} bytes with {} processes rolled up and every profile stack trimmed, above the {} byte window limit (aggregator.batch_max_bytes)",
+            window.processes.len(),
+            self.max_window_bytes
+        );
+        let qdir = self.dir.join(QUARANTINE_DIR);
+        let written = fs::create_dir_all(&qdir)
+            .map_err(|e| AgentError::io(format!("creating {}", qdir.display()), e))
+            .and_then(|_| write_durably(&qdir, &file_name(window.seq), &encode_record(window)));
+        self.next_seq += 1;
+        if let Err(e) = self.write_state() {
+            tracing::error!("spool: state not updated after window {}: {e}", window.seq);
+        }
+        match written {
+            Ok(()) => {
+                let _ = fs::write(
+                    qdir.join(file_name(window.seq)).with_extension("reason"),
+                    format!("{reason}\n"),
+                );
+                self.stats.oversized += 1;
+            }
+            Err(e) => {
+                self.stats.write_failures += 1;
+                self.stats.dropped_write_failed += 1;
+                self.publish();
+                return Err(e);
+            }
+        }
+        self.publish();
+        Err(AgentError::Spool(format!(
+            "window {} quarantined: {reason}",
+            window.seq
+        )))
     }
 
     fn read(&self, seq: u64) -> Result<v1::WindowReport, String> {
@@ -584,7 +793,15 @@ impl Spool {
             if size > self.max_window_bytes && !window.profile.is_empty() {
                 // Spooled under a larger limit (an earlier run): trim it now, or it
                 // might never be accepted (the window limit is below the aggregator's).
-                self.fit(&mut window);
+                if !self.fit(&mut window) {
+                    // Spooled under a larger limit and too large for this one.
+                    let reason = format!(
+                        "{size} bytes, above the {} byte window limit even trimmed and rolled up",
+                        self.max_window_bytes
+                    );
+                    self.quarantine_oversized(seq, &reason)?;
+                    continue;
+                }
                 match self.write_window(&window) {
                     Ok(new_size) => size = new_size,
                     Err(e) => {
@@ -637,15 +854,37 @@ impl Spool {
             let code = RefusalCode::try_from(refusal.code).unwrap_or(RefusalCode::Unspecified);
             match code {
                 RefusalCode::SeqConflict | RefusalCode::WrongInstance => renumber.push(refusal.seq),
+                RefusalCode::ClockBehind => {
+                    self.shared
+                        .last_clock_refusal_unix_s
+                        .store(now_unix_s(), Ordering::Relaxed);
+                    let before = self.stats.quarantined_refused;
+                    self.quarantine_file(
+                        refusal.seq,
+                        &format!("refused by the aggregator: {}", refusal.reason),
+                        false,
+                    )?;
+                    if self.stats.quarantined_refused > before {
+                        self.stats.quarantined_refused = before;
+                        self.stats.clock_behind += 1;
+                    }
+                    settled.quarantined += 1;
+                }
                 RefusalCode::ClockAhead => {
                     self.held.insert(refusal.seq);
                     self.stats.deferred += 1;
                     settled.deferred += 1;
-                    tracing::warn!(
-                        "aggregator: window {} is ahead of its clock ({}); kept, sent again later",
-                        refusal.seq,
-                        refusal.reason
-                    );
+                    self.shared
+                        .last_clock_refusal_unix_s
+                        .store(now_unix_s(), Ordering::Relaxed);
+                    // Said once a minute: a clock far ahead defers every window.
+                    if let Some(unsaid) = self.clock_log.admit() {
+                        tracing::warn!(
+                            "aggregator: window {} is ahead of its clock ({}); kept, sent again later ({unsaid} more such refusals since the last line)",
+                            refusal.seq,
+                            refusal.reason
+                        );
+                    }
                 }
                 _ => {
                     self.quarantine_file(
@@ -698,13 +937,9 @@ impl Spool {
         }
         settled.deleted = done.len();
         self.stats.acked += done.len() as u64;
-        self.shared.last_ack_unix_s.store(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        self.shared
+            .last_ack_unix_s
+            .store(now_unix_s(), Ordering::Relaxed);
         self.publish();
         Ok(settled)
     }
@@ -758,7 +993,9 @@ impl Spool {
             match pair {
                 Some((older, a, b)) => {
                     let mut merged = merge_windows(&a, &b);
-                    self.fit(&mut merged);
+                    // Two windows that fit merge into one within the limit
+                    // once rolled up; if not, the merged record is sent as it is.
+                    let _ = self.fit(&mut merged);
                     self.write_window(&merged)?;
                     let _ = fs::remove_file(self.dir.join(file_name(older)));
                     self.sizes.remove(&older);
@@ -790,6 +1027,29 @@ impl Spool {
         }
         Ok(())
     }
+}
+
+/// The window's processes added up by (comm, service, scenario), without
+/// pid, exe, cgroup, command line or threads (as a merge does): the same
+/// CPU time, energy and carbon in fewer records.
+fn roll_up_processes(window: &mut v1::WindowReport) {
+    let mut rolled: BTreeMap<(String, String, String), v1::ProcessRecord> = BTreeMap::new();
+    for p in window.processes.drain(..) {
+        let e = rolled
+            .entry((p.comm.clone(), p.service.clone(), p.scenario.clone()))
+            .or_insert_with(|| v1::ProcessRecord {
+                comm: p.comm.clone(),
+                service: p.service.clone(),
+                scenario: p.scenario.clone(),
+                ..Default::default()
+            });
+        e.cpu_ns = e.cpu_ns.saturating_add(p.cpu_ns);
+        e.energy_j += p.energy_j;
+        e.idle_share_j += p.idle_share_j;
+        e.carbon_g += p.carbon_g;
+        e.embodied_g += p.embodied_g;
+    }
+    window.processes = rolled.into_values().collect();
 }
 
 /// One coarser window standing for `a` then `b` (b keeps its seq): the
@@ -991,6 +1251,50 @@ mod tests {
         assert!(min_kept > w.profile_trimmed_energy_j / w.profile_stacks_trimmed as f64);
         assert_eq!(spool.stats().trimmed_stacks, w.profile_stacks_trimmed);
         assert_eq!(w.host_energy_j, 5.0);
+    }
+
+    #[test]
+    fn a_window_of_processes_over_the_limit_is_rolled_up_or_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 30, "inst").unwrap();
+        spool.set_window_limits(64 * 1024, DEFAULT_MAX_MERGED_SPAN);
+        let processes = |comms: u32| {
+            (0..4000u32)
+                .map(|pid| v1::ProcessRecord {
+                    pid,
+                    comm: format!("worker-{}", pid % comms),
+                    service: "loans".into(),
+                    exe: format!("/opt/app/bin/worker-{pid}"),
+                    cpu_ns: 1000,
+                    energy_j: 0.25,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
+        };
+        // 4,000 processes of 10 programs: rolled up, every joule kept.
+        let mut big = window(0, 5.0, 0);
+        big.processes = processes(10);
+        assert!(encode_record(&big).len() > 64 * 1024);
+        spool.append(&big).unwrap();
+        let w = &all_windows(&mut spool)[0];
+        assert_eq!(w.processes.len(), 10);
+        let energy_j: f64 = w.processes.iter().map(|p| p.energy_j).sum();
+        let cpu_ns: u64 = w.processes.iter().map(|p| p.cpu_ns).sum();
+        assert!((energy_j - 1000.0).abs() < 1e-9, "{energy_j}");
+        assert_eq!(cpu_ns, 4_000_000);
+        // 4,000 distinct programs: no roll-up helps; quarantined, counted.
+        let mut huge = window(1, 5.0, 0);
+        huge.processes = processes(4000);
+        let e = spool.append(&huge).unwrap_err().to_string();
+        assert!(e.contains("too large to send"), "{e}");
+        assert_eq!(spool.stats().oversized, 1);
+        assert_eq!(spool.len(), 1, "only the rolled-up window waits");
+        assert_eq!(
+            quarantined(dir.path()).len(),
+            2,
+            "the window and its reason"
+        );
+        assert_eq!(spool.next_seq(), 2, "its seq is used");
     }
 
     #[test]

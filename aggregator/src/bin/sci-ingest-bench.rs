@@ -163,6 +163,7 @@ async fn main() -> Result<()> {
                             host: host.clone(),
                             agent_instance: "bench".into(),
                             windows,
+                            sent_unix_ns: 0,
                         })
                         .await
                         .is_err()

@@ -430,6 +430,7 @@ async fn main() -> Result<()> {
                     host: format!("host-{a}"),
                     agent_instance: instance.clone(),
                     windows,
+                    sent_unix_ns: 0,
                 };
                 match tokio::time::timeout_at(deadline.into(), tx.send(batch)).await {
                     Ok(Ok(())) => {}

@@ -1,6 +1,16 @@
 //! The commit shared by every backend: dedupe against `window_keys`, the
 //! raw windows appended, their additions to the rollups ([`super::deltas`])
 //! and the hosts' spans upserted, all in one transaction.
+//!
+//! A host's windows may not overlap: the host-seconds stored in each of its
+//! host buckets (`host_rollup.host_s`) plus those of the new windows may not
+//! exceed the bucket's length (by more than [`OVERLAP_TOLERANCE_S`]), so a
+//! host's coverage never exceeds 100%. A window that would is an
+//! [`CommitOutcome::Overlap`] and is not stored. The check reads the rows
+//! the commit adds to, so its cost does not grow with history. Two
+//! aggregators committing windows of one host at the same moment (on one
+//! PostgreSQL) each see the other's only once committed: that race is not
+//! closed.
 use std::collections::{BTreeMap, BTreeSet};
 
 use sci_proto::v1;
@@ -8,7 +18,7 @@ use sci_proto::v1;
 use super::backend::{values_clause, Backend, Column, Upsert, Value, ROWS_PER_STATEMENT};
 use super::deltas::Deltas;
 use super::encoding::{canonical_encoding, content_digest};
-use super::layout::DAY_NS;
+use super::layout::{split_by_time, DAY_NS};
 use super::rows::{CommitOutcome, HostSpan};
 use super::tables::or_none;
 use crate::error::AggregatorError;
@@ -101,6 +111,22 @@ pub fn commit_windows(
                 CommitOutcome::Conflict
             };
         }
+        let overlapping = overlaps(tx, windows, &stored, layout.host_step_s)?;
+        if !overlapping.is_empty() {
+            for &i in &overlapping {
+                let w = &windows[i];
+                tx.execute(
+                    "DELETE FROM window_keys WHERE host = $1 AND agent_instance = $2 AND seq = $3",
+                    &[
+                        Value::Text(w.host.clone()),
+                        Value::Text(w.agent_instance.clone()),
+                        Value::Int(w.seq as i64),
+                    ],
+                )?;
+                outcomes[i] = CommitOutcome::Overlap;
+            }
+            stored.retain(|i| !overlapping.contains(i));
+        }
         let raw_rows: Vec<Vec<Value>> = stored
             .iter()
             .map(|&i| {
@@ -166,4 +192,63 @@ pub fn commit_windows(
         Ok(())
     })?;
     Ok(outcomes)
+}
+
+/// Coverage of a host bucket may exceed its length by this much (rounding
+/// of the seconds split across buckets is far below it).
+pub const OVERLAP_TOLERANCE_S: f64 = 0.001;
+
+/// The new windows (indices into `windows`, in order) that would make their
+/// host cover more than a whole host bucket, counting what is stored and
+/// the new windows before them.
+fn overlaps(
+    tx: &mut dyn super::backend::Tx,
+    windows: &[v1::WindowReport],
+    new: &[usize],
+    host_step_s: u64,
+) -> Result<BTreeSet<usize>, AggregatorError> {
+    let mut covered: BTreeMap<(&str, u64), f64> = BTreeMap::new();
+    let mut span: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for &i in new {
+        let w = &windows[i];
+        for (bucket, _, _) in split_by_time(w.start_unix_ns, w.end_unix_ns, host_step_s) {
+            let e = span.entry(&w.host).or_insert((bucket, bucket));
+            e.0 = e.0.min(bucket);
+            e.1 = e.1.max(bucket);
+        }
+    }
+    for (host, (first, last)) in &span {
+        let rows = tx.query(
+            "SELECT bucket_s, SUM(host_s) FROM host_rollup WHERE host = $1 AND bucket_s >= $2 AND bucket_s <= $3 GROUP BY bucket_s",
+            &[
+                Value::Text(host.to_string()),
+                Value::Int(*first as i64),
+                Value::Int(*last as i64),
+            ],
+        )?;
+        for row in rows {
+            covered.insert((host, row[0].i64() as u64), row[1].f64());
+        }
+    }
+    let mut out = BTreeSet::new();
+    for &i in new {
+        let w = &windows[i];
+        let parts = split_by_time(w.start_unix_ns, w.end_unix_ns, host_step_s);
+        let over = parts.iter().any(|(bucket, _, seconds)| {
+            covered
+                .get(&(w.host.as_str(), *bucket))
+                .copied()
+                .unwrap_or(0.0)
+                + seconds
+                > host_step_s as f64 + OVERLAP_TOLERANCE_S
+        });
+        if over {
+            out.insert(i);
+            continue;
+        }
+        for (bucket, _, seconds) in parts {
+            *covered.entry((w.host.as_str(), bucket)).or_default() += seconds;
+        }
+    }
+    Ok(out)
 }

@@ -13,6 +13,9 @@ pub enum CommitOutcome {
     Duplicate,
     /// Already stored with another content: ignored, the first one stands.
     Conflict,
+    /// Its host's windows would cover more than a whole host bucket (its
+    /// time overlaps windows already stored): not stored.
+    Overlap,
 }
 
 /// Fleet sums of one period, data centre and disclosure.
