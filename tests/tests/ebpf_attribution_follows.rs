@@ -17,6 +17,7 @@ use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::{CpuSample, CpuSampler};
 use sci_agent::transforms::scenario::ScenarioStage;
 use sci_tests::cgroup::{cgroup2_root, cpu_stat_usage_ns, remove_cgroup_tree, ScratchCgroup};
+use sci_tests::postgres::ScratchPostgres;
 use sci_tests::procs::{load_sampler, schedstat_ns, wait_rusage_ns};
 use sci_tests::spin::spin_thread_cpu_ns;
 use sci_tests::{provisioned_tool, skip_privileged, wait_until};
@@ -350,4 +351,291 @@ fn a_thread_older_than_the_agent_is_charged_its_first_slice_in_full() {
     );
     drop(go_tx);
     worker.join().unwrap();
+}
+
+/// Freezes the group, closes a window and reads the group's usage (and
+/// `also`) while none of its processes runs, then thaws it.
+fn frozen_window_and<T>(
+    sampler: &mut EbpfSampler,
+    group: &ScratchCgroup,
+    also: impl FnOnce() -> T,
+) -> (CpuSample, u64, T) {
+    group.freeze(true);
+    let window = sampler.sample().unwrap();
+    let usage_ns = group.usage_ns();
+    let also = also();
+    group.freeze(false);
+    (window, usage_ns, also)
+}
+
+fn frozen_window(sampler: &mut EbpfSampler, group: &ScratchCgroup) -> (CpuSample, u64) {
+    let (window, usage_ns, ()) = frozen_window_and(sampler, group, || ());
+    (window, usage_ns)
+}
+
+#[test]
+fn postgres_restarted_into_a_cgroup_under_pgbench_c_is_caught_by_cgroup_and_title_rules() {
+    let name =
+        "postgres_restarted_into_a_cgroup_under_pgbench_c_is_caught_by_cgroup_and_title_rules";
+    if skip_privileged(name) {
+        return;
+    }
+    let Some(server) = ScratchPostgres::start_or_skip(name) else {
+        return;
+    };
+    server
+        .client("pgbench")
+        .args(["-i", "-q", "-s", "2", "postgres"])
+        .output()
+        .map(|o| assert!(o.status.success(), "pgbench -i: {o:?}"))
+        .unwrap();
+    let group = ScratchCgroup::create(&format!("sci-test-pg-restart-{}", std::process::id()));
+    let mut by_cgroup = stage(&format!(
+        "[[scenarios.rules]]\ncgroup = \"{}\"\nservice = \"pg\"\nscenario = \"query\"\n",
+        group.path()
+    ));
+    let mut by_title = stage(
+        "[[scenarios.rules]]\ncmdline = '^postgres: '\nservice = \"pg\"\nscenario = \"query\"\n",
+    );
+
+    let mut sampler = load_sampler();
+    // Restarted into the group the way cgexec (or a service manager) does:
+    // the starting command joins the group, the server it starts is born there.
+    let launcher = server
+        .restart_with(|cmd| group.enter_before_exec(cmd))
+        .unwrap();
+    let launcher_ns = wait_rusage_ns(launcher.id());
+    assert_eq!(server.psql("SELECT 1").unwrap().trim(), "1");
+    let postmaster = server.pid().unwrap();
+    let (first, restart_ns, postmaster_before_ns) =
+        frozen_window_and(&mut sampler, &group, || schedstat_ns(postmaster));
+    let bench = server
+        .client("pgbench")
+        .args(["-C", "-c", "4", "-j", "2", "-T", "5", "-n", "postgres"])
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "pgbench -C: {bench:?}");
+    let summary = String::from_utf8_lossy(&bench.stdout);
+    let (second, truth_ns, postmaster_after_ns) =
+        frozen_window_and(&mut sampler, &group, || schedstat_ns(postmaster));
+    let windows = [&first, &second];
+    println!(
+        "{}",
+        summary
+            .lines()
+            .filter(|l| l.contains("tps") || l.contains("transactions actually"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let forked: usize = windows
+        .iter()
+        .flat_map(|w| w.processes.iter())
+        .filter(|p| p.info.ppid == postmaster)
+        .count();
+    println!("postmaster {postmaster}: {forked} children in the windows");
+    assert!(
+        truth_ns > 500_000_000,
+        "the server barely ran: {truth_ns} ns"
+    );
+    assert!(forked > 100, "pgbench -C forks a backend per transaction");
+    // Everything the group ran since it was made (after the agent loaded):
+    // the restart (pg_ctl, the server's start) and the benchmark.
+    assert_share(
+        "PostgreSQL restarted into a cgroup, `cgroup` rule",
+        caught_ns(&mut by_cgroup, &windows, "pg"),
+        truth_ns,
+    );
+    // The title rule matches what the server titled: under the benchmark,
+    // everything in the group but the postmaster (which keeps its command
+    // line). (The first window also holds the old server's shutdown, its
+    // titled processes outside the group: it is judged, not counted.)
+    let _ = caught_ns(&mut by_title, &[&first], "pg");
+    let postmaster_ns = postmaster_after_ns - postmaster_before_ns;
+    let titled_ns = truth_ns - restart_ns - postmaster_ns;
+    println!(
+        "titled: group {} ns under pgbench - postmaster {postmaster_ns} ns (schedstat); the restart {restart_ns} ns, of which the starting commands {launcher_ns} ns (rusage)",
+        truth_ns - restart_ns
+    );
+    assert_share(
+        "PostgreSQL under pgbench -C, `cmdline = '^postgres: '` rule",
+        caught_ns(&mut by_title, &[&second], "pg"),
+        titled_ns,
+    );
+}
+
+/// `count` HTTP/1.1 requests for `path` (gzip wanted), one connection each.
+fn http_requests(port: u16, path: &str, count: usize) {
+    use std::io::{Read, Write};
+    for _ in 0..count {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).unwrap();
+        assert!(
+            reply.starts_with(b"HTTP/1.1 200"),
+            "nginx answered {:?}",
+            String::from_utf8_lossy(&reply[..reply.len().min(200)])
+        );
+    }
+}
+
+/// Load from two client threads.
+fn http_load(port: u16, count: usize) {
+    let clients: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || http_requests(port, "/page.txt", count)))
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+}
+
+/// nginx stopped and its scratch folder removed on drop.
+struct ScratchNginx {
+    nginx: PathBuf,
+    dir: PathBuf,
+}
+
+impl ScratchNginx {
+    fn conf(&self) -> PathBuf {
+        self.dir.join("nginx.conf")
+    }
+
+    fn master(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("nginx.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn signal(&self, signal: &str) {
+        let out = Command::new(&self.nginx)
+            .args(["-c"])
+            .arg(self.conf())
+            .args(["-s", signal])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nginx -s {signal}: {out:?}");
+    }
+}
+
+impl Drop for ScratchNginx {
+    fn drop(&mut self) {
+        if let Some(master) = self.master() {
+            // SAFETY: kill(2) on the master this test started.
+            unsafe { libc::kill(master as i32, libc::SIGTERM) };
+            wait_until("nginx to stop", || {
+                !Path::new(&format!("/proc/{master}")).exists()
+                    || thread_state(master, master) == 'Z'
+            });
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn nginx_reloaded_under_load_is_caught_by_per_role_title_rules() {
+    let name = "nginx_reloaded_under_load_is_caught_by_per_role_title_rules";
+    if skip_privileged(name) {
+        return;
+    }
+    let Some(nginx) = provisioned_tool(Path::new("/usr/sbin/nginx"), name) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("sci-nginx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("html")).unwrap();
+    // A page that costs the workers CPU to compress.
+    let page: String = (0..4_000)
+        .map(|i| format!("line {i} of a page {}\n", i * 7919 % 10007))
+        .collect();
+    std::fs::write(dir.join("html/page.txt"), page).unwrap();
+    let port = sci_tests::http::free_port();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon on;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             gzip on;\n gzip_comp_level 9;\n gzip_types text/plain;\n\
+             server {{ listen 127.0.0.1:{port}; root {d}/html; }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let server = ScratchNginx {
+        nginx: nginx.clone(),
+        dir,
+    };
+    let group = ScratchCgroup::create(&format!("sci-test-nginx-{}", std::process::id()));
+    let mut rules = stage(
+        "[[scenarios.rules]]\ncmdline = '^nginx: master process'\nservice = \"nginx-master\"\n\
+         [[scenarios.rules]]\ncmdline = '^nginx: worker process'\nservice = \"nginx-worker\"\nscenario = \"query\"\n",
+    );
+
+    let mut sampler = load_sampler();
+    let mut start = Command::new(&nginx);
+    start.arg("-c").arg(server.conf());
+    group.enter_before_exec(&mut start);
+    let launcher = start.spawn().unwrap();
+    // The launcher forks the master (daemon) and exits.
+    let launcher_ns = wait_rusage_ns(launcher.id());
+    wait_until("nginx's master", || server.master().is_some());
+    let master = server.master().unwrap();
+    http_load(port, 100);
+    let first = sampler.sample().unwrap();
+    let workers_before = sci_tests::procs::children_of(master);
+    server.signal("reload");
+    wait_until("new workers after the reload", || {
+        let now = sci_tests::procs::children_of(master);
+        now.iter().filter(|p| !workers_before.contains(p)).count() >= 2
+    });
+    http_load(port, 100);
+    wait_until("the old workers to exit", || {
+        workers_before
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || thread_state(*p, *p) == 'Z')
+    });
+    let (second, truth_ns) = frozen_window(&mut sampler, &group);
+    let windows = [&first, &second];
+    // Each process by its role: the master, and its workers (old and new).
+    let master_ns: u64 = windows
+        .iter()
+        .flat_map(|w| w.processes.iter())
+        .filter(|p| p.pid == master && rules.assign(p).service.as_deref() == Some("nginx-master"))
+        .map(|p| p.cpu_ns)
+        .sum();
+    let workers_ns: u64 = windows
+        .iter()
+        .flat_map(|w| w.processes.iter())
+        .filter(|p| {
+            p.pid != master
+                && p.info.ppid == master
+                && rules.assign(p).service.as_deref() == Some("nginx-worker")
+        })
+        .map(|p| p.cpu_ns)
+        .sum();
+    let roles: Vec<_> = windows
+        .iter()
+        .flat_map(|w| w.processes.iter())
+        .filter(|p| p.pid == master || p.info.ppid == master)
+        .map(|p| (p.pid, p.info.cmdline.clone(), p.cpu_ns))
+        .collect();
+    println!("nginx master {master}, workers before the reload {workers_before:?}: {roles:?}");
+    // The command that started nginx (it forks the master and exits) ran
+    // in the group under its own command line.
+    let served_ns = truth_ns - launcher_ns;
+    println!("group {truth_ns} ns - launcher {launcher_ns} ns (rusage): master {master_ns} ns, workers {workers_ns} ns");
+    assert!(served_ns > 300_000_000, "nginx barely ran: {served_ns} ns");
+    assert_share(
+        "nginx reloaded, per-role `cmdline` rules",
+        master_ns + workers_ns,
+        served_ns,
+    );
+    drop(server);
 }
