@@ -74,6 +74,11 @@ pub fn wait_rusage_ns(pid: u32) -> u64 {
     (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
 }
 
+/// [`wait_rusage_ns`] of a child started with `Command::spawn`.
+pub fn wait_child_rusage_ns(child: Child) -> u64 {
+    wait_rusage_ns(child.id())
+}
+
 /// Child processes killed and reaped when this goes out of scope.
 pub struct Reaped(pub Vec<Child>);
 

@@ -18,7 +18,7 @@ use sci_agent::sources::sched::{CpuSample, CpuSampler};
 use sci_agent::transforms::scenario::ScenarioStage;
 use sci_tests::cgroup::{cgroup2_root, cpu_stat_usage_ns, remove_cgroup_tree, ScratchCgroup};
 use sci_tests::postgres::ScratchPostgres;
-use sci_tests::procs::{load_sampler, schedstat_ns, wait_rusage_ns};
+use sci_tests::procs::{load_sampler, schedstat_ns, wait_child_rusage_ns, wait_rusage_ns};
 use sci_tests::spin::spin_thread_cpu_ns;
 use sci_tests::{provisioned_tool, skip_privileged, wait_until};
 
@@ -404,7 +404,7 @@ fn postgres_restarted_into_a_cgroup_under_pgbench_c_is_caught_by_cgroup_and_titl
     let launcher = server
         .restart_with(|cmd| group.enter_before_exec(cmd))
         .unwrap();
-    let launcher_ns = wait_rusage_ns(launcher.id());
+    let launcher_ns = wait_child_rusage_ns(launcher);
     assert_eq!(server.psql("SELECT 1").unwrap().trim(), "1");
     let postmaster = server.pid().unwrap();
     let (first, restart_ns, postmaster_before_ns) =
@@ -584,7 +584,7 @@ fn nginx_reloaded_under_load_is_caught_by_per_role_title_rules() {
     group.enter_before_exec(&mut start);
     let launcher = start.spawn().unwrap();
     // The launcher forks the master (daemon) and exits.
-    let launcher_ns = wait_rusage_ns(launcher.id());
+    let launcher_ns = wait_child_rusage_ns(launcher);
     wait_until("nginx's master", || server.master().is_some());
     let master = server.master().unwrap();
     http_load(port, 100);
