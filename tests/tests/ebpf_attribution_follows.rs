@@ -17,6 +17,7 @@ use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::{CpuSample, CpuSampler};
 use sci_agent::transforms::scenario::ScenarioStage;
 use sci_tests::cgroup::{cgroup2_root, cpu_stat_usage_ns, remove_cgroup_tree, ScratchCgroup};
+use sci_tests::containers::runc_bundle;
 use sci_tests::postgres::ScratchPostgres;
 use sci_tests::procs::{load_sampler, schedstat_ns, wait_child_rusage_ns, wait_rusage_ns};
 use sci_tests::spin::spin_thread_cpu_ns;
@@ -64,35 +65,6 @@ fn container_id() -> String {
         .unwrap()
         .as_nanos();
     format!("{:0>64}", format!("5c1{:x}{:x}", std::process::id(), nanos))
-}
-
-/// A runc bundle: a busybox-static root file system and a config (from
-/// `runc spec`) running `script` with `sh`, its cgroup at `cgroups_path`.
-fn runc_bundle(runc: &Path, busybox: &Path, dir: &Path, script: &str, cgroups_path: &str) {
-    let _ = std::fs::remove_dir_all(dir);
-    let bin = dir.join("rootfs/bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy(busybox, bin.join("busybox")).unwrap();
-    for applet in ["sh", "sleep", "true"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    let spec = Command::new(runc)
-        .arg("spec")
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(spec.status.success(), "runc spec: {spec:?}");
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
-    config["linux"]["cgroupsPath"] = cgroups_path.into();
-    // No network namespace: nothing here needs one, and none has to be set up.
-    config["linux"]["namespaces"] = serde_json::json!([
-        {"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}
-    ]);
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 }
 
 /// `runc delete -f` and the bundle and the cgroups' parents removed on drop.
@@ -147,7 +119,7 @@ fn a_runc_container_started_after_the_agent_is_caught_by_its_container_rule() {
     let script = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; \
                   for j in 1 2 3 4 5 6 7 8 9 10; do true; (k=0; while [ $k -lt 5000 ]; do k=$((k+1)); done); done; \
                   exec sleep 600";
-    runc_bundle(&runc, &busybox, &container.bundle, script, &cgroups_path);
+    runc_bundle(&runc, &busybox, &container.bundle, script, &cgroups_path).unwrap();
     let mut rules = stage(&format!(
         "[[scenarios.rules]]\ncontainer = \"{}\"\nservice = \"container-app\"\nscenario = \"query\"\n",
         &id[..12]
