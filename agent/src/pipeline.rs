@@ -77,6 +77,7 @@ pub fn open_sampler(
                     .iter()
                     .any(|rule| rule.reads_environment()),
             )?;
+            sampler.set_read_titles(config.scenarios.rules.iter().any(|r| r.reads_cmdline()))?;
             for library in &options.marker_libraries {
                 sampler.attach_markers(library).map_err(|e| {
                     let text = e.to_string();

@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests.
 
+pub mod cgroup;
 pub mod fleet;
 pub mod procs;
 pub mod spin;

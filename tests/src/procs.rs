@@ -63,6 +63,22 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     found
 }
 
+/// Waits for `pid` (a child) and returns its CPU time from the kernel's rusage.
+pub fn wait_rusage_ns(pid: u32) -> u64 {
+    let mut status = 0;
+    // SAFETY: rusage is plain data written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid as i32, "wait4({pid})");
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
+}
+
+/// [`wait_rusage_ns`] of a child started with `Command::spawn`.
+pub fn wait_child_rusage_ns(child: Child) -> u64 {
+    wait_rusage_ns(child.id())
+}
+
 /// Child processes killed and reaped when this goes out of scope.
 pub struct Reaped(pub Vec<Child>);
 

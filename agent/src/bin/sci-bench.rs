@@ -9,6 +9,13 @@
 //!   a second, the agent's pipeline closing a window every second; reports the
 //!   agent's own CPU% (rusage, steady state after a first window) and RSS. `--churn`: N shell loops that
 //!   fork+exec `sleep` every second instead (N new processes per second).
+//! - `follow --workload containers|pgbench --seconds S`: the agent (1 s
+//!   windows, a `container` and a `cmdline` rule, so cgroup moves are
+//!   followed and forked processes' titles read) while runc starts a
+//!   busybox container every 0.6 s (100 a minute), or while `pgbench -C -S`
+//!   opens about 500 connections a second on a scratch PostgreSQL (a forked
+//!   backend each); reports the agent's CPU% (rusage of this process less
+//!   the thread that drives the workload) and RSS.
 //! - `accuracy`: eBPF cpu_ns of three busy processes against schedstat.
 //! - `capture`: 300 processes of 5-20 ms: share accounted by eBPF and by procfs polling.
 //! - `markers --pairs N`: ns per marker call (sci_scenario_begin/end) without
@@ -550,6 +557,190 @@ fn capture() -> Result<()> {
     Ok(())
 }
 
+/// The agent's config for `follow`: rules that make it follow moves and
+/// read titles.
+const FOLLOW_RULES: &str = r#"
+[[scenarios.rules]]
+container = "5c1"
+service = "container-app"
+scenario = "query"
+
+[[scenarios.rules]]
+cmdline = '^postgres: '
+service = "pg"
+scenario = "query"
+"#;
+
+/// Drives the workload of `follow` on its own thread until `stop`, and
+/// returns what it did.
+fn follow_driver(
+    workload: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<Result<String>>> {
+    use sci_test_harness::containers::runc_bundle;
+    use sci_test_harness::postgres::ScratchPostgres;
+    use std::sync::atomic::Ordering;
+    match workload {
+        "containers" => {
+            let bundle =
+                std::env::temp_dir().join(format!("sci-bench-runc-{}", std::process::id()));
+            let script = "i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; true";
+            let parent = format!("sci-bench-runc-{}", std::process::id());
+            let runc = std::path::PathBuf::from("/usr/sbin/runc");
+            Ok(std::thread::spawn(move || {
+                let mut started = 0u64;
+                let next = Instant::now();
+                let mut due = next;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{:0>64}", format!("5c1{:x}{started:x}", std::process::id()));
+                    runc_bundle(
+                        &runc,
+                        std::path::Path::new("/bin/busybox"),
+                        &bundle,
+                        script,
+                        &format!("/{parent}/{id}"),
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    let status = Command::new(&runc)
+                        .args(["run", "--bundle"])
+                        .arg(&bundle)
+                        .arg(format!("sci-bench-{started}"))
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .status()?;
+                    if !status.success() {
+                        bail!("runc run: {status}");
+                    }
+                    started += 1;
+                    due += Duration::from_millis(600);
+                    if let Some(rest) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(rest);
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&bundle);
+                for hierarchy in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+                    let _ = std::fs::remove_dir(hierarchy.path().join(&parent));
+                }
+                let per_minute = started as f64 * 60.0 / next.elapsed().as_secs_f64();
+                Ok(format!("{started} containers, {per_minute:.0}/min"))
+            }))
+        }
+        "pgbench" => {
+            let server = ScratchPostgres::start().map_err(anyhow::Error::msg)?;
+            Ok(std::thread::spawn(move || {
+                let init = server
+                    .client("pgbench")
+                    .args(["-i", "-q", "-s", "1", "postgres"])
+                    .output()?;
+                if !init.status.success() {
+                    bail!("pgbench -i: {init:?}");
+                }
+                let mut connections = 0u64;
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let out = server
+                        .client("pgbench")
+                        .args([
+                            "-C", "-S", "-c", "8", "-j", "2", "-R", "500", "-T", "2", "-n",
+                            "postgres",
+                        ])
+                        .output()?;
+                    if !out.status.success() {
+                        bail!("pgbench -C: {out:?}");
+                    }
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    connections += text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                        .and_then(|n| n.split('/').next()?.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+                let per_second = connections as f64 / started.elapsed().as_secs_f64();
+                drop(server);
+                Ok(format!("{connections} connections, {per_second:.0}/s"))
+            }))
+        }
+        other => bail!("follow --workload containers|pgbench, not {other:?}"),
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The agent's cost while containers start or connections fork backends.
+fn follow(workload: String, seconds: u64) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = AgentConfig::from_toml_str(FOLLOW_RULES, std::path::Path::new("follow.toml"))?;
+    let (mut pipeline, fallback) = Pipeline::open(
+        &config,
+        &PipelineOptions {
+            force_procfs: false,
+            marker_libraries: Vec::new(),
+        },
+    )?;
+    if let Some(reason) = fallback {
+        bail!("{reason}");
+    }
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let driver = follow_driver(&workload, std::sync::Arc::clone(&stop))?;
+    // Two windows to reach the steady state (the workload's first processes
+    // are described then), then the measured run.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(1));
+        pipeline.next_window()?;
+    }
+    // The driver thread's CPU clock: its time is not the agent's.
+    let driver_clock = {
+        use std::os::unix::thread::JoinHandleExt;
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: a live thread's handle and a clockid to write into.
+        let r = unsafe { libc::pthread_getcpuclockid(driver.as_pthread_t(), &mut clock) };
+        if r != 0 {
+            bail!("pthread_getcpuclockid: error {r}");
+        }
+        clock
+    };
+    let driver_before = clock_ns(driver_clock);
+    let cpu_before = rusage_self_ns();
+    let started = Instant::now();
+    let mut max_rss_kib = 0;
+    let mut windows = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(1));
+        pipeline.next_window()?;
+        windows += 1;
+        max_rss_kib = max_rss_kib.max(rss_kib());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ns = rusage_self_ns() - cpu_before;
+    let driver_ns = clock_ns(driver_clock).saturating_sub(driver_before);
+    stop.store(true, Ordering::Relaxed);
+    let done = driver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the workload thread panicked"))??;
+    let agent_ns = cpu_ns.saturating_sub(driver_ns);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "follow",
+            "workload": workload,
+            "done": done,
+            "windows": windows,
+            "cpu_percent_of_one_core": 100.0 * agent_ns as f64 / 1e9 / elapsed,
+            "driver_cpu_percent_of_one_core": 100.0 * driver_ns as f64 / 1e9 / elapsed,
+            "rss_mib": max_rss_kib as f64 / 1024.0,
+        })
+    );
+    Ok(())
+}
+
 #[derive(Parser)]
 #[command(about = "Measurements behind BENCHMARKS.md (one JSON line per run)")]
 struct Args {
@@ -562,6 +753,14 @@ enum Bench {
     /// ns per sched_switch event of the full accounting program and of the bare baseline.
     Kernel {
         #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// The agent's CPU while containers start (runc) or connections fork backends (pgbench -C).
+    Follow {
+        /// containers or pgbench.
+        #[arg(long, default_value = "containers")]
+        workload: String,
+        #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
     /// The agent's own CPU and RSS with N live processes, a window every second.
@@ -627,6 +826,7 @@ fn main() -> Result<()> {
             churn,
             profile,
         } => agent(processes, seconds, procfs, churn, profile),
+        Bench::Follow { workload, seconds } => follow(workload, seconds),
         Bench::Markers { pairs, rounds } => markers(pairs, rounds),
         Bench::Accuracy { seconds } => accuracy(seconds),
         Bench::Capture => capture(),
