@@ -17,6 +17,19 @@
 //! `host_domains = "psys"`, when the platform has one) the `psys` domain
 //! alone, which covers the whole SoC/platform. The other domains are
 //! reported for information only (`counts_toward_host = false`).
+//!
+//! Honesty of the selection: a RAPL source that exists is not one that
+//! measures (some Intel VMs expose a perf `power` PMU whose only event,
+//! `energy-psys`, reads 0). [`select_energy_source_with`] therefore probes
+//! each candidate against a short window of real load (every CPU busy, see
+//! [`probe`]): a domain whose counter does not move is disabled with the
+//! reason, once, and a source left without a domain that counts toward the
+//! host is refused, so the next one is tried. After start-up, a counted
+//! domain that reads 0 J while its CPUs were busy is left out of that window
+//! (a stuck counter is not a 0 W domain), and [`WithModelFallback`] reports a
+//! source that stops reading once, when it stops, and once when it recovers;
+//! the windows in between are counted in [`WindowEnergy::faults`].
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -26,6 +39,7 @@ use crate::sources::sched::CpuSample;
 pub mod model;
 pub mod perf_pmu;
 pub mod powercap;
+pub mod probe;
 pub mod topology;
 
 pub use model::{parse_power_model, ModelSource, PowerModel};
@@ -50,6 +64,9 @@ pub struct EnergyConfig {
     pub max_domain_power_w: f64,
     /// `packages` (sum of packages + dram) or `psys` (platform domain, when present).
     pub host_domains: HostDomains,
+    /// Length of the start-up probe (every CPU busy) in milliseconds during
+    /// which a RAPL counter must move to be used; 0 skips the probe.
+    pub probe_ms: u64,
 }
 
 impl Default for EnergyConfig {
@@ -61,9 +78,16 @@ impl Default for EnergyConfig {
             idle_power_w: None,
             max_domain_power_w: 2000.0,
             host_domains: HostDomains::Packages,
+            probe_ms: DEFAULT_PROBE_MS,
         }
     }
 }
+
+/// Default length of the start-up probe: RAPL counters update every
+/// millisecond or so, so 300 ms of every CPU busy is plenty for a real one to move.
+pub const DEFAULT_PROBE_MS: u64 = 300;
+/// Longest start-up probe accepted (the agent waits for it before its first window).
+pub const MAX_PROBE_MS: u64 = 10_000;
 
 impl EnergyConfig {
     /// Check the section; the message names the key.
@@ -86,6 +110,12 @@ impl EnergyConfig {
             return Err(EnergyError::Config(format!(
                 "energy.max_domain_power_w = {} must be a positive number of watts",
                 self.max_domain_power_w
+            )));
+        }
+        if self.probe_ms > MAX_PROBE_MS {
+            return Err(EnergyError::Config(format!(
+                "energy.probe_ms = {} is longer than {MAX_PROBE_MS} ms (the first window waits for it)",
+                self.probe_ms
             )));
         }
         Ok(())
@@ -134,6 +164,9 @@ pub enum EnergyError {
     PowerModel { spec: String, reason: String },
     #[error("invalid energy config: {0}")]
     Config(String),
+    /// The source exists but does not measure (found by the start-up probe).
+    #[error("{source_name}: {reason}")]
+    Refused { source_name: String, reason: String },
 }
 
 impl EnergyError {
@@ -188,6 +221,10 @@ pub struct DomainReading {
     pub counts_toward_host: bool,
     /// The domain's power when the host is idle, when the source knows it (model).
     pub idle_power_w: Option<f64>,
+    /// The idle part of this window's energy, when the source knows it exactly
+    /// (a hypervisor's idle share for its VM, or platform power attributed as
+    /// idle); attribution then takes it instead of a baseline.
+    pub known_idle_j: Option<f64>,
 }
 
 /// What an energy source measured in one window.
@@ -202,9 +239,17 @@ pub struct WindowEnergy {
     pub domains: Vec<DomainReading>,
     /// Domains that could not be read or were rejected this window, with the reason.
     pub warnings: Vec<String>,
+    /// Faults of this window by name (`rapl-perf/failed`, `redfish/timeout`, ...):
+    /// what the sources could not measure, counted (`sci_energy_faults_total`).
+    pub faults: BTreeMap<String, u64>,
 }
 
 impl WindowEnergy {
+    /// Count one fault of `source` named `fault` in this window.
+    pub fn fault(&mut self, source: &str, fault: &str) {
+        *self.faults.entry(format!("{source}/{fault}")).or_default() += 1;
+    }
+
     /// Host energy: the sum of the domains that count toward the host.
     pub fn host_energy_j(&self) -> f64 {
         self.domains
@@ -228,19 +273,62 @@ pub trait EnergySource: Send {
     fn model_description(&self) -> Option<String> {
         None
     }
+    /// Names of the domains the source reads (for the start-up probe).
+    fn domain_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Stop reading a domain (the probe found it does not measure); false
+    /// when the source has no such domain.
+    fn disable_domain(&mut self, _name: &str) -> bool {
+        false
+    }
+    /// Whether the source measures: the default probes a window of real
+    /// load (see [`probe::probe_counters`]); a source whose readings do not
+    /// follow this host's load (a hypervisor's published counter) checks
+    /// its own way. Returns the domains disabled and why, or the reason the
+    /// source is refused.
+    fn probe(&mut self, load: &probe::ProbeLoad) -> Result<Vec<String>, EnergyError>
+    where
+        Self: Sized,
+    {
+        probe::probe_counters(self, load)
+    }
+}
+
+/// What a fault of a source is called in [`WindowEnergy::faults`]: a short name for the kind of error.
+pub fn fault_name(e: &EnergyError) -> &'static str {
+    match e {
+        EnergyError::Io { .. } => "unreadable",
+        EnergyError::Parse { .. } => "unparsable",
+        EnergyError::Absurd { .. } => "rejected",
+        EnergyError::NoDomains(_) => "no_domain",
+        EnergyError::AllDomainsFailed(_) => "no_domain_read",
+        EnergyError::PerfOpen { .. } => "perf_open",
+        EnergyError::PowerModel { .. } | EnergyError::Config(_) => "config",
+        EnergyError::Refused { .. } => "refused",
+    }
 }
 
 /// A RAPL source that falls back to the power model for a window in which no
 /// counted domain could be read, so a broken counter never shows as a 0 W host.
-/// Such a window says so: its `source` is the model's and `estimated` is true.
+/// Such a window says so: its `source` is the model's, `estimated` is true,
+/// and its faults count `<source>/failed`. The failure is reported once, with
+/// its reason, when the source stops reading, and once when it reads again;
+/// the windows in between only count.
 pub struct WithModelFallback {
     primary: Box<dyn EnergySource>,
     fallback: ModelSource,
+    /// Failed windows in the current outage (0 while the source reads).
+    failing_windows: u64,
 }
 
 impl WithModelFallback {
     pub fn new(primary: Box<dyn EnergySource>, fallback: ModelSource) -> WithModelFallback {
-        WithModelFallback { primary, fallback }
+        WithModelFallback {
+            primary,
+            fallback,
+            failing_windows: 0,
+        }
     }
 }
 
@@ -257,16 +345,41 @@ impl EnergySource for WithModelFallback {
         self.fallback.model_description()
     }
 
+    fn domain_names(&self) -> Vec<String> {
+        self.primary.domain_names()
+    }
+
+    fn disable_domain(&mut self, name: &str) -> bool {
+        self.primary.disable_domain(name)
+    }
+
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {
         match self.primary.window_energy(sample) {
-            Ok(energy) => Ok(energy),
+            Ok(mut energy) => {
+                if self.failing_windows > 0 {
+                    energy.warnings.push(format!(
+                        "{} reads again after {} window(s) estimated with the {} power model",
+                        self.primary.name(),
+                        self.failing_windows,
+                        self.fallback.name()
+                    ));
+                    self.failing_windows = 0;
+                }
+                Ok(energy)
+            }
             Err(e) => {
                 let mut energy = self.fallback.window_energy(sample)?;
-                energy.warnings.push(format!(
-                    "{} failed this window ({e}); energy estimated with the {} power model",
-                    self.primary.name(),
-                    self.fallback.name()
-                ));
+                if self.failing_windows == 0 {
+                    energy.warnings.push(format!(
+                        "{} stopped reading ({e}); windows are estimated with the {} power model until it reads again (counted in sci_energy_faults_total{{source=\"{}\"}})",
+                        self.primary.name(),
+                        self.fallback.name(),
+                        self.primary.name()
+                    ));
+                }
+                self.failing_windows += 1;
+                energy.fault(self.primary.name(), "failed");
+                energy.fault(self.primary.name(), fault_name(&e));
                 Ok(energy)
             }
         }
@@ -297,18 +410,66 @@ pub(crate) fn check_power_ceiling(
     Ok(())
 }
 
-/// A RAPL window from the domains read: marks the host's domains and fails
-/// when none of them could be read.
+/// A window shorter than this is too short to call a counter that did not move stuck.
+const STUCK_MIN_WINDOW_NS: u64 = 50_000_000;
+/// Busy share of a domain's CPUs above which its counter must move.
+const STUCK_MIN_BUSY_SHARE: f64 = 0.01;
+
+/// Busy CPU time of `sample` on `cpus` (the host's busy time in proportion
+/// to the number of CPUs: a procfs sample has no per-CPU split).
+fn busy_ns_on(sample: &CpuSample, cpus: &[u32]) -> f64 {
+    let all = sample.cpus.max(sample.idle_ns_per_cpu.len() as u32).max(1);
+    sample.busy_cpu_ns() as f64 * cpus.len().min(all as usize) as f64 / f64::from(all)
+}
+
+/// A RAPL window from the domains read: marks the host's domains, leaves
+/// out a counted domain that did not move while its CPUs were busy, and
+/// fails (naming why) when no counted domain is left.
 pub(crate) fn measured_window(
     source: &str,
-    duration_ns: u64,
+    sample: &CpuSample,
     mut domains: Vec<DomainReading>,
-    warnings: Vec<String>,
+    mut warnings: Vec<String>,
     host_domains: HostDomains,
 ) -> Result<WindowEnergy, EnergyError> {
-    mark_host_domains(&mut domains, host_domains);
+    let duration_ns = sample.end_unix_ns.saturating_sub(sample.start_unix_ns);
+    let mut faults = BTreeMap::new();
+    loop {
+        mark_host_domains(&mut domains, host_domains);
+        let stuck = domains.iter().position(|d| {
+            let capacity_ns = duration_ns as f64 * d.cpus.len() as f64;
+            let busy_ns = busy_ns_on(sample, &d.cpus);
+            d.counts_toward_host
+                && d.energy_j == 0.0
+                && duration_ns >= STUCK_MIN_WINDOW_NS
+                && capacity_ns > 0.0
+                && busy_ns >= STUCK_MIN_BUSY_SHARE * capacity_ns
+        });
+        let Some(i) = stuck else { break };
+        let d = domains.remove(i);
+        warnings.push(format!(
+            "domain {} left out of this window: its counter did not move while its CPUs were {:.0}% busy (a stuck counter is not a 0 W domain)",
+            d.name,
+            100.0 * busy_ns_on(sample, &d.cpus) / (duration_ns as f64 * d.cpus.len() as f64)
+        ));
+        *faults.entry(format!("{source}/stuck")).or_default() += 1;
+    }
     if !domains.iter().any(|d| d.counts_toward_host) {
-        return Err(EnergyError::AllDomainsFailed(warnings.join("; ")));
+        let reason = if warnings.is_empty() {
+            let read: Vec<&str> = domains.iter().map(|d| d.name.as_str()).collect();
+            format!(
+                "no domain counts toward the host (read: {}; energy.host_domains = {})",
+                if read.is_empty() {
+                    "none".to_string()
+                } else {
+                    read.join(", ")
+                },
+                host_domains.as_str()
+            )
+        } else {
+            warnings.join("; ")
+        };
+        return Err(EnergyError::AllDomainsFailed(reason));
     }
     Ok(WindowEnergy {
         source: source.to_string(),
@@ -316,6 +477,7 @@ pub(crate) fn measured_window(
         duration_ns,
         domains,
         warnings,
+        faults,
     })
 }
 
@@ -335,10 +497,53 @@ pub(crate) fn mark_host_domains(domains: &mut [DomainReading], host_domains: Hos
     }
 }
 
+impl HostDomains {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostDomains::Packages => "packages",
+            HostDomains::Psys => "psys",
+        }
+    }
+}
+
+/// A discovered RAPL source that passed the start-up probe, or why not.
+fn probed<S: EnergySource + 'static>(
+    what: &str,
+    discovered: Result<S, EnergyError>,
+    load: Option<&probe::ProbeLoad>,
+    warnings: &mut Vec<String>,
+) -> Option<Box<dyn EnergySource>> {
+    let mut source = match discovered {
+        Ok(source) => source,
+        Err(e) => {
+            warnings.push(format!("{what} not used: {e}"));
+            return None;
+        }
+    };
+    let Some(load) = load else {
+        warnings.push(format!(
+            "{} not probed (energy.probe_ms = 0): a counter that does not move is only caught window by window",
+            source.name()
+        ));
+        return Some(Box::new(source));
+    };
+    match source.probe(load) {
+        Ok(disabled) => {
+            warnings.extend(disabled);
+            Some(Box::new(source))
+        }
+        Err(e) => {
+            warnings.push(format!("{what} refused by the start-up probe: {e}"));
+            None
+        }
+    }
+}
+
 /// Pick the best energy source this host offers: perf PMU > powercap > model.
 ///
 /// Returns the source and the reasons the better ones were not taken. `cpus`
-/// is the number of CPUs (the model's vCPU count).
+/// is the number of CPUs (the model's vCPU count). Each RAPL candidate is
+/// probed under load first (see the module note), unless `energy.probe_ms = 0`.
 pub fn select_energy_source(cfg: &EnergyConfig, cpus: u32) -> (Box<dyn EnergySource>, Vec<String>) {
     select_energy_source_with(cfg, cpus, Box::new(SyscallPerfOpener))
 }
@@ -367,31 +572,33 @@ pub fn select_energy_source_with(
     };
     let fallback = ModelSource::new(model.clone(), cpus);
     let topology = CpuTopology::read(&cfg.sysfs_root, cpus);
+    let load = (cfg.probe_ms > 0).then(|| {
+        probe::ProbeLoad::new(
+            topology.all_cpus(),
+            std::time::Duration::from_millis(cfg.probe_ms),
+        )
+    });
     if auto || wanted == "perf" {
-        match PerfPmuSource::discover(&cfg.sysfs_root, &topology, cfg, opener) {
-            Ok(source) => {
-                return (
-                    Box::new(WithModelFallback::new(Box::new(source), fallback)),
-                    warnings,
-                )
-            }
-            Err(e) => warnings.push(format!("RAPL perf PMU not used: {e}")),
+        let discovered = PerfPmuSource::discover(&cfg.sysfs_root, &topology, cfg, opener);
+        if let Some(source) = probed("RAPL perf PMU", discovered, load.as_ref(), &mut warnings) {
+            return (
+                Box::new(WithModelFallback::new(source, fallback)),
+                warnings,
+            );
         }
     }
     if auto || wanted == "powercap" {
-        match PowercapSource::discover(&cfg.sysfs_root, &topology, cfg) {
-            Ok(source) => {
-                return (
-                    Box::new(WithModelFallback::new(Box::new(source), fallback)),
-                    warnings,
-                )
-            }
-            Err(e) => warnings.push(format!("RAPL powercap not used: {e}")),
+        let discovered = PowercapSource::discover(&cfg.sysfs_root, &topology, cfg);
+        if let Some(source) = probed("RAPL powercap", discovered, load.as_ref(), &mut warnings) {
+            return (
+                Box::new(WithModelFallback::new(source, fallback)),
+                warnings,
+            );
         }
     }
     if wanted != "model" {
         warnings.push(format!(
-            "no RAPL counters on this host: energy is estimated with the {} power model",
+            "no RAPL counter that measures on this host: energy is estimated with the {} power model",
             model.name()
         ));
     }
