@@ -16,6 +16,9 @@ extern crate std;
 #[cfg(feature = "cli")]
 pub mod cli_exit;
 
+#[cfg(feature = "config-text")]
+pub mod config_text;
+
 #[cfg(feature = "exposition")]
 pub mod prometheus_text;
 

@@ -123,10 +123,11 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 impl AgentConfig {
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AgentError> {
-        let config: AgentConfig = toml::from_str(text).map_err(|e| AgentError::Config {
-            path: origin.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: AgentConfig =
+            agent_common::config_text::parse(text).map_err(|message| AgentError::Config {
+                path: origin.to_path_buf(),
+                message,
+            })?;
         config.validate().map_err(|e| match e {
             AgentError::Config { path, message } => AgentError::Config {
                 path: origin.to_path_buf(),

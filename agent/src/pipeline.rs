@@ -16,7 +16,7 @@ use crate::transforms::attribution::Attributor;
 use crate::transforms::carbon::CarbonTransform;
 use crate::transforms::profile_energy::weigh;
 use crate::transforms::scenario::{ScenarioStage, TransactionCounts};
-use crate::window::{ProcessRecord, ThreadRecord, WindowReport};
+use crate::window::{new_agent_instance, ProcessRecord, ThreadRecord, WindowReport};
 
 /// How the pipeline's CPU source is chosen.
 #[derive(Debug, Clone, Default)]
@@ -124,11 +124,6 @@ pub fn open_sampler(
             Ok((Box::new(ProcfsSampler::new("/proc")?), None, Some(reason)))
         }
     }
-}
-
-/// A random id for this agent run: (host, agent_instance, seq) names a window uniquely.
-pub fn new_agent_instance() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 impl Pipeline {

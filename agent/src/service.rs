@@ -147,7 +147,7 @@ pub async fn run(
             let mut spool = Spool::open(
                 &config.agent.spool_dir,
                 config.aggregator.spool_max_bytes,
-                &crate::pipeline::new_agent_instance(),
+                &crate::window::new_agent_instance(),
             )?;
             spool.set_window_limits(
                 config.aggregator.batch_max_bytes,

@@ -155,6 +155,11 @@ pub struct EmbodiedFactors {
     pub share_source: String,
 }
 
+/// A random id for this agent run: (host, agent_instance, seq) names a window uniquely.
+pub fn new_agent_instance() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// The whole window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowReport {

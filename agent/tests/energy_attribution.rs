@@ -79,6 +79,7 @@ fn domain(
         energy_j,
         counts_toward_host: counted,
         idle_power_w: None,
+        known_idle_j: None,
     }
 }
 
@@ -89,6 +90,7 @@ fn rapl(domains: Vec<DomainReading>) -> WindowEnergy {
         duration_ns: S,
         domains,
         warnings: vec![],
+        faults: Default::default(),
     }
 }
 

@@ -191,13 +191,33 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 impl AggregatorConfig {
+    /// Opens the store this configuration names: PostgreSQL when
+    /// `postgres_url` is set, else the SQLite file `database`.
+    pub fn open_store(&self) -> Result<Box<dyn crate::store::Store>, AggregatorError> {
+        let layout = self.rollup_layout();
+        layout.validate().map_err(AggregatorError::Invalid)?;
+        match &self.postgres_url {
+            Some(url) => Ok(Box::new(crate::store::postgres::PostgresStore::open(
+                url,
+                layout,
+                self.max_concurrent_queries as u32 + 1,
+                self.query_timeout,
+            )?)),
+            None => Ok(Box::new(crate::store::sqlite::SqliteStore::open_with(
+                &self.database,
+                layout,
+                self.query_timeout,
+            )?)),
+        }
+    }
+
     /// The rollup steps this configuration asks for.
-    pub fn rollup_layout(&self) -> crate::store::RollupLayout {
+    pub fn rollup_layout(&self) -> crate::store::layout::RollupLayout {
         let step_s = self
             .rollup_step
             .map(|d| d.as_secs())
             .unwrap_or_else(|| gcd(self.period.as_secs().max(1), 60));
-        crate::store::RollupLayout {
+        crate::store::layout::RollupLayout {
             step_s,
             host_step_s: self.host_rollup_step.as_secs(),
         }
@@ -206,8 +226,8 @@ impl AggregatorConfig {
     /// How long raw windows, dedupe keys and rollups are kept. Keys live at
     /// least as long as a window may arrive (`max_window_age`), so a late
     /// replay is still recognised.
-    pub fn retention(&self) -> crate::store::Retention {
-        crate::store::Retention {
+    pub fn retention(&self) -> crate::store::layout::Retention {
+        crate::store::layout::Retention {
             raw: self.raw_retention,
             keys: self.raw_retention.max(self.max_window_age),
             rollups: self.rollup_retention,
@@ -216,9 +236,9 @@ impl AggregatorConfig {
 
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, AggregatorError> {
         let config: AggregatorConfig =
-            toml::from_str(text).map_err(|e| AggregatorError::Config {
+            agent_common::config_text::parse(text).map_err(|message| AggregatorError::Config {
                 path: origin.to_path_buf(),
-                message: e.to_string(),
+                message,
             })?;
         config.validate(origin)?;
         Ok(config)

@@ -3,16 +3,17 @@
 //! [`Evaluation`] (the Markdown report is [`crate::report::markdown`]).
 //!
 //! One self-contained page each: inline CSS, charts drawn here as inline SVG,
-//! no script, nothing fetched from elsewhere. Every value from the data is
-//! escaped. [`crate::hotspots`] and [`crate::profiles`] supply the hotspot
-//! list and flame graphs. Figures print with 4 significant digits,
-//! unit-scaled ([`crate::report::sig4`], [`crate::report::mass_g`]).
-use std::fmt::Write;
+//! no script, nothing fetched from elsewhere. Pages are maud templates: every
+//! value from the data is escaped by the template engine; the only text
+//! inserted unescaped is this file's own CSS. [`crate::hotspots`] and
+//! [`crate::profiles`] supply the hotspot list and flame graphs. Figures
+//! print as [`crate::figures`] says; the chart's axis is labelled in the
+//! mass unit of its top tick.
+use maud::{html, Markup, PreEscaped, DOCTYPE};
 
+use crate::figures::{count, energy_j, evidence_figure, mass_g, mass_unit, percent, sig4};
 use crate::hotspots::Hotspot;
-use crate::report::{
-    count, disclosure_cells, energy_j, mass_g, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS,
-};
+use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 use crate::sci::{mean_sci, pooled_sci, Disclosure, Evaluation, PeriodFigures};
 
 /// A flame graph SVG (from [`crate::profiles::MergedProfile::flamegraph_svg`]).
@@ -37,24 +38,13 @@ pub struct DashboardData {
     pub withheld: Vec<String>,
 }
 
-/// Escapes text for HTML element content and attribute values.
-pub fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 fn fmt_opt(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_string(), sig4)
+}
+
+/// An SVG coordinate: one decimal.
+fn px(v: f64) -> String {
+    format!("{v:.1}")
 }
 
 /// A period's label: its start, RFC 3339.
@@ -79,157 +69,128 @@ fn scenario_columns(periods: &[PeriodFigures]) -> Vec<String> {
     columns
 }
 
-fn periods_table(periods: &[PeriodFigures]) -> String {
+fn periods_table(periods: &[PeriodFigures]) -> Markup {
     let columns = scenario_columns(periods);
-    let mut html =
-        String::from("<table class=\"periods\"><tr><th class=\"l\">period</th><th>coverage</th>");
-    for c in &columns {
-        let _ = write!(html, "<th>TA {}</th>", escape_html(c));
-    }
-    html.push_str(
-        "<th>O (gCO2e)</th><th>M (gCO2e)</th><th>R (units)</th><th>SCI_j (g/unit)</th><th class=\"l\">in SCI_CF</th></tr>",
-    );
-    for p in periods {
-        let _ = write!(
-            html,
-            "<tr{}><td class=\"l\">{}</td><td>{}</td>",
-            if p.in_mean { "" } else { " class=\"warn\"" },
-            escape_html(&period_label(p)),
-            percent(p.coverage)
-        );
-        for c in &columns {
-            let _ = write!(
-                html,
-                "<td>{}</td>",
-                count(p.transactions.get(c).copied().unwrap_or(0.0))
-            );
-        }
-        let _ = write!(
-            html,
-            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td></tr>",
-            sig4(p.operational_g),
-            sig4(p.embodied_g),
-            sig4(p.business_units),
-            fmt_opt(p.sci_g_per_unit),
-            if p.in_mean {
-                "yes".to_string()
-            } else {
-                format!(
-                    "no: {}",
-                    escape_html(p.excluded_reason.as_deref().unwrap_or(""))
-                )
+    html! {
+        table class="periods" {
+            tr {
+                th class="l" { "period" }
+                th { "coverage" }
+                @for c in &columns { th { "TA " (c) } }
+                th { "O (gCO2e)" } th { "M (gCO2e)" } th { "R (units)" } th { "SCI_j (g/unit)" }
+                th class="l" { "in SCI_CF" }
             }
-        );
+            @for p in periods {
+                tr class=[(!p.in_mean).then_some("warn")] {
+                    td class="l" { (period_label(p)) }
+                    td { (percent(p.coverage)) }
+                    @for c in &columns {
+                        td { (count(p.transactions.get(c).copied().unwrap_or(0.0))) }
+                    }
+                    td { (sig4(p.operational_g)) }
+                    td { (sig4(p.embodied_g)) }
+                    td { (sig4(p.business_units)) }
+                    td { (fmt_opt(p.sci_g_per_unit)) }
+                    td class="l" {
+                        @if p.in_mean { "yes" } @else { "no: " (p.excluded_reason.as_deref().unwrap_or("")) }
+                    }
+                }
+            }
+        }
     }
-    html.push_str("</table>");
-    html
 }
 
-fn summary_cards(e: &Evaluation) -> String {
+fn summary_cards(e: &Evaluation) -> Markup {
     let covered = e.periods.iter().filter(|p| p.covered);
     let (om, r) = covered.fold((0.0, 0.0), |(c, r), p| {
         (c + p.operational_g + p.embodied_g, r + p.business_units)
     });
-    format!(
-        "<div class=\"cards\">\
-         <div class=\"card\"><div class=\"v\" id=\"sci-mean\">{}</div><div class=\"k\">SCI_CF (mean of SCI_j), g/unit</div></div>\
-         <div class=\"card\"><div class=\"v\" id=\"sci-pooled\">{}</div><div class=\"k\">pooled (ΣO+ΣM)/ΣR, g/unit</div></div>\
-         <div class=\"card\"><div class=\"v\">{}</div><div class=\"k\">O + M (covered periods)</div></div>\
-         <div class=\"card\"><div class=\"v\">{}</div><div class=\"k\">R, business units</div></div>\
-         <div class=\"card\"><div class=\"v\">{} / {}</div><div class=\"k\">periods in SCI_CF / with data</div></div></div>{}",
-        fmt_opt(mean_sci(&e.periods)),
-        fmt_opt(pooled_sci(&e.periods)),
-        mass_g(om),
-        sig4(r),
-        e.periods_in_mean,
-        e.periods.len(),
-        e.coverage_note
-            .as_ref()
-            .map(|n| format!("<p class=\"meta\" id=\"coverage-note\">Coverage: {}.</p>", escape_html(n)))
-            .unwrap_or_default()
-    )
+    let card = |id: Option<&str>, value: String, key: &str| {
+        html! {
+            div class="card" { div class="v" id=[id] { (value) } div class="k" { (key) } }
+        }
+    };
+    html! {
+        div class="cards" {
+            (card(Some("sci-mean"), fmt_opt(mean_sci(&e.periods)), "SCI_CF (mean of SCI_j), g/unit"))
+            (card(Some("sci-pooled"), fmt_opt(pooled_sci(&e.periods)), "pooled (ΣO+ΣM)/ΣR, g/unit"))
+            (card(None, mass_g(om), "O + M (covered periods)"))
+            (card(None, sig4(r), "R, business units"))
+            (card(None, format!("{} / {}", e.periods_in_mean, e.periods.len()), "periods in SCI_CF / with data"))
+        }
+        @if let Some(note) = &e.coverage_note {
+            p class="meta" id="coverage-note" { "Coverage: " (note) "." }
+        }
+    }
 }
 
-fn scenarios_table(e: &Evaluation) -> String {
-    let mut html = String::from(
-        "<table class=\"scenarios\"><tr><th class=\"l\">scenario</th><th>transactions</th>\
-         <th>dynamic energy</th><th>idle share</th><th>total energy</th>\
-         <th>carbon</th><th>embodied</th><th>per transaction</th><th>measured weight (× query)</th>\
-         <th>standard weight α</th><th>measured / standard</th></tr>",
-    );
-    for s in &e.scenarios {
-        let gap = match (s.measured_weight, s.standard_weight) {
-            (Some(m), w) if w > 0.0 => Some(m / w),
-            _ => None,
-        };
-        let warn = gap.is_some_and(|g| g > 1.25);
-        let _ = write!(
-            html,
-            "<tr{}><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            if warn { " class=\"warn\"" } else { "" },
-            escape_html(&s.scenario),
-            count(s.transactions),
-            energy_j(s.energy_j),
-            energy_j(s.idle_energy_j),
-            energy_j(s.total_energy_j),
-            mass_g(s.carbon_g),
-            mass_g(s.embodied_g),
-            s.g_per_transaction.map_or("–".into(), mass_g),
-            fmt_opt(s.measured_weight),
-            if s.standard_weight > 0.0 { sig4(s.standard_weight) } else { "–".into() },
-            fmt_opt(gap)
-        );
+fn scenarios_table(e: &Evaluation) -> Markup {
+    html! {
+        table class="scenarios" {
+            tr {
+                th class="l" { "scenario" } th { "transactions" }
+                th { "dynamic energy" } th { "idle share" } th { "total energy" }
+                th { "carbon" } th { "embodied" } th { "per transaction" } th { "measured weight (× query)" }
+                th { "standard weight α" } th { "measured / standard" }
+            }
+            @for s in &e.scenarios {
+                @let gap = match (s.measured_weight, s.standard_weight) {
+                    (Some(m), w) if w > 0.0 => Some(m / w),
+                    _ => None,
+                };
+                tr class=[gap.is_some_and(|g| g > 1.25).then_some("warn")] {
+                    td class="l" { (s.scenario) }
+                    td { (count(s.transactions)) }
+                    td { (energy_j(s.energy_j)) }
+                    td { (energy_j(s.idle_energy_j)) }
+                    td { (energy_j(s.total_energy_j)) }
+                    td { (mass_g(s.carbon_g)) }
+                    td { (mass_g(s.embodied_g)) }
+                    td { (s.g_per_transaction.map_or("–".into(), mass_g)) }
+                    td { (fmt_opt(s.measured_weight)) }
+                    td { @if s.standard_weight > 0.0 { (sig4(s.standard_weight)) } @else { "–" } }
+                    td { (fmt_opt(gap)) }
+                }
+            }
+        }
     }
-    html.push_str("</table>");
-    html
 }
 
-fn hosts_table(e: &Evaluation) -> String {
-    let mut html = String::from(
-        "<table class=\"hosts\"><tr><th class=\"l\">host</th><th class=\"l\">region</th>\
-         <th>CPU %</th><th>energy</th><th>idle energy %</th><th>carbon</th>\
-         <th>embodied</th><th>transactions</th></tr>",
-    );
-    for h in &e.hosts {
-        let idle = if h.energy_j > 0.0 {
-            h.idle_energy_j / h.energy_j
-        } else {
-            0.0
-        };
-        let _ = write!(
-            html,
-            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape_html(&h.host),
-            escape_html(&h.datacenter),
-            sig4(h.cpu_utilisation * 100.0),
-            energy_j(h.energy_j),
-            sig4(idle * 100.0),
-            mass_g(h.carbon_g),
-            mass_g(h.embodied_g),
-            count(h.transactions)
-        );
+fn hosts_table(e: &Evaluation) -> Markup {
+    html! {
+        table class="hosts" {
+            tr {
+                th class="l" { "host" } th class="l" { "region" }
+                th { "CPU %" } th { "energy" } th { "idle energy %" } th { "carbon" }
+                th { "embodied" } th { "transactions" }
+            }
+            @for h in &e.hosts {
+                @let idle = if h.energy_j > 0.0 { h.idle_energy_j / h.energy_j } else { 0.0 };
+                tr {
+                    td class="l" { (h.host) }
+                    td class="l" { (h.datacenter) }
+                    td { (sig4(h.cpu_utilisation * 100.0)) }
+                    td { (energy_j(h.energy_j)) }
+                    td { (sig4(idle * 100.0)) }
+                    td { (mass_g(h.carbon_g)) }
+                    td { (mass_g(h.embodied_g)) }
+                    td { (count(h.transactions)) }
+                }
+            }
+        }
     }
-    html.push_str("</table>");
-    html
 }
 
 /// The factors behind the figures, one row per data centre.
-pub fn disclosure_table(rows: &[Disclosure]) -> String {
-    let mut html = String::from("<table class=\"disclosure\"><tr>");
-    for c in DISCLOSURE_COLUMNS {
-        let _ = write!(html, "<th class=\"l\">{}</th>", escape_html(c));
-    }
-    html.push_str("</tr>");
-    for d in rows {
-        html.push_str("<tr>");
-        for c in disclosure_cells(d) {
-            let _ = write!(html, "<td class=\"l\">{}</td>", escape_html(&c));
+pub fn disclosure_table(rows: &[Disclosure]) -> Markup {
+    html! {
+        table class="disclosure" {
+            tr { @for c in DISCLOSURE_COLUMNS { th class="l" { (c) } } }
+            @for d in rows {
+                tr { @for c in disclosure_cells(d) { td class="l" { (c) } } }
+            }
         }
-        html.push_str("</tr>");
     }
-    html.push_str("</table>");
-    html
 }
 
 const STYLE: &str = "body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;color:#1d2733;background:#fff}\
@@ -243,17 +204,26 @@ ol.hot li{margin:6px 0}.kind{display:inline-block;font-size:11px;padding:1px 6px
 iframe.flame{border:1px solid #dfe5ec;margin:8px 0;width:100%;display:block}\
 @media print{body{margin:10mm}.cards{break-inside:avoid}table{break-inside:auto}tr{break-inside:avoid}}";
 
-pub(crate) fn page(title: &str, body: &str) -> String {
-    format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <title>{}</title><style>{STYLE}</style></head><body>\n{body}</body></html>\n",
-        escape_html(title)
-    )
+/// A whole page: `title` in the head and as given, `body` below.
+pub(crate) fn page(title: &str, body: Markup) -> String {
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body { (body) }
+        }
+    };
+    page.into_string() + "\n"
 }
 
 /// Bar chart of SCI_j per period (g CO2e per business unit), with the mean as a line.
-/// Bar chart of SCI_j per period (g CO2e per business unit), with the mean as a line.
-pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
+/// SVG elements without content are written with a closing tag (`<line></line>`):
+/// inline SVG in HTML does not read `<line>` as empty.
+pub fn sci_chart_svg(periods: &[PeriodFigures]) -> Markup {
     let (width, height) = (900.0_f64, 260.0_f64);
     let (left, right, top, bottom) = (64.0, 16.0, 16.0, 48.0);
     let plot_w = width - left - right;
@@ -261,85 +231,54 @@ pub fn sci_chart_svg(periods: &[PeriodFigures]) -> String {
     let values: Vec<Option<f64>> = periods.iter().map(|p| p.sci_g_per_unit).collect();
     let max = values.iter().flatten().copied().fold(0.0_f64, f64::max);
     let scale_max = if max > 0.0 { nice_ceiling(max) } else { 1.0 };
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" \
-         width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"SCI_CF per period\" \
-         font-family=\"sans-serif\" font-size=\"11\">"
-    );
-    for tick in 0..=4 {
-        let value = scale_max * tick as f64 / 4.0;
-        let y = top + plot_h - plot_h * tick as f64 / 4.0;
-        let _ = write!(
-            svg,
-            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#dfe5ec\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#5b6b7c\">{}</text>",
-            left + plot_w,
-            left - 6.0,
-            y + 4.0,
-            format_tick(value)
-        );
-    }
+    // Ticks print as plain numbers in the unit of the top one (µg for 5e-5 g).
+    let (unit_g, unit) = mass_unit(scale_max);
     let n = periods.len().max(1) as f64;
     let slot = plot_w / n;
     let bar_w = (slot * 0.7).max(1.0);
-    for (i, (period, value)) in periods.iter().zip(&values).enumerate() {
-        let x = left + slot * i as f64 + (slot - bar_w) / 2.0;
-        if let Some(v) = value {
-            let h = plot_h * v / scale_max;
-            // Periods left out of SCI_CF (coverage) are drawn grey.
-            let (class, fill) = if period.in_mean {
-                ("bar", "#2f7d5b")
-            } else {
-                ("bar-excluded", "#b8c2cc")
-            };
-            let _ = write!(
-                svg,
-                "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"{h:.1}\" \
-                 fill=\"{fill}\"><title>{}: {} g/unit</title></rect>",
-                top + plot_h - h,
-                escape_html(&period_label(period)),
-                sig4(*v)
-            );
-        }
-        // Label every period when few, else about ten of them.
-        let every = (periods.len() / 10).max(1);
-        if i % every == 0 {
-            let _ = write!(
-                svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1d2733\">{}</text>",
-                left + slot * i as f64 + slot / 2.0,
-                top + plot_h + 16.0,
-                escape_html(&period_label(period))
-            );
+    // Label every period when few, else about ten of them.
+    let every = (periods.len() / 10).max(1);
+    html! {
+        svg xmlns="http://www.w3.org/2000/svg" viewBox={ "0 0 " (width) " " (height) }
+            width=(width) height=(height) role="img" aria-label="SCI_CF per period"
+            font-family="sans-serif" font-size="11" {
+            @for tick in 0..=4 {
+                @let value = scale_max * tick as f64 / 4.0;
+                @let y = top + plot_h - plot_h * tick as f64 / 4.0;
+                line x1=(left) y1=(px(y)) x2=(px(left + plot_w)) y2=(px(y)) stroke="#dfe5ec" {}
+                text class="tick" x=(px(left - 6.0)) y=(px(y + 4.0)) text-anchor="end" fill="#5b6b7c" {
+                    (sig4(value / unit_g))
+                }
+            }
+            @for (i, (period, value)) in periods.iter().zip(&values).enumerate() {
+                @if let Some(v) = value {
+                    @let h = plot_h * v / scale_max;
+                    // Periods left out of SCI_CF (coverage) are drawn grey.
+                    @let (class, fill) = if period.in_mean { ("bar", "#2f7d5b") } else { ("bar-excluded", "#b8c2cc") };
+                    rect class=(class) x=(px(left + slot * i as f64 + (slot - bar_w) / 2.0))
+                        y=(px(top + plot_h - h)) width=(px(bar_w)) height=(px(h)) fill=(fill) {
+                        title { (period_label(period)) ": " (mass_g(*v)) " CO2e per business unit" }
+                    }
+                }
+                @if i % every == 0 {
+                    text x=(px(left + slot * i as f64 + slot / 2.0)) y=(px(top + plot_h + 16.0))
+                        text-anchor="middle" fill="#1d2733" { (period_label(period)) }
+                }
+            }
+            @if let Some(mean) = mean_sci(periods) {
+                @let y = top + plot_h - plot_h * mean / scale_max;
+                line class="mean" x1=(left) y1=(px(y)) x2=(px(left + plot_w)) y2=(px(y))
+                    stroke="#c0392b" stroke-dasharray="6 4" stroke-width="2" {}
+                text x=(px(left + plot_w)) y=(px(y - 4.0)) text-anchor="end" fill="#c0392b" {
+                    "mean " (mass_g(mean))
+                }
+            }
+            line x1=(left) y1=(px(top + plot_h)) x2=(px(left + plot_w)) y2=(px(top + plot_h)) stroke="#1d2733" {}
+            text x=(px(left + plot_w / 2.0)) y=(px(height - 8.0)) text-anchor="middle" fill="#5b6b7c" {
+                "SCI_CF per period, " (unit) "CO2e per business unit"
+            }
         }
     }
-    if let Some(mean) = mean_sci(periods) {
-        let y = top + plot_h - plot_h * mean / scale_max;
-        let _ = write!(
-            svg,
-            "<line class=\"mean\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" \
-             stroke=\"#c0392b\" stroke-dasharray=\"6 4\" stroke-width=\"2\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#c0392b\">mean {}</text>",
-            left + plot_w,
-            left + plot_w,
-            y - 4.0,
-            sig4(mean)
-        );
-    }
-    let _ = write!(
-        svg,
-        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#1d2733\"/>\
-         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#5b6b7c\">\
-         SCI_CF per period, gCO2e per business unit</text></svg>",
-        top + plot_h,
-        left + plot_w,
-        top + plot_h,
-        left + plot_w / 2.0,
-        height - 8.0
-    );
-    svg
 }
 
 /// The smallest of 1, 2, 2.5, 5 x 10^k at or above `value`.
@@ -353,52 +292,30 @@ fn nice_ceiling(value: f64) -> f64 {
     10.0 * magnitude
 }
 
-fn format_tick(value: f64) -> String {
-    if value == 0.0 {
-        "0".into()
-    } else if value >= 100.0 {
-        format!("{value:.0}")
-    } else if value >= 1.0 {
-        format!("{value:.1}")
-    } else if value >= 0.1 {
-        format!("{value:.3}")
-    } else {
-        format!("{value:.4}")
-    }
-}
-
-fn hotspot_list(hotspots: &[Hotspot]) -> String {
-    if hotspots.is_empty() {
-        return "<p>No hotspot found in this period.</p>".into();
-    }
-    let mut html = String::from("<ol class=\"hot\">");
-    for h in hotspots {
-        let figures: Vec<String> = h
-            .evidence
-            .figures
-            .iter()
-            .map(|(k, v)| format!("{}={}", escape_html(k), format_figure(*v)))
-            .collect();
-        let _ = write!(
-            html,
-            "<li><span class=\"kind\">{}</span><b>{}</b> – {:.2} gCO2e at stake<br>{}<br>\
-             <span class=\"meta\">{}</span></li>",
-            h.kind.as_str(),
-            escape_html(&h.subject),
-            h.impact_carbon_g,
-            escape_html(&h.recommendation),
-            figures.join(", ")
-        );
-    }
-    html.push_str("</ol>");
-    html
-}
-
-fn format_figure(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.4}")
+fn hotspot_list(hotspots: &[Hotspot]) -> Markup {
+    html! {
+        @if hotspots.is_empty() {
+            p { "No hotspot found in this period." }
+        } @else {
+            ol class="hot" {
+                @for h in hotspots {
+                    li {
+                        span class="kind" { (h.kind.as_str()) }
+                        b { (h.subject) }
+                        " – " (mass_g(h.impact_carbon_g)) " CO2e at stake"
+                        br;
+                        (h.recommendation)
+                        br;
+                        span class="meta" {
+                            @for (i, (k, v)) in h.evidence.figures.iter().enumerate() {
+                                @if i > 0 { ", " }
+                                (k) "=" (evidence_figure(*v))
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -415,67 +332,56 @@ fn svg_height_px(svg: &str) -> Option<u32> {
 
 /// A flame graph in an `<iframe srcdoc>`: inferno's SVG brings its own
 /// script (zoom, search, label fitting) and global CSS, which must neither
-/// touch the page's charts nor clash with a second flame graph's ids.
-fn flame_graph_frame(title: &str, svg: &str) -> String {
+/// touch the page's charts nor clash with a second flame graph's ids. The
+/// frame's document is an attribute value, so the template escapes it whole.
+fn flame_graph_frame(title: &str, svg: &str) -> Markup {
     let start = svg.find("<svg").unwrap_or(0);
     let document = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>body{{margin:0}}\
          svg{{width:100%;height:auto}}</style></head><body>{}</body></html>",
         &svg[start..]
     );
-    format!(
-        "<iframe class=\"flame\" title=\"{}\" style=\"height:{}px\" srcdoc=\"{}\"></iframe>",
-        escape_html(title),
-        svg_height_px(svg).unwrap_or(400) + 8,
-        escape_html(&document)
-    )
+    let height = svg_height_px(svg).unwrap_or(400) + 8;
+    html! {
+        iframe class="flame" title=(title) style={ "height:" (height) "px" } srcdoc=(document) {}
+    }
 }
 
 /// The fleet dashboard page.
 pub fn render_dashboard(data: &DashboardData) -> String {
     let e = &data.evaluation;
-    let mut body = String::new();
-    let _ = write!(
-        body,
-        "<h1>{}</h1><div class=\"meta\">generated {} · SCI_CF = (O + M) / R, R = Σ α_i·TA_i \
-         (T/CQJR 032.2—2025)</div>",
-        escape_html(&data.title),
-        escape_html(&data.generated_at)
-    );
-    body.push_str(&summary_cards(e));
-    body.push_str("<h2>Fleet SCI_CF per period</h2>");
-    body.push_str(&sci_chart_svg(&e.periods));
-    body.push_str("<h2>Carbon per transaction by scenario</h2>");
-    body.push_str(&scenarios_table(e));
-    body.push_str("<h2>Disclosure</h2>");
-    body.push_str(&disclosure_table(&e.disclosure));
-    body.push_str("<h2>Hotspots</h2>");
-    body.push_str(&hotspot_list(&data.hotspots));
-    body.push_str("<h2>Hosts</h2>");
-    body.push_str(&hosts_table(e));
-    body.push_str("<h2>Periods</h2>");
-    body.push_str(&periods_table(&e.periods));
-    if !data.flamegraphs.is_empty() || !data.withheld.is_empty() {
-        body.push_str("<h2>Energy flame graphs</h2>");
-        for panel in &data.flamegraphs {
-            let title = format!("{} / {}", panel.service, panel.scenario);
-            let _ = write!(
-                body,
-                "<h3>{} <span class=\"meta\">({} samples)</span></h3>{}",
-                escape_html(&title),
-                panel.samples,
-                flame_graph_frame(&format!("energy flame graph {title}"), &panel.svg)
-            );
+    let body = html! {
+        h1 { (data.title) }
+        div class="meta" {
+            "generated " (data.generated_at)
+            " · SCI_CF = (O + M) / R, R = Σ α_i·TA_i (T/CQJR 032.2—2025)"
         }
-        for reason in &data.withheld {
-            let _ = write!(
-                body,
-                "<p class=\"meta withheld\">{}</p>",
-                escape_html(reason)
-            );
+        (summary_cards(e))
+        h2 { "Fleet SCI_CF per period" }
+        (sci_chart_svg(&e.periods))
+        h2 { "Carbon per transaction by scenario" }
+        (scenarios_table(e))
+        h2 { "Disclosure" }
+        (disclosure_table(&e.disclosure))
+        h2 { "Hotspots" }
+        (hotspot_list(&data.hotspots))
+        h2 { "Hosts" }
+        (hosts_table(e))
+        h2 { "Periods" }
+        (periods_table(&e.periods))
+        @if !data.flamegraphs.is_empty() || !data.withheld.is_empty() {
+            h2 { "Energy flame graphs" }
+            @for panel in &data.flamegraphs {
+                @let title = format!("{} / {}", panel.service, panel.scenario);
+                h3 { (title) " " span class="meta" { "(" (panel.samples) " samples)" } }
+                (flame_graph_frame(&format!("energy flame graph {title}"), &panel.svg))
+            }
+            @for reason in &data.withheld {
+                p class="meta withheld" { (reason) }
+            }
         }
-    }
-    page(&data.title, &body)
+    };
+    page(&data.title, body)
 }
 
 /// The printable evaluation report (HTML).
@@ -483,45 +389,42 @@ pub fn render_evaluation_report_html(e: &Evaluation, generated_at: &str) -> Stri
     let title = "SCI_CF evaluation report (T/CQJR 032.2-2025, Appendix A)";
     let mut weights: Vec<(String, f64)> = e.weights.iter().map(|(k, v)| (k.clone(), *v)).collect();
     weights.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let mut body = String::new();
-    let _ = write!(
-        body,
-        "<h1>{}</h1><div class=\"meta\">{} hosts · {} to {} · generated {}</div>",
-        escape_html(title),
-        e.hosts.len(),
-        escape_html(&unix_to_text(e.from_unix_s)),
-        escape_html(&unix_to_text(e.to_unix_s)),
-        escape_html(generated_at)
-    );
-    body.push_str(&summary_cards(e));
-    body.push_str("<h2>Result</h2><table class=\"result\">");
-    let _ = write!(
-        body,
-        "<tr><th class=\"l\">SCI_CF (mean of SCI_j over {} periods)</th><td>{} gCO2e/unit</td></tr>\
-         <tr><th class=\"l\">pooled (ΣO+ΣM)/ΣR</th><td>{} gCO2e/unit</td></tr></table>",
-        e.periods_in_mean,
-        fmt_opt(e.sci_cf_mean),
-        fmt_opt(e.sci_cf_pooled)
-    );
-    body.push_str("<h2>Disclosure</h2>");
-    body.push_str(&disclosure_table(&e.disclosure));
-    body.push_str("<h2>Measurement periods</h2>");
-    body.push_str(&periods_table(&e.periods));
-    body.push_str(&sci_chart_svg(&e.periods));
-    body.push_str("<h2>Scenarios</h2>");
-    body.push_str(&scenarios_table(e));
-    body.push_str("<h2>Method</h2>");
-    let _ = write!(body, "<p>{}</p>", escape_html(&e.method));
-    body.push_str("<h2>Weights α_i</h2><table class=\"weights\"><tr><th class=\"l\">scenario</th><th>α</th></tr>");
-    for (scenario, weight) in &weights {
-        let _ = write!(
-            body,
-            "<tr><td class=\"l\">{}</td><td>{weight}</td></tr>",
-            escape_html(scenario)
-        );
-    }
-    body.push_str("</table>");
-    page(title, &body)
+    let body = html! {
+        h1 { (title) }
+        div class="meta" {
+            (e.hosts.len()) " hosts · " (unix_to_text(e.from_unix_s)) " to " (unix_to_text(e.to_unix_s))
+            " · generated " (generated_at)
+        }
+        (summary_cards(e))
+        h2 { "Result" }
+        table class="result" {
+            tr {
+                th class="l" { "SCI_CF (mean of SCI_j over " (e.periods_in_mean) " periods)" }
+                td { (fmt_opt(e.sci_cf_mean)) " gCO2e/unit" }
+            }
+            tr {
+                th class="l" { "pooled (ΣO+ΣM)/ΣR" }
+                td { (fmt_opt(e.sci_cf_pooled)) " gCO2e/unit" }
+            }
+        }
+        h2 { "Disclosure" }
+        (disclosure_table(&e.disclosure))
+        h2 { "Measurement periods" }
+        (periods_table(&e.periods))
+        (sci_chart_svg(&e.periods))
+        h2 { "Scenarios" }
+        (scenarios_table(e))
+        h2 { "Method" }
+        p { (e.method) }
+        h2 { "Weights α_i" }
+        table class="weights" {
+            tr { th class="l" { "scenario" } th { "α" } }
+            @for (scenario, weight) in &weights {
+                tr { td class="l" { (scenario) } td { (count(*weight)) } }
+            }
+        }
+    };
+    page(title, body)
 }
 
 #[cfg(test)]
@@ -572,12 +475,6 @@ pub(crate) mod tests {
         rows(&mut input, 8, 10, 260, 40.0, 10.0);
         rows(&mut input, 9, 5, 80, 50.0, 10.0);
         rows(&mut input, 10, 0, 0, 3.0, 1.0);
-        input.spans.push(HostSpan {
-            host: "app-1".into(),
-            datacenter: "dc-1".into(),
-            first_start_ns: 8 * HOUR * 1_000_000_000,
-            last_end_ns: 11 * HOUR * 1_000_000_000,
-        });
         input.hosts.push(HostRow {
             host: "app-1".into(),
             datacenter: "east".into(),
@@ -591,12 +488,23 @@ pub(crate) mod tests {
             transactions: 10.0,
             ..Default::default()
         });
+        evaluate_hours(&mut input, 8, 11)
+    }
+
+    /// The evaluation of hours `from_h..to_h`, host app-1 covering them all.
+    fn evaluate_hours(input: &mut EvaluationInput, from_h: u64, to_h: u64) -> Evaluation {
+        input.spans.push(HostSpan {
+            host: "app-1".into(),
+            datacenter: "dc-1".into(),
+            first_start_ns: from_h * HOUR * 1_000_000_000,
+            last_end_ns: to_h * HOUR * 1_000_000_000,
+        });
         let range = Range {
-            from_s: 8 * HOUR,
-            to_s: 11 * HOUR,
+            from_s: from_h * HOUR,
+            to_s: to_h * HOUR,
             period_s: HOUR,
         };
-        evaluate(&input, &range, (range.from_s, range.to_s), &weights(), 0.9)
+        evaluate(input, &range, (range.from_s, range.to_s), &weights(), 0.9)
     }
 
     #[test]
@@ -614,7 +522,7 @@ pub(crate) mod tests {
 
     #[test]
     fn chart_bars_are_proportional_to_sci() {
-        let svg = sci_chart_svg(&evaluation().periods);
+        let svg = sci_chart_svg(&evaluation().periods).into_string();
         // Max 0.3 -> axis 0.5; plot height 196: bars 39.2 and 117.6, none for 10:00.
         let heights: Vec<f64> = svg
             .split("<rect class=\"bar\"")
@@ -627,7 +535,7 @@ pub(crate) mod tests {
         assert_eq!(heights, vec![39.2, 117.6]);
         // The mean line at 0.2: y = 16 + 196 - 78.4 = 133.6.
         assert!(svg.contains("<line class=\"mean\" x1=\"64\" y1=\"133.6\""));
-        assert!(svg.contains(">mean 0.2000<"));
+        assert!(svg.contains(">mean 200.0 mg<"));
     }
 
     #[test]
@@ -700,6 +608,103 @@ pub(crate) mod tests {
         ), "{html}");
         assert!(html.contains("T/CQJR 032.2-2025 Appendix A"));
         assert!(html.contains("<table class=\"disclosure\">"));
+    }
+
+    /// The chart's tick labels, read back from the SVG, against the data:
+    /// the axis title names the unit, the labels in that unit sit where
+    /// their values fall, and each bar's top reads as its period's SCI_j.
+    fn assert_axis_matches_data(page: &str, periods: &[PeriodFigures]) {
+        let svg = &page[page.find("<svg").unwrap()..];
+        let svg = &svg[..svg.find("</svg>").unwrap()];
+        let title = "SCI_CF per period, ";
+        let unit = &svg[svg.find(title).unwrap() + title.len()..];
+        let unit = &unit[..unit.find("CO2e per business unit").unwrap()];
+        let unit_g = match unit {
+            "t" => 1e6,
+            "kg" => 1e3,
+            "g" => 1.0,
+            "mg" => 1e-3,
+            "µg" => 1e-6,
+            other => panic!("axis unit {other:?}"),
+        };
+        let attr = |tag: &str, name: &str| -> f64 {
+            let at = tag.rfind(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+            tag[at..at + tag[at..].find('"').unwrap()].parse().unwrap()
+        };
+        // (y of the tick's grid line, value of its label in grams)
+        let mut ticks: Vec<(f64, f64)> = Vec::new();
+        let parts: Vec<&str> = svg.split("<text class=\"tick\"").collect();
+        for (before, tick) in parts.iter().zip(&parts[1..]) {
+            let line = &before[before.rfind("<line").unwrap()..];
+            let label = &tick[tick.find('>').unwrap() + 1..tick.find("</text>").unwrap()];
+            ticks.push((attr(line, "y1"), label.parse::<f64>().unwrap() * unit_g));
+        }
+        assert_eq!(ticks.len(), 5, "{svg}");
+        let (y0, v0) = ticks[0];
+        let (y4, v4) = ticks[4];
+        assert_eq!(v0, 0.0);
+        let value_at = |y: f64| v0 + (y - y0) * (v4 - v0) / (y4 - y0);
+        for (y, v) in &ticks {
+            assert!(
+                (value_at(*y) - v).abs() <= 1e-3 * v4,
+                "tick {v} at y {y}: {ticks:?}"
+            );
+        }
+        let max = periods
+            .iter()
+            .filter_map(|p| p.sci_g_per_unit)
+            .fold(0.0, f64::max);
+        assert!(
+            v4 >= max && v4 < 2.5 * max,
+            "top tick {v4} for data up to {max}"
+        );
+        let bars: Vec<f64> = svg
+            .split("<rect class=\"bar")
+            .skip(1)
+            .map(|rect| value_at(attr(&rect[..rect.find('>').unwrap()], "y")))
+            .collect();
+        let expected: Vec<f64> = periods.iter().filter_map(|p| p.sci_g_per_unit).collect();
+        assert_eq!(bars.len(), expected.len());
+        for (bar, want) in bars.iter().zip(&expected) {
+            assert!(
+                (bar - want).abs() <= 5e-3 * want,
+                "bar reads {bar}, data {want}"
+            );
+        }
+    }
+
+    /// SCI_j of 4e-5 and 1e-5 g per unit: an axis to 5e-5 g, ticks every
+    /// 1.25e-5 g, labelled 0, 12.50, 25.00, 37.50, 50.00 in µg.
+    fn micrograms_evaluation() -> Evaluation {
+        let mut input = EvaluationInput::default();
+        rows(&mut input, 8, 10, 260, 0.015, 0.005);
+        rows(&mut input, 9, 5, 80, 0.0015, 0.0005);
+        evaluate_hours(&mut input, 8, 10)
+    }
+
+    #[test]
+    fn chart_ticks_are_labelled_with_their_values() {
+        let e = micrograms_evaluation();
+        let svg = sci_chart_svg(&e.periods).into_string();
+        let labels: Vec<&str> = svg
+            .split("<text class=\"tick\"")
+            .skip(1)
+            .map(|t| &t[t.find('>').unwrap() + 1..t.find("</text>").unwrap()])
+            .collect();
+        assert_eq!(labels, ["0", "12.50", "25.00", "37.50", "50.00"]);
+        assert!(svg.contains("SCI_CF per period, µgCO2e per business unit"));
+        for e in [micrograms_evaluation(), evaluation()] {
+            let data = DashboardData {
+                title: "Fleet".into(),
+                generated_at: "now".into(),
+                evaluation: e.clone(),
+                hotspots: vec![],
+                flamegraphs: vec![],
+                withheld: vec![],
+            };
+            assert_axis_matches_data(&render_dashboard(&data), &e.periods);
+            assert_axis_matches_data(&render_evaluation_report_html(&e, "now"), &e.periods);
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   deferrable scenarios) at a lower-carbon hour, per the intensity series.
 //!
 //! [`find_hotspots`] ranks them by the carbon at stake (`impact_carbon_g`).
+use crate::figures::{self, count, mass_g, percent, sig4};
 use std::collections::BTreeMap;
 
 /// The standard's compute weight alpha of a scenario (Appendix A).
@@ -329,11 +330,11 @@ pub fn idle_hosts(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hotspot
                     ],
                 ),
                 recommendation: format!(
-                    "consolidate: {} ran at {:.1}% CPU and completed no business transaction; \
-                     moving its work elsewhere and switching it off saves {:.1} gCO2e per period",
+                    "consolidate: {} ran at {} CPU and completed no business transaction; \
+                     moving its work elsewhere and switching it off saves {} CO2e per period",
                     h.host,
-                    h.cpu_utilisation * 100.0,
-                    wasted_g
+                    percent(h.cpu_utilisation),
+                    mass_g(wasted_g)
                 ),
             }
         })
@@ -369,11 +370,11 @@ pub fn oversized_hosts(input: &HotspotInput, options: &HotspotOptions) -> Vec<Ho
                     ],
                 ),
                 recommendation: format!(
-                    "right-size: {:.0}% of {}'s energy is idle power ({:.1} gCO2e); \
+                    "right-size: {} of {}'s energy is idle power ({} CO2e); \
                      a smaller instance or more work per host cuts it",
-                    idle_share * 100.0,
+                    percent(idle_share),
                     h.host,
-                    idle_carbon_g
+                    mass_g(idle_carbon_g)
                 ),
             }
         })
@@ -408,9 +409,12 @@ pub fn weight_gaps(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hotspo
                     ],
                 ),
                 recommendation: format!(
-                    "optimise the {} flow: one transaction costs {:.1} queries' carbon where \
-                     the standard weighs it {:.0}; bringing it to its weight saves {:.1} gCO2e",
-                    w.scenario, measured, standard, excess_g
+                    "optimise the {} flow: one transaction costs {} queries' carbon where \
+                     the standard weighs it {}; bringing it to its weight saves {} CO2e",
+                    w.scenario,
+                    sig4(measured),
+                    count(standard),
+                    mass_g(excess_g)
                 ),
             })
         })
@@ -474,10 +478,10 @@ pub fn hot_functions(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hots
                     ],
                 ),
                 recommendation: format!(
-                    "optimise function {}: {:.0}% of {service}'s {scenario} energy ({:.1} J)",
+                    "optimise function {}: {} of {service}'s {scenario} energy ({})",
                     f.function,
-                    share * 100.0,
-                    f.energy_j
+                    percent(share),
+                    figures::energy_j(f.energy_j)
                 ),
             });
         }
@@ -547,11 +551,14 @@ pub fn move_candidates(input: &HotspotInput, options: &HotspotOptions) -> Vec<Ho
                         ],
                     ),
                     recommendation: format!(
-                        "move {}'s {} work from {region} ({current:.0} g/kWh) to {best_region} \
-                         ({best_mean:.0} g/kWh): saves {saving_g:.1} gCO2e ({:.0}%)",
+                        "move {}'s {} work from {region} ({} g/kWh) to {best_region} \
+                         ({} g/kWh): saves {} CO2e ({})",
                         w.service,
                         w.scenario,
-                        saving_share * 100.0
+                        sig4(current),
+                        sig4(best_mean),
+                        mass_g(saving_g),
+                        percent(saving_share)
                     ),
                 });
             }
@@ -587,8 +594,13 @@ pub fn move_candidates(input: &HotspotInput, options: &HotspotOptions) -> Vec<Ho
                         ),
                         recommendation: format!(
                             "schedule {}'s {} batch in {region} at the hour starting {} (unix s, \
-                             {:.0} g/kWh instead of a mean {current:.0}): saves {saving_g:.1} gCO2e",
-                            w.service, w.scenario, hour.hour_unix_s, hour.intensity_g_per_kwh
+                             {} g/kWh instead of a mean {}): saves {} CO2e",
+                            w.service,
+                            w.scenario,
+                            hour.hour_unix_s,
+                            sig4(hour.intensity_g_per_kwh),
+                            sig4(current),
+                            mass_g(saving_g)
                         ),
                     });
                 }
@@ -619,12 +631,12 @@ fn top_emitter(input: &HotspotInput) -> Option<Hotspot> {
             ],
         ),
         recommendation: format!(
-            "largest emitter: {}'s {} work is {:.0}% of workload carbon ({:.1} gCO2e); \
+            "largest emitter: {}'s {} work is {} of workload carbon ({} CO2e); \
              profile it first",
             top.service,
             top.scenario,
-            share * 100.0,
-            top.carbon_g
+            percent(share),
+            mass_g(top.carbon_g)
         ),
     })
 }
@@ -849,9 +861,9 @@ mod tests {
         );
         // risk_score: 120 kJ x (30 g / 180 kJ) = 20 g.
         assert!(close(hot[0].impact_carbon_g, 20.0));
-        assert!(hot[0]
-            .recommendation
-            .starts_with("optimise function risk_score: 67%"));
+        assert!(hot[0].recommendation.starts_with(
+            "optimise function risk_score: 66.67% of loan-api's credit energy (120.0 kJ)"
+        ));
     }
 
     #[test]

@@ -42,7 +42,8 @@ enum Command {
         /// Period length, e.g. 1h (default: the configured one).
         #[arg(long, value_parser = agent_common::time_text::parse_duration)]
         period: Option<std::time::Duration>,
-        /// json, md or html (printable, with the SCI_j chart).
+        /// json, md, html (printable, with the SCI_j chart) or text (a
+        /// summary for a terminal).
         #[arg(long, default_value = "md")]
         format: String,
     },
@@ -189,7 +190,7 @@ fn run() -> Result<()> {
             if from > max_s || to > max_s {
                 bail!("--from and --to must be before unix second {max_s}");
             }
-            let store = sci_aggregator::store::open(&cfg)?;
+            let store = cfg.open_store()?;
             let from = if from == 0 {
                 store
                     .extent()?
@@ -209,6 +210,7 @@ fn run() -> Result<()> {
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
                 "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
+                "text" => print!("{}", sci_aggregator::report::console(&evaluation)),
                 "html" => print!(
                     "{}",
                     sci_aggregator::dashboard::render_evaluation_report_html(
@@ -216,7 +218,7 @@ fn run() -> Result<()> {
                         &agent_common::time_text::now_rfc3339().to_string()
                     )
                 ),
-                other => bail!("--format {other}: use json, md or html"),
+                other => bail!("--format {other}: use json, md, html or text"),
             }
             Ok(())
         }
@@ -243,7 +245,7 @@ fn run() -> Result<()> {
             }
             let scope: review::compare::Scope = scope.parse().map_err(anyhow::Error::msg)?;
             let period_s = period.unwrap_or(cfg.period).as_secs().max(1);
-            let store = sci_aggregator::store::open(&cfg)?;
+            let store = cfg.open_store()?;
             let layout = store.layout();
             let range = |text: &str, what: &str| -> Result<sci_aggregator::store::Range> {
                 let (from, to) = parse_range(text, what)?;

@@ -1,80 +1,10 @@
 //! The Appendix A evaluation report (step e) in Markdown, the one Markdown
 //! rendering of [`Evaluation`] (JSON is the evaluation itself; HTML is in
-//! [`crate::dashboard`]), and how figures print: 4 significant digits,
-//! unit-scaled (g, mg, µg; J, kJ, MJ) or scientific below the smallest unit.
+//! [`crate::dashboard`]). Figures print as [`crate::figures`] says.
 use std::fmt::Write as _;
 
+use crate::figures::{count, energy_j, mass_g, percent, sig4};
 use crate::sci::{Disclosure, Evaluation};
-
-/// `v` with 4 significant digits (scientific outside 1e-4 ..= 1e6).
-pub fn sig4(v: f64) -> String {
-    if v == 0.0 {
-        return "0".into();
-    }
-    if !v.is_finite() {
-        return v.to_string();
-    }
-    let magnitude = v.abs().log10().floor() as i32;
-    if !(-4..=5).contains(&magnitude) {
-        return format!("{v:.3e}");
-    }
-    let decimals = (3 - magnitude).max(0) as usize;
-    format!("{v:.decimals$}")
-}
-
-/// A count: whole numbers as integers, fractions (shares of windows that
-/// straddle a period boundary) with 4 significant digits.
-pub fn count(v: f64) -> String {
-    if (v - v.round()).abs() <= 1e-9 * v.abs().max(1.0) {
-        format!("{}", v.round() as i64)
-    } else {
-        sig4(v)
-    }
-}
-
-/// A value scaled to the first unit (largest first) where it is >= 1; below
-/// the smallest, scientific in the smallest.
-fn scaled(v: f64, units: &[(f64, &str)]) -> String {
-    if v == 0.0 {
-        let base = units.iter().find(|(f, _)| *f == 1.0).unwrap_or(&units[0]);
-        return format!("0 {}", base.1);
-    }
-    for (factor, unit) in units {
-        if v.abs() >= *factor {
-            return format!("{} {unit}", sig4(v / factor));
-        }
-    }
-    let (factor, unit) = units[units.len() - 1];
-    format!("{:.3e} {unit}", v / factor)
-}
-
-/// Grams of CO2e: t, kg, g, mg, µg.
-pub fn mass_g(v: f64) -> String {
-    scaled(
-        v,
-        &[
-            (1e6, "t"),
-            (1e3, "kg"),
-            (1.0, "g"),
-            (1e-3, "mg"),
-            (1e-6, "µg"),
-        ],
-    )
-}
-
-/// Joules: GJ, MJ, kJ, J, mJ.
-pub fn energy_j(v: f64) -> String {
-    scaled(
-        v,
-        &[
-            (1e9, "GJ"),
-            (1e6, "MJ"),
-            (1e3, "kJ"),
-            (1.0, "J"),
-            (1e-3, "mJ"),
-        ],
-    )
-}
 
 /// gCO2e per business unit, unit-scaled.
 pub fn sci_text(v: Option<f64>) -> String {
@@ -82,10 +12,6 @@ pub fn sci_text(v: Option<f64>) -> String {
         || "undefined".to_string(),
         |v| format!("{} CO2e per business unit", mass_g(v)),
     )
-}
-
-pub fn percent(share: f64) -> String {
-    format!("{}%", sig4(100.0 * share))
 }
 
 pub fn unix_to_text(s: u64) -> String {
@@ -194,7 +120,7 @@ pub fn markdown(e: &Evaluation) -> String {
         "Weights used (alpha_i): {}.\n",
         weights
             .iter()
-            .map(|(k, v)| format!("{k} {v}"))
+            .map(|(k, v)| format!("{k} {}", count(**v)))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -323,6 +249,104 @@ pub fn markdown(e: &Evaluation) -> String {
     md
 }
 
+/// What a service key without a rule means, printed beside it.
+pub const UNASSIGNED_NOTE: &str = "unassigned (no rule): processes no scenario rule claims (the OS, the agent, the load generator, anything not yet under a rule); their energy counts in the hosts' O and so in SCI_CF, but in no scenario";
+
+/// The evaluation for a terminal: the same figures as [`markdown`] (4
+/// significant digits, unit-scaled), the periods in the mean and those left
+/// out with why, O, M and R over the covered periods (so that (O+M)/R is
+/// the pooled figure printed beside it), the scenarios and the
+/// heaviest services.
+pub fn console(e: &Evaluation) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "== Fleet SCI_CF (T/CQJR 032.2-2025, gCO2e per business unit; query = 1 unit) =="
+    );
+    let _ = writeln!(
+        s,
+        "  SCI_CF, mean of the SCI_j of {} period(s) of {} s:   {}",
+        e.periods_in_mean,
+        e.period_s,
+        sci_text(e.sci_cf_mean)
+    );
+    let _ = writeln!(
+        s,
+        "  pooled sum(O+M)/sum(R) over the covered periods:  {}",
+        sci_text(e.sci_cf_pooled)
+    );
+    let covered = e.periods.iter().filter(|p| p.covered);
+    let (o_g, m_g, r) = covered.fold((0.0, 0.0, 0.0), |(o, m, r), p| {
+        (o + p.operational_g, m + p.embodied_g, r + p.business_units)
+    });
+    let _ = writeln!(
+        s,
+        "  over the covered periods: O = {}, M = {}, R = {} units",
+        mass_g(o_g),
+        mass_g(m_g),
+        count(r)
+    );
+    let _ = writeln!(
+        s,
+        "  periods: {} with data ({} with transactions, {} in SCI_CF), {} without data",
+        e.periods.len(),
+        e.periods_defined,
+        e.periods_in_mean,
+        e.periods_without_data
+    );
+    for p in e.periods.iter().filter(|p| !p.in_mean) {
+        let _ = writeln!(
+            s,
+            "    left out {} (coverage {}): {}",
+            unix_to_text(p.start_unix_s),
+            percent(p.coverage),
+            p.excluded_reason.as_deref().unwrap_or("not in the mean")
+        );
+    }
+    let _ = writeln!(s, "\n== Per scenario (whole range) ==");
+    let _ = writeln!(
+        s,
+        "  {:<11} {:>12} {:>12} {:>16} {:>9} {:>9}",
+        "scenario", "transactions", "energy", "per transaction", "measured", "standard"
+    );
+    for sc in &e.scenarios {
+        let _ = writeln!(
+            s,
+            "  {:<11} {:>12} {:>12} {:>16} {:>9} {:>9}",
+            sc.scenario,
+            count(sc.transactions),
+            energy_j(sc.total_energy_j),
+            sc.g_per_transaction.map_or("–".into(), mass_g),
+            sc.measured_weight.map_or("–".into(), sig4),
+            sc.standard_weight
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n== Where the carbon goes (heaviest services, whole range) =="
+    );
+    let mut unassigned = false;
+    for sv in e.services.iter().take(6) {
+        let key = if sv.key == "(none)/(none)" {
+            unassigned = true;
+            "unassigned (no rule)"
+        } else {
+            sv.key.as_str()
+        };
+        let _ = writeln!(
+            s,
+            "  {:<30} {:>12} {:>12}",
+            key,
+            energy_j(sv.energy_j),
+            mass_g(sv.carbon_g + sv.embodied_g)
+        );
+    }
+    if unassigned {
+        let _ = writeln!(s, "  {UNASSIGNED_NOTE}");
+    }
+    s
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -352,20 +376,37 @@ mod tests {
     }
 
     #[test]
-    fn four_significant_digits_unit_scaled() {
-        assert_eq!(sig4(0.2), "0.2000");
-        assert_eq!(sig4(114.0 / 700.0), "0.1629");
-        assert_eq!(sig4(1234.5678), "1235");
-        assert_eq!(sig4(0.000083), "8.300e-5");
-        assert_eq!(mass_g(0.000083), "83.00 µg");
-        assert_eq!(mass_g(0.2), "200.0 mg");
-        assert_eq!(mass_g(2.5e-9), "2.500e-3 µg");
-        assert_eq!(mass_g(1500.0), "1.500 kg");
-        assert_eq!(energy_j(3.64), "3.640 J");
-        assert_eq!(energy_j(0.254), "254.0 mJ");
-        assert_eq!(energy_j(0.0), "0 J");
-        assert_eq!(count(24.0), "24");
-        assert_eq!(count(1.5), "1.500");
+    fn console_counts_the_periods_and_agrees_with_the_pooled_figure() {
+        let e = crate::dashboard::tests::evaluation();
+        let text = console(&e);
+        assert!(text.contains("SCI_CF, mean of the SCI_j of 2 period(s) of 3600 s:   200.0 mg CO2e per business unit"), "{text}");
+        assert!(
+            text.contains("pooled sum(O+M)/sum(R) over the covered periods:  162.9 mg CO2e"),
+            "{text}"
+        );
+        // O + M over the covered periods, divided by their R: the pooled figure.
+        let (o, m, r) = e
+            .periods
+            .iter()
+            .filter(|p| p.covered)
+            .fold((0.0, 0.0, 0.0), |a, p| {
+                (
+                    a.0 + p.operational_g,
+                    a.1 + p.embodied_g,
+                    a.2 + p.business_units,
+                )
+            });
+        assert!(((o + m) / r - e.sci_cf_pooled.unwrap()).abs() < 1e-12);
+        assert!(
+            text.contains("over the covered periods: O = 93.00 g, M = 21.00 g, R = 700 units"),
+            "{text}"
+        );
+        assert!(text.contains("left out 1970-01-01T10:00:00Z (coverage 100.0%): no completed transactions in the period (R = 0)"), "{text}");
+    }
+
+    #[test]
+    fn sci_text_names_the_unit() {
+        assert_eq!(sci_text(Some(0.000083)), "83.00 µg CO2e per business unit");
         assert_eq!(sci_text(None), "undefined");
     }
 }

@@ -23,6 +23,7 @@ use serde::{Serialize, Serializer};
 
 use crate::config::SCENARIOS;
 use crate::error::AggregatorError;
+use crate::figures::{percent, sig4};
 use crate::store::{FleetRow, HostRow, HostSpan, Range, ScenarioRow, ServiceRow, Store};
 use agent_common::UNASSIGNED;
 
@@ -473,10 +474,10 @@ pub fn evaluate(
                 p.in_mean = true;
             } else {
                 p.excluded_reason = Some(format!(
-                    "coverage {:.1}% is below the minimum {:.1}% ({:.0} host-seconds of data for {} hosts x {} s)",
-                    100.0 * p.coverage,
-                    100.0 * min_coverage,
-                    p.host_seconds,
+                    "coverage {} is below the minimum {} ({} host-seconds of data for {} hosts x {} s)",
+                    percent(p.coverage),
+                    percent(min_coverage),
+                    sig4(p.host_seconds),
                     p.hosts,
                     end.saturating_sub(start)
                 ));
@@ -486,9 +487,9 @@ pub fn evaluate(
             p.excluded_reason = p.undefined_reason.clone();
             if !p.covered {
                 p.excluded_reason = Some(format!(
-                    "no completed transactions (R = 0); coverage {:.1}% is also below the minimum {:.1}%",
-                    100.0 * p.coverage,
-                    100.0 * min_coverage
+                    "no completed transactions (R = 0); coverage {} is also below the minimum {}",
+                    percent(p.coverage),
+                    percent(min_coverage)
                 ));
             }
         }
@@ -507,8 +508,8 @@ pub fn evaluate(
     let periods_without_data = total_periods.saturating_sub(periods.len() as u64);
     let coverage_note = (periods_below_coverage > 0).then(|| {
         format!(
-            "{periods_below_coverage} of {periods_defined} periods with transactions are below the minimum coverage of {:.0}% and are shown but left out of SCI_CF (mean and pooled)",
-            100.0 * min_coverage
+            "{periods_below_coverage} of {periods_defined} periods with transactions are below the minimum coverage of {} and are shown but left out of SCI_CF (mean and pooled)",
+            percent(min_coverage)
         )
     });
 

@@ -133,7 +133,7 @@ pub async fn serve(
     let store: SharedStore = {
         let config = config.clone();
         Arc::from(
-            tokio::task::spawn_blocking(move || crate::store::open(&config))
+            tokio::task::spawn_blocking(move || config.open_store())
                 .await
                 .map_err(|e| AggregatorError::Invalid(format!("opening the store: {e}")))??,
         )

@@ -414,7 +414,7 @@ fn consolidation_on_the_demo_daily_shape_matches_the_hand_computation() {
     )
     .unwrap();
     assert!(strict.datacenters[0].pools[0].freed_host_hours_per_day < 97.0);
-    assert!(plan.assumptions.iter().any(|a| a.contains("60%")));
+    assert!(plan.assumptions.iter().any(|a| a.contains("60.00%")));
 }
 
 /// Windows with a profile and per-request histograms: credit's `score`

@@ -62,14 +62,42 @@ fn short_demo_prints_the_fleet_sci_and_the_scenario_table() {
         "demo failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let mean_line = stdout.lines().find(|l| l.contains("mean of")).unwrap();
-    let mean: f64 = mean_line
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("no SCI_CF: {mean_line}"));
+    // The console says what the report says: the same mean and pooled
+    // figures, 4 significant digits, unit-scaled.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    let mean = report["sci_cf_mean"]
+        .as_f64()
+        .expect("the demo's report has a SCI_CF");
     assert!(mean > 0.0 && mean.is_finite());
+    let mean_line = stdout
+        .lines()
+        .find(|l| l.contains("SCI_CF, mean of the SCI_j of"))
+        .unwrap();
+    assert!(
+        mean_line.contains(&format!("{} period(s)", report["periods_in_mean"]))
+            && mean_line.ends_with(&sci_aggregator::report::sci_text(Some(mean))),
+        "{mean_line} against the report's {mean}"
+    );
+    let pooled_line = stdout
+        .lines()
+        .find(|l| l.contains("pooled sum(O+M)/sum(R)"))
+        .unwrap();
+    assert!(
+        pooled_line.ends_with(&sci_aggregator::report::sci_text(
+            report["sci_cf_pooled"].as_f64()
+        )),
+        "{pooled_line}"
+    );
+    let periods = report["periods"].as_array().unwrap();
+    for p in periods.iter().filter(|p| p["in_mean"] == false) {
+        let when = sci_aggregator::report::unix_to_text(p["start_unix_s"].as_u64().unwrap());
+        assert!(
+            stdout.contains(&format!("left out {when}")),
+            "period {when} left out without a line"
+        );
+    }
     for scenario in ["credit", "drawdown", "repayment", "query"] {
         let row = stdout
             .lines()

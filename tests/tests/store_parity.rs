@@ -143,7 +143,7 @@ fn check_hand_computation(e: &Evaluation) {
         .excluded_reason
         .as_deref()
         .unwrap()
-        .contains("coverage 75.0% is below the minimum 90.0%"));
+        .contains("coverage 75.00% is below the minimum 90.00%"));
     let mean = (5.4 / 71.0 + 5.6 / 60.0) / 2.0;
     let pooled = (5.4 + 5.6) / (71.0 + 60.0);
     println!(
@@ -158,7 +158,7 @@ fn check_hand_computation(e: &Evaluation) {
         .coverage_note
         .as_deref()
         .unwrap()
-        .contains("1 of 3 periods with transactions are below the minimum coverage of 90%"));
+        .contains("1 of 3 periods with transactions are below the minimum coverage of 90.00%"));
     // Disclosure per data centre: factors as sent, shares by energy.
     let d = &e.disclosure[0];
     assert_eq!(d.datacenter, "dc-east");
@@ -271,8 +271,8 @@ fn both_stores_give_the_hand_computed_sci_cf() {
     assert_eq!(md, sci_aggregator::report::markdown(&from_sqlite));
     for needle in [
         "| dc-east | 530.6 | region:CN-East (test grid factor) | 1.250 | 1.000 t | 1460 | 0.03125 | vm: 2 of 64 vCPUs | model-linear | linear 10-35 W per vCPU | 3.300 kJ | 100.0% | 5.000% | 0% |",
-        "**Coverage:** 1 of 3 periods with transactions are below the minimum coverage of 90%",
-        "no: coverage 75.0% is below the minimum 90.0%",
+        "**Coverage:** 1 of 3 periods with transactions are below the minimum coverage of 90.00%",
+        "no: coverage 75.00% is below the minimum 90.00%",
     ] {
         assert!(md.contains(needle), "{needle}\n{md}");
     }

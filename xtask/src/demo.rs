@@ -38,6 +38,10 @@ pub struct DemoArgs {
     /// Where the run's files go (default: target/demo/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also save a screenshot of the dashboard (headless Chromium) here, at
+    /// the end of the load.
+    #[arg(long)]
+    screenshot: Option<PathBuf>,
 }
 
 fn free_port() -> Result<u16> {
@@ -264,14 +268,15 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     // Let the last windows reach the aggregator.
     sleep_unless_interrupted(args.interval * 2 + Duration::from_secs(1));
     sup.stop("agent");
-    let summary = crate::demo_aggregator::summary(
-        &bin,
-        &aggregator_toml,
-        http_port,
-        &out,
-        run_started_s,
-        args.period,
-    );
+    if let Some(png) = &args.screenshot {
+        if let Err(e) = crate::demo_aggregator::screenshot(http_port, png) {
+            sup.stop_all();
+            return Err(e);
+        }
+        println!("dashboard screenshot: {}", png.display());
+    }
+    let summary =
+        crate::demo_aggregator::summary(&bin, &aggregator_toml, &out, run_started_s, args.period);
     sup.stop_all();
     if interrupted() {
         return Ok(());

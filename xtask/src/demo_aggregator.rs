@@ -36,118 +36,78 @@ pub fn windows_ingested(http_port: u16) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn g(v: &serde_json::Value) -> String {
-    v.as_f64()
-        .map_or_else(|| "undefined".into(), |v| format!("{v:.6}"))
-}
-
-/// The closing summary: fleet SCI_CF, per-scenario table, top workloads, report files.
+/// The closing summary: `sci-aggregator report --format text` over the run
+/// (the report's own figures and wording), and the report files beside it.
 pub fn summary(
     bin: &Path,
     aggregator_toml: &Path,
-    http_port: u16,
     out: &Path,
     from_s: u64,
     period: Duration,
 ) -> Result<String> {
-    let to_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 1;
-    let (status, body) = http_get(
-        http_port,
-        &format!(
-            "/api/v1/sci?from={from_s}&to={to_s}&period={}",
-            period.as_secs().max(1)
-        ),
-    )
-    .context("no answer from the aggregator")?;
-    if status != 200 {
-        bail!("aggregator answered {status}: {body}");
-    }
-    let e: serde_json::Value = serde_json::from_str(&body)?;
-    let mut s = String::new();
-    writeln!(
-        s,
-        "\n== Fleet SCI_CF (T/CQJR 032.2, gCO2e per business unit; query = 1 unit) =="
-    )?;
-    writeln!(
-        s,
-        "  mean of {} periods with transactions (Appendix A): {}",
-        e["periods_defined"],
-        g(&e["sci_cf_mean"])
-    )?;
-    writeln!(
-        s,
-        "  pooled sum(O+M)/sum(R) over the run:            {}",
-        g(&e["sci_cf_pooled"])
-    )?;
-    writeln!(
-        s,
-        "  O = {} g, M = {} g, R = {} units, {} periods of {} s",
-        g(&e["operational_g"]),
-        g(&e["embodied_g"]),
-        e["business_units"].as_f64().unwrap_or(0.0),
-        e["periods"].as_array().map_or(0, |p| p.len()),
-        e["period_s"].as_u64().unwrap_or(0)
-    )?;
-    writeln!(s, "\n== Per scenario ==")?;
-    writeln!(
-        s,
-        "  {:<11} {:>12} {:>12} {:>16} {:>10} {:>10}",
-        "scenario", "transactions", "energy J", "g/transaction", "measured", "standard"
-    )?;
-    for sc in e["scenarios"].as_array().into_iter().flatten() {
-        writeln!(
-            s,
-            "  {:<11} {:>12} {:>12.3} {:>16} {:>10} {:>10}",
-            sc["scenario"].as_str().unwrap_or("?"),
-            sc["transactions"].as_u64().unwrap_or(0),
-            sc["energy_j"].as_f64().unwrap_or(0.0),
-            g(&sc["g_per_transaction"]),
-            sc["measured_weight"]
-                .as_f64()
-                .map_or("-".into(), |w| format!("{w:.1}")),
-            sc["standard_weight"].as_f64().unwrap_or(0.0)
-        )?;
-    }
-    writeln!(s, "\n== Where the carbon goes (top services) ==")?;
-    for sv in e["services"].as_array().into_iter().flatten().take(6) {
-        writeln!(
-            s,
-            "  {:<28} {:>10.3} J {:>12} g",
-            sv["key"]
-                .as_str()
-                .unwrap_or("?")
-                .replace("(none)/(none)", "unassigned (no rule)"),
-            sv["energy_j"].as_f64().unwrap_or(0.0),
-            g(
-                &(sv["carbon_g"].as_f64().unwrap_or(0.0)
-                    + sv["embodied_g"].as_f64().unwrap_or(0.0))
-                .into()
-            )
-        )?;
-    }
-    for (format, file) in [("md", "report.md"), ("json", "report.json")] {
+    let report = |format: &str| -> Result<Vec<u8>> {
         let output = Command::new(bin.join("sci-aggregator"))
             .args(["report", "--config"])
             .arg(aggregator_toml)
-            .args(["--from", &from_s.to_string(), "--format", format])
+            .args([
+                "--from",
+                &from_s.to_string(),
+                "--period",
+                &format!("{}s", period.as_secs().max(1)),
+                "--format",
+                format,
+            ])
             .output()
             .context("running sci-aggregator report")?;
         if !output.status.success() {
             bail!(
-                "sci-aggregator report failed: {}",
+                "sci-aggregator report --format {format} failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        std::fs::write(out.join(file), output.stdout)?;
+        Ok(output.stdout)
+    };
+    for (format, file) in [
+        ("md", "report.md"),
+        ("json", "report.json"),
+        ("html", "report.html"),
+    ] {
+        std::fs::write(out.join(file), report(format)?)?;
     }
+    let mut s = String::from_utf8_lossy(&report("text")?).into_owned();
     writeln!(
         s,
-        "\nEvaluation report: {} (and report.json); logs and configs in {}",
+        "\nEvaluation report: {} (and report.json, report.html); logs and configs in {}",
         out.join("report.md").display(),
         out.display()
     )?;
     Ok(s)
+}
+
+/// A screenshot of the dashboard by headless Chromium, the size of the
+/// README's picture.
+pub fn screenshot(http_port: u16, png: &Path) -> Result<()> {
+    let profile = png.with_extension("chromium-profile");
+    let output = Command::new("/usr/bin/chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1400,1800",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("http://127.0.0.1:{http_port}/dashboard"))
+        .output()
+        .context("running /usr/bin/chromium (cargo xtask setup installs it)")?;
+    let _ = std::fs::remove_dir_all(&profile);
+    if !png.exists() {
+        bail!(
+            "chromium wrote no screenshot: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
 }

@@ -51,7 +51,7 @@ use sci_proto::v1;
 use sci_proto::v1::RefusalCode;
 
 use crate::error::AgentError;
-use crate::window::WindowReport;
+use crate::window::{new_agent_instance, WindowReport};
 use crate::wire::ToWire;
 
 const MAGIC: &[u8; 4] = b"SCIW";
@@ -237,10 +237,6 @@ pub struct Settled {
     pub deferred: usize,
 }
 
-fn new_instance_id() -> String {
-    crate::pipeline::new_agent_instance()
-}
-
 impl Spool {
     /// Opens (or creates) the spool in `dir`. A new spool takes `new_instance`
     /// as its agent instance; an existing one keeps its own.
@@ -302,7 +298,7 @@ impl Spool {
                     Some(Err(reason)) => format!("is damaged ({reason})"),
                     _ => format!("is missing while {} windows are spooled", spool.sizes.len()),
                 };
-                spool.agent_instance = new_instance_id();
+                spool.agent_instance = new_agent_instance();
                 spool.next_seq = highest;
                 spool.stats.state_recovered += 1;
                 spool.stats.new_instances += 1;
@@ -636,7 +632,7 @@ impl Spool {
             }
         }
         if !renumber.is_empty() {
-            self.agent_instance = new_instance_id();
+            self.agent_instance = new_agent_instance();
             self.stats.new_instances += 1;
             tracing::warn!(
                 "aggregator refused {} windows for their seq or instance; new agent instance {}",

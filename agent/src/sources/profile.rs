@@ -121,10 +121,6 @@ pub struct CpuProfiler {
     previous_frames: HashMap<u32, Vec<u64>>,
 }
 
-fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
-    AgentError::Ebpf(format!("{context}: {e}"))
-}
-
 impl CpuProfiler {
     /// Loads its own copy of the agent's eBPF object and attaches
     /// `cpu_profile` to `cpu-clock` on each CPU. Needs root (or CAP_BPF +
@@ -141,7 +137,7 @@ impl CpuProfiler {
         }
         let mut ebpf = EbpfLoader::new()
             .load(object)
-            .map_err(|e| ebpf_err("loading the object", e))?;
+            .map_err(|e| AgentError::ebpf("loading the object", e))?;
         let mut profiler = Self::attach_in(&mut ebpf, options)?;
         profiler._owned = Some(ebpf);
         Ok(profiler)
@@ -160,13 +156,13 @@ impl CpuProfiler {
             .program_mut("cpu_profile")
             .ok_or_else(|| AgentError::Ebpf("program cpu_profile missing".into()))?
             .try_into()
-            .map_err(|e| ebpf_err("cpu_profile", e))?;
+            .map_err(|e| AgentError::ebpf("cpu_profile", e))?;
         program
             .load()
-            .map_err(|e| ebpf_err("verifying cpu_profile", e))?;
+            .map_err(|e| AgentError::ebpf("verifying cpu_profile", e))?;
         let program_id = program
             .info()
-            .map_err(|e| ebpf_err("reading cpu_profile's id", e))?
+            .map_err(|e| AgentError::ebpf("reading cpu_profile's id", e))?
             .id();
         let cpus = options.cpus.clone().unwrap_or_else(online_cpus);
         for cpu in cpus {
@@ -177,18 +173,18 @@ impl CpuProfiler {
                     SamplePolicy::Frequency(options.frequency_hz),
                     false,
                 )
-                .map_err(|e| ebpf_err(&format!("attaching cpu_profile to CPU {cpu}"), e))?;
+                .map_err(|e| AgentError::ebpf(&format!("attaching cpu_profile to CPU {cpu}"), e))?;
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))
         };
         let counts = PerCpuHashMap::try_from(take(ebpf, "PROFILE_COUNTS")?)
-            .map_err(|e| ebpf_err("PROFILE_COUNTS", e))?;
+            .map_err(|e| AgentError::ebpf("PROFILE_COUNTS", e))?;
         let stacks = StackTraceMap::try_from(take(ebpf, "PROFILE_STACKS")?)
-            .map_err(|e| ebpf_err("PROFILE_STACKS", e))?;
+            .map_err(|e| AgentError::ebpf("PROFILE_STACKS", e))?;
         let losses = PerCpuArray::try_from(take(ebpf, "PROFILE_LOSSES")?)
-            .map_err(|e| ebpf_err("PROFILE_LOSSES", e))?;
+            .map_err(|e| AgentError::ebpf("PROFILE_LOSSES", e))?;
         let symbolizer = Symbolizer::builder()
             .enable_code_info(false)
             .enable_inlined_fns(false)
@@ -261,12 +257,12 @@ impl CpuProfiler {
             .counts
             .keys()
             .collect::<Result<_, _>>()
-            .map_err(|e| ebpf_err("listing PROFILE_COUNTS", e))?;
+            .map_err(|e| AgentError::ebpf("listing PROFILE_COUNTS", e))?;
         for key in keys {
             let samples: u64 = match self.counts.get(&key, 0) {
                 Ok(values) => values.iter().sum(),
                 Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(ebpf_err("reading PROFILE_COUNTS", e)),
+                Err(e) => return Err(AgentError::ebpf("reading PROFILE_COUNTS", e)),
             };
             let _ = self.counts.remove(&key);
             if samples > 0 {
@@ -383,7 +379,7 @@ impl CpuProfiler {
                 self.losses
                     .get(&slot, 0)
                     .map(|values| values.iter().sum())
-                    .map_err(|e| ebpf_err("reading PROFILE_LOSSES", e))
+                    .map_err(|e| AgentError::ebpf("reading PROFILE_LOSSES", e))
             })
             .collect()
     }

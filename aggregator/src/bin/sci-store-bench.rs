@@ -198,7 +198,7 @@ async fn main() -> Result<()> {
     let backfill_config = config.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
         let config = backfill_config;
-        let store = sci_aggregator::store::open(&config)?;
+        let store = config.open_store()?;
         for h in 0..days * 24 {
             if skip_backfill {
                 break;
@@ -227,7 +227,7 @@ async fn main() -> Result<()> {
     // as the aggregator's hourly retention pass would have done.
     let usage_config = config.clone();
     let usage_before = tokio::task::spawn_blocking(move || -> Result<_> {
-        let store = sci_aggregator::store::open(&usage_config)?;
+        let store = usage_config.open_store()?;
         let expired = store.expire(now_s, &usage_config.retention())?;
         eprintln!("retention before serving: {expired:?}");
         // What an operator does after a bulk load: the month was written in
@@ -430,7 +430,7 @@ async fn main() -> Result<()> {
 
     let usage_config = config.clone();
     let usage_after = tokio::task::spawn_blocking(move || -> Result<_> {
-        Ok(sci_aggregator::store::open(&usage_config)?.disk_usage()?)
+        Ok(usage_config.open_store()?.disk_usage()?)
     })
     .await??;
     let (raw_before, rollups_bytes) = split_usage(&usage_before);

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::error::AggregatorError;
+use crate::figures::percent;
 use crate::store::{HostPeriodRow, Range, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -328,8 +329,8 @@ pub fn plan(
             "grid intensity and PUE: host-seconds-weighted means of the data centre's windows over the range (fleet rollups)".into(),
         ],
         assumptions: vec![
-            format!("target utilisation of the remaining hosts: {:.0}%", options.target_utilisation * 100.0),
-            format!("zombie: no completed transactions and utilisation below {:.0}% over the range", options.zombie_max_utilisation * 100.0),
+            format!("target utilisation of the remaining hosts: {}", percent(options.target_utilisation)),
+            format!("zombie: no completed transactions and utilisation below {} over the range", percent(options.zombie_max_utilisation)),
             "hosts of a pool are interchangeable (same CPUs); the load of a freed host moves to the others with its dynamic energy unchanged".into(),
             "a powered-down host draws nothing; saved energy = freed host-hours x the pool's measured idle power".into(),
             "embodied carbon is saved only if the freed capacity is retired or given other work (a powered-off host's M is still spent)".into(),

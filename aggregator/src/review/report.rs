@@ -2,18 +2,20 @@
 //! is the review itself), with the disclosed factors of both ranges.
 use std::fmt::Write as _;
 
+use maud::{html, PreEscaped};
+
 use super::stats::Difference;
 use super::Review;
-use crate::dashboard::{disclosure_table, escape_html, page};
-use crate::report::{disclosure_cells, percent, sig4, unix_to_text, DISCLOSURE_COLUMNS};
+use crate::dashboard::{disclosure_table, page};
+use crate::figures::{percent, sig4, signed_percent};
+use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 
 fn opt(v: Option<f64>) -> String {
     v.map(sig4).unwrap_or_else(|| "–".into())
 }
 
 fn relative(v: Option<f64>) -> String {
-    v.map(|r| format!("{:+.1}%", r * 100.0))
-        .unwrap_or_else(|| "–".into())
+    v.map(signed_percent).unwrap_or_else(|| "–".into())
 }
 
 fn interval(d: &Difference) -> String {
@@ -220,8 +222,8 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
     ));
     out.push((
         format!(
-            "Consolidation at {:.0}% target utilisation (candidate range)",
-            r.consolidation.options.target_utilisation * 100.0
+            "Consolidation at {} target utilisation (candidate range)",
+            percent(r.consolidation.options.target_utilisation)
         ),
         [
             "data centre",
@@ -329,62 +331,50 @@ pub fn markdown(r: &Review) -> String {
 pub fn html(r: &Review, generated_at: &str) -> String {
     let c = &r.comparison;
     let title = "Optimisation review";
-    let mut body = String::new();
-    let _ = write!(
-        body,
-        "<h1>{title}</h1><div class=\"meta\">baseline {} · candidate {} · scope {:?} · generated {}</div>",
-        escape_html(&range_text(c.baseline.from_unix_s, c.baseline.to_unix_s, c.baseline.period_s)),
-        escape_html(&range_text(c.candidate.from_unix_s, c.candidate.to_unix_s, c.candidate.period_s)),
-        c.scope,
-        escape_html(generated_at)
-    );
-    for (title, header, rows) in tables(r) {
-        let _ = write!(body, "<h2>{}</h2>", escape_html(&title));
-        if rows.is_empty() {
-            body.push_str("<p>(none)</p>");
-            continue;
+    // The differential flame graph is inferno's SVG (which escapes the names
+    // it draws), inserted as it is.
+    let flame_graph = r.diff_profile.as_ref().map(|p| p.flamegraph_svg());
+    let body = html! {
+        h1 { (title) }
+        div class="meta" {
+            "baseline " (range_text(c.baseline.from_unix_s, c.baseline.to_unix_s, c.baseline.period_s))
+            " · candidate " (range_text(c.candidate.from_unix_s, c.candidate.to_unix_s, c.candidate.period_s))
+            " · scope " (format!("{:?}", c.scope))
+            " · generated " (generated_at)
         }
-        body.push_str("<table><tr>");
-        for h in header {
-            let _ = write!(body, "<th>{}</th>", escape_html(&h));
-        }
-        body.push_str("</tr>");
-        for row in rows {
-            body.push_str("<tr>");
-            for cell in row {
-                let _ = write!(body, "<td>{}</td>", escape_html(&cell));
-            }
-            body.push_str("</tr>");
-        }
-        body.push_str("</table>");
-    }
-    if let Some(p) = &r.diff_profile {
-        body.push_str("<h2>Differential energy flame graph (per transaction)</h2>");
-        match p.flamegraph_svg() {
-            Ok(svg) => body.push_str(&svg),
-            Err(e) => {
-                let _ = write!(body, "<p>{}</p>", escape_html(&e.to_string()));
+        @for (title, header, rows) in tables(r) {
+            h2 { (title) }
+            @if rows.is_empty() {
+                p { "(none)" }
+            } @else {
+                table {
+                    tr { @for h in header { th { (h) } } }
+                    @for row in rows {
+                        tr { @for cell in row { td { (cell) } } }
+                    }
+                }
             }
         }
-    }
-    body.push_str("<h2>Disclosure: baseline</h2>");
-    body.push_str(&disclosure_table(&c.baseline_disclosure));
-    body.push_str("<h2>Disclosure: candidate</h2>");
-    body.push_str(&disclosure_table(&c.candidate_disclosure));
-    body.push_str("<h2>What this could not see</h2><ul>");
-    for n in &c.notes {
-        let _ = write!(body, "<li>{}</li>", escape_html(n));
-    }
-    body.push_str("</ul><h2>Method and assumptions</h2><ul>");
-    let _ = write!(body, "<li>{}</li>", escape_html(&c.method));
-    for d in r
-        .consolidation
-        .data
-        .iter()
-        .chain(&r.consolidation.assumptions)
-    {
-        let _ = write!(body, "<li>{}</li>", escape_html(d));
-    }
-    body.push_str("</ul>");
-    page(title, &body)
+        @if let Some(svg) = flame_graph {
+            h2 { "Differential energy flame graph (per transaction)" }
+            @match svg {
+                Ok(svg) => (PreEscaped(svg)),
+                Err(e) => p { (e.to_string()) },
+            }
+        }
+        h2 { "Disclosure: baseline" }
+        (disclosure_table(&c.baseline_disclosure))
+        h2 { "Disclosure: candidate" }
+        (disclosure_table(&c.candidate_disclosure))
+        h2 { "What this could not see" }
+        ul { @for n in &c.notes { li { (n) } } }
+        h2 { "Method and assumptions" }
+        ul {
+            li { (c.method) }
+            @for d in r.consolidation.data.iter().chain(&r.consolidation.assumptions) {
+                li { (d) }
+            }
+        }
+    };
+    page(title, body)
 }

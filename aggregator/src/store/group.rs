@@ -20,7 +20,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use sci_proto::v1;
 
-use super::{commit_windows, Backend, CommitOutcome};
+use super::backend::Backend;
+use super::commit::commit_windows;
+use super::rows::CommitOutcome;
 use crate::error::AggregatorError;
 
 /// At most this many windows in one merged transaction (a batch larger

@@ -18,11 +18,11 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use sci_proto::v1;
 
+use super::backend::{Backend, Column, Tx, Upsert, Value};
 use super::group::GroupCommit;
-use super::{
-    check_layout, migrations, Backend, Column, CommitOutcome, RollupLayout, Tx, Upsert, Value,
-    DAY_NS,
-};
+use super::layout::{RollupLayout, DAY_NS};
+use super::rows::CommitOutcome;
+use super::schema::{check_layout, migrations};
 use crate::error::AggregatorError;
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;

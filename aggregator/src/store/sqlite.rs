@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
-use super::{check_layout, migrations, Backend, RollupLayout, Tx, Value};
+use super::backend::{Backend, Tx, Value};
+use super::commit::commit_windows;
+use super::layout::RollupLayout;
+use super::rows::CommitOutcome;
+use super::schema::{check_layout, migrations};
 use crate::error::AggregatorError;
 
 pub struct SqliteStore {
@@ -165,6 +169,13 @@ impl SqliteStore {
 impl Backend for SqliteStore {
     fn layout(&self) -> RollupLayout {
         self.layout
+    }
+
+    fn commit_batch(
+        &self,
+        windows: &[sci_proto::v1::WindowReport],
+    ) -> Result<Vec<CommitOutcome>, AggregatorError> {
+        commit_windows(self, windows)
     }
 
     fn write(

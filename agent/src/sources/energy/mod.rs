@@ -42,6 +42,7 @@ pub mod powercap;
 pub mod probe;
 pub mod topology;
 
+pub use crate::error::EnergyError;
 pub use model::{parse_power_model, ModelSource, PowerModel};
 pub use perf_pmu::{EnergyCounter, PerfCounterOpener, PerfPmuSource, SyscallPerfOpener};
 pub use powercap::PowercapSource;
@@ -131,51 +132,6 @@ pub enum HostDomains {
     Packages,
     /// The `psys` (platform) domain alone; falls back to packages when there is none.
     Psys,
-}
-
-/// Errors of the energy sources.
-#[derive(Debug, thiserror::Error)]
-pub enum EnergyError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file exists but its content is not what the kernel writes there.
-    #[error("{path}: {reason}")]
-    Parse { path: PathBuf, reason: String },
-    /// A counter delta that cannot be physical.
-    #[error("domain {domain}: reading rejected: {reason}")]
-    Absurd { domain: String, reason: String },
-    #[error("no energy domain found under {0}")]
-    NoDomains(PathBuf),
-    /// No domain could be read in this window (never reported as 0 W).
-    #[error("no energy domain could be read this window: {0}")]
-    AllDomainsFailed(String),
-    #[error("perf_event_open({event}, cpu {cpu}): {source}")]
-    PerfOpen {
-        event: String,
-        cpu: u32,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid power model {spec:?}: {reason}")]
-    PowerModel { spec: String, reason: String },
-    #[error("invalid energy config: {0}")]
-    Config(String),
-    /// The source exists but does not measure (found by the start-up probe).
-    #[error("{source_name}: {reason}")]
-    Refused { source_name: String, reason: String },
-}
-
-impl EnergyError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        EnergyError::Io {
-            path: path.into(),
-            source,
-        }
-    }
 }
 
 /// Kind of a power domain.
@@ -581,19 +537,13 @@ pub fn select_energy_source_with(
     if auto || wanted == "perf" {
         let discovered = PerfPmuSource::discover(&cfg.sysfs_root, &topology, cfg, opener);
         if let Some(source) = probed("RAPL perf PMU", discovered, load.as_ref(), &mut warnings) {
-            return (
-                Box::new(WithModelFallback::new(source, fallback)),
-                warnings,
-            );
+            return (Box::new(WithModelFallback::new(source, fallback)), warnings);
         }
     }
     if auto || wanted == "powercap" {
         let discovered = PowercapSource::discover(&cfg.sysfs_root, &topology, cfg);
         if let Some(source) = probed("RAPL powercap", discovered, load.as_ref(), &mut warnings) {
-            return (
-                Box::new(WithModelFallback::new(source, fallback)),
-                warnings,
-            );
+            return (Box::new(WithModelFallback::new(source, fallback)), warnings);
         }
     }
     if wanted != "model" {

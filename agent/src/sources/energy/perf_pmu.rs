@@ -324,15 +324,10 @@ impl EnergySource for PerfPmuSource {
                 energy_j,
                 counts_toward_host: false,
                 idle_power_w: None,
+                known_idle_j: None,
             });
         }
-        measured_window(
-            "rapl-perf",
-            duration_ns,
-            domains,
-            warnings,
-            self.host_domains,
-        )
+        measured_window("rapl-perf", sample, domains, warnings, self.host_domains)
     }
 }
 

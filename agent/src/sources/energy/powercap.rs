@@ -267,11 +267,12 @@ impl EnergySource for PowercapSource {
                 energy_j,
                 counts_toward_host: false,
                 idle_power_w: None,
+                known_idle_j: None,
             });
         }
         measured_window(
             "rapl-powercap",
-            duration_ns,
+            sample,
             domains,
             warnings,
             self.host_domains,

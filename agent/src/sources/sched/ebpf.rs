@@ -426,13 +426,9 @@ fn exec_reads_procfs(ebpf: &mut Ebpf, on: bool) -> Result<(), AgentError> {
         ebpf.map_mut("EXEC_READS_PROCFS")
             .ok_or_else(|| AgentError::Ebpf("map EXEC_READS_PROCFS missing".into()))?,
     )
-    .map_err(|e| ebpf_err("EXEC_READS_PROCFS", e))?;
+    .map_err(|e| AgentError::ebpf("EXEC_READS_PROCFS", e))?;
     flag.set(0, u32::from(on), 0)
-        .map_err(|e| ebpf_err("setting EXEC_READS_PROCFS", e))
-}
-
-pub(super) fn ebpf_err(context: &str, e: impl std::fmt::Display) -> AgentError {
-    AgentError::Ebpf(format!("{context}: {e}"))
+        .map_err(|e| AgentError::ebpf("setting EXEC_READS_PROCFS", e))
 }
 
 fn per_cpu_sum(values: &[u64]) -> u64 {
@@ -462,7 +458,7 @@ impl EbpfSampler {
         // The kernel's BTF is read once: our reader takes the offsets from it,
         // aya's relocates and attaches with it.
         let vmlinux = std::fs::read(VMLINUX_BTF)
-            .map_err(|e| ebpf_err(&format!("reading {VMLINUX_BTF}"), e))?;
+            .map_err(|e| AgentError::ebpf(&format!("reading {VMLINUX_BTF}"), e))?;
         let kernel_btf = KernelBtf::parse(&vmlinux)?;
         let offsets = task_offsets(&kernel_btf)?;
         let steal_clock = steal_clock_offsets(&kernel_btf).unwrap_or_else(|reason| {
@@ -479,7 +475,7 @@ impl EbpfSampler {
         });
         drop(kernel_btf);
         let btf = Btf::parse(&vmlinux, aya::Endianness::default())
-            .map_err(|e| ebpf_err("parsing kernel BTF", e))?;
+            .map_err(|e| AgentError::ebpf("parsing kernel BTF", e))?;
         drop(vmlinux);
         let load_ktime_ns = monotonic_now_ns();
         let mut loader = EbpfLoader::new();
@@ -502,7 +498,7 @@ impl EbpfSampler {
         );
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .map_err(|e| ebpf_err("loading the object", e))?;
+            .map_err(|e| AgentError::ebpf("loading the object", e))?;
         // Its free rows are filled before the programs attach.
         let proc_cpu = ProcCpuTable::open(&mut ebpf, possible_cpus)?;
         for (program_name, tracepoint) in TRACEPOINT_PROGRAMS {
@@ -510,36 +506,36 @@ impl EbpfSampler {
                 .program_mut(program_name)
                 .ok_or_else(|| AgentError::Ebpf(format!("program {program_name} missing")))?
                 .try_into()
-                .map_err(|e| ebpf_err(program_name, e))?;
+                .map_err(|e| AgentError::ebpf(program_name, e))?;
             program
                 .load(tracepoint, &btf)
-                .map_err(|e| ebpf_err(&format!("verifying {program_name}"), e))?;
+                .map_err(|e| AgentError::ebpf(&format!("verifying {program_name}"), e))?;
             program
                 .attach()
-                .map_err(|e| ebpf_err(&format!("attaching {program_name}"), e))?;
+                .map_err(|e| AgentError::ebpf(&format!("attaching {program_name}"), e))?;
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))
         };
         let txn_completed = PerCpuHashMap::try_from(take(&mut ebpf, "TXN_COMPLETED")?)
-            .map_err(|e| ebpf_err("TXN_COMPLETED", e))?;
+            .map_err(|e| AgentError::ebpf("TXN_COMPLETED", e))?;
         let thread_cpu = if options.track_threads {
             Some(
                 PerCpuHashMap::try_from(take(&mut ebpf, "THREAD_CPU_NS")?)
-                    .map_err(|e| ebpf_err("THREAD_CPU_NS", e))?,
+                    .map_err(|e| AgentError::ebpf("THREAD_CPU_NS", e))?,
             )
         } else {
             None
         };
         let idle = PerCpuArray::try_from(take(&mut ebpf, "CPU_CLOCK")?)
-            .map_err(|e| ebpf_err("CPU_CLOCK", e))?;
+            .map_err(|e| AgentError::ebpf("CPU_CLOCK", e))?;
         let request_cpu = PerCpuHashMap::try_from(take(&mut ebpf, "REQUEST_CPU")?)
-            .map_err(|e| ebpf_err("REQUEST_CPU", e))?;
-        let losses =
-            PerCpuArray::try_from(take(&mut ebpf, "LOSSES")?).map_err(|e| ebpf_err("LOSSES", e))?;
+            .map_err(|e| AgentError::ebpf("REQUEST_CPU", e))?;
+        let losses = PerCpuArray::try_from(take(&mut ebpf, "LOSSES")?)
+            .map_err(|e| AgentError::ebpf("LOSSES", e))?;
         let ring = RingBuf::try_from(take(&mut ebpf, "PROC_EVENTS")?)
-            .map_err(|e| ebpf_err("PROC_EVENTS", e))?;
+            .map_err(|e| AgentError::ebpf("PROC_EVENTS", e))?;
         let ring_fd = ring.as_raw_fd();
         let proc_root = options
             .proc_root
@@ -650,11 +646,11 @@ impl EbpfSampler {
                 .program_mut(program_name)
                 .ok_or_else(|| AgentError::Ebpf(format!("program {program_name} missing")))?
                 .try_into()
-                .map_err(|e| ebpf_err(program_name, e))?;
+                .map_err(|e| AgentError::ebpf(program_name, e))?;
             if program.fd().is_err() {
                 program
                     .load()
-                    .map_err(|e| ebpf_err(&format!("verifying {program_name}"), e))?;
+                    .map_err(|e| AgentError::ebpf(&format!("verifying {program_name}"), e))?;
             }
             program
                 .attach(
@@ -663,7 +659,7 @@ impl EbpfSampler {
                     aya::programs::uprobe::UProbeScope::AllProcesses,
                 )
                 .map_err(|e| {
-                    ebpf_err(&format!("attaching {symbol} in {}", library.display()), e)
+                    AgentError::ebpf(&format!("attaching {symbol} in {}", library.display()), e)
                 })?;
         }
         let mut followed: Array<_, u32> = Array::try_from(
@@ -671,10 +667,10 @@ impl EbpfSampler {
                 .map_mut("MARKERS_FOLLOWED")
                 .ok_or_else(|| AgentError::Ebpf("map MARKERS_FOLLOWED missing".into()))?,
         )
-        .map_err(|e| ebpf_err("MARKERS_FOLLOWED", e))?;
+        .map_err(|e| AgentError::ebpf("MARKERS_FOLLOWED", e))?;
         followed
             .set(0, 1, 0)
-            .map_err(|e| ebpf_err("switching marker slices on", e))?;
+            .map_err(|e| AgentError::ebpf("switching marker slices on", e))?;
         self.marker_links.push(library.to_path_buf());
         Ok(())
     }
@@ -686,7 +682,7 @@ impl EbpfSampler {
         let clocks = self
             .idle
             .get(&0, 0)
-            .map_err(|e| ebpf_err("reading CPU_CLOCK", e))?;
+            .map_err(|e| AgentError::ebpf("reading CPU_CLOCK", e))?;
         Ok(clocks.iter().map(|clock| clock.mark_steal_ns).collect())
     }
 
@@ -735,7 +731,7 @@ impl EbpfSampler {
     ) -> Result<Vec<u64>, AgentError> {
         let values = array
             .get(&index, 0)
-            .map_err(|e| ebpf_err("reading a per-CPU counter", e))?;
+            .map_err(|e| AgentError::ebpf("reading a per-CPU counter", e))?;
         let mut out = vec![0u64; slots];
         for (cpu, value) in values.iter().enumerate().take(slots) {
             out[cpu] = *value;
@@ -851,7 +847,7 @@ impl EbpfSampler {
             return Ok(keys);
         }
         for entry in self.request_cpu.iter() {
-            let (key, values) = entry.map_err(|e| ebpf_err("reading REQUEST_CPU", e))?;
+            let (key, values) = entry.map_err(|e| AgentError::ebpf("reading REQUEST_CPU", e))?;
             let mut total = RequestCpuBuckets::default();
             for cpu_value in values.iter() {
                 for (sum, count) in total.counts.iter_mut().zip(cpu_value.counts.iter()) {
@@ -890,7 +886,7 @@ impl EbpfSampler {
         };
         let mut idle_keys = Vec::new();
         for entry in thread_cpu.iter() {
-            let (key, values) = entry.map_err(|e| ebpf_err("reading THREAD_CPU_NS", e))?;
+            let (key, values) = entry.map_err(|e| AgentError::ebpf("reading THREAD_CPU_NS", e))?;
             let total = per_cpu_sum(&values);
             let before = self.previous_thread_ns.insert(key, total).unwrap_or(0);
             let delta = total.saturating_sub(before);
@@ -1017,7 +1013,7 @@ impl CpuSampler for EbpfSampler {
         // empty hash map still costs a walk of every bucket to find that out.
         let txn_entries = (!self.marker_links.is_empty()).then(|| self.txn_completed.iter());
         for entry in txn_entries.into_iter().flatten() {
-            let (key, values) = entry.map_err(|e| ebpf_err("reading TXN_COMPLETED", e))?;
+            let (key, values) = entry.map_err(|e| AgentError::ebpf("reading TXN_COMPLETED", e))?;
             let total = per_cpu_sum(&values);
             let before = self.previous_txn.insert(key, total).unwrap_or(0);
             txn_keys.push(key);
@@ -1133,7 +1129,7 @@ impl CpuSampler for EbpfSampler {
             let clocks = self
                 .idle
                 .get(&0, 0)
-                .map_err(|e| ebpf_err("reading CPU_CLOCK", e))?;
+                .map_err(|e| AgentError::ebpf("reading CPU_CLOCK", e))?;
             let mut out = vec![0u64; slots];
             for (cpu, clock) in clocks.iter().enumerate().take(slots) {
                 out[cpu] = clock.idle_ns;

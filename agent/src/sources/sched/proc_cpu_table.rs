@@ -29,7 +29,6 @@ use agent_common::{ProcScenarioKey, MAX_PROCESSES};
 use aya::maps::{HashMap, Map, MapData, Stack};
 use aya::Ebpf;
 
-use super::ebpf::ebpf_err;
 use crate::error::AgentError;
 
 const ROW: &str = "PROC_CPU_ROW";
@@ -156,9 +155,9 @@ impl ProcCpuTable {
             ebpf.take_map(name)
                 .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))
         };
-        let rows = HashMap::try_from(take(ROW)?).map_err(|e| ebpf_err(ROW, e))?;
+        let rows = HashMap::try_from(take(ROW)?).map_err(|e| AgentError::ebpf(ROW, e))?;
         let mut free_rows: Stack<MapData, u32> =
-            Stack::try_from(take(FREE_ROWS)?).map_err(|e| ebpf_err(FREE_ROWS, e))?;
+            Stack::try_from(take(FREE_ROWS)?).map_err(|e| AgentError::ebpf(FREE_ROWS, e))?;
         let array = |map: Map, name: &str| match map {
             Map::Array(data) => Ok(data),
             _ => Err(AgentError::Ebpf(format!("map {name} is not an array"))),
@@ -172,7 +171,7 @@ impl ProcCpuTable {
         for row in (0..MAX_PROCESSES).rev() {
             free_rows
                 .push(row, 0)
-                .map_err(|e| ebpf_err("filling PROC_CPU_FREE_ROWS", e))?;
+                .map_err(|e| AgentError::ebpf("filling PROC_CPU_FREE_ROWS", e))?;
         }
         Ok(ProcCpuTable {
             rows,
@@ -225,13 +224,15 @@ impl ProcCpuTable {
                 key.tgid, key.scenario
             )));
         }
-        self.rows.remove(key).map_err(|e| ebpf_err(ROW, e))?;
+        self.rows
+            .remove(key)
+            .map_err(|e| AgentError::ebpf(ROW, e))?;
         self.row_keys.set(row_at, 0);
         for cpu in 0..self.possible_cpus {
             self.cpu_ns.set(cpu * ROWS + row_at, 0);
         }
         self.free_rows
             .push(row, 0)
-            .map_err(|e| ebpf_err("giving a row back to PROC_CPU_FREE_ROWS", e))
+            .map_err(|e| AgentError::ebpf("giving a row back to PROC_CPU_FREE_ROWS", e))
     }
 }

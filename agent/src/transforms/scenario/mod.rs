@@ -37,19 +37,7 @@ mod rules;
 
 pub use rules::{pod_uid_from_cgroup, read_pod_labels, systemd_unit_from_cgroup, ScenarioRule};
 
-/// Errors of the scenario stage.
-#[derive(Debug, thiserror::Error)]
-pub enum ScenarioError {
-    #[error("unknown scenario {name:?}: expected one of credit, drawdown, repayment, query")]
-    UnknownScenario { name: String },
-    #[error("weight of {scenario} must be a finite number > 0, got {value}")]
-    InvalidWeight { scenario: String, value: f64 },
-    #[error("scenarios.rules[{index}]: {message}")]
-    Rule { index: usize, message: String },
-    #[error("window has {report} process records but the CPU sample has {sample} processes")]
-    ProcessMismatch { report: usize, sample: usize },
-}
-
+pub use crate::error::ScenarioError;
 pub use agent_common::scenario::{PerScenario, Scenario, TransactionCounts, UNASSIGNED};
 
 /// alpha_i in use: the standard's unless agent.toml overrides some.

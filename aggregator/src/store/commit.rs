@@ -1,0 +1,169 @@
+//! The commit shared by every backend: dedupe against `window_keys`, the
+//! raw windows appended, their additions to the rollups ([`super::deltas`])
+//! and the hosts' spans upserted, all in one transaction.
+use std::collections::{BTreeMap, BTreeSet};
+
+use sci_proto::v1;
+
+use super::backend::{values_clause, Backend, Column, Upsert, Value, ROWS_PER_STATEMENT};
+use super::deltas::Deltas;
+use super::encoding::{canonical_encoding, content_digest};
+use super::layout::DAY_NS;
+use super::rows::{CommitOutcome, HostSpan};
+use super::tables::or_none;
+use crate::error::AggregatorError;
+
+fn key_key(w: &v1::WindowReport) -> (String, String, u64) {
+    (w.host.clone(), w.agent_instance.clone(), w.seq)
+}
+
+/// The commit shared by every backend.
+pub fn commit_windows(
+    db: &dyn Backend,
+    windows: &[v1::WindowReport],
+) -> Result<Vec<CommitOutcome>, AggregatorError> {
+    if windows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let layout = db.layout();
+    let encoded: Vec<(Vec<u8>, Vec<u8>)> = windows
+        .iter()
+        .map(|w| {
+            let bytes = canonical_encoding(w);
+            let digest = content_digest(&bytes);
+            (bytes, digest)
+        })
+        .collect();
+    let mut days: Vec<u64> = windows.iter().map(|w| w.end_unix_ns / DAY_NS).collect();
+    days.sort_unstable();
+    days.dedup();
+    db.prepare_raw_days(&days)?;
+    let mut outcomes = Vec::new();
+    db.write(&mut |tx| {
+        outcomes = vec![CommitOutcome::Stored; windows.len()];
+        // Within the batch: a key seen earlier decides against that one.
+        let mut first_of: BTreeMap<(String, String, u64), usize> = BTreeMap::new();
+        let mut candidates = Vec::new();
+        for (i, w) in windows.iter().enumerate() {
+            match first_of.get(&key_key(w)) {
+                Some(&j) => {
+                    outcomes[i] = if encoded[j].1 == encoded[i].1 {
+                        CommitOutcome::Duplicate
+                    } else {
+                        CommitOutcome::Conflict
+                    }
+                }
+                None => {
+                    first_of.insert(key_key(w), i);
+                    candidates.push(i);
+                }
+            }
+        }
+        let mut inserted: BTreeSet<(String, String, u64)> = BTreeSet::new();
+        for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO window_keys (host, agent_instance, seq, end_ns, digest) VALUES {} \
+                 ON CONFLICT (host, agent_instance, seq) DO NOTHING RETURNING host, agent_instance, seq",
+                values_clause(chunk.len(), 5)
+            );
+            let mut params = Vec::with_capacity(chunk.len() * 5);
+            for &i in chunk {
+                let w = &windows[i];
+                params.push(Value::Text(w.host.clone()));
+                params.push(Value::Text(w.agent_instance.clone()));
+                params.push(Value::Int(w.seq as i64));
+                params.push(Value::Int(w.end_unix_ns as i64));
+                params.push(Value::Bytes(encoded[i].1.clone()));
+            }
+            for row in tx.query(&sql, &params)? {
+                inserted.insert((row[0].text(), row[1].text(), row[2].i64() as u64));
+            }
+        }
+        let mut stored = Vec::new();
+        for &i in &candidates {
+            let w = &windows[i];
+            if inserted.contains(&key_key(w)) {
+                stored.push(i);
+                continue;
+            }
+            let rows = tx.query(
+                "SELECT digest FROM window_keys WHERE host = $1 AND agent_instance = $2 AND seq = $3",
+                &[
+                    Value::Text(w.host.clone()),
+                    Value::Text(w.agent_instance.clone()),
+                    Value::Int(w.seq as i64),
+                ],
+            )?;
+            let same = rows.first().is_some_and(|r| r[0].bytes() == encoded[i].1);
+            outcomes[i] = if same {
+                CommitOutcome::Duplicate
+            } else {
+                CommitOutcome::Conflict
+            };
+        }
+        let raw_rows: Vec<Vec<Value>> = stored
+            .iter()
+            .map(|&i| {
+                let w = &windows[i];
+                vec![
+                    Value::Int(w.end_unix_ns as i64),
+                    Value::Text(w.host.clone()),
+                    Value::Text(w.agent_instance.clone()),
+                    Value::Int(w.seq as i64),
+                    Value::Bytes(encoded[i].0.clone()),
+                ]
+            })
+            .collect();
+        tx.append_rows(
+            "windows_raw",
+            &["end_ns", "host", "agent_instance", "seq", "payload"],
+            &raw_rows,
+        )?;
+        let mut deltas = Deltas::default();
+        let mut spans: BTreeMap<String, HostSpan> = BTreeMap::new();
+        for &i in &stored {
+            let w = &windows[i];
+            deltas.add_window(w, &layout);
+            let span = spans.entry(w.host.clone()).or_insert_with(|| HostSpan {
+                host: w.host.clone(),
+                datacenter: or_none(&w.datacenter).to_string(),
+                first_start_ns: w.start_unix_ns,
+                last_end_ns: w.end_unix_ns,
+            });
+            span.first_start_ns = span.first_start_ns.min(w.start_unix_ns);
+            span.last_end_ns = span.last_end_ns.max(w.end_unix_ns);
+            or_none(&w.datacenter).clone_into(&mut span.datacenter);
+        }
+        for upsert in deltas.upserts() {
+            tx.upsert_later(upsert)?;
+        }
+        if !spans.is_empty() {
+            let spans: Vec<&HostSpan> = spans.values().collect();
+            tx.upsert_later(Upsert {
+                table: "hosts",
+                columns: vec![
+                    ("host", Column::Text(spans.iter().map(|s| s.host.clone()).collect())),
+                    (
+                        "datacenter",
+                        Column::Text(spans.iter().map(|s| s.datacenter.clone()).collect()),
+                    ),
+                    (
+                        "first_start_ns",
+                        Column::Int(spans.iter().map(|s| s.first_start_ns as i64).collect()),
+                    ),
+                    (
+                        "last_end_ns",
+                        Column::Int(spans.iter().map(|s| s.last_end_ns as i64).collect()),
+                    ),
+                ],
+                conflict_keys: &["host"],
+                on_conflict: "datacenter = excluded.datacenter, \
+                    first_start_ns = CASE WHEN excluded.first_start_ns < hosts.first_start_ns THEN excluded.first_start_ns ELSE hosts.first_start_ns END, \
+                    last_end_ns = CASE WHEN excluded.last_end_ns > hosts.last_end_ns THEN excluded.last_end_ns ELSE hosts.last_end_ns END"
+                    .to_string(),
+            })?;
+        }
+        Ok(())
+    })?;
+    Ok(outcomes)
+}

@@ -1,0 +1,496 @@
+//! The queries shared by every backend: [`Store`] for any [`Backend`]. Each
+//! rollup query is a [`SumQuery`] (which table, which range, grouped by
+//! what, summed what) and a map from its answer's columns to a row of
+//! [`super::rows`]. A new query: a method on [`Store`], and here its
+//! `SumQuery` and its map.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sci_proto::v1;
+
+use super::backend::{Backend, Value};
+use super::layout::{Range, Retention, RollupLayout, DAY_S};
+use super::rows::{
+    CommitOutcome, Expired, FleetRow, HostPeriodRow, HostRow, HostServiceRow, HostSpan,
+    IntensityRow, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRow, StackSum,
+};
+use super::tables::{
+    Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
+    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, TABLES,
+};
+use super::Store;
+use crate::error::AggregatorError;
+
+/// A column of a [`SumQuery`]'s answer, before its sums.
+#[derive(Clone, Copy)]
+enum Col<'a> {
+    /// The period index, `bucket_s / period_s` (`bucket_s` itself without
+    /// a period): grouped and ordered by.
+    Period,
+    /// A key column: grouped and ordered by.
+    Key(&'a str),
+    /// A column that the grouped ones determine (a host's data centre),
+    /// read as its `MAX`.
+    Max(&'a str),
+}
+
+/// One query over a rollup table: its rows in `[from_s, to_s)` grouped by
+/// the [`Col::Period`] and [`Col::Key`] columns, `sums` summed, ordered by
+/// the grouped columns. With a coarse copy, whole coarse buckets are read
+/// from it (see [`source`]).
+struct SumQuery<'a> {
+    table: &'a Table,
+    /// The coarse copy and its bucket length.
+    coarse: Option<(&'a Table, u64)>,
+    from_s: u64,
+    to_s: u64,
+    /// The period length, for [`Col::Period`].
+    period_s: Option<u64>,
+    columns: &'a [Col<'a>],
+    sums: &'a [&'a str],
+    /// `column = value` conditions, for the values that are given.
+    filters: &'a [(&'a str, Option<&'a str>)],
+}
+
+impl<'a> SumQuery<'a> {
+    /// All of `table`'s sums over `[from_s, to_s)`, to which the caller adds
+    /// its columns.
+    fn over(table: &'a Table, from_s: u64, to_s: u64) -> SumQuery<'a> {
+        SumQuery {
+            table,
+            coarse: None,
+            from_s,
+            to_s,
+            period_s: None,
+            columns: &[],
+            sums: table.sums,
+            filters: &[],
+        }
+    }
+
+    fn sql(&self) -> (String, Vec<Value>) {
+        let mut params = Vec::new();
+        let src = source(
+            self.table,
+            self.coarse,
+            self.from_s,
+            self.to_s,
+            self.period_s,
+            &mut params,
+        );
+        let period = self.period_s.map(|period_s| {
+            params.push(Value::Int(period_s as i64));
+            format!("bucket_s / ${}", params.len())
+        });
+        let mut filter = String::new();
+        for (column, value) in self.filters {
+            if let Some(value) = value {
+                params.push(Value::Text(value.to_string()));
+                let glue = if filter.is_empty() { " WHERE" } else { " AND" };
+                filter.push_str(&format!("{glue} {column} = ${}", params.len()));
+            }
+        }
+        let (mut select, mut group, mut order) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, column) in self.columns.iter().enumerate() {
+            let expr = match *column {
+                Col::Period => period.clone().unwrap_or_else(|| "bucket_s".to_string()),
+                Col::Key(c) => c.to_string(),
+                Col::Max(c) => format!("MAX({c})"),
+            };
+            if !matches!(column, Col::Max(_)) {
+                group.push(expr.clone());
+                order.push((i + 1).to_string());
+            }
+            select.push(expr);
+        }
+        select.extend(self.sums.iter().map(|c| format!("SUM({c})")));
+        let sql = format!(
+            "SELECT {} FROM {src}{filter} GROUP BY {} ORDER BY {}",
+            select.join(", "),
+            group.join(", "),
+            order.join(", ")
+        );
+        (sql, params)
+    }
+
+    /// The answer's rows, each through `map`.
+    fn read<T>(
+        &self,
+        db: &dyn Backend,
+        map: impl Fn(&[Value]) -> T,
+    ) -> Result<Vec<T>, AggregatorError> {
+        let (sql, params) = self.sql();
+        Ok(db.read(&sql, &params)?.iter().map(|r| map(r)).collect())
+    }
+}
+
+/// A derived table `src` with the rows of `[from_s, to_s)`: the whole
+/// buckets of `coarse` (step `coarse_step`) inside the range, the finer
+/// `fine` rows only at its edges, when every period holds whole coarse
+/// buckets (`period_s` a multiple of the coarse step, or no periods). Sums
+/// are additive, so both readings give the same totals; the coarse one
+/// reads up to 60 (or 24) times fewer rows. Its parameters are appended.
+fn source(
+    fine: &Table,
+    coarse: Option<(&Table, u64)>,
+    from_s: u64,
+    to_s: u64,
+    period_s: Option<u64>,
+    params: &mut Vec<Value>,
+) -> String {
+    let columns: Vec<&str> = fine.keys.iter().chain(fine.sums).copied().collect();
+    let columns = columns.join(", ");
+    let mut param = |v: u64| {
+        params.push(Value::Int(v as i64));
+        format!("${}", params.len())
+    };
+    if let Some((coarse, coarse_step)) = coarse {
+        let inner_from = from_s.div_ceil(coarse_step) * coarse_step;
+        let inner_to = to_s / coarse_step * coarse_step;
+        if inner_from < inner_to && period_s.is_none_or(|p| p.is_multiple_of(coarse_step)) {
+            let (a, b, f, t) = (
+                param(inner_from),
+                param(inner_to),
+                param(from_s),
+                param(to_s),
+            );
+            return format!(
+                "(SELECT {columns} FROM {} WHERE bucket_s >= {a} AND bucket_s < {b} \
+                 UNION ALL SELECT {columns} FROM {} WHERE (bucket_s >= {f} AND bucket_s < {a}) \
+                 OR (bucket_s >= {b} AND bucket_s < {t})) AS src",
+                coarse.name, fine.name
+            );
+        }
+    }
+    let (f, t) = (param(from_s), param(to_s));
+    format!(
+        "(SELECT {columns} FROM {} WHERE bucket_s >= {f} AND bucket_s < {t}) AS src",
+        fine.name
+    )
+}
+
+/// The range of a per-period host-step query: whole host steps, periods
+/// made of whole host steps.
+fn host_periods_range(range: &Range, layout: &RollupLayout) -> Result<(u64, u64), AggregatorError> {
+    if !range.period_s.is_multiple_of(layout.host_step_s) {
+        return Err(AggregatorError::Invalid(format!(
+            "period {} s is not a multiple of host_rollup_step {} s: host and service figures per period need whole host steps",
+            range.period_s, layout.host_step_s
+        )));
+    }
+    Ok(range.host_range(layout))
+}
+
+impl ServiceRow {
+    /// datacenter, service, scenario, then the five sums in field order.
+    fn from_columns(r: &[Value]) -> ServiceRow {
+        ServiceRow {
+            datacenter: r[0].text(),
+            service: r[1].text(),
+            scenario: r[2].text(),
+            cpu_ns: r[3].f64(),
+            energy_j: r[4].f64(),
+            idle_energy_j: r[5].f64(),
+            carbon_g: r[6].f64(),
+            embodied_g: r[7].f64(),
+        }
+    }
+}
+
+impl HostRow {
+    /// host, datacenter, then the nine sums in field order.
+    fn from_columns(r: &[Value]) -> HostRow {
+        let f = |i: usize| r[2 + i].f64();
+        HostRow {
+            host: r[0].text(),
+            datacenter: r[1].text(),
+            host_s: f(0),
+            energy_j: f(1),
+            idle_energy_j: f(2),
+            estimated_energy_j: f(3),
+            carbon_g: f(4),
+            embodied_g: f(5),
+            busy_cpu_ns: f(6),
+            idle_cpu_ns: f(7),
+            transactions: f(8),
+        }
+    }
+}
+
+use Col::{Key, Max, Period};
+
+impl<B: Backend> Store for B {
+    fn commit(&self, windows: &[v1::WindowReport]) -> Result<Vec<CommitOutcome>, AggregatorError> {
+        self.commit_batch(windows)
+    }
+
+    fn layout(&self) -> RollupLayout {
+        Backend::layout(self)
+    }
+
+    fn fleet_periods(&self, range: &Range) -> Result<Vec<FleetRow>, AggregatorError> {
+        SumQuery {
+            coarse: Some((&FLEET_COARSE, Backend::layout(self).host_step_s)),
+            period_s: Some(range.period_s),
+            columns: &[
+                Period,
+                Key("datacenter"),
+                Key("intensity_source"),
+                Key("energy_source"),
+                Key("energy_model"),
+                Key("share_source"),
+            ],
+            ..SumQuery::over(&FLEET, range.from_s, range.to_s)
+        }
+        .read(self, |r| {
+            let f = |i: usize| r[6 + i].f64();
+            FleetRow {
+                period: r[0].i64() as u64,
+                datacenter: r[1].text(),
+                intensity_source: r[2].text(),
+                energy_source: r[3].text(),
+                energy_model: r[4].text(),
+                share_source: r[5].text(),
+                windows_ended: f(0),
+                host_s: f(1),
+                energy_j: f(2),
+                idle_energy_j: f(3),
+                estimated_energy_j: f(4),
+                unattributed_energy_j: f(5),
+                operational_g: f(6),
+                embodied_g: f(7),
+                busy_cpu_ns: f(8),
+                idle_cpu_ns: f(9),
+                steal_cpu_ns: f(10),
+                unattributed_cpu_ns: f(11),
+                intensity_x_s: f(12),
+                pue_x_s: f(13),
+                te_x_s: f(14),
+                el_x_s: f(15),
+                share_x_s: f(16),
+            }
+        })
+    }
+
+    fn scenario_periods(&self, range: &Range) -> Result<Vec<ScenarioRow>, AggregatorError> {
+        SumQuery {
+            coarse: Some((&SCENARIO_COARSE, Backend::layout(self).host_step_s)),
+            period_s: Some(range.period_s),
+            columns: &[Period, Key("datacenter"), Key("scenario")],
+            ..SumQuery::over(&SCENARIO, range.from_s, range.to_s)
+        }
+        .read(self, |r| ScenarioRow {
+            period: r[0].i64() as u64,
+            datacenter: r[1].text(),
+            scenario: r[2].text(),
+            transactions: r[3].f64(),
+            cpu_ns: r[4].f64(),
+            energy_j: r[5].f64(),
+            idle_energy_j: r[6].f64(),
+            carbon_g: r[7].f64(),
+            embodied_g: r[8].f64(),
+        })
+    }
+
+    fn hosts(&self, range: &Range) -> Result<Vec<HostRow>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        SumQuery {
+            coarse: Some((&HOST_COARSE, DAY_S)),
+            columns: &[Key("host"), Max("datacenter")],
+            ..SumQuery::over(&HOST, from, to)
+        }
+        .read(self, HostRow::from_columns)
+    }
+
+    fn services(&self, range: &Range) -> Result<Vec<ServiceRow>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        SumQuery {
+            coarse: Some((&SERVICE_COARSE, DAY_S)),
+            columns: &[Key("datacenter"), Key("service"), Key("scenario")],
+            ..SumQuery::over(&SERVICE, from, to)
+        }
+        .read(self, ServiceRow::from_columns)
+    }
+
+    fn stacks(
+        &self,
+        range: &Range,
+        service: Option<&str>,
+        scenario: Option<&str>,
+    ) -> Result<Vec<StackSum>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        SumQuery {
+            coarse: Some((&PROFILE_COARSE, DAY_S)),
+            columns: &[Key("service"), Key("scenario"), Key("stack")],
+            filters: &[("service", service), ("scenario", scenario)],
+            ..SumQuery::over(&PROFILE, from, to)
+        }
+        .read(self, |r| StackSum {
+            service: r[0].text(),
+            scenario: r[1].text(),
+            stack: r[2].text(),
+            samples: r[3].f64().round() as u64,
+            energy_j: r[4].f64(),
+        })
+    }
+
+    fn intensity_hours(&self, range: &Range) -> Result<Vec<IntensityRow>, AggregatorError> {
+        SumQuery {
+            coarse: Some((&FLEET_COARSE, Backend::layout(self).host_step_s)),
+            period_s: Some(3600),
+            columns: &[Key("datacenter"), Period],
+            sums: &["intensity_x_s", "host_s"],
+            ..SumQuery::over(&FLEET, range.from_s, range.to_s)
+        }
+        .read(self, |r| IntensityRow {
+            datacenter: r[0].text(),
+            hour_unix_s: r[1].i64() as u64 * 3600,
+            intensity_x_s: r[2].f64(),
+            host_s: r[3].f64(),
+        })
+    }
+
+    fn host_spans(&self) -> Result<Vec<HostSpan>, AggregatorError> {
+        Ok(self
+            .read(
+                "SELECT host, datacenter, first_start_ns, last_end_ns FROM hosts ORDER BY host",
+                &[],
+            )?
+            .into_iter()
+            .map(|r| HostSpan {
+                host: r[0].text(),
+                datacenter: r[1].text(),
+                first_start_ns: r[2].i64() as u64,
+                last_end_ns: r[3].i64() as u64,
+            })
+            .collect())
+    }
+
+    fn extent(&self) -> Result<Option<(u64, u64)>, AggregatorError> {
+        let rows = self.read(
+            "SELECT MIN(first_start_ns), MAX(last_end_ns) FROM hosts",
+            &[],
+        )?;
+        Ok(rows.first().and_then(|r| match (&r[0], &r[1]) {
+            (Value::Int(a), Value::Int(b)) => Some((
+                *a as u64 / 1_000_000_000,
+                (*b as u64).div_ceil(1_000_000_000),
+            )),
+            _ => None,
+        }))
+    }
+
+    fn expire(&self, now_s: u64, retention: &Retention) -> Result<Expired, AggregatorError> {
+        let cutoff_ns = |keep: Duration| now_s.saturating_sub(keep.as_secs()) * 1_000_000_000;
+        let (raw_windows, raw_partitions_dropped) = self.expire_raw(cutoff_ns(retention.raw))?;
+        let mut expired = Expired {
+            raw_windows,
+            raw_partitions_dropped,
+            ..Default::default()
+        };
+        let rollup_cutoff_s = now_s.saturating_sub(retention.rollups.as_secs()) as i64;
+        self.write(&mut |tx| {
+            expired.keys = tx.execute(
+                "DELETE FROM window_keys WHERE end_ns < $1",
+                &[Value::Int(cutoff_ns(retention.keys) as i64)],
+            )?;
+            expired.rollup_rows = 0;
+            for t in TABLES {
+                expired.rollup_rows += tx.execute(
+                    &format!("DELETE FROM {} WHERE bucket_s < $1", t.name),
+                    &[Value::Int(rollup_cutoff_s)],
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(expired)
+    }
+
+    fn disk_usage(&self) -> Result<BTreeMap<String, u64>, AggregatorError> {
+        Backend::disk_usage(self)
+    }
+
+    fn healthy(&self) -> bool {
+        self.read("SELECT 1", &[]).is_ok()
+    }
+
+    fn service_periods(&self, range: &Range) -> Result<Vec<ServicePeriodRow>, AggregatorError> {
+        let (from, to) = host_periods_range(range, &Backend::layout(self))?;
+        SumQuery {
+            coarse: Some((&SERVICE_COARSE, DAY_S)),
+            period_s: Some(range.period_s),
+            columns: &[Period, Key("datacenter"), Key("service"), Key("scenario")],
+            ..SumQuery::over(&SERVICE, from, to)
+        }
+        .read(self, |r| ServicePeriodRow {
+            period_start_s: r[0].i64() as u64 * range.period_s,
+            row: ServiceRow::from_columns(&r[1..]),
+        })
+    }
+
+    fn host_periods(&self, range: &Range) -> Result<Vec<HostPeriodRow>, AggregatorError> {
+        let (from, to) = host_periods_range(range, &Backend::layout(self))?;
+        SumQuery {
+            coarse: Some((&HOST_COARSE, DAY_S)),
+            period_s: Some(range.period_s),
+            columns: &[Period, Key("host"), Max("datacenter")],
+            ..SumQuery::over(&HOST, from, to)
+        }
+        .read(self, |r| HostPeriodRow {
+            period_start_s: r[0].i64() as u64 * range.period_s,
+            row: HostRow::from_columns(&r[1..]),
+        })
+    }
+
+    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        let mut out: BTreeMap<(String, String), RequestCpuRow> = SumQuery {
+            columns: &[Key("service"), Key("scenario")],
+            ..SumQuery::over(&REQUEST_CPU_TOTAL, from, to)
+        }
+        .read(self, |r| {
+            let row = RequestCpuRow {
+                service: r[0].text(),
+                scenario: r[1].text(),
+                bins: Vec::new(),
+                requests: r[2].f64(),
+                cpu_ns: r[3].f64(),
+                energy_j: r[4].f64(),
+            };
+            ((row.service.clone(), row.scenario.clone()), row)
+        })?
+        .into_iter()
+        .collect();
+        let bins = SumQuery {
+            columns: &[Key("service"), Key("scenario"), Key("bin")],
+            ..SumQuery::over(&REQUEST_CPU, from, to)
+        }
+        .read(self, |r| {
+            let bin = r[2].i64().clamp(0, 64) as usize;
+            ((r[0].text(), r[1].text()), bin, r[3].f64())
+        })?;
+        for (key, bin, requests) in bins {
+            if let Some(row) = out.get_mut(&key) {
+                if row.bins.len() <= bin {
+                    row.bins.resize(bin + 1, 0.0);
+                }
+                row.bins[bin] += requests;
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError> {
+        let (from, to) = range.host_range(&Backend::layout(self));
+        SumQuery {
+            columns: &[Max("datacenter"), Key("host"), Key("service")],
+            ..SumQuery::over(&HOST_SERVICE, from, to)
+        }
+        .read(self, |r| HostServiceRow {
+            datacenter: r[0].text(),
+            host: r[1].text(),
+            service: r[2].text(),
+            cpu_ns: r[3].f64(),
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! The rollup tables: each one's name, key columns and summed columns, as
+//! the migrations create them (`aggregator/migrations/`). What a window adds
+//! to each is in [`super::deltas`]; the queries that read them are in
+//! [`super::query`]. A new rollup table: a migration, a [`Table`] here (next
+//! index, added to [`TABLES`]), its additions in `deltas`, and its queries.
+
+/// A rollup table: key columns (the first is always `bucket_s`), then
+/// summed columns.
+pub(super) struct Table {
+    /// Its position in [`TABLES`].
+    pub index: usize,
+    pub name: &'static str,
+    pub keys: &'static [&'static str],
+    pub sums: &'static [&'static str],
+}
+
+pub(super) const FLEET: Table = Table {
+    index: 0,
+    name: "fleet_rollup",
+    keys: &[
+        "bucket_s",
+        "datacenter",
+        "intensity_source",
+        "energy_source",
+        "energy_model",
+        "share_source",
+    ],
+    sums: &[
+        "windows_ended",
+        "host_s",
+        "energy_j",
+        "idle_energy_j",
+        "estimated_energy_j",
+        "unattributed_energy_j",
+        "operational_g",
+        "embodied_g",
+        "busy_cpu_ns",
+        "idle_cpu_ns",
+        "steal_cpu_ns",
+        "unattributed_cpu_ns",
+        "intensity_x_s",
+        "pue_x_s",
+        "te_x_s",
+        "el_x_s",
+        "share_x_s",
+    ],
+};
+pub(super) const SCENARIO: Table = Table {
+    index: 1,
+    name: "scenario_rollup",
+    keys: &["bucket_s", "datacenter", "scenario"],
+    sums: &[
+        "transactions",
+        "cpu_ns",
+        "energy_j",
+        "idle_energy_j",
+        "carbon_g",
+        "embodied_g",
+    ],
+};
+pub(super) const HOST: Table = Table {
+    index: 2,
+    name: "host_rollup",
+    keys: &["bucket_s", "host", "datacenter"],
+    sums: &[
+        "host_s",
+        "energy_j",
+        "idle_energy_j",
+        "estimated_energy_j",
+        "carbon_g",
+        "embodied_g",
+        "busy_cpu_ns",
+        "idle_cpu_ns",
+        "transactions",
+    ],
+};
+pub(super) const SERVICE: Table = Table {
+    index: 3,
+    name: "service_rollup",
+    keys: &["bucket_s", "datacenter", "service", "scenario"],
+    sums: &[
+        "cpu_ns",
+        "energy_j",
+        "idle_energy_j",
+        "carbon_g",
+        "embodied_g",
+    ],
+};
+pub(super) const PROFILE: Table = Table {
+    index: 4,
+    name: "profile_rollup",
+    keys: &["bucket_s", "service", "scenario", "stack"],
+    sums: &["samples", "energy_j"],
+};
+/// Coarser copies: fleet and scenario sums per host step, host, service and
+/// profile sums per day. A long query reads whole coarse buckets from these
+/// and only its edges from the finer tables (see [`super::query`]).
+pub(super) const FLEET_COARSE: Table = Table {
+    index: 5,
+    name: "fleet_rollup_h",
+    ..FLEET
+};
+pub(super) const SCENARIO_COARSE: Table = Table {
+    index: 6,
+    name: "scenario_rollup_h",
+    ..SCENARIO
+};
+pub(super) const HOST_COARSE: Table = Table {
+    index: 7,
+    name: "host_rollup_d",
+    ..HOST
+};
+pub(super) const SERVICE_COARSE: Table = Table {
+    index: 8,
+    name: "service_rollup_d",
+    ..SERVICE
+};
+pub(super) const PROFILE_COARSE: Table = Table {
+    index: 9,
+    name: "profile_rollup_d",
+    ..PROFILE
+};
+/// Optimisation reviews (#15): per host step, request CPU histograms (bin
+/// counts and totals) and each service's CPU on each host.
+pub(super) const REQUEST_CPU: Table = Table {
+    index: 10,
+    name: "request_cpu_rollup",
+    keys: &["bucket_s", "service", "scenario", "bin"],
+    sums: &["requests"],
+};
+pub(super) const REQUEST_CPU_TOTAL: Table = Table {
+    index: 11,
+    name: "request_cpu_total_rollup",
+    keys: &["bucket_s", "service", "scenario"],
+    sums: &["requests", "cpu_ns", "energy_j"],
+};
+pub(super) const HOST_SERVICE: Table = Table {
+    index: 12,
+    name: "host_service_rollup",
+    keys: &["bucket_s", "datacenter", "host", "service"],
+    sums: &["cpu_ns"],
+};
+
+/// Every rollup table, in the order commits write them and retention
+/// deletes from them.
+pub(super) const TABLES: [&Table; 13] = [
+    &FLEET,
+    &SCENARIO,
+    &HOST,
+    &SERVICE,
+    &PROFILE,
+    &FLEET_COARSE,
+    &SCENARIO_COARSE,
+    &HOST_COARSE,
+    &SERVICE_COARSE,
+    &PROFILE_COARSE,
+    &REQUEST_CPU,
+    &REQUEST_CPU_TOTAL,
+    &HOST_SERVICE,
+];
+const _: () = {
+    let mut i = 0;
+    while i < TABLES.len() {
+        assert!(
+            TABLES[i].index == i,
+            "a Table's index is its position in TABLES"
+        );
+        i += 1;
+    }
+};
+
+/// `(none)` for an empty name (as the rollups key it).
+pub(super) fn or_none(s: &str) -> &str {
+    if s.is_empty() {
+        "(none)"
+    } else {
+        s
+    }
+}
