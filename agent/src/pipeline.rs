@@ -41,6 +41,8 @@ pub struct Pipeline {
     logged_warnings: std::collections::HashSet<String>,
     /// Energy warnings of the last window (for `sci_energy_warnings_total`).
     last_energy_warnings: usize,
+    /// Windows in a row the energy source failed in (0 while it reads).
+    energy_failing_windows: u64,
     host: String,
     datacenter: Option<String>,
     agent_instance: String,
@@ -159,6 +161,7 @@ impl Pipeline {
                 ingest: None,
                 logged_warnings: Default::default(),
                 last_energy_warnings: 0,
+                energy_failing_windows: 0,
                 host: config
                     .agent
                     .host
@@ -201,6 +204,13 @@ impl Pipeline {
         self.next_seq += 1;
         match self.energy.window_energy(&sample) {
             Ok(energy) => {
+                if self.energy_failing_windows > 0 {
+                    tracing::info!(
+                        "energy reads again after {} window(s) without energy",
+                        self.energy_failing_windows
+                    );
+                    self.energy_failing_windows = 0;
+                }
                 self.last_energy_warnings = energy.warnings.len();
                 for warning in &energy.warnings {
                     if self.logged_warnings.insert(warning.clone()) {
@@ -208,6 +218,8 @@ impl Pipeline {
                     }
                 }
                 self.attributor.attribute(&sample, &energy, &mut report);
+                report.energy_faults = energy.faults.clone();
+                report.energy_sample_interval_ns = energy.sample_interval_ns;
                 if report.estimated {
                     report.energy_model = self
                         .energy
@@ -215,7 +227,23 @@ impl Pipeline {
                         .unwrap_or_else(|| report.energy_source.clone());
                 }
             }
-            Err(e) => tracing::warn!("energy of window {}: {e}", report.seq),
+            Err(e) => {
+                // Reported once per outage, counted every window.
+                if self.energy_failing_windows == 0 {
+                    tracing::warn!(
+                        "energy of window {} and of the windows after it until it reads again: {e}",
+                        report.seq
+                    );
+                }
+                self.energy_failing_windows += 1;
+                let name = self.energy.name().to_string();
+                for fault in ["failed", crate::sources::energy::fault_name(&e)] {
+                    *report
+                        .energy_faults
+                        .entry(format!("{name}/{fault}"))
+                        .or_default() += 1;
+                }
+            }
         }
         if let Err(e) = self.carbon.apply(&mut report) {
             tracing::warn!("carbon of window {}: {e}", report.seq);

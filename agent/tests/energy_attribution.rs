@@ -91,6 +91,7 @@ fn rapl(domains: Vec<DomainReading>) -> WindowEnergy {
         domains,
         warnings: vec![],
         faults: Default::default(),
+        sample_interval_ns: S,
     }
 }
 

@@ -198,6 +198,9 @@ pub struct WindowEnergy {
     /// Faults of this window by name (`rapl-perf/failed`, `redfish/timeout`, ...):
     /// what the sources could not measure, counted (`sci_energy_faults_total`).
     pub faults: BTreeMap<String, u64>,
+    /// Longest gap between two readings this energy integrates (the window
+    /// for a counter read at its ends; a BMC's sample spacing).
+    pub sample_interval_ns: u64,
 }
 
 impl WindowEnergy {
@@ -249,6 +252,11 @@ pub trait EnergySource: Send {
     {
         probe::probe_counters(self, load)
     }
+}
+
+/// Count one fault `fault` of `source` in a window's fault map.
+pub(crate) fn count_fault(faults: &mut BTreeMap<String, u64>, source: &str, fault: &str) {
+    *faults.entry(format!("{source}/{fault}")).or_default() += 1;
 }
 
 /// What a fault of a source is called in [`WindowEnergy::faults`]: a short name for the kind of error.
@@ -386,10 +394,10 @@ pub(crate) fn measured_window(
     sample: &CpuSample,
     mut domains: Vec<DomainReading>,
     mut warnings: Vec<String>,
+    mut faults: BTreeMap<String, u64>,
     host_domains: HostDomains,
 ) -> Result<WindowEnergy, EnergyError> {
     let duration_ns = sample.end_unix_ns.saturating_sub(sample.start_unix_ns);
-    let mut faults = BTreeMap::new();
     loop {
         mark_host_domains(&mut domains, host_domains);
         let stuck = domains.iter().position(|d| {
@@ -403,10 +411,10 @@ pub(crate) fn measured_window(
         });
         let Some(i) = stuck else { break };
         let d = domains.remove(i);
+        // One text for every such window, so the agent logs it once.
         warnings.push(format!(
-            "domain {} left out of this window: its counter did not move while its CPUs were {:.0}% busy (a stuck counter is not a 0 W domain)",
+            "{source}: domain {} left out: its counter did not move while its CPUs were busy (a stuck counter is not a 0 W domain; counted in sci_energy_faults_total{{fault=\"stuck\"}})",
             d.name,
-            100.0 * busy_ns_on(sample, &d.cpus) / (duration_ns as f64 * d.cpus.len() as f64)
         ));
         *faults.entry(format!("{source}/stuck")).or_default() += 1;
     }
@@ -434,6 +442,7 @@ pub(crate) fn measured_window(
         domains,
         warnings,
         faults,
+        sample_interval_ns: duration_ns,
     })
 }
 

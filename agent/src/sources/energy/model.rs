@@ -210,6 +210,7 @@ impl EnergySource for ModelSource {
             }],
             warnings: Vec::new(),
             faults: Default::default(),
+            sample_interval_ns: duration_ns,
         })
     }
 }

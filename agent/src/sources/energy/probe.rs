@@ -165,10 +165,27 @@ pub fn probe_counters(
         if moved.contains(&domain.as_str()) {
             continue;
         }
+        let read = energy.domains.iter().any(|d| d.name == domain);
+        let why = if read {
+            format!("its counter did not move during {what}")
+        } else {
+            let said: Vec<&str> = energy
+                .warnings
+                .iter()
+                .filter(|w| w.contains(domain.as_str()))
+                .map(String::as_str)
+                .collect();
+            format!(
+                "it could not be read during {what}: {}",
+                if said.is_empty() {
+                    "no reading".to_string()
+                } else {
+                    said.join("; ")
+                }
+            )
+        };
         if source.disable_domain(&domain) {
-            lines.push(format!(
-                "{name}: domain {domain} disabled: its counter did not move during {what}"
-            ));
+            lines.push(format!("{name}: domain {domain} disabled: {why}"));
         }
     }
     if !energy
