@@ -57,6 +57,15 @@ pub fn require_forced_energy_source(
     chosen: &str,
     reasons: &[String],
 ) -> Result<(), AgentError> {
+    if energy.redfish.is_some() && !chosen.starts_with("redfish") {
+        return Err(AgentError::Config {
+            path: "energy.redfish".into(),
+            message: format!(
+                "platform power from the BMC was asked for but cannot be read ({})",
+                reasons.join("; ")
+            ),
+        });
+    }
     let forced = energy.source.as_str();
     if matches!(forced, "perf" | "powercap") && chosen.starts_with("model") {
         return Err(AgentError::Config {

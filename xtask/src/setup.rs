@@ -141,13 +141,18 @@ fn ensure_debian_packages() -> Result<()> {
         .args(&missing))
 }
 
-/// Python tools the tests use, pinned, in a venv of our own.
-const PYTHON_TOOLS: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
+/// Python tools the tests use, pinned, in a venv of our own: (package,
+/// version, the program it installs). sushy-tools is OpenStack's Redfish
+/// mock-up server (`sushy-static`), the BMC of the Redfish tests.
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
+    ("kubernetes-validate", "1.37.0", "kubernetes-validate"),
+    ("sushy-tools", "2.2.0", "sushy-static"),
+];
 
 fn ensure_python_tools() -> Result<()> {
     let venv = sci_home()?.join("venv");
-    for (tool, version) in PYTHON_TOOLS {
-        let bin = venv.join("bin").join(tool);
+    for (tool, version, program) in PYTHON_TOOLS {
+        let bin = venv.join("bin").join(program);
         if bin.exists() {
             continue;
         }
@@ -189,6 +194,9 @@ pub fn setup() -> Result<()> {
         &format!("Debian packages {}", DEBIAN_PACKAGES.join(", ")),
         ensure_debian_packages,
     )?;
-    step("Python tools (kubernetes-validate)", ensure_python_tools)?;
+    step(
+        "Python tools (kubernetes-validate, sushy-tools)",
+        ensure_python_tools,
+    )?;
     Ok(())
 }

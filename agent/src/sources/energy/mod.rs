@@ -40,6 +40,7 @@ pub mod model;
 pub mod perf_pmu;
 pub mod powercap;
 pub mod probe;
+pub mod redfish;
 pub mod topology;
 
 pub use crate::error::EnergyError;
@@ -68,6 +69,8 @@ pub struct EnergyConfig {
     /// Length of the start-up probe (every CPU busy) in milliseconds during
     /// which a RAPL counter must move to be used; 0 skips the probe.
     pub probe_ms: u64,
+    /// Platform power from the BMC over Redfish, on top of the source chosen.
+    pub redfish: Option<redfish::RedfishConfig>,
 }
 
 impl Default for EnergyConfig {
@@ -80,6 +83,7 @@ impl Default for EnergyConfig {
             max_domain_power_w: 2000.0,
             host_domains: HostDomains::Packages,
             probe_ms: DEFAULT_PROBE_MS,
+            redfish: None,
         }
     }
 }
@@ -119,6 +123,9 @@ impl EnergyConfig {
                 self.probe_ms
             )));
         }
+        if let Some(r) = &self.redfish {
+            r.validate()?;
+        }
         Ok(())
     }
 }
@@ -144,6 +151,10 @@ pub enum DomainKind {
     Psys,
     /// Whole host, from a power model.
     Model,
+    /// Platform power from the BMC (Redfish, IPMI DCMI), or its part beyond RAPL.
+    Platform,
+    /// A VM's energy as its hypervisor's agent attributed it.
+    Hypervisor,
     /// A RAPL zone with a name this code does not know.
     Other,
 }
@@ -456,7 +467,11 @@ pub(crate) fn mark_host_domains(domains: &mut [DomainReading], host_domains: Hos
         } else {
             matches!(
                 d.kind,
-                DomainKind::Package | DomainKind::Dram | DomainKind::Model
+                DomainKind::Package
+                    | DomainKind::Dram
+                    | DomainKind::Model
+                    | DomainKind::Platform
+                    | DomainKind::Hypervisor
             )
         };
     }
@@ -513,8 +528,30 @@ pub fn select_energy_source(cfg: &EnergyConfig, cpus: u32) -> (Box<dyn EnergySou
     select_energy_source_with(cfg, cpus, Box::new(SyscallPerfOpener))
 }
 
-/// [`select_energy_source`] with the perf counter opener given (tests drive counters with it).
+/// [`select_energy_source`] with the perf counter opener given (tests drive
+/// counters with it). With `[energy.redfish]`, the BMC's platform power
+/// goes on top of the source chosen.
 pub fn select_energy_source_with(
+    cfg: &EnergyConfig,
+    cpus: u32,
+    opener: Box<dyn PerfCounterOpener>,
+) -> (Box<dyn EnergySource>, Vec<String>) {
+    let poller = cfg.redfish.as_ref().map(redfish::RedfishPoller::start);
+    let (base, mut warnings) = select_cpu_energy_source(cfg, cpus, opener);
+    match poller {
+        None => (base, warnings),
+        Some(Ok(poller)) => (
+            Box::new(redfish::RedfishSource::new(poller, base)),
+            warnings,
+        ),
+        Some(Err(e)) => {
+            warnings.push(format!("Redfish platform power not used: {e}"));
+            (base, warnings)
+        }
+    }
+}
+
+fn select_cpu_energy_source(
     cfg: &EnergyConfig,
     cpus: u32,
     opener: Box<dyn PerfCounterOpener>,
