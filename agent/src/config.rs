@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub ingest: crate::sources::ingest::IngestConfig,
     pub aggregator: crate::sinks::grpc::AggregatorConfig,
     pub profile: crate::sources::profile::ProfileConfig,
+    /// Host role: VMs whose energy this agent publishes to their guests.
+    pub vms: crate::sources::energy::hypervisor::VmsConfig,
 }
 
 /// A source forced in `[energy] source` (perf or powercap) that the host does
@@ -57,6 +59,15 @@ pub fn require_forced_energy_source(
     chosen: &str,
     reasons: &[String],
 ) -> Result<(), AgentError> {
+    if energy.source == "hypervisor" && chosen != "hypervisor" {
+        return Err(AgentError::Config {
+            path: "energy.hypervisor_dir".into(),
+            message: format!(
+                "the hypervisor's published energy cannot be read ({})",
+                reasons.join("; ")
+            ),
+        });
+    }
     if energy.redfish.is_some() && !chosen.starts_with("redfish") {
         return Err(AgentError::Config {
             path: "energy.redfish".into(),

@@ -92,6 +92,7 @@ fn rapl(domains: Vec<DomainReading>) -> WindowEnergy {
         warnings: vec![],
         faults: Default::default(),
         sample_interval_ns: S,
+        host_factors: None,
     }
 }
 

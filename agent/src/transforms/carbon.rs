@@ -554,14 +554,43 @@ impl CarbonTransform {
     /// Fill intensity, PUE, host and per-process carbon of a report whose energy
     /// is attributed. On error (no intensity for the window) nothing is changed.
     pub fn apply(&self, report: &mut WindowReport) -> Result<(), CarbonError> {
-        let midpoint_s = (report.start_unix_ns as f64 + report.end_unix_ns as f64) / 2.0 / 1e9;
-        let intensity = self.intensity.at(midpoint_s)?;
+        self.apply_with_host(report, None)
+    }
+
+    /// [`Self::apply`], with the intensity, PUE and embodied share a
+    /// hypervisor's agent gave (a guest measured through its host) in place
+    /// of this agent's own.
+    pub fn apply_with_host(
+        &self,
+        report: &mut WindowReport,
+        host: Option<&crate::sources::energy::hypervisor::HostFactors>,
+    ) -> Result<(), CarbonError> {
         let window_s = report.duration_ns() as f64 / 1e9;
+        let (intensity, pue, share, share_source, intensity_source) = match host {
+            Some(h) => (
+                h.intensity_g_per_kwh,
+                h.pue,
+                h.resource_share,
+                h.share_source.clone(),
+                format!("hypervisor {}: {}", h.host, h.intensity_source),
+            ),
+            None => {
+                let midpoint_s =
+                    (report.start_unix_ns as f64 + report.end_unix_ns as f64) / 2.0 / 1e9;
+                let (share, share_source) = self.resource_share(report);
+                (
+                    self.intensity.at(midpoint_s)?,
+                    self.pue,
+                    share,
+                    share_source,
+                    self.intensity_source.clone(),
+                )
+            }
+        };
         report.carbon_intensity_g_per_kwh = intensity;
-        report.pue = self.pue;
-        report.host_carbon_g = operational_carbon_g(report.host_energy_j, intensity, self.pue);
-        let (share, share_source) = self.resource_share(report);
-        report.intensity_source = self.intensity_source.clone();
+        report.pue = pue;
+        report.host_carbon_g = operational_carbon_g(report.host_energy_j, intensity, pue);
+        report.intensity_source = intensity_source;
         report.embodied = EmbodiedFactors {
             total_embodied_g: self.embodied_kg_per_host * 1000.0,
             lifespan_s: lifespan_s(self.lifetime_years),
@@ -581,7 +610,7 @@ impl CarbonTransform {
             .sum::<u64>()
             .max(report.busy_cpu_ns);
         for p in &mut report.processes {
-            p.carbon_g = operational_carbon_g(p.energy_j + p.idle_share_j, intensity, self.pue);
+            p.carbon_g = operational_carbon_g(p.energy_j + p.idle_share_j, intensity, pue);
             p.embodied_g = if busy_ns > 0 {
                 report.host_embodied_g * p.cpu_ns as f64 / busy_ns as f64
             } else {

@@ -36,6 +36,7 @@ use serde::Deserialize;
 
 use crate::sources::sched::CpuSample;
 
+pub mod hypervisor;
 pub mod model;
 pub mod perf_pmu;
 pub mod powercap;
@@ -71,6 +72,9 @@ pub struct EnergyConfig {
     pub probe_ms: u64,
     /// Platform power from the BMC over Redfish, on top of the source chosen.
     pub redfish: Option<redfish::RedfishConfig>,
+    /// With `source = "hypervisor"`: the VM's folder published by the host
+    /// agent (`<vms.publish_dir>/<vm>` on the host, shared into the guest).
+    pub hypervisor_dir: Option<PathBuf>,
 }
 
 impl Default for EnergyConfig {
@@ -84,6 +88,7 @@ impl Default for EnergyConfig {
             host_domains: HostDomains::Packages,
             probe_ms: DEFAULT_PROBE_MS,
             redfish: None,
+            hypervisor_dir: None,
         }
     }
 }
@@ -97,11 +102,19 @@ pub const MAX_PROBE_MS: u64 = 10_000;
 impl EnergyConfig {
     /// Check the section; the message names the key.
     pub fn validate(&self) -> Result<(), EnergyError> {
-        if !matches!(self.source.as_str(), "auto" | "perf" | "powercap" | "model") {
+        if !matches!(
+            self.source.as_str(),
+            "auto" | "perf" | "powercap" | "model" | "hypervisor"
+        ) {
             return Err(EnergyError::Config(format!(
-                "energy.source = {:?} is not one of auto, perf, powercap, model",
+                "energy.source = {:?} is not one of auto, perf, powercap, model, hypervisor",
                 self.source
             )));
+        }
+        if (self.source == "hypervisor") != self.hypervisor_dir.is_some() {
+            return Err(EnergyError::Config(
+                "energy.hypervisor_dir: set it exactly when energy.source = \"hypervisor\" (the VM's folder published by the host agent)".to_string(),
+            ));
         }
         parse_power_model(&self.power_model)?;
         if let Some(w) = self.idle_power_w {
@@ -212,6 +225,9 @@ pub struct WindowEnergy {
     /// Longest gap between two readings this energy integrates (the window
     /// for a counter read at its ends; a BMC's sample spacing).
     pub sample_interval_ns: u64,
+    /// Intensity, PUE and embodied share given by a hypervisor's agent (a
+    /// guest's window takes them instead of its own configuration).
+    pub host_factors: Option<hypervisor::HostFactors>,
 }
 
 impl WindowEnergy {
@@ -454,6 +470,7 @@ pub(crate) fn measured_window(
         warnings,
         faults,
         sample_interval_ns: duration_ns,
+        host_factors: None,
     })
 }
 
@@ -558,12 +575,18 @@ fn select_cpu_energy_source(
 ) -> (Box<dyn EnergySource>, Vec<String>) {
     let mut warnings = Vec::new();
     let wanted = cfg.source.as_str();
-    if !matches!(wanted, "auto" | "perf" | "powercap" | "model") {
+    if !matches!(
+        wanted,
+        "auto" | "perf" | "powercap" | "model" | "hypervisor"
+    ) {
         warnings.push(format!(
             "energy.source = {wanted:?} is not one of auto, perf, powercap, model; using auto"
         ));
     }
-    let known = matches!(wanted, "auto" | "perf" | "powercap" | "model");
+    let known = matches!(
+        wanted,
+        "auto" | "perf" | "powercap" | "model" | "hypervisor"
+    );
     let auto = wanted == "auto" || !known;
     let model = match parse_power_model(&cfg.power_model) {
         Ok(model) => model,
@@ -573,6 +596,20 @@ fn select_cpu_energy_source(
         }
     };
     let fallback = ModelSource::new(model.clone(), cpus);
+    if let (true, Some(dir)) = (wanted == "hypervisor", &cfg.hypervisor_dir) {
+        match hypervisor::HypervisorSource::open(dir, cpus) {
+            Ok(source) => {
+                return (
+                    Box::new(WithModelFallback::new(Box::new(source), fallback)),
+                    warnings,
+                )
+            }
+            Err(e) => {
+                warnings.push(format!("hypervisor energy not used: {e}"));
+                return (Box::new(fallback), warnings);
+            }
+        }
+    }
     let topology = CpuTopology::read(&cfg.sysfs_root, cpus);
     let load = (cfg.probe_ms > 0).then(|| {
         probe::ProbeLoad::new(

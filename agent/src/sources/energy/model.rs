@@ -211,6 +211,7 @@ impl EnergySource for ModelSource {
             warnings: Vec::new(),
             faults: Default::default(),
             sample_interval_ns: duration_ns,
+            host_factors: None,
         })
     }
 }

@@ -937,6 +937,7 @@ impl RedfishSource {
             warnings: Vec::new(),
             faults: BTreeMap::new(),
             sample_interval_ns: platform.max_gap_ns,
+            host_factors: None,
         }
     }
 
