@@ -68,9 +68,16 @@ pub fn require_forced_energy_source(
             ),
         });
     }
-    if energy.redfish.is_some() && !chosen.starts_with("redfish") {
+    let platform = [
+        ("energy.redfish", "redfish", energy.redfish.is_some()),
+        ("energy.ipmi", "ipmi", energy.ipmi.is_some()),
+    ];
+    for (key, kind, wanted) in platform {
+        if !wanted || chosen.starts_with(kind) {
+            continue;
+        }
         return Err(AgentError::Config {
-            path: "energy.redfish".into(),
+            path: key.into(),
             message: format!(
                 "platform power from the BMC was asked for but cannot be read ({})",
                 reasons.join("; ")

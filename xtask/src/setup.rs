@@ -11,7 +11,15 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages some tests and the demo use (checked, installed if missing).
 /// PostgreSQL 15 (with pgbench from -contrib) is the fleet store's server and a
 /// real request/response workload for the CPU accounting tests.
-const DEBIAN_PACKAGES: &[&str] = &["chromium", "systemd", "postgresql", "postgresql-contrib"];
+/// openipmi (ipmi_sim) and ipmitool: the IPMI DCMI source's test BMC and client.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "chromium",
+    "systemd",
+    "postgresql",
+    "postgresql-contrib",
+    "openipmi",
+    "ipmitool",
+];
 
 pub fn sci_home() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;

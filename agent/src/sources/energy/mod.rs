@@ -37,6 +37,7 @@ use serde::Deserialize;
 use crate::sources::sched::CpuSample;
 
 pub mod hypervisor;
+pub mod ipmi;
 pub mod model;
 pub mod perf_pmu;
 pub mod powercap;
@@ -72,6 +73,8 @@ pub struct EnergyConfig {
     pub probe_ms: u64,
     /// Platform power from the BMC over Redfish, on top of the source chosen.
     pub redfish: Option<redfish::RedfishConfig>,
+    /// Platform power from the BMC over IPMI DCMI (ipmitool), on top of the source chosen.
+    pub ipmi: Option<ipmi::IpmiConfig>,
     /// With `source = "hypervisor"`: the VM's folder published by the host
     /// agent (`<vms.publish_dir>/<vm>` on the host, shared into the guest).
     pub hypervisor_dir: Option<PathBuf>,
@@ -88,6 +91,7 @@ impl Default for EnergyConfig {
             host_domains: HostDomains::Packages,
             probe_ms: DEFAULT_PROBE_MS,
             redfish: None,
+            ipmi: None,
             hypervisor_dir: None,
         }
     }
@@ -138,6 +142,14 @@ impl EnergyConfig {
         }
         if let Some(r) = &self.redfish {
             r.validate()?;
+        }
+        if let Some(i) = &self.ipmi {
+            if self.redfish.is_some() {
+                return Err(EnergyError::Config(
+                    "energy.ipmi: set [energy.redfish] or [energy.ipmi], not both (one BMC reading per host)".to_string(),
+                ));
+            }
+            i.validate()?;
         }
         Ok(())
     }
@@ -553,7 +565,14 @@ pub fn select_energy_source_with(
     cpus: u32,
     opener: Box<dyn PerfCounterOpener>,
 ) -> (Box<dyn EnergySource>, Vec<String>) {
-    let poller = cfg.redfish.as_ref().map(redfish::RedfishPoller::start);
+    let poller = match (&cfg.redfish, &cfg.ipmi) {
+        (Some(r), _) => Some(redfish::PlatformPoller::start(r)),
+        (None, Some(i)) => Some(
+            ipmi::IpmitoolReader::new(i)
+                .and_then(|reader| redfish::PlatformPoller::spawn(Box::new(reader), i.settings())),
+        ),
+        (None, None) => None,
+    };
     let (base, mut warnings) = select_cpu_energy_source(cfg, cpus, opener);
     match poller {
         None => (base, warnings),
@@ -562,7 +581,7 @@ pub fn select_energy_source_with(
             warnings,
         ),
         Some(Err(e)) => {
-            warnings.push(format!("Redfish platform power not used: {e}"));
+            warnings.push(format!("platform power from the BMC not used: {e}"));
             (base, warnings)
         }
     }

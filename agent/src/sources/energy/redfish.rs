@@ -349,12 +349,35 @@ struct Client {
 
 /// A failed request, with the fault it counts as.
 #[derive(Debug)]
-struct Failure {
-    fault: &'static str,
-    message: String,
+pub(crate) struct Failure {
+    pub(crate) fault: &'static str,
+    pub(crate) message: String,
 }
 
-fn failure(fault: &'static str, message: impl Into<String>) -> Failure {
+/// One way of asking a BMC for its power (Redfish, IPMI DCMI).
+pub(crate) trait PowerReader: Send + 'static {
+    fn read(&mut self) -> Result<ParsedReading, Failure>;
+}
+
+/// How a platform poller samples and judges the readings.
+#[derive(Debug, Clone)]
+pub(crate) struct PollSettings {
+    /// `redfish` or `ipmi`: the source's name in faults and messages.
+    pub(crate) kind: &'static str,
+    pub(crate) poll_ms: u64,
+    pub(crate) stale_after_ms: u64,
+    pub(crate) max_power_w: f64,
+    pub(crate) split: PlatformSplit,
+}
+
+impl PowerReader for Client {
+    fn read(&mut self) -> Result<ParsedReading, Failure> {
+        self.get()
+            .and_then(|body| parse_power(&body).map_err(|reason| failure("garbage", reason)))
+    }
+}
+
+pub(crate) fn failure(fault: &'static str, message: impl Into<String>) -> Failure {
     Failure {
         fault,
         message: message.into(),
@@ -659,11 +682,9 @@ fn unix_ns() -> u64 {
 }
 
 /// One poll: fetch, parse, check, and record the sample or the fault.
-fn poll_once(client: &Client, cfg: &RedfishConfig, shared: &Mutex<Shared>) {
+fn poll_once(reader: &mut dyn PowerReader, cfg: &PollSettings, shared: &Mutex<Shared>) {
     let sent = unix_ns();
-    let result = client
-        .get()
-        .and_then(|body| parse_power(&body).map_err(|reason| failure("garbage", reason)));
+    let result = reader.read();
     let received = unix_ns();
     let mut s = match shared.lock() {
         Ok(s) => s,
@@ -688,8 +709,8 @@ fn poll_once(client: &Client, cfg: &RedfishConfig, shared: &Mutex<Shared>) {
         Some((
             "jump",
             format!(
-                "{} W is above energy.redfish.max_power_w = {} W",
-                reading.watts, cfg.max_power_w
+                "{} W is above energy.{}.max_power_w = {} W",
+                reading.watts, cfg.kind, cfg.max_power_w
             ),
         ))
     } else {
@@ -708,8 +729,9 @@ fn poll_once(client: &Client, cfg: &RedfishConfig, shared: &Mutex<Shared>) {
                 if age_ns > cfg.stale_after_ms * 1_000_000 {
                     *s.faults.entry("stale".to_string()).or_default() += 1;
                     s.failing = Some(format!(
-                        "stale: the BMC's reading is {:.1} s old (energy.redfish.stale_after_ms = {})",
+                        "stale: the BMC's reading is {:.1} s old (energy.{}.stale_after_ms = {})",
                         age_ns as f64 / 1e9,
+                        cfg.kind,
                         cfg.stale_after_ms
                     ));
                 }
@@ -731,18 +753,40 @@ fn poll_once(client: &Client, cfg: &RedfishConfig, shared: &Mutex<Shared>) {
 }
 
 /// The poller thread and what it shares; dropping it stops the thread.
-pub struct RedfishPoller {
-    cfg: RedfishConfig,
+pub struct PlatformPoller {
+    cfg: PollSettings,
     shared: Arc<Mutex<Shared>>,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl RedfishPoller {
+/// The Redfish poller (a [`PlatformPoller`] reading Redfish).
+pub type RedfishPoller = PlatformPoller;
+/// Platform power on top of an inner source, from Redfish.
+pub type RedfishSource = PlatformSource;
+
+impl PlatformPoller {
     /// Check the section, build the client (CA file, pin, credentials) and start polling.
-    pub fn start(cfg: &RedfishConfig) -> Result<RedfishPoller, EnergyError> {
+    pub fn start(cfg: &RedfishConfig) -> Result<PlatformPoller, EnergyError> {
         cfg.validate()?;
         let client = Client::new(cfg)?;
+        Self::spawn(
+            Box::new(client),
+            PollSettings {
+                kind: "redfish",
+                poll_ms: cfg.poll_ms,
+                stale_after_ms: cfg.stale_after_ms,
+                max_power_w: cfg.max_power_w,
+                split: cfg.split,
+            },
+        )
+    }
+
+    /// Start polling `reader` every `cfg.poll_ms`.
+    pub(crate) fn spawn(
+        mut reader: Box<dyn PowerReader>,
+        cfg: PollSettings,
+    ) -> Result<PlatformPoller, EnergyError> {
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (stop, stopped) = mpsc::channel::<()>();
         let poll = Duration::from_millis(cfg.poll_ms);
@@ -750,17 +794,17 @@ impl RedfishPoller {
             let shared = Arc::clone(&shared);
             let cfg = cfg.clone();
             std::thread::Builder::new()
-                .name("sci-redfish".into())
+                .name(format!("sci-{}", cfg.kind))
                 .spawn(move || loop {
-                    poll_once(&client, &cfg, &shared);
+                    poll_once(reader.as_mut(), &cfg, &shared);
                     match stopped.recv_timeout(poll) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         _ => break,
                     }
                 })
-                .map_err(|e| EnergyError::io("Redfish poller thread", e))?
+                .map_err(|e| EnergyError::io("platform power poller thread", e))?
         };
-        Ok(RedfishPoller {
+        Ok(PlatformPoller {
             cfg: cfg.clone(),
             shared,
             stop: Some(stop),
@@ -776,7 +820,7 @@ impl RedfishPoller {
     }
 }
 
-impl Drop for RedfishPoller {
+impl Drop for PlatformPoller {
     fn drop(&mut self) {
         // Ends the poller's wait; a request in flight ends by its timeout.
         drop(self.stop.take());
@@ -786,24 +830,25 @@ impl Drop for RedfishPoller {
     }
 }
 
-/// Platform power from Redfish on top of an inner source (RAPL or the model).
-pub struct RedfishSource {
+/// Platform power from the BMC on top of an inner source (RAPL or the model).
+pub struct PlatformSource {
     inner: Box<dyn EnergySource>,
-    poller: RedfishPoller,
+    poller: PlatformPoller,
     name: String,
     /// The reason platform power is missing, while it is (said once).
     missing: Option<String>,
 }
 
-impl RedfishSource {
+impl PlatformSource {
     /// `inner` measures the CPU package (RAPL) or estimates (model).
-    pub fn new(poller: RedfishPoller, inner: Box<dyn EnergySource>) -> RedfishSource {
+    pub fn new(poller: PlatformPoller, inner: Box<dyn EnergySource>) -> PlatformSource {
+        let kind = poller.cfg.kind;
         let name = if inner.estimated() {
-            "redfish".to_string()
+            kind.to_string()
         } else {
-            format!("redfish+{}", inner.name())
+            format!("{kind}+{}", inner.name())
         };
-        RedfishSource {
+        PlatformSource {
             inner,
             poller,
             name,
@@ -823,7 +868,7 @@ impl RedfishSource {
     }
 }
 
-impl EnergySource for RedfishSource {
+impl EnergySource for PlatformSource {
     fn name(&self) -> &str {
         &self.name
     }
@@ -839,6 +884,7 @@ impl EnergySource for RedfishSource {
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {
         let (start, end) = (sample.start_unix_ns, sample.end_unix_ns);
         let stale_after_ns = self.poller.cfg.stale_after_ms * 1_000_000;
+        let kind = self.poller.cfg.kind;
         let (integral, faults, failing) = {
             let mut s = self.poller.lock();
             let samples: Vec<PowerSample> = s.samples.iter().copied().collect();
@@ -889,9 +935,12 @@ impl EnergySource for RedfishSource {
                     ),
                 };
                 let mut w = inner?;
-                if self.missing.is_none() {
+                // Said when the outage starts and when its cause changes
+                // (the fault's name before the first `:`), not every window.
+                let cause = |text: &str| text.split(':').next().unwrap_or("").to_string();
+                if self.missing.as_deref().map(cause) != Some(cause(&why)) {
                     w.warnings.push(format!(
-                        "redfish: platform power not measured ({why}); windows carry {}'s energy alone until it is (counted in sci_energy_faults_total{{source=\"redfish\"}})",
+                        "{kind}: platform power not measured ({why}); windows carry {}'s energy alone until it is (counted in sci_energy_faults_total{{source=\"{kind}\"}})",
                         w.source
                     ));
                 }
@@ -900,21 +949,21 @@ impl EnergySource for RedfishSource {
                     NotCovered::NoSample => "no_sample",
                     NotCovered::Stale { .. } => "stale",
                 };
-                count_fault(&mut w.faults, "redfish", "missing");
+                count_fault(&mut w.faults, kind, "missing");
                 if failing.is_none() {
-                    count_fault(&mut w.faults, "redfish", fault);
+                    count_fault(&mut w.faults, kind, fault);
                 }
                 w
             }
         };
         for (fault, n) in faults {
-            *energy.faults.entry(format!("redfish/{fault}")).or_default() += n;
+            *energy.faults.entry(format!("{kind}/{fault}")).or_default() += n;
         }
         Ok(energy)
     }
 }
 
-impl RedfishSource {
+impl PlatformSource {
     fn platform_domain(&self, name: &str, energy_j: f64, idle: bool, cpus: u32) -> DomainReading {
         DomainReading {
             name: name.to_string(),
@@ -930,7 +979,7 @@ impl RedfishSource {
 
     fn platform_only(&self, platform: &Integral, duration_ns: u64) -> WindowEnergy {
         WindowEnergy {
-            source: "redfish".to_string(),
+            source: self.poller.cfg.kind.to_string(),
             estimated: false,
             duration_ns,
             domains: vec![self.platform_domain("platform", platform.energy_j, false, self.cpus())],
@@ -963,10 +1012,10 @@ impl RedfishSource {
         let mut w = inner;
         if rest_j < 0.0 {
             w.warnings.push(format!(
-                "redfish: platform {:.3} J is below RAPL's {:.3} J this window (the BMC averages over its own interval): platform left out of this window",
-                platform.energy_j, rapl_j
+                "{}: platform {:.3} J is below RAPL's {:.3} J this window (the BMC averages over its own interval): platform left out of this window",
+                self.poller.cfg.kind, platform.energy_j, rapl_j
             ));
-            count_fault(&mut w.faults, "redfish", "below_rapl");
+            count_fault(&mut w.faults, self.poller.cfg.kind, "below_rapl");
             return w;
         }
         let cpus = w
@@ -1021,17 +1070,23 @@ mod tests {
                 newest_age_ns: 4 * SEC
             }
         );
-        // A gap longer than stale_after is not bridged.
+        // A gap longer than stale_after is not bridged: the first sample is
+        // held for 5 s, then nothing until the next one.
         let gap = [s(0.0, 100.0), s(10.0, 100.0)];
-        assert!(matches!(
-            integrate(&gap, SEC, 2 * SEC, 5 * SEC),
-            Err(NotCovered::Stale { .. })
-        ));
-        // Nothing before the window's start.
+        assert!((integrate(&gap, SEC, 2 * SEC, 5 * SEC).unwrap().energy_j - 100.0).abs() < 1e-9);
+        assert_eq!(
+            integrate(&gap, 4 * SEC, 7 * SEC, 5 * SEC),
+            Err(NotCovered::Stale {
+                uncovered_ns: 2 * SEC,
+                newest_age_ns: 7 * SEC
+            })
+        );
+        // A window starting on the first sample: 100 W to 150 W over 1 s.
         assert_eq!(
             integrate(&samples, 0, SEC, 5 * SEC).map(|i| i.energy_j),
-            Ok(150.0)
+            Ok(125.0)
         );
+        // A window starting before the first sample is not covered.
         assert_eq!(
             integrate(&[s(1.0, 5.0)], 0, 2 * SEC, 5 * SEC),
             Err(NotCovered::NoSample)
