@@ -219,6 +219,14 @@ pub struct WindowReport {
     /// Transaction reports the ingest endpoint refused in this window, per reason.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ingest_refused: std::collections::BTreeMap<String, u64>,
+    /// What the energy sources could not measure in this window, per
+    /// `<source>/<fault>` (`sci_energy_faults_total`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub energy_faults: std::collections::BTreeMap<String, u64>,
+    /// Longest gap between two readings the window's energy integrates
+    /// (power samples of a BMC, or the counter reads at the window's ends).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub energy_sample_interval_ns: u64,
     pub processes: Vec<ProcessRecord>,
     /// Folded CPU stacks with their energy (empty when profiling is off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -311,6 +319,8 @@ impl WindowReport {
             scenarios: Vec::new(),
             business_units: 0.0,
             ingest_refused: Default::default(),
+            energy_faults: Default::default(),
+            energy_sample_interval_ns: 0,
             processes: Vec::new(),
             profile: Vec::new(),
             profile_stacks_trimmed: 0,
@@ -354,6 +364,10 @@ impl WindowReport {
         for (reason, n) in &a.ingest_refused {
             *m.ingest_refused.entry(reason.clone()).or_default() += n;
         }
+        for (fault, n) in &a.energy_faults {
+            *m.energy_faults.entry(fault.clone()).or_default() += n;
+        }
+        m.energy_sample_interval_ns = a.energy_sample_interval_ns.max(b.energy_sample_interval_ns);
 
         let mut domains: BTreeMap<&str, f64> = BTreeMap::new();
         for d in a.domains.iter().chain(&b.domains) {

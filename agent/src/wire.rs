@@ -243,6 +243,8 @@ wire_pair!(WindowReport <-> WindowReport {
     scenarios,
     business_units,
     ingest_refused,
+    energy_faults,
+    energy_sample_interval_ns,
     processes,
     profile,
     profile_stacks_trimmed,
@@ -333,6 +335,8 @@ mod tests {
         }];
         w.business_units = 72.0;
         w.ingest_refused = BTreeMap::from([("unknown_scenario".to_string(), 2)]);
+        w.energy_faults = BTreeMap::from([("redfish/stale".to_string(), 3)]);
+        w.energy_sample_interval_ns = 5_000_000_000;
         w.processes = vec![ProcessRecord {
             pid: 101,
             ppid: 1,

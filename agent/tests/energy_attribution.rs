@@ -81,6 +81,7 @@ fn domain(
         energy_j,
         counts_toward_host: counted,
         idle_power_w: None,
+        known_idle_j: None,
     }
 }
 
@@ -91,6 +92,9 @@ fn rapl(domains: Vec<DomainReading>) -> WindowEnergy {
         duration_ns: S,
         domains,
         warnings: vec![],
+        faults: Default::default(),
+        sample_interval_ns: S,
+        host_factors: None,
     }
 }
 

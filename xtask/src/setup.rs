@@ -11,6 +11,9 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages some tests and the demo use (checked, installed if missing).
 /// PostgreSQL 15 (with pgbench from -contrib) is the fleet store's server and a
 /// real request/response workload for the CPU accounting tests.
+/// runc, busybox-static and nginx: containers and re-titling servers the
+/// attribution tests start while the agent runs. openipmi (ipmi_sim) and
+/// ipmitool: the IPMI DCMI source's test BMC and client.
 const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "systemd",
@@ -19,6 +22,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "busybox-static",
     "nginx",
+    "openipmi",
+    "ipmitool",
 ];
 
 pub fn sci_home() -> Result<PathBuf> {
@@ -149,13 +154,18 @@ fn ensure_debian_packages() -> Result<()> {
         .args(&missing))
 }
 
-/// Python tools the tests use, pinned, in a venv of our own.
-const PYTHON_TOOLS: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
+/// Python tools the tests use, pinned, in a venv of our own: (package,
+/// version, the program it installs). sushy-tools is OpenStack's Redfish
+/// mock-up server (`sushy-static`), the BMC of the Redfish tests.
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
+    ("kubernetes-validate", "1.37.0", "kubernetes-validate"),
+    ("sushy-tools", "2.2.0", "sushy-static"),
+];
 
 fn ensure_python_tools() -> Result<()> {
     let venv = sci_home()?.join("venv");
-    for (tool, version) in PYTHON_TOOLS {
-        let bin = venv.join("bin").join(tool);
+    for (tool, version, program) in PYTHON_TOOLS {
+        let bin = venv.join("bin").join(program);
         if bin.exists() {
             continue;
         }
@@ -197,6 +207,9 @@ pub fn setup() -> Result<()> {
         &format!("Debian packages {}", DEBIAN_PACKAGES.join(", ")),
         ensure_debian_packages,
     )?;
-    step("Python tools (kubernetes-validate)", ensure_python_tools)?;
+    step(
+        "Python tools (kubernetes-validate, sushy-tools)",
+        ensure_python_tools,
+    )?;
     Ok(())
 }

@@ -89,6 +89,8 @@ struct State {
     pue: f64,
     lost_events: BTreeMap<&'static str, u64>,
     lost_cpu_ns: BTreeMap<&'static str, u64>,
+    /// (source, fault) -> windows' fault counts.
+    energy_faults: BTreeMap<(String, String), u64>,
     /// (pid, comm) -> series.
     processes: HashMap<(u32, Text), ProcessSeries>,
     /// (comm, cgroup) -> folded totals.
@@ -323,6 +325,12 @@ impl MetricsRegistry {
             s.energy_source = Some((report.energy_source.clone(), report.estimated));
         }
         s.cpu_source = Some(report.cpu_source.as_str().to_string());
+        for (name, n) in &report.energy_faults {
+            let (source, fault) = name.split_once('/').unwrap_or((name.as_str(), "failed"));
+            *s.energy_faults
+                .entry((source.to_string(), fault.to_string()))
+                .or_default() += n;
+        }
         s.intensity_g_per_kwh = report.carbon_intensity_g_per_kwh;
         s.pue = report.pue;
         let l = &report.lost;
@@ -539,6 +547,14 @@ impl MetricsRegistry {
             cpu_source.push(&[("source", source)], 1.0);
         }
         out.push(cpu_source);
+        let mut energy_faults = Family::counter(
+            "sci_energy_faults_total",
+            "What an energy source could not measure, per source and fault (failed, stuck, timeout, stale, ...).",
+        );
+        for ((source, fault), n) in &s.energy_faults {
+            energy_faults.push(&[("source", source), ("fault", fault)], *n as f64);
+        }
+        out.push(energy_faults);
         let mut lost_events = Family::counter(
             "sci_lost_events_total",
             "Events the CPU accounting could not record.",
