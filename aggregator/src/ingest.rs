@@ -48,6 +48,10 @@ pub struct IngestCounters {
     pub decode_errors: u64,
     /// HTTP requests refused for want of a valid bearer token.
     pub http_unauthorized: u64,
+    /// Plan and supply requests refused for a wrong parameter, per endpoint (#27).
+    pub plan_requests_refused: BTreeMap<String, u64>,
+    /// Plans stored since start.
+    pub plans_stored: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }

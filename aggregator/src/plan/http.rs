@@ -1,0 +1,264 @@
+//! HTTP of the plans (#27):
+//! - `GET /api/v1/supplies?from=&to=&group_by=` the fleet grouped by one
+//!   supply attribute (`supply` by default);
+//! - `GET /api/v1/supplies/select?from=&to=[&service=&period=]` the
+//!   ranking of supplies per service and scenario (7.4);
+//! - `GET|POST /api/v1/plans/migration?from=&to=&service=&from_datacenter=
+//!   &from_supply=&to_datacenter=&to_supply=[&scenario=&share=
+//!   &target_utilisation=]` a migration plan (POST also stores it);
+//! - `GET /api/v1/plans` the stored plans.
+//!
+//! A parameter that is wrong is refused with 400 naming it, and counted in
+//! `sci_plan_requests_refused_total{endpoint}`.
+use std::collections::BTreeMap;
+
+use agent_common::prometheus_text::Family;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::migration::{plan_migration, MigrationRequest};
+use super::supplies::{groups, select, SupplyId};
+use crate::http::{bounded, range_of, HttpState, RangeQuery};
+use crate::review::stats::Bootstrap;
+
+type Failure = (StatusCode, String);
+
+/// Counts a refused request of `endpoint` and passes the failure on.
+fn refused(state: &HttpState, endpoint: &str, failure: Failure) -> Failure {
+    if failure.0 == StatusCode::BAD_REQUEST {
+        *state
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plan_requests_refused
+            .entry(endpoint.to_string())
+            .or_default() += 1;
+    }
+    failure
+}
+
+fn bad(message: String) -> Failure {
+    (StatusCode::BAD_REQUEST, message)
+}
+
+fn store_failure(e: crate::error::AggregatorError) -> Failure {
+    match e {
+        crate::error::AggregatorError::Invalid(m) => bad(m),
+        other => (StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+/// `sci_plan_requests_refused_total` and `sci_plans_stored_total`.
+pub fn metric_families(refused: &BTreeMap<String, u64>, stored: u64, out: &mut Vec<Family>) {
+    let mut f = Family::counter(
+        "sci_plan_requests_refused_total",
+        "Plan and supply requests refused for a wrong parameter, per endpoint.",
+    );
+    for (endpoint, n) in refused {
+        f.push(&[("endpoint", endpoint)], *n as f64);
+    }
+    out.push(f);
+    out.push(
+        Family::counter("sci_plans_stored_total", "Plans stored since start.")
+            .single(stored as f64),
+    );
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SuppliesQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub group_by: Option<String>,
+}
+
+fn hourly_range(
+    state: &HttpState,
+    from: Option<u64>,
+    to: Option<u64>,
+    period: Option<u64>,
+) -> Result<crate::store::Range, Failure> {
+    let step = state.store.layout().host_step_s;
+    let to = to.map(|t| t.div_ceil(step) * step);
+    let from = from.map(|f| f / step * step);
+    range_of(
+        state,
+        &RangeQuery {
+            from,
+            to,
+            period: Some(period.unwrap_or(step)),
+            format: None,
+        },
+    )
+}
+
+async fn supplies(State(state): State<HttpState>, Query(q): Query<SuppliesQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let range = hourly_range(&s, q.from, q.to, None)?;
+            let by = q.group_by.as_deref().unwrap_or("supply");
+            let groups = groups(s.store.as_ref(), &range, by).map_err(store_failure)?;
+            Ok(Json(serde_json::json!({
+                "from_unix_s": range.from_s,
+                "to_unix_s": range.to_s,
+                "group_by": by,
+                "groups": groups,
+            }))
+            .into_response())
+        };
+        run().map_err(|f| refused(&s, "supplies", f))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SelectQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub period: Option<u64>,
+    pub service: Option<String>,
+    pub seed: Option<u64>,
+}
+
+async fn select_supplies(State(state): State<HttpState>, Query(q): Query<SelectQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let range = hourly_range(&s, q.from, q.to, q.period)?;
+            let bootstrap = Bootstrap {
+                seed: q.seed.unwrap_or(Bootstrap::default().seed),
+                ..Default::default()
+            };
+            let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
+                .map_err(store_failure)?;
+            Ok(Json(selection).into_response())
+        };
+        run().map_err(|f| refused(&s, "supplies/select", f))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MigrationQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub service: Option<String>,
+    pub scenario: Option<String>,
+    pub from_datacenter: Option<String>,
+    pub from_supply: Option<String>,
+    pub to_datacenter: Option<String>,
+    pub to_supply: Option<String>,
+    pub share: Option<f64>,
+    pub target_utilisation: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+fn migration(state: &HttpState, q: &MigrationQuery, save: bool) -> Result<Response, Failure> {
+    let need = |v: &Option<String>, name: &str| {
+        v.clone().ok_or_else(|| bad(format!("{name} is required")))
+    };
+    let range = hourly_range(state, q.from, q.to, None)?;
+    let request = MigrationRequest {
+        service: need(&q.service, "service")?,
+        scenario: q.scenario.clone(),
+        from: SupplyId {
+            datacenter: need(&q.from_datacenter, "from_datacenter")?,
+            supply: need(&q.from_supply, "from_supply")?,
+        },
+        to: SupplyId {
+            datacenter: need(&q.to_datacenter, "to_datacenter")?,
+            supply: need(&q.to_supply, "to_supply")?,
+        },
+        share: q.share.unwrap_or(1.0),
+        target_utilisation: q.target_utilisation.unwrap_or(0.6),
+        bootstrap: Bootstrap {
+            seed: q.seed.unwrap_or(Bootstrap::default().seed),
+            ..Default::default()
+        },
+    };
+    let plan = plan_migration(state.store.as_ref(), &range, &request).map_err(store_failure)?;
+    if !save {
+        return Ok(Json(plan).into_response());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stored = super::store_plan(
+        state.store.as_ref(),
+        "migration",
+        &request.service,
+        now,
+        &plan,
+    )
+    .map_err(store_failure)?;
+    state
+        .counters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .plans_stored += 1;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": stored.id, "plan": plan })),
+    )
+        .into_response())
+}
+
+async fn migration_get(
+    State(state): State<HttpState>,
+    Query(q): Query<MigrationQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        migration(&s, &q, false).map_err(|f| refused(&s, "plans/migration", f))
+    })
+    .await
+}
+
+async fn migration_post(
+    State(state): State<HttpState>,
+    Query(q): Query<MigrationQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        migration(&s, &q, true).map_err(|f| refused(&s, "plans/migration", f))
+    })
+    .await
+}
+
+async fn plans(State(state): State<HttpState>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let plans = s.store.plans().map_err(store_failure)?;
+        let plans: Vec<serde_json::Value> = plans
+            .into_iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id,
+                    "kind": p.kind,
+                    "service": p.service,
+                    "created_unix_s": p.created_unix_s,
+                    "carried_out_unix_s": p.carried_out_unix_s,
+                    "plan": serde_json::from_str::<serde_json::Value>(&p.body).unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(Json(serde_json::json!({ "plans": plans })).into_response())
+    })
+    .await
+}
+
+/// The plan routes, merged into [`crate::http::router`].
+pub fn routes() -> Router<HttpState> {
+    Router::new()
+        .route("/api/v1/supplies", get(supplies))
+        .route("/api/v1/supplies/select", get(select_supplies))
+        .route(
+            "/api/v1/plans/migration",
+            get(migration_get).post(migration_post),
+        )
+        .route("/api/v1/plans", get(plans))
+}
