@@ -6,6 +6,8 @@
 //! - `GET|POST /api/v1/plans/migration?from=&to=&service=&from_datacenter=
 //!   &from_supply=&to_datacenter=&to_supply=[&scenario=&share=
 //!   &target_utilisation=]` a migration plan (POST also stores it);
+//! - `GET|POST /api/v1/plans/shift?[job=&at=]` time-shifting plans of the
+//!   deferrable jobs (7.2; POST also stores them);
 //! - `GET /api/v1/plans` the stored plans.
 //!
 //! A parameter that is wrong is refused with 400 naming it, and counted in
@@ -251,6 +253,79 @@ async fn plans(State(state): State<HttpState>) -> Response {
     .await
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShiftQuery {
+    /// One job (default: every `[[scheduling.deferrable]]` job).
+    pub job: Option<String>,
+    /// Plan the windows in force at this unix time (default: now).
+    pub at: Option<u64>,
+}
+
+fn shift(state: &HttpState, q: &ShiftQuery, save: bool) -> Result<Response, Failure> {
+    let jobs: Vec<_> = state
+        .config
+        .scheduling
+        .deferrable
+        .iter()
+        .filter(|j| q.job.as_deref().is_none_or(|n| n == j.name))
+        .collect();
+    if let (Some(name), true) = (&q.job, jobs.is_empty()) {
+        return Err(bad(format!(
+            "job {:?} is not a [[scheduling.deferrable]] job",
+            crate::validate::clip(name)
+        )));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let at = q.at.unwrap_or(now);
+    let mut plans = Vec::new();
+    for job in jobs {
+        let plan =
+            super::shifting::plan_shift(state.store.as_ref(), &state.config.scheduling, job, at)
+                .map_err(store_failure)?;
+        let id = if save {
+            let stored = super::store_plan(state.store.as_ref(), "shift", &job.service, now, &plan)
+                .map_err(store_failure)?;
+            state
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .plans_stored += 1;
+            Some(stored.id)
+        } else {
+            None
+        };
+        plans.push(serde_json::json!({ "id": id, "plan": plan }));
+    }
+    let status = if save {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "at_unix_s": at, "plans": plans })),
+    )
+        .into_response())
+}
+
+async fn shift_get(State(state): State<HttpState>, Query(q): Query<ShiftQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        shift(&s, &q, false).map_err(|f| refused(&s, "plans/shift", f))
+    })
+    .await
+}
+
+async fn shift_post(State(state): State<HttpState>, Query(q): Query<ShiftQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        shift(&s, &q, true).map_err(|f| refused(&s, "plans/shift", f))
+    })
+    .await
+}
+
 /// The plan routes, merged into [`crate::http::router`].
 pub fn routes() -> Router<HttpState> {
     Router::new()
@@ -260,5 +335,6 @@ pub fn routes() -> Router<HttpState> {
             "/api/v1/plans/migration",
             get(migration_get).post(migration_post),
         )
+        .route("/api/v1/plans/shift", get(shift_get).post(shift_post))
         .route("/api/v1/plans", get(plans))
 }

@@ -6,7 +6,10 @@
 //! capacity check; every plan is stored with its prediction
 //! ([`store_plan`]) for the check afterwards. [`http`] serves them.
 pub mod http;
+pub mod intensity;
+pub mod keda;
 pub mod migration;
+pub mod shifting;
 pub mod supplies;
 
 use serde::Serialize;
