@@ -2,7 +2,7 @@
 //! ingest: a real `sci-aggregator` (SQLite), the agent's real spool and
 //! forwarder over gRPC on loopback, synthetic hourly windows of two days
 //! from three hosts on two supplies:
-//! - supply A (dc-1: 500 g/kWh, PUE 1.2): hosts a1, a2, Intel, 4 CPUs,
+//! - supply A (dc-1: 380 g/kWh, PUE 1.2): hosts a1, a2, Intel, 4 CPUs,
 //!   pool=old; credit-svc at 2.0 J and 4 s of CPU per credit transaction;
 //! - supply B (dc-2: 400 g/kWh, PUE 1.3): host b1, AMD, 8 CPUs, pool=new,
 //!   4 cores of background load; credit-svc at 1.4 J and 3 s per transaction;
@@ -11,7 +11,11 @@
 //! The figures are checked against hand computations from the windows sent:
 //! the grouping by attribute, the ranking with the hardware/grid split, the
 //! migration plan's predicted saving and its capacity check (fits at 90%
-//! utilisation of B, refused at 60%), and no recommendation for query-svc.
+//! utilisation of B, refused at 60%), and no recommendation for query-svc;
+//! then the location plan (marginal g per credit transaction per site and
+//! hour, the split by measured room) and the Carbon Aware SDK-compatible
+//! endpoints read by a client written against the SDK's shapes: by the grid
+//! alone dc-1 is best, per credit transaction dc-2.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -24,6 +28,8 @@ use sci_tests::fleet::{
 };
 
 pub const DAY: u64 = 86_400;
+/// dc-1's grid: cleaner than dc-2's (400 g/kWh at PUE 1.3), its hardware dearer.
+const INTENSITY_A: f64 = 380.0;
 
 fn supply(vendor: &str, model: &str, cpus: u32, pool: &str) -> v1::ResourceSupply {
     v1::ResourceSupply {
@@ -43,7 +49,7 @@ fn shape(host: &str, dc: &str, b: bool) -> HostShape {
         host: host.into(),
         datacenter: dc.into(),
         cpus: if b { 8 } else { 4 },
-        intensity_g_per_kwh: if b { 400.0 } else { 500.0 },
+        intensity_g_per_kwh: if b { 400.0 } else { INTENSITY_A },
         pue: if b { 1.3 } else { 1.2 },
         background_cpu_ns_per_s: if b { 4_000_000_000 } else { 0 },
         idle_power_w: 50.0,
@@ -76,7 +82,7 @@ fn hour(host: &str, h: u64) -> Hour {
     let (e_per_txn, cpu_per_txn) = if b { (1.4, 3e9) } else { (2.0, 4e9) };
     // query: the same grams per transaction everywhere (0.001 g at the
     // plug + 0.0001 g embodied), +-5% noise with a pattern per host.
-    let k = if b { 400.0 * 1.3 } else { 500.0 * 1.2 } / 3.6e6;
+    let k = if b { 400.0 * 1.3 } else { INTENSITY_A * 1.2 } / 3.6e6;
     let phase = if b { 1 } else { 0 };
     let qnoise = 1.0
         + 0.05
@@ -166,7 +172,7 @@ fn credit_sums(hosts: &[&str]) -> (f64, f64, f64, f64) {
     let mut out = (0.0, 0.0, 0.0, 0.0);
     for host in hosts {
         let b = *host == "b1";
-        let k = if b { 400.0 * 1.3 } else { 500.0 * 1.2 } / 3.6e6;
+        let k = if b { 400.0 * 1.3 } else { INTENSITY_A * 1.2 } / 3.6e6;
         for h in 0..48 {
             let c = hour(host, h).credit;
             out.0 += c.energy_j * k + c.embodied_g;
@@ -261,7 +267,7 @@ async fn supplies_are_grouped_ranked_and_planned_against_hand_computations() {
     assert!(close(f(first, "/factors/intensity_g_per_kwh"), 400.0, 1e-9));
     assert!(close(f(second, "/factors/pue"), 1.2, 1e-9));
     // Hardware: (E_A - E_B) k_B; grid: E_A (k_A - k_B) (the cheapest, B, is the reference).
-    let (k_a, k_b) = (500.0 * 1.2 / 3.6e6, 400.0 * 1.3 / 3.6e6);
+    let (k_a, k_b) = (INTENSITY_A * 1.2 / 3.6e6, 400.0 * 1.3 / 3.6e6);
     let (ea, eb) = (e_a / t_a, e_b / t_b);
     assert!(close(
         f(second, "/hardware_g_per_transaction"),
@@ -365,4 +371,178 @@ pub fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The Carbon Aware SDK's `EmissionsData` (Web API JSON), plus sci-cf's field.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EmissionsData {
+    location: String,
+    time: String,
+    rating: f64,
+    duration: String,
+    g_per_transaction: Option<f64>,
+}
+
+/// The SDK's forecast point and `EmissionsForecast`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ForecastPoint {
+    location: String,
+    timestamp: String,
+    duration: u64,
+    value: f64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EmissionsForecast {
+    location: String,
+    window_size: u64,
+    data_start_at: String,
+    data_end_at: String,
+    optimal_data_points: Vec<ForecastPoint>,
+    forecast_data: Vec<ForecastPoint>,
+    #[allow(dead_code)]
+    generated_at: String,
+    #[allow(dead_code)]
+    requested_at: String,
+}
+
+fn rfc3339(unix_s: u64) -> String {
+    agent_common::time_text::format_unix_s(unix_s as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn location_plan_and_carbon_aware_endpoints_use_measured_per_transaction_figures() {
+    let fl = fleet().await;
+    let (agg, base) = (&fl.agg, fl.base);
+    let from = base + 2 * DAY;
+    let (g_a, e_a, _, t_a) = credit_sums(&["a1", "a2"]);
+    let (_, e_b, cpu_b, t_b) = credit_sums(&["b1"]);
+    let emb = 0.0002;
+    let g_dc1 = e_a / t_a * INTENSITY_A * 1.2 / 3.6e6 + emb;
+    let g_dc2 = e_b / t_b * 400.0 * 1.3 / 3.6e6 + emb;
+    assert!((g_dc1 - g_a / t_a).abs() < 1e-12);
+    assert!(g_dc2 < g_dc1);
+
+    // The location plan: marginal g per transaction, and the split.
+    let plan = get_json(
+        agg,
+        &format!(
+            "/api/v1/plans/location?scenario=credit&from={from}&to={}",
+            from + 2 * 3600
+        ),
+    );
+    let sites: BTreeMap<String, &serde_json::Value> = plan["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["datacenter"].as_str().unwrap().to_string(), s))
+        .collect();
+    assert!(close(
+        f(sites["dc-1"], "/hours/0/g_per_transaction"),
+        g_dc1,
+        1e-9
+    ));
+    assert!(close(
+        f(sites["dc-2"], "/hours/0/g_per_transaction"),
+        g_dc2,
+        1e-9
+    ));
+    for (i, split) in plan["splits"].as_array().unwrap().iter().enumerate() {
+        // Hour of day i: demand = mean over both days of all credit transactions;
+        // dc-2's room = (0.6 x 8 cores - its busy CPU + its credit CPU), the least
+        // of both days, over 3 s of CPU per transaction.
+        let hod = i as u64;
+        let demand: f64 = [hod, 24 + hod]
+            .iter()
+            .map(|&h| {
+                ["a1", "a2", "b1"]
+                    .iter()
+                    .map(|host| hour(host, h).credit.transactions as f64)
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / 2.0;
+        let room_b = [hod, 24 + hod]
+            .iter()
+            .map(|&h| {
+                (0.6 * 8.0 * 3.6e12 - 4e9 * 3600.0 - hour("b1", h).query.cpu_ns as f64)
+                    / (cpu_b / t_b)
+            })
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            close(f(split, "/demand_transactions"), demand, 1e-9),
+            "{split}"
+        );
+        assert_eq!(split["split"][0][0], "dc-2");
+        assert!(
+            close(f(split, "/split/0/1"), room_b.min(demand), 1e-9),
+            "{split} {room_b}"
+        );
+        assert_eq!(split["split"][1][0], "dc-1");
+        assert!(close(f(split, "/split/1/1"), demand - room_b, 1e-9));
+        assert!(f(split, "/unplaced_transactions").abs() < 1e-9);
+    }
+
+    // The Carbon Aware SDK's best location: by the grid, dc-1 (380 < 400).
+    let time = rfc3339(from);
+    let (status, body) = http_get(
+        agg.http_port,
+        &format!("/emissions/bylocations/best?location=dc-1&location=dc-2&time={time}"),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let grid: Vec<EmissionsData> = serde_json::from_str(&body).unwrap();
+    assert_eq!(grid.len(), 1);
+    assert_eq!(
+        (grid[0].location.as_str(), grid[0].rating),
+        ("dc-1", INTENSITY_A)
+    );
+    assert_eq!(
+        (grid[0].time.as_str(), grid[0].duration.as_str()),
+        (time.as_str(), "01:00:00")
+    );
+    // ... per credit transaction, measured: dc-2.
+    let (_, body) = http_get(
+        agg.http_port,
+        &format!("/emissions/bylocations/best?location=dc-1,dc-2&time={time}&scenario=credit"),
+    )
+    .unwrap();
+    let per_txn: Vec<EmissionsData> = serde_json::from_str(&body).unwrap();
+    assert_eq!(per_txn[0].location, "dc-2");
+    assert!(close(per_txn[0].g_per_transaction.unwrap(), g_dc2, 1e-9));
+    // The forecast: hourly points, the optimal window.
+    let (status, body) = http_get(
+        agg.http_port,
+        &format!(
+            "/emissions/forecasts/current?location=dc-2&dataStartAt={time}&dataEndAt={}&windowSize=120",
+            rfc3339(from + 6 * 3600)
+        ),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let forecasts: Vec<EmissionsForecast> = serde_json::from_str(&body).unwrap();
+    let fc = &forecasts[0];
+    assert_eq!((fc.location.as_str(), fc.window_size), ("dc-2", 120));
+    assert_eq!(
+        (fc.data_start_at.as_str(), fc.data_end_at.as_str()),
+        (time.as_str(), rfc3339(from + 6 * 3600).as_str())
+    );
+    assert_eq!(fc.forecast_data.len(), 6);
+    assert!(fc
+        .forecast_data
+        .iter()
+        .all(|p| p.value == 400.0 && p.duration == 60 && p.location == "dc-2"));
+    assert_eq!(fc.optimal_data_points.len(), 1);
+    assert_eq!(fc.optimal_data_points[0].timestamp, time);
+    assert_eq!(fc.optimal_data_points[0].duration, 120);
+    let (status, body) = http_get(
+        agg.http_port,
+        "/emissions/forecasts/current?location=dc-2&windowSize=0",
+    )
+    .unwrap();
+    assert_eq!(status, 400);
+    assert!(body.contains("windowSize"), "{body}");
 }

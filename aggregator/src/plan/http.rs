@@ -8,7 +8,11 @@
 //!   &target_utilisation=]` a migration plan (POST also stores it);
 //! - `GET|POST /api/v1/plans/shift?[job=&at=]` time-shifting plans of the
 //!   deferrable jobs (7.2; POST also stores them);
-//! - `GET /api/v1/plans` the stored plans.
+//! - `GET /api/v1/plans/location?scenario=[&from=&to=]` marginal carbon
+//!   of one more transaction per data centre and hour, and a traffic split
+//!   that respects measured room (7.2);
+//! - `GET /api/v1/plans` the stored plans;
+//! - the Carbon Aware SDK-compatible routes ([`super::carbon_aware`]).
 //!
 //! A parameter that is wrong is refused with 400 naming it, and counted in
 //! `sci_plan_requests_refused_total{endpoint}`.
@@ -326,6 +330,46 @@ async fn shift_post(State(state): State<HttpState>, Query(q): Query<ShiftQuery>)
     .await
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct LocationQuery {
+    pub scenario: Option<String>,
+    /// Unix seconds (default: this hour).
+    pub from: Option<u64>,
+    /// Unix seconds (default: 24 h after `from`).
+    pub to: Option<u64>,
+}
+
+async fn location(State(state): State<HttpState>, Query(q): Query<LocationQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let scenario = q
+                .scenario
+                .clone()
+                .ok_or_else(|| bad("scenario is required".into()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let from = q.from.unwrap_or(now / 3600 * 3600);
+            let to = q.to.unwrap_or(from + 86_400);
+            if to <= from || to - from > 31 * 86_400 {
+                return Err(bad("to must be after from, at most 31 days".into()));
+            }
+            let plan = super::location::plan_location(
+                s.store.as_ref(),
+                &s.config.scheduling,
+                &scenario,
+                from,
+                to,
+            )
+            .map_err(store_failure)?;
+            Ok(Json(plan).into_response())
+        };
+        run().map_err(|f| refused(&s, "plans/location", f))
+    })
+    .await
+}
+
 /// The plan routes, merged into [`crate::http::router`].
 pub fn routes() -> Router<HttpState> {
     Router::new()
@@ -336,5 +380,7 @@ pub fn routes() -> Router<HttpState> {
             get(migration_get).post(migration_post),
         )
         .route("/api/v1/plans/shift", get(shift_get).post(shift_post))
+        .route("/api/v1/plans/location", get(location))
         .route("/api/v1/plans", get(plans))
+        .merge(super::carbon_aware::routes())
 }

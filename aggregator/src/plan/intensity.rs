@@ -202,6 +202,51 @@ pub fn read(path: &Path, format: &str) -> Result<HourlyIntensity, AggregatorErro
     }
 }
 
+/// A data centre's intensity for the hours in `[start, end)`: its file
+/// (`[[scheduling.intensity]]`), else the mean measured intensity of the
+/// same hour of the day over `history` (a persistence forecast); and where
+/// it came from.
+pub fn for_hours(
+    store: &dyn crate::store::Store,
+    files: &[super::shifting::IntensityFile],
+    datacenter: &str,
+    history: &crate::store::Range,
+    start: u64,
+    end: u64,
+) -> Result<(HourlyIntensity, String), AggregatorError> {
+    if let Some(f) = files.iter().find(|f| f.datacenter == datacenter) {
+        return Ok((
+            read(&f.path, &f.format)?,
+            format!("{} ({})", f.path.display(), f.format),
+        ));
+    }
+    let mut by_hod: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    for r in store.intensity_hours(&crate::store::Range {
+        period_s: store.layout().step_s,
+        ..*history
+    })? {
+        if r.datacenter == datacenter {
+            let e = by_hod.entry(r.hour_unix_s % 86_400 / 3600).or_default();
+            e.0 += r.intensity_x_s;
+            e.1 += r.host_s;
+        }
+    }
+    let series = (start / 3600 * 3600..end)
+        .step_by(3600)
+        .filter_map(|h| {
+            by_hod
+                .get(&(h % 86_400 / 3600))
+                .filter(|(_, s)| *s > 0.0)
+                .map(|(x, s)| (h, x / s))
+        })
+        .collect();
+    Ok((
+        series,
+        "measured: mean intensity of the same hour of the day over the history (persistence forecast)"
+            .to_string(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

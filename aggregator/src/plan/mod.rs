@@ -3,11 +3,16 @@
 //! computing resource supplies), from what sci-cf measured per business
 //! transaction: [`supplies`] ranks the supplies a service ran on,
 //! [`migration`] plans a move between two with its predicted saving and a
-//! capacity check; every plan is stored with its prediction
+//! capacity check; [`shifting`] places deferrable jobs in low-carbon
+//! hours (7.2), [`location`] gives the marginal carbon of a transaction per
+//! site and hour with a traffic split; [`keda`] and [`carbon_aware`] are the
+//! signals schedulers consume. Every plan is stored with its prediction
 //! ([`store_plan`]) for the check afterwards. [`http`] serves them.
+pub mod carbon_aware;
 pub mod http;
 pub mod intensity;
 pub mod keda;
+pub mod location;
 pub mod migration;
 pub mod shifting;
 pub mod supplies;

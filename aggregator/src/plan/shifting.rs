@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::intensity::{self, HourlyIntensity};
+use super::intensity;
 use crate::error::AggregatorError;
 use crate::store::{Range, Store};
 
@@ -294,43 +294,14 @@ pub fn plan_shift(
         let e = free.entry(hod).or_insert(f64::INFINITY);
         *e = e.min(room);
     }
-    // Intensity: the file, else the measured same hour of the day.
-    let (series, intensity_source): (HourlyIntensity, String) = match config
-        .intensity
-        .iter()
-        .find(|f| f.datacenter == job.datacenter)
-    {
-        Some(f) => (
-            intensity::read(&f.path, &f.format)?,
-            format!("{} ({})", f.path.display(), f.format),
-        ),
-        None => {
-            let mut by_hod: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-            for r in store.intensity_hours(&Range {
-                period_s: store.layout().step_s,
-                ..hourly
-            })? {
-                if r.datacenter == job.datacenter {
-                    let e = by_hod.entry(r.hour_unix_s % 86_400 / 3600).or_default();
-                    e.0 += r.intensity_x_s;
-                    e.1 += r.host_s;
-                }
-            }
-            let series = (start..end)
-                .step_by(3600)
-                .filter_map(|h| {
-                    by_hod
-                        .get(&(h % 86_400 / 3600))
-                        .filter(|(_, s)| *s > 0.0)
-                        .map(|(x, s)| (h, x / s))
-                })
-                .collect();
-            (
-                    series,
-                    "measured: mean intensity of the same hour of the day over the history (persistence forecast)".to_string(),
-                )
-        }
-    };
+    let (series, intensity_source) = intensity::for_hours(
+        store,
+        &config.intensity,
+        &job.datacenter,
+        &hourly,
+        start,
+        end,
+    )?;
     let hours: Vec<u64> = (start / 3600 * 3600..end).step_by(3600).collect();
     let intensity_of = |h: u64| series.get(&h).copied();
     let free_of = |h: u64| {
