@@ -120,9 +120,32 @@ struct Fleet {
 
 /// Starts the aggregator and sends two days of hourly windows from the three hosts.
 async fn fleet() -> Fleet {
+    fleet_with(0).await
+}
+
+/// Credit moved to B in hour `h` (after the first two days): b1 serves its
+/// own and a1's and a2's transactions at B's figures per transaction.
+fn moved_credit(h: u64) -> ServiceLoad<'static> {
+    let txn: u64 = ["a1", "a2", "b1"]
+        .iter()
+        .map(|host| hour(host, h).credit.transactions)
+        .sum();
+    let noise = 1.0 + 0.02 * ((h % 5) as f64 - 2.0);
+    ServiceLoad {
+        service: "credit-svc",
+        scenario: "credit",
+        transactions: txn,
+        cpu_ns: txn * 3_000_000_000,
+        energy_j: txn as f64 * 1.4 * noise,
+        embodied_g: txn as f64 * 0.0002,
+    }
+}
+
+/// As [`fleet`], then `moved_days` more days with credit-svc moved to B.
+async fn fleet_with(moved_days: u64) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start(dir.path(), 3600, "", true);
-    let base = (now_s() / DAY - 2) * DAY;
+    let base = (now_s() / DAY - 2 - moved_days) * DAY;
     let cfg = AggregatorConfig {
         url: Some(agg.url()),
         max_backoff: Duration::from_millis(500),
@@ -136,20 +159,25 @@ async fn fleet() -> Fleet {
     ] {
         let agent = Agent::start(&dir.path().join(host), cfg.clone(), &format!("inst-{host}"));
         let s = shape(host, dc, b);
-        for h in 0..48 {
+        for h in 0..48 + 24 * moved_days {
             let hr = hour(host, h);
+            let loads = match (h < 48, b) {
+                (true, _) => vec![hr.credit, hr.query],
+                (false, true) => vec![moved_credit(h), hr.query],
+                (false, false) => vec![hr.query],
+            };
             agent.push(&service_window(
                 &s,
                 &format!("inst-{host}"),
                 h,
                 base + h * 3600,
                 3600,
-                &[hr.credit, hr.query],
+                &loads,
             ));
         }
         agent.drained(Duration::from_secs(60)).await;
     }
-    assert_eq!(agg.windows_ingested("accepted"), 144);
+    assert_eq!(agg.windows_ingested("accepted"), 3 * (48 + 24 * moved_days));
     Fleet {
         agg,
         base,
@@ -545,4 +573,113 @@ async fn location_plan_and_carbon_aware_endpoints_use_measured_per_transaction_f
     .unwrap();
     assert_eq!(status, 400);
     assert!(body.contains("windowSize"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_carried_out_is_checked_against_its_prediction() {
+    let fl = fleet_with(2).await;
+    let (agg, base) = (&fl.agg, fl.base);
+    let path = format!(
+        "/api/v1/plans/migration?from={base}&to={}&service=credit-svc&from_datacenter=dc-1&from_supply={}&to_datacenter=dc-2&to_supply={}&target_utilisation=0.9",
+        base + 2 * DAY,
+        encode(KEY_A),
+        encode(KEY_B)
+    );
+    let (status, body) = http_post(agg.http_port, &path, "").unwrap();
+    assert_eq!(status, 201, "{body}");
+    let stored: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = stored["id"].as_str().unwrap().to_string();
+    let predicted = f(&stored, "/plan/predicted_saving_g_per_day");
+
+    // By hand: before (days 0-1) A and B together; after (days 2-3) all on B.
+    let (g_a, _, _, t_a) = credit_sums(&["a1", "a2"]);
+    let (g_b, _, _, t_b) = credit_sums(&["b1"]);
+    let k_b = 400.0 * 1.3 / 3.6e6;
+    let (mut g_after, mut t_after) = (0.0, 0.0);
+    for h in 48..96 {
+        let c = moved_credit(h);
+        g_after += c.energy_j * k_b + c.embodied_g;
+        t_after += c.transactions as f64;
+    }
+    let c_before = (g_a + g_b) / (t_a + t_b);
+    let c_after = g_after / t_after;
+    let realised_per_day = (c_before - c_after) * t_after / 2.0;
+    let predicted_change = -predicted / ((t_a + t_b) / 2.0);
+    assert!(close(predicted, t_a / 2.0 * (g_a / t_a - g_b / t_b), 1e-9));
+
+    // Not marked: detected when credit's share on B jumps (day 2, 00:00).
+    let check = get_json(
+        agg,
+        &format!("/api/v1/plans/{id}/check?to={}", base + 4 * DAY),
+    );
+    assert_eq!(
+        check["carried_out_unix_s"].as_u64(),
+        Some(base + 2 * DAY),
+        "{check}"
+    );
+    assert!(check["carried_out_source"]
+        .as_str()
+        .unwrap()
+        .starts_with("detected"));
+    assert!(close(
+        f(&check, "/realised_change_g_per_transaction/difference"),
+        c_after - c_before,
+        1e-9
+    ));
+    assert!(close(
+        f(&check, "/realised_saving_g_per_day"),
+        realised_per_day,
+        1e-9
+    ));
+    assert!(close(
+        f(&check, "/predicted_saving_g_per_day"),
+        predicted,
+        1e-12
+    ));
+    assert!(close(
+        f(&check, "/predicted_change_g_per_transaction"),
+        predicted_change,
+        1e-9
+    ));
+    assert_eq!(
+        check["realised_change_g_per_transaction"]["verdict"],
+        "lower"
+    );
+    // Both with intervals, each holding its estimate.
+    let (rl, rh) = (
+        f(&check, "/realised_saving_ci_low_g_per_day"),
+        f(&check, "/realised_saving_ci_high_g_per_day"),
+    );
+    assert!(rl < realised_per_day && realised_per_day < rh, "{rl} {rh}");
+    let (pl, ph) = (
+        f(&check, "/predicted_saving_ci_low_g_per_day"),
+        f(&check, "/predicted_saving_ci_high_g_per_day"),
+    );
+    assert!(pl < predicted && predicted < ph, "{pl} {ph}");
+    let (lo, hi) = (
+        f(&check, "/realised_change_g_per_transaction/ci_low"),
+        f(&check, "/realised_change_g_per_transaction/ci_high"),
+    );
+    assert_eq!(
+        check["prediction_within_interval"].as_bool(),
+        Some(lo <= predicted_change && predicted_change <= hi)
+    );
+
+    // The operator's time wins: after starts there.
+    let at = base + 2 * DAY + 3600;
+    let (status, body) = http_post(
+        agg.http_port,
+        &format!("/api/v1/plans/{id}/carried-out?at={at}"),
+        "",
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let check = get_json(
+        agg,
+        &format!("/api/v1/plans/{id}/check?to={}", base + 4 * DAY),
+    );
+    assert_eq!(check["carried_out_source"], "operator");
+    assert_eq!(check["after_from_unix_s"].as_u64(), Some(at));
+    let (status, _) = http_get(agg.http_port, "/api/v1/plans/nope/check").unwrap();
+    assert_eq!(status, 404);
 }

@@ -11,7 +11,9 @@
 //! - `GET /api/v1/plans/location?scenario=[&from=&to=]` marginal carbon
 //!   of one more transaction per data centre and hour, and a traffic split
 //!   that respects measured room (7.2);
-//! - `GET /api/v1/plans` the stored plans;
+//! - `GET /api/v1/plans` the stored plans; `POST /api/v1/plans/{id}/
+//!   carried-out?at=` when a plan was carried out; `GET /api/v1/plans/{id}/
+//!   check?to=` the realised saving against the predicted ([`super::check`]);
 //! - the Carbon Aware SDK-compatible routes ([`super::carbon_aware`]).
 //!
 //! A parameter that is wrong is refused with 400 naming it, and counted in
@@ -370,6 +372,88 @@ async fn location(State(state): State<HttpState>, Query(q): Query<LocationQuery>
     .await
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct CarriedOutQuery {
+    /// Unix seconds (default: now).
+    pub at: Option<u64>,
+}
+
+fn find_plan(state: &HttpState, id: &str) -> Result<crate::store::StoredPlan, Failure> {
+    state
+        .store
+        .plans()
+        .map_err(store_failure)?
+        .into_iter()
+        .find(|p| p.id == id)
+        .ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no plan {}", crate::validate::clip(id)),
+            )
+        })
+}
+
+async fn carried_out(
+    State(state): State<HttpState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<CarriedOutQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let mut plan = find_plan(&s, &id)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let at = q.at.unwrap_or(now);
+            if at > now + 60 {
+                return Err(bad(format!("at {at} is in the future")));
+            }
+            plan.carried_out_unix_s = Some(at);
+            s.store.save_plan(&plan).map_err(store_failure)?;
+            Ok(
+                Json(serde_json::json!({ "id": plan.id, "carried_out_unix_s": at }))
+                    .into_response(),
+            )
+        };
+        run().map_err(|f| refused(&s, "plans/carried-out", f))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CheckQuery {
+    /// End of the measured "after" range, unix s (default: now).
+    pub to: Option<u64>,
+    pub seed: Option<u64>,
+}
+
+async fn check(
+    State(state): State<HttpState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<CheckQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let plan = find_plan(&s, &id)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let bootstrap = Bootstrap {
+                seed: q.seed.unwrap_or(Bootstrap::default().seed),
+                ..Default::default()
+            };
+            let checked =
+                super::check::check_plan(s.store.as_ref(), &plan, q.to.unwrap_or(now), &bootstrap)
+                    .map_err(store_failure)?;
+            Ok(Json(checked).into_response())
+        };
+        run().map_err(|f| refused(&s, "plans/check", f))
+    })
+    .await
+}
+
 /// The plan routes, merged into [`crate::http::router`].
 pub fn routes() -> Router<HttpState> {
     Router::new()
@@ -382,5 +466,10 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/plans/shift", get(shift_get).post(shift_post))
         .route("/api/v1/plans/location", get(location))
         .route("/api/v1/plans", get(plans))
+        .route(
+            "/api/v1/plans/{id}/carried-out",
+            axum::routing::post(carried_out),
+        )
+        .route("/api/v1/plans/{id}/check", get(check))
         .merge(super::carbon_aware::routes())
 }

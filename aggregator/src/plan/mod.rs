@@ -7,8 +7,9 @@
 //! hours (7.2), [`location`] gives the marginal carbon of a transaction per
 //! site and hour with a traffic split; [`keda`] and [`carbon_aware`] are the
 //! signals schedulers consume. Every plan is stored with its prediction
-//! ([`store_plan`]) for the check afterwards. [`http`] serves them.
+//! ([`store_plan`]) and [`check`] measures it afterwards. [`http`] serves them.
 pub mod carbon_aware;
+pub mod check;
 pub mod http;
 pub mod intensity;
 pub mod keda;
