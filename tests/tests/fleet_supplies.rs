@@ -682,4 +682,25 @@ async fn a_move_carried_out_is_checked_against_its_prediction() {
     assert_eq!(check["after_from_unix_s"].as_u64(), Some(at));
     let (status, _) = http_get(agg.http_port, "/api/v1/plans/nope/check").unwrap();
     assert_eq!(status, 404);
+
+    // The dashboard page: ranking (B before A), the plan, its check.
+    let (status, page) = http_get(
+        agg.http_port,
+        &format!("/dashboard/plan?from={base}&to={}", base + 2 * DAY),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("credit-svc / credit"));
+    let (b_at, a_at) = (
+        page.find(&format!("dc-2 / {KEY_B}")).unwrap(),
+        page.find(&format!("dc-1 / {KEY_A}")).unwrap(),
+    );
+    assert!(b_at < a_at);
+    assert!(page.contains(&id));
+    let realised = f(&check, "/realised_saving_g_per_day");
+    assert!(
+        page.contains(&sci_aggregator::figures::mass_g(realised)),
+        "{page}"
+    );
+    assert!(page.contains(&sci_aggregator::figures::mass_g(predicted)));
 }

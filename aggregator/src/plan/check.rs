@@ -10,7 +10,8 @@
 //! Realised: the service's operational + embodied g per transaction of the
 //! scenario over all supplies, after against before, with the review's
 //! bootstrap interval (periods of one host step); realised g/day saved =
-//! (before - after) x its transactions per day after. Predicted, on the
+//! (before - after) x its transactions per day after (per day of data:
+//! host steps with transactions). Predicted, on the
 //! same footing: the plan's g/day saved (and interval) over the service's
 //! transactions per day before, as a change per transaction.
 use serde::Serialize;
@@ -179,9 +180,14 @@ pub fn check_plan(
         )));
     }
     let (all_after, _) = periods(store, &after, &service, &scenario, target)?;
-    let days = |r: &Range| (r.to_s - r.from_s) as f64 / 86_400.0;
-    let per_day_before = txn(&all_before) / days(&before);
-    let per_day_after = txn(&all_after) / days(&after);
+    // Days of data: host steps with transactions (hours the range holds but
+    // nothing was measured in do not dilute the rate).
+    let days = |p: &Periods| {
+        (p.values().filter(|s| s.transactions > 0.0).count() as f64 * step as f64 / 86_400.0)
+            .max(1e-300)
+    };
+    let per_day_before = txn(&all_before) / days(&all_before);
+    let per_day_after = txn(&all_after) / days(&all_after);
     let realised = compare(
         Estimator::PooledRatio,
         &pairs(&all_before, |s| s.carbon_g),

@@ -14,6 +14,8 @@
 //! - `GET /api/v1/plans` the stored plans; `POST /api/v1/plans/{id}/
 //!   carried-out?at=` when a plan was carried out; `GET /api/v1/plans/{id}/
 //!   check?to=` the realised saving against the predicted ([`super::check`]);
+//! - `GET /dashboard/plan?[from=&to=&service=]` all of it on one page
+//!   ([`super::page`]);
 //! - the Carbon Aware SDK-compatible routes ([`super::carbon_aware`]).
 //!
 //! A parameter that is wrong is refused with 400 naming it, and counted in
@@ -454,6 +456,59 @@ async fn check(
     .await
 }
 
+async fn plan_page(State(state): State<HttpState>, Query(q): Query<SelectQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let to = q.to.unwrap_or(now);
+            let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
+            let range = hourly_range(&s, Some(from), Some(to), q.period)?;
+            let bootstrap = Bootstrap::default();
+            let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
+                .map_err(store_failure)?;
+            let shifts = s
+                .config
+                .scheduling
+                .deferrable
+                .iter()
+                .map(|job| {
+                    super::shifting::plan_shift(s.store.as_ref(), &s.config.scheduling, job, now)
+                        .map_err(|e| format!("{}: {e}", job.name))
+                })
+                .collect();
+            let stored = s
+                .store
+                .plans()
+                .map_err(store_failure)?
+                .into_iter()
+                .map(|p| {
+                    let check =
+                        (p.kind == "migration" && p.carried_out_unix_s.is_some()).then(|| {
+                            super::check::check_plan(s.store.as_ref(), &p, now, &bootstrap)
+                                .map_err(|e| e.to_string())
+                        });
+                    (p, check)
+                })
+                .collect();
+            let page = super::page::PlanPage {
+                selection,
+                shifts,
+                stored,
+            };
+            Ok((
+                [("content-type", "text/html; charset=utf-8")],
+                super::page::render(&page),
+            )
+                .into_response())
+        };
+        run().map_err(|f| refused(&s, "dashboard/plan", f))
+    })
+    .await
+}
+
 /// The plan routes, merged into [`crate::http::router`].
 pub fn routes() -> Router<HttpState> {
     Router::new()
@@ -466,6 +521,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/plans/shift", get(shift_get).post(shift_post))
         .route("/api/v1/plans/location", get(location))
         .route("/api/v1/plans", get(plans))
+        .route("/dashboard/plan", get(plan_page))
         .route(
             "/api/v1/plans/{id}/carried-out",
             axum::routing::post(carried_out),

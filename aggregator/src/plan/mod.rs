@@ -15,6 +15,7 @@ pub mod intensity;
 pub mod keda;
 pub mod location;
 pub mod migration;
+pub mod page;
 pub mod shifting;
 pub mod supplies;
 
