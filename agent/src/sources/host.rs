@@ -233,4 +233,27 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn the_shipped_example_parses_when_uncommented() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let example: String = text
+            .split_once("# [host]")
+            .unwrap()
+            .1
+            .split("\n\n")
+            .next()
+            .unwrap()
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            // Settings, not the prose between them.
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config: crate::config::AgentConfig =
+            toml::from_str(&format!("[host]\n{example}\n")).unwrap();
+        assert_eq!(config.host.labels["pool"], "batch-a");
+        assert!(config.host.labels_file.is_some());
+    }
 }

@@ -437,4 +437,27 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn the_shipped_example_parses_when_uncommented() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aggregator.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let example: String = text
+            .split_once("# [scheduling]")
+            .unwrap()
+            .1
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = crate::config::AggregatorConfig::from_toml_str(
+            &format!("[scheduling]{example}\n"),
+            &path,
+        )
+        .unwrap();
+        let job = &config.scheduling.deferrable[0];
+        assert_eq!((job.hours, job.replicas), (3, 4));
+        assert_eq!(config.scheduling.intensity[0].format, "carbon_aware");
+    }
 }
