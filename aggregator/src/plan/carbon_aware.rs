@@ -25,14 +25,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::http::{bad, now_s, refused};
 use super::location::plan_location;
 use crate::http::{bounded, HttpState};
 
 type Failure = (StatusCode, String);
-
-fn bad(message: String) -> Failure {
-    (StatusCode::BAD_REQUEST, message)
-}
 
 /// Query pairs, percent-decoded (repeated keys kept, `location=a,b` split).
 fn pairs(raw: Option<&str>) -> Vec<(String, String)> {
@@ -100,12 +97,6 @@ fn rfc3339(unix_s: u64) -> String {
     agent_common::time_text::format_unix_s(unix_s as i64)
 }
 
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Hourly (hour, rating, g per transaction) of one location over [from, to).
 fn series(
     state: &HttpState,
@@ -156,16 +147,6 @@ fn series(
             Some((h, rating, g))
         })
         .collect())
-}
-
-fn count_refusal(state: &HttpState, endpoint: &str) {
-    *state
-        .counters
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .plan_requests_refused
-        .entry(endpoint.to_string())
-        .or_default() += 1;
 }
 
 fn best(state: &HttpState, raw: Option<&str>) -> Result<Response, Failure> {
@@ -308,28 +289,26 @@ fn forecast(state: &HttpState, raw: Option<&str>) -> Result<Response, Failure> {
     Ok(Json(Value::Array(out)).into_response())
 }
 
-async fn best_get(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+/// Answers with `answer`, counting a 400 under `endpoint`.
+async fn serve(
+    state: HttpState,
+    raw: Option<String>,
+    endpoint: &'static str,
+    answer: fn(&HttpState, Option<&str>) -> Result<Response, Failure>,
+) -> Response {
     let s = state.clone();
     bounded(&state, move || {
-        best(&s, raw.as_deref()).inspect_err(|f| {
-            if f.0 == StatusCode::BAD_REQUEST {
-                count_refusal(&s, "emissions/bylocations/best");
-            }
-        })
+        answer(&s, raw.as_deref()).map_err(|f| refused(&s, endpoint, f))
     })
     .await
 }
 
+async fn best_get(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+    serve(state, raw, "emissions/bylocations/best", best).await
+}
+
 async fn forecast_get(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        forecast(&s, raw.as_deref()).inspect_err(|f| {
-            if f.0 == StatusCode::BAD_REQUEST {
-                count_refusal(&s, "emissions/forecasts/current");
-            }
-        })
-    })
-    .await
+    serve(state, raw, "emissions/forecasts/current", forecast).await
 }
 
 /// The Carbon Aware SDK-compatible routes.

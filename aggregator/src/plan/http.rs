@@ -38,7 +38,7 @@ use crate::review::stats::Bootstrap;
 type Failure = (StatusCode, String);
 
 /// Counts a refused request of `endpoint` and passes the failure on.
-fn refused(state: &HttpState, endpoint: &str, failure: Failure) -> Failure {
+pub(super) fn refused(state: &HttpState, endpoint: &str, failure: Failure) -> Failure {
     if failure.0 == StatusCode::BAD_REQUEST {
         *state
             .counters
@@ -51,7 +51,21 @@ fn refused(state: &HttpState, endpoint: &str, failure: Failure) -> Failure {
     failure
 }
 
-fn bad(message: String) -> Failure {
+pub(super) fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The review's bootstrap settings, with the caller's seed if given.
+fn bootstrap(seed: Option<u64>) -> Bootstrap {
+    Bootstrap {
+        seed: seed.unwrap_or(Bootstrap::default().seed),
+        ..Default::default()
+    }
+}
+
+pub(super) fn bad(message: String) -> Failure {
     (StatusCode::BAD_REQUEST, message)
 }
 
@@ -139,10 +153,7 @@ async fn select_supplies(State(state): State<HttpState>, Query(q): Query<SelectQ
     bounded(&state, move || {
         let run = || {
             let range = hourly_range(&s, q.from, q.to, q.period)?;
-            let bootstrap = Bootstrap {
-                seed: q.seed.unwrap_or(Bootstrap::default().seed),
-                ..Default::default()
-            };
+            let bootstrap = bootstrap(q.seed);
             let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
                 .map_err(store_failure)?;
             Ok(Json(selection).into_response())
@@ -185,18 +196,13 @@ fn migration(state: &HttpState, q: &MigrationQuery, save: bool) -> Result<Respon
         },
         share: q.share.unwrap_or(1.0),
         target_utilisation: q.target_utilisation.unwrap_or(0.6),
-        bootstrap: Bootstrap {
-            seed: q.seed.unwrap_or(Bootstrap::default().seed),
-            ..Default::default()
-        },
+        bootstrap: bootstrap(q.seed),
     };
     let plan = plan_migration(state.store.as_ref(), &range, &request).map_err(store_failure)?;
     if !save {
         return Ok(Json(plan).into_response());
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = now_s();
     let stored = super::store_plan(
         state.store.as_ref(),
         "migration",
@@ -283,9 +289,7 @@ fn shift(state: &HttpState, q: &ShiftQuery, save: bool) -> Result<Response, Fail
             crate::validate::clip(name)
         )));
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = now_s();
     let at = q.at.unwrap_or(now);
     let mut plans = Vec::new();
     for job in jobs {
@@ -351,9 +355,7 @@ async fn location(State(state): State<HttpState>, Query(q): Query<LocationQuery>
                 .scenario
                 .clone()
                 .ok_or_else(|| bad("scenario is required".into()))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = now_s();
             let from = q.from.unwrap_or(now / 3600 * 3600);
             let to = q.to.unwrap_or(from + 86_400);
             if to <= from || to - from > 31 * 86_400 {
@@ -404,9 +406,7 @@ async fn carried_out(
     bounded(&state, move || {
         let run = || {
             let mut plan = find_plan(&s, &id)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = now_s();
             let at = q.at.unwrap_or(now);
             if at > now + 60 {
                 return Err(bad(format!("at {at} is in the future")));
@@ -439,13 +439,8 @@ async fn check(
     bounded(&state, move || {
         let run = || {
             let plan = find_plan(&s, &id)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let bootstrap = Bootstrap {
-                seed: q.seed.unwrap_or(Bootstrap::default().seed),
-                ..Default::default()
-            };
+            let now = now_s();
+            let bootstrap = bootstrap(q.seed);
             let checked =
                 super::check::check_plan(s.store.as_ref(), &plan, q.to.unwrap_or(now), &bootstrap)
                     .map_err(store_failure)?;
@@ -460,9 +455,7 @@ async fn plan_page(State(state): State<HttpState>, Query(q): Query<SelectQuery>)
     let s = state.clone();
     bounded(&state, move || {
         let run = || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = now_s();
             let to = q.to.unwrap_or(now);
             let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
             let range = hourly_range(&s, Some(from), Some(to), q.period)?;

@@ -31,6 +31,7 @@ use sci_proto::keda::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::http::now_s;
 use super::shifting::{plan_shift, DeferrableJob, ShiftPlan};
 use crate::config::AggregatorConfig;
 use crate::ingest::{IngestCounters, SharedStore};
@@ -41,12 +42,6 @@ pub struct CarbonScaler {
     counters: Arc<Mutex<IngestCounters>>,
     /// How often a StreamIsActive re-plans between hour boundaries.
     poll: Duration,
-}
-
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl CarbonScaler {
