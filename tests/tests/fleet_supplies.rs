@@ -703,4 +703,22 @@ async fn a_move_carried_out_is_checked_against_its_prediction() {
         "{page}"
     );
     assert!(page.contains(&sci_aggregator::figures::mass_g(predicted)));
+    // The same as Markdown; a format it does not have is refused by name.
+    let (status, md) = http_get(
+        agg.http_port,
+        &format!(
+            "/dashboard/plan?from={base}&to={}&format=md",
+            base + 2 * DAY
+        ),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let row_b = format!("| 1 | dc-2 / {} |", KEY_B.replace('|', "\\|"));
+    assert!(md.contains(&row_b), "{md}");
+    assert!(
+        md.contains(&format!("| {id} | migration | credit-svc |")),
+        "{md}"
+    );
+    let (status, body) = http_get(agg.http_port, "/dashboard/plan?format=pdf").unwrap();
+    assert_eq!((status, body.contains("format \"pdf\"")), (400, true));
 }

@@ -71,7 +71,7 @@ fn time_param(pairs: &[(String, String)], name: &str) -> Result<Option<u64>, Fai
             .map(Some)
             .ok_or_else(|| {
                 bad(format!(
-                    "{name} {:?} is not an RFC 3339 time",
+                    "{name} {} is not an RFC 3339 time",
                     crate::validate::clip(v)
                 ))
             }),
@@ -220,7 +220,7 @@ fn forecast(state: &HttpState, raw: Option<&str>) -> Result<Response, Failure> {
             .filter(|m| *m > 0 && *m <= 31 * 24 * 60)
             .ok_or_else(|| {
                 bad(format!(
-                    "windowSize {:?}: whole minutes, 1 to 44640",
+                    "windowSize {}: whole minutes, 1 to 44640",
                     crate::validate::clip(v)
                 ))
             })?,

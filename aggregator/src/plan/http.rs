@@ -285,7 +285,7 @@ fn shift(state: &HttpState, q: &ShiftQuery, save: bool) -> Result<Response, Fail
         .collect();
     if let (Some(name), true) = (&q.job, jobs.is_empty()) {
         return Err(bad(format!(
-            "job {:?} is not a [[scheduling.deferrable]] job",
+            "job {} is not a [[scheduling.deferrable]] job",
             crate::validate::clip(name)
         )));
     }
@@ -451,11 +451,28 @@ async fn check(
     .await
 }
 
-async fn plan_page(State(state): State<HttpState>, Query(q): Query<SelectQuery>) -> Response {
+#[derive(Debug, Deserialize)]
+pub struct PlanPageQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub period: Option<u64>,
+    pub service: Option<String>,
+    /// html (default) or md.
+    pub format: Option<String>,
+}
+
+async fn plan_page(State(state): State<HttpState>, Query(q): Query<PlanPageQuery>) -> Response {
     let s = state.clone();
     bounded(&state, move || {
         let run = || {
             let now = now_s();
+            let format_ok = matches!(q.format.as_deref(), None | Some("html" | "md"));
+            if !format_ok {
+                return Err(bad(format!(
+                    "format {}: use html or md",
+                    crate::validate::clip(q.format.as_deref().unwrap_or_default())
+                )));
+            }
             let to = q.to.unwrap_or(now);
             let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
             let range = hourly_range(&s, Some(from), Some(to), q.period)?;
@@ -491,11 +508,19 @@ async fn plan_page(State(state): State<HttpState>, Query(q): Query<SelectQuery>)
                 shifts,
                 stored,
             };
-            Ok((
-                [("content-type", "text/html; charset=utf-8")],
-                super::page::render(&page),
-            )
-                .into_response())
+            Ok(if q.format.as_deref() == Some("md") {
+                (
+                    [("content-type", "text/markdown; charset=utf-8")],
+                    super::page::markdown(&page),
+                )
+                    .into_response()
+            } else {
+                (
+                    [("content-type", "text/html; charset=utf-8")],
+                    super::page::render(&page),
+                )
+                    .into_response()
+            })
         };
         run().map_err(|f| refused(&s, "dashboard/plan", f))
     })

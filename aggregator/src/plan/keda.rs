@@ -84,7 +84,7 @@ impl CarbonScaler {
             .cloned()
             .ok_or_else(|| {
                 self.refuse(Status::not_found(format!(
-                    "scalerMetadata.job {:?} is not a [[scheduling.deferrable]] job",
+                    "scalerMetadata.job {} is not a [[scheduling.deferrable]] job",
                     crate::validate::clip(name)
                 )))
             })

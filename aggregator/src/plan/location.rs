@@ -93,7 +93,7 @@ pub fn plan_location(
 ) -> Result<LocationPlan, AggregatorError> {
     if !agent_common::SCENARIO_NAMES.contains(&scenario) {
         return Err(AggregatorError::Invalid(format!(
-            "scenario {:?}: use credit, drawdown, repayment or query",
+            "scenario {}: use credit, drawdown, repayment or query",
             crate::validate::clip(scenario)
         )));
     }

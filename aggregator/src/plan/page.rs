@@ -127,6 +127,106 @@ fn stored(plans: &[(StoredPlan, Option<Result<PlanCheck, String>>)]) -> Markup {
     }
 }
 
+/// The same as Markdown (`/dashboard/plan?format=md`).
+pub fn markdown(data: &PlanPage) -> String {
+    use std::fmt::Write as _;
+    let t = |s: u64| agent_common::time_text::format_unix_s(s as i64);
+    let cell = |s: &str| s.replace('|', "\\|");
+    let mut out = String::new();
+    let sel = &data.selection;
+    let _ = writeln!(out, "# Plans: resource selection and global scheduling\n");
+    let _ = writeln!(
+        out,
+        "Range {} to {}.\n",
+        t(sel.from_unix_s),
+        t(sel.to_unix_s)
+    );
+    let _ = writeln!(out, "## Resource selection (7.4)\n\n{}\n", sel.method);
+    for r in &sel.rankings {
+        let _ = writeln!(out, "### {} / {}\n", r.service, r.scenario);
+        let _ = writeln!(out, "| rank | data centre / supply | transactions | g per transaction [95%] | J per transaction | intensity g/kWh | PUE | vs cheapest | hardware g | grid g |");
+        let _ = writeln!(out, "|---:|---|---:|---|---:|---:|---:|---|---:|---:|");
+        for c in &r.supplies {
+            let g = &c.g_per_transaction;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} {} | {} | {} | {} | {} | {} | {} |",
+                c.rank,
+                cell(&c.supply.to_string()),
+                count(c.transactions),
+                opt(g.candidate, mass_g),
+                interval(g.ci_low, g.ci_high, mass_g),
+                opt(c.energy_j_per_transaction.candidate, sig4),
+                opt(c.factors.intensity_g_per_kwh, sig4),
+                opt(c.factors.pue, sig4),
+                c.vs_cheapest.as_ref().map_or("–", |d| d.verdict.as_str()),
+                opt(c.hardware_g_per_transaction, mass_g),
+                opt(c.grid_g_per_transaction, mass_g),
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "## Time shifting (7.2)\n");
+    for p in &data.shifts {
+        match p {
+            Err(e) => {
+                let _ = writeln!(out, "- {e}");
+            }
+            Ok(p) => {
+                let _ = writeln!(
+                    out,
+                    "- **{}** ({}, {}): {}; predicted saving {}; planned hours {}",
+                    p.job.name,
+                    p.job.service,
+                    p.job.datacenter,
+                    p.verdict,
+                    opt(p.predicted_saving_g, mass_g),
+                    p.planned_hours
+                        .iter()
+                        .map(|h| t(*h))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "\n## Stored plans and the check afterwards\n");
+    let _ = writeln!(out, "| plan | kind | service | made | carried out | realised g/day [95%] | prediction in realised interval |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (p, check) in &data.stored {
+        let (realised, within) = match check {
+            Some(Ok(c)) => (
+                format!(
+                    "{} {}",
+                    opt(c.realised_saving_g_per_day, mass_g),
+                    interval(
+                        c.realised_saving_ci_low_g_per_day,
+                        c.realised_saving_ci_high_g_per_day,
+                        mass_g
+                    )
+                ),
+                c.prediction_within_interval
+                    .map_or("–", |w| if w { "yes" } else { "no" })
+                    .to_string(),
+            ),
+            Some(Err(e)) => (cell(e), "–".to_string()),
+            None => ("–".to_string(), "–".to_string()),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p.id,
+            p.kind,
+            p.service,
+            t(p.created_unix_s),
+            p.carried_out_unix_s.map_or("–".to_string(), t),
+            realised,
+            within
+        );
+    }
+    out
+}
+
 /// The whole page.
 pub fn render(data: &PlanPage) -> String {
     crate::dashboard::page(
