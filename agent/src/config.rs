@@ -41,6 +41,7 @@ impl Default for AgentSection {
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub agent: AgentSection,
+    pub host: crate::sources::host::HostConfig,
     pub energy: crate::sources::energy::EnergyConfig,
     pub carbon: crate::transforms::carbon::CarbonConfig,
     pub scenarios: crate::transforms::scenario::ScenarioConfig,

@@ -49,6 +49,8 @@ pub struct Pipeline {
     last_vm_shares: Vec<crate::sources::energy::hypervisor::VmShare>,
     host: String,
     datacenter: Option<String>,
+    /// What this host is (read once at start).
+    supply: crate::window::ResourceSupply,
     agent_instance: String,
     next_seq: u64,
 }
@@ -156,6 +158,12 @@ impl Pipeline {
             tracing::info!("energy source: {warning}");
         }
         tracing::info!("energy source: {}", energy.name());
+        let supply = crate::sources::host::describe(
+            std::path::Path::new("/proc"),
+            cpus,
+            &config.host,
+            &config.carbon,
+        )?;
         Ok((
             Pipeline {
                 sampler,
@@ -177,6 +185,7 @@ impl Pipeline {
                     .or_else(|| std::env::var("SCI_AGENT_HOST").ok())
                     .unwrap_or_else(hostname),
                 datacenter: config.agent.datacenter.clone(),
+                supply,
                 agent_instance: new_agent_instance(),
                 next_seq: 0,
             },
@@ -328,6 +337,7 @@ impl Pipeline {
             sample.cpus,
         );
         report.datacenter = self.datacenter.clone();
+        report.supply = self.supply.clone();
         report.idle_cpu_ns = sample.idle_cpu_ns();
         report.busy_cpu_ns = sample.busy_cpu_ns();
         report.unattributed_cpu_ns = sample.unowned_busy_ns_per_cpu.iter().sum();

@@ -142,6 +142,27 @@ pub struct DomainEnergy {
     pub energy_j: f64,
 }
 
+/// What the host is, as a resource supply (standard 7.4): hardware read
+/// once at start ([`crate::sources::host`]) and the operator's labels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceSupply {
+    /// `/proc/cpuinfo` "model name" (empty when unknown).
+    pub cpu_model: String,
+    /// `/proc/cpuinfo` "vendor_id", e.g. GenuineIntel, AuthenticAMD.
+    pub cpu_vendor: String,
+    /// The kernel's machine name, e.g. x86_64.
+    pub arch: String,
+    pub logical_cpus: u32,
+    /// MemTotal of `/proc/meminfo`.
+    pub memory_bytes: u64,
+    /// `bare_metal`, `vm`, or empty when unknown.
+    pub machine_kind: String,
+    /// Logical CPUs of the physical machine (0 when not known).
+    pub physical_host_cpus: u32,
+    /// Operator labels (`[host] labels`, `labels_file`).
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Embodied carbon factors of the host: M = TE x TiR/EL x RR/ToR.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EmbodiedFactors {
@@ -244,6 +265,9 @@ pub struct WindowReport {
     /// spool merged old windows to stay within its bound).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub merged_windows: u32,
+    /// What the window ran on (the host's resource supply).
+    #[serde(default)]
+    pub supply: ResourceSupply,
 }
 
 fn is_zero_u64(v: &u64) -> bool {
@@ -327,6 +351,7 @@ impl WindowReport {
             profile_trimmed_energy_j: 0.0,
             request_cpu: Vec::new(),
             merged_windows: 1,
+            supply: ResourceSupply::default(),
         }
     }
 

@@ -182,6 +182,8 @@ pub struct AggregatorConfig {
     /// Readers of the HTTP side; none: it only serves on a loopback address.
     pub http_tokens: Vec<HttpToken>,
     pub limits: LimitsConfig,
+    /// Deferrable jobs and intensity files for time shifting (#27).
+    pub scheduling: crate::plan::shifting::SchedulingConfig,
 }
 
 impl Default for AggregatorConfig {
@@ -216,6 +218,7 @@ impl Default for AggregatorConfig {
             shutdown_grace: Duration::from_secs(10),
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
+            scheduling: Default::default(),
         }
     }
 }
@@ -437,6 +440,7 @@ impl AggregatorConfig {
         if l.max_message_bytes < 1024 || l.max_metadata_bytes < 1024 {
             return Err(err("limits.max_*_bytes must be at least 1024".into()));
         }
+        self.scheduling.validate().map_err(err)?;
         Ok(())
     }
 }

@@ -155,7 +155,7 @@ fn busy() -> Response {
 
 /// Runs an expensive query: a permit (else 503 + Retry-After), a blocking
 /// thread, the query timeout (503 past it; the store cancels the query).
-async fn bounded<F>(state: &HttpState, work: F) -> Response
+pub async fn bounded<F>(state: &HttpState, work: F) -> Response
 where
     F: FnOnce() -> Result<Response, Failure> + Send + 'static,
 {
@@ -594,6 +594,7 @@ pub fn render_metrics(state: &HttpState) -> String {
         .single(c.decode_errors as f64),
     );
     c.limit_families(&mut out);
+    crate::plan::http::metric_families(&c.plan_requests_refused, c.plans_stored, &mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",
         "End of the last window accepted from each host (unix seconds).",
@@ -635,5 +636,6 @@ pub fn router(state: HttpState) -> Router {
         .route("/report", get(report))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .merge(crate::plan::http::routes())
         .with_state(state)
 }

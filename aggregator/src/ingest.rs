@@ -53,6 +53,10 @@ pub struct IngestCounters {
     pub http_headers_too_large: u64,
     /// Profile stacks shortened to the store's bounds (long frames, deep stacks).
     pub stacks_shortened: u64,
+    /// Plan and supply requests refused for a wrong parameter, per endpoint (#27).
+    pub plan_requests_refused: BTreeMap<String, u64>,
+    /// Plans stored since start.
+    pub plans_stored: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }

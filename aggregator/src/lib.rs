@@ -9,6 +9,7 @@ pub mod hotspots;
 pub mod http;
 pub mod ingest;
 pub mod limits;
+pub mod plan;
 pub mod profiles;
 pub mod report;
 pub mod review;

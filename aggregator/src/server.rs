@@ -320,6 +320,11 @@ pub async fn serve(
             .tls_config(server_tls)
             .map_err(|e| config_err(format!("tls: {e}")))?;
     }
+    let scaler = crate::plan::keda::CarbonScaler::new(
+        Arc::clone(&store),
+        Arc::clone(&config),
+        Arc::clone(&counters),
+    );
     let ingest = IngestService::new(Arc::clone(&store), Arc::clone(&config), counters)
         .with_limiter(grpc_limiter_for_auth)
         .with_stop(stop_rx.clone());
@@ -332,6 +337,7 @@ pub async fn serve(
     let grpc = builder
         .add_service(health_service)
         .add_service(IngestServer::new(ingest).max_decoding_message_size(limits.max_message_bytes))
+        .add_service(sci_proto::keda::external_scaler_server::ExternalScalerServer::new(scaler))
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stop.changed().await;
         });

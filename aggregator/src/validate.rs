@@ -521,7 +521,10 @@ pub fn validate_window(
             ),
         ));
     }
-    Ok(())
+    match &w.supply {
+        Some(supply) => check_supply(supply),
+        None => Ok(()),
+    }
 }
 
 /// The host's factors and figures against physical bounds: CPUs, intensity,
@@ -625,6 +628,75 @@ fn check_plausible(
     Ok(())
 }
 
+/// Longest supply text (CPU model, vendor, arch) and label key or value.
+pub const MAX_SUPPLY_TEXT_BYTES: usize = 128;
+pub const MAX_SUPPLY_LABEL_BYTES: usize = 63;
+pub const MAX_SUPPLY_LABELS: usize = 32;
+/// Most logical CPUs a host (or the physical machine under it) may report.
+pub const MAX_SUPPLY_CPUS: u32 = 1 << 16;
+
+/// The resource supply (#27): short printable texts, a known machine kind,
+/// label keys of letters, digits, `.`, `_`, `-`, `/`, bounded counts.
+fn check_supply(s: &v1::ResourceSupply) -> Result<(), Refusal> {
+    let bad = |reason: String| refuse("bad_supply", reason);
+    for (name, text, max) in [
+        ("cpu_model", &s.cpu_model, MAX_SUPPLY_TEXT_BYTES),
+        ("cpu_vendor", &s.cpu_vendor, MAX_SUPPLY_TEXT_BYTES),
+        ("arch", &s.arch, MAX_SUPPLY_TEXT_BYTES),
+    ] {
+        if text.len() > max || text.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "supply.{name} must be at most {max} bytes without control characters: {}",
+                clip(text)
+            )));
+        }
+    }
+    if !matches!(s.machine_kind.as_str(), "" | "vm" | "bare_metal") {
+        return Err(bad(format!(
+            "supply.machine_kind {} is not vm, bare_metal or empty",
+            clip(&s.machine_kind)
+        )));
+    }
+    for (name, cpus) in [
+        ("logical_cpus", s.logical_cpus),
+        ("physical_host_cpus", s.physical_host_cpus),
+    ] {
+        if cpus > MAX_SUPPLY_CPUS {
+            return Err(bad(format!(
+                "supply.{name} = {cpus} (at most {MAX_SUPPLY_CPUS})"
+            )));
+        }
+    }
+    check_count("supply.memory_bytes", s.memory_bytes)?;
+    if s.labels.len() > MAX_SUPPLY_LABELS {
+        return Err(bad(format!(
+            "{} supply labels (at most {MAX_SUPPLY_LABELS})",
+            s.labels.len()
+        )));
+    }
+    for (key, value) in &s.labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_SUPPLY_LABEL_BYTES
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(bad(format!(
+                "supply label key {} must be 1 to {MAX_SUPPLY_LABEL_BYTES} letters, digits, '.', '_', '-' or '/'",
+                clip(key)
+            )));
+        }
+        if value.len() > MAX_SUPPLY_LABEL_BYTES || value.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "supply label {}: value must be at most {MAX_SUPPLY_LABEL_BYTES} bytes without control characters: {}",
+                clip(key),
+                clip(value)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Per-request CPU histograms: known scenarios, at most 65 log2 buckets,
 /// finite non-negative energy rates, totals that fit the store.
 fn check_request_cpu(histograms: &[v1::RequestCpuHistogram]) -> Result<(), Refusal> {
@@ -671,6 +743,52 @@ mod tests {
             counts,
             sum_cpu_ns: 1_000,
             energy_j_per_cpu_ns: rate,
+        }
+    }
+
+    #[test]
+    fn supplies_are_checked_with_a_reason() {
+        let good = v1::ResourceSupply {
+            cpu_model: "Intel Xeon".into(),
+            machine_kind: "vm".into(),
+            logical_cpus: 2,
+            labels: [("pool".to_string(), "a".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(check_supply(&good), Ok(()));
+        for (bad, says) in [
+            (
+                v1::ResourceSupply {
+                    cpu_model: "x\0y".into(),
+                    ..good.clone()
+                },
+                "supply.cpu_model",
+            ),
+            (
+                v1::ResourceSupply {
+                    machine_kind: "container".into(),
+                    ..good.clone()
+                },
+                "machine_kind",
+            ),
+            (
+                v1::ResourceSupply {
+                    labels: [("a b".to_string(), "1".to_string())].into(),
+                    ..good.clone()
+                },
+                "label key",
+            ),
+            (
+                v1::ResourceSupply {
+                    logical_cpus: MAX_SUPPLY_CPUS + 1,
+                    ..good.clone()
+                },
+                "logical_cpus",
+            ),
+        ] {
+            let r = check_supply(&bad).unwrap_err();
+            assert_eq!(r.kind, "bad_supply");
+            assert!(r.reason.contains(says), "{}", r.reason);
         }
     }
 
