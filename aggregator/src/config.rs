@@ -150,6 +150,8 @@ pub struct AggregatorConfig {
     /// Readers of the HTTP side; none: it only serves on a loopback address.
     pub http_tokens: Vec<HttpToken>,
     pub limits: LimitsConfig,
+    /// Prometheus remote-write of the rollups (off when absent).
+    pub remote_write: Option<crate::export::remote_write::RemoteWriteConfig>,
 }
 
 impl Default for AggregatorConfig {
@@ -178,6 +180,7 @@ impl Default for AggregatorConfig {
             max_transactions_per_s: 1_000_000.0,
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
+            remote_write: None,
         }
     }
 }
@@ -318,6 +321,15 @@ impl AggregatorConfig {
                     t.name
                 )));
             }
+        }
+        if let Some(rw) = &self.remote_write {
+            rw.validate().map_err(err)?;
+            crate::export::remote_write::state_path(
+                rw,
+                &self.database,
+                self.postgres_url.is_some(),
+            )
+            .map_err(err)?;
         }
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_address == 0 {

@@ -51,6 +51,8 @@ pub struct HttpState {
     pub recent: Arc<Mutex<Option<Evaluation>>>,
     /// The same per data centre.
     pub recent_by_datacenter: Arc<Mutex<BTreeMap<String, Evaluation>>>,
+    /// The remote-write exporter's counters.
+    pub remote_write: Arc<crate::export::remote_write::RemoteWriteStats>,
 }
 
 impl HttpState {
@@ -63,6 +65,7 @@ impl HttpState {
             queries: Arc::new(Semaphore::new(config.max_concurrent_queries)),
             recent: Arc::new(Mutex::new(None)),
             recent_by_datacenter: Arc::new(Mutex::new(BTreeMap::new())),
+            remote_write: Default::default(),
             store,
             config,
             counters,
@@ -684,6 +687,7 @@ pub fn render_metrics(state: &HttpState) -> String {
         .single(c.decode_errors as f64),
     );
     c.limit_families(&mut out);
+    state.remote_write.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",
         "End of the last window accepted from each host (unix seconds).",

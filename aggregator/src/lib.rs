@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dashboard;
 pub mod error;
+pub mod export;
 pub mod figures;
 pub mod hotspots;
 pub mod http;
