@@ -10,8 +10,16 @@ use crate::run;
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages some tests and the demo use (checked, installed if missing).
 /// PostgreSQL 15 (with pgbench from -contrib) is the fleet store's server and a
-/// real request/response workload for the CPU accounting tests.
-const DEBIAN_PACKAGES: &[&str] = &["chromium", "systemd", "postgresql", "postgresql-contrib"];
+/// real request/response workload for the CPU accounting tests. Prometheus
+/// 2.42 (with promtool) receives the aggregator's remote-write and checks
+/// the shipped rules.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "chromium",
+    "systemd",
+    "postgresql",
+    "postgresql-contrib",
+    "prometheus",
+];
 
 pub fn sci_home() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
