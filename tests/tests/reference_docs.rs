@@ -267,3 +267,13 @@ fn metrics_are_the_reference_metrics() {
         &reference,
     );
 }
+
+#[test]
+fn exported_series_are_the_reference_series() {
+    let code: BTreeSet<String> = sci_aggregator::export::series::names::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let reference = reference_names("metrics.md", "exported series");
+    compare("the exported series", "metrics.md", &code, &reference);
+}
