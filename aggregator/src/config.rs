@@ -184,6 +184,8 @@ pub struct AggregatorConfig {
     pub limits: LimitsConfig,
     /// Deferrable jobs and intensity files for time shifting (#27).
     pub scheduling: crate::plan::shifting::SchedulingConfig,
+    /// Prometheus remote-write of the rollups (off when absent).
+    pub remote_write: Option<crate::export::remote_write::RemoteWriteConfig>,
 }
 
 impl Default for AggregatorConfig {
@@ -219,6 +221,7 @@ impl Default for AggregatorConfig {
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
             scheduling: Default::default(),
+            remote_write: None,
         }
     }
 }
@@ -414,6 +417,15 @@ impl AggregatorConfig {
                     t.name
                 )));
             }
+        }
+        if let Some(rw) = &self.remote_write {
+            rw.validate().map_err(err)?;
+            crate::export::remote_write::state_path(
+                rw,
+                &self.database,
+                self.postgres_url.is_some(),
+            )
+            .map_err(err)?;
         }
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_address == 0 {

@@ -194,7 +194,7 @@ pub fn markdown(e: &Evaluation) -> String {
             energy_j(s.total_energy_j),
             mass_g(s.carbon_g),
             mass_g(s.embodied_g),
-            s.g_per_transaction.map_or("–".into(), mass_g),
+            s.per_transaction_text(),
             s.measured_weight.map_or("–".into(), sig4),
             s.standard_weight
         );
@@ -316,7 +316,7 @@ pub fn console(e: &Evaluation) -> String {
             sc.scenario,
             count(sc.transactions),
             energy_j(sc.total_energy_j),
-            sc.g_per_transaction.map_or("–".into(), mass_g),
+            sc.per_transaction_text(),
             sc.measured_weight.map_or("–".into(), sig4),
             sc.standard_weight
         );

@@ -250,6 +250,32 @@ pub async fn serve(
         http_state.clone(),
         Duration::from_secs(60),
     ));
+    if let Some(rw) = &config.remote_write {
+        let path = crate::export::remote_write::state_path(
+            rw,
+            &config.database,
+            config.postgres_url.is_some(),
+        )
+        .map_err(config_err)?;
+        let mut writer = crate::export::remote_write::RemoteWriter::open(
+            rw.clone(),
+            path,
+            Arc::clone(&store),
+            config.weights.clone(),
+            Arc::clone(&http_state.remote_write),
+            None,
+        )?;
+        tracing::info!(
+            "remote-write to {} from {} (unix s)",
+            rw.url,
+            writer.position_s()
+        );
+        tokio::spawn(async move {
+            if let Err(e) = writer.run(None).await {
+                tracing::error!("remote-write stopped: {e}");
+            }
+        });
+    }
     {
         // Retention: hourly, off the ingest path (SQLite deletes in slices).
         let store = Arc::clone(&store);

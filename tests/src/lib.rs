@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod fleet;
 pub mod procs;
+pub mod prometheus;
 pub mod spin;
 
 // Shared with xtask (which must build before set-up, so without the agent).

@@ -13,7 +13,9 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// real request/response workload for the CPU accounting tests.
 /// runc, busybox-static and nginx: containers and re-titling servers the
 /// attribution tests start while the agent runs. openipmi (ipmi_sim) and
-/// ipmitool: the IPMI DCMI source's test BMC and client.
+/// ipmitool: the IPMI DCMI source's test BMC and client. Prometheus 2.42
+/// (with promtool) receives the aggregator's remote-write and checks the
+/// shipped rules.
 const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "systemd",
@@ -24,6 +26,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx",
     "openipmi",
     "ipmitool",
+    "prometheus",
 ];
 
 pub fn sci_home() -> Result<PathBuf> {

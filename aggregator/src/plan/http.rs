@@ -114,6 +114,7 @@ fn hourly_range(
             from,
             to,
             period: Some(period.unwrap_or(step)),
+            datacenter: None,
             format: None,
         },
     )
