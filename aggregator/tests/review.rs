@@ -586,6 +586,9 @@ fn profiled_day(seq0: u64, day_start_s: u64, score_j: f64, bin: usize) -> Vec<v1
                 counts,
                 sum_cpu_ns: 1000 * (1u64 << bin),
                 energy_j_per_cpu_ns: 1e-9,
+                // log2 bins, as agents before issue 24 sent them: the
+                // aggregator converts them and reads the same percentiles.
+                sub_bucket_bits: 0,
             });
             w
         })
@@ -629,8 +632,8 @@ fn the_review_finds_the_cheaper_function_and_the_lower_p50() {
     assert_eq!(top.baseline_samples, 24 * 800);
     assert_eq!(top.candidate_samples, 24 * 400);
     assert!(p.flamegraph_svg().unwrap().contains("score"));
-    // p50 of 900 in bin b and 100 in bin b+1: rank 500 of 900 into bin b
-    // [2^(b-1), 2^b): 2^(b-1) (1 + 5/9).
+    // p50 of 900 in log2 bin b and 100 in bin b+1: rank 500 of 900 into
+    // bin b [2^(b-1), 2^b): 2^(b-1) (1 + 5/9), as before the conversion.
     let d = r
         .distributions
         .iter()

@@ -466,7 +466,10 @@ impl<B: Backend> Store for B {
             ..SumQuery::over(&REQUEST_CPU, from, to)
         }
         .read(self, |r| {
-            let bin = r[2].i64().clamp(0, 64) as usize;
+            let bin = r[2]
+                .i64()
+                .clamp(0, agent_common::REQUEST_CPU_BUCKETS as i64 - 1)
+                as usize;
             ((r[0].text(), r[1].text()), bin, r[3].f64())
         })?;
         for (key, bin, requests) in bins {
