@@ -1,7 +1,8 @@
 //! Per-request CPU histograms across the layout change (issue 24): a store
 //! written with log2 bins (schema 4) is converted by migration 5 to the
 //! log-linear bins (agent_common::request_cpu) and reads the same
-//! percentiles as before, worked out by hand with the old interpolation.
+//! percentiles as before, worked out by hand with the old interpolation
+//! (its rows had no data centre: they are kept as '(unknown)').
 #![allow(clippy::unwrap_used)]
 use std::time::Duration;
 
@@ -27,6 +28,17 @@ fn a_store_with_log2_bins_reads_the_same_percentiles_after_migration_5() {
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(&format!(
             "DELETE FROM schema_migrations WHERE version = 5;
+             DROP TABLE request_cpu_rollup;
+             DROP TABLE request_cpu_total_rollup;
+             CREATE TABLE request_cpu_rollup (
+                 bucket_s BIGINT NOT NULL, service TEXT NOT NULL, scenario TEXT NOT NULL,
+                 bin BIGINT NOT NULL, requests DOUBLE PRECISION NOT NULL,
+                 PRIMARY KEY (bucket_s, service, scenario, bin)) WITHOUT ROWID;
+             CREATE TABLE request_cpu_total_rollup (
+                 bucket_s BIGINT NOT NULL, service TEXT NOT NULL, scenario TEXT NOT NULL,
+                 requests DOUBLE PRECISION NOT NULL, cpu_ns DOUBLE PRECISION NOT NULL,
+                 energy_j DOUBLE PRECISION NOT NULL,
+                 PRIMARY KEY (bucket_s, service, scenario)) WITHOUT ROWID;
              INSERT INTO request_cpu_rollup VALUES
                  ({b}, 'svc', 'credit', 23, 60.0), ({b}, 'svc', 'credit', 24, 30.0),
                  ({b}, 'svc', 'credit', 26, 10.0), ({b}, 'tiny', 'query', 3, 8.0);
@@ -63,7 +75,17 @@ fn a_store_with_log2_bins_reads_the_same_percentiles_after_migration_5() {
     assert_eq!((first, last), (304, 367));
 
     let range = Range::new(DAY0, DAY0 + 86_400, 3600, &LAYOUT).unwrap();
-    let found = store.request_cpu(&range).unwrap();
+    let found = store.request_cpu(&range, None).unwrap();
+    // Their data centre was never recorded: a review of one leaves them out.
+    assert!(store.request_cpu(&range, Some("dc1")).unwrap().is_empty());
+    let unknown: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM request_cpu_total_rollup WHERE datacenter = '(unknown)'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unknown, 2);
     let svc = Distribution::of(found.iter().find(|r| r.service == "svc").unwrap());
     let two = |e: i32| 2f64.powi(e);
     // By hand, linear inside the log2 bins: p50 rank 50 is 50/60 into

@@ -116,7 +116,7 @@ fn both_stores_give_the_same_review_and_the_hand_summed_histogram() {
     // sum of txns, bin 11 [1024, 2048): 1 + ... + 18, each spread evenly
     // over its 16 log-linear bins, (10 - 4) x 16 = 96..111 and 112..127.
     let all = Range::new(T, T + 7 * 3600, 3600, &LAYOUT).unwrap();
-    let merged = sqlite.request_cpu(&all).unwrap();
+    let merged = sqlite.request_cpu(&all, None).unwrap();
     assert_eq!(merged.len(), 1);
     let txns: u64 = (0..18u64).map(|i| 30 + (i % 5) * 7).sum();
     for bin in 96..112 {

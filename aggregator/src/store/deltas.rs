@@ -205,7 +205,13 @@ impl<'a> Deltas<'a> {
                     for fine in finer {
                         self.add(
                             &REQUEST_CPU,
-                            &[host_end_bucket, service, scenario, Key::I(fine as i64)],
+                            &[
+                                host_end_bucket,
+                                Key::T(dc),
+                                service,
+                                scenario,
+                                Key::I(fine as i64),
+                            ],
                             &[share],
                         );
                     }
@@ -213,7 +219,7 @@ impl<'a> Deltas<'a> {
             }
             self.add(
                 &REQUEST_CPU_TOTAL,
-                &[host_end_bucket, service, scenario],
+                &[host_end_bucket, Key::T(dc), service, scenario],
                 &[
                     requests,
                     h.sum_cpu_ns as f64,

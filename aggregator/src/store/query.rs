@@ -442,10 +442,16 @@ impl<B: Backend> Store for B {
         })
     }
 
-    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError> {
+    fn request_cpu(
+        &self,
+        range: &Range,
+        datacenter: Option<&str>,
+    ) -> Result<Vec<RequestCpuRow>, AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
+        let filters = [("datacenter", datacenter)];
         let mut out: BTreeMap<(String, String), RequestCpuRow> = SumQuery {
             columns: &[Key("service"), Key("scenario")],
+            filters: &filters,
             ..SumQuery::over(&REQUEST_CPU_TOTAL, from, to)
         }
         .read(self, |r| {
@@ -463,6 +469,7 @@ impl<B: Backend> Store for B {
         .collect();
         let bins = SumQuery {
             columns: &[Key("service"), Key("scenario"), Key("bin")],
+            filters: &filters,
             ..SumQuery::over(&REQUEST_CPU, from, to)
         }
         .read(self, |r| {
