@@ -28,6 +28,11 @@ pub mod time_text;
 #[cfg(feature = "test-support")]
 pub mod privileged;
 
+pub mod request_cpu;
+pub use request_cpu::{
+    request_cpu_bucket, RequestCpuBuckets, REQUEST_CPU_BUCKETS, REQUEST_CPU_SUB_BUCKET_BITS,
+};
+
 pub mod scenario;
 pub use scenario::{
     PerScenario, Scenario, TransactionCounts, UnknownScenario, SCENARIO_CREDIT, SCENARIO_DRAWDOWN,
@@ -239,40 +244,6 @@ pub struct StealClockOffsets {
     pub cfs_rq_rq: u32,
     pub _pad: u32,
     pub rq_to_steal: i64,
-}
-
-/// Log2 buckets of a request's CPU time: bucket i holds t with i significant
-/// bits (2^(i-1) <= t < 2^i; bucket 0 holds t = 0); t >= 2^63 ns goes to the last.
-pub const REQUEST_CPU_BUCKETS: usize = 64;
-
-/// Per-(process, scenario) distribution of the CPU time of requests
-/// bracketed by the marker library (`REQUEST_CPU`, per-CPU values).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestCpuBuckets {
-    pub counts: [u64; REQUEST_CPU_BUCKETS],
-    /// Exact sum of the requests' CPU time.
-    pub sum_cpu_ns: u64,
-}
-
-impl Default for RequestCpuBuckets {
-    fn default() -> Self {
-        RequestCpuBuckets {
-            counts: [0; REQUEST_CPU_BUCKETS],
-            sum_cpu_ns: 0,
-        }
-    }
-}
-
-/// The bucket of a request that took `cpu_ns` (see [`REQUEST_CPU_BUCKETS`]).
-#[inline(always)]
-pub fn request_cpu_bucket(cpu_ns: u64) -> usize {
-    let bits = (64 - cpu_ns.leading_zeros()) as usize;
-    if bits >= REQUEST_CPU_BUCKETS {
-        REQUEST_CPU_BUCKETS - 1
-    } else {
-        bits
-    }
 }
 
 /// Capacity of the request histogram map (processes x scenarios using markers).

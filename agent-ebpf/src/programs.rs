@@ -144,7 +144,8 @@ static TXN_COMPLETED: PerCpuHashMap<ProcScenarioKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 /// CPU time of each marker-bracketed request, per process and scenario, in
-/// log2 buckets (allocated on first use: few processes use markers).
+/// log-linear buckets (agent_common::request_cpu; allocated on first use:
+/// few processes use markers).
 #[map]
 static REQUEST_CPU: PerCpuHashMap<ProcScenarioKey, RequestCpuBuckets> =
     PerCpuHashMap::with_max_entries(MAX_REQUEST_HISTOGRAMS, BPF_F_NO_PREALLOC);

@@ -291,13 +291,17 @@ fn is_one(v: &u32) -> bool {
 pub struct RequestCpuHistogram {
     pub scenario: String,
     pub service: String,
-    /// counts[i]: requests whose CPU time t in ns has i significant bits
-    /// (2^(i-1) <= t < 2^i; counts[0]: t = 0).
+    /// counts[i]: requests whose CPU time falls in bucket i of the
+    /// log-linear layout with `sub_bucket_bits` (`agent_common::request_cpu`).
     pub counts: Vec<u64>,
     /// Exact sum of those requests' CPU time.
     pub sum_cpu_ns: u64,
     /// Joules per CPU-ns of this service's time in this scenario in the window.
     pub energy_j_per_cpu_ns: f64,
+    /// Layout of `counts`: 2^sub_bucket_bits buckets per power of two (0:
+    /// log2, windows spooled by agents before issue 24).
+    #[serde(default)]
+    pub sub_bucket_bits: u32,
 }
 
 impl WindowReport {
@@ -463,13 +467,16 @@ impl WindowReport {
         }
         m.profile = stacks.into_values().collect();
 
-        let mut requests: BTreeMap<(&str, &str), RequestCpuHistogram> = BTreeMap::new();
+        // Histograms of different layouts (a window spooled by an older
+        // agent) stay apart: the aggregator converts the coarser one.
+        let mut requests: BTreeMap<(&str, &str, u32), RequestCpuHistogram> = BTreeMap::new();
         for h in a.request_cpu.iter().chain(&b.request_cpu) {
             let e = requests
-                .entry((&h.scenario, &h.service))
+                .entry((&h.scenario, &h.service, h.sub_bucket_bits))
                 .or_insert_with(|| RequestCpuHistogram {
                     scenario: h.scenario.clone(),
                     service: h.service.clone(),
+                    sub_bucket_bits: h.sub_bucket_bits,
                     ..Default::default()
                 });
             // Joules per CPU-ns of the two, weighted by their CPU time.

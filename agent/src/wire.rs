@@ -223,6 +223,7 @@ wire_pair!(RequestCpuHistogram <-> RequestCpuHistogram {
     counts,
     sum_cpu_ns,
     energy_j_per_cpu_ns,
+    sub_bucket_bits,
 });
 
 wire_pair!(WindowReport <-> WindowReport {
@@ -391,6 +392,7 @@ mod tests {
             counts: vec![0, 1, 2],
             sum_cpu_ns: 16,
             energy_j_per_cpu_ns: 1e-9,
+            sub_bucket_bits: 4,
         }];
         w.merged_windows = 3;
         w.supply = ResourceSupply {

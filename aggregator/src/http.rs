@@ -514,7 +514,7 @@ async fn distributions(
     let s = state.clone();
     bounded(&state, move || {
         let range = range_from_to(&s, q.from, q.to)?;
-        let rows = s.store.request_cpu(&range).map_err(store_failure)?;
+        let rows = s.store.request_cpu(&range, None).map_err(store_failure)?;
         let found: Vec<crate::review::distribution::Distribution> = rows
             .iter()
             .filter(|r| q.service.as_deref().is_none_or(|x| x == r.service))

@@ -126,7 +126,15 @@ fn config_with_db(
         None => AggregatorConfig::default(),
     };
     match db {
-        Some(db) => cfg.database = db,
+        Some(db) => {
+            // The store's rollup steps were fixed when it was created: read
+            // them from it rather than refuse it for differing from defaults.
+            if let Some(layout) = sci_aggregator::store::sqlite::SqliteStore::stored_layout(&db)? {
+                cfg.rollup_step = Some(std::time::Duration::from_secs(layout.step_s));
+                cfg.host_rollup_step = std::time::Duration::from_secs(layout.host_step_s);
+            }
+            cfg.database = db;
+        }
         None if config.is_none() => bail!("give --config or --db"),
         None => {}
     }

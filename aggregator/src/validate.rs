@@ -3,6 +3,8 @@
 //! of a refused window reaches the store. Sums are checked (a total that
 //! would wrap is refused), and no reason echoes more than [`ECHO_MAX`] bytes
 //! of what the client sent.
+use agent_common::request_cpu::request_cpu_buckets_of;
+use agent_common::REQUEST_CPU_SUB_BUCKET_BITS;
 use sci_proto::v1;
 use sci_proto::v1::RefusalCode;
 
@@ -697,8 +699,10 @@ fn check_supply(s: &v1::ResourceSupply) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Per-request CPU histograms: known scenarios, at most 65 log2 buckets,
-/// finite non-negative energy rates, totals that fit the store.
+/// Per-request CPU histograms: known scenarios, a known bucket layout (the
+/// current log-linear one or the log2 one of older agents) and no more
+/// buckets than it has, finite non-negative energy rates, totals that fit
+/// the store.
 fn check_request_cpu(histograms: &[v1::RequestCpuHistogram]) -> Result<(), Refusal> {
     for h in histograms {
         let at = |name: &str| format!("request_cpu[{}].{name}", clip(&h.scenario));
@@ -708,14 +712,25 @@ fn check_request_cpu(histograms: &[v1::RequestCpuHistogram]) -> Result<(), Refus
                 format!("request_cpu has scenario {}", clip(&h.scenario)),
             ));
         }
-        // Bucket i holds CPU times of i significant bits: at most 65 buckets.
-        if h.counts.len() > 65 {
+        if h.sub_bucket_bits != 0 && h.sub_bucket_bits != REQUEST_CPU_SUB_BUCKET_BITS {
+            return Err(refuse(
+                "unknown_layout",
+                format!(
+                    "{} is {} (known: 0, log2 buckets, or {REQUEST_CPU_SUB_BUCKET_BITS})",
+                    at("sub_bucket_bits"),
+                    h.sub_bucket_bits
+                ),
+            ));
+        }
+        let most = request_cpu_buckets_of(h.sub_bucket_bits);
+        if h.counts.len() > most {
             return Err(refuse(
                 "too_large",
                 format!(
-                    "{} has {} buckets (at most 65)",
+                    "{} has {} buckets (at most {most} with sub_bucket_bits {})",
                     at("counts"),
-                    h.counts.len()
+                    h.counts.len(),
+                    h.sub_bucket_bits
                 ),
             ));
         }
@@ -743,6 +758,7 @@ mod tests {
             counts,
             sum_cpu_ns: 1_000,
             energy_j_per_cpu_ns: rate,
+            sub_bucket_bits: 4,
         }
     }
 
@@ -799,7 +815,19 @@ mod tests {
         assert!(reason(histogram("credit", vec![1], f64::NAN)).starts_with("not_finite"));
         assert!(reason(histogram("credit", vec![1], -1e-9)).starts_with("negative"));
         assert!(reason(histogram("loan", vec![1], 1e-9)).starts_with("unknown_scenario"));
-        assert!(reason(histogram("credit", vec![1; 66], 1e-9)).starts_with("too_large"));
+        assert!(reason(histogram("credit", vec![1; 977], 1e-9)).starts_with("too_large"));
+        assert!(check_request_cpu(&[histogram("credit", vec![1; 976], 1e-9)]).is_ok());
+        let log2 = |counts| v1::RequestCpuHistogram {
+            sub_bucket_bits: 0,
+            ..histogram("credit", counts, 1e-9)
+        };
+        assert!(check_request_cpu(&[log2(vec![1; 64])]).is_ok());
+        assert!(reason(log2(vec![1; 65])).starts_with("too_large"));
+        let other = v1::RequestCpuHistogram {
+            sub_bucket_bits: 3,
+            ..histogram("credit", vec![1], 1e-9)
+        };
+        assert!(reason(other).starts_with("unknown_layout"));
         assert!(reason(histogram("credit", vec![u64::MAX, 1], 1e-9)).starts_with("overflow"));
     }
 

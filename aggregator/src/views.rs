@@ -88,13 +88,15 @@ pub fn hotspot_input(
     let functions = profiles
         .iter()
         .flat_map(|p| {
-            p.functions().into_iter().map(|f| FunctionPeriod {
-                service: or_unassigned(&p.service),
-                scenario: or_unassigned(&p.scenario),
-                function: f.function.clone(),
-                energy_j: f.self_energy_j,
-                samples: f.self_samples,
-            })
+            p.actionable_functions()
+                .into_iter()
+                .map(|f| FunctionPeriod {
+                    service: or_unassigned(&p.service),
+                    scenario: or_unassigned(&p.scenario),
+                    function: f.function.clone(),
+                    energy_j: f.self_energy_j,
+                    samples: f.self_samples,
+                })
         })
         .collect();
     let intensity = store

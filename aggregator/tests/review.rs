@@ -588,6 +588,9 @@ fn profiled_day(seq0: u64, day_start_s: u64, score_j: f64, bin: usize) -> Vec<v1
                 counts,
                 sum_cpu_ns: 1000 * (1u64 << bin),
                 energy_j_per_cpu_ns: 1e-9,
+                // log2 bins, as agents before issue 24 sent them: the
+                // aggregator converts them and reads the same percentiles.
+                sub_bucket_bits: 0,
             });
             w
         })
@@ -631,8 +634,8 @@ fn the_review_finds_the_cheaper_function_and_the_lower_p50() {
     assert_eq!(top.baseline_samples, 24 * 800);
     assert_eq!(top.candidate_samples, 24 * 400);
     assert!(p.flamegraph_svg().unwrap().contains("score"));
-    // p50 of 900 in bin b and 100 in bin b+1: rank 500 of 900 into bin b
-    // [2^(b-1), 2^b): 2^(b-1) (1 + 5/9).
+    // p50 of 900 in log2 bin b and 100 in bin b+1: rank 500 of 900 into
+    // bin b [2^(b-1), 2^b): 2^(b-1) (1 + 5/9), as before the conversion.
     let d = r
         .distributions
         .iter()
@@ -742,4 +745,60 @@ fn the_review_over_http_json_page_and_errors() {
         &format!("/api/v1/compare?{q}&scope=service&period=60"),
     );
     assert_eq!(status, 400, "{body}");
+}
+
+/// `--datacenter dc1` (issue 24 item 5): the distributions and the
+/// consolidation plan hold dc1 only, not dc2's hosts and requests.
+#[test]
+fn a_datacenter_review_plans_and_lists_distributions_for_that_datacenter_only() {
+    let (_dir, store) = open();
+    let elsewhere = |windows: Vec<v1::WindowReport>| {
+        windows
+            .into_iter()
+            .map(|mut w| {
+                w.host = "h2".into();
+                w.datacenter = "dc2".into();
+                w
+            })
+            .collect::<Vec<_>>()
+    };
+    store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
+    store
+        .commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20))
+        .unwrap();
+    store
+        .commit(&elsewhere(profiled_day(200, DAY0, 0.8, 12)))
+        .unwrap();
+    store
+        .commit(&elsewhere(profiled_day(300, DAY0 + 86_400, 0.4, 12)))
+        .unwrap();
+    let mut compare = options(Scope::Datacenter);
+    compare.filters.datacenter = Some("dc1".into());
+    let request = ReviewRequest {
+        baseline: day_range(0),
+        candidate: day_range(1),
+        compare,
+        profile_service: None,
+        profile_scenario: None,
+        min_profile_samples: 50,
+        consolidation: ConsolidationOptions::default(),
+    };
+    let r = review(&store, &request).unwrap();
+    let plans: Vec<&str> = r
+        .consolidation
+        .datacenters
+        .iter()
+        .map(|d| d.datacenter.as_str())
+        .collect();
+    assert_eq!(plans, vec!["dc1"]);
+    let d = r
+        .distributions
+        .iter()
+        .find(|d| d.scenario == "credit" && d.service == "svc")
+        .unwrap();
+    // dc1's 24 x 1000 requests only, in log2 bins 21 and 22 (dc2's in 12, 13).
+    assert_eq!(d.baseline.requests, 24_000.0);
+    let expect = |b: i32| 2f64.powi(b - 1) * (1.0 + 500.0 / 900.0);
+    assert!((d.baseline.p50_cpu_ns.unwrap() - expect(21)).abs() < 1e-6);
+    assert!((d.candidate.p50_cpu_ns.unwrap() - expect(20)).abs() < 1e-6);
 }

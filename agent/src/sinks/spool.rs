@@ -1105,6 +1105,7 @@ mod tests {
                 counts,
                 sum_cpu_ns: sum,
                 energy_j_per_cpu_ns: rate,
+                sub_bucket_bits: 4,
             };
         let mut a = window(1, 1.0, 0);
         a.request_cpu = vec![histogram("loans", vec![0, 2, 1], 10, 1e-9)];
@@ -1130,6 +1131,22 @@ mod tests {
         assert!((m.request_cpu[0].energy_j_per_cpu_ns - 2.5e-9).abs() < 1e-20);
         assert_eq!(m.request_cpu[1], histogram("web", vec![0, 1], 1, 5e-9));
         assert_eq!(m.lost.unwrap().request_histogram_full, 3);
+        // A window spooled by an older agent (log2 buckets) is not added
+        // bucket by bucket to a log-linear one: both are kept.
+        let mut old = window(3, 1.0, 0);
+        old.request_cpu = vec![v1::RequestCpuHistogram {
+            sub_bucket_bits: 0,
+            ..histogram("web", vec![0, 7], 7, 5e-9)
+        }];
+        let m = merge_windows(&m, &old);
+        let web: Vec<_> = m
+            .request_cpu
+            .iter()
+            .filter(|h| h.service == "web")
+            .collect();
+        assert_eq!(web.len(), 2, "{web:?}");
+        assert_eq!((web[0].sub_bucket_bits, &web[0].counts), (0, &vec![0, 7]));
+        assert_eq!((web[1].sub_bucket_bits, &web[1].counts), (4, &vec![0, 1]));
     }
 
     fn all_windows(spool: &mut Spool) -> Vec<v1::WindowReport> {

@@ -4,6 +4,8 @@
 //! [`Upsert`] that adds them to the rows already stored.
 use std::collections::BTreeMap;
 
+use agent_common::request_cpu::finer_buckets;
+use agent_common::REQUEST_CPU_SUB_BUCKET_BITS;
 use sci_proto::v1;
 
 use super::backend::{Column, Upsert};
@@ -203,16 +205,28 @@ impl<'a> Deltas<'a> {
             for (bin, &n) in h.counts.iter().enumerate() {
                 if n > 0 {
                     requests += n as f64;
-                    self.add(
-                        &REQUEST_CPU,
-                        &[host_end_bucket, service, scenario, Key::I(bin as i64)],
-                        &[n as f64],
-                    );
+                    // Older agents' coarser buckets (validated: 0 or the
+                    // current bits) spread evenly over the finer ones they span.
+                    let finer = finer_buckets(bin, h.sub_bucket_bits, REQUEST_CPU_SUB_BUCKET_BITS);
+                    let share = n as f64 / finer.len() as f64;
+                    for fine in finer {
+                        self.add(
+                            &REQUEST_CPU,
+                            &[
+                                host_end_bucket,
+                                Key::T(dc),
+                                service,
+                                scenario,
+                                Key::I(fine as i64),
+                            ],
+                            &[share],
+                        );
+                    }
                 }
             }
             self.add(
                 &REQUEST_CPU_TOTAL,
-                &[host_end_bucket, service, scenario],
+                &[host_end_bucket, Key::T(dc), service, scenario],
                 &[
                     requests,
                     h.sum_cpu_ns as f64,

@@ -102,8 +102,12 @@ pub trait Store: Send + Sync {
     /// Host sums per period (as [`Store::service_periods`]).
     fn host_periods(&self, range: &Range) -> Result<Vec<HostPeriodRow>, AggregatorError>;
     /// Per-request CPU histograms merged over the range (whole host steps),
-    /// per service and scenario.
-    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError>;
+    /// per service and scenario, of one data centre (all when None).
+    fn request_cpu(
+        &self,
+        range: &Range,
+        datacenter: Option<&str>,
+    ) -> Result<Vec<RequestCpuRow>, AggregatorError>;
     /// CPU of each service on each host over the range (whole host steps).
     fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError>;
     /// Supply sums per period and data centre (#27; periods of whole host steps).

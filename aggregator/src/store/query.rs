@@ -457,10 +457,16 @@ impl<B: Backend> Store for B {
         })
     }
 
-    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError> {
+    fn request_cpu(
+        &self,
+        range: &Range,
+        datacenter: Option<&str>,
+    ) -> Result<Vec<RequestCpuRow>, AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
+        let filters = [("datacenter", datacenter)];
         let mut out: BTreeMap<(String, String), RequestCpuRow> = SumQuery {
             columns: &[Key("service"), Key("scenario")],
+            filters: &filters,
             ..SumQuery::over(&REQUEST_CPU_TOTAL, from, to)
         }
         .read(self, |r| {
@@ -478,10 +484,14 @@ impl<B: Backend> Store for B {
         .collect();
         let bins = SumQuery {
             columns: &[Key("service"), Key("scenario"), Key("bin")],
+            filters: &filters,
             ..SumQuery::over(&REQUEST_CPU, from, to)
         }
         .read(self, |r| {
-            let bin = r[2].i64().clamp(0, 64) as usize;
+            let bin = r[2]
+                .i64()
+                .clamp(0, agent_common::REQUEST_CPU_BUCKETS as i64 - 1)
+                as usize;
             ((r[0].text(), r[1].text()), bin, r[3].f64())
         })?;
         for (key, bin, requests) in bins {

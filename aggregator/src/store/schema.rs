@@ -40,7 +40,7 @@ pub(super) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 4] {
+pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 5] {
     if postgres {
         [
             (
@@ -54,6 +54,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 4] {
             (
                 4,
                 include_str!("../../migrations/postgres/0004_review_rollups.sql"),
+            ),
+            (
+                5,
+                include_str!("../../migrations/postgres/0005_request_cpu_log_linear.sql"),
             ),
             (
                 27,
@@ -70,6 +74,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 4] {
             (
                 4,
                 include_str!("../../migrations/sqlite/0004_review_rollups.sql"),
+            ),
+            (
+                5,
+                include_str!("../../migrations/sqlite/0005_request_cpu_log_linear.sql"),
             ),
             (
                 27,

@@ -125,13 +125,13 @@ pub(super) const PROFILE_COARSE: Table = Table {
 pub(super) const REQUEST_CPU: Table = Table {
     index: 10,
     name: "request_cpu_rollup",
-    keys: &["bucket_s", "service", "scenario", "bin"],
+    keys: &["bucket_s", "datacenter", "service", "scenario", "bin"],
     sums: &["requests"],
 };
 pub(super) const REQUEST_CPU_TOTAL: Table = Table {
     index: 11,
     name: "request_cpu_total_rollup",
-    keys: &["bucket_s", "service", "scenario"],
+    keys: &["bucket_s", "datacenter", "service", "scenario"],
     sums: &["requests", "cpu_ns", "energy_j"],
 };
 pub(super) const HOST_SERVICE: Table = Table {
