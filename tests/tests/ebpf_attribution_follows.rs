@@ -186,10 +186,10 @@ fn a_unit_cloned_into_its_cgroup_is_caught_by_its_systemd_unit_rule() {
         init.trim()
     );
     let unit = format!("sci-burn-{}", std::process::id());
-    let group = ScratchCgroup::create(&format!(
-        "sci-test-{}.slice/{unit}.service",
-        std::process::id()
-    ));
+    // The slice is removed after the unit (dropped in reverse order).
+    let slice = format!("sci-test-{}.slice", std::process::id());
+    let _slice = ScratchCgroup::create(&slice);
+    let group = ScratchCgroup::create(&format!("{slice}/{unit}.service"));
     let mut rules = stage(&format!(
         "[[scenarios.rules]]\nsystemd_unit = \"{unit}\"\nservice = \"unit-app\"\nscenario = \"credit\"\n"
     ));
