@@ -28,17 +28,7 @@ use super::{count_fault, DomainKind, DomainReading, EnergyError, EnergySource, W
 use crate::sources::sched::CpuSample;
 use crate::window::WindowReport;
 
-/// What the host says about the carbon of its electricity and of the VM's share of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostFactors {
-    pub host: String,
-    pub intensity_g_per_kwh: f64,
-    pub intensity_source: String,
-    pub pue: f64,
-    /// RR/ToR of the VM: its vCPUs over the physical host's.
-    pub resource_share: f64,
-    pub share_source: String,
-}
+pub use crate::transforms::carbon::HostFactors;
 
 /// `sci-host.json`: written by the host agent, read by the guest's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
