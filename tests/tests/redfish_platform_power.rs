@@ -3,8 +3,8 @@
 //! `cargo xtask setup`), serving a mock-up tree this test writes and
 //! updates, over HTTPS with a CA made here (rcgen).
 //!
-//! sushy-static checks no credentials (it has no authentication), so the
-//! agent's basic-auth header is sent but not verified by this server.
+//! sushy-static checks no credentials (it has no authentication); basic
+//! auth is tested against sushy-emulator from the same package.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -520,4 +520,77 @@ fn sha256_hex(bytes: &[u8]) -> String {
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// Basic auth against a Redfish server that checks it: sushy-emulator (same
+/// package) with an htpasswd file (bcrypt) and its fake driver. A wrong
+/// password is `unauthorized` (HTTP 401); the right one gets through, to a
+/// resource with no power reading in it (`garbage`, named).
+#[test]
+fn redfish_basic_auth_against_a_server_that_checks_it() {
+    let test = "redfish_basic_auth_against_a_server_that_checks_it";
+    let (Some(emulator), Some(python)) = (
+        provisioned_tool(&sci_home().join("venv/bin/sushy-emulator"), test),
+        provisioned_tool(&sci_home().join("venv/bin/python"), test),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import bcrypt; print('root:' + bcrypt.hashpw(b'calvin', bcrypt.gensalt(rounds=4)).decode())",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let port = free_port();
+    let conf = dir.path().join("emulator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "SUSHY_EMULATOR_AUTH_FILE = '{}'\nSUSHY_EMULATOR_FAKE_DRIVER = True\nSUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_LISTEN_PORT = {port}\n",
+            htpasswd.display()
+        ),
+    )
+    .unwrap();
+    struct Emulator(Child);
+    impl Drop for Emulator {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _emulator = Emulator(
+        Command::new(&emulator)
+            .arg("--config")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("sushy-emulator listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    for (password, fault) in [("wrong", "unauthorized"), ("calvin", "garbage")] {
+        let cfg = RedfishConfig {
+            url: format!("http://127.0.0.1:{port}"),
+            path: "/redfish/v1/Chassis".into(),
+            username: Some("root".into()),
+            password: Some(password.into()),
+            poll_ms: 100,
+            stale_after_ms: 1_000,
+            ..RedfishConfig::default()
+        };
+        let source = RedfishSource::new(RedfishPoller::start(&cfg).unwrap(), model());
+        let mut last = None;
+        wait_until(&format!("{password}: {fault}"), || {
+            last = source.failing();
+            last.as_deref().is_some_and(|f| f.starts_with(fault))
+        });
+        println!("{password}: {}", last.unwrap());
+    }
 }
