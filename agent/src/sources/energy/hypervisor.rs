@@ -403,3 +403,74 @@ impl EnergySource for HypervisorSource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rules_are_refused_naming_the_key() {
+        let rule = |name: &str, cgroup: &str, vcpus: u32| VmRule {
+            name: name.into(),
+            cgroup: cgroup.into(),
+            vcpus,
+        };
+        let with = |rules: Vec<VmRule>| VmsConfig {
+            publish_dir: Some("/run/sci/vms".into()),
+            rules,
+            ..VmsConfig::default()
+        };
+        assert!(with(vec![rule("vm1", "/machine.slice/vm1.scope", 2)])
+            .validate()
+            .is_ok());
+        for (config, key) in [
+            (with(vec![rule("../etc", "/a", 1)]), "vms.rules[0].name"),
+            (
+                with(vec![rule("a", "/a", 1), rule("a", "/b", 1)]),
+                "vms.rules[1].name",
+            ),
+            (
+                with(vec![rule("a", "machine.slice", 1)]),
+                "vms.rules[0].cgroup",
+            ),
+            (with(vec![rule("a", "/a", 0)]), "vms.rules[0].vcpus"),
+            (
+                VmsConfig {
+                    rules: vec![rule("a", "/a", 1)],
+                    ..VmsConfig::default()
+                },
+                "vms.publish_dir",
+            ),
+            (
+                VmsConfig {
+                    max_energy_range_uj: 10,
+                    ..VmsConfig::default()
+                },
+                "vms.max_energy_range_uj",
+            ),
+        ] {
+            let e = config
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_cgroup_rule_matches_the_group_and_below_only() {
+        assert!(under(
+            "/machine.slice/vm1.scope",
+            "/machine.slice/vm1.scope"
+        ));
+        assert!(under(
+            "/machine.slice/vm1.scope/vcpu0",
+            "/machine.slice/vm1.scope"
+        ));
+        assert!(!under(
+            "/machine.slice/vm10.scope",
+            "/machine.slice/vm1.scope"
+        ));
+    }
+}
