@@ -3,8 +3,8 @@
 //! `cargo xtask setup`), serving a mock-up tree this test writes and
 //! updates, over HTTPS with a CA made here (rcgen).
 //!
-//! sushy-static checks no credentials (it has no authentication), so the
-//! agent's basic-auth header is sent but not verified by this server.
+//! sushy-static checks no credentials (it has no authentication); basic
+//! auth is tested against sushy-emulator from the same package.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -397,4 +397,200 @@ fn redfish_faults_are_counted_and_named_and_never_invent_energy() {
     assert_eq!(e.source, "redfish");
     // 300 W held or interpolated over 100 ms.
     assert!((e.host_energy_j() - 30.0).abs() < 1e-6, "{e:?}");
+}
+
+/// Where RAPL measures, the window keeps RAPL's domains and adds
+/// `platform-rest` = platform - RAPL, by the configured rule; the BMC's
+/// certificate pinned by its SHA-256 is accepted, another one refused (`tls`).
+#[test]
+fn redfish_split_over_rapl_and_a_pinned_certificate() {
+    use sci_agent::sources::energy::redfish::PlatformSplit;
+    use sci_agent::sources::energy::{CpuTopology, EnergyConfig, PowercapSource};
+    let Some(program) = sushy_static("redfish_split_over_rapl_and_a_pinned_certificate") else {
+        return;
+    };
+    let pki = tempfile::tempdir().unwrap();
+    let (_ca, cert, key) = tls_files(pki.path());
+    let der = pem_der(&std::fs::read_to_string(&cert).unwrap());
+    let pin = sha256_hex(&der);
+    let bmc = Bmc::start(&program, Some((cert, key)));
+    // A constant 300 W platform: the BMC refreshes its ReadingTime.
+    let t0 = unix_ns();
+    bmc.reading(300.0, t0);
+    // The host's RAPL: one package zone this test moves by 100 W.
+    let sysfs = tempfile::tempdir().unwrap();
+    let zone = sysfs.path().join("class/powercap/intel-rapl:0");
+    std::fs::create_dir_all(&zone).unwrap();
+    std::fs::write(zone.join("name"), "package-0\n").unwrap();
+    std::fs::write(zone.join("max_energy_range_uj"), "262143328850\n").unwrap();
+    std::fs::write(zone.join("energy_uj"), "1000000\n").unwrap();
+    for (split, idle) in [
+        (PlatformSplit::CpuShare, false),
+        (PlatformSplit::Idle, true),
+    ] {
+        std::fs::write(zone.join("energy_uj"), "1000000\n").unwrap();
+        let energy_cfg = EnergyConfig {
+            sysfs_root: sysfs.path().to_path_buf(),
+            ..EnergyConfig::default()
+        };
+        let rapl =
+            PowercapSource::discover(sysfs.path(), &CpuTopology::single_package(2), &energy_cfg)
+                .unwrap();
+        let mut cfg = bmc.config();
+        cfg.pinned_sha256 = Some(pin.clone());
+        cfg.split = split;
+        let mut source = RedfishSource::new(RedfishPoller::start(&cfg).unwrap(), Box::new(rapl));
+        assert_eq!(source.name(), "redfish+rapl-powercap");
+        wait_until("a reading through the pinned certificate", || {
+            source.readings().0 >= 1
+        });
+        let first = source.readings().1.unwrap();
+        wait_until("readings over more than the window", || {
+            bmc.reading(300.0, unix_ns());
+            source.readings().1.is_some_and(|t| t > first + 600_000_000)
+        });
+        let end = source.readings().1.unwrap();
+        let start = end - 500_000_000;
+        // 50 J on the package over the 0.5 s window: 100 W.
+        std::fs::write(zone.join("energy_uj"), "51000000\n").unwrap();
+        let e = source.window_energy(&window(start, end)).unwrap();
+        assert!(!e.estimated, "{e:?}");
+        let rapl_j = e
+            .domains
+            .iter()
+            .find(|d| d.name == "package-0")
+            .unwrap()
+            .energy_j;
+        let rest = e
+            .domains
+            .iter()
+            .find(|d| d.name == "platform-rest")
+            .unwrap();
+        assert_eq!(rapl_j, 50.0);
+        // 300 W x 0.5 s = 150 J of platform, 100 J beyond RAPL.
+        assert!((rest.energy_j - 100.0).abs() < 1e-6, "{e:?}");
+        assert!((e.host_energy_j() - 150.0).abs() < 1e-6, "{e:?}");
+        assert_eq!(rest.known_idle_j.is_some(), idle, "{split:?}");
+    }
+
+    // A pin that is not the BMC's certificate: refused, named.
+    let mut cfg = bmc.config();
+    cfg.pinned_sha256 = Some("00".repeat(32));
+    let source = RedfishSource::new(RedfishPoller::start(&cfg).unwrap(), model());
+    wait_until("the pin refused", || {
+        source
+            .failing()
+            .is_some_and(|f| f.starts_with("tls") && f.contains("not the pinned one"))
+    });
+    assert_eq!(source.readings().0, 0);
+}
+
+/// The DER bytes of the first PEM certificate.
+fn pem_der(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64_decode(&b64)
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = alphabet.iter().position(|a| *a == c).unwrap() as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    out
+}
+
+/// SHA-256 of `bytes` as hex, by `sha256sum` (an independent implementation).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// Basic auth against a Redfish server that checks it: sushy-emulator (same
+/// package) with an htpasswd file (bcrypt) and its fake driver. A wrong
+/// password is `unauthorized` (HTTP 401); the right one gets through, to a
+/// resource with no power reading in it (`garbage`, named).
+#[test]
+fn redfish_basic_auth_against_a_server_that_checks_it() {
+    let test = "redfish_basic_auth_against_a_server_that_checks_it";
+    let (Some(emulator), Some(python)) = (
+        provisioned_tool(&sci_home().join("venv/bin/sushy-emulator"), test),
+        provisioned_tool(&sci_home().join("venv/bin/python"), test),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import bcrypt; print('root:' + bcrypt.hashpw(b'calvin', bcrypt.gensalt(rounds=4)).decode())",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let port = free_port();
+    let conf = dir.path().join("emulator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "SUSHY_EMULATOR_AUTH_FILE = '{}'\nSUSHY_EMULATOR_FAKE_DRIVER = True\nSUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_LISTEN_PORT = {port}\n",
+            htpasswd.display()
+        ),
+    )
+    .unwrap();
+    struct Emulator(Child);
+    impl Drop for Emulator {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _emulator = Emulator(
+        Command::new(&emulator)
+            .arg("--config")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("sushy-emulator listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    for (password, fault) in [("wrong", "unauthorized"), ("calvin", "garbage")] {
+        let cfg = RedfishConfig {
+            url: format!("http://127.0.0.1:{port}"),
+            path: "/redfish/v1/Chassis".into(),
+            username: Some("root".into()),
+            password: Some(password.into()),
+            poll_ms: 100,
+            stale_after_ms: 1_000,
+            ..RedfishConfig::default()
+        };
+        let source = RedfishSource::new(RedfishPoller::start(&cfg).unwrap(), model());
+        let mut last = None;
+        wait_until(&format!("{password}: {fault}"), || {
+            last = source.failing();
+            last.as_deref().is_some_and(|f| f.starts_with(fault))
+        });
+        println!("{password}: {}", last.unwrap());
+    }
 }

@@ -116,6 +116,19 @@ pub fn detect_host_kind(cpuinfo: &Path, dmi_dir: &Path) -> HostDetection {
     }
 }
 
+/// What the host says about the carbon of its electricity and of the VM's share of it
+/// (a hypervisor's agent gives them to its guests).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct HostFactors {
+    pub host: String,
+    pub intensity_g_per_kwh: f64,
+    pub intensity_source: String,
+    pub pue: f64,
+    /// RR/ToR of the VM: its vCPUs over the physical host's.
+    pub resource_share: f64,
+    pub share_source: String,
+}
+
 /// China national grid average, 2023 (g CO2 per kWh).
 pub const CHINA_GRID_2023_G_PER_KWH: f64 = 530.6;
 /// Hours in a year of the embodied-carbon lifetime (365 days).
@@ -568,7 +581,7 @@ impl CarbonTransform {
     pub fn apply_with_host(
         &self,
         report: &mut WindowReport,
-        host: Option<&crate::sources::energy::hypervisor::HostFactors>,
+        host: Option<&HostFactors>,
     ) -> Result<(), CarbonError> {
         let window_s = report.duration_ns() as f64 / 1e9;
         let (intensity, pue, share, share_source, intensity_source) = match host {

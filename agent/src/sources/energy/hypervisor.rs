@@ -28,17 +28,7 @@ use super::{count_fault, DomainKind, DomainReading, EnergyError, EnergySource, W
 use crate::sources::sched::CpuSample;
 use crate::window::WindowReport;
 
-/// What the host says about the carbon of its electricity and of the VM's share of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostFactors {
-    pub host: String,
-    pub intensity_g_per_kwh: f64,
-    pub intensity_source: String,
-    pub pue: f64,
-    /// RR/ToR of the VM: its vCPUs over the physical host's.
-    pub resource_share: f64,
-    pub share_source: String,
-}
+pub use crate::transforms::carbon::HostFactors;
 
 /// `sci-host.json`: written by the host agent, read by the guest's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -411,5 +401,76 @@ impl EnergySource for HypervisorSource {
                 .saturating_sub(previous.window_end_unix_ns),
             host_factors: Some(now.factors),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rules_are_refused_naming_the_key() {
+        let rule = |name: &str, cgroup: &str, vcpus: u32| VmRule {
+            name: name.into(),
+            cgroup: cgroup.into(),
+            vcpus,
+        };
+        let with = |rules: Vec<VmRule>| VmsConfig {
+            publish_dir: Some("/run/sci/vms".into()),
+            rules,
+            ..VmsConfig::default()
+        };
+        assert!(with(vec![rule("vm1", "/machine.slice/vm1.scope", 2)])
+            .validate()
+            .is_ok());
+        for (config, key) in [
+            (with(vec![rule("../etc", "/a", 1)]), "vms.rules[0].name"),
+            (
+                with(vec![rule("a", "/a", 1), rule("a", "/b", 1)]),
+                "vms.rules[1].name",
+            ),
+            (
+                with(vec![rule("a", "machine.slice", 1)]),
+                "vms.rules[0].cgroup",
+            ),
+            (with(vec![rule("a", "/a", 0)]), "vms.rules[0].vcpus"),
+            (
+                VmsConfig {
+                    rules: vec![rule("a", "/a", 1)],
+                    ..VmsConfig::default()
+                },
+                "vms.publish_dir",
+            ),
+            (
+                VmsConfig {
+                    max_energy_range_uj: 10,
+                    ..VmsConfig::default()
+                },
+                "vms.max_energy_range_uj",
+            ),
+        ] {
+            let e = config
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_cgroup_rule_matches_the_group_and_below_only() {
+        assert!(under(
+            "/machine.slice/vm1.scope",
+            "/machine.slice/vm1.scope"
+        ));
+        assert!(under(
+            "/machine.slice/vm1.scope/vcpu0",
+            "/machine.slice/vm1.scope"
+        ));
+        assert!(!under(
+            "/machine.slice/vm10.scope",
+            "/machine.slice/vm1.scope"
+        ));
     }
 }

@@ -239,7 +239,7 @@ pub struct WindowEnergy {
     pub sample_interval_ns: u64,
     /// Intensity, PUE and embodied share given by a hypervisor's agent (a
     /// guest's window takes them instead of its own configuration).
-    pub host_factors: Option<hypervisor::HostFactors>,
+    pub host_factors: Option<crate::transforms::carbon::HostFactors>,
 }
 
 impl WindowEnergy {
