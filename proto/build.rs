@@ -1,12 +1,17 @@
 //! Compiles proto/sci/v1/sci.proto (the wire format) and
-//! proto/perftools/profiles/profile.proto (pprof) with protox (pure Rust): no
-//! system protoc.
+//! proto/perftools/profiles/profile.proto (pprof) and
+//! proto/externalscaler/externalscaler.proto (KEDA's external scaler) with
+//! protox (pure Rust): no system protoc.
 use anyhow::Context;
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(
-        ["sci/v1/sci.proto", "perftools/profiles/profile.proto"],
+        [
+            "sci/v1/sci.proto",
+            "perftools/profiles/profile.proto",
+            "externalscaler/externalscaler.proto",
+        ],
         ["proto"],
     )
     .context("compiling the .proto files")?;

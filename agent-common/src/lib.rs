@@ -28,6 +28,11 @@ pub mod time_text;
 #[cfg(feature = "test-support")]
 pub mod privileged;
 
+pub mod request_cpu;
+pub use request_cpu::{
+    request_cpu_bucket, RequestCpuBuckets, REQUEST_CPU_BUCKETS, REQUEST_CPU_SUB_BUCKET_BITS,
+};
+
 pub mod scenario;
 pub use scenario::{
     PerScenario, Scenario, TransactionCounts, UnknownScenario, SCENARIO_CREDIT, SCENARIO_DRAWDOWN,
@@ -59,7 +64,9 @@ pub struct ProcEvent {
     pub _pad: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the event.
     pub ktime_ns: u64,
-    /// cgroup v2 id of the task (inode number of its cgroup directory).
+    /// cgroup v2 id of the task (inode number of its cgroup directory); at a
+    /// fork, the child's own (`clone3(CLONE_INTO_CGROUP)` places it in
+    /// another group than its parent's).
     pub cgroup_id: u64,
     pub comm: [u8; 16],
 }
@@ -70,6 +77,48 @@ pub const PROC_EVENT_EXIT: u32 = 2;
 pub const PROC_EVENT_FORK: u32 = 3;
 /// A process's main thread changed its name (`prctl(PR_SET_NAME)`, exec); `comm` is the new one.
 pub const PROC_EVENT_RENAME: u32 = 4;
+/// A process was moved to another cgroup v2 group (`cgroup_attach_task`); a [`CgroupEvent`].
+pub const PROC_EVENT_CGROUP: u32 = 5;
+
+/// Bytes of a cgroup path a cgroup event carries (a longer path is
+/// resolved from the group's id instead).
+pub const CGROUP_PATH_BYTES: usize = 512;
+
+/// A move to another cgroup v2 group (`PROC_EVENT_CGROUP`). `header.cgroup_id`
+/// is the destination's id, `path` its path from the hierarchy's root (as
+/// `/proc/PID/cgroup` has it). The CPU the process ran before the move stays
+/// in the table rows it owned then: the kernel takes them from the process
+/// (`retired_rows`, `RETIRED_NONE` where a scenario had none), its next charge
+/// opens fresh rows, and userspace gives the retired rows the process's
+/// description before the move.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupEvent {
+    pub header: ProcEvent,
+    pub retired_rows: [u32; SCENARIO_SLOTS as usize],
+    /// Bytes of `path` (0: not carried).
+    pub path_len: u32,
+    pub path: [u8; CGROUP_PATH_BYTES],
+}
+
+/// A `retired_rows` entry for a scenario the process had no row for.
+pub const RETIRED_NONE: u32 = u32::MAX;
+
+/// Where a task's cgroup v2 id is (`CGROUP_OFFSETS`, read-only, from the
+/// running kernel's BTF): `task_struct.cgroups` (a `css_set`), its
+/// `dfl_cgrp` (the task's group in the v2 hierarchy), the group's `kn` and
+/// the kernfs node's `id` (the directory's inode number). `enabled` 0 on a
+/// kernel without them: forks then carry the forking task's group.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    pub enabled: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    pub _pad: u32,
+}
 
 /// Bytes of the new program's path an exec event carries (the path is
 /// rebuilt in the kernel from `mm->exe_file`; longer paths are not carried).
@@ -90,6 +139,10 @@ pub const EXEC_ARGS_BYTES: usize = 1024;
 /// procfs read for it. `exe_len` 0 means the path could not be rebuilt
 /// (too deep, too long, or no offsets on this kernel), `args_len <
 /// args_total` that the arguments were cut: the reader then reads procfs.
+/// While `cmdline` rules want titles, an exit (`PROC_EVENT_EXIT`) of a
+/// process comes in the same record, `exe_len` 0 and `args` the argument
+/// area as the process left it: the title a server gave a forked child
+/// (`postgres: user db [local] idle`), read while its memory still exists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
@@ -193,40 +246,6 @@ pub struct StealClockOffsets {
     pub rq_to_steal: i64,
 }
 
-/// Log2 buckets of a request's CPU time: bucket i holds t with i significant
-/// bits (2^(i-1) <= t < 2^i; bucket 0 holds t = 0); t >= 2^63 ns goes to the last.
-pub const REQUEST_CPU_BUCKETS: usize = 64;
-
-/// Per-(process, scenario) distribution of the CPU time of requests
-/// bracketed by the marker library (`REQUEST_CPU`, per-CPU values).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestCpuBuckets {
-    pub counts: [u64; REQUEST_CPU_BUCKETS],
-    /// Exact sum of the requests' CPU time.
-    pub sum_cpu_ns: u64,
-}
-
-impl Default for RequestCpuBuckets {
-    fn default() -> Self {
-        RequestCpuBuckets {
-            counts: [0; REQUEST_CPU_BUCKETS],
-            sum_cpu_ns: 0,
-        }
-    }
-}
-
-/// The bucket of a request that took `cpu_ns` (see [`REQUEST_CPU_BUCKETS`]).
-#[inline(always)]
-pub fn request_cpu_bucket(cpu_ns: u64) -> usize {
-    let bits = (64 - cpu_ns.leading_zeros()) as usize;
-    if bits >= REQUEST_CPU_BUCKETS {
-        REQUEST_CPU_BUCKETS - 1
-    } else {
-        bits
-    }
-}
-
 /// Capacity of the request histogram map (processes x scenarios using markers).
 pub const MAX_REQUEST_HISTOGRAMS: u32 = 4096;
 
@@ -275,6 +294,7 @@ mod pod {
     unsafe impl aya::Pod for super::StealClockOffsets {}
     unsafe impl aya::Pod for super::ExecOffsets {}
     unsafe impl aya::Pod for super::RequestCpuBuckets {}
+    unsafe impl aya::Pod for super::CgroupOffsets {}
 }
 
 /// Key of the CPU profile's sample counts (`PROFILE_COUNTS`): the sampled

@@ -13,7 +13,7 @@
 //! from the switching tasks' `se.exec_start` (no clock helper). Each thread's
 //! state also keeps its cumulative charged time, so a marker-bracketed
 //! request's CPU time is the growth between its begin and its end, added to
-//! a per-(process, scenario) log2 histogram (`REQUEST_CPU`) in the kernel.
+//! a per-(process, scenario) log-linear histogram (`REQUEST_CPU`) in the kernel.
 //!
 //! Task fields are read at offsets resolved from the running kernel's BTF at
 //! load time (`TASK_OFFSETS`, read-only). Programs used only by the

@@ -1,12 +1,13 @@
 use agent_common::{
-    request_cpu_bucket, CpuClock, ExecEvent, ExecOffsets, ProcEvent, ProcScenarioKey,
-    RequestCpuBuckets, StealClockOffsets, ThreadState, EXEC_ARGS_BYTES, EXEC_NAME_BYTES,
-    EXEC_PATH_BYTES, EXEC_PATH_DEPTH, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS,
-    LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS,
-    LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES,
+    request_cpu_bucket, CgroupEvent, CgroupOffsets, CpuClock, ExecEvent, ExecOffsets, ProcEvent,
+    ProcScenarioKey, RequestCpuBuckets, StealClockOffsets, ThreadState, CGROUP_PATH_BYTES,
+    EXEC_ARGS_BYTES, EXEC_NAME_BYTES, EXEC_PATH_BYTES, EXEC_PATH_DEPTH, LOSS_PROC_MAP_FULL_EVENTS,
+    LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL,
+    LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, MAX_PROCESSES,
     MAX_REQUEST_HISTOGRAMS, MAX_THREADS, OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT,
-    OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_EXEC, PROC_EVENT_EXIT,
-    PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS, SCENARIO_NONE, SCENARIO_SLOTS,
+    OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_CGROUP,
+    PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS,
+    RETIRED_NONE, SCENARIO_NONE, SCENARIO_SLOTS,
 };
 use aya_ebpf::{
     bindings::{
@@ -74,6 +75,18 @@ static EXEC_OFFSETS: ExecOffsets = ExecOffsets {
     _pad: 0,
 };
 
+/// Where a task's cgroup v2 id is, from the running kernel's BTF
+/// (read-only; `enabled` 0 where it has none).
+#[unsafe(no_mangle)]
+static CGROUP_OFFSETS: CgroupOffsets = CgroupOffsets {
+    enabled: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    _pad: 0,
+};
+
 /// CLOCK_MONOTONIC at load time: a thread that started later has all of its
 /// runtime in the accounted period; an older one only what it runs from the
 /// first time it is seen.
@@ -131,7 +144,8 @@ static TXN_COMPLETED: PerCpuHashMap<ProcScenarioKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 /// CPU time of each marker-bracketed request, per process and scenario, in
-/// log2 buckets (allocated on first use: few processes use markers).
+/// log-linear buckets (agent_common::request_cpu; allocated on first use:
+/// few processes use markers).
 #[map]
 static REQUEST_CPU: PerCpuHashMap<ProcScenarioKey, RequestCpuBuckets> =
     PerCpuHashMap::with_max_entries(MAX_REQUEST_HISTOGRAMS, BPF_F_NO_PREALLOC);
@@ -155,6 +169,12 @@ const PROC_EVENTS_WAKE_BYTES: u64 = (PROC_EVENTS_BYTES / 4) as u64;
 /// read only when a scenario rule uses it): each exec then wakes the reader.
 #[map]
 static EXEC_READS_PROCFS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Slot 0 set to 1 by userspace while a `cmdline` rule exists: each
+/// process's exit then carries its argument area (its title, see
+/// `agent_common::ExecEvent`).
+#[map]
+static EXIT_READS_TITLE: Array<u32> = Array::with_max_entries(1, 0);
 
 const EEXIST: i32 = -17;
 
@@ -377,10 +397,23 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     let tgid: i32 = unsafe { task_field(prev, OFFSET_TGID) };
     let runtime_ns: u64 = unsafe { task_field(prev, OFFSET_RUNTIME) };
     let dead = prev_state & TASK_DEAD != 0;
+    settle(prev, tgid as u32, tid, runtime_ns, !dead);
+    if dead {
+        let _ = THREAD_STATE.remove(&tid);
+    }
+    Ok(0)
+}
+
+/// Charges thread `tid` (at BTF pointer `task`) the growth of its runtime
+/// (`runtime_ns`, its `se.sum_exec_runtime` now) since its last charge, and
+/// makes that its baseline; a thread never seen gets a state (when `keep`)
+/// from [`first_baseline`]. Runs as the thread itself (its switch-out, or a
+/// cgroup move it makes of itself): only such code writes its entry.
+#[inline(always)]
+fn settle(task: *const u8, tgid: u32, tid: u32, runtime_ns: u64, keep: bool) {
     let (cpu_ns, scenario) = match THREAD_STATE.get_ptr_mut(&tid) {
         Some(state) => {
-            // SAFETY: this thread's entry; only code running as this thread
-            // (its markers, its switch-out) writes it.
+            // SAFETY: this thread's entry (see above).
             let state = unsafe { &mut *state };
             let grown = runtime_ns.saturating_sub(state.runtime_ns);
             let rest = grown.saturating_sub(state.precharged_ns);
@@ -390,9 +423,10 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             (rest, state.scenario)
         }
         None => {
-            let start_ns: u64 = unsafe { task_field(prev, OFFSET_START_TIME) };
+            // SAFETY: a BTF task pointer.
+            let start_ns: u64 = unsafe { task_field(task, OFFSET_START_TIME) };
             let baseline = first_baseline(runtime_ns, start_ns);
-            if !dead {
+            if keep {
                 let state = ThreadState {
                     runtime_ns,
                     precharged_ns: 0,
@@ -408,11 +442,36 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             (runtime_ns - baseline, SCENARIO_NONE)
         }
     };
-    charge(tgid as u32, tid, scenario, cpu_ns);
-    if dead {
-        let _ = THREAD_STATE.remove(&tid);
+    charge(tgid, tid, scenario, cpu_ns);
+}
+
+/// The cgroup v2 id of the task at `task` (0 when it cannot be read).
+#[inline(always)]
+fn task_cgroup_id(task: u64) -> u64 {
+    // SAFETY: a read-only global patched by the loader.
+    let offsets = unsafe { core::ptr::read_volatile(&CGROUP_OFFSETS) };
+    if offsets.enabled == 0 {
+        return 0;
     }
-    Ok(0)
+    let group = task_cgroup(task, &offsets);
+    if group == 0 {
+        return 0;
+    }
+    let kn = kernel_pointer(group, offsets.cgroup_kn);
+    if kn == 0 {
+        return 0;
+    }
+    kernel_pointer(kn, offsets.kernfs_node_id)
+}
+
+/// The task's group in the v2 hierarchy (`task->cgroups->dfl_cgrp`), 0 when unknown.
+#[inline(always)]
+fn task_cgroup(task: u64, offsets: &CgroupOffsets) -> u64 {
+    let css_set = kernel_pointer(task, offsets.task_cgroups);
+    if css_set == 0 {
+        return 0;
+    }
+    kernel_pointer(css_set, offsets.css_set_dfl_cgrp)
 }
 
 /// Sends a fork, rename or exit event without waking the reader: they wait
@@ -660,10 +719,60 @@ fn exe_path(event: &mut ExecEvent, offsets: &ExecOffsets, file: u64) -> u32 {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
+    if EXIT_READS_TITLE.get(0).is_some_and(|on| *on != 0) {
+        return exit_with_title();
+    }
     match emit_proc_event(PROC_EVENT_EXIT) {
         Ok(ret) => ret,
         Err(ret) => ret,
     }
+}
+
+/// A process's exit with its argument area as it left it (its title): the
+/// tracepoint runs before the exiting task lets its memory go.
+fn exit_with_title() -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    if tid != tgid {
+        return 0;
+    }
+    let Some(mut entry) = PROC_EVENTS.reserve::<ExecEvent>(0) else {
+        count_loss(LOSS_RINGBUF_FULL, 1);
+        return 0;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to the reserved record, written field by field
+    // before it is submitted.
+    unsafe {
+        (*event).header = ProcEvent {
+            kind: PROC_EVENT_EXIT,
+            tgid,
+            tid,
+            ppid: 0,
+            origin_tgid: 0,
+            _pad: 0,
+            ktime_ns: bpf_ktime_get_ns(),
+            cgroup_id: bpf_get_current_cgroup_id(),
+            comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        };
+        (*event).exe_len = 0;
+        (*event).args_len = 0;
+        (*event).args_total = 0;
+        let offsets = core::ptr::read_volatile(&EXEC_OFFSETS);
+        if offsets.enabled != 0 {
+            let mm = kernel_pointer(bpf_get_current_task(), offsets.task_mm);
+            if mm != 0 {
+                read_args(&mut *event, &offsets, mm);
+            }
+        }
+    }
+    let flags = if PROC_EVENTS.query(BPF_RB_AVAIL_DATA as u64) > PROC_EVENTS_WAKE_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    entry.submit(flags);
+    0
 }
 
 /// sched_process_fork(parent, child), in the forking task's context: a new
@@ -695,10 +804,107 @@ fn try_sched_process_fork(ctx: &BtfTracePointContext) -> Result<u32, u32> {
         origin_tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
         ktime_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id: match task_cgroup_id(child as u64) {
+            0 => unsafe { bpf_get_current_cgroup_id() },
+            id => id,
+        },
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
     });
     Ok(0)
+}
+
+/// cgroup_attach_task(dst_cgrp, path, task, threadgroup), in the mover's
+/// context once the move is done. A move in the v2 hierarchy (the task's
+/// `dfl_cgrp` is now `dst_cgrp`; moves in v1 hierarchies are left alone):
+/// the process's rows are retired, so what it ran before the move stays
+/// there and its next charge opens fresh rows; the event names them and the
+/// destination. A task moving itself (`echo 0 > cgroup.procs`, cgexec) is
+/// first charged what the kernel accounted to it so far, which the kernel
+/// gave the group it left.
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> u32 {
+    match try_cgroup_attach_task(&ctx) {
+        Ok(ret) => ret,
+        Err(ret) => ret,
+    }
+}
+
+fn try_cgroup_attach_task(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    // SAFETY: a read-only global patched by the loader.
+    let offsets = unsafe { core::ptr::read_volatile(&CGROUP_OFFSETS) };
+    if offsets.enabled == 0 {
+        return Ok(0);
+    }
+    let dst: u64 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    let task: *const u8 = ctx.arg(2);
+    if task_cgroup(task as u64, &offsets) != dst {
+        return Ok(0);
+    }
+    // SAFETY: a BTF task pointer.
+    let tid: i32 = unsafe { task_field(task, OFFSET_PID) };
+    let tgid: i32 = unsafe { task_field(task, OFFSET_TGID) };
+    let (tid, tgid) = (tid as u32, tgid as u32);
+    if task as u64 == unsafe { bpf_get_current_task() } {
+        let runtime_ns: u64 = unsafe { task_field(task, OFFSET_RUNTIME) };
+        settle(task, tgid, tid, runtime_ns, true);
+    }
+    let Some(mut entry) = PROC_EVENTS.reserve::<CgroupEvent>(0) else {
+        count_loss(LOSS_RINGBUF_FULL, 1);
+        return Ok(0);
+    };
+    let event = entry.as_mut_ptr();
+    let kn = kernel_pointer(dst, offsets.cgroup_kn);
+    // SAFETY: `event` points to the reserved record, written field by field
+    // before it is submitted.
+    unsafe {
+        (*event).header = ProcEvent {
+            kind: PROC_EVENT_CGROUP,
+            tgid,
+            tid,
+            ppid: 0,
+            origin_tgid: 0,
+            _pad: 0,
+            ktime_ns: bpf_ktime_get_ns(),
+            cgroup_id: if kn == 0 {
+                0
+            } else {
+                kernel_pointer(kn, offsets.kernfs_node_id)
+            },
+            comm: [0u8; 16],
+        };
+        let mut slot = 0u32;
+        for retired in (*event).retired_rows.iter_mut() {
+            *retired = retire_row(tgid, slot);
+            slot += 1;
+        }
+        let copied = probe_read_kernel_str(
+            (*event).path.as_mut_ptr().cast(),
+            CGROUP_PATH_BYTES as u32,
+            path as *const core::ffi::c_void,
+        );
+        (*event).path_len = if copied > 1 { copied as u32 - 1 } else { 0 };
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    Ok(0)
+}
+
+/// Takes the row of (`tgid`, `scenario`) from the key (its next charge
+/// opens a fresh row); the row, or `RETIRED_NONE`.
+#[inline(always)]
+fn retire_row(tgid: u32, scenario: u32) -> u32 {
+    let key = ProcScenarioKey { tgid, scenario };
+    // SAFETY: a plain u32 value, copied out at once.
+    match unsafe { PROC_CPU_ROW.get(&key) }.copied() {
+        Some(row) => {
+            if PROC_CPU_ROW.remove(&key).is_ok() {
+                row
+            } else {
+                RETIRED_NONE
+            }
+        }
+        None => RETIRED_NONE,
+    }
 }
 
 /// task_rename(task, comm): a process's main thread takes a new name

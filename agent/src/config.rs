@@ -44,12 +44,15 @@ impl Default for AgentSection {
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub agent: AgentSection,
+    pub host: crate::sources::host::HostConfig,
     pub energy: crate::sources::energy::EnergyConfig,
     pub carbon: crate::transforms::carbon::CarbonConfig,
     pub scenarios: crate::transforms::scenario::ScenarioConfig,
     pub ingest: crate::sources::ingest::IngestConfig,
     pub aggregator: crate::sinks::grpc::AggregatorConfig,
     pub profile: crate::sources::profile::ProfileConfig,
+    /// Host role: VMs whose energy this agent publishes to their guests.
+    pub vms: crate::sources::energy::hypervisor::VmsConfig,
 }
 
 /// A source forced in `[energy] source` (perf or powercap) that the host does
@@ -60,6 +63,31 @@ pub fn require_forced_energy_source(
     chosen: &str,
     reasons: &[String],
 ) -> Result<(), AgentError> {
+    if energy.source == "hypervisor" && chosen != "hypervisor" {
+        return Err(AgentError::Config {
+            path: "energy.hypervisor_dir".into(),
+            message: format!(
+                "the hypervisor's published energy cannot be read ({})",
+                reasons.join("; ")
+            ),
+        });
+    }
+    let platform = [
+        ("energy.redfish", "redfish", energy.redfish.is_some()),
+        ("energy.ipmi", "ipmi", energy.ipmi.is_some()),
+    ];
+    for (key, kind, wanted) in platform {
+        if !wanted || chosen.starts_with(kind) {
+            continue;
+        }
+        return Err(AgentError::Config {
+            path: key.into(),
+            message: format!(
+                "platform power from the BMC was asked for but cannot be read ({})",
+                reasons.join("; ")
+            ),
+        });
+    }
     let forced = energy.source.as_str();
     if matches!(forced, "perf" | "powercap") && chosen.starts_with("model") {
         return Err(AgentError::Config {

@@ -77,6 +77,9 @@ pub enum EnergyError {
     PowerModel { spec: String, reason: String },
     #[error("invalid energy config: {0}")]
     Config(String),
+    /// The source exists but does not measure (found by the start-up probe).
+    #[error("{source_name}: {reason}")]
+    Refused { source_name: String, reason: String },
 }
 
 impl EnergyError {

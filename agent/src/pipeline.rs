@@ -41,8 +41,16 @@ pub struct Pipeline {
     logged_warnings: std::collections::HashSet<String>,
     /// Energy warnings of the last window (for `sci_energy_warnings_total`).
     last_energy_warnings: usize,
+    /// Windows in a row the energy source failed in (0 while it reads).
+    energy_failing_windows: u64,
+    /// Host role: publishes each VM's energy to its guest (`[vms]`).
+    vm_publisher: Option<crate::sources::energy::hypervisor::VmPublisher>,
+    /// The VMs' parts of the last window.
+    last_vm_shares: Vec<crate::sources::energy::hypervisor::VmShare>,
     host: String,
     datacenter: Option<String>,
+    /// What this host is (read once at start).
+    supply: crate::window::ResourceSupply,
     agent_instance: String,
     next_seq: u64,
 }
@@ -85,6 +93,7 @@ pub fn open_sampler(
                     .iter()
                     .any(|rule| rule.reads_environment()),
             )?;
+            sampler.set_read_titles(config.scenarios.rules.iter().any(|r| r.reads_cmdline()))?;
             for library in &options.marker_libraries {
                 sampler.attach_markers(library).map_err(|e| {
                     let text = e.to_string();
@@ -142,6 +151,7 @@ impl Pipeline {
         options: &PipelineOptions,
     ) -> Result<(Self, Option<String>), AgentError> {
         config.energy.validate()?;
+        let vm_publisher = crate::sources::energy::hypervisor::VmPublisher::new(&config.vms)?;
         let carbon = CarbonTransform::from_config(&config.carbon)?;
         let scenarios = ScenarioStage::new(&config.scenarios)?;
         let (sampler, profiler, fallback) = open_sampler(config, options)?;
@@ -156,6 +166,12 @@ impl Pipeline {
             tracing::info!("energy source: {warning}");
         }
         tracing::info!("energy source: {}", energy.name());
+        let supply = crate::sources::host::describe(
+            std::path::Path::new("/proc"),
+            cpus,
+            &config.host,
+            &config.carbon,
+        )?;
         Ok((
             Pipeline {
                 sampler,
@@ -167,6 +183,9 @@ impl Pipeline {
                 ingest: None,
                 logged_warnings: Default::default(),
                 last_energy_warnings: 0,
+                energy_failing_windows: 0,
+                vm_publisher,
+                last_vm_shares: Vec::new(),
                 host: config
                     .agent
                     .host
@@ -174,6 +193,7 @@ impl Pipeline {
                     .or_else(|| std::env::var("SCI_AGENT_HOST").ok())
                     .unwrap_or_else(hostname),
                 datacenter: config.agent.datacenter.clone(),
+                supply,
                 agent_instance: new_agent_instance(),
                 next_seq: 0,
             },
@@ -207,8 +227,17 @@ impl Pipeline {
         let mut report = self.cpu_report(&sample);
         report.seq = self.next_seq;
         self.next_seq += 1;
+        let mut host_factors = None;
         match self.energy.window_energy(&sample) {
             Ok(energy) => {
+                host_factors = energy.host_factors.clone();
+                if self.energy_failing_windows > 0 {
+                    tracing::info!(
+                        "energy reads again after {} window(s) without energy",
+                        self.energy_failing_windows
+                    );
+                    self.energy_failing_windows = 0;
+                }
                 self.last_energy_warnings = energy.warnings.len();
                 for warning in &energy.warnings {
                     if self.logged_warnings.insert(warning.clone()) {
@@ -216,6 +245,8 @@ impl Pipeline {
                     }
                 }
                 self.attributor.attribute(&sample, &energy, &mut report);
+                report.energy_faults = energy.faults.clone();
+                report.energy_sample_interval_ns = energy.sample_interval_ns;
                 if report.estimated {
                     report.energy_model = self
                         .energy
@@ -223,10 +254,42 @@ impl Pipeline {
                         .unwrap_or_else(|| report.energy_source.clone());
                 }
             }
-            Err(e) => tracing::warn!("energy of window {}: {e}", report.seq),
+            Err(e) => {
+                // Reported once per outage, counted every window.
+                if self.energy_failing_windows == 0 {
+                    tracing::warn!(
+                        "energy of window {} and of the windows after it until it reads again: {e}",
+                        report.seq
+                    );
+                }
+                self.energy_failing_windows += 1;
+                let name = self.energy.name().to_string();
+                for fault in ["failed", crate::sources::energy::fault_name(&e)] {
+                    *report
+                        .energy_faults
+                        .entry(format!("{name}/{fault}"))
+                        .or_default() += 1;
+                }
+            }
         }
-        if let Err(e) = self.carbon.apply(&mut report) {
+        if let Err(e) = self
+            .carbon
+            .apply_with_host(&mut report, host_factors.as_ref())
+        {
             tracing::warn!("carbon of window {}: {e}", report.seq);
+        }
+        if let Some(publisher) = self.vm_publisher.as_mut() {
+            match publisher.publish(&report) {
+                Ok(shares) => self.last_vm_shares = shares,
+                Err(e) => {
+                    self.last_vm_shares.clear();
+                    tracing::warn!("VM energy of window {} not published: {e}", report.seq);
+                    *report
+                        .energy_faults
+                        .entry("vms/unpublished".to_string())
+                        .or_default() += 1;
+                }
+            }
         }
         let reported = match &self.ingest {
             Some(counters) => {
@@ -262,6 +325,11 @@ impl Pipeline {
         self.last_energy_warnings
     }
 
+    /// The VMs' parts of the last window (host role, `[vms]`).
+    pub fn last_vm_shares(&self) -> &[crate::sources::energy::hypervisor::VmShare] {
+        &self.last_vm_shares
+    }
+
     /// Name of the energy source in use.
     pub fn energy_source(&self) -> &str {
         self.energy.name()
@@ -277,6 +345,7 @@ impl Pipeline {
             sample.cpus,
         );
         report.datacenter = self.datacenter.clone();
+        report.supply = self.supply.clone();
         report.idle_cpu_ns = sample.idle_cpu_ns();
         report.busy_cpu_ns = sample.busy_cpu_ns();
         report.unattributed_cpu_ns = sample.unowned_busy_ns_per_cpu.iter().sum();

@@ -42,6 +42,30 @@ struct MeasurementSetup {
     metrics: Arc<MetricsRegistry>,
     /// (agent_instance, next_seq) from the spool, when there is one.
     resume: Option<(String, u64)>,
+    /// Where the previous run's last spooled window ended, when known.
+    previous_end_ns: Option<u64>,
+}
+
+/// Says how long nothing was measured between the previous run's last
+/// window and this run's first (the agent was not running), in the log and
+/// in `sci_agent_unmeasured_seconds_total`.
+fn report_gap(previous_end_ns: Option<u64>, first: &WindowReport, metrics: &MetricsRegistry) {
+    let Some(previous_end_ns) = previous_end_ns else {
+        return;
+    };
+    if first.start_unix_ns < previous_end_ns {
+        tracing::warn!(
+            "this run's first window starts {:.3} s before the previous run's last one ended (clock stepped back)",
+            (previous_end_ns - first.start_unix_ns) as f64 / 1e9
+        );
+        return;
+    }
+    let gap_s = (first.start_unix_ns - previous_end_ns) as f64 / 1e9;
+    metrics.observe_unmeasured(gap_s);
+    tracing::warn!(
+        "not measured: {gap_s:.3} s between the previous run's last window (ended at {previous_end_ns} ns) and this run's first (from {} ns): the agent was not running",
+        first.start_unix_ns
+    );
 }
 
 /// Opens the pipeline on its own thread (the profiler's symboliser is not
@@ -75,7 +99,8 @@ async fn spawn_measurement(
                 pipeline.resume(instance, next_seq);
             }
             let _ = ready_tx.send(Ok(()));
-            while !stop.load(Ordering::Relaxed) {
+            let mut first = true;
+            loop {
                 let mut wait = until_next_boundary(interval, SystemTime::now());
                 // Sleep in short steps so a stop request is seen quickly.
                 while wait > Duration::ZERO && !stop.load(Ordering::Relaxed) {
@@ -83,16 +108,27 @@ async fn spawn_measurement(
                     std::thread::sleep(step);
                     wait = wait.saturating_sub(step);
                 }
+                // On stop this closes the partial window up to the stop instant:
+                // it is measured, spooled and sent like any other.
+                let stopping = stop.load(Ordering::Relaxed);
                 match pipeline.next_window() {
                     Ok(window) => {
+                        if first {
+                            first = false;
+                            report_gap(setup.previous_end_ns, &window, &setup.metrics);
+                        }
                         setup
                             .metrics
                             .observe_energy_warnings(pipeline.last_energy_warnings());
                         if windows.blocking_send(window).is_err() {
+                            tracing::error!("window not spooled: the agent's main loop has ended");
                             return;
                         }
                     }
                     Err(e) => tracing::error!("window not measured: {e}"),
+                }
+                if stopping {
+                    return;
                 }
             }
         })
@@ -154,7 +190,11 @@ pub async fn run(
                 crate::sinks::spool::DEFAULT_MAX_MERGED_SPAN,
             );
             metrics.set_delivery(spool.delivery_stats(), config.aggregator.behind_after);
-            let resume = (spool.agent_instance().to_string(), spool.next_seq());
+            let resume = (
+                spool.agent_instance().to_string(),
+                spool.next_seq(),
+                spool.measured_through_ns(),
+            );
             if !spool.is_empty() {
                 tracing::info!("spool: {} windows from an earlier run to send", spool.len());
             }
@@ -190,7 +230,10 @@ pub async fn run(
         options: options.pipeline.clone(),
         counters,
         metrics: Arc::clone(&metrics),
-        resume: forwarding.as_ref().map(|(_, _, _, resume)| resume.clone()),
+        resume: forwarding
+            .as_ref()
+            .map(|(_, _, _, (instance, seq, _))| (instance.clone(), *seq)),
+        previous_end_ns: forwarding.as_ref().and_then(|(_, _, _, (_, _, end))| *end),
     };
     let measurement = spawn_measurement(setup, Arc::clone(&stop), tx).await?;
     tracing::info!(
@@ -199,9 +242,15 @@ pub async fn run(
     );
 
     tokio::pin!(shutdown);
+    let mut stopping = false;
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if !stopping => {
+                // The measurement thread closes the partial window and ends,
+                // which closes the channel: everything it measured comes through.
+                stopping = true;
+                stop.store(true, Ordering::Relaxed);
+            }
             window = rx.recv() => {
                 let Some(window) = window else { break };
                 metrics.observe(&window);
@@ -228,12 +277,29 @@ pub async fn run(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    drop(rx);
-    if let Some((_, _, task, _)) = forwarding {
+    let _ = tokio::task::spawn_blocking(move || measurement.join()).await;
+    if let Some((spool, _, task, _)) = forwarding {
+        deliver_before_exit(&spool, config.aggregator.shutdown_grace).await;
         task.abort();
     }
-    let _ = tokio::task::spawn_blocking(move || measurement.join()).await;
     Ok(())
+}
+
+/// Lets the forwarder deliver what is spooled for at most `grace`; what is
+/// left stays in the spool for the next run, and the log says how much.
+async fn deliver_before_exit(spool: &Mutex<Spool>, grace: Duration) {
+    let pending = || spool.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let deadline = tokio::time::Instant::now() + grace;
+    while pending() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match pending() {
+        0 => tracing::info!("stopped: every window delivered"),
+        n => tracing::warn!(
+            "stopped with {n} windows not yet acknowledged after {}: they stay in the spool and are sent by the next run",
+            agent_common::time_text::format_duration(grace)
+        ),
+    }
 }
 
 #[cfg(test)]

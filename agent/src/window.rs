@@ -142,6 +142,27 @@ pub struct DomainEnergy {
     pub energy_j: f64,
 }
 
+/// What the host is, as a resource supply (standard 7.4): hardware read
+/// once at start ([`crate::sources::host`]) and the operator's labels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceSupply {
+    /// `/proc/cpuinfo` "model name" (empty when unknown).
+    pub cpu_model: String,
+    /// `/proc/cpuinfo` "vendor_id", e.g. GenuineIntel, AuthenticAMD.
+    pub cpu_vendor: String,
+    /// The kernel's machine name, e.g. x86_64.
+    pub arch: String,
+    pub logical_cpus: u32,
+    /// MemTotal of `/proc/meminfo`.
+    pub memory_bytes: u64,
+    /// `bare_metal`, `vm`, or empty when unknown.
+    pub machine_kind: String,
+    /// Logical CPUs of the physical machine (0 when not known).
+    pub physical_host_cpus: u32,
+    /// Operator labels (`[host] labels`, `labels_file`).
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Embodied carbon factors of the host: M = TE x TiR/EL x RR/ToR.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EmbodiedFactors {
@@ -219,6 +240,14 @@ pub struct WindowReport {
     /// Transaction reports the ingest endpoint refused in this window, per reason.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ingest_refused: std::collections::BTreeMap<String, u64>,
+    /// What the energy sources could not measure in this window, per
+    /// `<source>/<fault>` (`sci_energy_faults_total`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub energy_faults: std::collections::BTreeMap<String, u64>,
+    /// Longest gap between two readings the window's energy integrates
+    /// (power samples of a BMC, or the counter reads at the window's ends).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub energy_sample_interval_ns: u64,
     pub processes: Vec<ProcessRecord>,
     /// Folded CPU stacks with their energy (empty when profiling is off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -236,6 +265,9 @@ pub struct WindowReport {
     /// spool merged old windows to stay within its bound).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub merged_windows: u32,
+    /// What the window ran on (the host's resource supply).
+    #[serde(default)]
+    pub supply: ResourceSupply,
 }
 
 fn is_zero_u64(v: &u64) -> bool {
@@ -259,13 +291,17 @@ fn is_one(v: &u32) -> bool {
 pub struct RequestCpuHistogram {
     pub scenario: String,
     pub service: String,
-    /// counts[i]: requests whose CPU time t in ns has i significant bits
-    /// (2^(i-1) <= t < 2^i; counts[0]: t = 0).
+    /// counts[i]: requests whose CPU time falls in bucket i of the
+    /// log-linear layout with `sub_bucket_bits` (`agent_common::request_cpu`).
     pub counts: Vec<u64>,
     /// Exact sum of those requests' CPU time.
     pub sum_cpu_ns: u64,
     /// Joules per CPU-ns of this service's time in this scenario in the window.
     pub energy_j_per_cpu_ns: f64,
+    /// Layout of `counts`: 2^sub_bucket_bits buckets per power of two (0:
+    /// log2, windows spooled by agents before issue 24).
+    #[serde(default)]
+    pub sub_bucket_bits: u32,
 }
 
 impl WindowReport {
@@ -311,12 +347,15 @@ impl WindowReport {
             scenarios: Vec::new(),
             business_units: 0.0,
             ingest_refused: Default::default(),
+            energy_faults: Default::default(),
+            energy_sample_interval_ns: 0,
             processes: Vec::new(),
             profile: Vec::new(),
             profile_stacks_trimmed: 0,
             profile_trimmed_energy_j: 0.0,
             request_cpu: Vec::new(),
             merged_windows: 1,
+            supply: ResourceSupply::default(),
         }
     }
 
@@ -360,6 +399,10 @@ impl WindowReport {
         for (reason, n) in &a.ingest_refused {
             *m.ingest_refused.entry(reason.clone()).or_default() += n;
         }
+        for (fault, n) in &a.energy_faults {
+            *m.energy_faults.entry(fault.clone()).or_default() += n;
+        }
+        m.energy_sample_interval_ns = a.energy_sample_interval_ns.max(b.energy_sample_interval_ns);
 
         let mut domains: BTreeMap<&str, f64> = BTreeMap::new();
         for d in a.domains.iter().chain(&b.domains) {
@@ -430,13 +473,16 @@ impl WindowReport {
         }
         m.profile = stacks.into_values().collect();
 
-        let mut requests: BTreeMap<(&str, &str), RequestCpuHistogram> = BTreeMap::new();
+        // Histograms of different layouts (a window spooled by an older
+        // agent) stay apart: the aggregator converts the coarser one.
+        let mut requests: BTreeMap<(&str, &str, u32), RequestCpuHistogram> = BTreeMap::new();
         for h in a.request_cpu.iter().chain(&b.request_cpu) {
             let e = requests
-                .entry((&h.scenario, &h.service))
+                .entry((&h.scenario, &h.service, h.sub_bucket_bits))
                 .or_insert_with(|| RequestCpuHistogram {
                     scenario: h.scenario.clone(),
                     service: h.service.clone(),
+                    sub_bucket_bits: h.sub_bucket_bits,
                     ..Default::default()
                 });
             // Joules per CPU-ns of the two, weighted by their CPU time.

@@ -13,7 +13,7 @@ use sci_proto::v1;
 
 use crate::window::{
     CpuSource, DomainEnergy, EmbodiedFactors, LossCounters, ProcessRecord, ProfileStack,
-    RequestCpuHistogram, ScenarioRecord, Text, ThreadRecord, WindowReport,
+    RequestCpuHistogram, ResourceSupply, ScenarioRecord, Text, ThreadRecord, WindowReport,
 };
 
 /// A wire window the document cannot hold.
@@ -98,7 +98,7 @@ impl<A: ToWire<B>, B> ToWire<Vec<B>> for Vec<A> {
     }
 }
 
-impl<V: Copy> ToWire<BTreeMap<String, V>> for BTreeMap<String, V> {
+impl<V: Clone> ToWire<BTreeMap<String, V>> for BTreeMap<String, V> {
     fn to_wire(&self) -> BTreeMap<String, V> {
         self.clone()
     }
@@ -137,7 +137,22 @@ macro_rules! always_present {
         }
     )*};
 }
-always_present!(LossCounters <-> LossCounters, EmbodiedFactors <-> EmbodiedFactors);
+always_present!(
+    LossCounters <-> LossCounters,
+    EmbodiedFactors <-> EmbodiedFactors,
+    ResourceSupply <-> ResourceSupply
+);
+
+wire_pair!(ResourceSupply <-> ResourceSupply {
+    cpu_model,
+    cpu_vendor,
+    arch,
+    logical_cpus,
+    memory_bytes,
+    machine_kind,
+    physical_host_cpus,
+    labels,
+});
 
 wire_pair!(LossCounters <-> LossCounters {
     proc_map_full_events,
@@ -208,6 +223,7 @@ wire_pair!(RequestCpuHistogram <-> RequestCpuHistogram {
     counts,
     sum_cpu_ns,
     energy_j_per_cpu_ns,
+    sub_bucket_bits,
 });
 
 wire_pair!(WindowReport <-> WindowReport {
@@ -243,12 +259,15 @@ wire_pair!(WindowReport <-> WindowReport {
     scenarios,
     business_units,
     ingest_refused,
+    energy_faults,
+    energy_sample_interval_ns,
     processes,
     profile,
     profile_stacks_trimmed,
     profile_trimmed_energy_j,
     request_cpu,
     merged_windows,
+    supply,
 });
 
 impl From<&WindowReport> for v1::WindowReport {
@@ -333,6 +352,8 @@ mod tests {
         }];
         w.business_units = 72.0;
         w.ingest_refused = BTreeMap::from([("unknown_scenario".to_string(), 2)]);
+        w.energy_faults = BTreeMap::from([("redfish/stale".to_string(), 3)]);
+        w.energy_sample_interval_ns = 5_000_000_000;
         w.processes = vec![ProcessRecord {
             pid: 101,
             ppid: 1,
@@ -371,8 +392,19 @@ mod tests {
             counts: vec![0, 1, 2],
             sum_cpu_ns: 16,
             energy_j_per_cpu_ns: 1e-9,
+            sub_bucket_bits: 4,
         }];
         w.merged_windows = 3;
+        w.supply = ResourceSupply {
+            cpu_model: "AMD EPYC 7B13".into(),
+            cpu_vendor: "AuthenticAMD".into(),
+            arch: "x86_64".into(),
+            logical_cpus: 2,
+            memory_bytes: 24 << 30,
+            machine_kind: "vm".into(),
+            physical_host_cpus: 64,
+            labels: BTreeMap::from([("pool".to_string(), "batch-a".to_string())]),
+        };
         w
     }
 

@@ -39,3 +39,22 @@ fn unknown_key_and_bad_duration_name_the_line() {
         .to_string();
     assert!(err.contains("line 2") && err.contains("soon"), "{err}");
 }
+
+#[test]
+fn a_shutdown_grace_past_the_service_managers_stop_timeout_is_refused() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+    let shipped = AgentConfig::load(&path).unwrap();
+    assert_eq!(shipped.aggregator.shutdown_grace, Duration::from_secs(10));
+    let err = AgentConfig::from_toml_str(
+        "[aggregator]\nurl = \"http://127.0.0.1:1\"\nshutdown_grace = \"2m\"\n",
+        Path::new("c.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("c.toml")
+            && err.contains("aggregator.shutdown_grace")
+            && err.contains("at most 1m 20s"),
+        "{err}"
+    );
+}

@@ -6,6 +6,8 @@ use sci_agent::sources::energy::{
 };
 use std::sync::Arc;
 
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use sci_agent::sources::sched::proc_info::ProcInfo;
 use sci_agent::sources::sched::{CpuSample, ProcessCpu};
 use sci_agent::transforms::attribution::{conservation_holds, Attributor};
@@ -79,6 +81,7 @@ fn domain(
         energy_j,
         counts_toward_host: counted,
         idle_power_w: None,
+        known_idle_j: None,
     }
 }
 
@@ -89,6 +92,9 @@ fn rapl(domains: Vec<DomainReading>) -> WindowEnergy {
         duration_ns: S,
         domains,
         warnings: vec![],
+        faults: Default::default(),
+        sample_interval_ns: S,
+        host_factors: None,
     }
 }
 
@@ -368,13 +374,8 @@ fn learned_baseline_from_low_utilisation_windows() {
 /// Deterministic pseudo-random windows: conservation is asserted on every one.
 #[test]
 fn conservation_every_window() {
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move |bound: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % bound.max(1)
-    };
+    let mut rng = SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+    let mut next = move |bound: u64| rng.random_range(0..bound.max(1));
     for idle_cfg in [None, Some(35.0)] {
         let mut a = Attributor::with_idle_power(idle_cfg);
         for window in 0..500 {

@@ -24,7 +24,11 @@ fn report(start_s: u64, duration_ns: u64) -> WindowReport {
 #[test]
 fn worked_sci_example_embodied() {
     // TE = 1000 kg, EL = 4 years, TiR = 1 h, RR/ToR = 1: 1000e3 g / (4 * 8760) = 28.54 g.
-    let t = CarbonTransform::from_config(&CarbonConfig::default()).unwrap();
+    let t = CarbonTransform::from_config(&CarbonConfig {
+        host_kind: sci_agent::transforms::carbon::HostKind::BareMetal,
+        ..CarbonConfig::default()
+    })
+    .unwrap();
     let mut r = report(T0, HOUR_NS);
     t.apply(&mut r).unwrap();
     assert!(

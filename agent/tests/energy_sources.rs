@@ -61,6 +61,60 @@ fn topology(root: &Path, packages: &[u32]) {
 
 const MAX_UJ: u64 = 262_143_328_850;
 
+/// Rewrites powercap `energy_uj` files from this process's CPU time (20 W
+/// per busy CPU) every millisecond until dropped: counters that move with
+/// the real load, as RAPL's do, for the start-up probe.
+struct LiveZones {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LiveZones {
+    fn start(root: &Path, ids: &[&str]) -> LiveZones {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let files: Vec<PathBuf> = ids
+            .iter()
+            .map(|id| root.join("class/powercap").join(id).join("energy_uj"))
+            .collect();
+        let flag = Arc::clone(&stop);
+        let writer = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let uj = (process_cpu_s() * 20e6) as u64 + 1_000_000;
+                for f in &files {
+                    // Whole values only, as sysfs gives them (a plain write
+                    // truncates first, and a reader could see an empty file).
+                    let tmp = f.with_extension("tmp");
+                    if fs::write(&tmp, format!("{uj}\n")).is_ok() {
+                        let _ = fs::rename(&tmp, f);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        LiveZones {
+            stop,
+            writer: Some(writer),
+        }
+    }
+}
+
+impl Drop for LiveZones {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Every CPU of a `cpus`-CPU sample busy for the whole window.
+fn busy_sample(duration_ns: u64, cpus: u32) -> CpuSample {
+    let mut s = sample(duration_ns, cpus);
+    s.idle_ns_per_cpu = vec![0; cpus as usize];
+    s.unowned_busy_ns_per_cpu = vec![duration_ns; cpus as usize];
+    s
+}
+
 /// Two packages, each with core and dram sub-zones, plus a psys zone.
 fn two_package_tree(root: &Path) {
     topology(root, &[0, 0, 1, 1]);
@@ -378,6 +432,9 @@ fn powercap_absurd_values_rejected_with_reason() {
 struct FakeCounters {
     /// (config, cpu) -> current count; absent = read error.
     values: Arc<Mutex<HashMap<(u64, u32), u64>>>,
+    /// (config, cpu) -> counts per second of this process's CPU time: a
+    /// counter that moves with the real load (the start-up probe's threads).
+    live: Arc<Mutex<HashMap<(u64, u32), f64>>>,
     opened: Arc<Mutex<Vec<(u32, u64, u32)>>>,
     refuse_config: Option<u64>,
 }
@@ -385,10 +442,28 @@ struct FakeCounters {
 struct FakeCounter {
     key: (u64, u32),
     values: Arc<Mutex<HashMap<(u64, u32), u64>>>,
+    live: Arc<Mutex<HashMap<(u64, u32), f64>>>,
+}
+
+/// CPU time this process has used (every thread), in seconds.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid, writable timespec for the call.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) },
+        0
+    );
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 impl EnergyCounter for FakeCounter {
     fn read_count(&mut self) -> Result<u64, EnergyError> {
+        if let Some(rate) = self.live.lock().unwrap().get(&self.key) {
+            return Ok((process_cpu_s() * rate) as u64);
+        }
         self.values
             .lock()
             .unwrap()
@@ -420,6 +495,7 @@ impl PerfCounterOpener for FakeCounters {
         Ok(Box::new(FakeCounter {
             key: (config, cpu),
             values: Arc::clone(&self.values),
+            live: Arc::clone(&self.live),
         }))
     }
 }
@@ -559,8 +635,14 @@ fn selection_prefers_perf_then_powercap_then_model() {
     two_package_tree(root);
     power_pmu_tree(root);
     let fake = FakeCounters::default();
-    for key in [(2, 0), (2, 2), (3, 0), (3, 2)] {
-        fake.values.lock().unwrap().insert(key, 0);
+    // 20 W per busy CPU on the packages (2^-32 J counts), 5 W on dram (2^-16 J).
+    for (key, rate) in [
+        ((2, 0), 20.0 * 2f64.powi(32)),
+        ((2, 2), 20.0 * 2f64.powi(32)),
+        ((3, 0), 5.0 / RAM_SCALE),
+        ((3, 2), 5.0 / RAM_SCALE),
+    ] {
+        fake.live.lock().unwrap().insert(key, rate);
     }
     let (src, warnings) = select_energy_source_with(&cfg(root), 4, Box::new(fake));
     assert_eq!((src.name(), src.estimated()), ("rapl-perf", false));
@@ -571,7 +653,20 @@ fn selection_prefers_perf_then_powercap_then_model() {
         refuse_config: Some(2),
         ..Default::default()
     };
+    let live = LiveZones::start(
+        root,
+        &[
+            "intel-rapl:0",
+            "intel-rapl:0:0",
+            "intel-rapl:0:1",
+            "intel-rapl:1",
+            "intel-rapl:1:0",
+            "intel-rapl:1:1",
+            "intel-rapl:2",
+        ],
+    );
     let (src, warnings) = select_energy_source_with(&cfg(root), 4, Box::new(refusing));
+    drop(live);
     assert_eq!(src.name(), "rapl-powercap");
     assert!(
         warnings
@@ -609,14 +704,24 @@ fn rapl_failure_falls_back_to_the_model_for_that_window() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     zone(root, "intel-rapl:0", "package-0", 1_000_000, MAX_UJ);
+    let live = LiveZones::start(root, &["intel-rapl:0"]);
     let (mut src, warnings) =
         select_energy_source_with(&cfg(root), 2, Box::new(FakeCounters::default()));
+    drop(live);
     assert_eq!(src.name(), "rapl-powercap");
     assert!(
         warnings.iter().any(|w| w.contains("perf PMU not used")),
         "{warnings:?}"
     );
-    set_energy(root, "intel-rapl:0", 4_000_000);
+    // The windows go on from where the probe left the counter.
+    let base: u64 = fs::read_to_string(root.join("class/powercap/intel-rapl:0/energy_uj"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    assert_eq!(e.source, "rapl-powercap");
+    set_energy(root, "intel-rapl:0", base + 3_000_000);
     let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
     assert_eq!(
         (e.source.as_str(), e.estimated, e.host_energy_j()),
@@ -634,10 +739,168 @@ fn rapl_failure_falls_back_to_the_model_for_that_window() {
     assert!(
         e.warnings
             .iter()
-            .any(|w| w.contains("rapl-powercap failed this window") && w.contains("\"garbage\"")),
+            .any(|w| w.contains("rapl-powercap stopped reading") && w.contains("\"garbage\"")),
         "{:?}",
         e.warnings
     );
+    assert_eq!(e.faults.get("rapl-powercap/failed"), Some(&1));
+    // Said once: the next failing windows only count.
+    for _ in 0..5 {
+        let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+        assert!(e.estimated);
+        assert!(
+            !e.warnings.iter().any(|w| w.contains("stopped reading")),
+            "{:?}",
+            e.warnings
+        );
+        assert_eq!(e.faults.get("rapl-powercap/failed"), Some(&1));
+        assert_eq!(e.faults.get("rapl-powercap/no_domain_read"), Some(&1));
+    }
+    // It reads again: re-based first (left out), then measured, said once.
+    set_energy(root, "intel-rapl:0", 5_000_000);
+    let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    assert!(e.estimated, "the re-basing window has no counted domain");
+    set_energy(root, "intel-rapl:0", 7_000_000);
+    let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    assert_eq!(
+        (e.source.as_str(), e.host_energy_j()),
+        ("rapl-powercap", 2.0)
+    );
+    assert!(
+        e.warnings
+            .iter()
+            .any(|w| w.contains("reads again after 7 window(s)")),
+        "{:?}",
+        e.warnings
+    );
+    assert!(e.faults.is_empty(), "{:?}", e.faults);
+}
+
+/// The Intel VM: a perf `power` PMU whose only event, `energy-psys`,
+/// reads 0. The start-up probe keeps every CPU busy and sees the counter
+/// not move: the source is refused once, with the reason, and the next one
+/// (here the model) is chosen. Before the probe the agent announced
+/// `rapl-perf` and then failed every window with an empty reason.
+#[test]
+fn a_power_pmu_whose_only_counter_reads_zero_is_refused_at_start_up() {
+    for host_domains in [HostDomains::Packages, HostDomains::Psys] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let pmu = root.join("bus/event_source/devices/power");
+        write(&pmu.join("type"), "23\n");
+        write(&pmu.join("cpumask"), "0\n");
+        write(&pmu.join("events/energy-psys"), "event=0x05\n");
+        write(
+            &pmu.join("events/energy-psys.scale"),
+            &format!("{PKG_SCALE_TEXT}\n"),
+        );
+        write(&pmu.join("events/energy-psys.unit"), "Joules\n");
+        let fake = FakeCounters::default();
+        fake.values.lock().unwrap().insert((5, 0), 0);
+        let mut c = cfg(root);
+        c.host_domains = host_domains;
+        let started = std::time::Instant::now();
+        let (mut src, warnings) = select_energy_source_with(&c, 2, Box::new(fake));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(c.probe_ms));
+        assert_eq!((src.name(), src.estimated()), ("model-linear", true));
+        let refused = warnings
+            .iter()
+            .find(|w| w.contains("RAPL perf PMU refused by the start-up probe"))
+            .unwrap_or_else(|| panic!("{host_domains:?}: {warnings:?}"));
+        // Counted (psys) it did not move; with the packages counted, a psys
+        // counter alone leaves nothing that counts toward the host.
+        let why = match host_domains {
+            HostDomains::Psys => "did not move",
+            HostDomains::Packages => "energy.host_domains = packages",
+        };
+        assert!(
+            refused.contains("psys") && refused.contains(why),
+            "{refused}"
+        );
+        assert!(
+            !refused.contains(": )") && !refused.contains("()"),
+            "{refused}"
+        );
+        // Windows under load: the model, with no warning per window.
+        for _ in 0..3 {
+            let e = src.window_energy(&busy_sample(1_000_000_000, 2)).unwrap();
+            assert!(e.warnings.is_empty() && e.faults.is_empty(), "{e:?}");
+            // 2 vCPUs at 100 %: 2 x 3.5 W for 1 s.
+            assert!((e.host_energy_j() - 7.0).abs() < 1e-9);
+        }
+    }
+}
+
+/// A counter that stops after start-up, while its CPUs are busy, is not a
+/// 0 W host: the domain is left out (counted as `stuck`), and with no other
+/// counted domain the window is estimated and the outage is said once.
+#[test]
+fn a_counter_stuck_under_load_is_not_a_zero_watt_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    zone(root, "intel-rapl:0", "package-0", 1_000_000, MAX_UJ);
+    zone(root, "intel-rapl:0:1", "dram", 500_000, MAX_UJ);
+    let live = LiveZones::start(root, &["intel-rapl:0", "intel-rapl:0:1"]);
+    let (mut src, warnings) =
+        select_energy_source_with(&cfg(root), 2, Box::new(FakeCounters::default()));
+    drop(live);
+    assert_eq!(src.name(), "rapl-powercap", "{warnings:?}");
+    set_energy(root, "intel-rapl:0", 1_000_000);
+    set_energy(root, "intel-rapl:0:1", 500_000);
+    let _ = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    // The package stops, the dram still counts: the package is left out.
+    set_energy(root, "intel-rapl:0:1", 1_500_000);
+    let e = src.window_energy(&busy_sample(1_000_000_000, 2)).unwrap();
+    assert_eq!(domain_j(&e, "package-0"), None);
+    assert_eq!((e.estimated, e.host_energy_j()), (false, 1.0));
+    assert_eq!(e.faults.get("rapl-powercap/stuck"), Some(&1));
+    assert!(
+        e.warnings
+            .iter()
+            .any(|w| w.contains("package-0 left out") && w.contains("did not move")),
+        "{:?}",
+        e.warnings
+    );
+    // An idle window may read 0 J on a counter that did not tick: not stuck.
+    let e = src.window_energy(&sample(1_000_000_000, 2)).unwrap();
+    assert_eq!(domain_j(&e, "package-0"), Some(0.0));
+    assert!(e.faults.is_empty(), "{:?}", e.faults);
+    // Both stop under load: estimated, said once, counted every window.
+    let mut said = 0;
+    for _ in 0..4 {
+        let e = src.window_energy(&busy_sample(1_000_000_000, 2)).unwrap();
+        assert_eq!((e.source.as_str(), e.estimated), ("model-linear", true));
+        assert_eq!(e.faults.get("rapl-powercap/failed"), Some(&1));
+        assert_eq!(e.faults.get("rapl-powercap/no_domain_read"), Some(&1));
+        said += e
+            .warnings
+            .iter()
+            .filter(|w| w.contains("stopped reading") && w.contains("did not move"))
+            .count();
+    }
+    assert_eq!(said, 1);
+}
+
+/// A domain that does not move during the probe is disabled with its reason;
+/// the source stays when a counted domain moved.
+#[test]
+fn the_probe_disables_a_domain_that_does_not_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    zone(root, "intel-rapl:0", "package-0", 1_000_000, MAX_UJ);
+    zone(root, "intel-rapl:0:1", "dram", 500_000, MAX_UJ);
+    let live = LiveZones::start(root, &["intel-rapl:0"]);
+    let (src, warnings) =
+        select_energy_source_with(&cfg(root), 2, Box::new(FakeCounters::default()));
+    drop(live);
+    assert_eq!(src.name(), "rapl-powercap");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("domain package-0/dram disabled") && w.contains("did not move")),
+        "{warnings:?}"
+    );
+    assert_eq!(src.domain_names(), ["package-0"]);
 }
 
 #[test]
@@ -694,6 +957,8 @@ fn energy_warnings_of_a_window_reach_the_metric() {
     let config = AgentConfig {
         energy: EnergyConfig {
             source: "powercap".into(),
+            // Static files do not move: this test is about the metric.
+            probe_ms: 0,
             ..cfg(root)
         },
         ..AgentConfig::default()
@@ -720,4 +985,58 @@ fn energy_warnings_of_a_window_reach_the_metric() {
         .parse()
         .unwrap();
     assert_eq!(total, (first + second) as f64);
+}
+
+/// A source that stops reading after start-up: every window it misses is
+/// counted in the window (`energy_faults`) and in `sci_energy_faults_total`,
+/// and the windows say they were estimated.
+#[test]
+fn a_failing_source_is_counted_per_window_in_the_faults_metric() {
+    use sci_agent::config::AgentConfig;
+    use sci_agent::pipeline::{Pipeline, PipelineOptions};
+    use sci_agent::sinks::metrics::MetricsRegistry;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    zone(root, "intel-rapl:0", "package-0", 1_000_000, MAX_UJ);
+    let config = AgentConfig {
+        energy: EnergyConfig {
+            source: "powercap".into(),
+            probe_ms: 0,
+            ..cfg(root)
+        },
+        ..AgentConfig::default()
+    };
+    let options = PipelineOptions {
+        force_procfs: true,
+        marker_libraries: Vec::new(),
+    };
+    let (mut pipeline, _) = Pipeline::open(&config, &options).unwrap();
+    let metrics = MetricsRegistry::new();
+    set_energy(root, "intel-rapl:0", 2_000_000);
+    let w = pipeline.next_window().unwrap();
+    assert_eq!(
+        (w.energy_source.as_str(), w.estimated),
+        ("rapl-powercap", false)
+    );
+    assert!(w.energy_faults.is_empty(), "{:?}", w.energy_faults);
+    assert!(w.energy_sample_interval_ns > 0);
+    metrics.observe(&w);
+    fs::write(root.join("class/powercap/intel-rapl:0/energy_uj"), "x\n").unwrap();
+    for _ in 0..3 {
+        let w = pipeline.next_window().unwrap();
+        assert!(w.estimated && w.energy_source.starts_with("model"), "{w:?}");
+        assert_eq!(w.energy_faults.get("rapl-powercap/failed"), Some(&1));
+        metrics.observe(&w);
+    }
+    let rendered = metrics.render();
+    let failed = rendered
+        .lines()
+        .find(|l| {
+            l.starts_with("sci_energy_faults_total{")
+                && l.contains("source=\"rapl-powercap\"")
+                && l.contains("fault=\"failed\"")
+        })
+        .unwrap_or_else(|| panic!("no failed series in\n{rendered}"));
+    assert!(failed.ends_with(" 3"), "{failed}");
 }

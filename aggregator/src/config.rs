@@ -188,6 +188,10 @@ pub struct AggregatorConfig {
     /// Readers of the HTTP side; none: it only serves on a loopback address.
     pub http_tokens: Vec<HttpToken>,
     pub limits: LimitsConfig,
+    /// Deferrable jobs and intensity files for time shifting (#27).
+    pub scheduling: crate::plan::shifting::SchedulingConfig,
+    /// Prometheus remote-write of the rollups (off when absent).
+    pub remote_write: Option<crate::export::remote_write::RemoteWriteConfig>,
 }
 
 impl Default for AggregatorConfig {
@@ -224,6 +228,8 @@ impl Default for AggregatorConfig {
             shutdown_grace: Duration::from_secs(10),
             http_tokens: Vec::new(),
             limits: LimitsConfig::default(),
+            scheduling: Default::default(),
+            remote_write: None,
         }
     }
 }
@@ -443,6 +449,15 @@ impl AggregatorConfig {
                 )));
             }
         }
+        if let Some(rw) = &self.remote_write {
+            rw.validate().map_err(err)?;
+            crate::export::remote_write::state_path(
+                rw,
+                &self.database,
+                self.postgres_url.is_some(),
+            )
+            .map_err(err)?;
+        }
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_address == 0 {
             return Err(err("limits.max_connections* must be > 0".into()));
@@ -468,6 +483,7 @@ impl AggregatorConfig {
         if l.max_message_bytes < 1024 || l.max_metadata_bytes < 1024 {
             return Err(err("limits.max_*_bytes must be at least 1024".into()));
         }
+        self.scheduling.validate().map_err(err)?;
         Ok(())
     }
 }

@@ -146,7 +146,7 @@ fn scenarios_table(e: &Evaluation) -> Markup {
                     td { (energy_j(s.total_energy_j)) }
                     td { (mass_g(s.carbon_g)) }
                     td { (mass_g(s.embodied_g)) }
-                    td { (s.g_per_transaction.map_or("–".into(), mass_g)) }
+                    td { (s.per_transaction_text()) }
                     td { (fmt_opt(s.measured_weight)) }
                     td { @if s.standard_weight > 0.0 { (sig4(s.standard_weight)) } @else { "–" } }
                     td { (fmt_opt(gap)) }

@@ -477,12 +477,22 @@ pub fn hot_functions(input: &HotspotInput, options: &HotspotOptions) -> Vec<Hots
                         ("carbon_g", f.energy_j * g_per_j),
                     ],
                 ),
-                recommendation: format!(
-                    "optimise function {}: {} of {service}'s {scenario} energy ({})",
-                    f.function,
-                    percent(share),
-                    figures::energy_j(f.energy_j)
-                ),
+                recommendation: if f.function.starts_with("kernel time") {
+                    format!(
+                        "{}: {} of {service}'s {scenario} energy ({}); the kernel works on the \
+                         service's behalf: make fewer or larger calls, not a kernel change",
+                        f.function,
+                        percent(share),
+                        figures::energy_j(f.energy_j)
+                    )
+                } else {
+                    format!(
+                        "optimise function {}: {} of {service}'s {scenario} energy ({})",
+                        f.function,
+                        percent(share),
+                        figures::energy_j(f.energy_j)
+                    )
+                },
             });
         }
     }
@@ -864,6 +874,25 @@ mod tests {
         assert!(hot[0].recommendation.starts_with(
             "optimise function risk_score: 66.67% of loan-api's credit energy (120.0 kJ)"
         ));
+    }
+
+    /// Kernel time is reported as such, never as a function to optimise.
+    #[test]
+    fn kernel_time_is_not_a_function_to_optimise() {
+        let mut input = recorded();
+        input.functions[0].function = "kernel time in sendto()".into();
+        let hot = hot_functions(&input, &HotspotOptions::default());
+        assert_eq!(hot[0].subject, "loan-api/credit/kernel time in sendto()");
+        assert!(
+            hot[0].recommendation.starts_with(
+                "kernel time in sendto(): 66.67% of loan-api's credit energy (120.0 kJ); the kernel works"
+            ),
+            "{}",
+            hot[0].recommendation
+        );
+        assert!(hot
+            .iter()
+            .all(|h| !h.recommendation.contains("optimise function kernel")));
     }
 
     #[test]

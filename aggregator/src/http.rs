@@ -8,7 +8,12 @@
 //! profile_service=&profile_scenario=&target_utilisation=&seed=]&format=
 //! json|md|html|svg`, `GET /dashboard/compare?...` (the HTML review) and
 //! `GET /api/v1/distributions?from=&to=[&service=]` (per-request CPU and
-//! energy p50/p90/p99 per service and scenario).
+//! energy p50/p90/p99 per service and scenario), `GET /api/v1/services?
+//! from=&to=[&datacenter=]` (carbon, energy, CPU, hosts and transactions per
+//! service and scenario). Times are unix seconds or RFC 3339, periods
+//! seconds or a duration, and `datacenter=` narrows the evaluation to one
+//! data centre; an unknown parameter is refused with its name
+//! ([`crate::params`]).
 //!
 //! Every query reads rollups on the store's read connections, never the
 //! ingest's. At most `max_concurrent_queries` expensive queries run at once
@@ -16,6 +21,7 @@
 //! past it). /metrics reads counters kept at ingest and an evaluation of
 //! the last 24 h refreshed in the background, never a query per scrape.
 use agent_common::prometheus_text::{self, Family};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,7 +37,7 @@ use crate::config::AggregatorConfig;
 use crate::error::AggregatorError;
 use crate::hotspots::HotspotOptions;
 use crate::ingest::{IngestCounters, SharedStore};
-use crate::sci::{evaluate_store, Evaluation};
+use crate::sci::{evaluate, Evaluation, EvaluationInput};
 use crate::store::Range;
 
 #[derive(Clone)]
@@ -43,6 +49,10 @@ pub struct HttpState {
     pub queries: Arc<Semaphore>,
     /// The last 24 h, refreshed in the background for /metrics.
     pub recent: Arc<Mutex<Option<Evaluation>>>,
+    /// The same per data centre.
+    pub recent_by_datacenter: Arc<Mutex<BTreeMap<String, Evaluation>>>,
+    /// The remote-write exporter's counters.
+    pub remote_write: Arc<crate::export::remote_write::RemoteWriteStats>,
 }
 
 impl HttpState {
@@ -54,6 +64,8 @@ impl HttpState {
         HttpState {
             queries: Arc::new(Semaphore::new(config.max_concurrent_queries)),
             recent: Arc::new(Mutex::new(None)),
+            recent_by_datacenter: Arc::new(Mutex::new(BTreeMap::new())),
+            remote_write: Default::default(),
             store,
             config,
             counters,
@@ -61,14 +73,20 @@ impl HttpState {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RangeQuery {
-    /// Unix seconds (default: 24 h before `to`).
+    /// Unix seconds or RFC 3339 (default: 24 h before `to`).
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub from: Option<u64>,
-    /// Unix seconds (default: now).
+    /// Unix seconds or RFC 3339 (default: now).
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub to: Option<u64>,
-    /// Period length in seconds (default: the configured period).
+    /// Period length, seconds or a duration (default: the configured period).
+    #[serde(default, deserialize_with = "crate::params::period")]
     pub period: Option<u64>,
+    /// One data centre's figures (default: the whole fleet).
+    pub datacenter: Option<String>,
     /// Report format: md (default) or html.
     pub format: Option<String>,
 }
@@ -97,8 +115,7 @@ fn range_from_to(state: &HttpState, from: Option<u64>, to: Option<u64>) -> Resul
         &RangeQuery {
             from,
             to,
-            period: None,
-            format: None,
+            ..Default::default()
         },
     )
 }
@@ -125,16 +142,23 @@ pub fn range_of(state: &HttpState, q: &RangeQuery) -> Result<Range, Failure> {
     Range::new(from, to, period, &state.store.layout()).map_err(|m| (StatusCode::BAD_REQUEST, m))
 }
 
-/// Evaluates a range from the store's rollups.
+/// Evaluates a range from the store's rollups, of one data centre when the
+/// query names one (404 when the store has never heard of it).
 pub fn evaluate_range(state: &HttpState, q: &RangeQuery) -> Result<Evaluation, Failure> {
     let range = range_of(state, q)?;
-    evaluate_store(
-        state.store.as_ref(),
+    let mut input = EvaluationInput::read(state.store.as_ref(), &range).map_err(store_failure)?;
+    if let Some(dc) = &q.datacenter {
+        input
+            .only_datacenter(dc)
+            .map_err(|m| (StatusCode::NOT_FOUND, m))?;
+    }
+    Ok(evaluate(
+        &input,
         &range,
+        range.host_range(&state.store.layout()),
         &state.config.weights,
         state.config.min_coverage,
-    )
-    .map_err(store_failure)
+    ))
 }
 
 fn hotspot_options(state: &HttpState) -> HotspotOptions {
@@ -155,7 +179,7 @@ fn busy() -> Response {
 
 /// Runs an expensive query: a permit (else 503 + Retry-After), a blocking
 /// thread, the query timeout (503 past it; the store cancels the query).
-async fn bounded<F>(state: &HttpState, work: F) -> Response
+pub async fn bounded<F>(state: &HttpState, work: F) -> Response
 where
     F: FnOnce() -> Result<Response, Failure> + Send + 'static,
 {
@@ -227,6 +251,12 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
 async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
     let s = state.clone();
     bounded(&state, move || {
+        if q.datacenter.is_some() {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "datacenter: hotspots are ranked across the fleet; this filter is not supported here".into(),
+            ));
+        }
         let range = range_of(&s, &q)?;
         let e = evaluate_range(&s, &q)?;
         let found = crate::views::hotspots(s.store.as_ref(), &range, &e, &hotspot_options(&s))
@@ -237,8 +267,11 @@ async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProfileQuery {
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub from: Option<u64>,
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub to: Option<u64>,
     pub service: Option<String>,
     pub scenario: Option<String>,
@@ -298,13 +331,19 @@ async fn sci(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Res
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CompareQuery {
     /// Default: as long as the candidate range, just before it.
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub baseline_from: Option<u64>,
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub baseline_to: Option<u64>,
     /// Default: the last 24 h.
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub candidate_from: Option<u64>,
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub candidate_to: Option<u64>,
+    #[serde(default, deserialize_with = "crate::params::period")]
     pub period: Option<u64>,
     pub scope: Option<String>,
     pub datacenter: Option<String>,
@@ -330,7 +369,7 @@ fn review_request(
                 from: Some(from),
                 to: Some(to),
                 period: q.period,
-                format: None,
+                ..Default::default()
             },
         )
     };
@@ -440,9 +479,30 @@ async fn compare_page(
     compare(State(state), Query(q)).await
 }
 
+async fn services(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        if q.format.is_some() {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "format: /api/v1/services answers JSON only".into(),
+            ));
+        }
+        let range = range_of(&s, &q)?;
+        let view =
+            crate::services::services_view(s.store.as_ref(), &range, q.datacenter.as_deref())
+                .map_err(store_failure)?;
+        Ok(Json(view).into_response())
+    })
+    .await
+}
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DistributionQuery {
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub from: Option<u64>,
+    #[serde(default, deserialize_with = "crate::params::time")]
     pub to: Option<u64>,
     pub service: Option<String>,
 }
@@ -454,7 +514,7 @@ async fn distributions(
     let s = state.clone();
     bounded(&state, move || {
         let range = range_from_to(&s, q.from, q.to)?;
-        let rows = s.store.request_cpu(&range).map_err(store_failure)?;
+        let rows = s.store.request_cpu(&range, None).map_err(store_failure)?;
         let found: Vec<crate::review::distribution::Distribution> = rows
             .iter()
             .filter(|r| q.service.as_deref().is_none_or(|x| x == r.service))
@@ -471,19 +531,30 @@ pub async fn refresh_recent(state: HttpState, every: Duration) {
     loop {
         let s = state.clone();
         let evaluated = tokio::task::spawn_blocking(move || {
-            evaluate_range(
-                &s,
-                &RangeQuery {
-                    from: None,
-                    to: None,
-                    period: None,
-                    format: None,
-                },
-            )
+            let fleet = evaluate_range(&s, &RangeQuery::default())?;
+            let datacenters: BTreeSet<String> = fleet
+                .disclosure
+                .iter()
+                .map(|d| d.datacenter.clone())
+                .collect();
+            let mut by_dc = BTreeMap::new();
+            for dc in datacenters {
+                let q = RangeQuery {
+                    from: Some(fleet.from_unix_s),
+                    to: Some(fleet.to_unix_s),
+                    datacenter: Some(dc.clone()),
+                    ..Default::default()
+                };
+                by_dc.insert(dc, evaluate_range(&s, &q)?);
+            }
+            Ok::<_, Failure>((fleet, by_dc))
         })
         .await;
         match evaluated {
-            Ok(Ok(e)) => *lock(&state.recent) = Some(e),
+            Ok(Ok((e, by_dc))) => {
+                *lock(&state.recent) = Some(e);
+                *lock(&state.recent_by_datacenter) = by_dc;
+            }
             Ok(Err((_, message))) => tracing::warn!("refreshing the 24 h evaluation: {message}"),
             Err(e) => tracing::warn!("refreshing the 24 h evaluation: {e}"),
         }
@@ -529,6 +600,28 @@ pub fn render_metrics(state: &HttpState) -> String {
         }
         out.push(per_txn);
         out.push(measured);
+    }
+    let by_dc = lock(&state.recent_by_datacenter).clone();
+    if !by_dc.is_empty() {
+        let mut sci = Family::gauge(
+            "sci_datacenter_sci_g_per_unit",
+            "SCI_CF of each data centre over the last 24 h, gCO2e per business unit (mean of periods, and pooled).",
+        );
+        let mut coverage = Family::gauge(
+            "sci_datacenter_periods_in_mean",
+            "Periods of the last 24 h in each data centre's SCI_CF (defined and covered).",
+        );
+        for (dc, e) in &by_dc {
+            if let Some(v) = e.sci_cf_mean {
+                sci.push(&[("datacenter", dc), ("method", "mean")], v);
+            }
+            if let Some(v) = e.sci_cf_pooled {
+                sci.push(&[("datacenter", dc), ("method", "pooled")], v);
+            }
+            coverage.push(&[("datacenter", dc)], e.periods_in_mean as f64);
+        }
+        out.push(sci);
+        out.push(coverage);
     }
     let c = lock(&state.counters);
     out.push(
@@ -594,6 +687,8 @@ pub fn render_metrics(state: &HttpState) -> String {
         .single(c.decode_errors as f64),
     );
     c.limit_families(&mut out);
+    crate::plan::http::metric_families(&c.plan_requests_refused, c.plans_stored, &mut out);
+    state.remote_write.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",
         "End of the last window accepted from each host (unix seconds).",
@@ -630,10 +725,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/profile", get(profile))
         .route("/api/v1/compare", get(compare))
         .route("/api/v1/distributions", get(distributions))
+        .route("/api/v1/services", get(services))
         .route("/dashboard/compare", get(compare_page))
         .route("/dashboard", get(dashboard))
         .route("/report", get(report))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .merge(crate::plan::http::routes())
         .with_state(state)
 }

@@ -57,6 +57,10 @@ pub struct IngestCounters {
     pub stacks_shortened: u64,
     /// Profile stacks trimmed from windows over max_stacks_per_window.
     pub stacks_trimmed: u64,
+    /// Plan and supply requests refused for a wrong parameter, per endpoint (#27).
+    pub plan_requests_refused: BTreeMap<String, u64>,
+    /// Plans stored since start.
+    pub plans_stored: u64,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }

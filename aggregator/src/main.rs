@@ -90,6 +90,18 @@ enum Command {
         #[arg(long, default_value = "md")]
         format: String,
     },
+    /// Backfill: send the rollups of FROM..TO to the [remote_write]
+    /// endpoint (the same state file as `serve`, which goes on from TO).
+    RemoteWrite {
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the export begins when it has no state yet (unix seconds or RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Stop once the steps before TO are sent (default: now less the delay).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 fn parse_range(text: &str, what: &str) -> Result<(u64, u64)> {
@@ -114,7 +126,15 @@ fn config_with_db(
         None => AggregatorConfig::default(),
     };
     match db {
-        Some(db) => cfg.database = db,
+        Some(db) => {
+            // The store's rollup steps were fixed when it was created: read
+            // them from it rather than refuse it for differing from defaults.
+            if let Some(layout) = sci_aggregator::store::sqlite::SqliteStore::stored_layout(&db)? {
+                cfg.rollup_step = Some(std::time::Duration::from_secs(layout.step_s));
+                cfg.host_rollup_step = std::time::Duration::from_secs(layout.host_step_s);
+            }
+            cfg.database = db;
+        }
         None if config.is_none() => bail!("give --config or --db"),
         None => {}
     }
@@ -160,6 +180,50 @@ fn run() -> Result<()> {
                     }
                 };
                 sci_aggregator::server::serve(config, insecure, shutdown).await
+            })?;
+            Ok(())
+        }
+        Command::RemoteWrite { config, from, to } => {
+            let cfg = AggregatorConfig::load(&config)?;
+            let rw = cfg
+                .remote_write
+                .clone()
+                .with_context(|| format!("{}: no [remote_write] section", config.display()))?;
+            let state = sci_aggregator::export::remote_write::state_path(
+                &rw,
+                &cfg.database,
+                cfg.postgres_url.is_some(),
+            )
+            .map_err(|m| anyhow::anyhow!("{}: {m}", config.display()))?;
+            let from = from.as_deref().map(parse_time).transpose()?;
+            let to = match to.as_deref().map(parse_time).transpose()? {
+                Some(to) => to,
+                None => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs()
+                    .saturating_sub(rw.delay.as_secs()),
+            };
+            let store: std::sync::Arc<dyn sci_aggregator::store::Store> =
+                std::sync::Arc::from(cfg.open_store()?);
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let stats = std::sync::Arc::default();
+                let mut writer = sci_aggregator::export::remote_write::RemoteWriter::open(
+                    rw,
+                    state,
+                    store,
+                    cfg.weights.clone(),
+                    std::sync::Arc::clone(&stats),
+                    from,
+                )?;
+                writer.run(Some(to)).await?;
+                let mut out = Vec::new();
+                stats.families(&mut out);
+                eprintln!(
+                    "remote-write: position {} (unix s)\n{}",
+                    writer.position_s(),
+                    agent_common::prometheus_text::render(out)
+                );
+                Ok::<_, anyhow::Error>(())
             })?;
             Ok(())
         }

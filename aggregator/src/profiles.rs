@@ -149,6 +149,63 @@ impl MergedProfile {
         functions
     }
 
+    /// What each stack's own (leaf) energy can be acted on as, for
+    /// hotspots: the leaf function; for an unsymbolised leaf (`[unknown]`)
+    /// its nearest symbolised caller; for a kernel leaf (`_[k]`) "kernel
+    /// time in <syscall>" (the system call that led there, `__x64_sys_NAME`
+    /// or `__se_sys_NAME`), or "kernel time (no system call)" for the
+    /// scheduler and interrupts. Stacks with no symbolised frame at all are
+    /// left out (nothing to act on). Sorted as [`Self::functions`].
+    pub fn actionable_functions(&self) -> Vec<FunctionEnergy> {
+        let mut by_name: BTreeMap<String, FunctionEnergy> = BTreeMap::new();
+        for (stack, totals) in &self.stacks {
+            let frames: Vec<&str> = stack.split(';').collect();
+            let Some(leaf) = frames.last() else { continue };
+            let name = if leaf.ends_with("_[k]") {
+                let syscall = frames.iter().find_map(|f| {
+                    let f = f.strip_suffix("_[k]")?;
+                    f.strip_prefix("__x64_sys_")
+                        .or_else(|| f.strip_prefix("__arm64_sys_"))
+                        .or_else(|| f.strip_prefix("__se_sys_"))
+                        .or_else(|| f.strip_prefix("__do_sys_"))
+                });
+                match syscall {
+                    Some(s) => format!("kernel time in {s}()"),
+                    None => "kernel time (no system call)".to_string(),
+                }
+            } else if leaf.starts_with('[') {
+                match frames
+                    .iter()
+                    .rev()
+                    .find(|f| !f.starts_with('[') && !f.ends_with("_[k]"))
+                {
+                    Some(caller) => caller.to_string(),
+                    None => continue,
+                }
+            } else {
+                leaf.to_string()
+            };
+            let e = by_name
+                .entry(name.clone())
+                .or_insert_with(|| FunctionEnergy {
+                    function: name,
+                    self_samples: 0,
+                    self_energy_j: 0.0,
+                    total_energy_j: 0.0,
+                });
+            e.self_samples += totals.samples;
+            e.self_energy_j += totals.energy_j;
+            e.total_energy_j += totals.energy_j;
+        }
+        let mut functions: Vec<FunctionEnergy> = by_name.into_values().collect();
+        functions.sort_by(|a, b| {
+            b.self_energy_j
+                .total_cmp(&a.self_energy_j)
+                .then_with(|| a.function.cmp(&b.function))
+        });
+        functions
+    }
+
     /// Folded lines `stack count`, the count being micro-joules (stacks
     /// below one micro-joule are left out).
     pub fn folded_energy_lines(&self) -> Vec<String> {
@@ -299,6 +356,39 @@ mod tests {
     use super::*;
     use prost::Message;
     use std::io::Read;
+
+    /// Issue 24: no hotspot may tell a service to optimise `[unknown]` or
+    /// a kernel frame. Unsymbolised leaves go to their caller, kernel
+    /// leaves to "kernel time in <syscall>" (or none).
+    #[test]
+    fn actionable_functions_never_name_unknown_or_kernel_frames() {
+        let mut p = MergedProfile::default();
+        for (stack, samples, energy_j) in [
+            ("main;pg_plan_queries;[unknown]", 185, 18.5),
+            ("main;exec;send;entry_SYSCALL_64_[k];do_syscall_64_[k];__x64_sys_sendto_[k];tcp_sendmsg_[k]", 40, 4.0),
+            ("main;exec;recv;do_syscall_64_[k];__x64_sys_recvfrom_[k];finish_task_switch.isra.0_[k]", 20, 2.0),
+            ("main;exec;finish_task_switch.isra.0_[k]", 10, 1.0),
+            ("[unknown];[unknown]", 5, 0.5),
+            ("main;score", 30, 3.0),
+        ] {
+            p.stacks.insert(stack.into(), StackTotals { samples, energy_j });
+        }
+        let got: Vec<(String, u64)> = p
+            .actionable_functions()
+            .into_iter()
+            .map(|f| (f.function, f.self_samples))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("pg_plan_queries".to_string(), 185),
+                ("kernel time in sendto()".to_string(), 40),
+                ("score".to_string(), 30),
+                ("kernel time in recvfrom()".to_string(), 20),
+                ("kernel time (no system call)".to_string(), 10),
+            ]
+        );
+    }
 
     fn row(start: u64, scenario: &str, stack: &str, samples: u64, energy_j: f64) -> StackRow {
         StackRow {

@@ -31,7 +31,7 @@ fn list(items: &[String]) -> String {
 }
 
 /// The disclosure table's header and one row per data centre (and period).
-pub const DISCLOSURE_COLUMNS: [&str; 14] = [
+pub const DISCLOSURE_COLUMNS: [&str; 16] = [
     "data centre",
     "intensity (gCO2e/kWh)",
     "intensity source",
@@ -46,9 +46,11 @@ pub const DISCLOSURE_COLUMNS: [&str; 14] = [
     "estimated share",
     "unattributed share",
     "unassigned share",
+    "host-seconds",
+    "steal (CPU-s)",
 ];
 
-pub fn disclosure_cells(d: &Disclosure) -> [String; 14] {
+pub fn disclosure_cells(d: &Disclosure) -> [String; 16] {
     [
         d.datacenter.clone(),
         sig4(d.intensity_g_per_kwh),
@@ -68,6 +70,8 @@ pub fn disclosure_cells(d: &Disclosure) -> [String; 14] {
         percent(d.estimated_energy_share),
         percent(d.unattributed_energy_share),
         percent(d.unassigned_energy_share),
+        sig4(d.host_seconds),
+        sig4(d.steal_cpu_s),
     ]
 }
 
@@ -194,7 +198,7 @@ pub fn markdown(e: &Evaluation) -> String {
             energy_j(s.total_energy_j),
             mass_g(s.carbon_g),
             mass_g(s.embodied_g),
-            s.g_per_transaction.map_or("–".into(), mass_g),
+            s.per_transaction_text(),
             s.measured_weight.map_or("–".into(), sig4),
             s.standard_weight
         );
@@ -316,7 +320,7 @@ pub fn console(e: &Evaluation) -> String {
             sc.scenario,
             count(sc.transactions),
             energy_j(sc.total_energy_j),
-            sc.g_per_transaction.map_or("–".into(), mass_g),
+            sc.per_transaction_text(),
             sc.measured_weight.map_or("–".into(), sig4),
             sc.standard_weight
         );
@@ -373,6 +377,25 @@ mod tests {
         );
         assert!(md.contains("## Disclosure: the factors behind the figures"));
         assert!(md.contains("| data centre | intensity (gCO2e/kWh) | intensity source | PUE | TE | EL (days) | RR/ToR |"));
+    }
+
+    /// Steal time (CPU time the hypervisor gave other guests) is disclosed
+    /// in the md and html reports with the host-seconds it is out of.
+    #[test]
+    fn the_disclosure_shows_steal_time() {
+        let mut e = crate::dashboard::tests::evaluation();
+        e.disclosure = vec![Disclosure {
+            datacenter: "dc1".into(),
+            host_seconds: 7200.0,
+            steal_cpu_s: 7.443,
+            ..Default::default()
+        }];
+        let md = markdown(&e);
+        assert!(md.contains("| steal (CPU-s) |"), "{md}");
+        assert!(md.contains("| 7.443 |"), "{md}");
+        let html = crate::dashboard::disclosure_table(&e.disclosure).into_string();
+        assert!(html.contains("steal (CPU-s)"), "{html}");
+        assert!(html.contains(">7.443<"), "{html}");
     }
 
     #[test]

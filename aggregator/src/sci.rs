@@ -223,10 +223,25 @@ pub struct ScenarioFigures {
     pub total_energy_j: f64,
     pub carbon_g: f64,
     pub embodied_g: f64,
-    /// (carbon + embodied) / transactions; null without transactions.
+    /// (carbon + embodied) / transactions; null without transactions, and
+    /// null when no energy was measured for the scenario (not 0 g).
     pub g_per_transaction: Option<f64>,
+    /// Why `g_per_transaction` is null when the scenario has transactions.
+    pub g_per_transaction_note: Option<String>,
     /// g_per_transaction relative to query's: the measured counterpart of alpha_i.
     pub measured_weight: Option<f64>,
+}
+
+impl ScenarioFigures {
+    /// Carbon per transaction as text: the mass, "no energy measured", or
+    /// "–" without transactions.
+    pub fn per_transaction_text(&self) -> String {
+        match (self.g_per_transaction, &self.g_per_transaction_note) {
+            (Some(g), _) => crate::figures::mass_g(g),
+            (None, Some(_)) => "no energy measured".into(),
+            (None, None) => "–".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -296,6 +311,9 @@ pub struct Evaluation {
     pub services: Vec<Breakdown>,
 }
 
+/// Why a scenario with transactions has no carbon per transaction.
+pub const NO_ENERGY_MEASURED: &str = "no energy measured: no process of this scenario was measured in the range (check the scenario rules); not 0 g";
+
 pub const METHOD: &str = "T/CQJR 032.2-2025 Appendix A: per period j, O_j = sum of the hosts' operational carbon (energy x grid intensity x PUE), M_j = sum of the hosts' embodied carbon (TE x TiR/EL x RR/ToR), TA_i^j = completed transactions of scenario i, R_j = sum alpha_i TA_i^j, SCI_j = (O_j + M_j) / R_j (undefined when R_j = 0); SCI_CF = mean of the SCI_j of the periods with R_j > 0 and enough coverage; the pooled ratio uses the same periods. Periods are aligned to the wall clock; a window straddling a boundary counts in each period in proportion to its time there. Coverage = host-seconds of data / (hosts expected x period length).";
 
 /// What an evaluation reads from the store, already summed per period.
@@ -326,6 +344,31 @@ impl EvaluationInput {
             services_all,
             spans: store.host_spans()?,
         })
+    }
+}
+
+impl EvaluationInput {
+    /// Keeps one data centre's rows; an error naming the known ones when no
+    /// host of the store ever reported from `datacenter`.
+    pub fn only_datacenter(&mut self, datacenter: &str) -> Result<(), String> {
+        let known: BTreeSet<&str> = self.spans.iter().map(|s| s.datacenter.as_str()).collect();
+        if !known.contains(datacenter) {
+            let known: Vec<&str> = known.into_iter().collect();
+            return Err(format!(
+                "datacenter {datacenter:?}: no host has reported from it (known: {})",
+                if known.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        self.fleet.retain(|r| r.datacenter == datacenter);
+        self.scenarios.retain(|r| r.datacenter == datacenter);
+        self.hosts.retain(|r| r.datacenter == datacenter);
+        self.services.retain(|r| r.datacenter == datacenter);
+        self.spans.retain(|r| r.datacenter == datacenter);
+        Ok(())
     }
 }
 
@@ -535,10 +578,13 @@ pub fn evaluate(
         e[4] += s.carbon_g;
         e[5] += s.embodied_g;
     }
+    // Transactions without any energy or carbon measured for their
+    // processes are not free: the figure is unknown, not 0 g.
+    let measured = |e: &[f64; 6]| e[2] + e[3] > 0.0 || e[4] + e[5] > 0.0;
     let per_txn = |name: &str| {
         by_scenario
             .get(name)
-            .filter(|e| e[0] > 0.0)
+            .filter(|e| e[0] > 0.0 && measured(e))
             .map(|e| (e[4] + e[5]) / e[0])
     };
     let query_g = per_txn("query");
@@ -556,6 +602,8 @@ pub fn evaluate(
             carbon_g: e[4],
             embodied_g: e[5],
             g_per_transaction: g,
+            g_per_transaction_note: (weighted && e[0] > 0.0 && !measured(&e))
+                .then(|| NO_ENERGY_MEASURED.to_string()),
             measured_weight: match (g, query_g) {
                 (Some(g), Some(q)) if q > 0.0 => Some(g / q),
                 _ => None,

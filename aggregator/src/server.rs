@@ -250,6 +250,32 @@ pub async fn serve(
         http_state.clone(),
         Duration::from_secs(60),
     ));
+    if let Some(rw) = &config.remote_write {
+        let path = crate::export::remote_write::state_path(
+            rw,
+            &config.database,
+            config.postgres_url.is_some(),
+        )
+        .map_err(config_err)?;
+        let mut writer = crate::export::remote_write::RemoteWriter::open(
+            rw.clone(),
+            path,
+            Arc::clone(&store),
+            config.weights.clone(),
+            Arc::clone(&http_state.remote_write),
+            None,
+        )?;
+        tracing::info!(
+            "remote-write to {} from {} (unix s)",
+            rw.url,
+            writer.position_s()
+        );
+        tokio::spawn(async move {
+            if let Err(e) = writer.run(None).await {
+                tracing::error!("remote-write stopped: {e}");
+            }
+        });
+    }
     {
         // Retention: hourly, off the ingest path (SQLite deletes in slices).
         let store = Arc::clone(&store);
@@ -320,6 +346,11 @@ pub async fn serve(
             .tls_config(server_tls)
             .map_err(|e| config_err(format!("tls: {e}")))?;
     }
+    let scaler = crate::plan::keda::CarbonScaler::new(
+        Arc::clone(&store),
+        Arc::clone(&config),
+        Arc::clone(&counters),
+    );
     let ingest = IngestService::new(Arc::clone(&store), Arc::clone(&config), counters)
         .with_limiter(grpc_limiter_for_auth)
         .with_stop(stop_rx.clone());
@@ -332,6 +363,7 @@ pub async fn serve(
     let grpc = builder
         .add_service(health_service)
         .add_service(IngestServer::new(ingest).max_decoding_message_size(limits.max_message_bytes))
+        .add_service(sci_proto::keda::external_scaler_server::ExternalScalerServer::new(scaler))
         .serve_with_incoming_shutdown(grpc_incoming, async move {
             let _ = grpc_stop.changed().await;
         });

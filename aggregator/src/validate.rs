@@ -3,6 +3,8 @@
 //! of a refused window reaches the store. Sums are checked (a total that
 //! would wrap is refused), and no reason echoes more than [`ECHO_MAX`] bytes
 //! of what the client sent.
+use agent_common::request_cpu::request_cpu_buckets_of;
+use agent_common::REQUEST_CPU_SUB_BUCKET_BITS;
 use sci_proto::v1;
 use sci_proto::v1::RefusalCode;
 
@@ -571,7 +573,10 @@ pub fn validate_window(
             ),
         ));
     }
-    Ok(())
+    match &w.supply {
+        Some(supply) => check_supply(supply),
+        None => Ok(()),
+    }
 }
 
 /// The host's factors and figures against physical bounds: CPUs, intensity,
@@ -688,8 +693,79 @@ fn check_plausible(
     Ok(())
 }
 
-/// Per-request CPU histograms: known scenarios, at most 65 log2 buckets,
-/// finite non-negative energy rates, totals that fit the store.
+/// Longest supply text (CPU model, vendor, arch) and label key or value.
+pub const MAX_SUPPLY_TEXT_BYTES: usize = 128;
+pub const MAX_SUPPLY_LABEL_BYTES: usize = 63;
+pub const MAX_SUPPLY_LABELS: usize = 32;
+/// Most logical CPUs a host (or the physical machine under it) may report.
+pub const MAX_SUPPLY_CPUS: u32 = 1 << 16;
+
+/// The resource supply (#27): short printable texts, a known machine kind,
+/// label keys of letters, digits, `.`, `_`, `-`, `/`, bounded counts.
+fn check_supply(s: &v1::ResourceSupply) -> Result<(), Refusal> {
+    let bad = |reason: String| refuse("bad_supply", reason);
+    for (name, text, max) in [
+        ("cpu_model", &s.cpu_model, MAX_SUPPLY_TEXT_BYTES),
+        ("cpu_vendor", &s.cpu_vendor, MAX_SUPPLY_TEXT_BYTES),
+        ("arch", &s.arch, MAX_SUPPLY_TEXT_BYTES),
+    ] {
+        if text.len() > max || text.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "supply.{name} must be at most {max} bytes without control characters: {}",
+                clip(text)
+            )));
+        }
+    }
+    if !matches!(s.machine_kind.as_str(), "" | "vm" | "bare_metal") {
+        return Err(bad(format!(
+            "supply.machine_kind {} is not vm, bare_metal or empty",
+            clip(&s.machine_kind)
+        )));
+    }
+    for (name, cpus) in [
+        ("logical_cpus", s.logical_cpus),
+        ("physical_host_cpus", s.physical_host_cpus),
+    ] {
+        if cpus > MAX_SUPPLY_CPUS {
+            return Err(bad(format!(
+                "supply.{name} = {cpus} (at most {MAX_SUPPLY_CPUS})"
+            )));
+        }
+    }
+    check_count("supply.memory_bytes", s.memory_bytes)?;
+    if s.labels.len() > MAX_SUPPLY_LABELS {
+        return Err(bad(format!(
+            "{} supply labels (at most {MAX_SUPPLY_LABELS})",
+            s.labels.len()
+        )));
+    }
+    for (key, value) in &s.labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_SUPPLY_LABEL_BYTES
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(bad(format!(
+                "supply label key {} must be 1 to {MAX_SUPPLY_LABEL_BYTES} letters, digits, '.', '_', '-' or '/'",
+                clip(key)
+            )));
+        }
+        if value.len() > MAX_SUPPLY_LABEL_BYTES || value.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "supply label {}: value must be at most {MAX_SUPPLY_LABEL_BYTES} bytes without control characters: {}",
+                clip(key),
+                clip(value)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Per-request CPU histograms: known scenarios, a known bucket layout (the
+/// current log-linear one or the log2 one of older agents) and no more
+/// buckets than it has, finite non-negative energy rates, totals that fit
+/// the store.
 fn check_request_cpu(histograms: &[v1::RequestCpuHistogram]) -> Result<(), Refusal> {
     for h in histograms {
         let at = |name: &str| format!("request_cpu[{}].{name}", clip(&h.scenario));
@@ -699,14 +775,25 @@ fn check_request_cpu(histograms: &[v1::RequestCpuHistogram]) -> Result<(), Refus
                 format!("request_cpu has scenario {}", clip(&h.scenario)),
             ));
         }
-        // Bucket i holds CPU times of i significant bits: at most 65 buckets.
-        if h.counts.len() > 65 {
+        if h.sub_bucket_bits != 0 && h.sub_bucket_bits != REQUEST_CPU_SUB_BUCKET_BITS {
+            return Err(refuse(
+                "unknown_layout",
+                format!(
+                    "{} is {} (known: 0, log2 buckets, or {REQUEST_CPU_SUB_BUCKET_BITS})",
+                    at("sub_bucket_bits"),
+                    h.sub_bucket_bits
+                ),
+            ));
+        }
+        let most = request_cpu_buckets_of(h.sub_bucket_bits);
+        if h.counts.len() > most {
             return Err(refuse(
                 "too_large",
                 format!(
-                    "{} has {} buckets (at most 65)",
+                    "{} has {} buckets (at most {most} with sub_bucket_bits {})",
                     at("counts"),
-                    h.counts.len()
+                    h.counts.len(),
+                    h.sub_bucket_bits
                 ),
             ));
         }
@@ -734,6 +821,53 @@ mod tests {
             counts,
             sum_cpu_ns: 1_000,
             energy_j_per_cpu_ns: rate,
+            sub_bucket_bits: 4,
+        }
+    }
+
+    #[test]
+    fn supplies_are_checked_with_a_reason() {
+        let good = v1::ResourceSupply {
+            cpu_model: "Intel Xeon".into(),
+            machine_kind: "vm".into(),
+            logical_cpus: 2,
+            labels: [("pool".to_string(), "a".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(check_supply(&good), Ok(()));
+        for (bad, says) in [
+            (
+                v1::ResourceSupply {
+                    cpu_model: "x\0y".into(),
+                    ..good.clone()
+                },
+                "supply.cpu_model",
+            ),
+            (
+                v1::ResourceSupply {
+                    machine_kind: "container".into(),
+                    ..good.clone()
+                },
+                "machine_kind",
+            ),
+            (
+                v1::ResourceSupply {
+                    labels: [("a b".to_string(), "1".to_string())].into(),
+                    ..good.clone()
+                },
+                "label key",
+            ),
+            (
+                v1::ResourceSupply {
+                    logical_cpus: MAX_SUPPLY_CPUS + 1,
+                    ..good.clone()
+                },
+                "logical_cpus",
+            ),
+        ] {
+            let r = check_supply(&bad).unwrap_err();
+            assert_eq!(r.kind, "bad_supply");
+            assert!(r.reason.contains(says), "{}", r.reason);
         }
     }
 
@@ -744,7 +878,19 @@ mod tests {
         assert!(reason(histogram("credit", vec![1], f64::NAN)).starts_with("not_finite"));
         assert!(reason(histogram("credit", vec![1], -1e-9)).starts_with("negative"));
         assert!(reason(histogram("loan", vec![1], 1e-9)).starts_with("unknown_scenario"));
-        assert!(reason(histogram("credit", vec![1; 66], 1e-9)).starts_with("too_large"));
+        assert!(reason(histogram("credit", vec![1; 977], 1e-9)).starts_with("too_large"));
+        assert!(check_request_cpu(&[histogram("credit", vec![1; 976], 1e-9)]).is_ok());
+        let log2 = |counts| v1::RequestCpuHistogram {
+            sub_bucket_bits: 0,
+            ..histogram("credit", counts, 1e-9)
+        };
+        assert!(check_request_cpu(&[log2(vec![1; 64])]).is_ok());
+        assert!(reason(log2(vec![1; 65])).starts_with("too_large"));
+        let other = v1::RequestCpuHistogram {
+            sub_bucket_bits: 3,
+            ..histogram("credit", vec![1], 1e-9)
+        };
+        assert!(reason(other).starts_with("unknown_layout"));
         assert!(reason(histogram("credit", vec![u64::MAX, 1], 1e-9)).starts_with("overflow"));
     }
 

@@ -138,7 +138,7 @@ pub fn hotspot_input(
     let functions = profiles
         .iter()
         .flat_map(|p| {
-            p.functions()
+            p.actionable_functions()
                 .into_iter()
                 .filter(|f| f.function != OTHER_STACKS)
                 .map(|f| FunctionPeriod {

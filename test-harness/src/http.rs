@@ -12,13 +12,24 @@ pub fn free_port() -> u16 {
 
 /// GET `path` on 127.0.0.1:`port`; (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", path, "")
+}
+
+/// POST `body` (JSON) to `path` on 127.0.0.1:`port`; (status, body).
+pub fn http_post(port: u16, path: &str, body: &str) -> Option<(u16, String)> {
+    http_request(port, "POST", path, body)
+}
+
+/// `method` `path` with `body` on 127.0.0.1:`port`; (status, body).
+pub fn http_request(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
     let mut text = String::new();

@@ -4,6 +4,7 @@
 //! directly or through another crate, on one whose build script compiles the
 //! eBPF object (xtask's `dependency_closure_builds_no_ebpf` test checks).
 
+pub mod containers;
 pub mod http;
 pub mod postgres;
 

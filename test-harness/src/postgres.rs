@@ -105,37 +105,60 @@ impl ScratchPostgres {
         let mut last_error = String::new();
         for _ in 0..5 {
             server.port = free_loopback_port()?;
-            let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
-                server.port,
-                server.data_dir.display()
-            );
-            let log = server.data_dir.join("server.log").display().to_string();
-            match server.run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    &server.data_dir.display().to_string(),
-                    "-o",
-                    &options,
-                    "-l",
-                    &log,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ],
-            ) {
-                Ok(_) => return Ok(server),
-                Err(e) => {
-                    last_error = format!(
-                        "{e}\nserver log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    )
-                }
+            let mut cmd = server.start_command();
+            let out = cmd.output().map_err(|e| format!("starting {cmd:?}: {e}"))?;
+            if out.status.success() {
+                return Ok(server);
             }
+            last_error = format!(
+                "{}\nserver log:\n{}",
+                describe(&cmd, &out),
+                std::fs::read_to_string(server.data_dir.join("server.log")).unwrap_or_default()
+            );
         }
         Err(last_error)
+    }
+
+    /// `pg_ctl start` (waiting until the server accepts connections) on this server's port.
+    fn start_command(&self) -> Command {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.port,
+            self.data_dir.display()
+        );
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-o", &options, "-l"])
+            .arg(self.data_dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"])
+            .current_dir(&self.data_dir);
+        cmd
+    }
+
+    /// Stops the server and starts it again with `prepare` applied to the
+    /// starting command first (e.g. to start it in another cgroup, as a
+    /// service manager restarting it would). Returns the `pg_ctl start`
+    /// process, for the caller to wait for (it exits once the server
+    /// accepts connections).
+    pub fn restart_with(
+        &self,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Result<std::process::Child, String> {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir.display().to_string(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        )?;
+        let mut cmd = self.start_command();
+        prepare(&mut cmd);
+        cmd.spawn().map_err(|e| format!("starting {cmd:?}: {e}"))
     }
 
     /// Starts a server, or returns None after one line saying why, outside CI;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::cargo_bin;
 
-pub use sci_test_harness::http::{free_port, http_get};
+pub use sci_test_harness::http::{free_port, http_get, http_post};
 
 /// A running aggregator; killed (SIGKILL) on drop.
 pub struct Aggregator {
@@ -243,6 +243,119 @@ pub fn window(
             .map(|(t, w)| *t as f64 * w)
             .sum(),
         merged_windows: 1,
+        ..Default::default()
+    }
+}
+
+/// What one service did for one scenario in a window (for [`service_window`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceLoad<'a> {
+    pub service: &'a str,
+    pub scenario: &'a str,
+    pub transactions: u64,
+    pub cpu_ns: u64,
+    pub energy_j: f64,
+    pub embodied_g: f64,
+}
+
+/// The host a [`service_window`] ran on.
+#[derive(Debug, Clone)]
+pub struct HostShape {
+    pub host: String,
+    pub datacenter: String,
+    pub cpus: u32,
+    pub intensity_g_per_kwh: f64,
+    pub pue: f64,
+    /// Busy CPU of processes outside the services, per second of window.
+    pub background_cpu_ns_per_s: u64,
+    /// Idle power, W (its energy stays with the host, unattributed to services).
+    pub idle_power_w: f64,
+    pub supply: Option<v1::ResourceSupply>,
+}
+
+/// A window of `length_s` on `shape` in which each load's process ran:
+/// operational carbon = energy x intensity x PUE / 3.6e6, every figure
+/// adding up to the host's.
+pub fn service_window(
+    shape: &HostShape,
+    instance: &str,
+    seq: u64,
+    start_s: u64,
+    length_s: u64,
+    loads: &[ServiceLoad],
+) -> v1::WindowReport {
+    let k = shape.intensity_g_per_kwh * shape.pue / 3.6e6;
+    let weight = |s: &str| match s {
+        "credit" => 24.0,
+        "drawdown" => 7.0,
+        "repayment" => 3.0,
+        _ => 1.0,
+    };
+    let mut scenarios: std::collections::BTreeMap<&str, v1::ScenarioRecord> = Default::default();
+    let mut processes = Vec::new();
+    for (i, l) in loads.iter().enumerate() {
+        let e = scenarios
+            .entry(l.scenario)
+            .or_insert_with(|| v1::ScenarioRecord {
+                scenario: l.scenario.into(),
+                weight: weight(l.scenario),
+                ..Default::default()
+            });
+        e.transactions += l.transactions;
+        e.cpu_ns += l.cpu_ns;
+        e.energy_j += l.energy_j;
+        e.carbon_g += l.energy_j * k;
+        e.embodied_g += l.embodied_g;
+        processes.push(v1::ProcessRecord {
+            pid: 100 + i as u32,
+            comm: l.service.into(),
+            service: l.service.into(),
+            scenario: l.scenario.into(),
+            cpu_ns: l.cpu_ns,
+            energy_j: l.energy_j,
+            carbon_g: l.energy_j * k,
+            embodied_g: l.embodied_g,
+            ..Default::default()
+        });
+    }
+    let service_cpu: u64 = loads.iter().map(|l| l.cpu_ns).sum();
+    let busy = service_cpu + shape.background_cpu_ns_per_s * length_s;
+    let capacity = u64::from(shape.cpus) * length_s * 1_000_000_000;
+    let idle_j = shape.idle_power_w * length_s as f64;
+    let energy_j = idle_j + loads.iter().map(|l| l.energy_j).sum::<f64>();
+    let embodied_g: f64 = loads.iter().map(|l| l.embodied_g).sum();
+    let business_units = scenarios
+        .values()
+        .map(|s| s.transactions as f64 * s.weight)
+        .sum();
+    v1::WindowReport {
+        host: shape.host.clone(),
+        agent_instance: instance.into(),
+        seq,
+        datacenter: shape.datacenter.clone(),
+        start_unix_ns: start_s * 1_000_000_000,
+        end_unix_ns: (start_s + length_s) * 1_000_000_000,
+        cpu_source: "ebpf".into(),
+        cpus: shape.cpus,
+        busy_cpu_ns: busy,
+        idle_cpu_ns: capacity.saturating_sub(busy),
+        energy_source: "model-linear".into(),
+        estimated: true,
+        host_energy_j: energy_j,
+        idle_energy_j: idle_j,
+        host_carbon_g: energy_j * k,
+        host_embodied_g: embodied_g,
+        carbon_intensity_g_per_kwh: shape.intensity_g_per_kwh,
+        pue: shape.pue,
+        weights: scenarios
+            .values()
+            .map(|s| (s.scenario.clone(), s.weight))
+            .collect(),
+        scenarios: scenarios.into_values().collect(),
+        business_units,
+        processes,
+        merged_windows: 1,
+        supply: shape.supply.clone(),
         ..Default::default()
     }
 }

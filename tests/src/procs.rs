@@ -63,6 +63,22 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     found
 }
 
+/// Waits for `pid` (a child) and returns its CPU time from the kernel's rusage.
+pub fn wait_rusage_ns(pid: u32) -> u64 {
+    let mut status = 0;
+    // SAFETY: rusage is plain data written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid as i32, "wait4({pid})");
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
+}
+
+/// [`wait_rusage_ns`] of a child started with `Command::spawn`.
+pub fn wait_child_rusage_ns(child: Child) -> u64 {
+    wait_rusage_ns(child.id())
+}
+
 /// Child processes killed and reaped when this goes out of scope.
 pub struct Reaped(pub Vec<Child>);
 
@@ -73,4 +89,24 @@ impl Drop for Reaped {
             let _ = child.wait();
         }
     }
+}
+
+/// Waits (by condition, 20 s at most) until every thread of `pid` is
+/// stopped (state `T` in /proc/<pid>/task/*/stat), e.g. after SIGSTOP:
+/// its runtime no longer grows.
+pub fn wait_stopped(pid: u32) {
+    crate::wait_until(&format!("every thread of pid {pid} stopped"), || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                    Some(state == 'T')
+                })
+                .unwrap_or(false)
+        })
+    });
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::procfs::ProcfsSampler;
 use sci_agent::sources::sched::CpuSampler;
-use sci_tests::procs::{cpu_of, load_sampler, schedstat_ns, Reaped};
+use sci_tests::procs::{cpu_of, load_sampler, schedstat_ns, wait_rusage_ns, Reaped};
 use sci_tests::skip_privileged;
 
 const BURN: &str = env!("CARGO_BIN_EXE_sci-burn");
@@ -78,17 +78,6 @@ fn busy_processes_match_schedstat_within_one_percent() {
         gap < 0.02,
         "busy+idle+steal {accounted} vs capacity {capacity}"
     );
-}
-
-/// Waits for `pid` and returns its CPU time from the kernel's rusage.
-fn wait_rusage_ns(pid: u32) -> u64 {
-    let mut status = 0;
-    // SAFETY: rusage is plain data written by the kernel.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid as i32);
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
 }
 
 #[test]

@@ -55,6 +55,8 @@ fn processes_get_their_cpu_share_of_dynamic_energy_and_energy_is_conserved() {
     let mut config = AgentConfig::default();
     config.energy.sysfs_root = root.to_path_buf();
     config.energy.source = "powercap".into();
+    // This test moves the counters itself, window by window: no start-up probe.
+    config.energy.probe_ms = 0;
     config.energy.idle_power_w = Some(6.0);
     // The profiler's first drain (cold symboliser, tens of ms) would sit
     // between the schedstat reads and the window's start; this test is about energy.

@@ -44,7 +44,9 @@ fn signal(pids: &[u32], signal: i32) {
 /// truth then cover exactly the same runtime.
 fn frozen_window(sampler: &mut EbpfSampler, pids: &[u32]) -> (CpuSample, HashMap<u32, u64>) {
     signal(pids, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(100));
+    for pid in pids {
+        sci_tests::procs::wait_stopped(*pid);
+    }
     let window = sampler.sample().unwrap();
     let truth = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
     signal(pids, libc::SIGCONT);
@@ -238,14 +240,14 @@ fn an_exec_is_described_by_the_kernel_as_procfs_describes_it() {
         children.0.push(child);
         pid
     };
-    let on_tmpfs = spawn(&link, &["--duty", "5", "--seconds", "3", "two words"]);
+    let on_tmpfs = spawn(&link, &["--duty", "5", "--seconds", "3", "--", "two words"]);
     let plain = spawn(
         std::path::Path::new(BURN),
         &["--duty", "5", "--seconds", "3"],
     );
     let long = spawn(
         std::path::Path::new(BURN),
-        &["--duty", "5", "--seconds", "3", &long_argument],
+        &["--duty", "5", "--seconds", "3", "--", &long_argument],
     );
     std::thread::sleep(Duration::from_millis(300));
     let truth: Vec<(u32, (String, String))> = [on_tmpfs, plain, long]

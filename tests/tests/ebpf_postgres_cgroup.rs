@@ -6,98 +6,12 @@
 //! PostgreSQL is a set-up failure.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
 use sci_agent::sources::sched::ebpf::{EbpfOptions, EbpfSampler};
 use sci_agent::sources::sched::{CpuSample, CpuSampler};
+use sci_tests::cgroup::ScratchCgroup;
 use sci_tests::postgres::ScratchPostgres;
 use sci_tests::procs::children_of;
 use sci_tests::skip_privileged;
-
-/// The cgroup2 mount (`/sys/fs/cgroup/unified` on this hybrid layout).
-fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut parts = line.split_whitespace();
-            let (_dev, mount, fstype) = (parts.next()?, parts.next()?, parts.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(mount))
-        })
-        .expect("a cgroup2 mount")
-}
-
-/// A scratch cgroup v2 group; on drop its processes go back to the root and it is removed.
-struct ScratchCgroup {
-    root: PathBuf,
-    dir: PathBuf,
-}
-
-impl ScratchCgroup {
-    fn create(name: &str) -> ScratchCgroup {
-        let root = cgroup2_root();
-        let dir = root.join(name);
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        ScratchCgroup { root, dir }
-    }
-
-    /// The path the agent reports (relative to the cgroup2 mount).
-    fn path(&self) -> String {
-        format!("/{}", self.dir.strip_prefix(&self.root).unwrap().display())
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-
-    fn usage_ns(&self) -> u64 {
-        let text = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap();
-        let usec: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        usec * 1000
-    }
-
-    fn freeze(&self, frozen: bool) {
-        std::fs::write(
-            self.dir.join("cgroup.freeze"),
-            if frozen { "1" } else { "0" },
-        )
-        .unwrap();
-        let want = if frozen { "frozen 1" } else { "frozen 0" };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let events = std::fs::read_to_string(self.dir.join("cgroup.events")).unwrap();
-            if events.lines().any(|l| l == want) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("cgroup {} did not reach {want}", self.dir.display());
-    }
-}
-
-impl Drop for ScratchCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.dir.join("cgroup.freeze"), "0");
-        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines() {
-            let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
-        }
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// Freezes the group, closes a window and reads the group's usage while
 /// none of its processes runs, then thaws it.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
 use sci_tests::procs::schedstat_ns;
-use sci_tests::{skip_privileged, wait_for_exec, wait_until, workspace_root};
+use sci_tests::{skip_privileged, wait_for_exec, workspace_root};
 
 #[test]
 fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
@@ -159,17 +159,9 @@ fn hot_path_tops_the_credit_profile_and_its_energy_matches_the_scenario() {
     );
 }
 
-/// SIGSTOP, then wait until the kernel shows the process stopped.
+/// SIGSTOP, then wait until the kernel shows every thread stopped.
 fn stop(pid: u32) {
     // SAFETY: plain signal to our own child.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    wait_until(&format!("pid {pid} to stop"), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let after_comm = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
-                Some(after_comm == 'T')
-            })
-            .unwrap_or(false)
-    });
+    sci_tests::procs::wait_stopped(pid);
 }

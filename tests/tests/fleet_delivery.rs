@@ -357,7 +357,7 @@ async fn a_damaged_state_starts_a_new_instance_and_loses_nothing() {
     // One digit of the state changes while the agent is stopped: next seq 20 reads 10.
     let state_path = spool_dir.join("state");
     let state = std::fs::read_to_string(&state_path).unwrap();
-    assert!(state.starts_with("v2 inst 20 "), "{state}");
+    assert!(state.starts_with("v3 inst 20 "), "{state}");
     std::fs::write(&state_path, state.replacen("inst 20", "inst 10", 1)).unwrap();
     let agent = Agent::start(&spool_dir, config(&[agg.url()]), "ignored");
     let s = agent.spool.lock().unwrap().stats().clone();

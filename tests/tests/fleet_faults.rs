@@ -743,6 +743,7 @@ async fn absurd_figures_are_refused_and_fleet_figures_stay_finite() {
                         counts: vec![0, 1 << 62],
                         sum_cpu_ns: 1 << 62,
                         energy_j_per_cpu_ns: 1e-9,
+                        sub_bucket_bits: agent_common::REQUEST_CPU_SUB_BUCKET_BITS,
                     })
                 }),
             ),

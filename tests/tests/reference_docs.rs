@@ -245,10 +245,14 @@ fn metrics_are_the_reference_metrics() {
     let query = sci_aggregator::http::RangeQuery {
         from: Some(now - 86_400),
         to: Some(now),
-        period: None,
-        format: None,
+        ..Default::default()
     };
     let evaluation = sci_aggregator::http::evaluate_range(&state, &query).unwrap();
+    state
+        .recent_by_datacenter
+        .lock()
+        .unwrap()
+        .insert("dc-1".into(), evaluation.clone());
     *state.recent.lock().unwrap() = Some(evaluation);
     let aggregator = exposition_names(&sci_aggregator::http::render_metrics(&state));
     assert!(
@@ -262,4 +266,14 @@ fn metrics_are_the_reference_metrics() {
         &aggregator,
         &reference,
     );
+}
+
+#[test]
+fn exported_series_are_the_reference_series() {
+    let code: BTreeSet<String> = sci_aggregator::export::series::names::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let reference = reference_names("metrics.md", "exported series");
+    compare("the exported series", "metrics.md", &code, &reference);
 }

@@ -14,7 +14,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use sci_tests::fleet::{free_port, http_get, now_s};
 use sci_tests::procs::Reaped;
@@ -22,6 +21,8 @@ use sci_tests::{cargo_bin, skip_privileged};
 
 const TOKEN: &str = "review-e2e-token-0123456789abcdef";
 const RUN_S: u64 = 40;
+/// Review period: a 40 s run holds at least 6 whole ones (reviews need 4).
+const PERIOD_S: u64 = 5;
 
 /// The finance service built with frame pointers (in its own target
 /// directory under target/), so the profiler's user stacks reach from the
@@ -76,11 +77,18 @@ fn service(bin: &Path, role: &str, ingest: u16, identity_rounds: Option<u32>) ->
 /// One run: credit and shared services (cheaper or not) under the same
 /// steady load (the daily shape at its lunch peak); returns (from, to) of
 /// the range to compare, inside the run, on 10 s boundaries.
-fn run(finance: &Path, loadgen: &Path, ingest: u16, identity_rounds: Option<u32>) -> (u64, u64) {
+fn run(
+    finance: &Path,
+    loadgen: &Path,
+    ingest: u16,
+    identity_rounds: Option<u32>,
+    db: &Path,
+) -> (u64, u64) {
     let (credit, credit_addr) = service(finance, "credit", ingest, identity_rounds);
     let (shared, shared_addr) = service(finance, "shared", ingest, identity_rounds);
     let _services = Reaped(vec![credit, shared]);
-    std::thread::sleep(Duration::from_secs(2));
+    // The services answer (they printed their address); the range starts
+    // on the next period boundary anyway.
     let start = now_s();
     let status = Command::new(loadgen)
         .args(["--target", &format!("credit={credit_addr}")])
@@ -95,9 +103,28 @@ fn run(finance: &Path, loadgen: &Path, ingest: u16, identity_rounds: Option<u32>
         .unwrap();
     assert!(status.success(), "loadgen failed");
     let end = now_s();
-    // Let the agent's last windows of this run out before the next starts.
-    std::thread::sleep(Duration::from_secs(3));
-    ((start + 10).div_ceil(10) * 10, (end - 1) / 10 * 10)
+    // The agent's windows of this run stored before the next starts.
+    sci_tests::wait_until("the run's last windows stored", || {
+        stored_through_s(db) > end
+    });
+    (
+        (start + PERIOD_S).div_ceil(PERIOD_S) * PERIOD_S,
+        (end - 1) / PERIOD_S * PERIOD_S,
+    )
+}
+
+/// Where the last stored window ends (Unix seconds, 0 before any).
+fn stored_through_s(db: &Path) -> u64 {
+    let Ok(conn) = rusqlite::Connection::open(db) else {
+        return 0;
+    };
+    conn.query_row(
+        "SELECT COALESCE(MAX(end_ns), 0) FROM window_keys",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|ns| ns as u64 / 1_000_000_000)
+    .unwrap_or(0)
 }
 
 #[test]
@@ -116,7 +143,7 @@ fn a_cheaper_credit_release_is_found_lower_at_its_hot_function() {
         &agg_toml,
         format!(
             "grpc_listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\ndatabase = \"{}\"\n\
-             period = \"10s\"\nrollup_step = \"5s\"\nhost_rollup_step = \"10s\"\nmin_profile_samples = 50\n\n\
+             period = \"5s\"\nrollup_step = \"5s\"\nhost_rollup_step = \"5s\"\nmin_profile_samples = 50\n\n\
              [[agents]]\nhost = \"review-host\"\ntoken = \"{TOKEN}\"\n",
             dir.path().join("sci.db").display()
         ),
@@ -157,11 +184,14 @@ fn a_cheaper_credit_release_is_found_lower_at_its_hot_function() {
         .spawn()
         .unwrap();
     fleet.0.push(agent_child);
-    std::thread::sleep(Duration::from_secs(3));
+    // eBPF loaded and measuring: the agent has stored a window.
+    let db = dir.path().join("sci.db");
+    sci_tests::wait_until("the agent's first window stored", || {
+        stored_through_s(&db) > 0
+    });
 
-    let (b0, b1) = run(&finance, &loadgen, ingest, None);
-    let (c0, c1) = run(&finance, &loadgen, ingest, Some(100));
-    std::thread::sleep(Duration::from_secs(2));
+    let (b0, b1) = run(&finance, &loadgen, ingest, None, &db);
+    let (c0, c1) = run(&finance, &loadgen, ingest, Some(100), &db);
     println!("baseline {b0}..{b1}, candidate {c0}..{c1}");
 
     let out = Command::new(&aggregator)
@@ -169,7 +199,7 @@ fn a_cheaper_credit_release_is_found_lower_at_its_hot_function() {
         .arg(&agg_toml)
         .args(["--baseline", &format!("{b0}..{b1}")])
         .args(["--candidate", &format!("{c0}..{c1}")])
-        .args(["--period", "10s", "--profile-service", "credit-svc"])
+        .args(["--period", "5s", "--profile-service", "credit-svc"])
         .args(["--profile-scenario", "credit", "--format", "json"])
         .output()
         .unwrap();

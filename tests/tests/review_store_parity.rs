@@ -77,6 +77,8 @@ fn windows(host: &str, g: f64) -> Vec<v1::WindowReport> {
                     counts: vec![0; 10].into_iter().chain([txns, i + 1]).collect(),
                     sum_cpu_ns: txns * 700 + (i + 1) * 1500,
                     energy_j_per_cpu_ns: 2e-8,
+                    // log2 bins of an older agent: both stores convert them alike.
+                    sub_bucket_bits: 0,
                 }],
                 ..Default::default()
             }
@@ -110,13 +112,25 @@ fn both_stores_give_the_same_review_and_the_hand_summed_histogram() {
         SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
             .unwrap();
     sqlite.commit(&windows("host-a", 0.5)).unwrap();
-    // Bin-wise sums by hand over the whole range: bin 10: sum of txns, bin 11: 1 + ... + 18.
+    // Bin-wise sums by hand over the whole range: log2 bin 10 [512, 1024):
+    // sum of txns, bin 11 [1024, 2048): 1 + ... + 18, each spread evenly
+    // over its 16 log-linear bins, (10 - 4) x 16 = 96..111 and 112..127.
     let all = Range::new(T, T + 7 * 3600, 3600, &LAYOUT).unwrap();
-    let merged = sqlite.request_cpu(&all).unwrap();
+    let merged = sqlite.request_cpu(&all, None).unwrap();
     assert_eq!(merged.len(), 1);
     let txns: u64 = (0..18u64).map(|i| 30 + (i % 5) * 7).sum();
-    assert_eq!(merged[0].bins[10], txns as f64);
-    assert_eq!(merged[0].bins[11], 171.0);
+    for bin in 96..112 {
+        assert!(
+            (merged[0].bins[bin] - txns as f64 / 16.0).abs() < 1e-9,
+            "bin {bin}"
+        );
+        assert!(
+            (merged[0].bins[bin + 16] - 171.0 / 16.0).abs() < 1e-9,
+            "bin {}",
+            bin + 16
+        );
+    }
+    assert_eq!(merged[0].bins.len(), 128);
     assert_eq!(merged[0].requests, (txns + 171) as f64);
     assert_eq!(merged[0].cpu_ns, (txns * 700 + 171 * 1500) as f64);
     assert!((merged[0].energy_j - merged[0].cpu_ns * 2e-8).abs() < 1e-9);

@@ -587,3 +587,122 @@ fn postgres_keeps_each_raw_window_byte_for_byte() {
         }
     }
 }
+
+/// A window of `host` on a supply (#27): one service per scenario, the
+/// query transactions shared by two services in proportion to CPU.
+fn supply_window(host: &str, seq: u64, vendor: &str, pool: &str) -> v1::WindowReport {
+    let mut w = window(host, seq, 0, 3600, 2.0, 0.5, [1, 0, 0, 30]);
+    w.supply = Some(v1::ResourceSupply {
+        cpu_model: format!("{vendor} model"),
+        cpu_vendor: vendor.into(),
+        arch: "x86_64".into(),
+        logical_cpus: 2,
+        memory_bytes: 8 << 30,
+        machine_kind: "vm".into(),
+        physical_host_cpus: 64,
+        labels: [("pool".to_string(), pool.to_string())].into(),
+    });
+    w.processes = vec![
+        v1::ProcessRecord {
+            pid: 1,
+            comm: "a".into(),
+            service: "query-a".into(),
+            scenario: "query".into(),
+            cpu_ns: 3_000_000_000,
+            energy_j: 3.0,
+            carbon_g: 0.3,
+            ..Default::default()
+        },
+        v1::ProcessRecord {
+            pid: 2,
+            comm: "b".into(),
+            service: "query-b".into(),
+            scenario: "query".into(),
+            cpu_ns: 1_000_000_000,
+            energy_j: 1.0,
+            carbon_g: 0.1,
+            ..Default::default()
+        },
+    ];
+    w
+}
+
+#[test]
+fn supply_rollups_and_plans_agree_in_both_stores() {
+    let windows = [
+        supply_window("s1", 0, "GenuineIntel", "old"),
+        supply_window("s2", 0, "GenuineIntel", "old"),
+        supply_window("s3", 0, "AuthenticAMD", "new"),
+    ];
+    let range = Range {
+        from_s: T / 3600 * 3600,
+        to_s: (T + 3600).div_ceil(3600) * 3600,
+        period_s: 3600,
+    };
+    let plan = sci_aggregator::store::StoredPlan {
+        id: "migration-1".into(),
+        created_unix_s: 100,
+        kind: "migration".into(),
+        service: "query-a".into(),
+        carried_out_unix_s: None,
+        body: "{\"x\":1}".into(),
+    };
+    let read = |store: &dyn Store| {
+        store.commit(&windows).unwrap();
+        store.save_plan(&plan).unwrap();
+        store
+            .save_plan(&sci_aggregator::store::StoredPlan {
+                carried_out_unix_s: Some(200),
+                ..plan.clone()
+            })
+            .unwrap();
+        serde_json::json!({
+            "periods": store.supply_periods(&range).unwrap(),
+            "services": store.supply_service_periods(&range, Some("query-a")).unwrap(),
+            "by_pool": store.supply_groups(&range, "label.pool").unwrap(),
+            "by_vendor": store.supply_groups(&range, "cpu_vendor").unwrap(),
+            "attrs": store.supply_attrs().unwrap(),
+            "plans": store.plans().unwrap(),
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    let a = read(&sqlite);
+    // By hand: the Intel pool has two hosts of 2 CPUs for its share of the
+    // hour; query-a served 3/4 of each host's 30 query transactions.
+    let old = &a["by_pool"].as_array().unwrap()[1];
+    assert_eq!(old["supply"], "old");
+    let seconds = (range.to_s.min(T + 3600) - T) as f64;
+    assert!(close(old["host_s"].as_f64().unwrap(), 2.0 * seconds));
+    assert!(close(
+        old["capacity_cpu_ns"].as_f64().unwrap(),
+        2.0 * 2.0 * seconds * 1e9
+    ));
+    let served: f64 = a["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["transactions"].as_f64().unwrap())
+        .sum();
+    assert!(
+        close(served, 3.0 * 30.0 * 0.75 * seconds / 3600.0),
+        "{served}"
+    );
+    assert_eq!(a["plans"][0]["carried_out_unix_s"], 200);
+    assert!(a["attrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["attr"] == "label.pool" && r["value"] == "new"));
+
+    let Some(server) =
+        ScratchPostgres::start_or_skip("supply_rollups_and_plans_agree_in_both_stores")
+    else {
+        return;
+    };
+    let pg = postgres_store(&server, "supplies");
+    let b = read(&pg);
+    assert_same(&a, &b, "supplies");
+}

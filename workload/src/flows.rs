@@ -8,8 +8,8 @@
 //! drawdown can be funded from); the flows append to `applications`,
 //! `payouts`, `debits`, `notices` and `collections`.
 //!
-//! Every input of a flow derives from its request id (FNV-1a seed of a
-//! SplitMix64), so a run is reproducible. Failures are business outcomes of
+//! Every input of a flow derives from its request id (FNV-1a seed of rand's
+//! SmallRng), so a run is reproducible. Failures are business outcomes of
 //! the computation: a risk score or rate over the threshold, an identity
 //! mismatch, a limit too small for the amount, a stale query token. The one
 //! outside party, the customer's bank answering an auto-debit, is simulated
@@ -27,17 +27,19 @@
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::WorkloadError;
-use crate::rng::SplitMix64;
+use crate::rng;
 use crate::scenario::Scenario;
 
 /// Bump when the schema or the generated data change: a database file of
 /// another version is rebuilt.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 const DATA_SEED: u64 = 0x5C1C_F032;
 /// SHA-256 rounds of one identity chain (applicant-declared and bureau record).
 const IDENTITY_ROUNDS: u32 = 1_000;
@@ -72,12 +74,6 @@ pub enum FlowOutcome {
     /// The business said no (declined, insufficient limit...); not a
     /// completed transaction. The reason is one word, e.g. `declined-risk`.
     Refused(&'static str),
-}
-
-impl FlowOutcome {
-    pub fn is_completed(&self) -> bool {
-        matches!(self, FlowOutcome::Completed)
-    }
 }
 
 /// One connection to a service's database; each worker thread owns one.
@@ -237,7 +233,7 @@ impl FinanceDb {
                 days_past_due INTEGER NOT NULL);
              CREATE TABLE meta (version INTEGER, bureau_records INTEGER, accounts INTEGER);",
         )?;
-        let mut rng = SplitMix64::new(DATA_SEED);
+        let mut rng = SmallRng::seed_from_u64(DATA_SEED);
         {
             let mut insert = tx.prepare(
                 "INSERT INTO bureau VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -263,18 +259,18 @@ impl FinanceDb {
             let mut insert =
                 tx.prepare("INSERT INTO accounts VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
             for account_id in 0..i64::from(sizes.accounts) {
-                let bureau_id = rng.below(u64::from(sizes.bureau_records)) as i64;
-                let limit_cents = (5_000 + rng.below(95_000) as i64) * 100;
-                let used_cents = (limit_cents as f64 * rng.unit() * 0.6) as i64;
-                let apr_bp = 720 + rng.below(1_600) as i64;
-                let term_months = [12, 24, 36][rng.below(3) as usize];
-                let days_past_due = if rng.unit() < 0.03 {
-                    1 + rng.below(90) as i64
+                let bureau_id = rng.random_range(0..u64::from(sizes.bureau_records).max(1)) as i64;
+                let limit_cents = (5_000 + rng.random_range(0..95_000) as i64) * 100;
+                let used_cents = (limit_cents as f64 * rng.random::<f64>() * 0.6) as i64;
+                let apr_bp = 720 + rng.random_range(0..1_600) as i64;
+                let term_months = [12, 24, 36][rng.random_range(0..3) as usize];
+                let days_past_due = if rng.random::<f64>() < 0.03 {
+                    1 + rng.random_range(0..90) as i64
                 } else {
                     0
                 };
                 let key: Vec<u8> = (0..32).map(|_| rng.next_u64() as u8).collect();
-                let frozen = i64::from(rng.unit() < 0.01);
+                let frozen = i64::from(rng.random::<f64>() < 0.01);
                 insert.execute(params![
                     account_id,
                     bureau_id,
@@ -295,16 +291,16 @@ impl FinanceDb {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for account_id in 0..i64::from(sizes.accounts) {
-                for k in 0..rng.below(5) {
-                    let amount_cents = (500 + rng.below(20_000) as i64) * 100;
-                    let instalments = [3, 6, 12, 24][rng.below(4) as usize];
+                for k in 0..rng.random_range(0..5) {
+                    let amount_cents = (500 + rng.random_range(0..20_000) as i64) * 100;
+                    let instalments = [3, 6, 12, 24][rng.random_range(0..4) as usize];
                     let instruction = format!(
                         "payout|seed-{account_id}-{k}|{account_id}|{amount_cents}|{instalments}"
                     );
                     insert.execute(params![
                         format!("seed-{account_id}-{k}"),
                         account_id,
-                        rng.below(6) as i64,
+                        rng.random_range(0..6) as i64,
                         amount_cents,
                         instalments,
                         hex(&Sha256::digest(instruction.as_bytes()))
@@ -365,8 +361,8 @@ impl FinanceDb {
     /// peer features, logistic risk score, risk pricing, approval decision.
     pub fn credit(&mut self, request_id: &str) -> Result<FlowOutcome, WorkloadError> {
         let err = flow_err(Scenario::Credit);
-        let mut rng = SplitMix64::from_text(request_id);
-        let bureau_id = rng.below(u64::from(self.sizes.bureau_records)) as i64;
+        let mut rng = rng::from_text(request_id);
+        let bureau_id = rng.random_range(0..u64::from(self.sizes.bureau_records).max(1)) as i64;
         // The applicant (the simulated customer behind this request): the
         // identity number the application carries.
         let id_number: String = self
@@ -391,18 +387,19 @@ impl FinanceDb {
             .map_err(&err)?;
         let mut declared = record.clone();
         // Applicants round their income; 1.5 % misstate their birth year.
-        declared.annual_income_cents =
-            ((record.annual_income_cents as f64 * (0.9 + 0.3 * rng.unit())) as i64 / 100_000)
-                * 100_000;
-        if rng.unit() < 0.015 {
+        declared.annual_income_cents = ((record.annual_income_cents as f64
+            * (0.9 + 0.3 * rng.random::<f64>())) as i64
+            / 100_000)
+            * 100_000;
+        if rng.random::<f64>() < 0.015 {
             declared.birth_year += 1;
         }
         // 1. Application: the channel's JSON document, parsed and validated.
         let application_json = serde_json::to_string(&CreditApplication {
             request_id: request_id.to_string(),
             applicant: declared,
-            requested_cents: (5_000 + rng.below(45_000) as i64) * 100,
-            term_months: [12, 24, 36][rng.below(3) as usize],
+            requested_cents: (5_000 + rng.random_range(0..45_000) as i64) * 100,
+            term_months: [12, 24, 36][rng.random_range(0..3) as usize],
             channel: "app".into(),
         })
         .map_err(|e| WorkloadError::invalid("credit application", e.to_string()))?;
@@ -478,13 +475,13 @@ impl FinanceDb {
         // the term, then the rate and the limit.
         let term = application.term_months;
         let monthly_hazard = 1.0 - (1.0 - default_probability).powf(1.0 / 12.0);
-        let mut loss_rng = SplitMix64::new(rng.next_u64());
+        let mut loss_rng = SmallRng::seed_from_u64(rng.next_u64());
         let mut loss_total = 0.0;
         for _ in 0..LOSS_PATHS {
             let mut balance = 1.0;
             for _month in 0..term {
-                if loss_rng.unit() < monthly_hazard {
-                    loss_total += balance * (0.45 + 0.3 * loss_rng.unit());
+                if loss_rng.random::<f64>() < monthly_hazard {
+                    loss_total += balance * (0.45 + 0.3 * loss_rng.random::<f64>());
                     break;
                 }
                 balance -= 1.0 / f64::from(term);
@@ -541,8 +538,8 @@ impl FinanceDb {
     /// record (one write transaction).
     pub fn drawdown(&mut self, request_id: &str) -> Result<FlowOutcome, WorkloadError> {
         let err = flow_err(Scenario::Drawdown);
-        let mut rng = SplitMix64::from_text(request_id);
-        let account_id = rng.below(u64::from(self.sizes.accounts)) as i64;
+        let mut rng = rng::from_text(request_id);
+        let account_id = rng.random_range(0..u64::from(self.sizes.accounts).max(1)) as i64;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -566,9 +563,9 @@ impl FinanceDb {
         }
         // 2. Drawdown request: amount (mostly small, sometimes most of the
         // line) and instalments.
-        let share = rng.unit().powi(3) * 0.7 + 0.01;
+        let share = rng.random::<f64>().powi(3) * 0.7 + 0.01;
         let amount_cents = ((limit_cents as f64 * share) as i64 / 100).max(100) * 100;
-        let instalments = [1, 3, 6, 12, 24][rng.below(5) as usize];
+        let instalments = [1, 3, 6, 12, 24][rng.random_range(0..5) as usize];
         if amount_cents > limit_cents - used_cents {
             return Ok(FlowOutcome::Refused("insufficient-limit"));
         }
@@ -587,8 +584,8 @@ impl FinanceDb {
             "device|{account_id}|{}",
             account_id.wrapping_mul(7919) % 1_000_003
         );
-        let presented_device = if rng.unit() < 0.01 {
-            format!("device|{account_id}|new-{}", rng.below(1_000_000))
+        let presented_device = if rng.random::<f64>() < 0.01 {
+            format!("device|{account_id}|new-{}", rng.random_range(0..1_000_000))
         } else {
             registered_device.clone()
         };
@@ -673,8 +670,8 @@ impl FinanceDb {
     /// handling (late fee and a collections case when the debit is refused).
     pub fn repayment(&mut self, request_id: &str) -> Result<FlowOutcome, WorkloadError> {
         let err = flow_err(Scenario::Repayment);
-        let mut rng = SplitMix64::from_text(request_id);
-        let account_id = rng.below(u64::from(self.sizes.accounts)) as i64;
+        let mut rng = rng::from_text(request_id);
+        let account_id = rng.random_range(0..u64::from(self.sizes.accounts).max(1)) as i64;
         let (used_cents, apr_bp, term_months, days_past_due, delinquencies): (
             i64,
             i64,
@@ -733,7 +730,7 @@ impl FinanceDb {
         // customers with past delinquencies or already overdue.
         let refusal_probability =
             0.04 + 0.02 * delinquencies as f64 + if days_past_due > 0 { 0.25 } else { 0.0 };
-        let debited = rng.unit() >= refusal_probability;
+        let debited = rng.random::<f64>() >= refusal_probability;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -791,8 +788,8 @@ impl FinanceDb {
     /// reads of the account, its last payouts and debits.
     pub fn query(&mut self, request_id: &str) -> Result<FlowOutcome, WorkloadError> {
         let err = flow_err(Scenario::Query);
-        let mut rng = SplitMix64::from_text(request_id);
-        let account_id = rng.below(u64::from(self.sizes.accounts)) as i64;
+        let mut rng = rng::from_text(request_id);
+        let account_id = rng.random_range(0..u64::from(self.sizes.accounts).max(1)) as i64;
         let key: Vec<u8> = self
             .conn
             .prepare_cached("SELECT token_key FROM accounts WHERE account_id = ?1")
@@ -801,7 +798,11 @@ impl FinanceDb {
             .map_err(&err)?;
         // The client presents the token its session got at login; 2 % of
         // sessions hold a token of a previous day, which no longer verifies.
-        let session_day = if rng.unit() < 0.02 { 20_400 } else { 20_401 };
+        let session_day = if rng.random::<f64>() < 0.02 {
+            20_400
+        } else {
+            20_401
+        };
         let claims = format!("account={account_id};day={session_day}");
         let token = account_token(&key, &claims);
         let today_claims = format!("account={account_id};day=20401");
@@ -856,19 +857,6 @@ impl FinanceDb {
         });
         std::hint::black_box(view.to_string());
         Ok(FlowOutcome::Completed)
-    }
-
-    /// Row count of a table (for tests and reports).
-    pub fn count_rows(&self, table: &str) -> Result<i64, WorkloadError> {
-        if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(WorkloadError::invalid("table name", table));
-        }
-        self.conn
-            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
-            .map_err(|source| WorkloadError::Flow {
-                scenario: "count",
-                source,
-            })
     }
 }
 
@@ -946,16 +934,16 @@ struct BureauRecord {
 }
 
 impl BureauRecord {
-    fn generate(id: i64, rng: &mut SplitMix64) -> BureauRecord {
-        let region = rng.below(34) as i64;
-        let birth_year = 1960 + rng.below(46) as i64;
-        let annual_income_cents = (60_000.0 * (0.55 * rng.normal()).exp()) as i64 * 100;
-        let u = rng.unit();
+    fn generate(id: i64, rng: &mut SmallRng) -> BureauRecord {
+        let region = rng.random_range(0..34) as i64;
+        let birth_year = 1960 + rng.random_range(0..46) as i64;
+        let annual_income_cents = (60_000.0 * (0.55 * rng::normal(rng)).exp()) as i64 * 100;
+        let u = rng.random::<f64>();
         let total_debt_cents = (annual_income_cents as f64 * 1.5 * u * u) as i64;
-        let delinquencies_24m = if rng.unit() < 0.8 {
+        let delinquencies_24m = if rng.random::<f64>() < 0.8 {
             0
         } else {
-            1 + rng.below(4) as i64
+            1 + rng.random_range(0..4) as i64
         };
         BureauRecord {
             id_number: format!("500{region:03}{birth_year}{id:08}"),
@@ -964,10 +952,10 @@ impl BureauRecord {
             region,
             annual_income_cents,
             total_debt_cents,
-            open_accounts: rng.below(12) as i64,
+            open_accounts: rng.random_range(0..12) as i64,
             delinquencies_24m,
-            inquiries_6m: (rng.unit().powi(2) * 10.0) as i64,
-            history_months: rng.below(300) as i64,
+            inquiries_6m: (rng.random::<f64>().powi(2) * 10.0) as i64,
+            history_months: rng.random_range(0..300) as i64,
         }
     }
 

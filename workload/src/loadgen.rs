@@ -16,13 +16,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::error::WorkloadError;
-use crate::rng::SplitMix64;
 use crate::scenario::{parse_scenario, Role, Scenario};
 use crate::shape::RateAccumulator;
 
@@ -43,10 +44,6 @@ pub struct LoadConfig {
 }
 
 impl LoadConfig {
-    pub fn default_mix() -> [f64; 4] {
-        [1.0, 2.0, 3.0, 10.0]
-    }
-
     fn validate(&self) -> Result<(), WorkloadError> {
         if self.targets.is_empty() {
             return Err(WorkloadError::invalid(
@@ -325,7 +322,7 @@ pub async fn run_load(
     });
     let tally = Arc::new(Mutex::new(Tally::default()));
     let slots = Arc::new(Semaphore::new(config.concurrency));
-    let mut rng = SplitMix64::new(config.seed);
+    let mut rng = SmallRng::seed_from_u64(config.seed);
     let mut rate = RateAccumulator::new(config.peak_rps, config.day_seconds, config.start_hour);
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -469,8 +466,8 @@ pub async fn run_load(
     })
 }
 
-fn pick_scenario(rng: &mut SplitMix64, mix: &[f64; 4], total: f64) -> Scenario {
-    let mut x = rng.unit() * total;
+fn pick_scenario(rng: &mut SmallRng, mix: &[f64; 4], total: f64) -> Scenario {
+    let mut x = rng.random::<f64>() * total;
     for s in Scenario::ALL {
         let w = mix[s.index()];
         if w > 0.0 && x < w {
@@ -489,12 +486,12 @@ fn pick_scenario(rng: &mut SplitMix64, mix: &[f64; 4], total: f64) -> Scenario {
 fn route(
     config: &LoadConfig,
     scenario: Scenario,
-    rng: &mut SplitMix64,
+    rng: &mut SmallRng,
 ) -> Result<(SocketAddr, bool), WorkloadError> {
     let dedicated = config.targets.get(&Role::Dedicated(scenario));
     let shared = config.targets.get(&Role::Shared);
     match (dedicated, shared) {
-        (Some(d), Some(s)) => Ok(if rng.unit() < config.shared_fraction {
+        (Some(d), Some(s)) => Ok(if rng.random::<f64>() < config.shared_fraction {
             (*s, true)
         } else {
             (*d, false)
@@ -536,7 +533,7 @@ mod tests {
 
     #[test]
     fn scenario_picks_follow_the_mix() {
-        let mut rng = SplitMix64::new(7);
+        let mut rng = SmallRng::seed_from_u64(7);
         let mix = [1.0, 2.0, 3.0, 10.0];
         let mut n = [0u32; 4];
         for _ in 0..160_000 {

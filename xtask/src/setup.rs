@@ -11,7 +11,23 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages some tests and the demo use (checked, installed if missing).
 /// PostgreSQL 15 (with pgbench from -contrib) is the fleet store's server and a
 /// real request/response workload for the CPU accounting tests.
-const DEBIAN_PACKAGES: &[&str] = &["chromium", "systemd", "postgresql", "postgresql-contrib"];
+/// runc, busybox-static and nginx: containers and re-titling servers the
+/// attribution tests start while the agent runs. openipmi (ipmi_sim) and
+/// ipmitool: the IPMI DCMI source's test BMC and client. Prometheus 2.42
+/// (with promtool) receives the aggregator's remote-write and checks the
+/// shipped rules.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "chromium",
+    "systemd",
+    "postgresql",
+    "postgresql-contrib",
+    "runc",
+    "busybox-static",
+    "nginx",
+    "openipmi",
+    "ipmitool",
+    "prometheus",
+];
 
 pub fn sci_home() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
@@ -141,13 +157,18 @@ fn ensure_debian_packages() -> Result<()> {
         .args(&missing))
 }
 
-/// Python tools the tests use, pinned, in a venv of our own.
-const PYTHON_TOOLS: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0")];
+/// Python tools the tests use, pinned, in a venv of our own: (package,
+/// version, the program it installs). sushy-tools is OpenStack's Redfish
+/// mock-up server (`sushy-static`), the BMC of the Redfish tests.
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
+    ("kubernetes-validate", "1.37.0", "kubernetes-validate"),
+    ("sushy-tools", "2.2.0", "sushy-static"),
+];
 
 fn ensure_python_tools() -> Result<()> {
     let venv = sci_home()?.join("venv");
-    for (tool, version) in PYTHON_TOOLS {
-        let bin = venv.join("bin").join(tool);
+    for (tool, version, program) in PYTHON_TOOLS {
+        let bin = venv.join("bin").join(program);
         if bin.exists() {
             continue;
         }
@@ -189,6 +210,9 @@ pub fn setup() -> Result<()> {
         &format!("Debian packages {}", DEBIAN_PACKAGES.join(", ")),
         ensure_debian_packages,
     )?;
-    step("Python tools (kubernetes-validate)", ensure_python_tools)?;
+    step(
+        "Python tools (kubernetes-validate, sushy-tools)",
+        ensure_python_tools,
+    )?;
     Ok(())
 }

@@ -9,6 +9,13 @@
 //!   a second, the agent's pipeline closing a window every second; reports the
 //!   agent's own CPU% (rusage, steady state after a first window) and RSS. `--churn`: N shell loops that
 //!   fork+exec `sleep` every second instead (N new processes per second).
+//! - `follow --workload containers|pgbench --seconds S`: the agent (1 s
+//!   windows, a `container` and a `cmdline` rule, so cgroup moves are
+//!   followed and forked processes' titles read) while runc starts a
+//!   busybox container every 0.6 s (100 a minute), or while `pgbench -C -S`
+//!   opens about 500 connections a second on a scratch PostgreSQL (a forked
+//!   backend each); reports the agent's CPU% (rusage of this process less
+//!   the thread that drives the workload) and RSS.
 //! - `accuracy`: eBPF cpu_ns of three busy processes against schedstat.
 //! - `capture`: 300 processes of 5-20 ms: share accounted by eBPF and by procfs polling.
 //! - `markers --pairs N`: ns per marker call (sci_scenario_begin/end) without
@@ -20,6 +27,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 use sci_agent::config::AgentConfig;
 use sci_agent::pipeline::{Pipeline, PipelineOptions};
 use sci_agent::sources::sched::ebpf::{ebpf_object, EbpfOptions, EbpfSampler, ProgramStats};
@@ -61,14 +69,6 @@ impl BareBaseline {
     }
 }
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn set_bpf_stats(on: bool) -> Result<()> {
     std::fs::write(
         "/proc/sys/kernel/bpf_stats_enabled",
@@ -106,8 +106,7 @@ fn find(stats: &[ProgramStats], name: &str) -> Option<ProgramStats> {
     stats.iter().find(|s| s.name == name).cloned()
 }
 
-fn kernel(args: &[String]) -> Result<()> {
-    let seconds = arg(args, "--seconds", 5);
+fn kernel(seconds: u64) -> Result<()> {
     set_bpf_stats(true)?;
     let result = (|| -> Result<serde_json::Value> {
         let sampler = EbpfSampler::load(&EbpfOptions::default())?;
@@ -175,13 +174,9 @@ impl Drop for Children {
     }
 }
 
-fn agent(args: &[String]) -> Result<()> {
-    let processes = arg(args, "--processes", 100);
-    let seconds = arg(args, "--seconds", 10);
-    let procfs = args.iter().any(|a| a == "--procfs");
+fn agent(processes: u64, seconds: u64, procfs: bool, churn: bool, profiling: bool) -> Result<()> {
     // Long-lived processes that wake every second (each a live, changing map
     // entry); with --churn, shell loops that also fork+exec `sleep` every second.
-    let churn = args.iter().any(|a| a == "--churn");
     let me = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for _ in 0..processes {
@@ -196,7 +191,6 @@ fn agent(args: &[String]) -> Result<()> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let mut config = AgentConfig::default();
-    let profiling = args.iter().any(|a| a == "--profile");
     config.profile.enabled = profiling;
     let (mut pipeline, fallback) = Pipeline::open(
         &config,
@@ -314,13 +308,12 @@ fn followed_pairs_ns(pairs: u64, request_histogram: bool) -> Result<f64> {
 /// begin/end pairs without the uprobes, with them but without the per-request
 /// CPU histogram, and with both (same run, `--rounds` alternations, fastest
 /// round of each).
-fn markers(args: &[String]) -> Result<()> {
-    let pairs = arg(args, "--pairs", 200_000);
+fn markers(pairs: u64, rounds: u64) -> Result<()> {
     marker_pairs_ns(pairs / 10);
     let bare_pair_ns = marker_pairs_ns(pairs);
     // Alternate rounds without and with the histogram; the fastest round of
     // each stands for it (other load on the machine only ever adds time).
-    let rounds = arg(args, "--rounds", 3).max(1);
+    let rounds = rounds.max(1);
     let mut no_histogram_pair_ns = f64::MAX;
     let mut followed_pair_ns = f64::MAX;
     for _ in 0..rounds {
@@ -372,11 +365,11 @@ fn profile_load_outer(stop: &std::sync::atomic::AtomicBool) {
 /// (bpf_stats), samples per second, and the agent's CPU% spent draining and
 /// symbolising one window per second (thread CPU time of `drain`, steady
 /// state after the first window, whose cold symboliser is reported apart).
-fn profile(args: &[String]) -> Result<()> {
+fn profile(seconds: u64) -> Result<()> {
     use sci_agent::sources::profile::{CpuProfiler, ProfilerOptions};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let seconds = arg(args, "--seconds", 5).max(2);
+    let seconds = seconds.max(2);
     set_bpf_stats(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -479,8 +472,7 @@ fn schedstat_ns(pid: u32) -> Result<u64> {
 
 /// CPU-time accuracy: three processes burning 100%, 50% and 20% of a core;
 /// the eBPF window's cpu_ns against /proc/<pid>/schedstat over the same window.
-fn accuracy(args: &[String]) -> Result<()> {
-    let seconds = arg(args, "--seconds", 3);
+fn accuracy(seconds: u64) -> Result<()> {
     let me = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for duty in [100, 50, 20] {
@@ -525,7 +517,7 @@ fn accuracy(args: &[String]) -> Result<()> {
 /// Short-lived processes: 300 processes of 5-20 ms each inside one window;
 /// share of their CPU time (from wait4's rusage) that the eBPF path and a
 /// procfs poller at the same interval account.
-fn capture(_args: &[String]) -> Result<()> {
+fn capture() -> Result<()> {
     use sci_agent::sources::sched::procfs::ProcfsSampler;
     let me = std::env::current_exe()?;
     let mut sampler = EbpfSampler::load(&EbpfOptions::default())?;
@@ -565,20 +557,286 @@ fn capture(_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The agent's config for `follow`: rules that make it follow moves and
+/// read titles.
+const FOLLOW_RULES: &str = r#"
+[[scenarios.rules]]
+container = "5c1"
+service = "container-app"
+scenario = "query"
+
+[[scenarios.rules]]
+cmdline = '^postgres: '
+service = "pg"
+scenario = "query"
+"#;
+
+/// Drives the workload of `follow` on its own thread until `stop`, and
+/// returns what it did.
+fn follow_driver(
+    workload: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<Result<String>>> {
+    use sci_test_harness::containers::runc_bundle;
+    use sci_test_harness::postgres::ScratchPostgres;
+    use std::sync::atomic::Ordering;
+    match workload {
+        "containers" => {
+            let bundle =
+                std::env::temp_dir().join(format!("sci-bench-runc-{}", std::process::id()));
+            let script = "i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; true";
+            let parent = format!("sci-bench-runc-{}", std::process::id());
+            let runc = std::path::PathBuf::from("/usr/sbin/runc");
+            Ok(std::thread::spawn(move || {
+                let mut started = 0u64;
+                let next = Instant::now();
+                let mut due = next;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{:0>64}", format!("5c1{:x}{started:x}", std::process::id()));
+                    runc_bundle(
+                        &runc,
+                        std::path::Path::new("/bin/busybox"),
+                        &bundle,
+                        script,
+                        &format!("/{parent}/{id}"),
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    let status = Command::new(&runc)
+                        .args(["run", "--bundle"])
+                        .arg(&bundle)
+                        .arg(format!("sci-bench-{started}"))
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .status()?;
+                    if !status.success() {
+                        bail!("runc run: {status}");
+                    }
+                    started += 1;
+                    due += Duration::from_millis(600);
+                    if let Some(rest) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(rest);
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&bundle);
+                for hierarchy in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+                    let _ = std::fs::remove_dir(hierarchy.path().join(&parent));
+                }
+                let per_minute = started as f64 * 60.0 / next.elapsed().as_secs_f64();
+                Ok(format!("{started} containers, {per_minute:.0}/min"))
+            }))
+        }
+        "pgbench" => {
+            let server = ScratchPostgres::start().map_err(anyhow::Error::msg)?;
+            Ok(std::thread::spawn(move || {
+                let init = server
+                    .client("pgbench")
+                    .args(["-i", "-q", "-s", "1", "postgres"])
+                    .output()?;
+                if !init.status.success() {
+                    bail!("pgbench -i: {init:?}");
+                }
+                let mut connections = 0u64;
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let out = server
+                        .client("pgbench")
+                        .args([
+                            "-C", "-S", "-c", "8", "-j", "2", "-R", "500", "-T", "2", "-n",
+                            "postgres",
+                        ])
+                        .output()?;
+                    if !out.status.success() {
+                        bail!("pgbench -C: {out:?}");
+                    }
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    connections += text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                        .and_then(|n| n.split('/').next()?.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+                let per_second = connections as f64 / started.elapsed().as_secs_f64();
+                drop(server);
+                Ok(format!("{connections} connections, {per_second:.0}/s"))
+            }))
+        }
+        other => bail!("follow --workload containers|pgbench, not {other:?}"),
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The agent's cost while containers start or connections fork backends.
+fn follow(workload: String, seconds: u64) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = AgentConfig::from_toml_str(FOLLOW_RULES, std::path::Path::new("follow.toml"))?;
+    let (mut pipeline, fallback) = Pipeline::open(
+        &config,
+        &PipelineOptions {
+            force_procfs: false,
+            marker_libraries: Vec::new(),
+        },
+    )?;
+    if let Some(reason) = fallback {
+        bail!("{reason}");
+    }
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let driver = follow_driver(&workload, std::sync::Arc::clone(&stop))?;
+    // Two windows to reach the steady state (the workload's first processes
+    // are described then), then the measured run.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(1));
+        pipeline.next_window()?;
+    }
+    // The driver thread's CPU clock: its time is not the agent's.
+    let driver_clock = {
+        use std::os::unix::thread::JoinHandleExt;
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: a live thread's handle and a clockid to write into.
+        let r = unsafe { libc::pthread_getcpuclockid(driver.as_pthread_t(), &mut clock) };
+        if r != 0 {
+            bail!("pthread_getcpuclockid: error {r}");
+        }
+        clock
+    };
+    let driver_before = clock_ns(driver_clock);
+    let cpu_before = rusage_self_ns();
+    let started = Instant::now();
+    let mut max_rss_kib = 0;
+    let mut windows = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(1));
+        pipeline.next_window()?;
+        windows += 1;
+        max_rss_kib = max_rss_kib.max(rss_kib());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_ns = rusage_self_ns() - cpu_before;
+    let driver_ns = clock_ns(driver_clock).saturating_sub(driver_before);
+    stop.store(true, Ordering::Relaxed);
+    let done = driver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the workload thread panicked"))??;
+    let agent_ns = cpu_ns.saturating_sub(driver_ns);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "follow",
+            "workload": workload,
+            "done": done,
+            "windows": windows,
+            "cpu_percent_of_one_core": 100.0 * agent_ns as f64 / 1e9 / elapsed,
+            "driver_cpu_percent_of_one_core": 100.0 * driver_ns as f64 / 1e9 / elapsed,
+            "rss_mib": max_rss_kib as f64 / 1024.0,
+        })
+    );
+    Ok(())
+}
+
+#[derive(Parser)]
+#[command(about = "Measurements behind BENCHMARKS.md (one JSON line per run)")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ns per sched_switch event of the full accounting program and of the bare baseline.
+    Kernel {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// The agent's CPU while containers start (runc) or connections fork backends (pgbench -C).
+    Follow {
+        /// containers or pgbench.
+        #[arg(long, default_value = "containers")]
+        workload: String,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// The agent's own CPU and RSS with N live processes, a window every second.
+    Agent {
+        #[arg(long, default_value_t = 100)]
+        processes: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Sample procfs instead of eBPF.
+        #[arg(long)]
+        procfs: bool,
+        /// N shell loops that fork+exec `sleep` every second instead of N sleepers.
+        #[arg(long)]
+        churn: bool,
+        /// With the CPU profiler attached.
+        #[arg(long)]
+        profile: bool,
+    },
+    /// ns per marker call, not followed, followed without and with the request histogram.
+    Markers {
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
+        /// Alternating rounds with the uprobes (the fastest of each stands).
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+    },
+    /// eBPF cpu_ns of three busy processes against schedstat.
+    Accuracy {
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+    /// 300 short processes: share of their CPU time accounted by eBPF and by procfs polling.
+    Capture,
+    /// The CPU profiler's cost at 19 Hz and 99 Hz.
+    Profile {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// (child of `capture`) spins until this process has used MS of CPU time.
+    #[command(hide = true)]
+    Burn {
+        #[arg(default_value_t = 10)]
+        ms: u64,
+    },
+    /// (child of `accuracy`) busy PERCENT of every 20 ms, until killed.
+    #[command(hide = true)]
+    Duty {
+        #[arg(default_value_t = 50)]
+        percent: u64,
+    },
+    /// (child of `agent`) wakes once a second, until killed.
+    #[command(hide = true)]
+    Sleeper,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("kernel") => kernel(&args),
-        Some("agent") => agent(&args),
-        Some("markers") => markers(&args),
-        Some("accuracy") => accuracy(&args),
-        Some("capture") => capture(&args),
-        Some("burn") => {
-            burn_ms(arg(&args, "burn", 10));
+    match Args::parse().bench {
+        Bench::Kernel { seconds } => kernel(seconds),
+        Bench::Agent {
+            processes,
+            seconds,
+            procfs,
+            churn,
+            profile,
+        } => agent(processes, seconds, procfs, churn, profile),
+        Bench::Follow { workload, seconds } => follow(workload, seconds),
+        Bench::Markers { pairs, rounds } => markers(pairs, rounds),
+        Bench::Accuracy { seconds } => accuracy(seconds),
+        Bench::Capture => capture(),
+        Bench::Profile { seconds } => profile(seconds),
+        Bench::Burn { ms } => {
+            burn_ms(ms);
             Ok(())
         }
-        Some("duty") => {
-            let percent = arg(&args, "duty", 50).min(100);
+        Bench::Duty { percent } => {
+            let percent = percent.min(100);
             loop {
                 let start = Instant::now();
                 burn_ms(percent / 5);
@@ -587,10 +845,8 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Some("profile") => profile(&args),
-        Some("sleeper") => loop {
+        Bench::Sleeper => loop {
             std::thread::sleep(Duration::from_secs(1));
         },
-        _ => bail!("usage: sci-bench kernel [--seconds S] | agent [--processes N] [--seconds S] [--procfs] [--churn] | markers [--pairs N] | profile [--seconds S] | accuracy [--seconds S] | capture"),
     }
 }

@@ -69,7 +69,15 @@ pub struct AggregatorConfig {
     /// Longest wait between reconnection attempts.
     #[serde(with = "agent_common::time_text::serde_duration")]
     pub max_backoff: Duration,
+    /// On SIGTERM/SIGINT, how long the agent keeps delivering (its last,
+    /// partial window included) before it exits; what is left stays spooled.
+    #[serde(with = "agent_common::time_text::serde_duration")]
+    pub shutdown_grace: Duration,
 }
+
+/// Longest `shutdown_grace`: below systemd's default `TimeoutStopSec` (90 s),
+/// so the service manager does not kill the agent while it delivers.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(80);
 
 impl Default for AggregatorConfig {
     fn default() -> Self {
@@ -85,6 +93,7 @@ impl Default for AggregatorConfig {
             behind_after: Duration::from_secs(300),
             spool_max_bytes: 256 * 1024 * 1024,
             max_backoff: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -134,6 +143,16 @@ impl AggregatorConfig {
                 format!(
                     "{} bytes: must be between 64 KiB and 30 MiB (below the aggregator's 32 MiB message limit)",
                     self.batch_max_bytes
+                ),
+            ));
+        }
+        if self.shutdown_grace > MAX_SHUTDOWN_GRACE {
+            return Err(err(
+                "shutdown_grace",
+                format!(
+                    "{}: must be at most {} (systemd kills a service that takes 90 s to stop; what is not delivered stays in the spool anyway)",
+                    agent_common::time_text::format_duration(self.shutdown_grace),
+                    agent_common::time_text::format_duration(MAX_SHUTDOWN_GRACE)
                 ),
             ));
         }

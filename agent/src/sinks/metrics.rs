@@ -81,12 +81,16 @@ struct State {
     idle_cpu_ns: u64,
     conservation_violations: u64,
     energy_warnings: u64,
+    /// Seconds between a previous run's last window and this run's first.
+    unmeasured_s: f64,
     energy_source: Option<(String, bool)>,
     cpu_source: Option<String>,
     intensity_g_per_kwh: f64,
     pue: f64,
     lost_events: BTreeMap<&'static str, u64>,
     lost_cpu_ns: BTreeMap<&'static str, u64>,
+    /// (source, fault) -> windows' fault counts.
+    energy_faults: BTreeMap<(String, String), u64>,
     /// (pid, comm) -> series.
     processes: HashMap<(u32, Text), ProcessSeries>,
     /// (comm, cgroup) -> folded totals.
@@ -286,6 +290,11 @@ impl MetricsRegistry {
         self.lock().energy_warnings += count as u64;
     }
 
+    /// Time no window covers: between an earlier run's last window and this run's first.
+    pub fn observe_unmeasured(&self, seconds: f64) {
+        self.lock().unmeasured_s += seconds.max(0.0);
+    }
+
     /// Add one window to the totals.
     pub fn observe(&self, report: &WindowReport) {
         let mut s = self.lock();
@@ -316,6 +325,12 @@ impl MetricsRegistry {
             s.energy_source = Some((report.energy_source.clone(), report.estimated));
         }
         s.cpu_source = Some(report.cpu_source.as_str().to_string());
+        for (name, n) in &report.energy_faults {
+            let (source, fault) = name.split_once('/').unwrap_or((name.as_str(), "failed"));
+            *s.energy_faults
+                .entry((source.to_string(), fault.to_string()))
+                .or_default() += n;
+        }
         s.intensity_g_per_kwh = report.carbon_intensity_g_per_kwh;
         s.pue = report.pue;
         let l = &report.lost;
@@ -443,6 +458,11 @@ impl MetricsRegistry {
                 s.energy_warnings as f64,
             ),
             (
+                "sci_agent_unmeasured_seconds_total",
+                "Seconds between the previous run's last window and this run's first (the agent was not running).",
+                s.unmeasured_s,
+            ),
+            (
                 "sci_business_units_total",
                 "R: completed transactions weighted by the scenario weights.",
                 s.business_units,
@@ -527,6 +547,14 @@ impl MetricsRegistry {
             cpu_source.push(&[("source", source)], 1.0);
         }
         out.push(cpu_source);
+        let mut energy_faults = Family::counter(
+            "sci_energy_faults_total",
+            "What an energy source could not measure, per source and fault (failed, stuck, timeout, stale, ...).",
+        );
+        for ((source, fault), n) in &s.energy_faults {
+            energy_faults.push(&[("source", source), ("fault", fault)], *n as f64);
+        }
+        out.push(energy_faults);
         let mut lost_events = Family::counter(
             "sci_lost_events_total",
             "Events the CPU accounting could not record.",

@@ -10,9 +10,11 @@
 //!   renamed into place, then the directory is fsynced: a window is in the
 //!   spool whole or not at all; a failed write (full disk, read-only
 //!   filesystem) removes its `.tmp` and is counted.
-//! - `state`: `v2 <agent_instance> <next_seq> <crc32 hex>`, written the same
-//!   way, so a restarted agent keeps its identity and continues the
-//!   numbering. A `state` whose checksum does not match, that cannot be
+//! - `state`: `v3 <agent_instance> <next_seq> <measured_through_ns> <crc32 hex>`,
+//!   written the same way, so a restarted agent keeps its identity and
+//!   continues the numbering, and knows where the last spooled window ended
+//!   (the time until its own first window was not measured: it says so).
+//!   A `v2` state (without the end) is read as it is. A `state` whose checksum does not match, that cannot be
 //!   read, or that is missing while windows are spooled is reported and
 //!   rebuilt from the spool's own files: a new agent instance (so no seq of
 //!   the old one is ever reused) numbering after the highest spooled seq;
@@ -141,33 +143,49 @@ fn file_name(seq: u64) -> String {
     format!("{seq:020}.win")
 }
 
-fn state_text(instance: &str, next_seq: u64) -> String {
-    let body = format!("{instance} {next_seq}");
-    format!("v2 {body} {:08x}\n", crc32fast::hash(body.as_bytes()))
+fn state_text(instance: &str, next_seq: u64, measured_through_ns: u64) -> String {
+    let body = format!("{instance} {next_seq} {measured_through_ns}");
+    format!("v3 {body} {:08x}\n", crc32fast::hash(body.as_bytes()))
 }
 
-/// (instance, next_seq) of a `state` file, or what is wrong with it.
-fn parse_state(text: &str) -> Result<(String, u64), String> {
+/// What a `state` file holds.
+type State = (String, u64, Option<u64>);
+
+/// (instance, next_seq, end of the last spooled window) of a `state` file,
+/// or what is wrong with it.
+fn parse_state(text: &str) -> Result<State, String> {
     let words: Vec<&str> = text.split_whitespace().collect();
+    let checked = |body: String, crc: &str| {
+        let want = format!("{:08x}", crc32fast::hash(body.as_bytes()));
+        if crc != want {
+            return Err(format!(
+                "checksum mismatch (file says {crc}, content gives {want})"
+            ));
+        }
+        Ok(())
+    };
+    let number = |what: &str, text: &str| {
+        text.parse::<u64>()
+            .map_err(|e| format!("{what} {text:?}: {e}"))
+    };
     match words[..] {
+        ["v3", instance, next, through, crc] => {
+            checked(format!("{instance} {next} {through}"), crc)?;
+            let through = number("measured through", through)?;
+            Ok((
+                instance.to_string(),
+                number("next seq", next)?,
+                (through > 0).then_some(through),
+            ))
+        }
         ["v2", instance, next, crc] => {
-            let body = format!("{instance} {next}");
-            let want = format!("{:08x}", crc32fast::hash(body.as_bytes()));
-            if crc != want {
-                return Err(format!(
-                    "checksum mismatch (file says {crc}, content gives {want})"
-                ));
-            }
-            let next = next
-                .parse::<u64>()
-                .map_err(|e| format!("next seq {next:?}: {e}"))?;
-            Ok((instance.to_string(), next))
+            checked(format!("{instance} {next}"), crc)?;
+            Ok((instance.to_string(), number("next seq", next)?, None))
         }
         // The format before checksums: taken as it is.
-        [instance, next] if !instance.is_empty() && instance != "v2" => next
-            .parse::<u64>()
-            .map(|n| (instance.to_string(), n))
-            .map_err(|e| format!("next seq {next:?}: {e}")),
+        [instance, next] if !instance.is_empty() && instance != "v2" && instance != "v3" => {
+            Ok((instance.to_string(), number("next seq", next)?, None))
+        }
         _ => Err(format!("unreadable ({} words)", words.len())),
     }
 }
@@ -247,6 +265,8 @@ pub struct Spool {
     max_merged_span_ns: u64,
     agent_instance: String,
     next_seq: u64,
+    /// End (unix ns) of the last window appended, by this run or an earlier one.
+    measured_through_ns: Option<u64>,
     /// seq -> (size in bytes of the record file, window end unix ns).
     sizes: BTreeMap<u64, (u64, u64)>,
     /// Windows with seq <= this may have reached the aggregator: never merged.
@@ -350,6 +370,7 @@ impl Spool {
             max_merged_span_ns: DEFAULT_MAX_MERGED_SPAN.as_nanos() as u64,
             agent_instance: new_instance.to_string(),
             next_seq: 0,
+            measured_through_ns: None,
             sizes: BTreeMap::new(),
             maybe_sent_through: None,
             held: BTreeSet::new(),
@@ -390,9 +411,10 @@ impl Spool {
             Err(e) => Some(Err(format!("cannot be read: {e}"))),
         };
         match state {
-            Some(Ok((instance, next))) => {
+            Some(Ok((instance, next, through))) => {
                 spool.agent_instance = instance;
                 spool.next_seq = next.max(highest);
+                spool.measured_through_ns = through;
             }
             None if spool.sizes.is_empty() => {}
             problem => {
@@ -413,6 +435,8 @@ impl Spool {
                 );
             }
         }
+        let spooled_end = spool.sizes.values().map(|(_, end)| *end).max();
+        spool.measured_through_ns = spool.measured_through_ns.max(spooled_end);
         // Everything found may have been sent by the previous run.
         spool.maybe_sent_through = spool.sizes.keys().next_back().copied();
         spool.write_state()?;
@@ -464,7 +488,11 @@ impl Spool {
     }
 
     fn write_state(&mut self) -> Result<(), AgentError> {
-        let text = state_text(&self.agent_instance, self.next_seq);
+        let text = state_text(
+            &self.agent_instance,
+            self.next_seq,
+            self.measured_through_ns.unwrap_or(0),
+        );
         let written = write_durably(&self.dir, "state", text.as_bytes());
         if written.is_err() {
             self.stats.write_failures += 1;
@@ -545,6 +573,12 @@ impl Spool {
     }
 
     /// The seq the next window will carry.
+    /// Where the last window appended (by this run or an earlier one) ended:
+    /// a restarted agent measured nothing between it and its first window.
+    pub fn measured_through_ns(&self) -> Option<u64> {
+        self.measured_through_ns
+    }
+
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -666,6 +700,7 @@ impl Spool {
         }
         self.next_seq += 1;
         self.stats.appended += 1;
+        self.measured_through_ns = self.measured_through_ns.max(Some(window.end_unix_ns));
         // The window is spooled: a failure from here on is reported (and
         // counted) but does not un-spool it. A stale `state` is corrected at
         // the next start from the files themselves.
@@ -795,15 +830,6 @@ impl Spool {
         }
         self.publish();
         Ok(out)
-    }
-
-    /// Up to `max` windows after `after` (all windows when None), in seq order.
-    pub fn windows_after(
-        &mut self,
-        after: Option<u64>,
-        max: usize,
-    ) -> Result<Vec<v1::WindowReport>, AgentError> {
-        self.next_batch(after, max, u64::MAX)
     }
 
     /// The aggregator holds every window with seq <= `seq`: delete them.
@@ -1110,6 +1136,7 @@ mod tests {
                 counts,
                 sum_cpu_ns: sum,
                 energy_j_per_cpu_ns: rate,
+                sub_bucket_bits: 4,
             };
         let mut a = window(1, 1.0, 0);
         a.request_cpu = vec![histogram("loans", vec![0, 2, 1], 10, 1e-9)];
@@ -1135,6 +1162,22 @@ mod tests {
         assert!((m.request_cpu[0].energy_j_per_cpu_ns - 2.5e-9).abs() < 1e-20);
         assert_eq!(m.request_cpu[1], histogram("web", vec![0, 1], 1, 5e-9));
         assert_eq!(m.lost.unwrap().request_histogram_full, 3);
+        // A window spooled by an older agent (log2 buckets) is not added
+        // bucket by bucket to a log-linear one: both are kept.
+        let mut old = window(3, 1.0, 0);
+        old.request_cpu = vec![v1::RequestCpuHistogram {
+            sub_bucket_bits: 0,
+            ..histogram("web", vec![0, 7], 7, 5e-9)
+        }];
+        let m = merge_windows(&m, &old);
+        let web: Vec<_> = m
+            .request_cpu
+            .iter()
+            .filter(|h| h.service == "web")
+            .collect();
+        assert_eq!(web.len(), 2, "{web:?}");
+        assert_eq!((web[0].sub_bucket_bits, &web[0].counts), (0, &vec![0, 7]));
+        assert_eq!((web[1].sub_bucket_bits, &web[1].counts), (4, &vec![0, 1]));
     }
 
     fn all_windows(spool: &mut Spool) -> Vec<v1::WindowReport> {
@@ -1366,6 +1409,33 @@ mod tests {
     }
 
     #[test]
+    fn the_end_of_the_last_window_survives_a_restart_and_its_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20, "inst").unwrap();
+            assert_eq!(spool.measured_through_ns(), None);
+            for seq in 0..3 {
+                spool.append(&window(seq, 1.0, 0)).unwrap();
+            }
+            // Delivered: the files go, the end stays.
+            spool.ack_through(2).unwrap();
+            assert!(spool.is_empty());
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, "other").unwrap();
+        assert_eq!(spool.agent_instance(), "inst");
+        assert_eq!(spool.next_seq(), 3);
+        assert_eq!(
+            spool.measured_through_ns(),
+            Some(1_700_000_000_000_000_000 + 3 * 1_000_000_000)
+        );
+        // A state written before the end was kept (v2) is read as it is.
+        let body = "old 7";
+        let v2 = format!("v2 {body} {:08x}\n", crc32fast::hash(body.as_bytes()));
+        assert_eq!(parse_state(&v2), Ok(("old".to_string(), 7, None)));
+        assert!(parse_state("v3 old 7 99 00000000").is_err());
+    }
+
+    #[test]
     fn a_damaged_state_is_detected_and_rebuilt_from_the_spool_files() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -1378,7 +1448,7 @@ mod tests {
         }
         let state_path = dir.path().join("state");
         let state = fs::read_to_string(&state_path).unwrap();
-        assert!(state.starts_with("v2 inst 12 "), "{state}");
+        assert!(state.starts_with("v3 inst 12 "), "{state}");
         // One damaged digit: next seq 12 reads 02 (seqs 2..11 would be reused).
         fs::write(&state_path, state.replacen("inst 12", "inst 02", 1)).unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 20, "fresh").unwrap();

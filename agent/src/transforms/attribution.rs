@@ -164,9 +164,7 @@ impl Attributor {
         energy: &WindowEnergy,
         report: &mut WindowReport,
     ) {
-        for w in &energy.warnings {
-            tracing::warn!(target: "sci_agent::energy", "{w}");
-        }
+        // The energy warnings are logged by the pipeline, each distinct one once.
         let duration_ns = if energy.duration_ns > 0 {
             energy.duration_ns
         } else {
@@ -211,6 +209,9 @@ impl Attributor {
             let idle_ns = CpuView::per_cpu_sum(&sample.idle_ns_per_cpu, &d.cpus);
 
             let baseline_j = match (self.configured_idle_power_w, d.idle_power_w) {
+                // The source knows this window's idle part (platform power
+                // attributed as idle, a hypervisor's idle share).
+                _ if d.known_idle_j.is_some() => d.known_idle_j.unwrap_or(0.0),
                 (Some(host_idle_w), _) => {
                     if host_energy_j > 0.0 {
                         host_idle_w * duration_s * energy_j / host_energy_j

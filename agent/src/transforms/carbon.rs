@@ -7,8 +7,9 @@
 //! follows the SCI specification: `TE` is the host's total embodied carbon,
 //! `TiR` the window length, `EL` the expected lifetime, and `RR / ToR` the
 //! share of the physical machine this host reserves: 1 for bare metal; for a
-//! virtual machine (energy from a per-vCPU power model, or
-//! `carbon.host_kind = "vm"`) its vCPUs over the physical host's
+//! virtual machine (the CPU's `hypervisor` flag or a hypervisor's DMI
+//! product, or `carbon.host_kind = "vm"`; never the energy source that
+//! happened to work) its vCPUs over the physical host's
 //! (`carbon.physical_host_vcpus`, default [`DEFAULT_PHYSICAL_HOST_VCPUS`]),
 //! the share the SCI specification and Cloud Carbon Footprint use; or
 //! `carbon.resource_share` as configured. A process gets the host's M in
@@ -35,11 +36,97 @@ pub const DEFAULT_PHYSICAL_HOST_VCPUS: u32 = 96;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostKind {
-    /// A VM when its energy comes from a power model (no RAPL), else bare metal.
+    /// Found from the CPU flags and DMI (see [`detect_host_kind`]), never
+    /// from which energy source happened to work.
     #[default]
     Auto,
     Vm,
     BareMetal,
+}
+
+/// What [`detect_host_kind`] found, with the evidence (disclosed in the
+/// window's `share_source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDetection {
+    pub vm: bool,
+    pub evidence: String,
+}
+
+/// DMI product names that only virtual machines report (a hypervisor that
+/// hides the CPU's `hypervisor` flag still names itself here). Vendors alone
+/// are not enough: a bare-metal cloud instance reports its cloud's vendor.
+const VM_DMI_PRODUCTS: [&str; 9] = [
+    "kvm",
+    "qemu",
+    "vmware",
+    "virtualbox",
+    "virtual machine",
+    "hvm domu",
+    "bochs",
+    "parallels",
+    "cloud hypervisor",
+];
+
+/// Bare metal or VM, from the `hypervisor` flag of `cpuinfo` (set by every
+/// x86 hypervisor that follows the CPUID convention) and, without it, the
+/// DMI product name and vendor under `dmi_dir` (`/sys/class/dmi/id`).
+pub fn detect_host_kind(cpuinfo: &Path, dmi_dir: &Path) -> HostDetection {
+    let flags = std::fs::read_to_string(cpuinfo).ok().and_then(|text| {
+        text.lines()
+            .find(|l| l.starts_with("flags"))
+            .map(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+    });
+    if flags == Some(true) {
+        return HostDetection {
+            vm: true,
+            evidence: format!("CPU flag hypervisor ({})", cpuinfo.display()),
+        };
+    }
+    let dmi = |file: &str| {
+        std::fs::read_to_string(dmi_dir.join(file))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    };
+    let (product, vendor) = (dmi("product_name"), dmi("sys_vendor"));
+    for text in [&product, &vendor].into_iter().flatten() {
+        let lower = text.to_lowercase();
+        if VM_DMI_PRODUCTS.iter().any(|p| lower.contains(p)) {
+            return HostDetection {
+                vm: true,
+                evidence: format!("DMI names a hypervisor: {text:?}"),
+            };
+        }
+    }
+    let flags_text = match flags {
+        Some(_) => "no CPU flag hypervisor".to_string(),
+        None => format!("{} has no flags line", cpuinfo.display()),
+    };
+    let dmi_text = match (&product, &vendor) {
+        (None, None) => format!("no DMI under {}", dmi_dir.display()),
+        _ => format!(
+            "DMI {:?} / {:?} names no hypervisor",
+            vendor.as_deref().unwrap_or("-"),
+            product.as_deref().unwrap_or("-")
+        ),
+    };
+    HostDetection {
+        vm: false,
+        evidence: format!("{flags_text}, {dmi_text}"),
+    }
+}
+
+/// What the host says about the carbon of its electricity and of the VM's share of it
+/// (a hypervisor's agent gives them to its guests).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct HostFactors {
+    pub host: String,
+    pub intensity_g_per_kwh: f64,
+    pub intensity_source: String,
+    pub pue: f64,
+    /// RR/ToR of the VM: its vCPUs over the physical host's.
+    pub resource_share: f64,
+    pub share_source: String,
 }
 
 /// China national grid average, 2023 (g CO2 per kWh).
@@ -309,6 +396,8 @@ pub struct CarbonTransform {
     lifetime_years: f64,
     resource_share: Option<f64>,
     host_kind: HostKind,
+    /// What `host_kind = auto` found at start-up.
+    detected: HostDetection,
     physical_host_vcpus: u32,
 }
 
@@ -318,7 +407,34 @@ fn lifespan_s(lifetime_years: f64) -> f64 {
 }
 
 impl CarbonTransform {
+    /// From the `[carbon]` section; `host_kind = auto` is resolved from this
+    /// machine's `/proc/cpuinfo` and `/sys/class/dmi/id`.
     pub fn from_config(cfg: &CarbonConfig) -> Result<CarbonTransform, CarbonError> {
+        let detected = match cfg.host_kind {
+            HostKind::Auto => {
+                detect_host_kind(Path::new("/proc/cpuinfo"), Path::new("/sys/class/dmi/id"))
+            }
+            HostKind::Vm | HostKind::BareMetal => HostDetection {
+                vm: false,
+                evidence: String::new(),
+            },
+        };
+        Self::with_detection(cfg, detected)
+    }
+
+    /// [`Self::from_config`] with what detection found (tests); a
+    /// `host_kind` other than `auto` overrides it.
+    pub fn with_detection(
+        cfg: &CarbonConfig,
+        detected: HostDetection,
+    ) -> Result<CarbonTransform, CarbonError> {
+        let detected = match cfg.host_kind {
+            HostKind::Auto => detected,
+            kind => HostDetection {
+                vm: kind == HostKind::Vm,
+                evidence: "carbon.host_kind".to_string(),
+            },
+        };
         let chosen = [
             cfg.intensity_g_per_kwh.is_some(),
             cfg.grid.is_some(),
@@ -406,6 +522,7 @@ impl CarbonTransform {
             lifetime_years: cfg.lifetime_years,
             resource_share: cfg.resource_share,
             host_kind: cfg.host_kind,
+            detected,
             physical_host_vcpus: cfg
                 .physical_host_vcpus
                 .unwrap_or(DEFAULT_PHYSICAL_HOST_VCPUS),
@@ -417,23 +534,14 @@ impl CarbonTransform {
         if let Some(share) = self.resource_share {
             return (share, "config: carbon.resource_share".to_string());
         }
-        let vm = match self.host_kind {
-            HostKind::Vm => Some("carbon.host_kind = vm"),
-            HostKind::BareMetal => None,
-            HostKind::Auto => report
-                .estimated
-                .then_some("energy from a per-vCPU power model"),
+        let why = match self.host_kind {
+            HostKind::Vm => "carbon.host_kind = vm".to_string(),
+            HostKind::BareMetal => "carbon.host_kind = bare_metal".to_string(),
+            HostKind::Auto => self.detected.evidence.clone(),
         };
-        match vm {
-            None => (
-                1.0,
-                match self.host_kind {
-                    HostKind::BareMetal => "bare metal (carbon.host_kind): the whole machine",
-                    _ => "bare metal (measured energy): the whole machine",
-                }
-                .to_string(),
-            ),
-            Some(why) => {
+        match self.detected.vm {
+            false => (1.0, format!("bare metal ({why}): the whole machine")),
+            true => {
                 let vcpus = report.cpus.max(1);
                 let share = (f64::from(vcpus) / f64::from(self.physical_host_vcpus)).min(1.0);
                 let host = if self.physical_host_vcpus == DEFAULT_PHYSICAL_HOST_VCPUS {
@@ -464,14 +572,43 @@ impl CarbonTransform {
     /// Fill intensity, PUE, host and per-process carbon of a report whose energy
     /// is attributed. On error (no intensity for the window) nothing is changed.
     pub fn apply(&self, report: &mut WindowReport) -> Result<(), CarbonError> {
-        let midpoint_s = (report.start_unix_ns as f64 + report.end_unix_ns as f64) / 2.0 / 1e9;
-        let intensity = self.intensity.at(midpoint_s)?;
+        self.apply_with_host(report, None)
+    }
+
+    /// [`Self::apply`], with the intensity, PUE and embodied share a
+    /// hypervisor's agent gave (a guest measured through its host) in place
+    /// of this agent's own.
+    pub fn apply_with_host(
+        &self,
+        report: &mut WindowReport,
+        host: Option<&HostFactors>,
+    ) -> Result<(), CarbonError> {
         let window_s = report.duration_ns() as f64 / 1e9;
+        let (intensity, pue, share, share_source, intensity_source) = match host {
+            Some(h) => (
+                h.intensity_g_per_kwh,
+                h.pue,
+                h.resource_share,
+                h.share_source.clone(),
+                format!("hypervisor {}: {}", h.host, h.intensity_source),
+            ),
+            None => {
+                let midpoint_s =
+                    (report.start_unix_ns as f64 + report.end_unix_ns as f64) / 2.0 / 1e9;
+                let (share, share_source) = self.resource_share(report);
+                (
+                    self.intensity.at(midpoint_s)?,
+                    self.pue,
+                    share,
+                    share_source,
+                    self.intensity_source.clone(),
+                )
+            }
+        };
         report.carbon_intensity_g_per_kwh = intensity;
-        report.pue = self.pue;
-        report.host_carbon_g = operational_carbon_g(report.host_energy_j, intensity, self.pue);
-        let (share, share_source) = self.resource_share(report);
-        report.intensity_source = self.intensity_source.clone();
+        report.pue = pue;
+        report.host_carbon_g = operational_carbon_g(report.host_energy_j, intensity, pue);
+        report.intensity_source = intensity_source;
         report.embodied = EmbodiedFactors {
             total_embodied_g: self.embodied_kg_per_host * 1000.0,
             lifespan_s: lifespan_s(self.lifetime_years),
@@ -491,7 +628,7 @@ impl CarbonTransform {
             .sum::<u64>()
             .max(report.busy_cpu_ns);
         for p in &mut report.processes {
-            p.carbon_g = operational_carbon_g(p.energy_j + p.idle_share_j, intensity, self.pue);
+            p.carbon_g = operational_carbon_g(p.energy_j + p.idle_share_j, intensity, pue);
             p.embodied_g = if busy_ns > 0 {
                 report.host_embodied_g * p.cpu_ns as f64 / busy_ns as f64
             } else {
@@ -504,6 +641,7 @@ impl CarbonTransform {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -545,10 +683,23 @@ mod tests {
         report
     }
 
+    fn detected(vm: bool) -> HostDetection {
+        HostDetection {
+            vm,
+            evidence: if vm {
+                "CPU flag hypervisor"
+            } else {
+                "no CPU flag hypervisor"
+            }
+            .into(),
+        }
+    }
+
     #[test]
     fn a_vm_reserves_its_vcpus_share_of_the_physical_host() {
-        let t = CarbonTransform::from_config(&CarbonConfig::default()).expect("config");
-        // Model energy: a VM. 2 vCPUs of the default 96: M = 1e6 g / 35040 h x 1 h x 2/96.
+        let t = CarbonTransform::with_detection(&CarbonConfig::default(), detected(true))
+            .expect("config");
+        // A VM. 2 vCPUs of the default 96: M = 1e6 g / 35040 h x 1 h x 2/96.
         let mut vm = window(2, true);
         t.apply(&mut vm).expect("apply");
         assert_eq!(vm.embodied.resource_share, 2.0 / 96.0);
@@ -562,18 +713,64 @@ mod tests {
         );
         assert!(vm.embodied.share_source.contains("default"));
         assert!(vm.intensity_source.contains("China national average"));
-        // Measured energy: bare metal keeps the whole machine.
-        let mut metal = window(2, false);
-        t.apply(&mut metal).expect("apply");
-        assert_eq!(metal.embodied.resource_share, 1.0);
-        assert!(metal.embodied.share_source.starts_with("bare metal"));
+        assert!(vm.embodied.share_source.contains("CPU flag hypervisor"));
+        // The energy source does not change what the host is: a VM whose
+        // window is measured keeps its share.
+        let mut measured = window(2, false);
+        t.apply(&mut measured).expect("apply");
+        assert_eq!(measured.embodied.resource_share, 2.0 / 96.0);
+        // Bare metal keeps the whole machine, estimated or not.
+        let t = CarbonTransform::with_detection(&CarbonConfig::default(), detected(false))
+            .expect("config");
+        for estimated in [false, true] {
+            let mut metal = window(2, estimated);
+            t.apply(&mut metal).expect("apply");
+            assert_eq!(metal.embodied.resource_share, 1.0);
+            assert!(metal.embodied.share_source.starts_with("bare metal"));
+        }
+    }
+
+    #[test]
+    fn host_kind_from_cpu_flags_and_dmi() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpuinfo = dir.path().join("cpuinfo");
+        let dmi = dir.path().join("dmi");
+        std::fs::create_dir(&dmi).unwrap();
+        let flags = |extra: &str| {
+            std::fs::write(
+                &cpuinfo,
+                format!("processor\t: 0\nflags\t\t: fpu vme sse2 {extra} rdrand\n"),
+            )
+            .unwrap()
+        };
+        flags("hypervisor");
+        let d = detect_host_kind(&cpuinfo, &dmi);
+        assert!(d.vm && d.evidence.contains("CPU flag hypervisor"), "{d:?}");
+        // A hypervisor that hides the flag still names itself in DMI.
+        flags("");
+        std::fs::write(dmi.join("sys_vendor"), "QEMU\n").unwrap();
+        std::fs::write(dmi.join("product_name"), "Standard PC (Q35 + ICH9, 2009)\n").unwrap();
+        let d = detect_host_kind(&cpuinfo, &dmi);
+        assert!(d.vm && d.evidence.contains("QEMU"), "{d:?}");
+        // A bare-metal cloud instance: the cloud's vendor is not a hypervisor.
+        std::fs::write(dmi.join("sys_vendor"), "Amazon EC2\n").unwrap();
+        std::fs::write(dmi.join("product_name"), "m5.metal\n").unwrap();
+        let d = detect_host_kind(&cpuinfo, &dmi);
+        assert!(!d.vm && d.evidence.contains("m5.metal"), "{d:?}");
+        // This machine: a VM (TOOLCHAIN.md), whatever energy source it ends up with.
+        let here = detect_host_kind(Path::new("/proc/cpuinfo"), Path::new("/sys/class/dmi/id"));
+        let flag = std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap()
+            .split_whitespace()
+            .any(|f| f == "hypervisor");
+        assert_eq!(here.vm, flag, "{here:?}");
     }
 
     #[test]
     fn the_share_is_configurable() {
         let configured = |cfg: CarbonConfig, estimated: bool| {
             let mut r = window(8, estimated);
-            CarbonTransform::from_config(&cfg)
+            CarbonTransform::with_detection(&cfg, detected(true))
                 .expect("config")
                 .apply(&mut r)
                 .expect("apply");

@@ -1,6 +1,7 @@
 //! Per-request CPU histograms of the window, per (service, scenario).
 //!
-//! The kernel keeps one log2 histogram per (process, marker scenario); here
+//! The kernel keeps one log-linear histogram per (process, marker scenario,
+//! `agent_common::request_cpu`); here
 //! the processes of one service are added bucket by bucket, and each
 //! histogram gets the joules per CPU-ns of that service's time in that
 //! scenario in this window (the processes' attributed energy over their CPU
@@ -44,6 +45,7 @@ pub fn histograms(sample: &CpuSample, report: &WindowReport) -> Vec<RequestCpuHi
                     histogram: RequestCpuHistogram {
                         scenario: scenario.name().to_string(),
                         service: service.clone(),
+                        sub_bucket_bits: agent_common::REQUEST_CPU_SUB_BUCKET_BITS,
                         ..Default::default()
                     },
                     ..Default::default()

@@ -17,7 +17,26 @@ use sci_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
 
 mod bench_support;
-use bench_support::{arg, free_port, pct, record_ack, rss_mib, stream_request};
+use bench_support::{free_port, pct, record_ack, rss_mib, stream_request};
+
+#[derive(clap::Parser)]
+#[command(about = "Load benchmark of the aggregator's ingest")]
+struct Args {
+    /// The sci-aggregator binary to load.
+    #[arg(long)]
+    aggregator: std::path::PathBuf,
+    /// Simulated agents, each keeping 3 batches in flight.
+    #[arg(long, default_value_t = 8)]
+    agents: u64,
+    /// Workload records per window.
+    #[arg(long, default_value_t = 50)]
+    workloads: u64,
+    /// Windows per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -72,16 +91,13 @@ fn window(host: &str, seq: u64, workloads: u64, now_s: u64) -> v1::WindowReport 
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let aggregator = args
-        .iter()
-        .position(|a| a == "--aggregator")
-        .and_then(|i| args.get(i + 1))
-        .context("--aggregator PATH is required")?;
-    let agents = arg(&args, "--agents", 8);
-    let workloads = arg(&args, "--workloads", 50);
-    let batch = arg(&args, "--batch", 32);
-    let seconds = arg(&args, "--seconds", 10);
+    let Args {
+        aggregator,
+        agents,
+        workloads,
+        batch,
+        seconds,
+    } = clap::Parser::parse();
     let dir = std::env::temp_dir().join(format!("sci-ingest-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let grpc = free_port()?;

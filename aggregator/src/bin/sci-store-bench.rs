@@ -26,13 +26,40 @@ use sci_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
 
 mod bench_support;
-use bench_support::{arg, free_port, pct, record_ack, rss_mib, stream_request};
+use bench_support::{free_port, pct, record_ack, rss_mib, stream_request};
 
-fn arg_text(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+#[derive(clap::Parser)]
+#[command(
+    about = "The fleet at real size: a month of rollups in a fresh store, queries under ingest"
+)]
+struct Args {
+    /// The sci-aggregator binary to serve the store.
+    #[arg(long)]
+    aggregator: std::path::PathBuf,
+    /// Store in this PostgreSQL database instead of a fresh SQLite file.
+    #[arg(long)]
+    postgres_url: Option<String>,
+    #[arg(long, default_value_t = 2000)]
+    hosts: u64,
+    #[arg(long, default_value_t = 30)]
+    days: u64,
+    /// Simulated agents streaming while the queries loop.
+    #[arg(long, default_value_t = 8)]
+    agents: u64,
+    /// How long the agents stream while the queries loop.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Workloads per window of the month's backfill.
+    #[arg(long, default_value_t = 10)]
+    backfill_workloads: u64,
+    /// The month is already in the store (a previous run's database).
+    #[arg(long)]
+    skip_backfill: bool,
+    /// Offered load: windows/s over all agents (open loop: batches leave on a
+    /// timer, whatever the acks do, so ack latency is not set by the bench's
+    /// own queue). 0: closed loop, 3 batches in flight per agent.
+    #[arg(long, default_value_t = 2400)]
+    rate: u64,
 }
 
 /// GET on loopback: (status, body bytes, seconds).
@@ -154,20 +181,17 @@ fn split_usage(usage: &BTreeMap<String, u64>) -> (u64, u64) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let aggregator = arg_text(&args, "--aggregator").context("--aggregator PATH is required")?;
-    let postgres_url = arg_text(&args, "--postgres-url");
-    let hosts = arg(&args, "--hosts", 2000);
-    let days = arg(&args, "--days", 30);
-    let agents = arg(&args, "--agents", 8);
-    let seconds = arg(&args, "--seconds", 30);
-    let backfill_workloads = arg(&args, "--backfill-workloads", 10);
-    // The month is already in the store (a previous run's database).
-    let skip_backfill = args.iter().any(|a| a == "--skip-backfill");
-    // Offered load: windows/s over all agents (open loop: batches leave on a
-    // timer, whatever the acks do, so ack latency is not set by the bench's
-    // own queue). 0: closed loop, 3 batches in flight per agent.
-    let rate = arg(&args, "--rate", 2400);
+    let Args {
+        aggregator,
+        postgres_url,
+        hosts,
+        days,
+        agents,
+        seconds,
+        backfill_workloads,
+        skip_backfill,
+        rate,
+    } = clap::Parser::parse();
     let workloads = 50;
     let batch = 32;
     let dir = std::env::temp_dir().join(format!("sci-store-bench-{}", std::process::id()));

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::stats::{compare, Bootstrap, Difference, Estimator, PeriodPair};
+use super::stats::{compare, Bootstrap, Difference, Estimator, PeriodPair, Verdict};
 use crate::error::AggregatorError;
 use crate::sci::{evaluate, Disclosure, EvaluationInput};
 use crate::store::{Range, Store};
@@ -64,6 +64,9 @@ pub struct RangeTotals {
     pub transactions: f64,
     pub carbon_g: f64,
     pub energy_j: f64,
+    /// The part of `energy_j` that moves with the service's own CPU (without
+    /// the idle share, which moves with whatever else runs on the host).
+    pub dynamic_energy_j: f64,
     pub cpu_ns: f64,
 }
 
@@ -76,7 +79,11 @@ pub struct ScenarioComparison {
     pub g_per_transaction: Difference,
     /// J (dynamic + idle share) per transaction.
     pub energy_j_per_transaction: Difference,
+    /// Dynamic J per transaction: the energy that moves with the service.
+    pub dynamic_energy_j_per_transaction: Difference,
     pub cpu_ns_per_transaction: Difference,
+    /// The verdict in words, naming the figure that decided it.
+    pub summary: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -114,6 +121,7 @@ struct Sums {
     transactions: f64,
     carbon_g: f64,
     energy_j: f64,
+    dynamic_energy_j: f64,
     cpu_ns: f64,
 }
 
@@ -189,6 +197,7 @@ fn read_range(
                 s.transactions += r.transactions;
                 s.carbon_g += r.carbon_g + r.embodied_g;
                 s.energy_j += r.energy_j + r.idle_energy_j;
+                s.dynamic_energy_j += r.energy_j;
                 s.cpu_ns += r.cpu_ns;
             }
         }
@@ -208,6 +217,7 @@ fn read_range(
                     .or_default();
                 s.carbon_g += r.carbon_g + r.embodied_g;
                 s.energy_j += r.energy_j + r.idle_energy_j;
+                s.dynamic_energy_j += r.energy_j;
                 s.cpu_ns += r.cpu_ns;
             }
             for (scenario, periods) in scenarios.iter_mut() {
@@ -233,6 +243,7 @@ fn read_range(
                 s.transactions += r.transactions;
                 s.carbon_g += r.carbon_g + r.embodied_g;
                 s.energy_j += r.energy_j;
+                s.dynamic_energy_j += r.energy_j - r.idle_energy_j;
                 s.cpu_ns += r.busy_cpu_ns;
             }
         }
@@ -262,9 +273,63 @@ fn totals(periods: Option<&BTreeMap<u64, Sums>>) -> RangeTotals {
         t.transactions += s.transactions;
         t.carbon_g += s.carbon_g;
         t.energy_j += s.energy_j;
+        t.dynamic_energy_j += s.dynamic_energy_j;
         t.cpu_ns += s.cpu_ns;
     }
     t
+}
+
+/// "carbon per transaction lower (-20.0%)", or why there is no verdict.
+fn verdict_words(what: &str, d: &Difference) -> String {
+    match (d.verdict, d.relative_difference) {
+        (Verdict::Lower | Verdict::Higher, Some(r)) => {
+            format!("{what} {} ({:+.1}%)", d.verdict.as_str(), 100.0 * r)
+        }
+        (v, _) => format!("{what}: {}", v.as_str()),
+    }
+}
+
+/// The scenario's verdict in words, naming the figure that decided it.
+/// Carbon per transaction decides when its interval excludes 0. When it
+/// does not, but the figures that move with the service alone (dynamic
+/// energy, CPU per transaction) do, the summary says so: the carbon figure
+/// carries the idle share, which moves with the host's other load.
+fn summary(c: &ScenarioComparison) -> String {
+    let decisive = |d: &Difference| matches!(d.verdict, Verdict::Lower | Verdict::Higher);
+    let carbon = verdict_words("carbon per transaction", &c.g_per_transaction);
+    if decisive(&c.g_per_transaction) {
+        return format!(
+            "{}: {carbon}, decided by gCO2e per transaction (operational + embodied); {}",
+            c.scenario,
+            verdict_words(
+                "dynamic energy per transaction",
+                &c.dynamic_energy_j_per_transaction
+            )
+        );
+    }
+    let own: Vec<String> = [
+        (
+            "dynamic energy per transaction",
+            &c.dynamic_energy_j_per_transaction,
+        ),
+        ("CPU per transaction", &c.cpu_ns_per_transaction),
+    ]
+    .into_iter()
+    .filter(|(_, d)| decisive(d))
+    .map(|(w, d)| verdict_words(w, d))
+    .collect();
+    if own.is_empty() {
+        format!(
+            "{}: {carbon}; no figure per transaction changed detectably",
+            c.scenario
+        )
+    } else {
+        format!(
+            "{}: {carbon} (it carries the idle share, which moves with the host's other load); the service's own figures decided: {}",
+            c.scenario,
+            own.join(", ")
+        )
+    }
 }
 
 /// Compares the candidate range against the baseline.
@@ -304,14 +369,18 @@ pub fn compare_ranges(
                     bs,
                 )
             };
-            ScenarioComparison {
+            let mut c = ScenarioComparison {
                 scenario: name.clone(),
                 baseline: totals(Some(pa)),
                 candidate: totals(Some(pb)),
                 g_per_transaction: cmp(|s| s.carbon_g),
                 energy_j_per_transaction: cmp(|s| s.energy_j),
+                dynamic_energy_j_per_transaction: cmp(|s| s.dynamic_energy_j),
                 cpu_ns_per_transaction: cmp(|s| s.cpu_ns),
-            }
+                summary: String::new(),
+            };
+            c.summary = summary(&c);
+            c
         })
         .collect::<Vec<_>>();
     for s in &scenarios {

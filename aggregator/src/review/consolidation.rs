@@ -345,6 +345,17 @@ pub fn plan_store(
     range: &Range,
     options: &ConsolidationOptions,
 ) -> Result<ConsolidationPlan, AggregatorError> {
+    plan_store_in(store, range, options, None)
+}
+
+/// [`plan_store`] over the hosts of one data centre (all when None).
+pub fn plan_store_in(
+    store: &dyn Store,
+    range: &Range,
+    options: &ConsolidationOptions,
+    datacenter: Option<&str>,
+) -> Result<ConsolidationPlan, AggregatorError> {
+    let wanted = |dc: &str| datacenter.is_none_or(|d| d == dc);
     let layout = store.layout();
     let hour = if 3600 % layout.host_step_s == 0 {
         3600
@@ -353,9 +364,14 @@ pub fn plan_store(
     };
     let (from, to) = range.host_range(&layout);
     let hourly = Range::new(from, to, hour, &layout).map_err(AggregatorError::Invalid)?;
-    let rows = store.host_periods(&hourly)?;
+    let mut rows = store.host_periods(&hourly)?;
+    rows.retain(|r| wanted(&r.row.datacenter));
     let mut best: BTreeMap<String, (f64, String)> = BTreeMap::new();
-    for r in store.host_services(&hourly)? {
+    for r in store
+        .host_services(&hourly)?
+        .into_iter()
+        .filter(|r| wanted(&r.datacenter))
+    {
         let e = best.entry(r.host.clone()).or_insert((-1.0, String::new()));
         if r.cpu_ns > e.0 && (r.service != "(none)" || e.1.is_empty()) {
             *e = (r.cpu_ns, r.service);
@@ -364,7 +380,11 @@ pub fn plan_store(
     let pools = best.into_iter().map(|(h, (_, s))| (h, s)).collect();
     let whole = Range::new(from, to, to - from, &layout).map_err(AggregatorError::Invalid)?;
     let mut sums: BTreeMap<String, (f64, f64, f64)> = BTreeMap::new();
-    for f in store.fleet_periods(&whole)? {
+    for f in store
+        .fleet_periods(&whole)?
+        .into_iter()
+        .filter(|f| wanted(&f.datacenter))
+    {
         let e = sums.entry(f.datacenter.clone()).or_default();
         e.0 += f.intensity_x_s;
         e.1 += f.pue_x_s;

@@ -9,7 +9,8 @@
 //! transaction (itself and its callees), each with its samples in both
 //! ranges; a caller whose change one callee carries (>= 80% of it, same
 //! sign) names that callee and ranks after the functions that locate the
-//! change. Below the minimum samples (#11) in either range, the graph and
+//! change. Unsymbolised (`[unknown]`) and kernel (`_[k]`) frames never
+//! explain a caller's change and rank after every other function. Below the minimum samples (#11) in either range, the graph and
 //! the functions are withheld and say why.
 use std::collections::BTreeMap;
 
@@ -68,6 +69,13 @@ fn per_transaction(energy_j: f64, transactions: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Whether a frame can be where a caller's change is located: not an
+/// unsymbolised frame (`[unknown]`, any `[...]`) and not kernel code
+/// (`_[k]`), which runs on the caller's behalf and moves with it.
+pub fn locates_change(frame: &str) -> bool {
+    !(frame.starts_with('[') || frame.ends_with("_[k]"))
 }
 
 /// Builds the differential profile from both ranges' stacks and transactions.
@@ -149,7 +157,7 @@ pub fn diff(
                 continue;
             }
             for (depth, callee) in frames.iter().enumerate().skip(i + 1) {
-                if callee == caller {
+                if callee == caller || !locates_change(callee) {
                     continue;
                 }
                 let g = change.get(*callee).copied().unwrap_or(0.0);
@@ -167,10 +175,13 @@ pub fn diff(
     for f in &mut functions {
         f.explained_by_callee = explained.get(&f.function).map(|e| e.1.clone());
     }
+    // Unsymbolised and kernel frames say where time went, not what to change:
+    // they rank after the functions that locate a change.
+    let later =
+        |f: &FunctionChange| f.explained_by_callee.is_some() || !locates_change(&f.function);
     functions.sort_by(|a, b| {
-        a.explained_by_callee
-            .is_some()
-            .cmp(&b.explained_by_callee.is_some())
+        later(a)
+            .cmp(&later(b))
             .then(
                 b.change_j_per_transaction
                     .abs()
@@ -262,17 +273,44 @@ impl DiffProfile {
             .collect()
     }
 
-    /// The differential flame graph (SVG); a one-frame graph saying why when withheld.
+    /// The differential flame graph (SVG) at the candidate's widths; a
+    /// one-frame graph saying why when withheld.
     pub fn flamegraph_svg(&self) -> Result<String, crate::profiles::ProfileExportError> {
+        self.svg(false)
+    }
+
+    /// The same graph at the baseline's widths: code the candidate no longer
+    /// runs is visible here (it has no width in the candidate's graph).
+    /// Colours keep their meaning (blue: lower in the candidate).
+    pub fn baseline_flamegraph_svg(&self) -> Result<String, crate::profiles::ProfileExportError> {
+        self.svg(true)
+    }
+
+    fn svg(&self, baseline_widths: bool) -> Result<String, crate::profiles::ProfileExportError> {
         let mut options = inferno::flamegraph::Options::default();
-        options.title = format!(
-            "Energy per transaction, candidate vs baseline: {}/{} (blue: lower, red: higher)",
-            self.service, self.scenario
+        options.title =
+            format!(
+            "Energy per transaction, {} widths: {}/{} (blue: lower, red: higher in the candidate)",
+            if baseline_widths { "baseline" } else { "candidate" },
+            self.service,
+            self.scenario
         );
         options.count_name = "nJ/transaction".to_string();
         options.deterministic = true;
+        // inferno draws the second column's widths and colours by second -
+        // first; with the columns swapped, negated colours keep "blue: fell".
+        options.negate_differentials = baseline_widths;
         let lines = if self.withheld_reason.is_some() {
             Vec::new()
+        } else if baseline_widths {
+            self.folded_lines()
+                .iter()
+                .filter_map(|l| {
+                    let mut w = l.rsplitn(3, ' ');
+                    let (cand, base, stack) = (w.next()?, w.next()?, w.next()?);
+                    Some(format!("{stack} {cand} {base}"))
+                })
+                .collect()
         } else {
             self.folded_lines()
         };
@@ -316,6 +354,88 @@ mod tests {
             samples,
             energy_j,
         }
+    }
+
+    /// Several changed functions: `encode` rises by 0.5 J/txn, `score` falls
+    /// by 0.3, `price` by 0.1; ranked by the size of the change, whatever
+    /// its sign (a ranking by signed change would put `score` first).
+    #[test]
+    fn functions_rank_by_the_size_of_their_change_whatever_its_sign() {
+        let base = [
+            row("main;score", 100, 60.0),
+            row("main;price", 100, 40.0),
+            row("main;encode", 100, 10.0),
+            row("main;log", 100, 20.0),
+        ];
+        let cand = [
+            row("main;score", 100, 30.0),
+            row("main;price", 100, 30.0),
+            row("main;encode", 100, 60.0),
+            row("main;log", 100, 20.0),
+        ];
+        let d = diff("svc", "credit", &base, &cand, 100.0, 100.0, 50);
+        let ranked: Vec<(&str, f64)> = d
+            .functions
+            .iter()
+            .filter(|f| f.explained_by_callee.is_none())
+            .map(|f| (f.function.as_str(), f.change_j_per_transaction))
+            .collect();
+        let names: Vec<&str> = ranked.iter().map(|r| r.0).collect();
+        assert_eq!(names, ["encode", "score", "price", "log"], "{ranked:?}");
+        assert!((ranked[0].1 - 0.5).abs() < 1e-12);
+        assert!((ranked[1].1 + 0.3).abs() < 1e-12);
+        assert!((ranked[2].1 + 0.1).abs() < 1e-12);
+        // main's change (+0.1) is not carried by one callee (>= 80%): not explained.
+        let main = d.functions.iter().find(|f| f.function == "main").unwrap();
+        assert!((main.change_j_per_transaction - 0.1).abs() < 1e-12);
+    }
+
+    /// Code the candidate no longer runs has width only in the baseline-width graph.
+    #[test]
+    fn removed_code_shows_in_the_baseline_width_graph() {
+        let base = [row("main;plan", 100, 50.0), row("main;exec", 100, 50.0)];
+        let cand = [row("main;exec", 100, 50.0)];
+        let d = diff("svc", "credit", &base, &cand, 100.0, 100.0, 1);
+        let title = |svg: &str, f: &str| svg.contains(&format!("<title>{f} ("));
+        let candidate = d.flamegraph_svg().unwrap();
+        let baseline = d.baseline_flamegraph_svg().unwrap();
+        assert!(
+            !title(&candidate, "plan"),
+            "no width in the candidate's graph"
+        );
+        assert!(title(&baseline, "plan"), "visible at the baseline's widths");
+        assert!(title(&baseline, "exec") && title(&candidate, "exec"));
+        assert!(baseline.contains("baseline widths"));
+    }
+
+    /// `[unknown]` and kernel frames never explain a caller's change.
+    #[test]
+    fn unknown_and_kernel_frames_do_not_explain_a_change() {
+        let base = [
+            row("main;plan;[unknown]", 100, 50.0),
+            row("main;read;do_syscall_64_[k]", 100, 20.0),
+        ];
+        let cand = [
+            row("main;plan;[unknown]", 1, 0.1),
+            row("main;read;do_syscall_64_[k]", 100, 10.0),
+        ];
+        let d = diff("svc", "credit", &base, &cand, 100.0, 100.0, 1);
+        let by = |name: &str| {
+            d.functions
+                .iter()
+                .find(|f| f.function == name)
+                .unwrap()
+                .explained_by_callee
+                .clone()
+        };
+        assert_eq!(by("plan"), None, "plan locates its own change");
+        assert_eq!(by("read"), None);
+        // plan (the real change) ranks first; main is explained by it; the
+        // unsymbolised and kernel frames come after every function.
+        assert_eq!(d.functions[0].function, "plan");
+        assert_eq!(by("main").as_deref(), Some("plan"));
+        let pos = |name: &str| d.functions.iter().position(|f| f.function == name).unwrap();
+        assert!(pos("read") < pos("[unknown]") && pos("read") < pos("do_syscall_64_[k]"));
     }
 
     #[test]

@@ -50,9 +50,10 @@ pub fn review(store: &dyn Store, request: &ReviewRequest) -> Result<Review, Aggr
         &request.compare,
     )?;
     let service_filter = request.compare.filters.service.as_deref();
+    let datacenter = request.compare.filters.datacenter.as_deref();
     let distributions = distribution::compare_distributions(
-        &store.request_cpu(&request.baseline)?,
-        &store.request_cpu(&request.candidate)?,
+        &store.request_cpu(&request.baseline, datacenter)?,
+        &store.request_cpu(&request.candidate, datacenter)?,
         service_filter,
     );
     let scenario = request
@@ -87,8 +88,12 @@ pub fn review(store: &dyn Store, request: &ReviewRequest) -> Result<Review, Aggr
         )?),
         None => None,
     };
-    let consolidation =
-        consolidation::plan_store(store, &request.candidate, &request.consolidation)?;
+    let consolidation = consolidation::plan_store_in(
+        store,
+        &request.candidate,
+        &request.consolidation,
+        datacenter,
+    )?;
     Ok(Review {
         comparison,
         distributions,

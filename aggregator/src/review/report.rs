@@ -47,9 +47,14 @@ fn difference_rows(r: &Review) -> Vec<(String, &'static str, &Difference)> {
             &s.g_per_transaction,
         ));
         rows.push((
-            format!("{} energy / transaction", s.scenario),
+            format!("{} energy / transaction (dynamic + idle share)", s.scenario),
             "J",
             &s.energy_j_per_transaction,
+        ));
+        rows.push((
+            format!("{} dynamic energy / transaction", s.scenario),
+            "J",
+            &s.dynamic_energy_j_per_transaction,
         ));
         rows.push((
             format!("{} CPU / transaction", s.scenario),
@@ -69,7 +74,10 @@ fn difference_cells(label: &str, unit: &str, d: &Difference) -> Vec<String> {
         opt(d.difference),
         relative(d.relative_difference),
         interval(d),
-        d.verdict.as_str().to_string(),
+        match &d.reason {
+            Some(reason) => format!("{}: {reason}", d.verdict.as_str()),
+            None => d.verdict.as_str().to_string(),
+        },
         format!("{} / {}", d.baseline_periods, d.candidate_periods),
     ]
 }
@@ -278,6 +286,11 @@ pub fn markdown(r: &Review) -> String {
         c.filters.service.as_deref().unwrap_or("all"),
         c.filters.host.as_deref().unwrap_or("all"),
     );
+    md.push_str("## Verdicts\n\n");
+    for s in &c.scenarios {
+        let _ = writeln!(md, "- {}", s.summary);
+    }
+    md.push('\n');
     for (title, header, rows) in tables(r) {
         let _ = writeln!(md, "## {title}\n");
         if rows.is_empty() {
@@ -333,7 +346,11 @@ pub fn html(r: &Review, generated_at: &str) -> String {
     let title = "Optimisation review";
     // The differential flame graph is inferno's SVG (which escapes the names
     // it draws), inserted as it is.
-    let flame_graph = r.diff_profile.as_ref().map(|p| p.flamegraph_svg());
+    // Beside it, the same stacks at the baseline's widths: removed code shows there.
+    let flame_graphs = r
+        .diff_profile
+        .as_ref()
+        .map(|p| [p.flamegraph_svg(), p.baseline_flamegraph_svg()]);
     let body = html! {
         h1 { (title) }
         div class="meta" {
@@ -342,6 +359,8 @@ pub fn html(r: &Review, generated_at: &str) -> String {
             " · scope " (format!("{:?}", c.scope))
             " · generated " (generated_at)
         }
+        h2 { "Verdicts" }
+        ul { @for s in &c.scenarios { li { (s.summary) } } }
         @for (title, header, rows) in tables(r) {
             h2 { (title) }
             @if rows.is_empty() {
@@ -355,11 +374,13 @@ pub fn html(r: &Review, generated_at: &str) -> String {
                 }
             }
         }
-        @if let Some(svg) = flame_graph {
+        @if let Some(graphs) = flame_graphs {
             h2 { "Differential energy flame graph (per transaction)" }
-            @match svg {
-                Ok(svg) => (PreEscaped(svg)),
-                Err(e) => p { (e.to_string()) },
+            @for svg in graphs {
+                @match svg {
+                    Ok(svg) => (PreEscaped(svg)),
+                    Err(e) => p { (e.to_string()) },
+                }
             }
         }
         h2 { "Disclosure: baseline" }

@@ -20,6 +20,7 @@ use super::deltas::Deltas;
 use super::encoding::{canonical_encoding, content_digest};
 use super::layout::{split_by_time, DAY_NS};
 use super::rows::{CommitOutcome, HostSpan};
+use super::supply::{supply_attributes, supply_key};
 use super::tables::or_none;
 use crate::error::AggregatorError;
 
@@ -145,11 +146,21 @@ pub fn commit_windows(
             &["end_ns", "host", "agent_instance", "seq", "payload"],
             &raw_rows,
         )?;
+        let supplies: Vec<String> = stored
+            .iter()
+            .map(|&i| supply_key(windows[i].supply.as_ref()))
+            .collect();
+        let mut attrs: BTreeMap<(&str, String), String> = BTreeMap::new();
+        for (&i, key) in stored.iter().zip(&supplies) {
+            for (attr, value) in supply_attributes(windows[i].supply.as_ref()) {
+                attrs.insert((key.as_str(), attr), value);
+            }
+        }
         let mut deltas = Deltas::default();
         let mut spans: BTreeMap<String, HostSpan> = BTreeMap::new();
-        for &i in &stored {
+        for (&i, supply) in stored.iter().zip(&supplies) {
             let w = &windows[i];
-            deltas.add_window(w, &layout);
+            deltas.add_window(w, supply, &layout);
             let span = spans.entry(w.host.clone()).or_insert_with(|| HostSpan {
                 host: w.host.clone(),
                 datacenter: or_none(&w.datacenter).to_string(),
@@ -162,6 +173,24 @@ pub fn commit_windows(
         }
         for upsert in deltas.upserts() {
             tx.upsert_later(upsert)?;
+        }
+        if !attrs.is_empty() {
+            tx.upsert_later(Upsert {
+                table: "supply_attrs",
+                columns: vec![
+                    (
+                        "supply",
+                        Column::Text(attrs.keys().map(|(s, _)| s.to_string()).collect()),
+                    ),
+                    (
+                        "attr",
+                        Column::Text(attrs.keys().map(|(_, a)| a.clone()).collect()),
+                    ),
+                    ("value", Column::Text(attrs.values().cloned().collect())),
+                ],
+                conflict_keys: &["supply", "attr"],
+                on_conflict: "value = excluded.value".to_string(),
+            })?;
         }
         if !spans.is_empty() {
             let spans: Vec<&HostSpan> = spans.values().collect();

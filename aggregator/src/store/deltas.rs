@@ -4,13 +4,16 @@
 //! [`Upsert`] that adds them to the rows already stored.
 use std::collections::BTreeMap;
 
+use agent_common::request_cpu::finer_buckets;
+use agent_common::REQUEST_CPU_SUB_BUCKET_BITS;
 use sci_proto::v1;
 
 use super::backend::{Column, Upsert};
 use super::layout::{split_by_time, RollupLayout, DAY_S};
 use super::tables::{
     or_none, Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
-    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, TABLES,
+    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, SUPPLY,
+    SUPPLY_SERVICE, TABLES,
 };
 
 /// A rollup row's key column: the names borrow from the windows being
@@ -67,7 +70,13 @@ impl<'a> Deltas<'a> {
         }
     }
 
-    pub(super) fn add_window(&mut self, w: &'a v1::WindowReport, layout: &RollupLayout) {
+    /// Adds one window; `supply` is its supply's key ([`super::supply::supply_key`]).
+    pub(super) fn add_window(
+        &mut self,
+        w: &'a v1::WindowReport,
+        supply: &'a str,
+        layout: &RollupLayout,
+    ) {
         let dc = or_none(&w.datacenter);
         let end_bucket =
             |step: u64| (w.end_unix_ns.saturating_sub(1) / 1_000_000_000) / step * step;
@@ -196,16 +205,28 @@ impl<'a> Deltas<'a> {
             for (bin, &n) in h.counts.iter().enumerate() {
                 if n > 0 {
                     requests += n as f64;
-                    self.add(
-                        &REQUEST_CPU,
-                        &[host_end_bucket, service, scenario, Key::I(bin as i64)],
-                        &[n as f64],
-                    );
+                    // Older agents' coarser buckets (validated: 0 or the
+                    // current bits) spread evenly over the finer ones they span.
+                    let finer = finer_buckets(bin, h.sub_bucket_bits, REQUEST_CPU_SUB_BUCKET_BITS);
+                    let share = n as f64 / finer.len() as f64;
+                    for fine in finer {
+                        self.add(
+                            &REQUEST_CPU,
+                            &[
+                                host_end_bucket,
+                                Key::T(dc),
+                                service,
+                                scenario,
+                                Key::I(fine as i64),
+                            ],
+                            &[share],
+                        );
+                    }
                 }
             }
             self.add(
                 &REQUEST_CPU_TOTAL,
-                &[host_end_bucket, service, scenario],
+                &[host_end_bucket, Key::T(dc), service, scenario],
                 &[
                     requests,
                     h.sum_cpu_ns as f64,
@@ -224,6 +245,7 @@ impl<'a> Deltas<'a> {
                 );
             }
         }
+        self.add_supply(w, dc, supply, transactions, &services, layout);
         for (profile_t, step) in [(&PROFILE, layout.host_step_s), (&PROFILE_COARSE, DAY_S)] {
             let bucket = Key::I(end_bucket(step) as i64);
             for s in &w.profile {
@@ -236,6 +258,85 @@ impl<'a> Deltas<'a> {
                         Key::T(&s.stack),
                     ],
                     &[s.samples as f64, s.energy_j],
+                );
+            }
+        }
+    }
+}
+
+impl<'a> Deltas<'a> {
+    /// The supply rollups of one window. A scenario's transactions go to
+    /// the services that ran it in the window in proportion to their CPU
+    /// time in it (all of them to the one service when only one ran it;
+    /// equally when none used CPU; to `(none)` when no process had it).
+    fn add_supply(
+        &mut self,
+        w: &'a v1::WindowReport,
+        dc: &'a str,
+        supply: &'a str,
+        transactions: f64,
+        services: &BTreeMap<(&'a str, &'a str), [f64; 5]>,
+        layout: &RollupLayout,
+    ) {
+        let mut per_service: BTreeMap<(&'a str, &'a str), [f64; 6]> = services
+            .iter()
+            .map(|(k, e)| (*k, [e[0], e[1], e[2], e[3], e[4], 0.0]))
+            .collect();
+        for s in &w.scenarios {
+            if s.transactions == 0 || s.scenario == agent_common::UNASSIGNED {
+                continue;
+            }
+            let scenario = or_none(&s.scenario);
+            let runners: Vec<((&'a str, &'a str), f64)> = services
+                .iter()
+                .filter(|((_, sc), _)| *sc == scenario)
+                .map(|(k, e)| (*k, e[0]))
+                .collect();
+            let cpu: f64 = runners.iter().map(|(_, c)| c).sum();
+            let txn = s.transactions as f64;
+            if runners.is_empty() {
+                per_service.entry(("(none)", scenario)).or_default()[5] += txn;
+            }
+            for (k, c) in &runners {
+                let share = if cpu > 0.0 {
+                    c / cpu
+                } else {
+                    1.0 / runners.len() as f64
+                };
+                per_service.entry(*k).or_default()[5] += txn * share;
+            }
+        }
+        let capacity_cpu_ns = f64::from(w.cpus) * (w.end_unix_ns - w.start_unix_ns) as f64;
+        for (bucket, share, seconds) in
+            split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s)
+        {
+            let bucket = Key::I(bucket as i64);
+            self.add(
+                &SUPPLY,
+                &[bucket, Key::T(dc), Key::T(supply)],
+                &[
+                    seconds,
+                    share * capacity_cpu_ns,
+                    share * w.busy_cpu_ns as f64,
+                    share * w.host_energy_j,
+                    share * w.host_carbon_g,
+                    share * w.host_embodied_g,
+                    seconds * w.carbon_intensity_g_per_kwh,
+                    seconds * w.pue,
+                    share * transactions,
+                ],
+            );
+            for ((service, scenario), e) in &per_service {
+                self.add(
+                    &SUPPLY_SERVICE,
+                    &[
+                        bucket,
+                        Key::T(dc),
+                        Key::T(supply),
+                        Key::T(service),
+                        Key::T(scenario),
+                    ],
+                    &e.map(|v| share * v),
                 );
             }
         }

@@ -29,7 +29,7 @@
 //! Where things are:
 //! - [`layout`]: bucket lengths, ranges, retention (time as rollups see it);
 //! - [`rows`]: what queries answer with;
-//! - `tables`: the thirteen rollup tables' names and columns;
+//! - `tables`: the fifteen rollup tables' names and columns;
 //! - `deltas`: what a window adds to each rollup table;
 //! - `commit`: the commit (dedupe, raw windows, rollups, host spans);
 //! - `encoding`: the stored encoding and its digest;
@@ -48,6 +48,7 @@ mod query;
 pub mod rows;
 mod schema;
 pub mod sqlite;
+pub mod supply;
 mod tables;
 
 use std::collections::BTreeMap;
@@ -61,7 +62,7 @@ pub use layout::{split_by_time, Range, Retention, RollupLayout, DAY_NS, DAY_S};
 pub use rows::{
     CommitOutcome, Expired, FleetRow, HostPeriodRow, HostRow, HostServiceRow, HostSpan,
     IntensityRow, ProfileCount, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRest,
-    ServiceRow, StackSum,
+    ServiceRow, StackSum, StoredPlan, SupplyAttr, SupplyRow, SupplyServiceRow,
 };
 
 use crate::error::AggregatorError;
@@ -125,8 +126,34 @@ pub trait Store: Send + Sync {
     /// Host sums per period (as [`Store::service_periods`]).
     fn host_periods(&self, range: &Range) -> Result<Vec<HostPeriodRow>, AggregatorError>;
     /// Per-request CPU histograms merged over the range (whole host steps),
-    /// per service and scenario.
-    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError>;
+    /// per service and scenario, of one data centre (all when None).
+    fn request_cpu(
+        &self,
+        range: &Range,
+        datacenter: Option<&str>,
+    ) -> Result<Vec<RequestCpuRow>, AggregatorError>;
     /// CPU of each service on each host over the range (whole host steps).
     fn host_services(&self, range: &Range) -> Result<Vec<HostServiceRow>, AggregatorError>;
+    /// Supply sums per period and data centre (#27; periods of whole host steps).
+    fn supply_periods(&self, range: &Range) -> Result<Vec<SupplyRow>, AggregatorError>;
+    /// Each service's share of each supply per period and scenario,
+    /// optionally of one service.
+    fn supply_service_periods(
+        &self,
+        range: &Range,
+        service: Option<&str>,
+    ) -> Result<Vec<SupplyServiceRow>, AggregatorError>;
+    /// Supply sums over the range grouped by one attribute (see
+    /// [`supply::groupable`]): `supply` of each row is the attribute's value.
+    fn supply_groups(
+        &self,
+        range: &Range,
+        attribute: &str,
+    ) -> Result<Vec<SupplyRow>, AggregatorError>;
+    /// Every supply's attributes.
+    fn supply_attrs(&self) -> Result<Vec<SupplyAttr>, AggregatorError>;
+    /// Stores a plan (a new id) or replaces it (the same id).
+    fn save_plan(&self, plan: &StoredPlan) -> Result<(), AggregatorError>;
+    /// Every stored plan, newest first.
+    fn plans(&self) -> Result<Vec<StoredPlan>, AggregatorError>;
 }

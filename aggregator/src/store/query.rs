@@ -13,11 +13,13 @@ use super::layout::{Range, Retention, RollupLayout, DAY_S};
 use super::rows::{
     CommitOutcome, Expired, FleetRow, HostPeriodRow, HostRow, HostServiceRow, HostSpan,
     IntensityRow, ProfileCount, RequestCpuRow, ScenarioRow, ServicePeriodRow, ServiceRest,
-    ServiceRow, StackSum,
+    ServiceRow, StackSum, StoredPlan, SupplyAttr, SupplyRow, SupplyServiceRow,
 };
+use super::supply::groupable;
 use super::tables::{
     Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
-    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, TABLES,
+    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, SUPPLY,
+    SUPPLY_SERVICE, TABLES,
 };
 use super::Store;
 use crate::error::AggregatorError;
@@ -55,6 +57,9 @@ struct SumQuery<'a> {
     /// largest first (`(expression, limit)`): the database ranks, the
     /// answer is the limit's size whatever the rows it read.
     top: Option<(&'a str, usize)>,
+    /// Joins `supply_attrs AS a` on the row's supply and this attribute,
+    /// so `a.value` can be a column.
+    supply_attribute: Option<&'a str>,
 }
 
 impl<'a> SumQuery<'a> {
@@ -71,6 +76,7 @@ impl<'a> SumQuery<'a> {
             sums: table.sums,
             filters: &[],
             top: None,
+            supply_attribute: None,
         }
     }
 
@@ -89,11 +95,19 @@ impl<'a> SumQuery<'a> {
             format!("bucket_s / ${}", params.len())
         });
         let mut filter = String::new();
+        if let Some(attr) = self.supply_attribute {
+            params.push(Value::Text(attr.to_string()));
+            filter.push_str(&format!(
+                " JOIN supply_attrs AS a ON a.supply = src.supply AND a.attr = ${}",
+                params.len()
+            ));
+        }
+        let mut glue = " WHERE";
         for (column, value) in self.filters {
             if let Some(value) = value {
                 params.push(Value::Text(value.to_string()));
-                let glue = if filter.is_empty() { " WHERE" } else { " AND" };
                 filter.push_str(&format!("{glue} {column} = ${}", params.len()));
+                glue = " AND";
             }
         }
         let (mut select, mut group, mut order) = (Vec::new(), Vec::new(), Vec::new());
@@ -545,10 +559,16 @@ impl<B: Backend> Store for B {
         })
     }
 
-    fn request_cpu(&self, range: &Range) -> Result<Vec<RequestCpuRow>, AggregatorError> {
+    fn request_cpu(
+        &self,
+        range: &Range,
+        datacenter: Option<&str>,
+    ) -> Result<Vec<RequestCpuRow>, AggregatorError> {
         let (from, to) = range.host_range(&Backend::layout(self));
+        let filters = [("datacenter", datacenter)];
         let mut out: BTreeMap<(String, String), RequestCpuRow> = SumQuery {
             columns: &[Key("service"), Key("scenario")],
+            filters: &filters,
             ..SumQuery::over(&REQUEST_CPU_TOTAL, from, to)
         }
         .read(self, |r| {
@@ -566,10 +586,14 @@ impl<B: Backend> Store for B {
         .collect();
         let bins = SumQuery {
             columns: &[Key("service"), Key("scenario"), Key("bin")],
+            filters: &filters,
             ..SumQuery::over(&REQUEST_CPU, from, to)
         }
         .read(self, |r| {
-            let bin = r[2].i64().clamp(0, 64) as usize;
+            let bin = r[2]
+                .i64()
+                .clamp(0, agent_common::REQUEST_CPU_BUCKETS as i64 - 1)
+                as usize;
             ((r[0].text(), r[1].text()), bin, r[3].f64())
         })?;
         for (key, bin, requests) in bins {
@@ -595,5 +619,157 @@ impl<B: Backend> Store for B {
             service: r[2].text(),
             cpu_ns: r[3].f64(),
         })
+    }
+
+    fn supply_periods(&self, range: &Range) -> Result<Vec<SupplyRow>, AggregatorError> {
+        let (from, to) = host_periods_range(range, &Backend::layout(self))?;
+        SumQuery {
+            period_s: Some(range.period_s),
+            columns: &[Period, Key("datacenter"), Key("supply")],
+            ..SumQuery::over(&SUPPLY, from, to)
+        }
+        .read(self, |r| SupplyRow {
+            period_start_s: r[0].i64() as u64 * range.period_s,
+            ..SupplyRow::from_sums(r[1].text(), r[2].text(), &r[3..])
+        })
+    }
+
+    fn supply_service_periods(
+        &self,
+        range: &Range,
+        service: Option<&str>,
+    ) -> Result<Vec<SupplyServiceRow>, AggregatorError> {
+        let (from, to) = host_periods_range(range, &Backend::layout(self))?;
+        SumQuery {
+            period_s: Some(range.period_s),
+            columns: &[
+                Period,
+                Key("datacenter"),
+                Key("supply"),
+                Key("service"),
+                Key("scenario"),
+            ],
+            filters: &[("service", service)],
+            ..SumQuery::over(&SUPPLY_SERVICE, from, to)
+        }
+        .read(self, |r| SupplyServiceRow {
+            period_start_s: r[0].i64() as u64 * range.period_s,
+            datacenter: r[1].text(),
+            supply: r[2].text(),
+            service: r[3].text(),
+            scenario: r[4].text(),
+            cpu_ns: r[5].f64(),
+            energy_j: r[6].f64(),
+            idle_energy_j: r[7].f64(),
+            carbon_g: r[8].f64(),
+            embodied_g: r[9].f64(),
+            transactions: r[10].f64(),
+        })
+    }
+
+    fn supply_groups(
+        &self,
+        range: &Range,
+        attribute: &str,
+    ) -> Result<Vec<SupplyRow>, AggregatorError> {
+        if !groupable(attribute) {
+            return Err(AggregatorError::Invalid(format!(
+                "group_by {:?}: use datacenter, supply, {} or label.<key>",
+                attribute.chars().take(64).collect::<String>(),
+                super::supply::ATTRIBUTES.join(", ")
+            )));
+        }
+        let (from, to) = range.host_range(&Backend::layout(self));
+        let (columns, join): (&[Col], _) = match attribute {
+            "datacenter" => (&[Key("datacenter")], None),
+            "supply" => (&[Key("supply")], None),
+            attr => (&[Key("a.value")], Some(attr)),
+        };
+        SumQuery {
+            columns,
+            supply_attribute: join,
+            ..SumQuery::over(&SUPPLY, from, to)
+        }
+        .read(self, |r| {
+            SupplyRow::from_sums(String::new(), r[0].text(), &r[1..])
+        })
+    }
+
+    fn supply_attrs(&self) -> Result<Vec<SupplyAttr>, AggregatorError> {
+        Ok(self
+            .read(
+                "SELECT supply, attr, value FROM supply_attrs ORDER BY supply, attr",
+                &[],
+            )?
+            .into_iter()
+            .map(|r| SupplyAttr {
+                supply: r[0].text(),
+                attr: r[1].text(),
+                value: r[2].text(),
+            })
+            .collect())
+    }
+
+    fn save_plan(&self, plan: &StoredPlan) -> Result<(), AggregatorError> {
+        self.write(&mut |tx| {
+            tx.execute(
+                "INSERT INTO plans (id, created_unix_s, kind, service, carried_out_unix_s, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                 carried_out_unix_s = excluded.carried_out_unix_s, body = excluded.body",
+                &[
+                    Value::Text(plan.id.clone()),
+                    Value::Int(plan.created_unix_s as i64),
+                    Value::Text(plan.kind.clone()),
+                    Value::Text(plan.service.clone()),
+                    plan.carried_out_unix_s
+                        .map_or(Value::Null, |t| Value::Int(t as i64)),
+                    Value::Text(plan.body.clone()),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn plans(&self) -> Result<Vec<StoredPlan>, AggregatorError> {
+        Ok(self
+            .read(
+                "SELECT id, created_unix_s, kind, service, carried_out_unix_s, body FROM plans \
+                 ORDER BY created_unix_s DESC, id",
+                &[],
+            )?
+            .into_iter()
+            .map(|r| StoredPlan {
+                id: r[0].text(),
+                created_unix_s: r[1].i64() as u64,
+                kind: r[2].text(),
+                service: r[3].text(),
+                carried_out_unix_s: match r[4] {
+                    Value::Int(t) => Some(t as u64),
+                    _ => None,
+                },
+                body: r[5].text(),
+            })
+            .collect())
+    }
+}
+
+impl SupplyRow {
+    /// A row from the nine sums of `supply_rollup` in column order.
+    fn from_sums(datacenter: String, supply: String, r: &[Value]) -> SupplyRow {
+        let f = |i: usize| r[i].f64();
+        SupplyRow {
+            period_start_s: 0,
+            datacenter,
+            supply,
+            host_s: f(0),
+            capacity_cpu_ns: f(1),
+            busy_cpu_ns: f(2),
+            energy_j: f(3),
+            operational_g: f(4),
+            embodied_g: f(5),
+            intensity_x_s: f(6),
+            pue_x_s: f(7),
+            transactions: f(8),
+        }
     }
 }

@@ -181,3 +181,60 @@ pub struct Expired {
     pub keys: u64,
     pub rollup_rows: u64,
 }
+
+/// A supply's sums (#27) in one period (whole host steps), or over a range
+/// grouped by one attribute (then `supply` holds the attribute's value).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SupplyRow {
+    pub period_start_s: u64,
+    pub datacenter: String,
+    pub supply: String,
+    pub host_s: f64,
+    /// Logical CPUs x seconds, in ns: what the hosts could run.
+    pub capacity_cpu_ns: f64,
+    pub busy_cpu_ns: f64,
+    pub energy_j: f64,
+    pub operational_g: f64,
+    pub embodied_g: f64,
+    /// Sums of factor x host-seconds (divide by host_s for the mean).
+    pub intensity_x_s: f64,
+    pub pue_x_s: f64,
+    pub transactions: f64,
+}
+
+/// A service's share of a supply (#27) per scenario in one period (whole
+/// host steps): its processes' figures and the transactions it served.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SupplyServiceRow {
+    pub period_start_s: u64,
+    pub datacenter: String,
+    pub supply: String,
+    pub service: String,
+    pub scenario: String,
+    pub cpu_ns: f64,
+    pub energy_j: f64,
+    pub idle_energy_j: f64,
+    pub carbon_g: f64,
+    pub embodied_g: f64,
+    pub transactions: f64,
+}
+
+/// One attribute of a supply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SupplyAttr {
+    pub supply: String,
+    pub attr: String,
+    pub value: String,
+}
+
+/// A plan as stored (#27): its kind, the service it moves, when it was made
+/// and carried out, and its whole JSON (prediction, assumptions, data).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StoredPlan {
+    pub id: String,
+    pub created_unix_s: u64,
+    pub kind: String,
+    pub service: String,
+    pub carried_out_unix_s: Option<u64>,
+    pub body: String,
+}

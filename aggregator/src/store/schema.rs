@@ -40,7 +40,7 @@ pub(super) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 3] {
+pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 5] {
     if postgres {
         [
             (
@@ -55,6 +55,14 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 3] {
                 4,
                 include_str!("../../migrations/postgres/0004_review_rollups.sql"),
             ),
+            (
+                5,
+                include_str!("../../migrations/postgres/0005_request_cpu_log_linear.sql"),
+            ),
+            (
+                27,
+                include_str!("../../migrations/postgres/0027_supplies.sql"),
+            ),
         ]
     } else {
         [
@@ -66,6 +74,14 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 3] {
             (
                 4,
                 include_str!("../../migrations/sqlite/0004_review_rollups.sql"),
+            ),
+            (
+                5,
+                include_str!("../../migrations/sqlite/0005_request_cpu_log_linear.sql"),
+            ),
+            (
+                27,
+                include_str!("../../migrations/sqlite/0027_supplies.sql"),
             ),
         ]
     }

@@ -154,6 +154,41 @@ impl SqliteStore {
     }
 
     /// With the default layout (1 min, 1 h) and a 30 s query timeout.
+    /// The rollup layout recorded in the database at `path` when it was
+    /// created; None if the file does not exist or records none yet.
+    pub fn stored_layout(path: &Path) -> Result<Option<RollupLayout>, AggregatorError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let has_meta: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'meta'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_meta == 0 {
+            return Ok(None);
+        }
+        let get = |key: &str| -> Result<Option<u64>, AggregatorError> {
+            let mut stmt = conn.prepare("SELECT value FROM meta WHERE key = ?1")?;
+            let mut rows = stmt.query([key])?;
+            Ok(match rows.next()? {
+                Some(row) => row.get::<_, String>(0)?.parse().ok(),
+                None => None,
+            })
+        };
+        Ok(match (get("rollup_step_s")?, get("host_rollup_step_s")?) {
+            (Some(step_s), Some(host_step_s)) => Some(RollupLayout {
+                step_s,
+                host_step_s,
+            }),
+            _ => None,
+        })
+    }
+
     pub fn open(path: &Path) -> Result<Self, AggregatorError> {
         Self::open_with(
             path,

@@ -125,13 +125,13 @@ pub(super) const PROFILE_COARSE: Table = Table {
 pub(super) const REQUEST_CPU: Table = Table {
     index: 10,
     name: "request_cpu_rollup",
-    keys: &["bucket_s", "service", "scenario", "bin"],
+    keys: &["bucket_s", "datacenter", "service", "scenario", "bin"],
     sums: &["requests"],
 };
 pub(super) const REQUEST_CPU_TOTAL: Table = Table {
     index: 11,
     name: "request_cpu_total_rollup",
-    keys: &["bucket_s", "service", "scenario"],
+    keys: &["bucket_s", "datacenter", "service", "scenario"],
     sums: &["requests", "cpu_ns", "energy_j"],
 };
 pub(super) const HOST_SERVICE: Table = Table {
@@ -141,9 +141,43 @@ pub(super) const HOST_SERVICE: Table = Table {
     sums: &["cpu_ns"],
 };
 
+/// Resource supplies (#27): per host step, each supply's hosts and each
+/// service's share of them (with the transactions it served). A supply's
+/// attributes are in `supply_attrs` (not a rollup: one row per supply and
+/// attribute), which grouping by an attribute joins.
+pub(super) const SUPPLY: Table = Table {
+    index: 13,
+    name: "supply_rollup",
+    keys: &["bucket_s", "datacenter", "supply"],
+    sums: &[
+        "host_s",
+        "capacity_cpu_ns",
+        "busy_cpu_ns",
+        "energy_j",
+        "operational_g",
+        "embodied_g",
+        "intensity_x_s",
+        "pue_x_s",
+        "transactions",
+    ],
+};
+pub(super) const SUPPLY_SERVICE: Table = Table {
+    index: 14,
+    name: "supply_service_rollup",
+    keys: &["bucket_s", "datacenter", "supply", "service", "scenario"],
+    sums: &[
+        "cpu_ns",
+        "energy_j",
+        "idle_energy_j",
+        "carbon_g",
+        "embodied_g",
+        "transactions",
+    ],
+};
+
 /// Every rollup table, in the order commits write them and retention
 /// deletes from them.
-pub(super) const TABLES: [&Table; 13] = [
+pub(super) const TABLES: [&Table; 15] = [
     &FLEET,
     &SCENARIO,
     &HOST,
@@ -157,6 +191,8 @@ pub(super) const TABLES: [&Table; 13] = [
     &REQUEST_CPU,
     &REQUEST_CPU_TOTAL,
     &HOST_SERVICE,
+    &SUPPLY,
+    &SUPPLY_SERVICE,
 ];
 const _: () = {
     let mut i = 0;

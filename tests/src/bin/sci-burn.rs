@@ -4,8 +4,8 @@
 //!   time (CLOCK_PROCESS_CPUTIME_ID, so the demand is exact under any load).
 //! - `sci-burn --duty <percent> --seconds <s>`: in every 20 ms period, spins
 //!   for `percent`% of it and sleeps the rest, for `s` seconds of wall time.
-//!   With `--threads N` (after the other arguments), N threads do so, thread
-//!   i at `percent / (i + 1)`%.
+//!   With `--threads N`, N threads do so, thread i at `percent / (i + 1)`%.
+//!   Words after `--` are ignored (they only lengthen the command line).
 use sci_tests::spin::spin_thread_cpu_ns;
 use std::time::{Duration, Instant};
 
@@ -25,18 +25,30 @@ fn duty_cycle(percent: u64, end: Instant) {
     }
 }
 
+#[derive(clap::Parser)]
+#[command(group = clap::ArgGroup::new("demand").required(true).args(["busy_ms", "duty"]))]
+struct Args {
+    /// Spin until this process has used BUSY_MS of its own CPU time.
+    busy_ms: Option<u64>,
+    /// Busy PERCENT of every 20 ms period (with --seconds).
+    #[arg(long, requires = "seconds")]
+    duty: Option<u64>,
+    /// Wall time of the duty cycle.
+    #[arg(long, requires = "duty")]
+    seconds: Option<u64>,
+    /// Threads of the duty cycle, thread i at PERCENT / (i + 1).
+    #[arg(long, requires = "duty", default_value_t = 1)]
+    threads: u64,
+    /// Words after `--`, ignored: they only shape the command line (tests of
+    /// what the agent reads as a process's description).
+    #[arg(last = true)]
+    words: Vec<String>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let number = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
-    if args.first().map(String::as_str) == Some("--duty") {
-        let (Some(percent), Some(seconds)) = (number(1), number(3)) else {
-            eprintln!("usage: sci-burn --duty <percent> --seconds <s>");
-            std::process::exit(2);
-        };
-        let threads = match args.get(4).map(String::as_str) {
-            Some("--threads") => number(5).unwrap_or(1).max(1),
-            _ => 1,
-        };
+    let args: Args = clap::Parser::parse();
+    if let (Some(percent), Some(seconds)) = (args.duty, args.seconds) {
+        let threads = args.threads.max(1);
         let end = Instant::now() + Duration::from_secs(seconds);
         if threads == 1 {
             // On the main thread, so /proc/<pid>/schedstat tells its whole demand.
@@ -51,9 +63,5 @@ fn main() {
         }
         return;
     }
-    let Some(busy_ms) = number(0) else {
-        eprintln!("usage: sci-burn <busy_ms> | --duty <percent> --seconds <s>");
-        std::process::exit(2);
-    };
-    spin_cpu_ns(busy_ms * 1_000_000);
+    spin_cpu_ns(args.busy_ms.unwrap_or(0) * 1_000_000);
 }

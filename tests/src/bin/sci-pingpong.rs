@@ -15,22 +15,24 @@ fn spin_us(us: u64) {
     spin_thread_cpu_ns(us * 1000, 50);
 }
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+#[derive(clap::Parser)]
+struct Args {
+    /// CPU time each side spends per request.
+    #[arg(long, default_value_t = 20)]
+    work_us: u64,
+    /// The server child's new name.
+    #[arg(long)]
+    rename: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    rename_after_ms: u64,
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let work_us: u64 = arg(&args, "--work-us")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let rename = arg(&args, "--rename");
-    let rename_after_ms: u64 = arg(&args, "--rename-after-ms")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let Args {
+        work_us,
+        rename,
+        rename_after_ms,
+    } = clap::Parser::parse();
     let (mut request_read, mut request_write) = std::io::pipe().expect("pipe");
     let (mut response_read, mut response_write) = std::io::pipe().expect("pipe");
     // SAFETY: single-threaded here; the child only uses its own copies.

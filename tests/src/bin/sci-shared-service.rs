@@ -50,13 +50,16 @@ fn transaction(code: u32, cost_us: u64, ok: bool) {
     }
 }
 
+#[derive(clap::Parser)]
+struct Args {
+    #[arg(default_value_t = 2)]
+    threads: u64,
+    #[arg(default_value_t = 20)]
+    rounds: u64,
+}
+
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let threads = args.first().copied().unwrap_or(2);
-    let rounds = args.get(1).copied().unwrap_or(20);
+    let Args { threads, rounds } = clap::Parser::parse();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             std::thread::spawn(move || {

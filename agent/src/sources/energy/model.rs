@@ -206,8 +206,12 @@ impl EnergySource for ModelSource {
                 energy_j: power_w * duration_s,
                 counts_toward_host: true,
                 idle_power_w: Some(self.model.power_w(0.0, cpus)),
+                known_idle_j: None,
             }],
             warnings: Vec::new(),
+            faults: Default::default(),
+            sample_interval_ns: duration_ns,
+            host_factors: None,
         })
     }
 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use super::powercap::read_u64;
 use super::topology::{parse_cpu_list, CpuTopology};
 use super::{
-    check_power_ceiling, measured_window, DomainKind, DomainReading, EnergyConfig, EnergyError,
-    EnergySource, HostDomains, WindowEnergy,
+    check_power_ceiling, count_fault, fault_name, measured_window, DomainKind, DomainReading,
+    EnergyConfig, EnergyError, EnergySource, HostDomains, WindowEnergy,
 };
 use crate::sources::sched::CpuSample;
 
@@ -262,10 +262,6 @@ impl PerfPmuSource {
             pmu_dir: sysfs_root.join("bus/event_source/devices/power"),
         })
     }
-
-    pub fn domain_names(&self) -> Vec<String> {
-        self.counters.iter().map(|c| c.domain.clone()).collect()
-    }
 }
 
 impl EnergySource for PerfPmuSource {
@@ -277,15 +273,27 @@ impl EnergySource for PerfPmuSource {
         false
     }
 
+    fn domain_names(&self) -> Vec<String> {
+        self.counters.iter().map(|c| c.domain.clone()).collect()
+    }
+
+    fn disable_domain(&mut self, name: &str) -> bool {
+        let before = self.counters.len();
+        self.counters.retain(|c| c.domain != name);
+        self.counters.len() < before
+    }
+
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {
         let duration_ns = sample.end_unix_ns.saturating_sub(sample.start_unix_ns);
         let duration_s = duration_ns as f64 / 1e9;
         let mut warnings = std::mem::take(&mut self.pending_warnings);
+        let mut faults = std::collections::BTreeMap::new();
         let mut domains = Vec::new();
         for c in &mut self.counters {
             let now = match c.counter.read_count() {
                 Ok(v) => v,
                 Err(e) => {
+                    count_fault(&mut faults, "rapl-perf", fault_name(&e));
                     warnings.push(format!(
                         "perf counter {} left out of this window: {e}",
                         c.domain
@@ -306,6 +314,7 @@ impl EnergySource for PerfPmuSource {
                     domain: c.domain.clone(),
                     reason: format!("64-bit counter went backwards from {previous} to {now}"),
                 };
+                count_fault(&mut faults, "rapl-perf", fault_name(&e));
                 warnings.push(e.to_string());
                 continue;
             }
@@ -313,6 +322,7 @@ impl EnergySource for PerfPmuSource {
             if let Err(e) =
                 check_power_ceiling(&c.domain, energy_j, duration_s, self.max_domain_power_w)
             {
+                count_fault(&mut faults, "rapl-perf", fault_name(&e));
                 warnings.push(e.to_string());
                 continue;
             }
@@ -324,13 +334,15 @@ impl EnergySource for PerfPmuSource {
                 energy_j,
                 counts_toward_host: false,
                 idle_power_w: None,
+                known_idle_j: None,
             });
         }
         measured_window(
             "rapl-perf",
-            duration_ns,
+            sample,
             domains,
             warnings,
+            faults,
             self.host_domains,
         )
     }

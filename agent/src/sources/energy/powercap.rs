@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use super::topology::CpuTopology;
 use super::{
-    check_power_ceiling, measured_window, DomainKind, DomainReading, EnergyConfig, EnergyError,
-    EnergySource, HostDomains, WindowEnergy,
+    check_power_ceiling, count_fault, fault_name, measured_window, DomainKind, DomainReading,
+    EnergyConfig, EnergyError, EnergySource, HostDomains, WindowEnergy,
 };
 use crate::sources::sched::CpuSample;
 
@@ -199,11 +199,6 @@ impl PowercapSource {
             pending_warnings: warnings,
         })
     }
-
-    /// Domain names found, in order.
-    pub fn domain_names(&self) -> Vec<String> {
-        self.zones.iter().map(|z| z.domain.clone()).collect()
-    }
 }
 
 impl EnergySource for PowercapSource {
@@ -215,15 +210,28 @@ impl EnergySource for PowercapSource {
         false
     }
 
+    /// Domain names found, in order.
+    fn domain_names(&self) -> Vec<String> {
+        self.zones.iter().map(|z| z.domain.clone()).collect()
+    }
+
+    fn disable_domain(&mut self, name: &str) -> bool {
+        let before = self.zones.len();
+        self.zones.retain(|z| z.domain != name);
+        self.zones.len() < before
+    }
+
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {
         let duration_ns = sample.end_unix_ns.saturating_sub(sample.start_unix_ns);
         let duration_s = duration_ns as f64 / 1e9;
         let mut warnings = std::mem::take(&mut self.pending_warnings);
+        let mut faults = std::collections::BTreeMap::new();
         let mut domains = Vec::new();
         for zone in &mut self.zones {
             let now_uj = match read_u64(&zone.path.join("energy_uj")) {
                 Ok(v) => v,
                 Err(e) => {
+                    count_fault(&mut faults, "rapl-powercap", fault_name(&e));
                     warnings.push(format!(
                         "powercap zone {} ({}) left out of this window: {e}",
                         zone.id, zone.domain
@@ -247,6 +255,7 @@ impl EnergySource for PowercapSource {
                         zone.max_energy_range_uj
                     ),
                 };
+                count_fault(&mut faults, "rapl-powercap", fault_name(&e));
                 warnings.push(e.to_string());
                 zone.previous_uj = None;
                 continue;
@@ -256,6 +265,7 @@ impl EnergySource for PowercapSource {
             if let Err(e) =
                 check_power_ceiling(&zone.domain, energy_j, duration_s, self.max_domain_power_w)
             {
+                count_fault(&mut faults, "rapl-powercap", fault_name(&e));
                 warnings.push(e.to_string());
                 continue;
             }
@@ -267,13 +277,15 @@ impl EnergySource for PowercapSource {
                 energy_j,
                 counts_toward_host: false,
                 idle_power_w: None,
+                known_idle_j: None,
             });
         }
         measured_window(
             "rapl-powercap",
-            duration_ns,
+            sample,
             domains,
             warnings,
+            faults,
             self.host_domains,
         )
     }

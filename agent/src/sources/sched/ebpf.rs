@@ -27,13 +27,14 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::{
-    CpuClock, ExecEvent, ExecOffsets, ProcEvent, ProcScenarioKey, RequestCpuBuckets,
-    StealClockOffsets, EXEC_ARGS_BYTES, EXEC_PATH_BYTES, LOSS_PROC_MAP_FULL_EVENTS,
-    LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL, LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL,
-    LOSS_SLOTS, LOSS_THREAD_MAP_FULL, LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START,
-    OFFSET_PID, OFFSET_REAL_PARENT, OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID,
+    CgroupEvent, CgroupOffsets, CpuClock, ExecEvent, ExecOffsets, ProcEvent, ProcScenarioKey,
+    RequestCpuBuckets, StealClockOffsets, ThreadState, CGROUP_PATH_BYTES, EXEC_ARGS_BYTES,
+    EXEC_PATH_BYTES, LOSS_PROC_MAP_FULL_EVENTS, LOSS_PROC_MAP_FULL_NS, LOSS_REQUEST_HISTOGRAM_FULL,
+    LOSS_RINGBUF_FULL, LOSS_SCENARIO_MAP_FULL, LOSS_SLOTS, LOSS_THREAD_MAP_FULL,
+    LOSS_THREAD_STATE_FULL, LOSS_TXN_MAP_FULL, OFFSET_EXEC_START, OFFSET_PID, OFFSET_REAL_PARENT,
+    OFFSET_RUNTIME, OFFSET_SLOTS, OFFSET_START_TIME, OFFSET_TGID, PROC_EVENT_CGROUP,
     PROC_EVENT_EXEC, PROC_EVENT_EXIT, PROC_EVENT_FORK, PROC_EVENT_RENAME, REQUEST_CPU_BUCKETS,
-    SCENARIO_SLOTS,
+    RETIRED_NONE, SCENARIO_SLOTS,
 };
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, UProbe};
@@ -42,7 +43,7 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use super::btf::KernelBtf;
 use super::proc_cpu_table::{self, ProcCpuTable, TableRead};
 use super::proc_info::{
-    clock_ticks_per_second, cmdline_from_args, online_cpus, read_proc_info_with,
+    clock_ticks_per_second, cmdline_from_args, online_cpus, read_proc_info_with, read_title,
     refresh_after_exec, CgroupPaths, ProcInfo,
 };
 use super::procfs::HostCpuTimes;
@@ -64,24 +65,30 @@ pub fn ebpf_object() -> &'static [u8] {
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The tracepoints the accounting needs.
-const TRACEPOINT_PROGRAMS: [(&str, &str); 5] = [
+const TRACEPOINT_PROGRAMS: [(&str, &str); 6] = [
     ("sched_switch", "sched_switch"),
     ("sched_process_exec", "sched_process_exec"),
     ("sched_process_exit", "sched_process_exit"),
     ("sched_process_fork", "sched_process_fork"),
     ("task_rename", "task_rename"),
+    ("cgroup_attach_task", "cgroup_attach_task"),
 ];
 
 /// Tracepoint arguments the programs read by position (compiled in, as the
 /// verifier needs constant context offsets), checked by name against the
-/// running kernel's BTF before loading.
-const TRACEPOINT_ARGUMENTS: [(&str, &str, usize); 6] = [
+/// running kernel's BTF before loading (by the event's class, whose
+/// `__bpf_trace_<class>` function the BTF describes).
+const TRACEPOINT_ARGUMENTS: [(&str, &str, usize); 9] = [
     ("sched_switch", "prev", 1),
     ("sched_switch", "next", 2),
     ("sched_switch", "prev_state", 3),
     ("sched_process_fork", "child", 1),
     ("task_rename", "task", 0),
     ("task_rename", "comm", 1),
+    // cgroup_attach_task is an event of the class cgroup_migrate.
+    ("cgroup_migrate", "dst_cgrp", 0),
+    ("cgroup_migrate", "path", 1),
+    ("cgroup_migrate", "task", 2),
 ];
 
 /// The `task_struct` offsets the programs read (see `agent_common::OFFSET_*`),
@@ -158,6 +165,21 @@ pub fn exec_offsets(btf: &KernelBtf) -> Result<ExecOffsets, String> {
     })
 }
 
+/// Where a task's cgroup v2 id is (see `agent_common::CgroupOffsets`), or
+/// why forks carry their parent's group and moves are not followed.
+pub fn cgroup_offsets(btf: &KernelBtf) -> Result<CgroupOffsets, String> {
+    let field =
+        |outer: &str, path: &str| btf.field_of_size(outer, path, 8).map_err(|e| e.to_string());
+    Ok(CgroupOffsets {
+        enabled: 1,
+        task_cgroups: field("task_struct", "cgroups")?,
+        css_set_dfl_cgrp: field("css_set", "dfl_cgrp")?,
+        cgroup_kn: field("cgroup", "kn")?,
+        kernfs_node_id: field("kernfs_node", "id")?,
+        _pad: 0,
+    })
+}
+
 /// Stands in the previous read for a key that was closed: no map key has
 /// this scenario.
 const CLOSED_KEY: ProcScenarioKey = ProcScenarioKey {
@@ -178,6 +200,8 @@ struct ExitRecord {
     ktime_ns: u64,
     comm: String,
     cgroup_id: u64,
+    /// The command line as the process left it (carried while titles are read).
+    title: Option<Text>,
 }
 
 #[derive(Default)]
@@ -186,6 +210,11 @@ struct LifecycleState {
     info: HashMap<u32, Arc<ProcInfo>>,
     /// Group leaders that exited and whose keys are still in the maps.
     exited: HashMap<u32, ExitRecord>,
+    /// Rows of the CPU table retired at a cgroup move (see
+    /// `agent_common::CgroupEvent`), with their process's description
+    /// before the move; given back once read.
+    retired: HashMap<u32, Arc<ProcInfo>>,
+    cgroups: CgroupPaths,
 }
 
 struct Lifecycle {
@@ -194,12 +223,19 @@ struct Lifecycle {
     proc_root: PathBuf,
     /// Whether to read `SCI_*` environments (only when a scenario rule uses them).
     read_environ: bool,
+    /// Whether forked processes' own command lines (titles) are read (only
+    /// when a `cmdline` rule exists).
+    read_titles: bool,
 }
 
 impl Lifecycle {
     fn drain(&mut self) {
         loop {
-            let (event, exec): (ProcEvent, Option<Box<ExecEvent>>) = {
+            let (event, exec, moved): (
+                ProcEvent,
+                Option<Box<ExecEvent>>,
+                Option<Box<CgroupEvent>>,
+            ) = {
                 let Some(item) = self.ring.next() else {
                     break;
                 };
@@ -207,18 +243,32 @@ impl Lifecycle {
                     continue;
                 }
                 // SAFETY: the kernel wrote a ProcEvent (repr(C)), or an
-                // ExecEvent that starts with one; read_unaligned copes with alignment.
+                // ExecEvent or CgroupEvent that starts with one;
+                // read_unaligned copes with alignment.
                 let event: ProcEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let exec = (event.kind == PROC_EVENT_EXEC
+                let exec = (matches!(event.kind, PROC_EVENT_EXEC | PROC_EVENT_EXIT)
                     && item.len() >= std::mem::size_of::<ExecEvent>())
                 .then(|| {
                     // SAFETY: as above, an ExecEvent of the size checked.
                     Box::new(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ExecEvent>()) })
                 });
-                (event, exec)
+                let moved = (event.kind == PROC_EVENT_CGROUP
+                    && item.len() >= std::mem::size_of::<CgroupEvent>())
+                .then(|| {
+                    // SAFETY: as above, a CgroupEvent of the size checked.
+                    Box::new(unsafe {
+                        std::ptr::read_unaligned(item.as_ptr().cast::<CgroupEvent>())
+                    })
+                });
+                (event, exec, moved)
             };
             match event.kind {
                 PROC_EVENT_FORK => self.inherit(&event),
+                PROC_EVENT_CGROUP => {
+                    if let Some(moved) = moved {
+                        self.moved(&moved);
+                    }
+                }
                 PROC_EVENT_RENAME => {
                     if let Some(info) = self.state.info.get_mut(&event.tgid) {
                         Arc::make_mut(info).comm = comm_to_string(&event.comm).into();
@@ -229,10 +279,15 @@ impl Lifecycle {
                     // A process described at its fork keeps its parent, start
                     // and cgroup: only what exec changes is taken, from the
                     // event where the kernel carried it, else from procfs.
+                    let cgroup = self.state.cgroups.path_of(event.cgroup_id);
                     match self.state.info.get_mut(&event.tgid) {
                         Some(info) => {
                             let info = Arc::make_mut(info);
                             info.comm = comm_to_string(&event.comm).into();
+                            info.forked_ktime_ns = 0;
+                            if let Some(path) = cgroup.filter(|p| info.cgroup.as_ref() != Some(p)) {
+                                info.set_cgroup(path);
+                            }
                             if carried.is_complete() && !self.read_environ {
                                 info.exe = carried.exe;
                                 info.cmdline = carried.cmdline;
@@ -254,12 +309,14 @@ impl Lifecycle {
                     self.state.exited.remove(&event.tgid);
                 }
                 PROC_EVENT_EXIT => {
+                    let title = exec.as_deref().and_then(|e| carried_by_exec(e).cmdline);
                     self.state.exited.insert(
                         event.tgid,
                         ExitRecord {
                             ktime_ns: event.ktime_ns,
                             comm: comm_to_string(&event.comm),
                             cgroup_id: event.cgroup_id,
+                            title,
                         },
                     );
                 }
@@ -294,8 +351,48 @@ impl Lifecycle {
         child.ppid = event.ppid;
         child.comm = comm_to_string(&event.comm).into();
         child.start_ticks = event.ktime_ns / (1_000_000_000 / clock_ticks_per_second()).max(1);
+        child.forked_ktime_ns = event.ktime_ns.max(1);
+        // Born in another group than its origin's (clone3(CLONE_INTO_CGROUP)).
+        if let Some(path) = self
+            .state
+            .cgroups
+            .path_of(event.cgroup_id)
+            .filter(|p| child.cgroup.as_ref() != Some(p))
+        {
+            child.set_cgroup(path);
+        }
         self.state.info.insert(event.tgid, Arc::new(child));
         self.state.exited.remove(&event.tgid);
+    }
+
+    /// A process moved to another cgroup: its retired rows keep its
+    /// description so far; from now on it is described in the new group.
+    fn moved(&mut self, event: &CgroupEvent) {
+        let header = &event.header;
+        let path_len = (event.path_len as usize).min(CGROUP_PATH_BYTES);
+        let path = if path_len > 0 {
+            let path = String::from_utf8_lossy(&event.path[..path_len]);
+            self.state.cgroups.learn(header.cgroup_id, &path);
+            Some(Text::from(path))
+        } else {
+            self.state.cgroups.path_of(header.cgroup_id)
+        };
+        if !self.state.info.contains_key(&header.tgid) {
+            // Never seen: procfs describes it as it is now, in its new group.
+            if let Some(info) = read_proc_info_with(&self.proc_root, header.tgid, self.read_environ)
+            {
+                self.state.info.insert(header.tgid, Arc::new(info));
+            }
+        }
+        let Some(info) = self.state.info.get_mut(&header.tgid) else {
+            return;
+        };
+        for row in event.retired_rows.iter().filter(|r| **r != RETIRED_NONE) {
+            self.state.retired.insert(*row, Arc::clone(info));
+        }
+        if let Some(path) = path {
+            Arc::make_mut(info).set_cgroup(path);
+        }
     }
 }
 
@@ -415,21 +512,102 @@ pub struct EbpfSampler {
     previous_idle_ns: Vec<u64>,
     previous_losses: Vec<u64>,
     previous_unowned_ns: Vec<u64>,
-    cgroups: CgroupPaths,
     window_start_unix_ns: u64,
 }
 
 /// Whether every exec wakes the event thread to read procfs (see
 /// `EXEC_READS_PROCFS` in the kernel program).
 fn exec_reads_procfs(ebpf: &mut Ebpf, on: bool) -> Result<(), AgentError> {
-    let mut flag: Array<_, u32> = Array::try_from(
-        ebpf.map_mut("EXEC_READS_PROCFS")
-            .ok_or_else(|| AgentError::Ebpf("map EXEC_READS_PROCFS missing".into()))?,
-    )
-    .map_err(|e| AgentError::ebpf("EXEC_READS_PROCFS", e))?;
-    flag.set(0, u32::from(on), 0)
-        .map_err(|e| AgentError::ebpf("setting EXEC_READS_PROCFS", e))
+    set_flag(ebpf, "EXEC_READS_PROCFS", on)
 }
+
+/// A tracepoint program of the loaded object.
+fn tracepoint_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut BtfTracePoint, AgentError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| AgentError::Ebpf(format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e| AgentError::ebpf(name, e))
+}
+
+/// Slot 0 of a one-entry `Array<u32>` switch of the kernel programs.
+fn set_flag(ebpf: &mut Ebpf, name: &str, on: bool) -> Result<(), AgentError> {
+    let mut flag: Array<_, u32> = Array::try_from(
+        ebpf.map_mut(name)
+            .ok_or_else(|| AgentError::Ebpf(format!("map {name} missing")))?,
+    )
+    .map_err(|e| AgentError::ebpf(name, e))?;
+    flag.set(0, u32::from(on), 0)
+        .map_err(|e| AgentError::ebpf(&format!("setting {name}"), e))
+}
+
+/// Before the programs attach: each live thread's runtime now (the first
+/// field of its schedstat, `se.sum_exec_runtime` brought up to now) as
+/// its baseline in `THREAD_STATE`, so the first slice it runs after load is
+/// charged in full; and each live process described from procfs. Threads
+/// that do not fit in the map are left to the programs' first sight.
+fn baseline_existing(
+    ebpf: &mut Ebpf,
+    proc_root: &Path,
+) -> Result<HashMap<u32, Arc<ProcInfo>>, AgentError> {
+    let mut states: aya::maps::HashMap<_, u32, ThreadState> = aya::maps::HashMap::try_from(
+        ebpf.map_mut("THREAD_STATE")
+            .ok_or_else(|| AgentError::Ebpf("map THREAD_STATE missing".into()))?,
+    )
+    .map_err(|e| AgentError::ebpf("THREAD_STATE", e))?;
+    let mut described = HashMap::new();
+    let mut not_kept = 0usize;
+    let entries = std::fs::read_dir(proc_root)
+        .map_err(|e| AgentError::io(format!("listing {}", proc_root.display()), e))?;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some(runtime_ns) = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let state = ThreadState {
+                runtime_ns,
+                ..Default::default()
+            };
+            if states.insert(tid, state, BPF_NOEXIST).is_err() {
+                not_kept += 1;
+            }
+        }
+        if let Some(info) = read_proc_info_with(proc_root, pid, true) {
+            described.insert(pid, Arc::new(info));
+        }
+    }
+    if not_kept > 0 {
+        tracing::warn!(
+            "{not_kept} threads alive at load have no baseline (THREAD_STATE full): their first slice after load is not charged"
+        );
+    }
+    Ok(described)
+}
+
+/// `BPF_NOEXIST`: insert only a key not there yet.
+const BPF_NOEXIST: u64 = 1;
 
 fn per_cpu_sum(values: &[u64]) -> u64 {
     values.iter().sum()
@@ -473,6 +651,12 @@ impl EbpfSampler {
             );
             ExecOffsets::default()
         });
+        let cgroup = cgroup_offsets(&kernel_btf).unwrap_or_else(|reason| {
+            tracing::warn!(
+                "cgroup moves are not followed and forks carry their parent's group: {reason}"
+            );
+            CgroupOffsets::default()
+        });
         drop(kernel_btf);
         let btf = Btf::parse(&vmlinux, aya::Endianness::default())
             .map_err(|e| AgentError::ebpf("parsing kernel BTF", e))?;
@@ -486,7 +670,8 @@ impl EbpfSampler {
             .override_global("TASK_OFFSETS", &offsets, true)
             .override_global("LOAD_KTIME_NS", &load_ktime_ns, true)
             .override_global("STEAL_CLOCK", &steal_clock, true)
-            .override_global("EXEC_OFFSETS", &exec, true);
+            .override_global("EXEC_OFFSETS", &exec, true)
+            .override_global("CGROUP_OFFSETS", &cgroup, true);
         if !options.track_threads {
             // Unused: no need to preallocate 64k per-CPU entries.
             loader.map_max_entries("THREAD_CPU_NS", 1);
@@ -502,15 +687,21 @@ impl EbpfSampler {
         // Its free rows are filled before the programs attach.
         let proc_cpu = ProcCpuTable::open(&mut ebpf, possible_cpus)?;
         for (program_name, tracepoint) in TRACEPOINT_PROGRAMS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(program_name)
-                .ok_or_else(|| AgentError::Ebpf(format!("program {program_name} missing")))?
-                .try_into()
-                .map_err(|e| AgentError::ebpf(program_name, e))?;
-            program
+            tracepoint_program(&mut ebpf, program_name)?
                 .load(tracepoint, &btf)
                 .map_err(|e| AgentError::ebpf(&format!("verifying {program_name}"), e))?;
-            program
+        }
+        let proc_root = options
+            .proc_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/proc"));
+        // Before the programs run: every thread alive now is charged from
+        // its runtime now (its first slice after load counts in full), and
+        // every process is described (even one that exits before the first
+        // window closes).
+        let described = baseline_existing(&mut ebpf, &proc_root)?;
+        for (program_name, _) in TRACEPOINT_PROGRAMS {
+            tracepoint_program(&mut ebpf, program_name)?
                 .attach()
                 .map_err(|e| AgentError::ebpf(&format!("attaching {program_name}"), e))?;
         }
@@ -537,17 +728,20 @@ impl EbpfSampler {
         let ring = RingBuf::try_from(take(&mut ebpf, "PROC_EVENTS")?)
             .map_err(|e| AgentError::ebpf("PROC_EVENTS", e))?;
         let ring_fd = ring.as_raw_fd();
-        let proc_root = options
-            .proc_root
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/proc"));
-        // Descriptions include the environment until told otherwise.
+        // Descriptions include the environment and forked processes' own
+        // command lines until told otherwise.
         exec_reads_procfs(&mut ebpf, true)?;
+        set_flag(&mut ebpf, "EXIT_READS_TITLE", true)?;
         let lifecycle = Arc::new(Mutex::new(Lifecycle {
             ring,
-            state: LifecycleState::default(),
+            state: LifecycleState {
+                info: described,
+                cgroups: CgroupPaths::discover(),
+                ..Default::default()
+            },
             proc_root: proc_root.clone(),
             read_environ: true,
+            read_titles: true,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         // Wakes the event thread when the sampler is dropped.
@@ -625,7 +819,6 @@ impl EbpfSampler {
             previous_idle_ns: Vec::new(),
             previous_losses: Vec::new(),
             previous_unowned_ns: Vec::new(),
-            cgroups: CgroupPaths::discover(),
             window_start_unix_ns: 0,
         };
         // Open the first window: everything before now is not ours to report.
@@ -684,6 +877,17 @@ impl EbpfSampler {
             .get(&0, 0)
             .map_err(|e| AgentError::ebpf("reading CPU_CLOCK", e))?;
         Ok(clocks.iter().map(|clock| clock.mark_steal_ns).collect())
+    }
+
+    /// Whether forked processes' own command lines are read (default yes):
+    /// the title a server gives a forked worker (`postgres: ...`, `nginx:
+    /// worker process`) is read once it has run (at the first window close
+    /// after its fork, again at the next if it was younger than
+    /// `TITLE_SETTLED_NS`), or carried by its exit. Only `cmdline` rules
+    /// look at it: without one, leaving it out saves those reads.
+    pub fn set_read_titles(&mut self, read_titles: bool) -> Result<(), AgentError> {
+        self.lifecycle().read_titles = read_titles;
+        set_flag(&mut self._ebpf, "EXIT_READS_TITLE", read_titles)
     }
 
     /// Whether process descriptions include the `SCI_*` environment (default
@@ -766,7 +970,10 @@ fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
 /// large entries), found by tgid through a small index, and put in pid order
 /// once at the end.
 struct WindowProcesses {
-    index: HashMap<u32, usize>,
+    /// By (tgid, placement): 0 for the process as it is now, else the
+    /// address of its description before a cgroup move (one record per
+    /// group it was in during the window).
+    index: HashMap<(u32, usize), usize>,
     list: Vec<ProcessCpu>,
     slots: usize,
     /// Per-CPU vectors of an earlier window, reused.
@@ -785,8 +992,22 @@ impl WindowProcesses {
 
     /// The process `tgid`, added (with no CPU time yet) if not met before.
     fn entry(&mut self, tgid: u32) -> &mut ProcessCpu {
+        self.entry_at(tgid, 0)
+    }
+
+    /// The record of what process `tgid` ran in the group it left (its
+    /// description then: `before_move`).
+    fn entry_before_move(&mut self, tgid: u32, before_move: &Arc<ProcInfo>) -> &mut ProcessCpu {
+        let process = self.entry_at(tgid, Arc::as_ptr(before_move) as usize);
+        if process.start_ticks.is_none() {
+            before_move.describe(process);
+        }
+        process
+    }
+
+    fn entry_at(&mut self, tgid: u32, placement: usize) -> &mut ProcessCpu {
         let (list, slots, spare) = (&mut self.list, self.slots, &mut self.spare_per_cpu);
-        let at = *self.index.entry(tgid).or_insert_with(|| {
+        let at = *self.index.entry((tgid, placement)).or_insert_with(|| {
             let mut cpu_ns_per_cpu = spare.pop().unwrap_or_default();
             cpu_ns_per_cpu.clear();
             cpu_ns_per_cpu.resize(slots, 0);
@@ -801,7 +1022,7 @@ impl WindowProcesses {
     }
 
     fn get_mut(&mut self, tgid: u32) -> Option<&mut ProcessCpu> {
-        let at = *self.index.get(&tgid)?;
+        let at = *self.index.get(&(tgid, 0))?;
         self.list.get_mut(at)
     }
 
@@ -817,6 +1038,8 @@ impl WindowProcesses {
     }
 
     fn sorted(mut self) -> Vec<ProcessCpu> {
+        // A process met twice (before and after a cgroup move) keeps the
+        // order its records were made in.
         let mut order: Vec<(u32, usize)> = self
             .list
             .iter()
@@ -834,7 +1057,61 @@ impl WindowProcesses {
     }
 }
 
+/// A forked process's title read again at the next window if it was
+/// younger than this at the first read (a server sets its workers' titles
+/// right after the fork).
+pub const TITLE_SETTLED_NS: u64 = 100_000_000;
+
 impl EbpfSampler {
+    /// Gives each process of the window that forked without exec and whose
+    /// own command line is still unread its title: from procfs while it
+    /// lives, from its exit event once it has exited; and keeps it in its
+    /// description. A process younger than `TITLE_SETTLED_NS` is read again
+    /// at the next window; otherwise once.
+    fn read_titles(&mut self, by_tgid: &mut WindowProcesses, closed: &HashMap<u32, ExitRecord>) {
+        let now_ns = monotonic_now_ns();
+        let mut titles = Vec::new();
+        for process in by_tgid.list.iter() {
+            let forked_ns = process.info.forked_ktime_ns;
+            if forked_ns == 0 || process.info.pid != process.pid {
+                continue;
+            }
+            let (title, settled) = match closed.get(&process.pid) {
+                Some(exit) => (exit.title.clone(), true),
+                None => (
+                    read_title(&self.proc_root, process.pid).map(Text::from),
+                    now_ns.saturating_sub(forked_ns) >= TITLE_SETTLED_NS || process.exited,
+                ),
+            };
+            titles.push((process.pid, title, settled));
+        }
+        if titles.is_empty() {
+            return;
+        }
+        let mut lifecycle = self.lifecycle();
+        for (pid, title, settled) in titles {
+            let Some(process) = by_tgid.get_mut(pid) else {
+                continue;
+            };
+            let retitle = |info: &mut ProcInfo| {
+                if title.is_some() {
+                    info.cmdline.clone_from(&title);
+                }
+                if settled {
+                    info.forked_ktime_ns = 0;
+                }
+            };
+            match lifecycle.state.info.get_mut(&pid) {
+                // Still the description this record has (not re-forked since).
+                Some(info) if info.start_ticks == process.info.start_ticks => {
+                    retitle(Arc::make_mut(info));
+                    process.info = Arc::clone(info);
+                }
+                _ => retitle(Arc::make_mut(&mut process.info)),
+            }
+        }
+    }
+
     /// Adds this window's per-request CPU histograms (growth of the kernel's
     /// cumulative per-CPU buckets since the last read) to `by_tgid`; returns
     /// every key read (the dead ones are removed after enrichment).
@@ -954,16 +1231,19 @@ impl CpuSampler for EbpfSampler {
 
         // Exit events emitted before the flush are complete: their final
         // switch happened before this thread ran on that CPU.
-        let closed: HashMap<u32, ExitRecord> = {
+        // Rows retired at a cgroup move before the flush hold what their
+        // process ran before it (their description is the one it had then).
+        let (closed, retired): (HashMap<u32, ExitRecord>, HashMap<u32, Arc<ProcInfo>>) = {
             let mut lifecycle = self.lifecycle();
             lifecycle.drain();
-            lifecycle
+            let closed = lifecycle
                 .state
                 .exited
                 .iter()
                 .filter(|(_, exit)| exit.ktime_ns < flush_start_ktime_ns)
                 .map(|(tgid, exit)| (*tgid, exit.clone()))
-                .collect()
+                .collect();
+            (closed, lifecycle.state.retired.clone())
         };
 
         // CPU time per key, as deltas since the last window: both reads are
@@ -999,7 +1279,10 @@ impl CpuSampler for EbpfSampler {
             if delta == 0 && !closed.contains_key(&key.tgid) {
                 continue;
             }
-            let process = by_tgid.entry(key.tgid);
+            let process = match retired.get(row) {
+                Some(before_move) => by_tgid.entry_before_move(key.tgid, before_move),
+                None => by_tgid.entry(key.tgid),
+            };
             process.cpu_ns += delta;
             for (cpu, (sum, n)) in process.cpu_ns_per_cpu.iter_mut().zip(now).enumerate() {
                 *sum += n.saturating_sub(before(cpu));
@@ -1038,7 +1321,8 @@ impl CpuSampler for EbpfSampler {
             // Found first, described after: the descriptions' lines are
             // asked for on the way, so their misses overlap (crate::prefetch).
             let mut known = Vec::with_capacity(by_tgid.len());
-            for process in by_tgid.list.iter_mut() {
+            // (Records of the time before a cgroup move are described already.)
+            for process in by_tgid.list.iter_mut().filter(|p| p.start_ticks.is_none()) {
                 match lifecycle.state.info.get(&process.pid) {
                     Some(info) => {
                         prefetch_description(info);
@@ -1050,8 +1334,9 @@ impl CpuSampler for EbpfSampler {
             for (process, info) in known {
                 info.describe(process);
             }
-            lifecycle.read_environ
+            (lifecycle.read_environ, lifecycle.read_titles)
         };
+        let (read_environ, read_titles) = read_environ;
         for tgid in unknown {
             if let (Some(info), Some(process)) = (
                 read_proc_info_with(&self.proc_root, tgid, read_environ),
@@ -1068,17 +1353,24 @@ impl CpuSampler for EbpfSampler {
             if let Some(exit) = closed.get(tgid) {
                 process.exited = true;
                 if !described {
-                    process.info = Arc::new(ProcInfo {
+                    let mut info = ProcInfo {
                         pid: *tgid,
                         comm: exit.comm.as_str().into(),
-                        cgroup: self.cgroups.path_of(exit.cgroup_id).map(Text::from),
+                        cmdline: exit.title.clone(),
                         ..Default::default()
-                    });
+                    };
+                    if let Some(path) = self.lifecycle().state.cgroups.path_of(exit.cgroup_id) {
+                        info.set_cgroup(path);
+                    }
+                    process.info = Arc::new(info);
                 }
             } else if !described {
                 process.exited = true;
                 dead.insert(*tgid);
             }
+        }
+        if read_titles {
+            self.read_titles(&mut by_tgid, &closed);
         }
 
         // Release the rows of dead processes: a later process with the same
@@ -1087,7 +1379,7 @@ impl CpuSampler for EbpfSampler {
         // This read becomes the previous one; its buffers are swapped, not copied.
         let read = &mut self.cpu_read;
         for (row, key) in read.rows.iter().zip(read.keys.iter_mut()) {
-            if dead.contains(&key.tgid) {
+            if dead.contains(&key.tgid) || retired.contains_key(row) {
                 if let Err(e) = self.proc_cpu.release(*row, key) {
                     tracing::warn!("releasing a row of the CPU table: {e}");
                 }
@@ -1122,6 +1414,9 @@ impl CpuSampler for EbpfSampler {
             for tgid in &dead {
                 lifecycle.state.exited.remove(tgid);
                 lifecycle.state.info.remove(tgid);
+            }
+            for row in retired.keys() {
+                lifecycle.state.retired.remove(row);
             }
         }
 

@@ -64,13 +64,13 @@ impl Default for ProcessCpu {
     }
 }
 
-/// The requests of one process and scenario completed in a window, in log2
-/// buckets of their CPU time (`agent_common::request_cpu_bucket`).
+/// The requests of one process and scenario completed in a window, in
+/// log-linear buckets of their CPU time (`agent_common::request_cpu_bucket`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestCpu {
     /// Marker scenario slot (`agent_common::SCENARIO_*`).
     pub scenario: u32,
-    /// counts[i]: requests with i significant bits of CPU ns; trailing zeros left out.
+    /// counts[i]: requests in bucket i of CPU ns; trailing zeros left out.
     pub counts: Vec<u64>,
     pub sum_cpu_ns: u64,
 }

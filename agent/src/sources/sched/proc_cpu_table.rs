@@ -18,6 +18,12 @@
 //! `PROC_CPU_ROW` first (so a later charge under the same key, a reused PID,
 //! takes a fresh row), then the row is cleared and pushed back.
 //!
+//! At a cgroup move the kernel *retires* the process's rows: it removes
+//! their keys from `PROC_CPU_ROW` (the rows keep their key in
+//! `PROC_CPU_ROW_KEYS` and their figures), so the process's next charge
+//! opens fresh rows and two rows may name one key for a while; userspace
+//! releases a retired row once it has read it after the move.
+//!
 //! Limit: a thread of an exited process that looked its row up just before
 //! the release and adds after it leaves those nanoseconds in the released
 //! row, and the row's next owner is charged them (a deleted hash key had
@@ -224,9 +230,13 @@ impl ProcCpuTable {
                 key.tgid, key.scenario
             )));
         }
-        self.rows
-            .remove(key)
-            .map_err(|e| AgentError::ebpf(ROW, e))?;
+        // A row retired at a cgroup move no longer holds the key: the key's
+        // row now, if any, is another one, and stays.
+        if self.rows.get(key, 0).ok() == Some(row) {
+            self.rows
+                .remove(key)
+                .map_err(|e| AgentError::ebpf(ROW, e))?;
+        }
         self.row_keys.set(row_at, 0);
         for cpu in 0..self.possible_cpus {
             self.cpu_ns.set(cpu * ROWS + row_at, 0);

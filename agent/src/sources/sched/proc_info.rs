@@ -19,6 +19,10 @@ pub struct ProcInfo {
     /// Environment variables the scenario rules may look at (only `SCI_*` ones are kept).
     pub env: Vec<(String, String)>,
     pub start_ticks: u64,
+    /// CLOCK_MONOTONIC at the fork that made this process a copy of its
+    /// origin, while it has not exec'd and its own command line (the title a
+    /// server gives its workers) is still to be read; 0 otherwise.
+    pub forked_ktime_ns: u64,
 }
 
 impl ProcInfo {
@@ -26,6 +30,12 @@ impl ProcInfo {
     pub fn undescribed() -> Arc<ProcInfo> {
         static UNDESCRIBED: OnceLock<Arc<ProcInfo>> = OnceLock::new();
         Arc::clone(UNDESCRIBED.get_or_init(|| Arc::new(ProcInfo::default())))
+    }
+
+    /// Moves the description to the cgroup at `path` (the container id follows).
+    pub fn set_cgroup(&mut self, path: Text) {
+        self.container_id = container_id_from_cgroup(&path).map(Text::from);
+        self.cgroup = Some(path);
     }
 
     /// Gives a window's process this description (its CPU figures stay).
@@ -132,6 +142,7 @@ pub fn read_proc_info_with(proc_root: &Path, pid: u32, environ: bool) -> Option<
         cgroup: cgroup.map(Text::from),
         env,
         start_ticks: stat.start_ticks,
+        forked_ktime_ns: 0,
     })
 }
 
@@ -209,6 +220,12 @@ pub fn read_sci_environ(dir: &Path) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// The command line of a live process as procfs has it now (its title, for
+/// a server that rewrites its argument area); None when it is gone.
+pub fn read_title(proc_root: &Path, pid: u32) -> Option<String> {
+    read_cmdline(&proc_root.join(pid.to_string()))
+}
+
 fn read_cmdline(dir: &Path) -> Option<String> {
     std::fs::read(dir.join("cmdline"))
         .ok()
@@ -227,12 +244,21 @@ pub fn cmdline_from_args(args: &[u8]) -> Option<String> {
 }
 
 /// Maps cgroup v2 ids (as `bpf_get_current_cgroup_id` returns them: the inode
-/// number of the cgroup's directory) back to paths, for processes that exited
-/// before procfs could be read.
+/// number of the cgroup's directory) back to paths: groups made while the
+/// agent runs are learnt from the moves into them (their path comes with
+/// the event) or, for a fork placed straight into one, by walking the
+/// hierarchy again. Each walk replaces the map, so removed groups leave
+/// it; one is forced once the map has doubled since the last.
 #[derive(Debug, Default)]
 pub struct CgroupPaths {
     root: Option<PathBuf>,
-    by_id: HashMap<u64, String>,
+    by_id: HashMap<u64, Text>,
+    /// Entries the last walk found.
+    walked: usize,
+    /// Ids the last walk did not find (asked again, they do not walk again).
+    missed: std::collections::HashSet<u64>,
+    /// Walks of the hierarchy since start (for the cost of following groups).
+    pub walks: u64,
 }
 
 impl CgroupPaths {
@@ -246,28 +272,54 @@ impl CgroupPaths {
         });
         CgroupPaths {
             root,
-            by_id: HashMap::new(),
+            ..Default::default()
         }
     }
 
-    pub fn path_of(&mut self, cgroup_id: u64) -> Option<String> {
+    pub fn path_of(&mut self, cgroup_id: u64) -> Option<Text> {
+        if cgroup_id == 0 {
+            return None;
+        }
         if let Some(path) = self.by_id.get(&cgroup_id) {
             return Some(path.clone());
         }
+        if self.missed.contains(&cgroup_id) {
+            return None;
+        }
         self.rescan();
-        self.by_id.get(&cgroup_id).cloned()
+        let found = self.by_id.get(&cgroup_id).cloned();
+        if found.is_none() {
+            self.missed.insert(cgroup_id);
+        }
+        found
+    }
+
+    /// Records the path of a group (from a move into it).
+    pub fn learn(&mut self, cgroup_id: u64, path: &str) {
+        if cgroup_id == 0 {
+            return;
+        }
+        if self.by_id.len() > 2 * self.walked + 1024 {
+            self.rescan();
+        }
+        self.by_id.insert(cgroup_id, Text::from(path));
     }
 
     fn rescan(&mut self) {
         let Some(root) = self.root.clone() else {
             return;
         };
+        self.walks += 1;
+        self.by_id.clear();
+        self.missed.clear();
         let mut stack = vec![root.clone()];
         while let Some(dir) = stack.pop() {
             if let Ok(meta) = std::fs::metadata(&dir) {
                 let relative = dir.strip_prefix(&root).unwrap_or(&dir);
-                self.by_id
-                    .insert(meta.ino(), format!("/{}", relative.to_string_lossy()));
+                self.by_id.insert(
+                    meta.ino(),
+                    Text::from(format!("/{}", relative.to_string_lossy())),
+                );
             }
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for entry in entries.flatten() {
@@ -277,6 +329,7 @@ impl CgroupPaths {
                 }
             }
         }
+        self.walked = self.by_id.len();
     }
 }
 

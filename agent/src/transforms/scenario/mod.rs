@@ -12,7 +12,10 @@
 //! Time no marker claimed in a process no rule matched is `unassigned`: it
 //! still counts in the host total, so the scenario lines always sum to the
 //! processes' energy. Rules are compiled once; a process's assignment is cached
-//! under (pid, start_ticks) so a reused PID is evaluated afresh.
+//! under (pid, start_ticks) so a reused PID is evaluated afresh, and judged
+//! again when its cgroup (a move: `cgroup`, `systemd_unit`, `container` and
+//! `pod_label` rules) or its command line (a title a forked server process
+//! gave itself) is no longer the one it was judged on.
 //!
 //! The cache is a vector sorted by (pid, start_ticks), rebuilt every window
 //! from the processes the window holds (so it forgets the others): windows
@@ -222,6 +225,8 @@ impl ScenarioStage {
         CachedVerdict {
             key,
             comm: Some(process.info.comm.clone()),
+            cgroup: process.info.cgroup.clone(),
+            cmdline: process.info.cmdline.clone(),
             assignment: rules::evaluate(&self.rules, process, self.pod_labels_dir.as_deref()),
         }
     }
@@ -255,6 +260,8 @@ impl ScenarioStage {
             Some(at) if previous[at].still_holds(process) => CachedVerdict {
                 key,
                 comm: previous[at].comm.take(),
+                cgroup: previous[at].cgroup.take(),
+                cmdline: previous[at].cmdline.take(),
                 assignment: std::mem::take(&mut previous[at].assignment),
             },
             _ => self.judge(key, process),
@@ -352,20 +359,37 @@ struct CachedVerdict {
     key: (u32, u64),
     /// None once taken into the next window's cache.
     comm: Option<Text>,
+    /// The cgroup and command line the verdict was given on.
+    cgroup: Option<Text>,
+    cmdline: Option<Text>,
     assignment: Assignment,
 }
 
+fn same_text(a: &Text, b: &Text) -> bool {
+    Text::ptr_eq(a, b) || **a == **b
+}
+
+fn same_label(a: &Option<Text>, b: &Option<Text>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => same_text(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 impl CachedVerdict {
-    /// A verdict a rule gave stays for the process's life; a process no rule
-    /// claimed is looked at again once it renames itself (workers that take
-    /// their role's name after start).
+    /// A verdict holds while the process stays in its cgroup with its
+    /// command line; a verdict a rule gave survives a rename, while a
+    /// process no rule claimed is looked at again once it renames itself
+    /// (workers that take their role's name after start).
     fn still_holds(&self, process: &ProcessCpu) -> bool {
         let Some(comm) = &self.comm else {
             return false;
         };
-        self.assignment.rule_index.is_some()
-            || Text::ptr_eq(comm, &process.info.comm)
-            || **comm == *process.info.comm
+        let info = &process.info;
+        same_label(&self.cgroup, &info.cgroup)
+            && same_label(&self.cmdline, &info.cmdline)
+            && (self.assignment.rule_index.is_some() || same_text(comm, &info.comm))
     }
 }
 

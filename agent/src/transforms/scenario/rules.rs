@@ -65,6 +65,14 @@ pub struct ScenarioRule {
 }
 
 impl ScenarioRule {
+    /// Whether the rule looks at a process's command line (then forked
+    /// processes' own titles are read).
+    pub fn reads_cmdline(&self) -> bool {
+        self.matchers
+            .iter()
+            .any(|m| matches!(m, Matcher::Cmdline(_)))
+    }
+
     /// Whether the rule looks at a process's `SCI_*` environment.
     pub fn reads_environment(&self) -> bool {
         matches!(self.scenario, RuleScenario::FromEnv)

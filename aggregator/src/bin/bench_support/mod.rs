@@ -1,5 +1,5 @@
 //! Plumbing shared by the aggregator's benchmark binaries (`sci-ingest-bench`,
-//! `sci-store-bench`): arguments, a free loopback port, the server's RSS,
+//! `sci-store-bench`): a free loopback port, the server's RSS,
 //! acknowledged batches and percentiles.
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -9,15 +9,6 @@ use anyhow::Result;
 use sci_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-/// The number after `name` in `args`, or `default`.
-pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -1,0 +1,6 @@
+//! Export of the fleet's rollups to the engines operators already run:
+//! Prometheus remote-write ([`remote_write`]) of the series [`series`]
+//! builds from the store.
+pub mod prompb;
+pub mod remote_write;
+pub mod series;

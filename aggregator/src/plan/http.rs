@@ -1,0 +1,550 @@
+//! HTTP of the plans (#27):
+//! - `GET /api/v1/supplies?from=&to=&group_by=` the fleet grouped by one
+//!   supply attribute (`supply` by default);
+//! - `GET /api/v1/supplies/select?from=&to=[&service=&period=]` the
+//!   ranking of supplies per service and scenario (7.4);
+//! - `GET|POST /api/v1/plans/migration?from=&to=&service=&from_datacenter=
+//!   &from_supply=&to_datacenter=&to_supply=[&scenario=&share=
+//!   &target_utilisation=]` a migration plan (POST also stores it);
+//! - `GET|POST /api/v1/plans/shift?[job=&at=]` time-shifting plans of the
+//!   deferrable jobs (7.2; POST also stores them);
+//! - `GET /api/v1/plans/location?scenario=[&from=&to=]` marginal carbon
+//!   of one more transaction per data centre and hour, and a traffic split
+//!   that respects measured room (7.2);
+//! - `GET /api/v1/plans` the stored plans; `POST /api/v1/plans/{id}/
+//!   carried-out?at=` when a plan was carried out; `GET /api/v1/plans/{id}/
+//!   check?to=` the realised saving against the predicted ([`super::check`]);
+//! - `GET /dashboard/plan?[from=&to=&service=]` all of it on one page
+//!   ([`super::page`]);
+//! - the Carbon Aware SDK-compatible routes ([`super::carbon_aware`]).
+//!
+//! A parameter that is wrong is refused with 400 naming it, and counted in
+//! `sci_plan_requests_refused_total{endpoint}`.
+use std::collections::BTreeMap;
+
+use agent_common::prometheus_text::Family;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::migration::{plan_migration, MigrationRequest};
+use super::supplies::{groups, select, SupplyId};
+use crate::http::{bounded, range_of, HttpState, RangeQuery};
+use crate::review::stats::Bootstrap;
+
+type Failure = (StatusCode, String);
+
+/// Counts a refused request of `endpoint` and passes the failure on.
+pub(super) fn refused(state: &HttpState, endpoint: &str, failure: Failure) -> Failure {
+    if failure.0 == StatusCode::BAD_REQUEST {
+        *state
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plan_requests_refused
+            .entry(endpoint.to_string())
+            .or_default() += 1;
+    }
+    failure
+}
+
+pub(super) fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The review's bootstrap settings, with the caller's seed if given.
+fn bootstrap(seed: Option<u64>) -> Bootstrap {
+    Bootstrap {
+        seed: seed.unwrap_or(Bootstrap::default().seed),
+        ..Default::default()
+    }
+}
+
+pub(super) fn bad(message: String) -> Failure {
+    (StatusCode::BAD_REQUEST, message)
+}
+
+fn store_failure(e: crate::error::AggregatorError) -> Failure {
+    match e {
+        crate::error::AggregatorError::Invalid(m) => bad(m),
+        other => (StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+/// `sci_plan_requests_refused_total` and `sci_plans_stored_total`.
+pub fn metric_families(refused: &BTreeMap<String, u64>, stored: u64, out: &mut Vec<Family>) {
+    let mut f = Family::counter(
+        "sci_plan_requests_refused_total",
+        "Plan and supply requests refused for a wrong parameter, per endpoint.",
+    );
+    for (endpoint, n) in refused {
+        f.push(&[("endpoint", endpoint)], *n as f64);
+    }
+    out.push(f);
+    out.push(
+        Family::counter("sci_plans_stored_total", "Plans stored since start.")
+            .single(stored as f64),
+    );
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SuppliesQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub group_by: Option<String>,
+}
+
+fn hourly_range(
+    state: &HttpState,
+    from: Option<u64>,
+    to: Option<u64>,
+    period: Option<u64>,
+) -> Result<crate::store::Range, Failure> {
+    let step = state.store.layout().host_step_s;
+    let to = to.map(|t| t.div_ceil(step) * step);
+    let from = from.map(|f| f / step * step);
+    range_of(
+        state,
+        &RangeQuery {
+            from,
+            to,
+            period: Some(period.unwrap_or(step)),
+            datacenter: None,
+            format: None,
+        },
+    )
+}
+
+async fn supplies(State(state): State<HttpState>, Query(q): Query<SuppliesQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let range = hourly_range(&s, q.from, q.to, None)?;
+            let by = q.group_by.as_deref().unwrap_or("supply");
+            let groups = groups(s.store.as_ref(), &range, by).map_err(store_failure)?;
+            Ok(Json(serde_json::json!({
+                "from_unix_s": range.from_s,
+                "to_unix_s": range.to_s,
+                "group_by": by,
+                "groups": groups,
+            }))
+            .into_response())
+        };
+        run().map_err(|f| refused(&s, "supplies", f))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SelectQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub period: Option<u64>,
+    pub service: Option<String>,
+    pub seed: Option<u64>,
+}
+
+async fn select_supplies(State(state): State<HttpState>, Query(q): Query<SelectQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let range = hourly_range(&s, q.from, q.to, q.period)?;
+            let bootstrap = bootstrap(q.seed);
+            let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
+                .map_err(store_failure)?;
+            Ok(Json(selection).into_response())
+        };
+        run().map_err(|f| refused(&s, "supplies/select", f))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MigrationQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub service: Option<String>,
+    pub scenario: Option<String>,
+    pub from_datacenter: Option<String>,
+    pub from_supply: Option<String>,
+    pub to_datacenter: Option<String>,
+    pub to_supply: Option<String>,
+    pub share: Option<f64>,
+    pub target_utilisation: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+fn migration(state: &HttpState, q: &MigrationQuery, save: bool) -> Result<Response, Failure> {
+    let need = |v: &Option<String>, name: &str| {
+        v.clone().ok_or_else(|| bad(format!("{name} is required")))
+    };
+    let range = hourly_range(state, q.from, q.to, None)?;
+    let request = MigrationRequest {
+        service: need(&q.service, "service")?,
+        scenario: q.scenario.clone(),
+        from: SupplyId {
+            datacenter: need(&q.from_datacenter, "from_datacenter")?,
+            supply: need(&q.from_supply, "from_supply")?,
+        },
+        to: SupplyId {
+            datacenter: need(&q.to_datacenter, "to_datacenter")?,
+            supply: need(&q.to_supply, "to_supply")?,
+        },
+        share: q.share.unwrap_or(1.0),
+        target_utilisation: q.target_utilisation.unwrap_or(0.6),
+        bootstrap: bootstrap(q.seed),
+    };
+    let plan = plan_migration(state.store.as_ref(), &range, &request).map_err(store_failure)?;
+    if !save {
+        return Ok(Json(plan).into_response());
+    }
+    let now = now_s();
+    let stored = super::store_plan(
+        state.store.as_ref(),
+        "migration",
+        &request.service,
+        now,
+        &plan,
+    )
+    .map_err(store_failure)?;
+    state
+        .counters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .plans_stored += 1;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": stored.id, "plan": plan })),
+    )
+        .into_response())
+}
+
+async fn migration_get(
+    State(state): State<HttpState>,
+    Query(q): Query<MigrationQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        migration(&s, &q, false).map_err(|f| refused(&s, "plans/migration", f))
+    })
+    .await
+}
+
+async fn migration_post(
+    State(state): State<HttpState>,
+    Query(q): Query<MigrationQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        migration(&s, &q, true).map_err(|f| refused(&s, "plans/migration", f))
+    })
+    .await
+}
+
+async fn plans(State(state): State<HttpState>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let plans = s.store.plans().map_err(store_failure)?;
+        let plans: Vec<serde_json::Value> = plans
+            .into_iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id,
+                    "kind": p.kind,
+                    "service": p.service,
+                    "created_unix_s": p.created_unix_s,
+                    "carried_out_unix_s": p.carried_out_unix_s,
+                    "plan": serde_json::from_str::<serde_json::Value>(&p.body).unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(Json(serde_json::json!({ "plans": plans })).into_response())
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShiftQuery {
+    /// One job (default: every `[[scheduling.deferrable]]` job).
+    pub job: Option<String>,
+    /// Plan the windows in force at this unix time (default: now).
+    pub at: Option<u64>,
+}
+
+fn shift(state: &HttpState, q: &ShiftQuery, save: bool) -> Result<Response, Failure> {
+    let jobs: Vec<_> = state
+        .config
+        .scheduling
+        .deferrable
+        .iter()
+        .filter(|j| q.job.as_deref().is_none_or(|n| n == j.name))
+        .collect();
+    if let (Some(name), true) = (&q.job, jobs.is_empty()) {
+        return Err(bad(format!(
+            "job {} is not a [[scheduling.deferrable]] job",
+            crate::validate::clip(name)
+        )));
+    }
+    let now = now_s();
+    let at = q.at.unwrap_or(now);
+    let mut plans = Vec::new();
+    for job in jobs {
+        let plan =
+            super::shifting::plan_shift(state.store.as_ref(), &state.config.scheduling, job, at)
+                .map_err(store_failure)?;
+        let id = if save {
+            let stored = super::store_plan(state.store.as_ref(), "shift", &job.service, now, &plan)
+                .map_err(store_failure)?;
+            state
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .plans_stored += 1;
+            Some(stored.id)
+        } else {
+            None
+        };
+        plans.push(serde_json::json!({ "id": id, "plan": plan }));
+    }
+    let status = if save {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "at_unix_s": at, "plans": plans })),
+    )
+        .into_response())
+}
+
+async fn shift_get(State(state): State<HttpState>, Query(q): Query<ShiftQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        shift(&s, &q, false).map_err(|f| refused(&s, "plans/shift", f))
+    })
+    .await
+}
+
+async fn shift_post(State(state): State<HttpState>, Query(q): Query<ShiftQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        shift(&s, &q, true).map_err(|f| refused(&s, "plans/shift", f))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LocationQuery {
+    pub scenario: Option<String>,
+    /// Unix seconds (default: this hour).
+    pub from: Option<u64>,
+    /// Unix seconds (default: 24 h after `from`).
+    pub to: Option<u64>,
+}
+
+async fn location(State(state): State<HttpState>, Query(q): Query<LocationQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let scenario = q
+                .scenario
+                .clone()
+                .ok_or_else(|| bad("scenario is required".into()))?;
+            let now = now_s();
+            let from = q.from.unwrap_or(now / 3600 * 3600);
+            let to = q.to.unwrap_or(from + 86_400);
+            if to <= from || to - from > 31 * 86_400 {
+                return Err(bad("to must be after from, at most 31 days".into()));
+            }
+            let plan = super::location::plan_location(
+                s.store.as_ref(),
+                &s.config.scheduling,
+                &scenario,
+                from,
+                to,
+            )
+            .map_err(store_failure)?;
+            Ok(Json(plan).into_response())
+        };
+        run().map_err(|f| refused(&s, "plans/location", f))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CarriedOutQuery {
+    /// Unix seconds (default: now).
+    pub at: Option<u64>,
+}
+
+fn find_plan(state: &HttpState, id: &str) -> Result<crate::store::StoredPlan, Failure> {
+    state
+        .store
+        .plans()
+        .map_err(store_failure)?
+        .into_iter()
+        .find(|p| p.id == id)
+        .ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no plan {}", crate::validate::clip(id)),
+            )
+        })
+}
+
+async fn carried_out(
+    State(state): State<HttpState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<CarriedOutQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let mut plan = find_plan(&s, &id)?;
+            let now = now_s();
+            let at = q.at.unwrap_or(now);
+            if at > now + 60 {
+                return Err(bad(format!("at {at} is in the future")));
+            }
+            plan.carried_out_unix_s = Some(at);
+            s.store.save_plan(&plan).map_err(store_failure)?;
+            Ok(
+                Json(serde_json::json!({ "id": plan.id, "carried_out_unix_s": at }))
+                    .into_response(),
+            )
+        };
+        run().map_err(|f| refused(&s, "plans/carried-out", f))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CheckQuery {
+    /// End of the measured "after" range, unix s (default: now).
+    pub to: Option<u64>,
+    pub seed: Option<u64>,
+}
+
+async fn check(
+    State(state): State<HttpState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<CheckQuery>,
+) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let plan = find_plan(&s, &id)?;
+            let now = now_s();
+            let bootstrap = bootstrap(q.seed);
+            let checked =
+                super::check::check_plan(s.store.as_ref(), &plan, q.to.unwrap_or(now), &bootstrap)
+                    .map_err(store_failure)?;
+            Ok(Json(checked).into_response())
+        };
+        run().map_err(|f| refused(&s, "plans/check", f))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PlanPageQuery {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub period: Option<u64>,
+    pub service: Option<String>,
+    /// html (default) or md.
+    pub format: Option<String>,
+}
+
+async fn plan_page(State(state): State<HttpState>, Query(q): Query<PlanPageQuery>) -> Response {
+    let s = state.clone();
+    bounded(&state, move || {
+        let run = || {
+            let now = now_s();
+            let format_ok = matches!(q.format.as_deref(), None | Some("html" | "md"));
+            if !format_ok {
+                return Err(bad(format!(
+                    "format {}: use html or md",
+                    crate::validate::clip(q.format.as_deref().unwrap_or_default())
+                )));
+            }
+            let to = q.to.unwrap_or(now);
+            let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
+            let range = hourly_range(&s, Some(from), Some(to), q.period)?;
+            let bootstrap = Bootstrap::default();
+            let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
+                .map_err(store_failure)?;
+            let shifts = s
+                .config
+                .scheduling
+                .deferrable
+                .iter()
+                .map(|job| {
+                    super::shifting::plan_shift(s.store.as_ref(), &s.config.scheduling, job, now)
+                        .map_err(|e| format!("{}: {e}", job.name))
+                })
+                .collect();
+            let stored = s
+                .store
+                .plans()
+                .map_err(store_failure)?
+                .into_iter()
+                .map(|p| {
+                    let check =
+                        (p.kind == "migration" && p.carried_out_unix_s.is_some()).then(|| {
+                            super::check::check_plan(s.store.as_ref(), &p, now, &bootstrap)
+                                .map_err(|e| e.to_string())
+                        });
+                    (p, check)
+                })
+                .collect();
+            let page = super::page::PlanPage {
+                selection,
+                shifts,
+                stored,
+            };
+            Ok(if q.format.as_deref() == Some("md") {
+                (
+                    [("content-type", "text/markdown; charset=utf-8")],
+                    super::page::markdown(&page),
+                )
+                    .into_response()
+            } else {
+                (
+                    [("content-type", "text/html; charset=utf-8")],
+                    super::page::render(&page),
+                )
+                    .into_response()
+            })
+        };
+        run().map_err(|f| refused(&s, "dashboard/plan", f))
+    })
+    .await
+}
+
+/// The plan routes, merged into [`crate::http::router`].
+pub fn routes() -> Router<HttpState> {
+    Router::new()
+        .route("/api/v1/supplies", get(supplies))
+        .route("/api/v1/supplies/select", get(select_supplies))
+        .route(
+            "/api/v1/plans/migration",
+            get(migration_get).post(migration_post),
+        )
+        .route("/api/v1/plans/shift", get(shift_get).post(shift_post))
+        .route("/api/v1/plans/location", get(location))
+        .route("/api/v1/plans", get(plans))
+        .route("/dashboard/plan", get(plan_page))
+        .route(
+            "/api/v1/plans/{id}/carried-out",
+            axum::routing::post(carried_out),
+        )
+        .route("/api/v1/plans/{id}/check", get(check))
+        .merge(super::carbon_aware::routes())
+}
