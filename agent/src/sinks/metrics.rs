@@ -86,6 +86,8 @@ struct State {
     intensity_g_per_kwh: f64,
     pue: f64,
     lost_events: BTreeMap<&'static str, u64>,
+    /// Transaction reports the ingest endpoint refused, per reason.
+    ingest_refused: BTreeMap<String, u64>,
     lost_cpu_ns: BTreeMap<&'static str, u64>,
     /// (pid, comm) -> series.
     processes: HashMap<(u32, Text), ProcessSeries>,
@@ -301,6 +303,9 @@ impl MetricsRegistry {
         s.cpu_source = Some(report.cpu_source.as_str().to_string());
         s.intensity_g_per_kwh = report.carbon_intensity_g_per_kwh;
         s.pue = report.pue;
+        for (reason, n) in &report.ingest_refused {
+            *s.ingest_refused.entry(reason.clone()).or_default() += n;
+        }
         let l = &report.lost;
         for (kind, n) in [
             ("proc_map_full", l.proc_map_full_events),
@@ -518,6 +523,14 @@ impl MetricsRegistry {
             lost_events.push(&[("kind", kind)], *n as f64);
         }
         out.push(lost_events);
+        let mut refused = Family::counter(
+            "sci_transactions_refused_total",
+            "Transaction reports the ingest endpoint refused (lines, datagrams, scrapes), per reason.",
+        );
+        for (reason, n) in &s.ingest_refused {
+            refused.push(&[("reason", reason)], *n as f64);
+        }
+        out.push(refused);
         let mut lost_cpu = Family::counter(
             "sci_lost_cpu_seconds_total",
             "CPU time charged to no process (map full) or late.",
@@ -736,5 +749,38 @@ mod tests {
         );
         assert!(text.contains("sci_agent_profile_stacks_trimmed_total 11"));
         assert!(text.contains("sci_agent_spool_windows 7"));
+    }
+}
+
+#[cfg(test)]
+mod refused_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn refused_transaction_reports_are_counted_by_reason_across_windows() {
+        let registry = MetricsRegistry::new();
+        for n in [2u64, 3] {
+            let mut report = WindowReport::new(
+                "h".into(),
+                "i".into(),
+                0,
+                1_000_000_000,
+                crate::window::CpuSource::Ebpf,
+                1,
+            );
+            report.ingest_refused.insert("unknown_scenario".into(), n);
+            report.ingest_refused.insert("negative".into(), 1);
+            registry.observe(&report);
+        }
+        let text = registry.render();
+        assert!(
+            text.contains("sci_transactions_refused_total{reason=\"unknown_scenario\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sci_transactions_refused_total{reason=\"negative\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -263,6 +263,8 @@ impl IngestWindow {
 #[derive(Debug, Default)]
 pub struct IngestCounters {
     window: Mutex<IngestWindow>,
+    /// Reasons already logged at warn (each is logged once per run).
+    warned: Mutex<std::collections::BTreeSet<RefusalReason>>,
 }
 
 impl IngestCounters {
@@ -300,7 +302,20 @@ impl IngestCounters {
             return;
         }
         *self.lock().refused.entry(reason).or_default() += n;
-        tracing::debug!(target: "sci_agent::ingest", "refused: {}", reason.as_str());
+        let first = self
+            .warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(reason);
+        if first {
+            tracing::warn!(
+                target: "sci_agent::ingest",
+                "transaction report refused: {} (logged once per reason; every refusal is counted in sci_transactions_refused_total)",
+                reason.as_str()
+            );
+        } else {
+            tracing::debug!(target: "sci_agent::ingest", "refused: {}", reason.as_str());
+        }
     }
 
     /// What was received since the last [`take_window`](Self::take_window), without draining it.
