@@ -470,3 +470,34 @@ async fn prometheus_scrape_runs_from_the_endpoint_on_its_interval() {
     assert_eq!(w.transactions.get(Scenario::Credit), 8);
     assert_eq!(w.transactions.get(Scenario::Query), 3);
 }
+
+/// `pg_stat_database_xact_commit{datname="bench"}`: a selector with label
+/// matchers reads only the series it names (here instance "a" of credit).
+#[tokio::test]
+async fn prometheus_scrape_selects_series_by_label() {
+    use sci_agent::sources::ingest::{PrometheusScrapeConfig, PrometheusScraper};
+    let body = std::sync::Arc::new(std::sync::Mutex::new(Some(exposition(100, 5, ""))));
+    let (addr, _) = metrics_server(body.clone()).await;
+    let cfg: PrometheusScrapeConfig = toml::from_str(&format!(
+        "url = \"http://{addr}/metrics\"\nmetric = 'loan_flows_total{{instance=\"b\"}}'\n"
+    ))
+    .unwrap();
+    let counters = IngestCounters::new();
+    let mut scraper = PrometheusScraper::new(&cfg, 1_000_000).unwrap();
+    scraper.scrape_once(&counters).await;
+    *body.lock().unwrap() = Some(exposition(130, 9, ""));
+    scraper.scrape_once(&counters).await;
+    let w = counters.take_window();
+    // Only instance "b" (query +4); instance "a" (credit +30) is not selected.
+    assert_eq!(w.transactions.get(Scenario::Query), 4);
+    assert_eq!(w.transactions.get(Scenario::Credit), 0);
+
+    for bad in ["loan_flows_total{instance=b}", "{instance=\"b\"}", "9x"] {
+        let cfg = PrometheusScrapeConfig {
+            metric: bad.into(),
+            ..cfg.clone()
+        };
+        let e = PrometheusScraper::new(&cfg, 1).unwrap_err().to_string();
+        assert!(e.contains("metric"), "{bad}: {e}");
+    }
+}

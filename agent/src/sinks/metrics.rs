@@ -88,6 +88,8 @@ struct State {
     intensity_g_per_kwh: f64,
     pue: f64,
     lost_events: BTreeMap<&'static str, u64>,
+    /// Transaction reports the ingest endpoint refused, per reason.
+    ingest_refused: BTreeMap<String, u64>,
     lost_cpu_ns: BTreeMap<&'static str, u64>,
     /// (source, fault) -> windows' fault counts.
     energy_faults: BTreeMap<(String, String), u64>,
@@ -333,6 +335,9 @@ impl MetricsRegistry {
         }
         s.intensity_g_per_kwh = report.carbon_intensity_g_per_kwh;
         s.pue = report.pue;
+        for (reason, n) in &report.ingest_refused {
+            *s.ingest_refused.entry(reason.clone()).or_default() += n;
+        }
         let l = &report.lost;
         for (kind, n) in [
             ("proc_map_full", l.proc_map_full_events),
@@ -563,6 +568,14 @@ impl MetricsRegistry {
             lost_events.push(&[("kind", kind)], *n as f64);
         }
         out.push(lost_events);
+        let mut refused = Family::counter(
+            "sci_transactions_refused_total",
+            "Transaction reports the ingest endpoint refused (lines, datagrams, scrapes), per reason.",
+        );
+        for (reason, n) in &s.ingest_refused {
+            refused.push(&[("reason", reason)], *n as f64);
+        }
+        out.push(refused);
         let mut lost_cpu = Family::counter(
             "sci_lost_cpu_seconds_total",
             "CPU time charged to no process (map full) or late.",
@@ -814,5 +827,38 @@ mod tests {
             .last_clock_refusal_unix_s
             .store(now_s - 600, Ordering::Relaxed);
         assert!(registry.health().is_ok(), "an old refusal is forgotten");
+    }
+}
+
+#[cfg(test)]
+mod refused_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn refused_transaction_reports_are_counted_by_reason_across_windows() {
+        let registry = MetricsRegistry::new();
+        for n in [2u64, 3] {
+            let mut report = WindowReport::new(
+                "h".into(),
+                "i".into(),
+                0,
+                1_000_000_000,
+                crate::window::CpuSource::Ebpf,
+                1,
+            );
+            report.ingest_refused.insert("unknown_scenario".into(), n);
+            report.ingest_refused.insert("negative".into(), 1);
+            registry.observe(&report);
+        }
+        let text = registry.render();
+        assert!(
+            text.contains("sci_transactions_refused_total{reason=\"unknown_scenario\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sci_transactions_refused_total{reason=\"negative\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -73,7 +73,9 @@ pub struct IngestConfig {
 pub struct PrometheusScrapeConfig {
     /// `http://host:port/path` (plain HTTP).
     pub url: String,
-    /// Counter name; only series of exactly this name are read.
+    /// Counter name; only series of exactly this name are read. A selector
+    /// with equality matchers, `name{label="value",...}`, reads only the
+    /// series whose labels have those values.
     pub metric: String,
     /// Label holding the scenario name (default `scenario`).
     #[serde(default = "default_scenario_label")]
@@ -263,6 +265,8 @@ impl IngestWindow {
 #[derive(Debug, Default)]
 pub struct IngestCounters {
     window: Mutex<IngestWindow>,
+    /// Reasons already logged at warn (each is logged once per run).
+    warned: Mutex<std::collections::BTreeSet<RefusalReason>>,
 }
 
 impl IngestCounters {
@@ -300,7 +304,20 @@ impl IngestCounters {
             return;
         }
         *self.lock().refused.entry(reason).or_default() += n;
-        tracing::debug!(target: "sci_agent::ingest", "refused: {}", reason.as_str());
+        let first = self
+            .warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(reason);
+        if first {
+            tracing::warn!(
+                target: "sci_agent::ingest",
+                "transaction report refused: {} (logged once per reason; every refusal is counted in sci_transactions_refused_total)",
+                reason.as_str()
+            );
+        } else {
+            tracing::debug!(target: "sci_agent::ingest", "refused: {}", reason.as_str());
+        }
     }
 
     /// What was received since the last [`take_window`](Self::take_window), without draining it.
@@ -664,6 +681,8 @@ pub struct PrometheusScraper {
     host_port: String,
     path: String,
     metric: String,
+    /// Labels a series must carry with these values (`metric`'s selector).
+    matchers: BTreeMap<String, String>,
     scenario_label: String,
     scenario: Option<Scenario>,
     service: Option<String>,
@@ -694,6 +713,7 @@ impl PrometheusScraper {
         let uri: hyper::Uri = format!("http://{host_port}{path}")
             .parse()
             .map_err(|e| bad(&format!("{e}")))?;
+        let (metric, matchers) = parse_selector(&cfg.metric).map_err(|why| bad(&why))?;
         Ok(PrometheusScraper {
             // One request per scrape, every few seconds: no idle connections kept.
             client: Client::builder(TokioExecutor::new())
@@ -702,7 +722,8 @@ impl PrometheusScraper {
             uri,
             host_port: host_port.to_string(),
             path: path.to_string(),
-            metric: cfg.metric.clone(),
+            metric,
+            matchers,
             scenario_label: cfg.scenario_label.clone(),
             scenario: cfg.scenario,
             service: cfg.service.clone(),
@@ -723,6 +744,9 @@ impl PrometheusScraper {
         let mut increases = TransactionCounts::default();
         let mut seen = HashMap::new();
         for (labels, value) in parse_exposition(&body, &self.metric) {
+            if self.matchers.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+                continue;
+            }
             let scenario = match labels.get(&self.scenario_label) {
                 Some(name) => match name.parse::<Scenario>() {
                     Ok(s) => s,
@@ -794,6 +818,32 @@ impl PrometheusScraper {
 }
 
 /// Series of `metric` in a Prometheus text exposition: (labels, value).
+/// `name` or `name{label="value",...}` (equality matchers only): the name
+/// and the matchers, or why not.
+pub fn parse_selector(text: &str) -> Result<(String, BTreeMap<String, String>), String> {
+    let text = text.trim();
+    let (name, matchers) = match text.split_once('{') {
+        None => (text, BTreeMap::new()),
+        Some((name, inner)) => match parse_labels(inner) {
+            Some((labels, rest)) if rest.trim().is_empty() => (name, labels),
+            _ => {
+                return Err(format!(
+                    "metric {text:?}: write name{{label=\"value\",...}} (equality matchers only)"
+                ))
+            }
+        },
+    };
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !valid {
+        return Err(format!("metric {text:?}: {name:?} is not a metric name"));
+    }
+    Ok((name.to_string(), matchers))
+}
+
 pub fn parse_exposition(body: &str, metric: &str) -> Vec<(BTreeMap<String, String>, f64)> {
     let mut series = Vec::new();
     for line in body.lines() {
