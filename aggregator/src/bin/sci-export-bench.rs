@@ -21,10 +21,19 @@ use sci_aggregator::store::sqlite::SqliteStore;
 use sci_aggregator::store::{RollupLayout, Store};
 use sci_proto::v1;
 
-// Only `arg` is needed here.
-#[allow(dead_code)]
-mod bench_support;
-use bench_support::arg;
+/// Cost of the Prometheus remote-write export.
+#[derive(clap::Parser)]
+struct Args {
+    /// Hosts of the fleet.
+    #[arg(long, default_value_t = 2000)]
+    hosts: u64,
+    /// Data centres the hosts are spread over.
+    #[arg(long, default_value_t = 3)]
+    datacenters: u64,
+    /// Minutes of 60 s windows to commit and export.
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+}
 
 const SCENARIOS: [&str; 5] = ["credit", "drawdown", "repayment", "query", "unassigned"];
 
@@ -129,10 +138,11 @@ fn receiver(listener: std::net::TcpListener, bytes: Arc<AtomicU64>, cpu: Arc<Ato
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let hosts = arg(&args, "--hosts", 2000);
-    let dcs = arg(&args, "--datacenters", 3);
-    let minutes = arg(&args, "--minutes", 30);
+    let Args {
+        hosts,
+        datacenters: dcs,
+        minutes,
+    } = clap::Parser::parse();
     let dir = std::env::temp_dir().join(format!("sci-export-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let layout = RollupLayout {
