@@ -116,7 +116,10 @@ impl Receiver {
                             Mode::Unavailable => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown".into(),
                             Mode::TooMany => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 4\r\n\r\nslow".into(),
                             Mode::BadOnce => {
-                                *mode.lock().unwrap() = Mode::Ok;
+                                // The next request is the slow one: set here,
+                                // not by the test after it saw the 400, so the
+                                // exporter cannot send it in between.
+                                *mode.lock().unwrap() = Mode::SlowOnce;
                                 let mut g = got.lock().unwrap();
                                 for ts in &request.timeseries {
                                     g.refused_samples += ts.samples.len() as u64;
@@ -214,7 +217,6 @@ async fn nothing_is_lost_and_only_refused_requests_are_dropped() {
     let errors_before = outcome(&agg, "error");
     *receiver.mode.lock().unwrap() = Mode::BadOnce;
     wait_for("a 400", 30, || outcome(&agg, "4xx") == 1).await;
-    *receiver.mode.lock().unwrap() = Mode::SlowOnce;
     let target = (now_s() - 5) / 60 * 60;
     wait_for("the export to catch up", 60, || position(&agg) >= target).await;
     assert!(
@@ -278,7 +280,9 @@ async fn nothing_is_lost_and_only_refused_requests_are_dropped() {
             "{name}: exported {exported}, stored {stored}"
         );
     }
-    let expected_energy = 600.0 * 30.0;
+    // The 30 windows pushed: 100 J x (1 + k mod 7), 11,500 J by hand.
+    let expected_energy: f64 = (0..30u64).map(|k| 100.0 * (1 + k % 7) as f64).sum();
+    assert_eq!(expected_energy, 11_500.0);
     assert!(close(
         last("sci_fleet_energy_joules_total"),
         expected_energy
