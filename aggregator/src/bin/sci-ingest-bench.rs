@@ -60,6 +60,17 @@ fn window(host: &str, seq: u64, workloads: u64, now_s: u64) -> v1::WindowReport 
         end_unix_ns: (now_s - 600) * 1_000_000_000 + (seq + 1) * 1_000_000,
         cpu_source: "ebpf".into(),
         cpus: 2,
+        // What agents send since #27: the host's resource supply.
+        supply: Some(v1::ResourceSupply {
+            cpu_model: "AMD EPYC 7B13".into(),
+            cpu_vendor: "AuthenticAMD".into(),
+            arch: "x86_64".into(),
+            logical_cpus: 2,
+            memory_bytes: 8 << 30,
+            machine_kind: "vm".into(),
+            physical_host_cpus: 64,
+            labels: [("pool".to_string(), host.to_string())].into(),
+        }),
         host_energy_j: 0.001,
         carbon_intensity_g_per_kwh: 530.6,
         host_carbon_g: 0.001 / 3.6e6 * 530.6,

@@ -146,15 +146,27 @@ pub fn commit_windows(
             &["end_ns", "host", "agent_instance", "seq", "payload"],
             &raw_rows,
         )?;
-        let supplies: Vec<String> = stored
-            .iter()
-            .map(|&i| supply_key(windows[i].supply.as_ref()))
-            .collect();
-        let mut attrs: BTreeMap<(&str, String), String> = BTreeMap::new();
-        for (&i, key) in stored.iter().zip(&supplies) {
-            for (attr, value) in supply_attributes(windows[i].supply.as_ref()) {
-                attrs.insert((key.as_str(), attr), value);
-            }
+        // A batch holds one host's windows, nearly always of one supply: its
+        // key and attributes are made once, not per window.
+        let mut supplies: Vec<String> = Vec::with_capacity(stored.len());
+        let mut attrs: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut last: Option<(Option<&v1::ResourceSupply>, usize)> = None;
+        for &i in &stored {
+            let supply = windows[i].supply.as_ref();
+            let key = match last {
+                Some((prev, k)) if prev == supply => supplies[k].clone(),
+                _ => {
+                    let key = supply_key(supply);
+                    if !attrs.keys().any(|(s, _)| *s == key) {
+                        for (attr, value) in supply_attributes(supply) {
+                            attrs.insert((key.clone(), attr), value);
+                        }
+                    }
+                    key
+                }
+            };
+            last = Some((supply, supplies.len()));
+            supplies.push(key);
         }
         let mut deltas = Deltas::default();
         let mut spans: BTreeMap<String, HostSpan> = BTreeMap::new();
@@ -180,7 +192,7 @@ pub fn commit_windows(
                 columns: vec![
                     (
                         "supply",
-                        Column::Text(attrs.keys().map(|(s, _)| s.to_string()).collect()),
+                        Column::Text(attrs.keys().map(|(s, _)| s.clone()).collect()),
                     ),
                     (
                         "attr",
