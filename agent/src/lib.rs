@@ -14,6 +14,7 @@
 //! `pipeline` runs one window through all stages into a [`window::WindowReport`]
 //! (the one schema of the window document); `wire` is its one conversion to
 //! and from the `sci.v1` protobuf messages.
+pub mod capabilities;
 pub mod config;
 pub mod error;
 pub mod pipeline;

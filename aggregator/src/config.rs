@@ -19,6 +19,9 @@ pub fn standard_weights() -> BTreeMap<String, f64> {
 /// The scenarios' English codes, in the standard's order (agent-common owns them).
 pub const SCENARIOS: [&str; 4] = agent_common::SCENARIO_NAMES;
 
+/// Most profile stacks a window may carry at all (`max_stacks_per_window` at most this).
+pub const MAX_PROFILE_STACKS: usize = 200_000;
+
 /// One agent allowed to send: its host name and its bearer token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -367,13 +370,10 @@ impl AggregatorConfig {
                 return Err(err(format!("{key} = {value} must be a finite number > 0")));
             }
         }
-        if self.max_stacks_per_window == 0
-            || self.max_stacks_per_window > crate::validate::MAX_PROFILE_STACKS
-        {
+        if self.max_stacks_per_window == 0 || self.max_stacks_per_window > MAX_PROFILE_STACKS {
             return Err(err(format!(
                 "max_stacks_per_window = {} must be between 1 and {} (the most a window may carry)",
-                self.max_stacks_per_window,
-                crate::validate::MAX_PROFILE_STACKS
+                self.max_stacks_per_window, MAX_PROFILE_STACKS
             )));
         }
         if self.max_services_per_window == 0 {

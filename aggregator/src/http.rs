@@ -687,7 +687,7 @@ pub fn render_metrics(state: &HttpState) -> String {
         .single(c.decode_errors as f64),
     );
     c.limit_families(&mut out);
-    crate::plan::http::metric_families(&c.plan_requests_refused, c.plans_stored, &mut out);
+    plan_metric_families(&c.plan_requests_refused, c.plans_stored, &mut out);
     state.remote_write.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",
@@ -718,7 +718,9 @@ async fn healthz(State(state): State<HttpState>) -> Response {
     }
 }
 
-pub fn router(state: HttpState) -> Router {
+/// The API's routes; the server merges the plan routes
+/// (`crate::plan::http::routes`) beside them.
+pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/api/v1/sci", get(sci))
         .route("/api/v1/hotspots", get(hotspots))
@@ -731,6 +733,25 @@ pub fn router(state: HttpState) -> Router {
         .route("/report", get(report))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .merge(crate::plan::http::routes())
-        .with_state(state)
+}
+
+/// The API's routes with their state (without the plan routes).
+pub fn router(state: HttpState) -> Router {
+    routes().with_state(state)
+}
+
+/// `sci_plan_requests_refused_total` and `sci_plans_stored_total`.
+fn plan_metric_families(refused: &BTreeMap<String, u64>, stored: u64, out: &mut Vec<Family>) {
+    let mut f = Family::counter(
+        "sci_plan_requests_refused_total",
+        "Plan and supply requests refused for a wrong parameter, per endpoint.",
+    );
+    for (endpoint, n) in refused {
+        f.push(&[("endpoint", endpoint)], *n as f64);
+    }
+    out.push(f);
+    out.push(
+        Family::counter("sci_plans_stored_total", "Plans stored since start.")
+            .single(stored as f64),
+    );
 }

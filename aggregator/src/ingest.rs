@@ -174,7 +174,7 @@ pub fn commit_isolating(
 }
 
 /// The store, shared by ingest and queries (it has its own connections).
-pub type SharedStore = Arc<dyn Store>;
+pub use crate::store::SharedStore;
 
 pub struct IngestService {
     store: SharedStore,

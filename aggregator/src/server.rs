@@ -21,7 +21,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::AggregatorConfig;
 use crate::error::AggregatorError;
-use crate::http::{router, HttpState};
+use crate::http::HttpState;
 use crate::ingest::{IngestCounters, IngestService, SharedStore};
 use crate::limits::{admit_connections, AdmittedListener, ConnectionLimiter};
 
@@ -308,7 +308,10 @@ pub async fn serve(
         limiter: Arc::clone(&http_limiter_for_auth),
         max_header_bytes: config.limits.max_metadata_bytes,
     };
-    let app = router(http_state).layer(axum::middleware::from_fn_with_state(auth, require_token));
+    let app = crate::http::routes()
+        .merge(crate::plan::http::routes())
+        .with_state(http_state)
+        .layer(axum::middleware::from_fn_with_state(auth, require_token));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

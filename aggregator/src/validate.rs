@@ -23,8 +23,7 @@ const J_PER_KWH: f64 = 3.6e6;
 const CARBON_TOLERANCE: f64 = 1e-6;
 /// Shortest machine life the embodied ceiling assumes.
 const YEAR_S: f64 = 365.0 * 86_400.0;
-/// Most profile stacks a window may carry at all (`max_stacks_per_window` at most this).
-pub const MAX_PROFILE_STACKS: usize = 200_000;
+pub use crate::config::MAX_PROFILE_STACKS;
 
 /// Longest piece of client input quoted back in a refusal or an error.
 pub const ECHO_MAX: usize = 64;

@@ -251,9 +251,8 @@ mod tests {
             .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()))
             .collect::<Vec<_>>()
             .join("\n");
-        let config: crate::config::AgentConfig =
-            toml::from_str(&format!("[host]\n{example}\n")).unwrap();
-        assert_eq!(config.host.labels["pool"], "batch-a");
-        assert!(config.host.labels_file.is_some());
+        let host: HostConfig = toml::from_str(&format!("{example}\n")).unwrap();
+        assert_eq!(host.labels["pool"], "batch-a");
+        assert!(host.labels_file.is_some());
     }
 }

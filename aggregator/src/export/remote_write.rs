@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::prompb;
 use super::series::{read_steps, SeriesKey, Step};
 use crate::error::AggregatorError;
-use crate::ingest::SharedStore;
+use crate::store::SharedStore;
 
 /// `[remote_write]` in aggregator.toml.
 #[derive(Debug, Clone, Deserialize)]

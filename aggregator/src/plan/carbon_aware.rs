@@ -25,8 +25,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::http::{bad, now_s, refused};
 use super::location::plan_location;
+use super::respond::{bad, now_s, refused};
 use crate::http::{bounded, HttpState};
 
 type Failure = (StatusCode, String);

@@ -20,9 +20,7 @@
 //!
 //! A parameter that is wrong is refused with 400 naming it, and counted in
 //! `sci_plan_requests_refused_total{endpoint}`.
-use std::collections::BTreeMap;
 
-use agent_common::prometheus_text::Family;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -35,27 +33,7 @@ use super::supplies::{groups, select, SupplyId};
 use crate::http::{bounded, range_of, HttpState, RangeQuery};
 use crate::review::stats::Bootstrap;
 
-type Failure = (StatusCode, String);
-
-/// Counts a refused request of `endpoint` and passes the failure on.
-pub(super) fn refused(state: &HttpState, endpoint: &str, failure: Failure) -> Failure {
-    if failure.0 == StatusCode::BAD_REQUEST {
-        *state
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .plan_requests_refused
-            .entry(endpoint.to_string())
-            .or_default() += 1;
-    }
-    failure
-}
-
-pub(super) fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use super::respond::{bad, now_s, refused, Failure};
 
 /// The review's bootstrap settings, with the caller's seed if given.
 fn bootstrap(seed: Option<u64>) -> Bootstrap {
@@ -65,31 +43,11 @@ fn bootstrap(seed: Option<u64>) -> Bootstrap {
     }
 }
 
-pub(super) fn bad(message: String) -> Failure {
-    (StatusCode::BAD_REQUEST, message)
-}
-
 fn store_failure(e: crate::error::AggregatorError) -> Failure {
     match e {
         crate::error::AggregatorError::Invalid(m) => bad(m),
         other => (StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
     }
-}
-
-/// `sci_plan_requests_refused_total` and `sci_plans_stored_total`.
-pub fn metric_families(refused: &BTreeMap<String, u64>, stored: u64, out: &mut Vec<Family>) {
-    let mut f = Family::counter(
-        "sci_plan_requests_refused_total",
-        "Plan and supply requests refused for a wrong parameter, per endpoint.",
-    );
-    for (endpoint, n) in refused {
-        f.push(&[("endpoint", endpoint)], *n as f64);
-    }
-    out.push(f);
-    out.push(
-        Family::counter("sci_plans_stored_total", "Plans stored since start.")
-            .single(stored as f64),
-    );
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,10 +13,21 @@
 //! the format has one), so a 5-minute forecast plans by the hour.
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::error::AggregatorError;
+
+/// A data centre's hourly intensity file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntensityFile {
+    pub datacenter: String,
+    pub path: PathBuf,
+    /// `csv`, `carbon_aware` or `electricity_maps` (see [`FORMATS`]).
+    pub format: String,
+}
 
 /// Hour start (unix s) -> g CO2e per kWh.
 pub type HourlyIntensity = BTreeMap<u64, f64>;
@@ -208,7 +219,7 @@ pub fn read(path: &Path, format: &str) -> Result<HourlyIntensity, AggregatorErro
 /// it came from.
 pub fn for_hours(
     store: &dyn crate::store::Store,
-    files: &[super::shifting::IntensityFile],
+    files: &[IntensityFile],
     datacenter: &str,
     history: &crate::store::Range,
     start: u64,

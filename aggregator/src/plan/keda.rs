@@ -31,7 +31,7 @@ use sci_proto::keda::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::http::now_s;
+use super::respond::now_s;
 use super::shifting::{plan_shift, DeferrableJob, ShiftPlan};
 use crate::config::AggregatorConfig;
 use crate::ingest::{IngestCounters, SharedStore};

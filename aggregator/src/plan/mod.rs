@@ -16,6 +16,7 @@ pub mod keda;
 pub mod location;
 pub mod migration;
 pub mod page;
+mod respond;
 pub mod shifting;
 pub mod supplies;
 

@@ -22,7 +22,6 @@
 //! Predicted saving = E x PUE x (sum of baseline intensities - sum of
 //! planned) / 3.6e6 g. Embodied carbon does not move with the hour.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -38,7 +37,7 @@ const CORE_HOUR_NS: f64 = 3.6e12;
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulingConfig {
     pub deferrable: Vec<DeferrableJob>,
-    pub intensity: Vec<IntensityFile>,
+    pub intensity: Vec<super::intensity::IntensityFile>,
     /// Utilisation a data centre's hosts may run at with the jobs (0.6).
     pub target_utilisation: f64,
     /// How far back measurements reach (7 days).
@@ -82,16 +81,6 @@ pub struct DeferrableJob {
 
 fn one() -> u32 {
     1
-}
-
-/// A data centre's hourly intensity file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IntensityFile {
-    pub datacenter: String,
-    pub path: PathBuf,
-    /// `csv`, `carbon_aware` or `electricity_maps` (see [`intensity`]).
-    pub format: String,
 }
 
 /// Seconds after midnight of `HH:MM`.

@@ -67,6 +67,9 @@ pub use rows::{
 
 use crate::error::AggregatorError;
 
+/// A store shared by the server's tasks.
+pub type SharedStore = std::sync::Arc<dyn Store>;
+
 pub trait Store: Send + Sync {
     /// Stores the windows in one transaction with their rollups; per window
     /// (in order) whether it was new, a duplicate or a conflict.

@@ -176,7 +176,7 @@ pub fn refresh_after_exec(proc_root: &Path, info: &mut ProcInfo, environ: bool) 
 /// access check behind it CAP_SYS_PTRACE. What deploy/ grants (BPF,
 /// PERFMON, SYS_PTRACE) is not enough. Empty when none is missing.
 fn environ_capabilities_missing() -> Vec<&'static str> {
-    use crate::config::missing_capabilities;
+    use crate::capabilities::missing_capabilities;
     let mut missing = Vec::new();
     if missing_capabilities(&[("CAP_DAC_READ_SEARCH", 2)]).len()
         + missing_capabilities(&[("CAP_DAC_OVERRIDE", 1)]).len()
