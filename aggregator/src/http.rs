@@ -688,6 +688,14 @@ pub fn render_metrics(state: &HttpState) -> String {
     );
     c.limit_families(&mut out);
     plan_metric_families(&c.plan_requests_refused, c.plans_stored, &mut out);
+    let mut keda = Family::counter(
+        "sci_keda_requests_refused_total",
+        "KEDA external scaler calls refused, per reason (unauthenticated, bad_credentials, revoked, permission_denied, busy, timeout).",
+    );
+    for (reason, n) in &c.keda_refused {
+        keda.push(&[("reason", reason)], *n as f64);
+    }
+    out.push(keda);
     state.remote_write.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",

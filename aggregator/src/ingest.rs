@@ -9,7 +9,7 @@
 //! Without tokens and client CA the server only runs with `--insecure`, and
 //! then trusts the host a batch names.
 use agent_common::prometheus_text::Family;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -61,6 +61,8 @@ pub struct IngestCounters {
     pub plan_requests_refused: BTreeMap<String, u64>,
     /// Plans stored since start.
     pub plans_stored: u64,
+    /// KEDA scaler calls refused, per reason (unauthenticated, busy, ...).
+    pub keda_refused: BTreeMap<String, u64>,
     /// The listeners' connection limiters (gRPC, HTTP).
     pub limiters: Vec<Arc<crate::limits::ConnectionLimiter>>,
 }
@@ -180,9 +182,7 @@ pub struct IngestService {
     store: SharedStore,
     config: Arc<AggregatorConfig>,
     counters: Arc<Mutex<IngestCounters>>,
-    tokens: HashMap<String, String>,
-    revoked: Vec<String>,
-    require_identity: bool,
+    auth: crate::auth::GrpcAuth,
     /// The gRPC listener's limiter: told which connections authenticated.
     limiter: Option<Arc<crate::limits::ConnectionLimiter>>,
     /// True once the server is stopping: no new stream or batch is taken.
@@ -196,19 +196,6 @@ fn now_unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Common name of a DER certificate.
-pub fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    Some(cn)
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -219,25 +206,12 @@ impl IngestService {
         config: Arc<AggregatorConfig>,
         counters: Arc<Mutex<IngestCounters>>,
     ) -> Self {
-        let tokens = config
-            .agents
-            .iter()
-            .map(|a| (a.token.clone(), a.host.clone()))
-            .collect::<HashMap<_, _>>();
-        let revoked = config
-            .tls
-            .as_ref()
-            .map(|t| t.revoked.clone())
-            .unwrap_or_default();
-        let require_identity =
-            !tokens.is_empty() || config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        let auth = crate::auth::GrpcAuth::new(&config);
         IngestService {
             store,
             config,
             counters,
-            tokens,
-            revoked,
-            require_identity,
+            auth,
             limiter: None,
             stopping: None,
         }
@@ -269,55 +243,9 @@ impl IngestService {
 
     /// The host this stream may send for; None means "trust the batch" (insecure, open).
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
-        let cert_identity = request
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|c| common_name(c.as_ref())));
-        if let Some(cn) = &cert_identity {
-            if self.revoked.contains(cn) {
-                return Err(self.refuse_stream(
-                    "revoked",
-                    Status::permission_denied(format!("certificate {cn:?} is revoked")),
-                ));
-            }
-        }
-        let token_identity = match request.metadata().get("authorization") {
-            Some(value) => {
-                let token = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .ok_or_else(|| {
-                        self.refuse_stream(
-                            "bad_credentials",
-                            Status::unauthenticated("authorization must be `Bearer <token>`"),
-                        )
-                    })?;
-                match self.tokens.get(token) {
-                    Some(host) => Some(host.clone()),
-                    None => {
-                        return Err(self.refuse_stream(
-                            "bad_credentials",
-                            Status::unauthenticated("unknown token"),
-                        ))
-                    }
-                }
-            }
-            None => None,
-        };
-        match (cert_identity, token_identity) {
-            (Some(cn), Some(host)) if cn != host => Err(self.refuse_stream(
-                "permission_denied",
-                Status::permission_denied(format!(
-                    "certificate {cn:?} and token of {host:?} disagree"
-                )),
-            )),
-            (Some(id), _) | (None, Some(id)) => Ok(Some(id)),
-            (None, None) if self.require_identity => Err(self.refuse_stream(
-                "unauthenticated",
-                Status::unauthenticated("no client certificate and no token"),
-            )),
-            (None, None) => Ok(None),
-        }
+        self.auth
+            .identify(request)
+            .map_err(|r| self.refuse_stream(r.kind, r.status))
     }
 }
 

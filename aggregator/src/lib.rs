@@ -1,6 +1,7 @@
 //! sci-cf aggregator: receives agents' windows over gRPC, stores them
 //! (SQLite), and computes the fleet SCI_CF per measurement period as
 //! Appendix A of T/CQJR 032.2 sets out.
+pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod error;

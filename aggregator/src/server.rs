@@ -246,6 +246,8 @@ pub async fn serve(
         Arc::clone(&config),
         Arc::clone(&counters),
     );
+    // The KEDA scaler's plans take the same permits as the HTTP queries.
+    let queries = Arc::clone(&http_state.queries);
     tokio::spawn(crate::http::refresh_recent(
         http_state.clone(),
         Duration::from_secs(60),
@@ -353,7 +355,9 @@ pub async fn serve(
         Arc::clone(&store),
         Arc::clone(&config),
         Arc::clone(&counters),
-    );
+        queries,
+    )
+    .with_limiter(Arc::clone(&grpc_limiter_for_auth));
     let ingest = IngestService::new(Arc::clone(&store), Arc::clone(&config), counters)
         .with_limiter(grpc_limiter_for_auth)
         .with_stop(stop_rx.clone());

@@ -19,6 +19,15 @@
 //! sends the activity at once and again whenever it changes (checked at
 //! every hour boundary and every `poll`). `StreamMetricSpec` is answered
 //! Unimplemented: KEDA then polls `GetMetricSpec` (its documented fallback).
+//!
+//! Every call passes the same identity check as the ingest
+//! ([`crate::auth`]): KEDA presents a client certificate (its
+//! TriggerAuthentication's `caCert`, `tlsClientCert`, `tlsClientKey`), other
+//! clients may use an `[[agents]]` bearer token. Each plan takes one of the
+//! HTTP API's `max_concurrent_queries` permits (none free: RESOURCE_EXHAUSTED)
+//! and runs within `query_timeout` (DEADLINE_EXCEEDED past it); a
+//! StreamIsActive waits for its permit instead. Refusals are counted in
+//! `sci_keda_requests_refused_total{reason}`.
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,18 +37,27 @@ use sci_proto::keda::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
     MetricValue, ScaledObjectRef,
 };
+use tokio::sync::Semaphore;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::respond::now_s;
 use super::shifting::{plan_shift, DeferrableJob, ShiftPlan};
+use crate::auth::GrpcAuth;
 use crate::config::AggregatorConfig;
 use crate::ingest::{IngestCounters, SharedStore};
+use crate::limits::ConnectionLimiter;
 
+#[derive(Clone)]
 pub struct CarbonScaler {
     store: SharedStore,
     config: Arc<AggregatorConfig>,
     counters: Arc<Mutex<IngestCounters>>,
+    auth: GrpcAuth,
+    /// The HTTP API's permits for expensive queries (`max_concurrent_queries`).
+    queries: Arc<Semaphore>,
+    /// The gRPC listener's limiter: told which connections authenticated.
+    limiter: Option<Arc<ConnectionLimiter>>,
     /// How often a StreamIsActive re-plans between hour boundaries.
     poll: Duration,
 }
@@ -49,13 +67,49 @@ impl CarbonScaler {
         store: SharedStore,
         config: Arc<AggregatorConfig>,
         counters: Arc<Mutex<IngestCounters>>,
+        queries: Arc<Semaphore>,
     ) -> Self {
         CarbonScaler {
             store,
+            auth: GrpcAuth::new(&config),
             config,
             counters,
+            queries,
+            limiter: None,
             poll: Duration::from_secs(60),
         }
+    }
+
+    /// Tells `limiter` of each connection that presents valid credentials.
+    pub fn with_limiter(mut self, limiter: Arc<ConnectionLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    fn count(&self, reason: &str) {
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keda_refused
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+
+    /// The identity check of the whole gRPC port, then the job.
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+        object: &ScaledObjectRef,
+    ) -> Result<DeferrableJob, Status> {
+        if let Err(refusal) = self.auth.identify(request) {
+            self.count(refusal.kind);
+            return Err(refusal.status);
+        }
+        if let (Some(limiter), Some(peer)) = (&self.limiter, request.remote_addr()) {
+            limiter.mark_authenticated(peer);
+        }
+        self.job(object)
     }
 
     fn refuse(&self, status: Status) -> Status {
@@ -90,15 +144,41 @@ impl CarbonScaler {
             })
     }
 
-    async fn plan(&self, job: DeferrableJob, at: u64) -> Result<ShiftPlan, Status> {
+    /// The plan of `job` at `at`, with one query permit: taken at once
+    /// (none free: RESOURCE_EXHAUSTED), or, with `wait`, when one frees.
+    async fn plan(&self, job: DeferrableJob, at: u64, wait: bool) -> Result<ShiftPlan, Status> {
+        let permit = if wait {
+            Arc::clone(&self.queries).acquire_owned().await.ok()
+        } else {
+            Arc::clone(&self.queries).try_acquire_owned().ok()
+        };
+        let Some(permit) = permit else {
+            self.count("busy");
+            return Err(Status::resource_exhausted(format!(
+                "too many queries running (max_concurrent_queries = {}): retry later",
+                self.config.max_concurrent_queries
+            )));
+        };
         let store = Arc::clone(&self.store);
         let config = Arc::clone(&self.config);
-        tokio::task::spawn_blocking(move || {
-            plan_shift(store.as_ref(), &config.scheduling, &job, at)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::from)
+        let task = tokio::task::spawn_blocking(move || {
+            let plan = plan_shift(store.as_ref(), &config.scheduling, &job, at);
+            drop(permit);
+            plan
+        });
+        let timeout = self.config.query_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(timeout, task).await {
+            Ok(joined) => joined
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(Status::from),
+            Err(_) => {
+                self.count("timeout");
+                Err(Status::deadline_exceeded(format!(
+                    "plan timed out after {:?} (query_timeout)",
+                    self.config.query_timeout
+                )))
+            }
+        }
     }
 
     fn metric_name(job: &DeferrableJob) -> String {
@@ -115,9 +195,9 @@ impl ExternalScaler for CarbonScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let job = self.job(request.get_ref())?;
+        let job = self.admit(&request, request.get_ref())?;
         let now = now_s();
-        let plan = self.plan(job, now).await?;
+        let plan = self.plan(job, now, false).await?;
         Ok(Response::new(IsActiveResponse {
             result: plan.active_at(now),
         }))
@@ -129,19 +209,14 @@ impl ExternalScaler for CarbonScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<ActivityStream>, Status> {
-        let job = self.job(request.get_ref())?;
+        let job = self.admit(&request, request.get_ref())?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let scaler = CarbonScaler {
-            store: Arc::clone(&self.store),
-            config: Arc::clone(&self.config),
-            counters: Arc::clone(&self.counters),
-            poll: self.poll,
-        };
+        let scaler = self.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
                 let now = now_s();
-                let active = match scaler.plan(job.clone(), now).await {
+                let active = match scaler.plan(job.clone(), now, true).await {
                     Ok(plan) => Ok(plan.active_at(now)),
                     Err(e) => Err(e),
                 };
@@ -172,7 +247,7 @@ impl ExternalScaler for CarbonScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let job = self.job(request.get_ref())?;
+        let job = self.admit(&request, request.get_ref())?;
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: Self::metric_name(&job),
@@ -191,9 +266,9 @@ impl ExternalScaler for CarbonScaler {
             .scaled_object_ref
             .clone()
             .unwrap_or_default();
-        let job = self.job(&object)?;
+        let job = self.admit(&request, &object)?;
         let now = now_s();
-        let plan = self.plan(job.clone(), now).await?;
+        let plan = self.plan(job.clone(), now, false).await?;
         let replicas = if plan.active_at(now) { job.replicas } else { 0 };
         Ok(Response::new(GetMetricsResponse {
             metric_values: vec![MetricValue {
@@ -208,8 +283,12 @@ impl ExternalScaler for CarbonScaler {
 
     async fn stream_metric_spec(
         &self,
-        _request: Request<ScaledObjectRef>,
+        request: Request<ScaledObjectRef>,
     ) -> Result<Response<SpecStream>, Status> {
+        if let Err(refusal) = self.auth.identify(&request) {
+            self.count(refusal.kind);
+            return Err(refusal.status);
+        }
         Err(Status::unimplemented(
             "the metric spec does not change: KEDA polls GetMetricSpec",
         ))
