@@ -696,6 +696,14 @@ pub fn render_metrics(state: &HttpState) -> String {
         keda.push(&[("reason", reason)], *n as f64);
     }
     out.push(keda);
+    let mut retention = Family::counter(
+        "sci_retention_deleted_total",
+        "Rows (or raw partitions) the hourly retention removed since start, per kind.",
+    );
+    for (kind, n) in &c.retention_deleted {
+        retention.push(&[("kind", kind)], *n as f64);
+    }
+    out.push(retention);
     state.remote_write.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",

@@ -61,6 +61,8 @@ pub struct IngestCounters {
     pub plan_requests_refused: BTreeMap<String, u64>,
     /// Plans stored since start.
     pub plans_stored: u64,
+    /// Rows the hourly retention removed since start, per kind.
+    pub retention_deleted: BTreeMap<String, u64>,
     /// KEDA scaler calls refused, per reason (unauthenticated, busy, ...).
     pub keda_refused: BTreeMap<String, u64>,
     /// The listeners' connection limiters (gRPC, HTTP).

@@ -282,6 +282,7 @@ pub async fn serve(
         // Retention: hourly, off the ingest path (SQLite deletes in slices).
         let store = Arc::clone(&store);
         let retention = config.retention();
+        let counters = Arc::clone(&counters);
         tokio::spawn(async move {
             loop {
                 let s = Arc::clone(&store);
@@ -290,7 +291,13 @@ pub async fn serve(
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
                 match tokio::task::spawn_blocking(move || s.expire(now, &retention)).await {
-                    Ok(Ok(expired)) => tracing::info!("retention: {expired:?}"),
+                    Ok(Ok(expired)) => {
+                        tracing::info!("retention: {expired:?}");
+                        let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
+                        for (kind, rows) in expired.kinds() {
+                            *c.retention_deleted.entry(kind.to_string()).or_default() += rows;
+                        }
+                    }
                     Ok(Err(e)) => tracing::warn!("retention: {e}"),
                     Err(e) => tracing::warn!("retention: {e}"),
                 }

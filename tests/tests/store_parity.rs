@@ -706,3 +706,80 @@ fn supply_rollups_and_plans_agree_in_both_stores() {
     let b = read(&pg);
     assert_same(&a, &b, "supplies");
 }
+
+/// Retention of `supply_attrs` and `plans` (#27), on both stores: a
+/// supply's attributes go when its last rollup row does, a plan when its
+/// creation and its carrying out are both before the rollup cutoff.
+#[test]
+fn retention_removes_old_supplies_and_plans() {
+    const DAY: u64 = 86_400;
+    let retention = Retention {
+        raw: Duration::from_secs(7 * DAY),
+        keys: Duration::from_secs(7 * DAY),
+        rollups: Duration::from_secs(400 * DAY),
+    };
+    // Supply "old" (host s1) ran at T only; supply "new" (host s2) at T and
+    // again 300 days later, so it keeps rows past the first cutoff.
+    let mut late = supply_window("s2", 1, "AuthenticAMD", "new");
+    late.start_unix_ns += 300 * DAY * 1_000_000_000;
+    late.end_unix_ns += 300 * DAY * 1_000_000_000;
+    let windows = [
+        supply_window("s1", 0, "GenuineIntel", "old"),
+        supply_window("s2", 0, "AuthenticAMD", "new"),
+        late,
+    ];
+    let plan = |id: &str, created: u64, carried: Option<u64>| sci_aggregator::store::StoredPlan {
+        id: id.into(),
+        created_unix_s: created,
+        kind: "migration".into(),
+        service: "query-a".into(),
+        carried_out_unix_s: carried,
+        body: "{}".into(),
+    };
+    let check = |store: &dyn Store| {
+        store.commit(&windows).unwrap();
+        for p in [
+            plan("old", T, None),
+            plan("carried-late", T, Some(T + 300 * DAY)),
+            plan("new", T + 300 * DAY, None),
+        ] {
+            store.save_plan(&p).unwrap();
+        }
+        // 7 attributes and one label each.
+        assert_eq!(store.supply_attrs().unwrap().len(), 2 * 8);
+        // Cutoff T + 1 day: supply "old" has no rollup row left; "new" has.
+        let expired = store.expire(T + 401 * DAY, &retention).unwrap();
+        assert_eq!(expired.supply_attrs, 8, "{expired:?}");
+        assert_eq!(expired.plans, 1, "{expired:?}");
+        let attrs = store.supply_attrs().unwrap();
+        assert_eq!(attrs.len(), 8);
+        assert!(
+            attrs.iter().all(|a| a.supply.ends_with("pool=new")),
+            "{attrs:?}"
+        );
+        let kept: Vec<String> = store.plans().unwrap().into_iter().map(|p| p.id).collect();
+        assert_eq!(kept, vec!["new".to_string(), "carried-late".to_string()]);
+        // Again at the same time: nothing more.
+        let again = store.expire(T + 401 * DAY, &retention).unwrap();
+        assert_eq!((again.supply_attrs, again.plans), (0, 0), "{again:?}");
+        // Past the late rows' and plans' cutoff: everything goes.
+        let last = store.expire(T + 702 * DAY, &retention).unwrap();
+        assert_eq!((last.supply_attrs, last.plans), (8, 2), "{last:?}");
+        assert!(store.supply_attrs().unwrap().is_empty());
+        assert!(store.plans().unwrap().is_empty());
+        assert_eq!(
+            last.kinds().iter().find(|k| k.0 == "plans").map(|k| k.1),
+            Some(2)
+        );
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    check(&sqlite);
+    let Some(server) = ScratchPostgres::start_or_skip("retention_removes_old_supplies_and_plans")
+    else {
+        return;
+    };
+    check(&postgres_store(&server, "supply_retention"));
+}

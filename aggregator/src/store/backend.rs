@@ -99,6 +99,11 @@ pub trait Tx {
     fn batch(&mut self, sql: &str) -> Result<(), AggregatorError>;
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, AggregatorError>;
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Vec<Value>>, AggregatorError>;
+    /// Keeps concurrent writers out of `table` until this transaction ends
+    /// (PostgreSQL; SQLite has one writer at a time already).
+    fn lock_table(&mut self, _table: &str) -> Result<(), AggregatorError> {
+        Ok(())
+    }
     /// Appends `rows` (each one value per column) to `table`, where no
     /// conflict can arise: multi-row INSERTs, or a binary COPY on
     /// PostgreSQL, which spares the server parsing every value as text.

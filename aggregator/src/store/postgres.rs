@@ -234,6 +234,13 @@ impl Tx for PgTx<'_, '_> {
         .map_err(pg)?;
         rows_of(rows)
     }
+    fn lock_table(&mut self, table: &str) -> Result<(), AggregatorError> {
+        self.flush()?;
+        // Conflicts with the ROW EXCLUSIVE lock every writer takes.
+        self.tx
+            .batch_execute(&format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"))
+            .map_err(pg)
+    }
     fn upsert_later(&mut self, upsert: Upsert) -> Result<(), AggregatorError> {
         for (name, column) in &upsert.columns {
             if let Column::Text(texts) = column {

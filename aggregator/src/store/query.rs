@@ -518,6 +518,22 @@ impl<B: Backend> Store for B {
                     &[Value::Int(rollup_cutoff_s)],
                 )?;
             }
+            // A commit upserts the attributes of every supply it writes
+            // rollups for: with it waiting (or done), no supply it names
+            // loses its attributes here.
+            tx.lock_table("supply_attrs")?;
+            expired.supply_attrs = tx.execute(
+                "DELETE FROM supply_attrs WHERE NOT EXISTS \
+                 (SELECT 1 FROM supply_rollup AS r WHERE r.supply = supply_attrs.supply)",
+                &[],
+            )?;
+            // A plan is checked against the rollups of its hours: kept while
+            // they are (from its creation, or its carrying out if later).
+            expired.plans = tx.execute(
+                "DELETE FROM plans WHERE created_unix_s < $1 \
+                 AND (carried_out_unix_s IS NULL OR carried_out_unix_s < $1)",
+                &[Value::Int(rollup_cutoff_s)],
+            )?;
             Ok(())
         })?;
         Ok(expired)

@@ -180,6 +180,24 @@ pub struct Expired {
     pub raw_partitions_dropped: u64,
     pub keys: u64,
     pub rollup_rows: u64,
+    /// Attribute rows of supplies no rollup row names any more.
+    pub supply_attrs: u64,
+    /// Plans created, and carried out if they were, before the rollup cutoff.
+    pub plans: u64,
+}
+
+impl Expired {
+    /// (kind, rows) for `sci_retention_deleted_total{kind}`.
+    pub fn kinds(&self) -> [(&'static str, u64); 6] {
+        [
+            ("raw_windows", self.raw_windows),
+            ("raw_partitions", self.raw_partitions_dropped),
+            ("keys", self.keys),
+            ("rollup_rows", self.rollup_rows),
+            ("supply_attrs", self.supply_attrs),
+            ("plans", self.plans),
+        ]
+    }
 }
 
 /// A supply's sums (#27) in one period (whole host steps), or over a range
