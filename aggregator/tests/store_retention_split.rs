@@ -136,3 +136,138 @@ fn a_window_straddling_an_hour_and_a_day_is_split_by_time() {
         }
     }
 }
+
+/// The supply rollups' daily copy (#27): a window 23:45-00:45 on a supply
+/// splits 1/4 : 3/4 into the hour and day rows alike (hand computation),
+/// and a query of whole days reads the daily rows: with the host-step rows
+/// of the inner days removed, it still answers the same figures.
+#[test]
+fn supply_rollups_have_a_daily_copy_split_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sci.db");
+    let store = SqliteStore::open_with(&db, LAYOUT, Duration::from_secs(30)).unwrap();
+    let on_supply = |seq: u64, start: u64, energy_j: f64| {
+        let mut w = window(seq, start, start + 3600, energy_j);
+        w.supply = Some(v1::ResourceSupply {
+            cpu_model: "EPYC".into(),
+            cpu_vendor: "AuthenticAMD".into(),
+            arch: "x86_64".into(),
+            logical_cpus: 2,
+            memory_bytes: 8 << 30,
+            machine_kind: "metal".into(),
+            physical_host_cpus: 0,
+            labels: [("pool".to_string(), "batch".to_string())].into(),
+        });
+        w.scenarios = vec![v1::ScenarioRecord {
+            scenario: "credit".into(),
+            transactions: 40,
+            ..Default::default()
+        }];
+        w
+    };
+    // 23:45 on day 0 to 00:45 on day 1; then one hour a day on days 1..=4 at noon.
+    let start = DAY0 + 86_400 - 900;
+    let mut windows = vec![on_supply(0, start, 100.0)];
+    windows.extend((1..=4).map(|d| on_supply(d, DAY0 + d * 86_400 + 12 * 3600, 10.0)));
+    store.commit(&windows).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let rows = |sql: &str| -> Vec<(i64, f64, f64, f64, f64)> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    };
+    let cols = "bucket_s, host_s, energy_j, capacity_cpu_ns, transactions";
+    // By hand: 900 s of 3600 before midnight: 1/4 of 100 J, of 40
+    // transactions, of 2 CPUs x 3600 s of capacity; 3/4 after.
+    let first = |table: &str, want: [(i64, f64, f64, f64, f64); 2]| {
+        let got = rows(&format!(
+            "SELECT {cols} FROM {table} WHERE bucket_s < {} ORDER BY bucket_s",
+            DAY0 + 86_400 + 3600
+        ));
+        assert_eq!(got.len(), 2, "{table}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.0, w.0, "{table} bucket");
+            for (a, b) in [(g.1, w.1), (g.2, w.2), (g.3, w.3), (g.4, w.4)] {
+                assert!((a - b).abs() <= 1e-9 * b, "{table}: {g:?} vs {w:?}");
+            }
+        }
+    };
+    let cap = |s: f64| 2.0 * s * 1e9;
+    first(
+        "supply_rollup",
+        [
+            ((DAY0 + 23 * 3600) as i64, 900.0, 25.0, cap(900.0), 10.0),
+            ((DAY0 + 86_400) as i64, 2700.0, 75.0, cap(2700.0), 30.0),
+        ],
+    );
+    // Day 1 also holds the noon window (3600 s, 10 J, 40 transactions).
+    first(
+        "supply_rollup_d",
+        [
+            (DAY0 as i64, 900.0, 25.0, cap(900.0), 10.0),
+            (
+                (DAY0 + 86_400) as i64,
+                2700.0 + 3600.0,
+                75.0 + 10.0,
+                cap(2700.0 + 3600.0),
+                30.0 + 40.0,
+            ),
+        ],
+    );
+    // The service copy: one row per day (all of "credit" is "(none)"'s).
+    let service_days = rows(
+        "SELECT bucket_s, transactions, cpu_ns, energy_j, carbon_g FROM supply_service_rollup_d ORDER BY bucket_s",
+    );
+    assert_eq!(service_days.len(), 5, "{service_days:?}");
+    assert!((service_days[0].1 - 10.0).abs() < 1e-9 && (service_days[1].1 - 70.0).abs() < 1e-9);
+
+    // Days 0..5 in daily periods, then with the inner days' hour rows gone.
+    let range =
+        sci_aggregator::store::Range::new(DAY0, DAY0 + 5 * 86_400, 86_400, &LAYOUT).unwrap();
+    let energy = |store: &SqliteStore| -> Vec<(u64, f64, f64)> {
+        store
+            .supply_periods(&range)
+            .unwrap()
+            .iter()
+            .map(|r| (r.period_start_s, r.energy_j, r.transactions))
+            .collect()
+    };
+    let before = energy(&store);
+    let want: Vec<(u64, f64, f64)> = vec![
+        (DAY0, 25.0, 10.0),
+        (DAY0 + 86_400, 75.0 + 10.0, 30.0 + 40.0),
+        (DAY0 + 2 * 86_400, 10.0, 40.0),
+        (DAY0 + 3 * 86_400, 10.0, 40.0),
+        (DAY0 + 4 * 86_400, 10.0, 40.0),
+    ];
+    assert_eq!(before.len(), want.len(), "{before:?}");
+    for (g, w) in before.iter().zip(&want) {
+        assert!(
+            g.0 == w.0 && (g.1 - w.1).abs() < 1e-9 && (g.2 - w.2).abs() < 1e-9,
+            "{g:?} vs {w:?}"
+        );
+    }
+    let removed = conn
+        .execute(
+            "DELETE FROM supply_rollup WHERE bucket_s >= ?1",
+            [DAY0 as i64],
+        )
+        .unwrap();
+    assert_eq!(removed, 6);
+    assert_eq!(
+        energy(&store),
+        before,
+        "a whole-day query reads the daily rows"
+    );
+    let groups = store.supply_groups(&range, "label.pool").unwrap();
+    assert_eq!(groups.len(), 1);
+    assert!((groups[0].energy_j - 140.0).abs() < 1e-9, "{groups:?}");
+    // A range that is not whole days reads the hour rows (now gone).
+    let part =
+        sci_aggregator::store::Range::new(DAY0 + 3600, DAY0 + 2 * 86_400, 3600, &LAYOUT).unwrap();
+    assert!(store.supply_periods(&part).unwrap().is_empty());
+}

@@ -13,7 +13,7 @@ use super::layout::{split_by_time, RollupLayout, DAY_S};
 use super::tables::{
     or_none, Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
     REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, SUPPLY,
-    SUPPLY_SERVICE, TABLES,
+    SUPPLY_COARSE, SUPPLY_SERVICE, SUPPLY_SERVICE_COARSE, TABLES,
 };
 
 /// A rollup row's key column: the names borrow from the windows being
@@ -307,37 +307,40 @@ impl<'a> Deltas<'a> {
             }
         }
         let capacity_cpu_ns = f64::from(w.cpus) * (w.end_unix_ns - w.start_unix_ns) as f64;
-        for (bucket, share, seconds) in
-            split_by_time(w.start_unix_ns, w.end_unix_ns, layout.host_step_s)
-        {
-            let bucket = Key::I(bucket as i64);
-            self.add(
-                &SUPPLY,
-                &[bucket, Key::T(dc), Key::T(supply)],
-                &[
-                    seconds,
-                    share * capacity_cpu_ns,
-                    share * w.busy_cpu_ns as f64,
-                    share * w.host_energy_j,
-                    share * w.host_carbon_g,
-                    share * w.host_embodied_g,
-                    seconds * w.carbon_intensity_g_per_kwh,
-                    seconds * w.pue,
-                    share * transactions,
-                ],
-            );
-            for ((service, scenario), e) in &per_service {
+        for (supply_t, service_t, step) in [
+            (&SUPPLY, &SUPPLY_SERVICE, layout.host_step_s),
+            (&SUPPLY_COARSE, &SUPPLY_SERVICE_COARSE, DAY_S),
+        ] {
+            for (bucket, share, seconds) in split_by_time(w.start_unix_ns, w.end_unix_ns, step) {
+                let bucket = Key::I(bucket as i64);
                 self.add(
-                    &SUPPLY_SERVICE,
+                    supply_t,
+                    &[bucket, Key::T(dc), Key::T(supply)],
                     &[
-                        bucket,
-                        Key::T(dc),
-                        Key::T(supply),
-                        Key::T(service),
-                        Key::T(scenario),
+                        seconds,
+                        share * capacity_cpu_ns,
+                        share * w.busy_cpu_ns as f64,
+                        share * w.host_energy_j,
+                        share * w.host_carbon_g,
+                        share * w.host_embodied_g,
+                        seconds * w.carbon_intensity_g_per_kwh,
+                        seconds * w.pue,
+                        share * transactions,
                     ],
-                    &e.map(|v| share * v),
                 );
+                for ((service, scenario), e) in &per_service {
+                    self.add(
+                        service_t,
+                        &[
+                            bucket,
+                            Key::T(dc),
+                            Key::T(supply),
+                            Key::T(service),
+                            Key::T(scenario),
+                        ],
+                        &e.map(|v| share * v),
+                    );
+                }
             }
         }
     }

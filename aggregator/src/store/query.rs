@@ -19,7 +19,7 @@ use super::supply::groupable;
 use super::tables::{
     Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
     REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, SUPPLY,
-    SUPPLY_SERVICE, TABLES,
+    SUPPLY_COARSE, SUPPLY_SERVICE, SUPPLY_SERVICE_COARSE, TABLES,
 };
 use super::Store;
 use crate::error::AggregatorError;
@@ -640,6 +640,7 @@ impl<B: Backend> Store for B {
     fn supply_periods(&self, range: &Range) -> Result<Vec<SupplyRow>, AggregatorError> {
         let (from, to) = host_periods_range(range, &Backend::layout(self))?;
         SumQuery {
+            coarse: Some((&SUPPLY_COARSE, DAY_S)),
             period_s: Some(range.period_s),
             columns: &[Period, Key("datacenter"), Key("supply")],
             ..SumQuery::over(&SUPPLY, from, to)
@@ -666,6 +667,7 @@ impl<B: Backend> Store for B {
                 Key("scenario"),
             ],
             filters: &[("service", service)],
+            coarse: Some((&SUPPLY_SERVICE_COARSE, DAY_S)),
             ..SumQuery::over(&SUPPLY_SERVICE, from, to)
         }
         .read(self, |r| SupplyServiceRow {
@@ -702,6 +704,7 @@ impl<B: Backend> Store for B {
             attr => (&[Key("a.value")], Some(attr)),
         };
         SumQuery {
+            coarse: Some((&SUPPLY_COARSE, DAY_S)),
             columns,
             supply_attribute: join,
             ..SumQuery::over(&SUPPLY, from, to)

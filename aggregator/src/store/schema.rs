@@ -40,7 +40,7 @@ pub(super) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 6] {
+pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 7] {
     if postgres {
         [
             (
@@ -67,6 +67,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 6] {
                 28,
                 include_str!("../../migrations/postgres/0028_supply_retention.sql"),
             ),
+            (
+                29,
+                include_str!("../../migrations/postgres/0029_supply_daily.sql"),
+            ),
         ]
     } else {
         [
@@ -90,6 +94,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 6] {
             (
                 28,
                 include_str!("../../migrations/sqlite/0028_supply_retention.sql"),
+            ),
+            (
+                29,
+                include_str!("../../migrations/sqlite/0029_supply_daily.sql"),
             ),
         ]
     }

@@ -175,9 +175,22 @@ pub(super) const SUPPLY_SERVICE: Table = Table {
     ],
 };
 
+/// The daily copies of the supply rollups (#27): a long supply query reads
+/// whole days from them and only its edges by host step.
+pub(super) const SUPPLY_COARSE: Table = Table {
+    index: 15,
+    name: "supply_rollup_d",
+    ..SUPPLY
+};
+pub(super) const SUPPLY_SERVICE_COARSE: Table = Table {
+    index: 16,
+    name: "supply_service_rollup_d",
+    ..SUPPLY_SERVICE
+};
+
 /// Every rollup table, in the order commits write them and retention
 /// deletes from them.
-pub(super) const TABLES: [&Table; 15] = [
+pub(super) const TABLES: [&Table; 17] = [
     &FLEET,
     &SCENARIO,
     &HOST,
@@ -193,6 +206,8 @@ pub(super) const TABLES: [&Table; 15] = [
     &HOST_SERVICE,
     &SUPPLY,
     &SUPPLY_SERVICE,
+    &SUPPLY_COARSE,
+    &SUPPLY_SERVICE_COARSE,
 ];
 const _: () = {
     let mut i = 0;
