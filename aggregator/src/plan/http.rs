@@ -43,6 +43,37 @@ fn bootstrap(seed: Option<u64>) -> Bootstrap {
     }
 }
 
+/// Runs `work` as a bounded query ([`bounded`]); a wrong request is
+/// counted under `endpoint` ([`refused`]).
+async fn answer<F>(state: HttpState, endpoint: &'static str, work: F) -> Response
+where
+    F: FnOnce(&HttpState) -> Result<Response, Failure> + Send + 'static,
+{
+    let s = state.clone();
+    bounded(&state, move || {
+        work(&s).map_err(|f| refused(&s, endpoint, f))
+    })
+    .await
+}
+
+/// Stores `plan` and counts it.
+fn save_plan<T: serde::Serialize>(
+    state: &HttpState,
+    kind: &str,
+    service: &str,
+    now: u64,
+    plan: &T,
+) -> Result<String, Failure> {
+    let stored =
+        super::store_plan(state.store.as_ref(), kind, service, now, plan).map_err(store_failure)?;
+    state
+        .counters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .plans_stored += 1;
+    Ok(stored.id)
+}
+
 fn store_failure(e: crate::error::AggregatorError) -> Failure {
     match e {
         crate::error::AggregatorError::Invalid(m) => bad(m),
@@ -79,21 +110,17 @@ fn hourly_range(
 }
 
 async fn supplies(State(state): State<HttpState>, Query(q): Query<SuppliesQuery>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        let run = || {
-            let range = hourly_range(&s, q.from, q.to, None)?;
-            let by = q.group_by.as_deref().unwrap_or("supply");
-            let groups = groups(s.store.as_ref(), &range, by).map_err(store_failure)?;
-            Ok(Json(serde_json::json!({
-                "from_unix_s": range.from_s,
-                "to_unix_s": range.to_s,
-                "group_by": by,
-                "groups": groups,
-            }))
-            .into_response())
-        };
-        run().map_err(|f| refused(&s, "supplies", f))
+    answer(state, "supplies", move |s| {
+        let range = hourly_range(s, q.from, q.to, None)?;
+        let by = q.group_by.as_deref().unwrap_or("supply");
+        let groups = groups(s.store.as_ref(), &range, by).map_err(store_failure)?;
+        Ok(Json(serde_json::json!({
+            "from_unix_s": range.from_s,
+            "to_unix_s": range.to_s,
+            "group_by": by,
+            "groups": groups,
+        }))
+        .into_response())
     })
     .await
 }
@@ -108,16 +135,12 @@ pub struct SelectQuery {
 }
 
 async fn select_supplies(State(state): State<HttpState>, Query(q): Query<SelectQuery>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        let run = || {
-            let range = hourly_range(&s, q.from, q.to, q.period)?;
-            let bootstrap = bootstrap(q.seed);
-            let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
-                .map_err(store_failure)?;
-            Ok(Json(selection).into_response())
-        };
-        run().map_err(|f| refused(&s, "supplies/select", f))
+    answer(state, "supplies/select", move |s| {
+        let range = hourly_range(s, q.from, q.to, q.period)?;
+        let bootstrap = bootstrap(q.seed);
+        let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
+            .map_err(store_failure)?;
+        Ok(Json(selection).into_response())
     })
     .await
 }
@@ -161,23 +184,10 @@ fn migration(state: &HttpState, q: &MigrationQuery, save: bool) -> Result<Respon
     if !save {
         return Ok(Json(plan).into_response());
     }
-    let now = now_s();
-    let stored = super::store_plan(
-        state.store.as_ref(),
-        "migration",
-        &request.service,
-        now,
-        &plan,
-    )
-    .map_err(store_failure)?;
-    state
-        .counters
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .plans_stored += 1;
+    let id = save_plan(state, "migration", &request.service, now_s(), &plan)?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({ "id": stored.id, "plan": plan })),
+        Json(serde_json::json!({ "id": id, "plan": plan })),
     )
         .into_response())
 }
@@ -186,27 +196,18 @@ async fn migration_get(
     State(state): State<HttpState>,
     Query(q): Query<MigrationQuery>,
 ) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        migration(&s, &q, false).map_err(|f| refused(&s, "plans/migration", f))
-    })
-    .await
+    answer(state, "plans/migration", move |s| migration(s, &q, false)).await
 }
 
 async fn migration_post(
     State(state): State<HttpState>,
     Query(q): Query<MigrationQuery>,
 ) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        migration(&s, &q, true).map_err(|f| refused(&s, "plans/migration", f))
-    })
-    .await
+    answer(state, "plans/migration", move |s| migration(s, &q, true)).await
 }
 
 async fn plans(State(state): State<HttpState>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
+    answer(state, "plans", move |s| {
         let plans = s.store.plans().map_err(store_failure)?;
         let plans: Vec<serde_json::Value> = plans
             .into_iter()
@@ -256,14 +257,7 @@ fn shift(state: &HttpState, q: &ShiftQuery, save: bool) -> Result<Response, Fail
             super::shifting::plan_shift(state.store.as_ref(), &state.config.scheduling, job, at)
                 .map_err(store_failure)?;
         let id = if save {
-            let stored = super::store_plan(state.store.as_ref(), "shift", &job.service, now, &plan)
-                .map_err(store_failure)?;
-            state
-                .counters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .plans_stored += 1;
-            Some(stored.id)
+            Some(save_plan(state, "shift", &job.service, now, &plan)?)
         } else {
             None
         };
@@ -282,19 +276,11 @@ fn shift(state: &HttpState, q: &ShiftQuery, save: bool) -> Result<Response, Fail
 }
 
 async fn shift_get(State(state): State<HttpState>, Query(q): Query<ShiftQuery>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        shift(&s, &q, false).map_err(|f| refused(&s, "plans/shift", f))
-    })
-    .await
+    answer(state, "plans/shift", move |s| shift(s, &q, false)).await
 }
 
 async fn shift_post(State(state): State<HttpState>, Query(q): Query<ShiftQuery>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        shift(&s, &q, true).map_err(|f| refused(&s, "plans/shift", f))
-    })
-    .await
+    answer(state, "plans/shift", move |s| shift(s, &q, true)).await
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,30 +293,26 @@ pub struct LocationQuery {
 }
 
 async fn location(State(state): State<HttpState>, Query(q): Query<LocationQuery>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        let run = || {
-            let scenario = q
-                .scenario
-                .clone()
-                .ok_or_else(|| bad("scenario is required".into()))?;
-            let now = now_s();
-            let from = q.from.unwrap_or(now / 3600 * 3600);
-            let to = q.to.unwrap_or(from + 86_400);
-            if to <= from || to - from > 31 * 86_400 {
-                return Err(bad("to must be after from, at most 31 days".into()));
-            }
-            let plan = super::location::plan_location(
-                s.store.as_ref(),
-                &s.config.scheduling,
-                &scenario,
-                from,
-                to,
-            )
-            .map_err(store_failure)?;
-            Ok(Json(plan).into_response())
-        };
-        run().map_err(|f| refused(&s, "plans/location", f))
+    answer(state, "plans/location", move |s| {
+        let scenario = q
+            .scenario
+            .clone()
+            .ok_or_else(|| bad("scenario is required".into()))?;
+        let now = now_s();
+        let from = q.from.unwrap_or(now / 3600 * 3600);
+        let to = q.to.unwrap_or(from + 86_400);
+        if to <= from || to - from > 31 * 86_400 {
+            return Err(bad("to must be after from, at most 31 days".into()));
+        }
+        let plan = super::location::plan_location(
+            s.store.as_ref(),
+            &s.config.scheduling,
+            &scenario,
+            from,
+            to,
+        )
+        .map_err(store_failure)?;
+        Ok(Json(plan).into_response())
     })
     .await
 }
@@ -361,23 +343,16 @@ async fn carried_out(
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<CarriedOutQuery>,
 ) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        let run = || {
-            let mut plan = find_plan(&s, &id)?;
-            let now = now_s();
-            let at = q.at.unwrap_or(now);
-            if at > now + 60 {
-                return Err(bad(format!("at {at} is in the future")));
-            }
-            plan.carried_out_unix_s = Some(at);
-            s.store.save_plan(&plan).map_err(store_failure)?;
-            Ok(
-                Json(serde_json::json!({ "id": plan.id, "carried_out_unix_s": at }))
-                    .into_response(),
-            )
-        };
-        run().map_err(|f| refused(&s, "plans/carried-out", f))
+    answer(state, "plans/carried-out", move |s| {
+        let mut plan = find_plan(s, &id)?;
+        let now = now_s();
+        let at = q.at.unwrap_or(now);
+        if at > now + 60 {
+            return Err(bad(format!("at {at} is in the future")));
+        }
+        plan.carried_out_unix_s = Some(at);
+        s.store.save_plan(&plan).map_err(store_failure)?;
+        Ok(Json(serde_json::json!({ "id": plan.id, "carried_out_unix_s": at })).into_response())
     })
     .await
 }
@@ -394,18 +369,14 @@ async fn check(
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<CheckQuery>,
 ) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        let run = || {
-            let plan = find_plan(&s, &id)?;
-            let now = now_s();
-            let bootstrap = bootstrap(q.seed);
-            let checked =
-                super::check::check_plan(s.store.as_ref(), &plan, q.to.unwrap_or(now), &bootstrap)
-                    .map_err(store_failure)?;
-            Ok(Json(checked).into_response())
-        };
-        run().map_err(|f| refused(&s, "plans/check", f))
+    answer(state, "plans/check", move |s| {
+        let plan = find_plan(s, &id)?;
+        let now = now_s();
+        let bootstrap = bootstrap(q.seed);
+        let checked =
+            super::check::check_plan(s.store.as_ref(), &plan, q.to.unwrap_or(now), &bootstrap)
+                .map_err(store_failure)?;
+        Ok(Json(checked).into_response())
     })
     .await
 }
@@ -421,67 +392,62 @@ pub struct PlanPageQuery {
 }
 
 async fn plan_page(State(state): State<HttpState>, Query(q): Query<PlanPageQuery>) -> Response {
-    let s = state.clone();
-    bounded(&state, move || {
-        let run = || {
-            let now = now_s();
-            let format_ok = matches!(q.format.as_deref(), None | Some("html" | "md"));
-            if !format_ok {
-                return Err(bad(format!(
-                    "format {}: use html or md",
-                    crate::validate::clip(q.format.as_deref().unwrap_or_default())
-                )));
-            }
-            let to = q.to.unwrap_or(now);
-            let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
-            let range = hourly_range(&s, Some(from), Some(to), q.period)?;
-            let bootstrap = Bootstrap::default();
-            let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
-                .map_err(store_failure)?;
-            let shifts = s
-                .config
-                .scheduling
-                .deferrable
-                .iter()
-                .map(|job| {
-                    super::shifting::plan_shift(s.store.as_ref(), &s.config.scheduling, job, now)
-                        .map_err(|e| format!("{}: {e}", job.name))
-                })
-                .collect();
-            let stored = s
-                .store
-                .plans()
-                .map_err(store_failure)?
-                .into_iter()
-                .map(|p| {
-                    let check =
-                        (p.kind == "migration" && p.carried_out_unix_s.is_some()).then(|| {
-                            super::check::check_plan(s.store.as_ref(), &p, now, &bootstrap)
-                                .map_err(|e| e.to_string())
-                        });
-                    (p, check)
-                })
-                .collect();
-            let page = super::page::PlanPage {
-                selection,
-                shifts,
-                stored,
-            };
-            Ok(if q.format.as_deref() == Some("md") {
-                (
-                    [("content-type", "text/markdown; charset=utf-8")],
-                    super::page::markdown(&page),
-                )
-                    .into_response()
-            } else {
-                (
-                    [("content-type", "text/html; charset=utf-8")],
-                    super::page::render(&page),
-                )
-                    .into_response()
+    answer(state, "dashboard/plan", move |s| {
+        let now = now_s();
+        let format_ok = matches!(q.format.as_deref(), None | Some("html" | "md"));
+        if !format_ok {
+            return Err(bad(format!(
+                "format {}: use html or md",
+                crate::validate::clip(q.format.as_deref().unwrap_or_default())
+            )));
+        }
+        let to = q.to.unwrap_or(now);
+        let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
+        let range = hourly_range(s, Some(from), Some(to), q.period)?;
+        let bootstrap = Bootstrap::default();
+        let selection = select(s.store.as_ref(), &range, q.service.as_deref(), &bootstrap)
+            .map_err(store_failure)?;
+        let shifts = s
+            .config
+            .scheduling
+            .deferrable
+            .iter()
+            .map(|job| {
+                super::shifting::plan_shift(s.store.as_ref(), &s.config.scheduling, job, now)
+                    .map_err(|e| format!("{}: {e}", job.name))
             })
+            .collect();
+        let stored = s
+            .store
+            .plans()
+            .map_err(store_failure)?
+            .into_iter()
+            .map(|p| {
+                let check = (p.kind == "migration" && p.carried_out_unix_s.is_some()).then(|| {
+                    super::check::check_plan(s.store.as_ref(), &p, now, &bootstrap)
+                        .map_err(|e| e.to_string())
+                });
+                (p, check)
+            })
+            .collect();
+        let page = super::page::PlanPage {
+            selection,
+            shifts,
+            stored,
         };
-        run().map_err(|f| refused(&s, "dashboard/plan", f))
+        Ok(if q.format.as_deref() == Some("md") {
+            (
+                [("content-type", "text/markdown; charset=utf-8")],
+                super::page::markdown(&page),
+            )
+                .into_response()
+        } else {
+            (
+                [("content-type", "text/html; charset=utf-8")],
+                super::page::render(&page),
+            )
+                .into_response()
+        })
     })
     .await
 }
