@@ -373,6 +373,16 @@ async fn check(
         let plan = find_plan(s, &id)?;
         let now = now_s();
         let bootstrap = bootstrap(q.seed);
+        if plan.kind == "shift" {
+            let checked = super::shift_check::check_shift(
+                s.store.as_ref(),
+                &plan,
+                q.to.unwrap_or(now),
+                &bootstrap,
+            )
+            .map_err(store_failure)?;
+            return Ok(Json(checked).into_response());
+        }
         let checked =
             super::check::check_plan(s.store.as_ref(), &plan, q.to.unwrap_or(now), &bootstrap)
                 .map_err(store_failure)?;

@@ -17,6 +17,7 @@ pub mod location;
 pub mod migration;
 pub mod page;
 mod respond;
+pub mod shift_check;
 pub mod shifting;
 pub mod supplies;
 

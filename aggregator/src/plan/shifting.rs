@@ -21,13 +21,21 @@
 //! Baseline: the first `hours` hours from the release (run as released).
 //! Predicted saving = E x PUE x (sum of baseline intensities - sum of
 //! planned) / 3.6e6 g. Embodied carbon does not move with the hour.
+//!
+//! Its 95% interval comes from the variation of the measured E: the
+//! review's bootstrap over the hours the service ran (each hour's J,
+//! pooled per running hour, at least two hours), scaled by PUE x the
+//! intensity difference / 3.6e6 (the saving is linear in E). A configured
+//! E, or a single measured hour, has no interval (said).
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::intensity;
+use super::supplies::interval;
 use crate::error::AggregatorError;
+use crate::review::stats::{Bootstrap, PeriodPair};
 use crate::store::{Range, Store};
 
 const CORE_HOUR_NS: f64 = 3.6e12;
@@ -167,6 +175,12 @@ pub struct ShiftPlan {
     pub baseline_g: Option<f64>,
     pub planned_g: Option<f64>,
     pub predicted_saving_g: Option<f64>,
+    /// 95% interval of E per running hour (J) from its measured variation.
+    pub energy_j_per_hour_interval: Option<[f64; 2]>,
+    /// 95% interval of the predicted saving (g), from E's.
+    pub predicted_saving_interval_g: Option<[f64; 2]>,
+    /// Why there is no interval, when there is none.
+    pub interval_note: Option<String>,
     pub feasible: bool,
     pub verdict: String,
     pub assumptions: Vec<String>,
@@ -326,6 +340,39 @@ pub fn plan_shift(
     let baseline_g = grams(&baseline);
     let planned_g = feasible.then(|| grams(&planned)).flatten();
     let predicted_saving_g = baseline_g.zip(planned_g).map(|(b, p)| b - p);
+    // E's interval from the hours the service ran (a configured E has none).
+    let (energy_j_per_hour_interval, mut interval_note) = if job.energy_j_per_hour.is_some() {
+        (
+            None,
+            Some("energy_j_per_hour is configured: no measured variation".to_string()),
+        )
+    } else {
+        let per_hour: Vec<PeriodPair> = active
+            .iter()
+            .map(|h| PeriodPair {
+                numerator: own_energy[h],
+                denominator: hours_per_bucket,
+            })
+            .collect();
+        let d = interval(&per_hour, &Bootstrap::default());
+        match d.ci_low.zip(d.ci_high) {
+            Some((lo, hi)) => (Some([lo, hi]), None),
+            None => (None, d.reason.clone()),
+        }
+    };
+    let predicted_saving_interval_g = match (energy_j_per_hour_interval, predicted_saving_g) {
+        (Some([lo, hi]), Some(_)) if energy_j_per_hour > 0.0 => {
+            // The saving is E x (a factor of the hours): the same factor scales E's bounds.
+            let factor = predicted_saving_g.unwrap_or(0.0) / energy_j_per_hour;
+            let (a, b) = (lo * factor, hi * factor);
+            Some([a.min(b), a.max(b)])
+        }
+        (Some(_), Some(_)) => {
+            interval_note = Some("no energy measured per running hour".to_string());
+            None
+        }
+        _ => None,
+    };
     let verdict = if !feasible {
         format!(
             "infeasible: only {} hour(s) of the window have an intensity and {:.3} free cores; the job needs {}",
@@ -377,6 +424,9 @@ pub fn plan_shift(
         baseline_g,
         planned_g,
         predicted_saving_g,
+        energy_j_per_hour_interval,
+        predicted_saving_interval_g,
+        interval_note,
         feasible,
         verdict,
         assumptions,
