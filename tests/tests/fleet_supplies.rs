@@ -257,6 +257,42 @@ async fn supplies_are_grouped_ranked_and_planned_against_hand_computations() {
         .map(|g| g["value"].as_str().unwrap())
         .collect();
     assert_eq!(pools, ["new", "old"]);
+    // The pools' week over the real HTTP API: two days are 48 hours of the
+    // week; pool "old" (a1, a2 in dc-1) has 2 hosts, "new" (b1 in dc-2) 1.
+    let week = get_json(agg, &format!("/api/v1/plans/consolidation?{range}"));
+    let pool_hosts: Vec<(String, String, usize, f64)> = week["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let hours = p["hours"].as_array().unwrap();
+            let most = hours.iter().map(|h| f(h, "/hosts")).fold(0.0, f64::max);
+            (
+                p["datacenter"].as_str().unwrap().to_string(),
+                p["pool"].as_str().unwrap().to_string(),
+                hours.len(),
+                most,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pool_hosts,
+        vec![
+            ("dc-1".to_string(), "old".to_string(), 48, 2.0),
+            ("dc-2".to_string(), "new".to_string(), 48, 1.0)
+        ],
+        "{week}"
+    );
+    let (status, body) = http_get(
+        agg.http_port,
+        &format!("/api/v1/plans/consolidation?{range}&target_utilisation=0"),
+    )
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("target_utilisation = 0"), "{body}");
+    assert!(agg
+        .metrics()
+        .contains("sci_plan_requests_refused_total{endpoint=\"plans/consolidation\"} 1"));
     let (status, body) = http_get(
         agg.http_port,
         &format!("/api/v1/supplies?{range}&group_by=colour"),

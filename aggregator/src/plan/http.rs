@@ -11,6 +11,10 @@
 //! - `GET /api/v1/plans/location?scenario=[&from=&to=]` marginal carbon
 //!   of one more transaction per data centre and hour, and a traffic split
 //!   that respects measured room (7.2);
+//! - `GET /api/v1/plans/consolidation?[from=&to=&group_by=
+//!   &target_utilisation=&zombie_hours=]` each pool's week: peak, valley,
+//!   hosts to release per hour with the saving, and zombie hosts
+//!   ([`super::pools`], 7.2);
 //! - `GET /api/v1/plans` the stored plans; `POST /api/v1/plans/{id}/
 //!   carried-out?at=` when a plan was carried out; `GET /api/v1/plans/{id}/
 //!   check?to=` the realised saving against the predicted ([`super::check`]);
@@ -318,6 +322,40 @@ async fn location(State(state): State<HttpState>, Query(q): Query<LocationQuery>
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsQuery {
+    /// Unix seconds (default: 7 days before `to`).
+    pub from: Option<u64>,
+    /// Unix seconds (default: now).
+    pub to: Option<u64>,
+    /// The supply attribute that names a pool (default `label.pool`).
+    pub group_by: Option<String>,
+    pub target_utilisation: Option<f64>,
+    pub zombie_hours: Option<u32>,
+}
+
+async fn pools(State(state): State<HttpState>, Query(q): Query<PoolsQuery>) -> Response {
+    answer(state, "plans/consolidation", move |s| {
+        let to = q.to.unwrap_or_else(now_s);
+        let from = q.from.unwrap_or(to.saturating_sub(7 * 86_400));
+        if to <= from || to - from > 400 * 86_400 {
+            return Err(bad("to must be after from, at most 400 days".into()));
+        }
+        let defaults = super::pools::PoolOptions::default();
+        let options = super::pools::PoolOptions {
+            group_by: q.group_by.clone().unwrap_or(defaults.group_by),
+            target_utilisation: q.target_utilisation.unwrap_or(defaults.target_utilisation),
+            zombie_hours: q.zombie_hours.unwrap_or(defaults.zombie_hours),
+            ..defaults
+        };
+        let plan = super::pools::plan_pools(s.store.as_ref(), from, to, &options)
+            .map_err(store_failure)?;
+        Ok(Json(plan).into_response())
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct CarriedOutQuery {
     /// Unix seconds (default: now).
     pub at: Option<u64>,
@@ -473,6 +511,7 @@ pub fn routes() -> Router<HttpState> {
         )
         .route("/api/v1/plans/shift", get(shift_get).post(shift_post))
         .route("/api/v1/plans/location", get(location))
+        .route("/api/v1/plans/consolidation", get(pools))
         .route("/api/v1/plans", get(plans))
         .route("/dashboard/plan", get(plan_page))
         .route(

@@ -16,6 +16,7 @@ pub mod keda;
 pub mod location;
 pub mod migration;
 pub mod page;
+pub mod pools;
 mod respond;
 pub mod shift_check;
 pub mod shifting;

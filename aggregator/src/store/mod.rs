@@ -153,6 +153,12 @@ pub trait Store: Send + Sync {
         range: &Range,
         attribute: &str,
     ) -> Result<Vec<SupplyRow>, AggregatorError>;
+    /// [`Store::supply_groups`] per period and data centre.
+    fn supply_group_periods(
+        &self,
+        range: &Range,
+        attribute: &str,
+    ) -> Result<Vec<SupplyRow>, AggregatorError>;
     /// Every supply's attributes.
     fn supply_attrs(&self) -> Result<Vec<SupplyAttr>, AggregatorError>;
     /// Stores a plan (a new id) or replaces it (the same id).

@@ -714,6 +714,36 @@ impl<B: Backend> Store for B {
         })
     }
 
+    fn supply_group_periods(
+        &self,
+        range: &Range,
+        attribute: &str,
+    ) -> Result<Vec<SupplyRow>, AggregatorError> {
+        if !groupable(attribute) || attribute == "datacenter" {
+            return Err(AggregatorError::Invalid(format!(
+                "group_by {:?}: use supply, {} or label.<key>",
+                attribute.chars().take(64).collect::<String>(),
+                super::supply::ATTRIBUTES.join(", ")
+            )));
+        }
+        let (from, to) = host_periods_range(range, &Backend::layout(self))?;
+        let (columns, join): (&[Col], _) = match attribute {
+            "supply" => (&[Period, Key("datacenter"), Key("supply")], None),
+            attr => (&[Period, Key("datacenter"), Key("a.value")], Some(attr)),
+        };
+        SumQuery {
+            coarse: Some((&SUPPLY_COARSE, DAY_S)),
+            period_s: Some(range.period_s),
+            columns,
+            supply_attribute: join,
+            ..SumQuery::over(&SUPPLY, from, to)
+        }
+        .read(self, |r| SupplyRow {
+            period_start_s: r[0].i64() as u64 * range.period_s,
+            ..SupplyRow::from_sums(r[1].text(), r[2].text(), &r[3..])
+        })
+    }
+
     fn supply_attrs(&self) -> Result<Vec<SupplyAttr>, AggregatorError> {
         Ok(self
             .read(
