@@ -266,4 +266,36 @@ fn a_time_shift_plan_is_checked_after_its_window() {
     assert!((check.predicted_saving_g.unwrap() - predicted).abs() < 1e-9);
     let [plo, phi] = check.predicted_saving_interval_g.unwrap();
     assert!((plo - predicted).abs() < 1e-9 && (phi - predicted).abs() < 1e-9);
+    assert_eq!(
+        check.prediction_within_interval,
+        Some(lo <= predicted && predicted <= hi)
+    );
+    // The plans page shows both, as HTML and Markdown.
+    use sci_aggregator::figures::mass_g;
+    use sci_aggregator::plan::page::{markdown, render, PlanPage, StoredCheck};
+    let range = sci_aggregator::store::Range {
+        from_s: release,
+        to_s: release + 12 * 3600,
+        period_s: 3600,
+    };
+    let page = PlanPage {
+        selection: sci_aggregator::plan::supplies::select(&store, &range, None, &bootstrap)
+            .unwrap(),
+        shifts: Vec::new(),
+        stored: vec![(stored.clone(), Some(Ok(StoredCheck::Shift(check.clone()))))],
+    };
+    let html = render(&page);
+    let md = markdown(&page);
+    for text in [&html, &md] {
+        assert!(text.contains(&mass_g(total)), "{text}");
+        assert!(text.contains(&mass_g(predicted)), "{text}");
+        assert!(
+            text.contains(&format!("[{}, {}]", mass_g(lo), mass_g(hi))),
+            "{text}"
+        );
+    }
+    assert!(
+        md.contains(&format!("| {} | shift | etl |", stored.id)),
+        "{md}"
+    );
 }

@@ -471,10 +471,22 @@ async fn plan_page(State(state): State<HttpState>, Query(q): Query<PlanPageQuery
             .map_err(store_failure)?
             .into_iter()
             .map(|p| {
-                let check = (p.kind == "migration" && p.carried_out_unix_s.is_some()).then(|| {
-                    super::check::check_plan(s.store.as_ref(), &p, now, &bootstrap)
-                        .map_err(|e| e.to_string())
-                });
+                use super::page::StoredCheck;
+                let window_end = serde_json::from_str::<serde_json::Value>(&p.body)
+                    .ok()
+                    .and_then(|b| b.get("window_end_unix_s").and_then(|v| v.as_u64()));
+                let check = match p.kind.as_str() {
+                    "migration" if p.carried_out_unix_s.is_some() => Some(
+                        super::check::check_plan(s.store.as_ref(), &p, now, &bootstrap)
+                            .map(StoredCheck::Migration),
+                    ),
+                    "shift" if window_end.is_some_and(|e| e <= now) => Some(
+                        super::shift_check::check_shift(s.store.as_ref(), &p, now, &bootstrap)
+                            .map(StoredCheck::Shift),
+                    ),
+                    _ => None,
+                }
+                .map(|c| c.map_err(|e| e.to_string()));
                 (p, check)
             })
             .collect();

@@ -2,10 +2,12 @@
 //! interpolation escaped, nothing fetched from outside): the supply ranking
 //! per service and scenario over the range, each deferrable job's
 //! time-shifting plan for the window in force now, and every stored plan
-//! with its prediction and, for a migration carried out, its check.
+//! with its prediction and its check afterwards (a migration carried out,
+//! a time-shift plan whose window has ended).
 use maud::{html, Markup};
 
 use super::check::PlanCheck;
+use super::shift_check::ShiftCheck;
 use super::shifting::ShiftPlan;
 use super::supplies::Selection;
 use crate::figures::{count, mass_g, sig4};
@@ -15,7 +17,72 @@ use crate::store::StoredPlan;
 pub struct PlanPage {
     pub selection: Selection,
     pub shifts: Vec<Result<ShiftPlan, String>>,
-    pub stored: Vec<(StoredPlan, Option<Result<PlanCheck, String>>)>,
+    pub stored: Vec<(StoredPlan, Option<Result<StoredCheck, String>>)>,
+}
+
+/// The check afterwards of a stored plan, by kind.
+pub enum StoredCheck {
+    Migration(PlanCheck),
+    Shift(ShiftCheck),
+}
+
+impl StoredCheck {
+    /// The realised saving (with its unit) and its interval, formatted.
+    fn realised(&self) -> String {
+        match self {
+            StoredCheck::Migration(c) => format!(
+                "{}/day {}",
+                opt(c.realised_saving_g_per_day, mass_g),
+                interval(
+                    c.realised_saving_ci_low_g_per_day,
+                    c.realised_saving_ci_high_g_per_day,
+                    mass_g
+                )
+            ),
+            StoredCheck::Shift(c) => format!(
+                "{} in the window {}",
+                mass_g(c.realised_saving_g),
+                interval(c.realised_saving.ci_low, c.realised_saving.ci_high, mass_g)
+            ),
+        }
+    }
+
+    fn within(&self) -> &'static str {
+        let w = match self {
+            StoredCheck::Migration(c) => c.prediction_within_interval,
+            StoredCheck::Shift(c) => c.prediction_within_interval,
+        };
+        w.map_or("–", |w| if w { "yes" } else { "no" })
+    }
+}
+
+/// A stored plan's predicted saving and interval, formatted with its unit.
+fn predicted(body: &serde_json::Value) -> String {
+    let f = |k: &str| body.get(k).and_then(serde_json::Value::as_f64);
+    if let Some(p) = f("predicted_saving_g_per_day") {
+        return format!(
+            "{}/day {}",
+            mass_g(p),
+            interval(
+                f("saving_ci_low_g_per_day"),
+                f("saving_ci_high_g_per_day"),
+                mass_g
+            )
+        );
+    }
+    let bounds = body
+        .get("predicted_saving_interval_g")
+        .and_then(serde_json::Value::as_array);
+    let bound = |i: usize| {
+        bounds
+            .and_then(|b| b.get(i))
+            .and_then(serde_json::Value::as_f64)
+    };
+    format!(
+        "{} {}",
+        opt(f("predicted_saving_g"), mass_g),
+        interval(bound(0), bound(1), mass_g)
+    )
 }
 
 fn opt(v: Option<f64>, f: fn(f64) -> String) -> String {
@@ -92,31 +159,26 @@ fn shifts(plans: &[Result<ShiftPlan, String>]) -> Markup {
     }
 }
 
-fn stored(plans: &[(StoredPlan, Option<Result<PlanCheck, String>>)]) -> Markup {
+fn stored(plans: &[(StoredPlan, Option<Result<StoredCheck, String>>)]) -> Markup {
     html! {
         h2 { "Stored plans and the check afterwards" }
         @if plans.is_empty() { p { "No stored plans (POST /api/v1/plans/migration or /api/v1/plans/shift)." } }
         table {
             tr { th { "plan" } th { "kind" } th { "service" } th { "made" } th { "carried out" }
-                 th { "predicted g/day [95%]" } th { "realised g/day [95%]" } th { "prediction in realised interval" } }
+                 th { "predicted saving [95%]" } th { "realised saving [95%]" } th { "prediction in realised interval" } }
             @for (p, check) in plans {
                 @let body: serde_json::Value = serde_json::from_str(&p.body).unwrap_or_default();
-                @let predicted = body.get("predicted_saving_g_per_day").and_then(|v| v.as_f64())
-                    .or_else(|| body.get("predicted_saving_g").and_then(|v| v.as_f64()));
                 tr {
                     td { (p.id) }
                     td { (p.kind) }
                     td { (p.service) }
                     td { (agent_common::time_text::format_unix_s(p.created_unix_s as i64)) }
                     td { (p.carried_out_unix_s.map_or("–".to_string(), |t| agent_common::time_text::format_unix_s(t as i64))) }
-                    td { (opt(predicted, mass_g)) " "
-                         (interval(body.get("saving_ci_low_g_per_day").and_then(|v| v.as_f64()),
-                                   body.get("saving_ci_high_g_per_day").and_then(|v| v.as_f64()), mass_g)) }
+                    td { (predicted(&body)) }
                     @match check {
                         Some(Ok(c)) => {
-                            td { (opt(c.realised_saving_g_per_day, mass_g)) " "
-                                 (interval(c.realised_saving_ci_low_g_per_day, c.realised_saving_ci_high_g_per_day, mass_g)) }
-                            td { (c.prediction_within_interval.map_or("–", |w| if w { "yes" } else { "no" })) }
+                            td { (c.realised()) }
+                            td { (c.within()) }
                         }
                         Some(Err(e)) => { td colspan="2" { (e) } }
                         None => { td { "–" } td { "–" } }
@@ -191,35 +253,24 @@ pub fn markdown(data: &PlanPage) -> String {
         }
     }
     let _ = writeln!(out, "\n## Stored plans and the check afterwards\n");
-    let _ = writeln!(out, "| plan | kind | service | made | carried out | realised g/day [95%] | prediction in realised interval |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "| plan | kind | service | made | carried out | predicted saving [95%] | realised saving [95%] | prediction in realised interval |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for (p, check) in &data.stored {
+        let body: serde_json::Value = serde_json::from_str(&p.body).unwrap_or_default();
         let (realised, within) = match check {
-            Some(Ok(c)) => (
-                format!(
-                    "{} {}",
-                    opt(c.realised_saving_g_per_day, mass_g),
-                    interval(
-                        c.realised_saving_ci_low_g_per_day,
-                        c.realised_saving_ci_high_g_per_day,
-                        mass_g
-                    )
-                ),
-                c.prediction_within_interval
-                    .map_or("–", |w| if w { "yes" } else { "no" })
-                    .to_string(),
-            ),
+            Some(Ok(c)) => (c.realised(), c.within().to_string()),
             Some(Err(e)) => (cell(e), "–".to_string()),
             None => ("–".to_string(), "–".to_string()),
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             p.id,
             p.kind,
             p.service,
             t(p.created_unix_s),
             p.carried_out_unix_s.map_or("–".to_string(), t),
+            predicted(&body),
             realised,
             within
         );

@@ -44,6 +44,8 @@ pub struct ShiftCheck {
     pub realised_saving_g: f64,
     /// The bootstrap over the ran hours (its `candidate` is the saving).
     pub realised_saving: Difference,
+    /// Whether the predicted saving lies in the realised interval.
+    pub prediction_within_interval: Option<bool>,
     pub notes: Vec<String>,
 }
 
@@ -187,6 +189,10 @@ pub fn check_shift(
         notes.push("the service did not run in exactly the planned hours: the saving is of the hours it ran in".to_string());
     }
     notes.push("the same energy is assumed at the baseline hours; other load of the service in the window counts as the job's".to_string());
+    let predicted_saving_g = number("/predicted_saving_g");
+    let prediction_within_interval = predicted_saving_g
+        .zip(realised.ci_low.zip(realised.ci_high))
+        .map(|(p, (lo, hi))| lo <= p && p <= hi);
     Ok(ShiftCheck {
         plan_id: stored.id.clone(),
         job,
@@ -201,12 +207,13 @@ pub fn check_shift(
         energy_j,
         pue,
         baseline_intensity_g_per_kwh: baseline_intensity,
-        predicted_saving_g: number("/predicted_saving_g"),
+        predicted_saving_g,
         predicted_saving_interval_g: plan
             .pointer("/predicted_saving_interval_g")
             .and_then(|v| serde_json::from_value(v.clone()).ok()),
         realised_saving_g: per_hour.iter().sum(),
         realised_saving: realised,
+        prediction_within_interval,
         notes,
     })
 }
