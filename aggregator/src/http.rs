@@ -18,8 +18,9 @@
 //! Every query reads rollups on the store's read connections, never the
 //! ingest's. At most `max_concurrent_queries` expensive queries run at once
 //! (more get 503 with `Retry-After`), each within `query_timeout` (503
-//! past it). /metrics reads counters kept at ingest and an evaluation of
-//! the last 24 h refreshed in the background, never a query per scrape.
+//! past it); both are counted in `sci_http_queries_refused_total{reason}`.
+//! /metrics reads counters kept at ingest and an evaluation of the last
+//! 24 h refreshed in the background, never a query per scrape.
 use agent_common::prometheus_text::{self, Family};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -183,7 +184,14 @@ pub async fn bounded<F>(state: &HttpState, work: F) -> Response
 where
     F: FnOnce() -> Result<Response, Failure> + Send + 'static,
 {
+    let refused = |reason: &str| {
+        *lock(&state.counters)
+            .http_queries_refused
+            .entry(reason.to_string())
+            .or_default() += 1;
+    };
     let Ok(permit) = Arc::clone(&state.queries).try_acquire_owned() else {
+        refused("busy");
         return busy();
     };
     let timeout = state.config.query_timeout + Duration::from_secs(1);
@@ -196,12 +204,15 @@ where
         Ok(Ok(Ok(response))) => response,
         Ok(Ok(Err((code, message)))) => (code, message).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("retry-after", "30")],
-            format!("query timed out after {:?}", state.config.query_timeout),
-        )
-            .into_response(),
+        Err(_) => {
+            refused("timeout");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "30")],
+                format!("query timed out after {:?}", state.config.query_timeout),
+            )
+                .into_response()
+        }
     }
 }
 

@@ -53,6 +53,9 @@ pub struct IngestCounters {
     pub http_unauthorized: u64,
     /// HTTP requests refused for headers over limits.max_metadata_bytes.
     pub http_headers_too_large: u64,
+    /// Expensive HTTP queries refused (503): `busy` (no
+    /// max_concurrent_queries permit) or `timeout` (past query_timeout).
+    pub http_queries_refused: BTreeMap<String, u64>,
     /// Profile stacks shortened to the store's bounds (long frames, deep stacks).
     pub stacks_shortened: u64,
     /// Profile stacks trimmed from windows over max_stacks_per_window.
@@ -94,6 +97,14 @@ impl IngestCounters {
             )
             .single(self.http_headers_too_large as f64),
         );
+        let mut queries = Family::counter(
+            "sci_http_queries_refused_total",
+            "Expensive HTTP queries answered 503: busy (no max_concurrent_queries permit) or timeout (past query_timeout).",
+        );
+        for (reason, n) in &self.http_queries_refused {
+            queries.push(&[("reason", reason)], *n as f64);
+        }
+        out.push(queries);
         out.push(
             Family::counter(
                 "sci_ingest_stacks_shortened_total",
