@@ -64,12 +64,12 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 7] {
                 include_str!("../../migrations/postgres/0027_supplies.sql"),
             ),
             (
-                28,
-                include_str!("../../migrations/postgres/0028_supply_retention.sql"),
+                29,
+                include_str!("../../migrations/postgres/0029_supply_retention.sql"),
             ),
             (
-                29,
-                include_str!("../../migrations/postgres/0029_supply_daily.sql"),
+                30,
+                include_str!("../../migrations/postgres/0030_supply_daily.sql"),
             ),
         ]
     } else {
@@ -92,12 +92,12 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 7] {
                 include_str!("../../migrations/sqlite/0027_supplies.sql"),
             ),
             (
-                28,
-                include_str!("../../migrations/sqlite/0028_supply_retention.sql"),
+                29,
+                include_str!("../../migrations/sqlite/0029_supply_retention.sql"),
             ),
             (
-                29,
-                include_str!("../../migrations/sqlite/0029_supply_daily.sql"),
+                30,
+                include_str!("../../migrations/sqlite/0030_supply_daily.sql"),
             ),
         ]
     }

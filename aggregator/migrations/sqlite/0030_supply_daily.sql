@@ -1,4 +1,4 @@
--- sci-aggregator schema 29 (sqlite): the daily copy of the supply rollups
+-- sci-aggregator schema 30 (sqlite): the daily copy of the supply rollups
 -- (#27), written at ingest beside the host-step ones like host_rollup_d and
 -- service_rollup_d, so that a long supply query reads whole days and only
 -- its edges by host step. Filled here from the host-step rows already
