@@ -303,6 +303,19 @@ async fn supplies_are_grouped_ranked_and_planned_against_hand_computations() {
     assert!(agg
         .metrics()
         .contains("sci_plan_requests_refused_total{endpoint=\"supplies\"} 1"));
+    // A misspelt parameter is refused by name, never ignored.
+    for path in [
+        format!("/api/v1/supplies?{range}&groupby=pool"),
+        format!("/api/v1/plans/migration?{range}&service=credit-svc&from_datacentre=dc-1"),
+    ] {
+        let (status, body) = http_get(agg.http_port, &path).unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body.contains("unknown field `groupby`")
+                || body.contains("unknown field `from_datacentre`"),
+            "{path}: {body}"
+        );
+    }
 
     // 2. The ranking: B first, A second, with the hardware/grid split.
     let sel = get_json(

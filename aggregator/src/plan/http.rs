@@ -86,6 +86,7 @@ fn store_failure(e: crate::error::AggregatorError) -> Failure {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SuppliesQuery {
     pub from: Option<u64>,
     pub to: Option<u64>,
@@ -130,6 +131,7 @@ async fn supplies(State(state): State<HttpState>, Query(q): Query<SuppliesQuery>
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SelectQuery {
     pub from: Option<u64>,
     pub to: Option<u64>,
@@ -150,6 +152,7 @@ async fn select_supplies(State(state): State<HttpState>, Query(q): Query<SelectQ
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationQuery {
     pub from: Option<u64>,
     pub to: Option<u64>,
@@ -232,6 +235,7 @@ async fn plans(State(state): State<HttpState>) -> Response {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShiftQuery {
     /// One job (default: every `[[scheduling.deferrable]]` job).
     pub job: Option<String>,
@@ -288,6 +292,7 @@ async fn shift_post(State(state): State<HttpState>, Query(q): Query<ShiftQuery>)
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LocationQuery {
     pub scenario: Option<String>,
     /// Unix seconds (default: this hour).
@@ -356,6 +361,7 @@ async fn pools(State(state): State<HttpState>, Query(q): Query<PoolsQuery>) -> R
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CarriedOutQuery {
     /// Unix seconds (default: now).
     pub at: Option<u64>,
@@ -396,6 +402,7 @@ async fn carried_out(
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CheckQuery {
     /// End of the measured "after" range, unix s (default: now).
     pub to: Option<u64>,
@@ -430,6 +437,7 @@ async fn check(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PlanPageQuery {
     pub from: Option<u64>,
     pub to: Option<u64>,
