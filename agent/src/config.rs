@@ -153,6 +153,7 @@ impl AgentConfig {
 
     /// Settings that parse but cannot work, named by key.
     pub fn validate(&self) -> Result<(), AgentError> {
+        self.host.kubernetes.validate()?;
         if self.agent.interval < MIN_INTERVAL {
             return Err(AgentError::Config {
                 path: "agent.interval".into(),

@@ -49,8 +49,10 @@ pub struct Pipeline {
     last_vm_shares: Vec<crate::sources::energy::hypervisor::VmShare>,
     host: String,
     datacenter: Option<String>,
-    /// What this host is (read once at start).
+    /// What this host is (read once at start), with the static labels.
     supply: crate::window::ResourceSupply,
+    /// The node's labels from the Kubernetes API server, refreshed.
+    node_labels: Option<crate::sources::node_labels::NodeLabels>,
     agent_instance: String,
     next_seq: u64,
 }
@@ -172,6 +174,13 @@ impl Pipeline {
             &config.host,
             &config.carbon,
         )?;
+        let node_labels = if config.host.kubernetes.enabled {
+            Some(crate::sources::node_labels::NodeLabels::start(
+                &config.host.kubernetes,
+            )?)
+        } else {
+            None
+        };
         Ok((
             Pipeline {
                 sampler,
@@ -194,6 +203,7 @@ impl Pipeline {
                     .unwrap_or_else(hostname),
                 datacenter: config.agent.datacenter.clone(),
                 supply,
+                node_labels,
                 agent_instance: new_agent_instance(),
                 next_seq: 0,
             },
@@ -330,6 +340,11 @@ impl Pipeline {
         &self.last_vm_shares
     }
 
+    /// What the node labels poller has read (`[host.kubernetes]`).
+    pub fn node_labels_status(&self) -> Option<crate::sources::node_labels::NodeLabelsStatus> {
+        self.node_labels.as_ref().map(|n| n.status())
+    }
+
     /// Name of the energy source in use.
     pub fn energy_source(&self) -> &str {
         self.energy.name()
@@ -346,6 +361,9 @@ impl Pipeline {
         );
         report.datacenter = self.datacenter.clone();
         report.supply = self.supply.clone();
+        if let Some(node) = &self.node_labels {
+            report.supply.labels = node.merged(&self.supply.labels);
+        }
         report.idle_cpu_ns = sample.idle_cpu_ns();
         report.busy_cpu_ns = sample.busy_cpu_ns();
         report.unattributed_cpu_ns = sample.unowned_busy_ns_per_cpu.iter().sum();

@@ -120,6 +120,9 @@ async fn spawn_measurement(
                         setup
                             .metrics
                             .observe_energy_warnings(pipeline.last_energy_warnings());
+                        if let Some(status) = pipeline.node_labels_status() {
+                            setup.metrics.observe_node_labels(status);
+                        }
                         if windows.blocking_send(window).is_err() {
                             tracing::error!("window not spooled: the agent's main loop has ended");
                             return;

@@ -166,21 +166,11 @@ fn sushy_static(test: &str) -> Option<PathBuf> {
 
 /// A CA and a certificate for `localhost` signed by it, as PEM files.
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "test BMC CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let made = sci_tests::tls::localhost_cert("test BMC CA");
     let (ca, crt, k) = (dir.join("ca.pem"), dir.join("bmc.pem"), dir.join("bmc.key"));
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(&crt, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&ca, made.ca_pem).unwrap();
+    std::fs::write(&crt, made.cert_pem).unwrap();
+    std::fs::write(&k, made.key_pem).unwrap();
     (ca, crt, k)
 }
 

@@ -224,6 +224,8 @@ fn metrics_are_the_reference_metrics() {
         Arc::new(sci_agent::sinks::spool::DeliveryStats::default()),
         std::time::Duration::from_secs(300),
     );
+    // The node labels families are there when `[host.kubernetes]` is on.
+    agent.observe_node_labels(Default::default());
     let agent = exposition_names(&agent.render());
     assert!(agent.contains("sci_host_energy_joules_total"), "{agent:?}");
     let reference = reference_names("metrics.md", "agent metric");

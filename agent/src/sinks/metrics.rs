@@ -93,6 +93,8 @@ struct State {
     lost_cpu_ns: BTreeMap<&'static str, u64>,
     /// (source, fault) -> windows' fault counts.
     energy_faults: BTreeMap<(String, String), u64>,
+    /// The node labels poller's last status (`[host.kubernetes]`).
+    node_labels: Option<crate::sources::node_labels::NodeLabelsStatus>,
     /// (pid, comm) -> series.
     processes: HashMap<(u32, Text), ProcessSeries>,
     /// (comm, cgroup) -> folded totals.
@@ -290,6 +292,11 @@ impl MetricsRegistry {
     /// Count energy-source warnings (unreadable or rejected domains) of a window.
     pub fn observe_energy_warnings(&self, count: usize) {
         self.lock().energy_warnings += count as u64;
+    }
+
+    /// The node labels poller's status after a window (its counts are totals).
+    pub fn observe_node_labels(&self, status: crate::sources::node_labels::NodeLabelsStatus) {
+        self.lock().node_labels = Some(status);
     }
 
     /// Time no window covers: between an earlier run's last window and this run's first.
@@ -560,6 +567,9 @@ impl MetricsRegistry {
             energy_faults.push(&[("source", source), ("fault", fault)], *n as f64);
         }
         out.push(energy_faults);
+        if let Some(node) = &s.node_labels {
+            out.extend(node_label_families(node));
+        }
         let mut lost_events = Family::counter(
             "sci_lost_events_total",
             "Events the CPU accounting could not record.",
@@ -655,6 +665,39 @@ fn fold(
         (Text::from(OTHER_COMM), Text::from(""))
     };
     comms.entry(key).or_default().add(totals);
+}
+
+fn node_label_families(node: &crate::sources::node_labels::NodeLabelsStatus) -> Vec<Family> {
+    let mut faults = Family::counter(
+        "sci_agent_node_label_faults_total",
+        "Failed reads of the node's labels from the Kubernetes API server, per fault (the last good labels are kept).",
+    );
+    for (fault, n) in &node.faults {
+        faults.push(&[("fault", fault)], *n as f64);
+    }
+    let mut dropped = Family::counter(
+        "sci_agent_node_labels_dropped_total",
+        "Node labels the allow-list admitted but not kept, per reason (invalid, too_many, merge_full).",
+    );
+    for (reason, n) in &node.dropped {
+        dropped.push(&[("reason", reason)], *n as f64);
+    }
+    let mut reads = Family::counter(
+        "sci_agent_node_label_reads_total",
+        "Good reads of the node's labels from the Kubernetes API server.",
+    );
+    reads.push(&[], node.reads as f64);
+    let mut kept = Family::gauge(
+        "sci_agent_node_labels",
+        "Node labels in use (the last good read's).",
+    );
+    kept.push(&[], node.labels.len() as f64);
+    let mut read_at = Family::gauge(
+        "sci_agent_node_labels_read_seconds",
+        "Unix time of the last good read of the node's labels (0: none yet).",
+    );
+    read_at.push(&[], node.read_unix_s.unwrap_or(0) as f64);
+    vec![faults, dropped, reads, kept, read_at]
 }
 
 fn process_labels(pid: Option<u32>, comm: &str, cgroup: &str) -> Labels {

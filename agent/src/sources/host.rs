@@ -8,7 +8,9 @@
 //! from `[host] labels_file`: a file in the downward API's format (one
 //! `key="value"` per line), e.g. the pod's labels with the node's topology
 //! labels copied in, or a file an init container writes from the node
-//! object. A key in agent.toml wins over the same key in the file.
+//! object. A key in agent.toml wins over the same key in the file, and
+//! both win over the node's labels read from the API server
+//! ([`crate::sources::node_labels`], `[host.kubernetes]`).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -18,10 +20,8 @@ use crate::error::AgentError;
 use crate::transforms::carbon::{CarbonConfig, HostKind};
 use crate::window::ResourceSupply;
 
-/// Longest label key and value (Kubernetes' limit for a name segment and a value).
-pub const MAX_LABEL_BYTES: usize = 63;
-/// Most labels per host.
-pub const MAX_LABELS: usize = 32;
+use super::labels::check_label;
+pub use super::labels::{MAX_LABELS, MAX_LABEL_BYTES};
 
 /// `[host]` section of agent.toml.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -31,6 +31,8 @@ pub struct HostConfig {
     pub labels: BTreeMap<String, String>,
     /// A file of `key="value"` lines (Kubernetes downward API format).
     pub labels_file: Option<PathBuf>,
+    /// The node's labels from the Kubernetes API server (`[host.kubernetes]`).
+    pub kubernetes: crate::sources::node_labels::NodeLabelsConfig,
 }
 
 fn config_error(key: &str, message: String) -> AgentError {
@@ -38,30 +40,6 @@ fn config_error(key: &str, message: String) -> AgentError {
         path: key.into(),
         message,
     }
-}
-
-/// A label key: 1 to 63 bytes of letters, digits, `.`, `_`, `-` and `/`
-/// (Kubernetes' prefixed names); a value: at most 63 bytes, no control
-/// characters.
-fn check_label(key: &str, value: &str, at: &str) -> Result<(), AgentError> {
-    let key_ok = !key.is_empty()
-        && key.len() <= MAX_LABEL_BYTES
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
-    if !key_ok {
-        return Err(config_error(
-            at,
-            format!("label key {key:?} must be 1 to {MAX_LABEL_BYTES} letters, digits, '.', '_', '-' or '/'"),
-        ));
-    }
-    if value.len() > MAX_LABEL_BYTES || value.chars().any(char::is_control) {
-        return Err(config_error(
-            at,
-            format!("label {key:?}: value of {} bytes (at most {MAX_LABEL_BYTES}, no control characters)", value.len()),
-        ));
-    }
-    Ok(())
 }
 
 /// Parses a downward-API labels file: `key="value"` per line.
@@ -187,6 +165,7 @@ mod tests {
         let host = HostConfig {
             labels: BTreeMap::from([("pool".into(), "batch-a".into())]),
             labels_file: Some(file),
+            ..Default::default()
         };
         let carbon = CarbonConfig {
             physical_host_vcpus: Some(64),
@@ -224,6 +203,7 @@ mod tests {
         let host = HostConfig {
             labels: BTreeMap::from([("bad key".into(), "x".into())]),
             labels_file: None,
+            ..Default::default()
         };
         let e = describe(proc.path(), 2, &host, &CarbonConfig::default())
             .unwrap_err()

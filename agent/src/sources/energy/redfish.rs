@@ -29,6 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 
 use super::{count_fault, DomainKind, DomainReading, EnergyError, EnergySource, WindowEnergy};
+pub(crate) use crate::sources::https_get::{failure, Failure};
+use crate::sources::https_get::{HttpsGet, Names, Trust};
 use crate::sources::sched::CpuSample;
 
 /// How the platform power beyond RAPL is attributed.
@@ -167,21 +169,12 @@ impl RedfishConfig {
 }
 
 fn parse_pin(pin: &str) -> Result<[u8; 32], EnergyError> {
-    let hex: String = pin.chars().filter(|c| *c != ':').collect();
-    let bad = || {
+    crate::sources::https_get::parse_pin(pin).ok_or_else(|| {
         config_error(
             "pinned_sha256",
             format!("{pin:?} is not 64 hex digits (a SHA-256)"),
         )
-    };
-    if hex.len() != 64 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    })
 }
 
 /// One power reading of the BMC.
@@ -338,20 +331,9 @@ struct Shared {
 /// Samples kept: enough for windows of several minutes at one per second.
 const MAX_SAMPLES: usize = 4096;
 
-/// The HTTP(S) side: one GET, with a timeout.
+/// The HTTP(S) side: one GET of the power resource ([`HttpsGet`]).
 struct Client {
-    uri: hyper::Uri,
-    authorization: Option<String>,
-    tls: Option<tokio_rustls::TlsConnector>,
-    timeout: Duration,
-    runtime: tokio::runtime::Runtime,
-}
-
-/// A failed request, with the fault it counts as.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    pub(crate) fault: &'static str,
-    pub(crate) message: String,
+    http: HttpsGet,
 }
 
 /// One way of asking a BMC for its power (Redfish, IPMI DCMI).
@@ -377,89 +359,9 @@ impl PowerReader for Client {
     }
 }
 
-pub(crate) fn failure(fault: &'static str, message: impl Into<String>) -> Failure {
-    Failure {
-        fault,
-        message: message.into(),
-    }
-}
-
-#[derive(Debug)]
-struct PinnedCert {
-    sha256: [u8; 32],
-    provider: Arc<tokio_rustls::rustls::crypto::CryptoProvider>,
-}
-
-impl tokio_rustls::rustls::client::danger::ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
-    {
-        let digest = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
-        if digest.as_ref() == self.sha256 {
-            Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(tokio_rustls::rustls::Error::General(format!(
-                "the BMC's certificate (SHA-256 {}) is not the pinned one (energy.redfish.pinned_sha256)",
-                hex(digest.as_ref())
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Client {
     fn new(cfg: &RedfishConfig) -> Result<Client, EnergyError> {
         use base64::Engine;
-        use tokio_rustls::rustls;
         let uri: hyper::Uri = format!("{}{}", cfg.url.trim_end_matches('/'), cfg.path)
             .parse()
             .map_err(|e| config_error("url", e))?;
@@ -482,198 +384,33 @@ impl Client {
             )),
             _ => None,
         };
-        let tls = if uri.scheme_str() == Some("https") {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| config_error("url", e))?;
-            let config = match (&cfg.pinned_sha256, &cfg.ca_file) {
-                (Some(pin), _) => builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                        sha256: parse_pin(pin)?,
-                        provider,
-                    }))
-                    .with_no_client_auth(),
-                (None, Some(ca)) => {
-                    use rustls_pki_types::pem::PemObject;
-                    let mut roots = rustls::RootCertStore::empty();
-                    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(ca)
-                        .map_err(|e| config_error("ca_file", format!("{}: {e}", ca.display())))?
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| config_error("ca_file", format!("{}: {e}", ca.display())))?;
-                    let (added, _) = roots.add_parsable_certificates(certs);
-                    if added == 0 {
-                        return Err(config_error(
-                            "ca_file",
-                            format!("{}: no certificate in it", ca.display()),
-                        ));
-                    }
-                    builder.with_root_certificates(roots).with_no_client_auth()
-                }
-                (None, None) => {
-                    return Err(config_error(
-                        "ca_file",
-                        "an https:// BMC needs ca_file or pinned_sha256 (BMC certificates are rarely signed by a public CA)",
-                    ))
-                }
-            };
-            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-        } else {
-            None
+        let trust = match (&cfg.pinned_sha256, &cfg.ca_file) {
+            (Some(pin), _) => Some(Trust::Pinned(parse_pin(pin)?)),
+            (None, Some(ca)) => Some(Trust::CaFile(ca)),
+            (None, None) => None,
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| EnergyError::io("tokio runtime for the Redfish poller", e))?;
-        Ok(Client {
+        let http = HttpsGet::new(
             uri,
             authorization,
-            tls,
-            timeout: Duration::from_millis(cfg.timeout_ms),
-            runtime,
-        })
+            trust,
+            Duration::from_millis(cfg.timeout_ms),
+            MAX_ANSWER_BYTES,
+            Names {
+                section: "energy.redfish",
+                credentials: "the BMC's: energy.redfish.username/password",
+            },
+        )
+        .map_err(|e| config_error(e.key, e.reason))?;
+        Ok(Client { http })
     }
 
     fn get(&self) -> Result<Vec<u8>, Failure> {
-        let timeout = self.timeout;
-        match self
-            .runtime
-            .block_on(async { tokio::time::timeout(timeout, self.get_async()).await })
-        {
-            Ok(result) => result,
-            Err(_) => Err(failure(
-                "timeout",
-                format!("no answer within {} ms", timeout.as_millis()),
-            )),
-        }
-    }
-
-    async fn get_async(&self) -> Result<Vec<u8>, Failure> {
-        use http_body_util::BodyExt;
-        let host = self.uri.host().unwrap_or_default().to_string();
-        let https = self.tls.is_some();
-        let port = self.uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| failure("unreachable", format!("connect {host}:{port}: {e}")))?;
-        // Origin form (`GET /redfish/v1/...`): a server reads the path from the request line.
-        let path = self
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let mut request = hyper::Request::get(path)
-            .header(hyper::header::HOST, host.as_str())
-            .header(hyper::header::ACCEPT, "application/json");
-        if let Some(auth) = &self.authorization {
-            request = request.header(hyper::header::AUTHORIZATION, auth);
-        }
-        let request = request
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .map_err(|e| failure("garbage", format!("request: {e}")))?;
-        let response = match &self.tls {
-            Some(tls) => {
-                let name = rustls_pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| failure("tls", format!("server name {host:?}: {e}")))?;
-                let stream = tls
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| failure("tls", format!("TLS with {host}:{port}: {e}")))?;
-                send(
-                    hyper_util::rt::TokioIo::new(EofIsEnd { inner: stream }),
-                    request,
-                )
-                .await?
-            }
-            None => send(hyper_util::rt::TokioIo::new(tcp), request).await?,
-        };
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| failure("unreachable", format!("reading the answer: {e}")))?
-            .to_bytes();
-        match status.as_u16() {
-            200 => Ok(body.to_vec()),
-            401 | 403 => Err(failure(
-                "unauthorized",
-                format!("HTTP {status}: the BMC refused the credentials (energy.redfish.username/password)"),
-            )),
-            _ => Err(failure(
-                "http_status",
-                format!("HTTP {status} for {}", self.uri.path()),
-            )),
-        }
+        self.http.get()
     }
 }
 
-/// A TLS stream whose peer closing without `close_notify` reads as the end
-/// of the stream. BMC web servers (and Python's, under sushy-static) answer
-/// HTTP/1.0 without a length and drop the connection after the body; a body
-/// truncated that way does not parse as JSON and counts as `garbage`.
-struct EofIsEnd<S> {
-    inner: S,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EofIsEnd<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                std::task::Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EofIsEnd<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-async fn send<T>(
-    io: T,
-    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>, Failure>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| failure("unreachable", format!("HTTP handshake: {e}")))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| failure("unreachable", format!("HTTP request: {e}")))
-}
+/// Longest power resource read: a BMC's is a few kB.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 fn unix_ns() -> u64 {
     SystemTime::now()
