@@ -234,3 +234,295 @@ fn the_guest_reports_exactly_what_the_host_attributed_to_its_vm() {
     assert!(wraps >= 1, "the counter must wrap during the test");
     assert!((guest_total_j * 1e6 - host_total_uj).abs() <= 1.0);
 }
+
+/// One `sci-agent run` whose windows (JSON lines on stdout) are collected.
+struct RunningAgent {
+    child: std::process::Child,
+    windows: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    fn start(args: &[&str]) -> RunningAgent {
+        use std::io::BufRead;
+        let mut child = Command::new(sci_tests::cargo_bin("sci-agent", "sci-agent"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let windows = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&windows);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        RunningAgent {
+            child,
+            windows,
+            reader: Some(reader),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.windows.lock().unwrap().len()
+    }
+
+    /// SIGTERM, then every window it printed (the last one closes at the stop).
+    fn stop(mut self) -> Vec<serde_json::Value> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "sci-agent ended with {status}");
+        self.reader.take().unwrap().join().unwrap();
+        std::mem::take(&mut *self.windows.lock().unwrap())
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same boundary with two real `sci-agent run` processes, each with its
+/// own agent.toml, printing its windows as JSON lines: the host role (real
+/// eBPF, a powercap tree a thread of this test advances at 150 W) and the
+/// guest role (procfs, `energy.source = "hypervisor"`). The agents' windows
+/// are not aligned, so each guest window is matched to the host windows it
+/// covers by the host window ends it carries (`energy_sample_interval_ns`
+/// is the distance between the two host windows it read): its energy must
+/// be the published counter's floor difference over exactly those host
+/// windows, computed here from the host's own JSON (its processes in the
+/// VM's cgroup plus its vCPU's share of idle), to 1 uJ.
+#[test]
+fn two_sci_agents_host_and_guest_agree_to_the_microjoule() {
+    if skip_privileged("two_sci_agents_host_and_guest_agree_to_the_microjoule") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sys");
+    let cpus = sci_agent::sources::sched::proc_info::online_cpus();
+    for cpu in &cpus {
+        write(
+            &root.join(format!(
+                "devices/system/cpu/cpu{cpu}/topology/physical_package_id"
+            )),
+            "0\n",
+        );
+    }
+    let package = root.join("class/powercap/intel-rapl:0");
+    write(&package.join("name"), "package-0\n");
+    write(&package.join("max_energy_range_uj"), &format!("{MAX_UJ}\n"));
+    write(&package.join("energy_uj"), "5000000\n");
+    // 150 W on the package: 1.5 J every 10 ms, written atomically.
+    let stop_rapl = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rapl = {
+        let stop = std::sync::Arc::clone(&stop_rapl);
+        let package = package.clone();
+        std::thread::spawn(move || {
+            let mut uj: u64 = 5_000_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+                uj += 1_500_000;
+                let tmp = package.join("energy_uj.tmp");
+                std::fs::write(&tmp, format!("{uj}\n")).unwrap();
+                std::fs::rename(&tmp, package.join("energy_uj")).unwrap();
+            }
+        })
+    };
+
+    let cgroot = cgroup2_root();
+    let name = format!("sci-test-vm2-{}", std::process::id());
+    let cgroup = format!("/{name}");
+    let group = VmGroup {
+        dir: cgroot.join(&name),
+        root: cgroot,
+    };
+    let _ = std::fs::remove_dir(&group.dir);
+    std::fs::create_dir(&group.dir).unwrap();
+    let mut children = Reaped(Vec::new());
+    for duty in ["60", "30", "45"] {
+        children.0.push(
+            Command::new(BURN)
+                .args(["--duty", duty, "--seconds", "90"])
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let pids: Vec<u32> = children.0.iter().map(|c| c.id()).collect();
+    for pid in &pids {
+        wait_for_exec(*pid, Path::new(BURN));
+    }
+    for pid in &pids[..2] {
+        std::fs::write(group.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    let publish = dir.path().join("vms");
+    let host_toml = dir.path().join("host.toml");
+    std::fs::write(
+        &host_toml,
+        format!(
+            r#"[agent]
+host = "hypervisor-1"
+interval = "200ms"
+[energy]
+source = "powercap"
+sysfs_root = "{}"
+probe_ms = 0
+idle_power_w = 4.0
+[carbon]
+host_kind = "bare_metal"
+intensity_g_per_kwh = 412.5
+pue = 1.3
+[profile]
+enabled = false
+[vms]
+publish_dir = "{}"
+max_energy_range_uj = {VM_MAX_UJ}
+[[vms.rules]]
+name = "vm1"
+cgroup = "{cgroup}"
+vcpus = 1
+"#,
+            root.display(),
+            publish.display()
+        ),
+    )
+    .unwrap();
+    let guest_toml = dir.path().join("guest.toml");
+    std::fs::write(
+        &guest_toml,
+        format!(
+            r#"[agent]
+host = "vm1"
+interval = "200ms"
+[energy]
+source = "hypervisor"
+hypervisor_dir = "{}"
+[carbon]
+intensity_g_per_kwh = 999.0
+[profile]
+enabled = false
+"#,
+            publish.join("vm1").display()
+        ),
+    )
+    .unwrap();
+
+    let host = RunningAgent::start(&["run", "--config", host_toml.to_str().unwrap()]);
+    sci_tests::wait_until("the host agent's first published window", || {
+        publish.join("vm1/sci-host.json").exists()
+    });
+    let guest = RunningAgent::start(&["run", "--procfs", "--config", guest_toml.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while guest.count() < 60 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "60 guest windows in 60 s: {}",
+            guest.count()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let host_windows = host.stop();
+    // The guest reads the host's last window, then finds nothing new.
+    let after = guest.count() + 3;
+    sci_tests::wait_until("three guest windows after the host stopped", || {
+        guest.count() >= after
+    });
+    let guest_windows = guest.stop();
+    stop_rapl.store(true, std::sync::atomic::Ordering::Relaxed);
+    rapl.join().unwrap();
+
+    // The host's attribution to the VM, window by window, from its JSON.
+    let f = |w: &serde_json::Value, key: &str| w[key].as_f64().unwrap();
+    let u = |w: &serde_json::Value, key: &str| w[key].as_u64().unwrap_or(0);
+    let mut published_uj: Vec<(u64, u64)> = Vec::new(); // (window end, floor of the cumulative uJ)
+    let mut host_total_j = 0.0;
+    for w in &host_windows {
+        assert_eq!(w["energy_source"], "rapl-powercap", "{w}");
+        let host_cpus = u(w, "cpus") as f64;
+        // In the publisher's order: the processes' dynamic energy, then the idle share.
+        let mut dynamic_j = 0.0;
+        let mut vm_cpu_ns = 0;
+        for p in w["processes"].as_array().unwrap() {
+            let in_vm = p["cgroup"]
+                .as_str()
+                .is_some_and(|c| c == cgroup || c.starts_with(&format!("{cgroup}/")));
+            if in_vm {
+                dynamic_j += f(p, "energy_j");
+                vm_cpu_ns += u(p, "cpu_ns");
+            }
+        }
+        assert!(
+            vm_cpu_ns > 0 || u(w, "end_unix_ns") - u(w, "start_unix_ns") < 50_000_000,
+            "the VM's processes ran: {w}"
+        );
+        host_total_j += dynamic_j + f(w, "idle_energy_j") * 1.0 / host_cpus;
+        published_uj.push((u(w, "end_unix_ns"), (host_total_j * 1e6).floor() as u64));
+    }
+    let published_at = |end_ns: u64| -> u64 {
+        published_uj
+            .iter()
+            .find(|(end, _)| *end == end_ns)
+            .unwrap_or_else(|| panic!("no host window ends at {end_ns}"))
+            .1
+    };
+
+    // Where the guest started: the last host window's end less every interval the guest covered.
+    let last_end = published_uj.last().unwrap().0;
+    let covered_ns: u64 = guest_windows
+        .iter()
+        .map(|g| u(g, "energy_sample_interval_ns"))
+        .sum();
+    let mut read_end = last_end - covered_ns;
+    let first_uj = published_at(read_end);
+    let physical = host_windows[0]["cpus"].as_u64().unwrap() as f64;
+    let mut guest_total_j = 0.0;
+    let mut measured = 0;
+    for (i, g) in guest_windows.iter().enumerate() {
+        assert_eq!(
+            (g["energy_source"].as_str(), g["estimated"].as_bool()),
+            (Some("hypervisor"), Some(false)),
+            "guest window {i}: {g}"
+        );
+        assert_eq!(
+            (f(g, "carbon_intensity_g_per_kwh"), f(g, "pue")),
+            (412.5, 1.3),
+            "guest window {i}: the host's factors"
+        );
+        assert_eq!(
+            g["embodied"]["resource_share"].as_f64(),
+            Some(1.0 / physical)
+        );
+        let previous_uj = published_at(read_end);
+        read_end += u(g, "energy_sample_interval_ns");
+        let now_uj = published_at(read_end);
+        let expected_j = (now_uj - previous_uj) as f64 / 1e6;
+        let got_j = f(g, "host_energy_j");
+        assert!(
+            (got_j - expected_j).abs() <= 1e-6,
+            "guest window {i}: guest {got_j} J, host attributed {expected_j} J"
+        );
+        if expected_j > 0.0 {
+            measured += 1;
+        }
+        guest_total_j += got_j;
+    }
+    assert_eq!(read_end, last_end);
+    let host_covered_uj = published_at(last_end) - first_uj;
+    let wraps = published_at(last_end) / (VM_MAX_UJ + 1) - first_uj / (VM_MAX_UJ + 1);
+    println!(
+        "two sci-agent processes: {} host windows, {} guest windows ({measured} with energy); host attributed {:.6} J to the VM over the guest's span, the guest reported {guest_total_j:.6} J; the published counter wrapped {wraps} time(s)",
+        host_windows.len(),
+        guest_windows.len(),
+        host_covered_uj as f64 / 1e6
+    );
+    assert!(measured >= 50, "guest windows with energy: {measured}");
+    assert!(wraps >= 1, "the counter must wrap during the test");
+    assert!((guest_total_j * 1e6 - host_covered_uj as f64).abs() <= 1.0);
+}
