@@ -127,7 +127,9 @@ fn the_guest_reports_exactly_what_the_host_attributed_to_its_vm() {
         max_energy_range_uj: VM_MAX_UJ,
         rules: vec![VmRule {
             name: "vm1".into(),
-            cgroup: format!("/{name}"),
+            cgroup: Some(format!("/{name}")),
+            qemu_name: None,
+            qemu_uuid: None,
             vcpus: 1,
         }],
     };
@@ -525,4 +527,189 @@ enabled = false
     assert!(measured >= 50, "guest windows with energy: {measured}");
     assert!(wraps >= 1, "the counter must wrap during the test");
     assert!((guest_total_j * 1e6 - host_covered_uj as f64).abs() <= 1.0);
+}
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// VMs known by their qemu process, not their cgroup: a real qemu TCG guest
+/// (`-name guest=vm1`) whose one vCPU spins on a boot sector of `jmp $`,
+/// and an idle qemu (`-machine none`, `-name guest=vm10`, `-uuid`), both
+/// in the test's own cgroup. Rule vm1 by `qemu_name`, rule vm2 by
+/// `qemu_uuid`. Ground truth: each qemu's rusage (all its threads) once
+/// reaped; the CPU time each rule attributed over the windows must match it
+/// within 1%, vm1 must not take vm10's process, and each VM's published
+/// counter must be the floor of the energy its shares add up to.
+#[test]
+fn a_vm_rule_by_qemu_process_attributes_exactly_its_cpu_time() {
+    if skip_privileged("a_vm_rule_by_qemu_process_attributes_exactly_its_cpu_time") {
+        return;
+    }
+    let Some(qemu) = sci_tests::provisioned_tool(
+        Path::new(QEMU),
+        "a_vm_rule_by_qemu_process_attributes_exactly_its_cpu_time",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sys");
+    for cpu in sci_agent::sources::sched::proc_info::online_cpus() {
+        write(
+            &root.join(format!(
+                "devices/system/cpu/cpu{cpu}/topology/physical_package_id"
+            )),
+            "0\n",
+        );
+    }
+    let package = root.join("class/powercap/intel-rapl:0");
+    write(&package.join("name"), "package-0\n");
+    write(&package.join("max_energy_range_uj"), &format!("{MAX_UJ}\n"));
+    let mut package_uj: u64 = 5_000_000;
+    write(&package.join("energy_uj"), &format!("{package_uj}\n"));
+    // A boot sector that spins: `jmp $` and the 0x55AA signature.
+    let mut sector = vec![0u8; 512];
+    sector[..2].copy_from_slice(&[0xEB, 0xFE]);
+    sector[510..].copy_from_slice(&[0x55, 0xAA]);
+    let image = dir.path().join("spin.img");
+    std::fs::write(&image, &sector).unwrap();
+    const UUID: &str = "6f0b4c1e-5a3d-4e2b-9c1f-0123456789ab";
+
+    let publish = dir.path().join("vms");
+    let mut config = AgentConfig::default();
+    config.agent.host = Some("hypervisor-1".into());
+    config.energy.sysfs_root = root.clone();
+    config.energy.source = "powercap".into();
+    config.energy.probe_ms = 0;
+    config.energy.idle_power_w = Some(4.0);
+    config.carbon.host_kind = sci_agent::transforms::carbon::HostKind::BareMetal;
+    config.carbon.intensity_g_per_kwh = Some(412.5);
+    config.profile.enabled = false;
+    let rule = |name: &str, qemu_name: Option<&str>, qemu_uuid: Option<&str>| VmRule {
+        name: name.into(),
+        cgroup: None,
+        qemu_name: qemu_name.map(str::to_string),
+        qemu_uuid: qemu_uuid.map(str::to_string),
+        vcpus: 1,
+    };
+    config.vms = VmsConfig {
+        publish_dir: Some(publish.clone()),
+        max_energy_range_uj: VM_MAX_UJ,
+        rules: vec![
+            rule("vm1", Some("vm1"), None),
+            rule("vm2", None, Some(&UUID.to_uppercase())),
+        ],
+    };
+    let (mut host, fallback) = Pipeline::open(&config, &PipelineOptions::default()).unwrap();
+    assert!(fallback.is_none(), "eBPF must load here: {fallback:?}");
+    host.next_window().unwrap();
+
+    let mut qemus = Reaped(Vec::new());
+    for args in [
+        vec![
+            "-name",
+            "guest=vm1,debug-threads=on",
+            "-machine",
+            "pc,accel=tcg",
+            "-m",
+            "16",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+            "-drive",
+            &format!("file={},format=raw,if=floppy", image.display()),
+        ],
+        vec![
+            "-name",
+            "guest=vm10",
+            "-uuid",
+            UUID,
+            "-machine",
+            "none",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+        ],
+    ] {
+        qemus
+            .0
+            .push(Command::new(&qemu).args(args).spawn().unwrap());
+    }
+    for q in &qemus.0 {
+        wait_for_exec(q.id(), &qemu);
+    }
+
+    let mut cpu_ns = [0u64; 2];
+    let mut published_j = [0.0f64; 2];
+    let mut truth_ns = [0u64; 2];
+    for window in 0..20 {
+        std::thread::sleep(Duration::from_millis(200));
+        if window == 15 {
+            // Stop both and take their rusage; the windows after catch their last CPU time.
+            for (i, q) in qemus.0.drain(..).enumerate() {
+                unsafe { libc::kill(q.id() as i32, libc::SIGTERM) };
+                truth_ns[i] = sci_tests::procs::wait_child_rusage_ns(q);
+            }
+        }
+        package_uj += 30_000_000;
+        std::fs::write(package.join("energy_uj"), format!("{package_uj}\n")).unwrap();
+        let report = host.next_window().unwrap();
+        let shares = host.last_vm_shares().to_vec();
+        for (i, share) in shares.iter().enumerate() {
+            cpu_ns[i] += share.cpu_ns;
+            // The publisher's own sum, in its order.
+            published_j[i] += share.dynamic_j + share.idle_j;
+        }
+        assert!(
+            report
+                .processes
+                .iter()
+                .filter(|p| p.comm.starts_with("qemu-system-"))
+                .all(|p| p.cmdline.is_some()),
+            "window {window}: a qemu process without its command line"
+        );
+    }
+    for (i, vm) in ["vm1", "vm2"].iter().enumerate() {
+        let counter: u64 = std::fs::read_to_string(
+            publish.join(format!("{vm}/class/powercap/intel-rapl:0/energy_uj")),
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+        let expected = (published_j[i] * 1e6).floor() as u64 % (VM_MAX_UJ + 1);
+        println!(
+            "{vm}: qemu rusage {} ns, the rule attributed {} ns ({:+.3}%), {:.6} J, published counter {counter} uJ",
+            truth_ns[i],
+            cpu_ns[i],
+            100.0 * (cpu_ns[i] as f64 - truth_ns[i] as f64) / truth_ns[i] as f64,
+            published_j[i]
+        );
+        assert!(
+            counter.abs_diff(expected) <= 1,
+            "{vm}: counter {counter} uJ, shares {expected} uJ"
+        );
+    }
+    assert!(
+        truth_ns[0] > 500_000_000,
+        "the TCG guest spun: {} ns",
+        truth_ns[0]
+    );
+    for i in 0..2 {
+        assert!(
+            cpu_ns[i].abs_diff(truth_ns[i]) as f64 <= 0.01 * truth_ns[i] as f64,
+            "vm{}: attributed {} ns, rusage {} ns",
+            i + 1,
+            cpu_ns[i],
+            truth_ns[i]
+        );
+    }
 }

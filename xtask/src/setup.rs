@@ -15,7 +15,8 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// attribution tests start while the agent runs. openipmi (ipmi_sim) and
 /// ipmitool: the IPMI DCMI source's test BMC and client. Prometheus 2.42
 /// (with promtool) receives the aggregator's remote-write and checks the
-/// shipped rules.
+/// shipped rules. qemu-system-x86: a real qemu process (a TCG guest) for the
+/// VM rules by qemu process.
 const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "systemd",
@@ -27,6 +28,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openipmi",
     "ipmitool",
     "prometheus",
+    "qemu-system-x86",
 ];
 
 pub fn sci_home() -> Result<PathBuf> {

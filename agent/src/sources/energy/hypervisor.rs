@@ -2,7 +2,10 @@
 //!
 //! Host role ([`VmPublisher`], `[vms]`): the host agent knows each VM by a
 //! rule (its cgroup: libvirt's `machine.slice/machine-qemu-...scope`, a
-//! Firecracker jailer cgroup, any cgroup v2 path prefix) and, after every
+//! Firecracker jailer cgroup, any cgroup v2 path prefix; or its qemu
+//! process: comm or exe `qemu-system-*` whose command line names the guest
+//! with `-name guest=<name>` / `-name <name>` or `-uuid <uuid>`; a process
+//! matching any of the rule's matchers is the VM's) and, after every
 //! window, adds to the VM's cumulative energy its processes' dynamic energy
 //! plus its share of the host's idle energy by its reserved vCPUs
 //! (`idle x vcpus / host CPUs`). It publishes, per VM, a powercap-shaped
@@ -58,7 +61,14 @@ pub struct VmRule {
     /// Folder name under `publish_dir` (letters, digits, `-`, `_`, `.`).
     pub name: String,
     /// cgroup v2 path prefix of the VM's processes (`/machine.slice/machine-qemu-1-vm1.scope`).
-    pub cgroup: String,
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// The guest name of a qemu process (`-name guest=<name>` or `-name <name>`).
+    #[serde(default)]
+    pub qemu_name: Option<String>,
+    /// The `-uuid` of a qemu process.
+    #[serde(default)]
+    pub qemu_uuid: Option<String>,
     /// vCPUs reserved for the VM.
     pub vcpus: u32,
 }
@@ -123,11 +133,28 @@ impl VmsConfig {
                     format!("{:?} is named twice", r.name),
                 ));
             }
-            if !r.cgroup.starts_with('/') {
+            if r.cgroup.is_none() && r.qemu_name.is_none() && r.qemu_uuid.is_none() {
+                return Err(bad(
+                    &format!("rules[{i}]"),
+                    "a rule needs cgroup, qemu_name or qemu_uuid".into(),
+                ));
+            }
+            if let Some(cgroup) = r.cgroup.as_deref().filter(|c| !c.starts_with('/')) {
                 return Err(bad(
                     &format!("rules[{i}].cgroup"),
-                    format!("{:?} must be a cgroup v2 path starting with /", r.cgroup),
+                    format!("{cgroup:?} must be a cgroup v2 path starting with /"),
                 ));
+            }
+            for (key, value) in [("qemu_name", &r.qemu_name), ("qemu_uuid", &r.qemu_uuid)] {
+                if let Some(v) = value
+                    .as_deref()
+                    .filter(|v| v.is_empty() || v.chars().any(|c| c == ',' || c.is_whitespace()))
+                {
+                    return Err(bad(
+                        &format!("rules[{i}].{key}"),
+                        format!("{v:?} must be one word without commas (as qemu's command line holds it)"),
+                    ));
+                }
             }
             if r.vcpus == 0 {
                 return Err(bad(
@@ -137,6 +164,67 @@ impl VmsConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The guest name and uuid a qemu process was started with; None when the
+/// process is not qemu (comm or exe `qemu-system-*`). `cmdline` is the
+/// words joined by spaces, as the window holds it.
+pub fn qemu_identity(
+    comm: &str,
+    exe: Option<&str>,
+    cmdline: Option<&str>,
+) -> Option<(Option<String>, Option<String>)> {
+    let exe_name = exe.map(|e| e.rsplit('/').next().unwrap_or(e));
+    let is_qemu =
+        comm.starts_with("qemu-system-") || exe_name.is_some_and(|e| e.starts_with("qemu-system-"));
+    if !is_qemu {
+        return None;
+    }
+    let (mut name, mut uuid) = (None, None);
+    let mut words = cmdline.unwrap_or_default().split_whitespace();
+    while let Some(word) = words.next() {
+        // qemu takes `-name` and `--name` alike.
+        match word.trim_start_matches('-') {
+            "name" if word.starts_with('-') => {
+                let value = words.next().unwrap_or_default();
+                for (i, part) in value.split(',').enumerate() {
+                    match part.split_once('=') {
+                        Some(("guest", guest)) => name = Some(guest.to_string()),
+                        None if i == 0 && !part.is_empty() => name = Some(part.to_string()),
+                        _ => {}
+                    }
+                }
+            }
+            "uuid" if word.starts_with('-') => uuid = words.next().map(str::to_string),
+            _ => {}
+        }
+    }
+    Some((name, uuid))
+}
+
+impl VmRule {
+    /// Whether `p` is one of this VM's processes (any matcher of the rule).
+    pub fn matches(&self, p: &crate::window::ProcessRecord) -> bool {
+        if let (Some(prefix), Some(cgroup)) = (&self.cgroup, p.cgroup.as_deref()) {
+            if under(cgroup, prefix) {
+                return true;
+            }
+        }
+        if self.qemu_name.is_none() && self.qemu_uuid.is_none() {
+            return false;
+        }
+        let Some((name, uuid)) = qemu_identity(&p.comm, p.exe.as_deref(), p.cmdline.as_deref())
+        else {
+            return false;
+        };
+        (self.qemu_name.is_some() && self.qemu_name == name)
+            || (self.qemu_uuid.is_some()
+                && self
+                    .qemu_uuid
+                    .as_deref()
+                    .zip(uuid.as_deref())
+                    .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b)))
     }
 }
 
@@ -178,7 +266,7 @@ pub fn vm_shares(rules: &[VmRule], report: &WindowReport) -> Vec<VmShare> {
                 cpu_ns: 0,
             };
             for p in &report.processes {
-                if p.cgroup.as_deref().is_some_and(|c| under(c, &rule.cgroup)) {
+                if rule.matches(p) {
                     share.dynamic_j += p.energy_j;
                     share.cpu_ns += p.cpu_ns;
                 }
@@ -412,7 +500,9 @@ mod tests {
     fn vm_rules_are_refused_naming_the_key() {
         let rule = |name: &str, cgroup: &str, vcpus: u32| VmRule {
             name: name.into(),
-            cgroup: cgroup.into(),
+            cgroup: Some(cgroup.into()),
+            qemu_name: None,
+            qemu_uuid: None,
             vcpus,
         };
         let with = |rules: Vec<VmRule>| VmsConfig {
@@ -435,6 +525,20 @@ mod tests {
             ),
             (with(vec![rule("a", "/a", 0)]), "vms.rules[0].vcpus"),
             (
+                with(vec![VmRule {
+                    cgroup: None,
+                    ..rule("a", "/a", 1)
+                }]),
+                "vms.rules[0]: a rule needs cgroup, qemu_name or qemu_uuid",
+            ),
+            (
+                with(vec![VmRule {
+                    qemu_name: Some("vm1,debug-threads=on".into()),
+                    ..rule("a", "/a", 1)
+                }]),
+                "vms.rules[0].qemu_name",
+            ),
+            (
                 VmsConfig {
                     rules: vec![rule("a", "/a", 1)],
                     ..VmsConfig::default()
@@ -455,6 +559,43 @@ mod tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_qemu_command_line_gives_its_guest_name_and_uuid() {
+        let exe = Some("/usr/bin/qemu-system-x86_64");
+        for (comm, exe, cmdline, expected) in [
+            (
+                "qemu-system-x86",
+                exe,
+                "qemu-system-x86_64 -name guest=vm1,debug-threads=on -uuid 6F0B-1 -m 16",
+                Some((Some("vm1"), Some("6F0B-1"))),
+            ),
+            (
+                "qemu-system-x86",
+                None,
+                "qemu-system-x86_64 -name vm2",
+                Some((Some("vm2"), None)),
+            ),
+            (
+                "CPU 0/KVM",
+                exe,
+                "x --name debug-threads=on,guest=vm3",
+                Some((Some("vm3"), None)),
+            ),
+            (
+                "qemu-system-x86",
+                exe,
+                "qemu-system-x86_64 -machine none",
+                Some((None, None)),
+            ),
+            // Not qemu: a guest name on another program's command line is not a VM.
+            ("sh", Some("/bin/sh"), "sh -c x -name guest=vm1", None),
+        ] {
+            let got = qemu_identity(comm, exe, Some(cmdline));
+            let got = got.as_ref().map(|(n, u)| (n.as_deref(), u.as_deref()));
+            assert_eq!(got, expected, "{cmdline}");
         }
     }
 
