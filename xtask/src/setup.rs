@@ -13,7 +13,8 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// real request/response workload for the CPU accounting tests.
 /// runc, busybox-static and nginx: containers and re-titling servers the
 /// attribution tests start while the agent runs. openipmi (ipmi_sim) and
-/// ipmitool: the IPMI DCMI source's test BMC and client. Prometheus 2.42
+/// ipmitool: the IPMI DCMI source's test BMC and client; freeipmi-tools
+/// (ipmi-dcmi): its other client. Prometheus 2.42
 /// (with promtool) receives the aggregator's remote-write and checks the
 /// shipped rules. qemu-system-x86: a real qemu process (a TCG guest) for the
 /// VM rules by qemu process.
@@ -27,6 +28,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx",
     "openipmi",
     "ipmitool",
+    "freeipmi-tools",
     "prometheus",
     "qemu-system-x86",
 ];
