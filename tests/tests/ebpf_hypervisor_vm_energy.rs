@@ -274,6 +274,16 @@ impl RunningAgent {
         self.windows.lock().unwrap().len()
     }
 
+    /// Windows whose host energy is above zero so far.
+    fn with_energy(&self) -> usize {
+        self.windows
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w["host_energy_j"].as_f64().is_some_and(|j| j > 0.0))
+            .count()
+    }
+
     /// SIGTERM, then every window it printed (the last one closes at the stop).
     fn stop(mut self) -> Vec<serde_json::Value> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -421,11 +431,14 @@ enabled = false
         publish.join("vm1/sci-host.json").exists()
     });
     let guest = RunningAgent::start(&["run", "--procfs", "--config", guest_toml.to_str().unwrap()]);
+    // 60 guest windows that received energy (under load, some receive
+    // none: the host published nothing during them).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while guest.count() < 60 {
+    while guest.with_energy() < 60 {
         assert!(
             std::time::Instant::now() < deadline,
-            "60 guest windows in 60 s: {}",
+            "60 guest windows with energy in 60 s: {} of {}",
+            guest.with_energy(),
             guest.count()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -445,6 +458,7 @@ enabled = false
     let u = |w: &serde_json::Value, key: &str| w[key].as_u64().unwrap_or(0);
     let mut published_uj: Vec<(u64, u64)> = Vec::new(); // (window end, floor of the cumulative uJ)
     let mut host_total_j = 0.0;
+    let mut vm_cpu_total_ns = 0;
     for w in &host_windows {
         assert_eq!(w["energy_source"], "rapl-powercap", "{w}");
         let host_cpus = u(w, "cpus") as f64;
@@ -460,10 +474,7 @@ enabled = false
                 vm_cpu_ns += u(p, "cpu_ns");
             }
         }
-        assert!(
-            vm_cpu_ns > 0 || u(w, "end_unix_ns") - u(w, "start_unix_ns") < 50_000_000,
-            "the VM's processes ran: {w}"
-        );
+        vm_cpu_total_ns += vm_cpu_ns;
         host_total_j += dynamic_j + f(w, "idle_energy_j") * 1.0 / host_cpus;
         published_uj.push((u(w, "end_unix_ns"), (host_total_j * 1e6).floor() as u64));
     }
@@ -519,12 +530,16 @@ enabled = false
     let host_covered_uj = published_at(last_end) - first_uj;
     let wraps = published_at(last_end) / (VM_MAX_UJ + 1) - first_uj / (VM_MAX_UJ + 1);
     println!(
-        "two sci-agent processes: {} host windows, {} guest windows ({measured} with energy); host attributed {:.6} J to the VM over the guest's span, the guest reported {guest_total_j:.6} J; the published counter wrapped {wraps} time(s)",
+        "two sci-agent processes: {} host windows, {} guest windows ({measured} with energy); host attributed {:.6} J to the VM over the guest's span, the guest reported {guest_total_j:.6} J; the published counter wrapped {wraps} time(s); the VM's processes ran {vm_cpu_total_ns} ns",
         host_windows.len(),
         guest_windows.len(),
         host_covered_uj as f64 / 1e6
     );
-    assert!(measured >= 50, "guest windows with energy: {measured}");
+    assert!(measured >= 60, "guest windows with energy: {measured}");
+    assert!(
+        vm_cpu_total_ns > 1_000_000_000,
+        "the VM's processes ran: {vm_cpu_total_ns} ns"
+    );
     assert!(wraps >= 1, "the counter must wrap during the test");
     assert!((guest_total_j * 1e6 - host_covered_uj as f64).abs() <= 1.0);
 }
