@@ -65,7 +65,11 @@ pub fn require_forced_energy_source(
 ) -> Result<(), AgentError> {
     if energy.source == "hypervisor" && chosen != "hypervisor" {
         return Err(AgentError::Config {
-            path: "energy.hypervisor_dir".into(),
+            path: if energy.hypervisor_transport == "vsock" {
+                "energy.hypervisor_transport".into()
+            } else {
+                "energy.hypervisor_dir".into()
+            },
             message: format!(
                 "the hypervisor's published energy cannot be read ({})",
                 reasons.join("; ")

@@ -17,8 +17,12 @@
 //! source, PUE and the VM's embodied share (its vCPUs over the physical
 //! host's CPUs, from the host).
 //!
+//! The same document is served over vsock when `[vms] vsock` is set (see
+//! [`super::vsock`]: an `AF_VSOCK` port, or Firecracker's per-VM Unix socket).
+//!
 //! Guest role ([`HypervisorSource`], `energy.source = "hypervisor"`): reads
-//! `sci-host.json` each window; the energy is the counter's delta (wrap
+//! `sci-host.json` each window (from the folder, or over vsock with
+//! `energy.hypervisor_transport = "vsock"`); the energy is the counter's delta (wrap
 //! handled as for powercap), measured, not estimated, and the window takes
 //! the host's intensity, PUE and embodied share ([`HostFactors`]).
 use std::collections::BTreeMap;
@@ -71,6 +75,25 @@ pub struct VmRule {
     pub qemu_uuid: Option<String>,
     /// vCPUs reserved for the VM.
     pub vcpus: u32,
+    /// With `vms.vsock = "af_vsock"`: the guest's CID; only that peer reads this VM.
+    #[serde(default)]
+    pub vsock_cid: Option<u32>,
+    /// With `vms.vsock = "firecracker"`: the VM's vsock `uds_path`; the host
+    /// agent listens on `<firecracker_uds>_<vms.vsock_port>`.
+    #[serde(default)]
+    pub firecracker_uds: Option<PathBuf>,
+}
+
+/// Where the host serves the VMs' documents over vsock (`vms.vsock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VsockListen {
+    #[default]
+    Off,
+    /// `AF_VSOCK` `VMADDR_CID_ANY:vsock_port` (qemu/libvirt with vhost-vsock).
+    AfVsock,
+    /// A Unix socket per VM at `<firecracker_uds>_<vsock_port>`.
+    Firecracker,
 }
 
 /// Default counter range: the one many RAPL packages report (about 262 kJ).
@@ -84,6 +107,10 @@ pub struct VmsConfig {
     pub publish_dir: Option<PathBuf>,
     /// Range of the published counters.
     pub max_energy_range_uj: u64,
+    /// Serve the documents over vsock too (`off`, `af_vsock`, `firecracker`).
+    pub vsock: VsockListen,
+    /// The vsock port guests connect to (with `vsock` other than `off`).
+    pub vsock_port: Option<u32>,
     pub rules: Vec<VmRule>,
 }
 
@@ -92,6 +119,8 @@ impl Default for VmsConfig {
         VmsConfig {
             publish_dir: None,
             max_energy_range_uj: DEFAULT_MAX_ENERGY_RANGE_UJ,
+            vsock: VsockListen::Off,
+            vsock_port: None,
             rules: Vec::new(),
         }
     }
@@ -107,11 +136,33 @@ impl VmsConfig {
                 format!("{} is below 1 J", self.max_energy_range_uj),
             ));
         }
-        if !self.rules.is_empty() && self.publish_dir.is_none() {
+        if !self.rules.is_empty() && self.publish_dir.is_none() && self.vsock == VsockListen::Off {
             return Err(bad(
                 "publish_dir",
-                "VM rules need a directory to publish to".into(),
+                "VM rules need a directory to publish to (or vms.vsock)".into(),
             ));
+        }
+        match (self.vsock, self.vsock_port) {
+            (VsockListen::Off, Some(_)) => {
+                return Err(bad(
+                    "vsock_port",
+                    "set vms.vsock (af_vsock or firecracker) to listen".into(),
+                ))
+            }
+            (VsockListen::Off, None) => {}
+            (_, None) => {
+                return Err(bad(
+                    "vsock_port",
+                    "required with vms.vsock (the port guests connect to)".into(),
+                ))
+            }
+            (_, Some(port)) if port == 0 || port == libc::VMADDR_PORT_ANY => {
+                return Err(bad(
+                    "vsock_port",
+                    format!("{port} is not a port a guest can connect to"),
+                ))
+            }
+            _ => {}
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.rules.iter().enumerate() {
@@ -161,6 +212,41 @@ impl VmsConfig {
                     &format!("rules[{i}].vcpus"),
                     "must be at least 1".into(),
                 ));
+            }
+            match (self.vsock, r.vsock_cid, &r.firecracker_uds) {
+                (VsockListen::AfVsock, None, _) => {
+                    return Err(bad(
+                        &format!("rules[{i}].vsock_cid"),
+                        "required with vms.vsock = \"af_vsock\" (the guest's CID: only it reads this VM)".into(),
+                    ))
+                }
+                (VsockListen::AfVsock, Some(cid), _) if cid < 3 || cid == libc::VMADDR_CID_ANY => {
+                    return Err(bad(
+                        &format!("rules[{i}].vsock_cid"),
+                        format!("{cid} is not a guest's CID (3 or more)"),
+                    ))
+                }
+                (VsockListen::Firecracker, _, None) => {
+                    return Err(bad(
+                        &format!("rules[{i}].firecracker_uds"),
+                        "required with vms.vsock = \"firecracker\" (the VM's vsock uds_path)".into(),
+                    ))
+                }
+                (VsockListen::Firecracker, _, Some(p)) if p.as_os_str().is_empty() => {
+                    return Err(bad(
+                        &format!("rules[{i}].firecracker_uds"),
+                        "an empty path".into(),
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(cid) = r.vsock_cid.filter(|_| self.vsock == VsockListen::AfVsock) {
+                if self.rules[..i].iter().any(|o| o.vsock_cid == Some(cid)) {
+                    return Err(bad(
+                        &format!("rules[{i}].vsock_cid"),
+                        format!("CID {cid} is given to two VMs"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -284,35 +370,76 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), EnergyError> {
 
 struct VmState {
     rule: VmRule,
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     total_j: f64,
     idle_total_j: f64,
     windows: u64,
+}
+
+/// The vsock listeners `[vms]` asks for; a bind error names the key and the errno.
+fn start_server(cfg: &VmsConfig) -> Result<Option<super::vsock::Server>, EnergyError> {
+    use super::vsock::{Endpoint, Server};
+    let Some(port) = cfg.vsock_port else {
+        return Ok(None);
+    };
+    let server = match cfg.vsock {
+        VsockListen::Off => return Ok(None),
+        VsockListen::AfVsock => Server::start(
+            vec![Endpoint::Vsock {
+                port,
+                vms_by_cid: cfg
+                    .rules
+                    .iter()
+                    .filter_map(|r| Some((r.vsock_cid?, r.name.clone())))
+                    .collect(),
+            }],
+            "vms.vsock_port",
+        )?,
+        VsockListen::Firecracker => {
+            let mut endpoints = Vec::new();
+            for r in &cfg.rules {
+                let Some(uds) = &r.firecracker_uds else {
+                    continue;
+                };
+                let mut path = uds.clone().into_os_string();
+                path.push(format!("_{port}"));
+                endpoints.push(Endpoint::Unix {
+                    path: path.into(),
+                    vm: r.name.clone(),
+                });
+            }
+            Server::start(endpoints, "vms.rules[].firecracker_uds")?
+        }
+    };
+    Ok(Some(server))
 }
 
 /// Host role: publishes each VM's cumulative energy (see the module note).
 pub struct VmPublisher {
     vms: Vec<VmState>,
     max_energy_range_uj: u64,
+    server: Option<super::vsock::Server>,
 }
 
 impl VmPublisher {
     /// Creates the folders; fails naming the path that cannot be written.
     pub fn new(cfg: &VmsConfig) -> Result<Option<VmPublisher>, EnergyError> {
         cfg.validate()?;
-        let Some(dir) = &cfg.publish_dir else {
+        if cfg.publish_dir.is_none() && cfg.vsock == VsockListen::Off {
             return Ok(None);
-        };
+        }
         let mut vms = Vec::new();
         for rule in &cfg.rules {
-            let vm_dir = dir.join(&rule.name);
-            let zone = vm_dir.join("class/powercap/intel-rapl:0");
-            std::fs::create_dir_all(&zone).map_err(|e| EnergyError::io(&zone, e))?;
-            write_atomically(&zone.join("name"), "package-0\n")?;
-            write_atomically(
-                &zone.join("max_energy_range_uj"),
-                &format!("{}\n", cfg.max_energy_range_uj),
-            )?;
+            let vm_dir = cfg.publish_dir.as_ref().map(|dir| dir.join(&rule.name));
+            if let Some(vm_dir) = &vm_dir {
+                let zone = vm_dir.join("class/powercap/intel-rapl:0");
+                std::fs::create_dir_all(&zone).map_err(|e| EnergyError::io(&zone, e))?;
+                write_atomically(&zone.join("name"), "package-0\n")?;
+                write_atomically(
+                    &zone.join("max_energy_range_uj"),
+                    &format!("{}\n", cfg.max_energy_range_uj),
+                )?;
+            }
             vms.push(VmState {
                 rule: rule.clone(),
                 dir: vm_dir,
@@ -324,6 +451,7 @@ impl VmPublisher {
         Ok(Some(VmPublisher {
             vms,
             max_energy_range_uj: cfg.max_energy_range_uj,
+            server: start_server(cfg)?,
         }))
     }
 
@@ -365,41 +493,84 @@ impl VmPublisher {
                 },
             };
             let json = serde_json::to_string_pretty(&document).map_err(|e| EnergyError::Parse {
-                path: vm.dir.join("sci-host.json"),
+                path: PathBuf::from(format!("sci-host.json of {}", vm.rule.name)),
                 reason: e.to_string(),
             })?;
-            write_atomically(&vm.dir.join("sci-host.json"), &json)?;
-            write_atomically(
-                &vm.dir.join("class/powercap/intel-rapl:0/energy_uj"),
-                &format!("{energy_uj}\n"),
-            )?;
+            if let Some(server) = &self.server {
+                server.publish(&vm.rule.name, &json);
+            }
+            if let Some(dir) = &vm.dir {
+                write_atomically(&dir.join("sci-host.json"), &json)?;
+                write_atomically(
+                    &dir.join("class/powercap/intel-rapl:0/energy_uj"),
+                    &format!("{energy_uj}\n"),
+                )?;
+            }
         }
         Ok(shares)
+    }
+
+    /// What the vsock listeners refused since the last call (`vms/vsock_*`).
+    pub fn take_faults(&self) -> BTreeMap<String, u64> {
+        self.server
+            .as_ref()
+            .map(|s| s.take_faults())
+            .unwrap_or_default()
+    }
+}
+
+/// Where the guest reads the host's document.
+pub enum Feed {
+    /// `<dir>/sci-host.json` (virtiofs, 9p).
+    Folder(PathBuf),
+    /// Over vsock (or its Unix-socket form).
+    Socket(super::vsock::Client),
+}
+
+impl Feed {
+    fn describe(&self) -> String {
+        match self {
+            Feed::Folder(file) => file.display().to_string(),
+            Feed::Socket(client) => client.target().to_string(),
+        }
+    }
+
+    fn read(&mut self) -> Result<PublishedVm, EnergyError> {
+        let (text, path) = match self {
+            Feed::Folder(file) => (
+                std::fs::read(&*file).map_err(|e| EnergyError::io(&*file, e))?,
+                file.clone(),
+            ),
+            Feed::Socket(client) => (client.fetch()?, PathBuf::from(client.target().to_string())),
+        };
+        serde_json::from_slice(&text).map_err(|e| EnergyError::Parse {
+            path,
+            reason: format!("not what a host agent publishes: {e}"),
+        })
     }
 }
 
 /// Guest role: the VM's energy as its host attributed it.
 pub struct HypervisorSource {
-    file: PathBuf,
+    feed: Feed,
     previous: Option<PublishedVm>,
     cpus: u32,
-}
-
-fn read_published(file: &Path) -> Result<PublishedVm, EnergyError> {
-    let text = std::fs::read_to_string(file).map_err(|e| EnergyError::io(file, e))?;
-    serde_json::from_str(&text).map_err(|e| EnergyError::Parse {
-        path: file.to_path_buf(),
-        reason: format!("not what a host agent publishes: {e}"),
-    })
 }
 
 impl HypervisorSource {
     /// `dir` is the VM's folder as the guest sees it (`<publish_dir>/<vm>` on the host).
     pub fn open(dir: &Path, cpus: u32) -> Result<HypervisorSource, EnergyError> {
-        let file = dir.join("sci-host.json");
-        let first = read_published(&file)?;
+        Self::with_feed(Feed::Folder(dir.join("sci-host.json")), cpus)
+    }
+
+    /// Reads the first document now: a feed that cannot be read is refused at start.
+    pub fn with_feed(mut feed: Feed, cpus: u32) -> Result<HypervisorSource, EnergyError> {
+        let first = feed.read()?;
+        if let Feed::Socket(client) = &mut feed {
+            client.take_reconnected();
+        }
         Ok(HypervisorSource {
-            file,
+            feed,
             previous: Some(first),
             cpus,
         })
@@ -417,7 +588,7 @@ impl EnergySource for HypervisorSource {
 
     fn window_energy(&mut self, sample: &CpuSample) -> Result<WindowEnergy, EnergyError> {
         let duration_ns = sample.end_unix_ns.saturating_sub(sample.start_unix_ns);
-        let now = match read_published(&self.file) {
+        let now = match self.feed.read() {
             Ok(now) => now,
             Err(e) => {
                 // Re-based when it can be read again: the energy in between is unknown.
@@ -428,7 +599,7 @@ impl EnergySource for HypervisorSource {
         let Some(previous) = self.previous.replace(now.clone()) else {
             return Err(EnergyError::AllDomainsFailed(format!(
                 "{} readable again: re-based, this window has no energy",
-                self.file.display()
+                self.feed.describe()
             )));
         };
         if now.max_energy_range_uj != previous.max_energy_range_uj || now.windows < previous.windows
@@ -437,7 +608,7 @@ impl EnergySource for HypervisorSource {
                 domain: "vm".into(),
                 reason: format!(
                     "{}: the host's counter restarted (windows {} -> {}, range {} -> {}); re-based",
-                    self.file.display(),
+                    self.feed.describe(),
                     previous.windows,
                     now.windows,
                     previous.max_energy_range_uj,
@@ -458,9 +629,14 @@ impl EnergySource for HypervisorSource {
         if now.windows == previous.windows {
             warnings.push(format!(
                 "{}: the host published no window during this one (its energy lands in the next)",
-                self.file.display()
+                self.feed.describe()
             ));
             count_fault(&mut faults, "hypervisor", "stale");
+        }
+        if let Feed::Socket(client) = &mut self.feed {
+            if client.take_reconnected() {
+                count_fault(&mut faults, "hypervisor", "reconnected");
+            }
         }
         if now.host_estimated {
             warnings.push(format!(
@@ -504,6 +680,8 @@ mod tests {
             qemu_name: None,
             qemu_uuid: None,
             vcpus,
+            vsock_cid: None,
+            firecracker_uds: None,
         };
         let with = |rules: Vec<VmRule>| VmsConfig {
             publish_dir: Some("/run/sci/vms".into()),
@@ -552,12 +730,138 @@ mod tests {
                 },
                 "vms.max_energy_range_uj",
             ),
+            (
+                VmsConfig {
+                    vsock: VsockListen::AfVsock,
+                    ..with(vec![rule("a", "/a", 1)])
+                },
+                "vms.vsock_port: required",
+            ),
+            (
+                VmsConfig {
+                    vsock_port: Some(5200),
+                    ..with(vec![rule("a", "/a", 1)])
+                },
+                "vms.vsock_port: set vms.vsock",
+            ),
+            (
+                VmsConfig {
+                    vsock: VsockListen::AfVsock,
+                    vsock_port: Some(u32::MAX),
+                    ..with(vec![rule("a", "/a", 1)])
+                },
+                "vms.vsock_port: 4294967295",
+            ),
+            (
+                VmsConfig {
+                    vsock: VsockListen::AfVsock,
+                    vsock_port: Some(5200),
+                    ..with(vec![rule("a", "/a", 1)])
+                },
+                "vms.rules[0].vsock_cid: required",
+            ),
+            (
+                VmsConfig {
+                    vsock: VsockListen::AfVsock,
+                    vsock_port: Some(5200),
+                    ..with(vec![VmRule {
+                        vsock_cid: Some(2),
+                        ..rule("a", "/a", 1)
+                    }])
+                },
+                "vms.rules[0].vsock_cid: 2 is not a guest's CID",
+            ),
+            (
+                VmsConfig {
+                    vsock: VsockListen::AfVsock,
+                    vsock_port: Some(5200),
+                    ..with(vec![
+                        VmRule {
+                            vsock_cid: Some(7),
+                            ..rule("a", "/a", 1)
+                        },
+                        VmRule {
+                            vsock_cid: Some(7),
+                            ..rule("b", "/b", 1)
+                        },
+                    ])
+                },
+                "vms.rules[1].vsock_cid: CID 7 is given to two VMs",
+            ),
+            (
+                VmsConfig {
+                    vsock: VsockListen::Firecracker,
+                    vsock_port: Some(5200),
+                    ..with(vec![rule("a", "/a", 1)])
+                },
+                "vms.rules[0].firecracker_uds: required",
+            ),
         ] {
             let e = config
                 .validate()
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_guests_vsock_keys_are_refused_naming_the_key() {
+        use crate::sources::energy::EnergyConfig;
+        let guest = |f: &dyn Fn(&mut EnergyConfig)| {
+            let mut c = EnergyConfig {
+                source: "hypervisor".into(),
+                hypervisor_transport: "vsock".into(),
+                hypervisor_vsock_port: Some(5200),
+                ..EnergyConfig::default()
+            };
+            f(&mut c);
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(guest(&|_| {}), "");
+        assert_eq!(
+            guest(&|c| {
+                c.hypervisor_vsock_port = None;
+                c.hypervisor_uds = Some("/run/v.sock_5200".into());
+            }),
+            ""
+        );
+        for (change, key) in [
+            (
+                &(|c: &mut EnergyConfig| c.hypervisor_transport = "virtio".into())
+                    as &dyn Fn(&mut EnergyConfig),
+                "energy.hypervisor_transport: \"virtio\"",
+            ),
+            (
+                &|c: &mut EnergyConfig| c.hypervisor_vsock_port = None,
+                "energy.hypervisor_vsock_port: required",
+            ),
+            (
+                &|c: &mut EnergyConfig| c.hypervisor_uds = Some("/s".into()),
+                "energy.hypervisor_uds: a Unix socket instead",
+            ),
+            (
+                &|c: &mut EnergyConfig| c.hypervisor_dir = Some("/d".into()),
+                "energy.hypervisor_dir",
+            ),
+            (
+                &|c: &mut EnergyConfig| c.hypervisor_timeout_ms = 0,
+                "energy.hypervisor_timeout_ms: 0",
+            ),
+            (
+                &|c: &mut EnergyConfig| c.hypervisor_vm = "x".repeat(65),
+                "energy.hypervisor_vm",
+            ),
+            (
+                &|c: &mut EnergyConfig| c.source = "model".into(),
+                "energy.hypervisor_vsock_port: only with",
+            ),
+        ] {
+            let e = guest(change);
             assert!(e.contains(key), "{key}: {e}");
         }
     }
