@@ -384,20 +384,18 @@ fn start_server(cfg: &VmsConfig) -> Result<Option<super::vsock::Server>, EnergyE
     };
     let server = match cfg.vsock {
         VsockListen::Off => return Ok(None),
-        VsockListen::AfVsock => Server::start(
-            vec![Endpoint::Vsock {
-                port,
-                vms_by_cid: cfg
-                    .rules
-                    .iter()
-                    .filter_map(|r| Some((r.vsock_cid?, r.name.clone())))
-                    .collect(),
-            }],
-            "vms.vsock_port",
-        )?,
+        VsockListen::AfVsock => Server::start(vec![Endpoint::Vsock {
+            port,
+            vms_by_cid: cfg
+                .rules
+                .iter()
+                .filter_map(|r| Some((r.vsock_cid?, r.name.clone())))
+                .collect(),
+            key: "vms.vsock_port".into(),
+        }])?,
         VsockListen::Firecracker => {
             let mut endpoints = Vec::new();
-            for r in &cfg.rules {
+            for (i, r) in cfg.rules.iter().enumerate() {
                 let Some(uds) = &r.firecracker_uds else {
                     continue;
                 };
@@ -406,9 +404,10 @@ fn start_server(cfg: &VmsConfig) -> Result<Option<super::vsock::Server>, EnergyE
                 endpoints.push(Endpoint::Unix {
                     path: path.into(),
                     vm: r.name.clone(),
+                    key: format!("vms.rules[{i}].firecracker_uds"),
                 });
             }
-            Server::start(endpoints, "vms.rules[].firecracker_uds")?
+            Server::start(endpoints)?
         }
     };
     Ok(Some(server))

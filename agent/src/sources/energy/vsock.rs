@@ -280,15 +280,21 @@ fn listen_unix(path: &Path, key: &str) -> Result<UnixListener, EnergyError> {
     Ok(listener)
 }
 
-/// One listener as configured: where and for which VM(s).
+/// One listener as configured: where, for which VM(s), and the config key
+/// a bind error names.
 pub enum Endpoint {
     /// `AF_VSOCK` port; guests by CID.
     Vsock {
         port: u32,
         vms_by_cid: BTreeMap<u32, String>,
+        key: String,
     },
     /// A Unix socket for one VM (`<firecracker_uds>_<port>`).
-    Unix { path: PathBuf, vm: String },
+    Unix {
+        path: PathBuf,
+        vm: String,
+        key: String,
+    },
 }
 
 /// The host's listeners (see the module note). Dropping it stops them and
@@ -301,18 +307,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every endpoint; an error names `key` and the reason (errno).
-    pub fn start(endpoints: Vec<Endpoint>, key: &str) -> Result<Server, EnergyError> {
+    /// Binds every endpoint; an error names its key and the reason (errno).
+    pub fn start(endpoints: Vec<Endpoint>) -> Result<Server, EnergyError> {
         let mut bound = Vec::new();
         let mut unix_paths = Vec::new();
         for endpoint in endpoints {
             match endpoint {
-                Endpoint::Vsock { port, vms_by_cid } => bound.push((
-                    Listener::Vsock(listen_vsock(port, key)?),
+                Endpoint::Vsock {
+                    port,
+                    vms_by_cid,
+                    key,
+                } => bound.push((
+                    Listener::Vsock(listen_vsock(port, &key)?),
                     Allowed::ByCid(Arc::new(vms_by_cid)),
                 )),
-                Endpoint::Unix { path, vm } => {
-                    let listener = listen_unix(&path, key)?;
+                Endpoint::Unix { path, vm, key } => {
+                    let listener = listen_unix(&path, &key)?;
                     unix_paths.push(path);
                     bound.push((Listener::Unix(listener), Allowed::One(vm)));
                 }
@@ -326,7 +336,7 @@ impl Server {
             let thread = std::thread::Builder::new()
                 .name("sci-vms-vsock".into())
                 .spawn(move || accept_loop(listener, allowed, shared, stop))
-                .map_err(|e| EnergyError::Config(format!("{key}: listener thread: {e}")))?;
+                .map_err(|e| EnergyError::Config(format!("vms.vsock: listener thread: {e}")))?;
             threads.push(thread);
         }
         Ok(Server {
@@ -383,8 +393,16 @@ fn accept_loop(listener: Listener, allowed: Allowed, shared: Arc<Shared>, stop: 
         if ready <= 0 {
             continue;
         }
-        let Ok((stream, peer_cid)) = listener.accept() else {
-            continue;
+        let (stream, peer_cid) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                // Out of descriptors or memory: counted, and no busy loop
+                // while the pending connection stays unaccepted.
+                shared.fault("vsock_io");
+                std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS as u64));
+                continue;
+            }
         };
         if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
@@ -693,13 +711,11 @@ mod tests {
             vec![Endpoint::Vsock {
                 port,
                 vms_by_cid: BTreeMap::new(),
+                key: "vms.vsock_port".into(),
             }]
         };
-        let (error, first) = match Server::start(endpoints(), "vms.vsock_port") {
-            Ok(first) => (
-                Server::start(endpoints(), "vms.vsock_port").err(),
-                Some(first),
-            ),
+        let (error, first) = match Server::start(endpoints()) {
+            Ok(first) => (Server::start(endpoints()).err(), Some(first)),
             Err(e) => (Some(e), None),
         };
         let text = error.map(|e| e.to_string()).unwrap_or_default();
@@ -724,13 +740,11 @@ mod tests {
 
     fn start_unix(dir: &Path, vm: &str) -> (Server, PathBuf) {
         let path = dir.join("v.sock_5200");
-        let server = Server::start(
-            vec![Endpoint::Unix {
-                path: path.clone(),
-                vm: vm.into(),
-            }],
-            "vms.rules[0].firecracker_uds",
-        )
+        let server = Server::start(vec![Endpoint::Unix {
+            path: path.clone(),
+            vm: vm.into(),
+            key: "vms.rules[0].firecracker_uds".into(),
+        }])
         .unwrap();
         (server, path)
     }
@@ -780,13 +794,11 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
         let (server, _) = start_unix(dir.path(), "vm1");
-        let e = Server::start(
-            vec![Endpoint::Unix {
-                path: path.clone(),
-                vm: "vm1".into(),
-            }],
-            "vms.rules[0].firecracker_uds",
-        )
+        let e = Server::start(vec![Endpoint::Unix {
+            path: path.clone(),
+            vm: "vm1".into(),
+            key: "vms.rules[0].firecracker_uds".into(),
+        }])
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
