@@ -725,6 +725,11 @@ fn two_sci_agents_over_vsock_agree_and_a_host_restart_costs_only_its_windows() {
             (412.5, 1.3),
             "guest window {i}: the host's factors"
         );
+        assert_eq!(
+            g["embodied"]["resource_share"].as_f64(),
+            Some(1.0 / u(&first_run[0], "cpus") as f64),
+            "guest window {i}: the VM's embodied share from the host"
+        );
         if interval_ns == 0 {
             // The host published nothing during this guest window.
             assert_eq!(got_j, 0.0, "guest window {i}: {g}");
