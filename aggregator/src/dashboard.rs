@@ -201,7 +201,7 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;font-size:13px;margin:6px 0}th,td{border:1px solid #dfe5ec;padding:4px 8px;text-align:right}\
 th{background:#f3f6f9}td.l,th.l{text-align:left}tr.warn td{background:#fff4e5}\
 ol.hot li{margin:6px 0}.kind{display:inline-block;font-size:11px;padding:1px 6px;border-radius:3px;background:#e8eef5;margin-right:6px}\
-iframe.flame{border:1px solid #dfe5ec;margin:8px 0;width:100%;display:block}\
+iframe.flame{border:1px solid #dfe5ec;margin:8px 0;width:100%;box-sizing:border-box;display:block}\
 @media print{body{margin:10mm}.cards{break-inside:avoid}table{break-inside:auto}tr{break-inside:avoid}}";
 
 /// A whole page: `title` in the head and as given, `body` below.
@@ -334,7 +334,7 @@ fn svg_height_px(svg: &str) -> Option<u32> {
 /// script (zoom, search, label fitting) and global CSS, which must neither
 /// touch the page's charts nor clash with a second flame graph's ids. The
 /// frame's document is an attribute value, so the template escapes it whole.
-fn flame_graph_frame(title: &str, svg: &str) -> Markup {
+pub(crate) fn flame_graph_frame(title: &str, svg: &str) -> Markup {
     let start = svg.find("<svg").unwrap_or(0);
     let document = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>body{{margin:0}}\

@@ -652,7 +652,9 @@ fn the_review_finds_the_cheaper_function_and_the_lower_p50() {
     assert!(md.contains("| credit carbon / transaction |") && md.contains("| lower |"));
     assert!(md.contains("Disclosure: candidate"));
     let html = sci_aggregator::review::report::html(&r, "now");
-    assert!(html.contains("<svg") && html.contains("score"));
+    // Both graphs, each in its own full-width frame (the SVG escaped in srcdoc).
+    assert_eq!(html.matches("<iframe class=\"flame\"").count(), 2);
+    assert!(html.contains("&lt;svg") && html.contains("score"));
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["diff_profile"]["functions"][0]["function"], "score");
 }
@@ -720,7 +722,7 @@ fn the_review_over_http_json_page_and_errors() {
     assert_eq!(r["diff_profile"]["functions"][0]["function"], "score");
     let (status, page) = http_get(addr, &format!("/dashboard/compare?{q}"));
     assert_eq!(status, 200);
-    assert!(page.contains("Optimisation review") && page.contains("<svg"));
+    assert!(page.contains("Optimisation review") && page.contains("&lt;svg"));
     let (status, svg) = http_get(addr, &format!("/api/v1/compare?{q}&format=svg"));
     assert_eq!(status, 200);
     assert!(svg.starts_with("<?xml") || svg.contains("<svg"));

@@ -321,3 +321,179 @@ async fn dashboard_renders_real_data_in_chromium() {
     );
     println!("screenshot: {} ({} bytes)", png.display(), bytes.len());
 }
+
+/// Measures the flame graph frames of a page in Chromium: the page's own
+/// markup with a script added at its end that writes, after load and
+/// inferno's sizing, each frame's figures into `<pre id="measured">`.
+fn measured_flame_frames(page: &str, profile: &Path) -> serde_json::Value {
+    let script = r#"<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var out = [];
+  document.querySelectorAll('iframe.flame').forEach(function (frame) {
+    var doc = frame.contentDocument;
+    var svg = doc.querySelector('svg');
+    var title = doc.getElementById('title');
+    var s = svg.getBoundingClientRect();
+    var t = title.getBoundingClientRect();
+    var parent = frame.parentElement;
+    var ps = getComputedStyle(parent);
+    out.push({
+      frame_title: frame.title,
+      svg_width: s.width, svg_left: s.left, svg_right: s.right,
+      svg_top: s.top, svg_bottom: s.bottom,
+      title_text: title.textContent,
+      title_left: t.left, title_right: t.right, title_top: t.top, title_bottom: t.bottom,
+      viewport_width: doc.documentElement.clientWidth,
+      frame_width: frame.getBoundingClientRect().width,
+      container_width: parent.clientWidth - parseFloat(ps.paddingLeft) - parseFloat(ps.paddingRight)
+    });
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'measured';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+}, 500); });
+</script>"#;
+    let at = page.rfind("</body>").expect("a page with a body");
+    let file = profile.join("measured.html");
+    std::fs::write(&file, format!("{}{script}{}", &page[..at], &page[at..])).unwrap();
+    let dom = chromium(
+        &[
+            "--window-size=1000,3000".into(),
+            "--virtual-time-budget=5000".into(),
+            "--dump-dom".into(),
+            format!("file://{}", file.display()),
+        ],
+        profile,
+    );
+    let html = String::from_utf8_lossy(&dom.stdout);
+    let start = html
+        .find("<pre id=\"measured\">")
+        .unwrap_or_else(|| panic!("nothing measured: {}", String::from_utf8_lossy(&dom.stderr)))
+        + "<pre id=\"measured\">".len();
+    let json = text_of(&html[start..start + html[start..].find("</pre>").unwrap()]);
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
+/// The review page's differential flame graphs in Chromium: each SVG as
+/// wide as its frame, each frame as wide as the page's content, and each
+/// title wholly inside its SVG (#24: the inline SVG drew 300 px wide with
+/// its title clipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_page_draws_its_flame_graphs_full_width_in_chromium() {
+    let Some(_) = provisioned_tool(
+        Path::new("/usr/bin/chromium"),
+        "compare_page_draws_its_flame_graphs_full_width_in_chromium",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(
+        dir.path(),
+        60,
+        "host_rollup_step = \"60s\"\n[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n",
+        true,
+    );
+    let spool = Arc::new(Mutex::new(
+        Spool::open(&dir.path().join("spool"), 1 << 26, "inst").unwrap(),
+    ));
+    let notify = Arc::new(Notify::new());
+    let forwarder = tokio::spawn(run_forwarder(
+        AggregatorConfig {
+            url: Some(agg.url()),
+            token: Some("loan-host-7-token-0123".into()),
+            ..Default::default()
+        },
+        true,
+        Arc::clone(&spool),
+        Arc::clone(&notify),
+        Arc::new(ForwarderStats::default()),
+    ));
+    // Eight 60 s periods of one 60 s window: the baseline the first four,
+    // the candidate the last four, where score_risk is cheaper.
+    let start = (now_s() / 60 - 9) * 60;
+    for i in 0..8u64 {
+        let candidate = i >= 4;
+        let mut w = window(
+            "loan-host-7",
+            "inst",
+            i,
+            start + 60 * i,
+            60,
+            WINDOW_ENERGY_J,
+            WINDOW_EMBODIED_G,
+            [10, 3, 5, 20],
+        );
+        for (stack, samples) in [
+            (
+                "main;handle_application;score_risk",
+                if candidate { 60 } else { 100 },
+            ),
+            ("main;handle_application;price_offer", 50),
+        ] {
+            w.profile.push(v1::ProfileStack {
+                pid: 42,
+                comm: "cf-credit".into(),
+                service: "credit-svc".into(),
+                scenario: "credit".into(),
+                stack: stack.into(),
+                samples,
+                energy_j: samples as f64 * 0.05,
+            });
+        }
+        spool.lock().unwrap().append(&w).unwrap();
+        notify.notify_one();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spool.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "windows not acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    forwarder.abort();
+
+    let q = format!(
+        "baseline_from={}&baseline_to={}&candidate_from={}&candidate_to={}&period=60&profile_service=credit-svc&profile_scenario=credit",
+        start,
+        start + 240,
+        start + 240,
+        start + 480
+    );
+    let (status, page) =
+        sci_tests::fleet::http_get(agg.http_port, &format!("/dashboard/compare?{q}")).unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("score_risk"), "the profile is drawn");
+    let profile = tempfile::tempdir().unwrap();
+    let frames = measured_flame_frames(&page, profile.path());
+    let frames = frames.as_array().unwrap();
+    assert_eq!(frames.len(), 2, "candidate and baseline widths: {frames:?}");
+    for f in frames {
+        println!("{f}");
+        let n = |k: &str| f[k].as_f64().unwrap_or_else(|| panic!("{k} in {f}"));
+        // Full width: the SVG fills its frame, the frame the page's content.
+        assert!(
+            (n("svg_width") - n("viewport_width")).abs() <= 1.0,
+            "SVG {} px wide in a frame of {} px: {f}",
+            n("svg_width"),
+            n("viewport_width")
+        );
+        assert!(
+            (n("frame_width") - n("container_width")).abs() <= 1.0,
+            "frame {} px wide in a container of {} px: {f}",
+            n("frame_width"),
+            n("container_width")
+        );
+        assert!(n("container_width") > 900.0, "a 1000 px window: {f}");
+        // The title wholly inside the SVG.
+        assert!(f["title_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Energy per transaction"));
+        assert!(
+            n("title_left") >= n("svg_left")
+                && n("title_right") <= n("svg_right")
+                && n("title_top") >= n("svg_top")
+                && n("title_bottom") <= n("svg_bottom"),
+            "title outside its SVG: {f}"
+        );
+    }
+}

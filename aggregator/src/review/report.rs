@@ -2,7 +2,7 @@
 //! is the review itself), with the disclosed factors of both ranges.
 use std::fmt::Write as _;
 
-use maud::{html, PreEscaped};
+use maud::html;
 
 use super::stats::Difference;
 use super::Review;
@@ -344,13 +344,16 @@ pub fn markdown(r: &Review) -> String {
 pub fn html(r: &Review, generated_at: &str) -> String {
     let c = &r.comparison;
     let title = "Optimisation review";
-    // The differential flame graph is inferno's SVG (which escapes the names
-    // it draws), inserted as it is.
-    // Beside it, the same stacks at the baseline's widths: removed code shows there.
-    let flame_graphs = r
-        .diff_profile
-        .as_ref()
-        .map(|p| [p.flamegraph_svg(), p.baseline_flamegraph_svg()]);
+    // The differential flame graph at the candidate's widths and, below it,
+    // at the baseline's (removed code shows there), each in its own frame
+    // at the page's full width (inferno's script sizes the first SVG of its
+    // document: two inline graphs would share one script and ids).
+    let flame_graphs = r.diff_profile.as_ref().map(|p| {
+        [
+            ("candidate widths", p.flamegraph_svg()),
+            ("baseline widths", p.baseline_flamegraph_svg()),
+        ]
+    });
     let body = html! {
         h1 { (title) }
         div class="meta" {
@@ -376,9 +379,12 @@ pub fn html(r: &Review, generated_at: &str) -> String {
         }
         @if let Some(graphs) = flame_graphs {
             h2 { "Differential energy flame graph (per transaction)" }
-            @for svg in graphs {
+            @for (widths, svg) in graphs {
                 @match svg {
-                    Ok(svg) => (PreEscaped(svg)),
+                    Ok(svg) => (crate::dashboard::flame_graph_frame(
+                        &format!("differential flame graph, {widths}"),
+                        &svg,
+                    )),
                     Err(e) => p { (e.to_string()) },
                 }
             }
