@@ -804,3 +804,85 @@ fn a_datacenter_review_plans_and_lists_distributions_for_that_datacenter_only() 
     assert!((d.baseline.p50_cpu_ns.unwrap() - expect(21)).abs() < 1e-6);
     assert!((d.candidate.p50_cpu_ns.unwrap() - expect(20)).abs() < 1e-6);
 }
+
+/// `/api/v1/distributions?datacenter=`: dc1's requests sit in log2 bins 21
+/// and 22 (900 + 100 per hour), dc2's in 12 and 13; each data centre's
+/// answer holds its own 24,000 requests and p50, the fleet's both; an
+/// unknown data centre is a 404 naming the known ones.
+#[test]
+fn distributions_of_one_datacenter_hold_its_requests_only() {
+    let (_dir, store) = open();
+    store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
+    let dc2: Vec<v1::WindowReport> = profiled_day(200, DAY0, 0.8, 12)
+        .into_iter()
+        .map(|mut w| {
+            w.host = "h2".into();
+            w.datacenter = "dc2".into();
+            w
+        })
+        .collect();
+    store.commit(&dc2).unwrap();
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
+    let state = sci_aggregator::http::HttpState::new(
+        store,
+        std::sync::Arc::new(sci_aggregator::config::AggregatorConfig::default()),
+        Default::default(),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        axum::serve(listener, sci_aggregator::http::router(state))
+            .await
+            .unwrap()
+    });
+    let get = |extra: &str| {
+        let (status, body) = http_get(
+            addr,
+            &format!(
+                "/api/v1/distributions?from={DAY0}&to={}{extra}",
+                DAY0 + 86_400
+            ),
+        );
+        assert_eq!(status, 200, "{extra}: {body}");
+        let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let credit: Vec<serde_json::Value> = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["scenario"] == "credit")
+            .cloned()
+            .collect();
+        assert_eq!(credit.len(), 1, "{extra}: {body}");
+        (
+            credit[0]["requests"].as_f64().unwrap(),
+            credit[0]["p50_cpu_ns"].as_f64().unwrap(),
+        )
+    };
+    // p50 of 900 in log2 bin b and 100 in b+1: 2^(b-1) (1 + 5/9).
+    let p50 = |b: i32| 2f64.powi(b - 1) * (1.0 + 500.0 / 900.0);
+    let (requests, dc1_p50) = get("&datacenter=dc1");
+    assert_eq!(requests, 24_000.0);
+    assert!((dc1_p50 - p50(21)).abs() < 1e-6, "dc1 p50 {dc1_p50}");
+    let (requests, dc2_p50) = get("&datacenter=dc2");
+    assert_eq!(requests, 24_000.0);
+    assert!((dc2_p50 - p50(12)).abs() < 1e-6, "dc2 p50 {dc2_p50}");
+    // The fleet: both data centres' 48,000 requests, half in each.
+    let (requests, fleet_p50) = get("");
+    assert_eq!(requests, 48_000.0);
+    assert!(fleet_p50 > dc2_p50 && fleet_p50 < dc1_p50);
+    let (status, body) = http_get(
+        addr,
+        &format!(
+            "/api/v1/distributions?from={DAY0}&to={}&datacenter=dc9",
+            DAY0 + 86_400
+        ),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("\"dc9\"") && body.contains("known: dc1, dc2"),
+        "{body}"
+    );
+}
