@@ -741,12 +741,11 @@ fn the_review_over_http_json_page_and_errors() {
     let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&target_utilisation=1.5"));
     assert_eq!(status, 400);
     assert!(body.contains("target_utilisation"), "{body}");
-    // A service scope needs periods of whole host steps.
-    let (status, body) = http_get(
-        addr,
-        &format!("/api/v1/compare?{q}&scope=service&period=60"),
-    );
+    // A host scope needs periods of whole host steps (a service scope reads
+    // the per-minute service rollups for shorter ones).
+    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&scope=host&period=60"));
     assert_eq!(status, 400, "{body}");
+    assert!(body.contains("host_rollup_step"), "{body}");
 }
 
 /// `--datacenter dc1` (issue 24 item 5): the distributions and the
@@ -884,5 +883,118 @@ fn distributions_of_one_datacenter_hold_its_requests_only() {
     assert!(
         body.contains("\"dc9\"") && body.contains("known: dc1, dc2"),
         "{body}"
+    );
+}
+
+/// Minute windows of h1 over `[from_s, from_s + minutes x 60)`: credit at
+/// ~100 transactions a minute and `credit_g` per transaction, each figure
+/// with +-10% noise (as [`day`], per minute).
+fn minutes(
+    seq0: u64,
+    from_s: u64,
+    count: u64,
+    credit_g: f64,
+    rng: &mut Rng,
+) -> Vec<v1::WindowReport> {
+    (0..count)
+        .map(|m| {
+            let credit = (100.0 * rng.around(0.1)).round() as u64;
+            let carbon = credit as f64 * credit_g * rng.around(0.1);
+            let mut w = hour_window(
+                "h1",
+                seq0 + m,
+                from_s + 60 * m,
+                &[Txn {
+                    scenario: "credit",
+                    transactions: credit,
+                    carbon_g: carbon,
+                    energy_j: carbon / 500.0 / 1.5 * 3.6e6,
+                    cpu_ns: (carbon * 1e9) as u64,
+                }],
+            );
+            w.end_unix_ns = (from_s + 60 * (m + 1)) * NS;
+            w.idle_cpu_ns = (4 * 60 * NS).saturating_sub(w.busy_cpu_ns);
+            w
+        })
+        .collect()
+}
+
+/// Two 30-minute ranges inside one host step (an hour), periods of 5
+/// minutes (6 per range): credit 0.5 -> 0.6 g per transaction (+20%) is
+/// found "higher" in the service scope with the true change (+0.1 g) inside
+/// the interval, from the per-minute service rollups. Once retention has
+/// removed those, the same review is refused with the reason, while
+/// whole-hour service figures remain.
+#[test]
+fn a_thirty_minute_service_review_finds_a_twenty_percent_regression() {
+    let (_dir, store) = open();
+    let mut rng = Rng::seeded(7);
+    let t0 = DAY0 + 10 * 3600;
+    store.commit(&minutes(0, t0, 30, 0.5, &mut rng)).unwrap();
+    store
+        .commit(&minutes(100, t0 + 1800, 30, 0.6, &mut rng))
+        .unwrap();
+    let baseline = Range::new(t0, t0 + 1800, 300, &LAYOUT).unwrap();
+    let candidate = Range::new(t0 + 1800, t0 + 3600, 300, &LAYOUT).unwrap();
+    let mut service = options(Scope::Service);
+    service.filters.service = Some("svc".into());
+    let c = compare_ranges(&store, &baseline, &candidate, &service).unwrap();
+    let credit = c.scenarios.iter().find(|s| s.scenario == "credit").unwrap();
+    let g = &credit.g_per_transaction;
+    assert_eq!(g.verdict, Verdict::Higher, "{g:?}");
+    assert_eq!((g.baseline_periods, g.candidate_periods), (6, 6), "{g:?}");
+    assert!(
+        g.ci_low.unwrap() > 0.0 && g.ci_low.unwrap() < 0.1 && g.ci_high.unwrap() > 0.1,
+        "the interval holds +0.1 g: {g:?}"
+    );
+    let rel = g.relative_difference.unwrap();
+    println!(
+        "30-min service review: {:?} -> {:?} g/txn, {rel:+.4}, 95% interval [{:?}, {:?}]",
+        g.baseline, g.candidate, g.ci_low, g.ci_high
+    );
+    assert!((rel - 0.2).abs() < 0.05, "relative difference {rel}");
+    // The service's figures are the scenario's (one service ran it): the
+    // same per-transaction carbon as the data-centre scope.
+    let dc = compare_ranges(&store, &baseline, &candidate, &options(Scope::Datacenter)).unwrap();
+    let dc_credit = dc
+        .scenarios
+        .iter()
+        .find(|s| s.scenario == "credit")
+        .unwrap();
+    for (a, b) in [
+        (g.baseline, dc_credit.g_per_transaction.baseline),
+        (g.candidate, dc_credit.g_per_transaction.candidate),
+    ] {
+        assert!(
+            (a.unwrap() - b.unwrap()).abs() < 1e-9 * b.unwrap(),
+            "{a:?} {b:?}"
+        );
+    }
+    // Retention of raw windows (and the per-minute rollups) reaches past
+    // the hour: the 30-minute service review is refused with the reason.
+    let retention = sci_aggregator::store::Retention {
+        raw: Duration::from_secs(86_400),
+        keys: Duration::from_secs(86_400),
+        rollups: Duration::from_secs(400 * 86_400),
+    };
+    let expired = store.expire(t0 + 3600 + 86_400, &retention).unwrap();
+    assert!(expired.rollup_rows >= 60, "{expired:?}");
+    let refused = compare_ranges(&store, &baseline, &candidate, &service).unwrap_err();
+    let reason = refused.to_string();
+    assert!(
+        reason.contains("already rolled up into host steps of 3600 s")
+            && reason.contains(&format!("{}", t0 + 3600)),
+        "{reason}"
+    );
+    // Whole hours still answer from the hourly service rollups.
+    let hour = Range::new(t0, t0 + 3600, 3600, &LAYOUT).unwrap();
+    let h = compare_ranges(&store, &hour, &hour, &service).unwrap();
+    let credit = h.scenarios.iter().find(|s| s.scenario == "credit").unwrap();
+    assert!(
+        (credit.baseline.transactions
+            - dc_credit.baseline.transactions
+            - dc_credit.candidate.transactions)
+            .abs()
+            < 1e-6
     );
 }
