@@ -212,11 +212,10 @@ async fn dashboard_renders_real_data_in_chromium() {
     }
     forwarder.abort();
 
+    let to = now_s() + 1;
     let url = format!(
         "http://127.0.0.1:{}/dashboard?from={}&to={}&period=60",
-        agg.http_port,
-        start,
-        now_s() + 1
+        agg.http_port, start, to
     );
     let profile = tempfile::tempdir().unwrap();
     let dom = chromium(&["--dump-dom".into(), url.clone()], profile.path());
@@ -263,6 +262,42 @@ async fn dashboard_renders_real_data_in_chromium() {
         sci_cf,
     );
     assert_shows(&html, "pooled SCI", &card(&html, "sci-pooled"), pooled);
+    // The cards against the API's figures for the same range (#24: cards
+    // printed 2.110e-5): each card is the API's figure to its last digit,
+    // in a unit, never in scientific notation.
+    let api = agg.sci(start, to, 60);
+    let covered: Vec<&serde_json::Value> = api["periods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["covered"] == true)
+        .collect();
+    let sum = |k: &str| covered.iter().map(|p| p[k].as_f64().unwrap()).sum::<f64>();
+    for (id, what, expected) in [
+        (
+            "sci-mean",
+            "SCI_CF card vs the API",
+            api["sci_cf_mean"].as_f64().unwrap(),
+        ),
+        (
+            "sci-pooled",
+            "pooled card vs the API",
+            api["sci_cf_pooled"].as_f64().unwrap(),
+        ),
+        (
+            "om",
+            "O + M card vs the API",
+            sum("operational_g") + sum("embodied_g"),
+        ),
+        ("r", "R card vs the API", sum("business_units")),
+    ] {
+        let shown = card(&html, id);
+        assert!(
+            !shown.contains("e-") && !shown.contains("e+"),
+            "{what}: {shown:?} in scientific notation"
+        );
+        assert_shows(&html, what, &shown, expected);
+    }
     let scenarios = table(&html, "scenarios");
     let credit_txns: u64 = (0..WINDOWS).map(|i| transactions(i)[0]).sum();
     let query_txns: u64 = (0..WINDOWS).map(|i| transactions(i)[3]).sum();
