@@ -138,23 +138,21 @@ fn assert_shows(html: &str, what: &str, shown: &str, expected: f64) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_renders_real_data_in_chromium() {
-    let Some(_) = provisioned_tool(
-        Path::new("/usr/bin/chromium"),
-        "dashboard_renders_real_data_in_chromium",
-    ) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(
-        dir.path(),
+/// An aggregator (60 s periods, `extra` configuration) that knows loan-host-7.
+fn loan_host_aggregator(dir: &Path, extra: &str) -> Aggregator {
+    Aggregator::start(
+        dir,
         60,
-        "[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n",
+        &format!("{extra}[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n"),
         true,
-    );
+    )
+}
+
+/// Sends `windows` of loan-host-7 through the real forwarder and waits
+/// until the aggregator has acknowledged them all.
+async fn deliver(agg: &Aggregator, dir: &Path, windows: &[v1::WindowReport]) {
     let spool = Arc::new(Mutex::new(
-        Spool::open(&dir.path().join("spool"), 1 << 26, "inst").unwrap(),
+        Spool::open(&dir.join("spool"), 1 << 26, "inst").unwrap(),
     ));
     let notify = Arc::new(Notify::new());
     let forwarder = tokio::spawn(run_forwarder(
@@ -168,6 +166,29 @@ async fn dashboard_renders_real_data_in_chromium() {
         Arc::clone(&notify),
         Arc::new(ForwarderStats::default()),
     ));
+    for w in windows {
+        spool.lock().unwrap().append(w).unwrap();
+        notify.notify_one();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spool.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "windows not acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    forwarder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_renders_real_data_in_chromium() {
+    let Some(_) = provisioned_tool(
+        Path::new("/usr/bin/chromium"),
+        "dashboard_renders_real_data_in_chromium",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agg = loan_host_aggregator(dir.path(), "");
+    let mut windows = Vec::new();
     let start = (now_s() / 60 - 4) * 60;
     // Four 60 s periods of three 20 s windows; queries grow by period so
     // that the mean of SCI_j and the pooled figure differ.
@@ -202,15 +223,9 @@ async fn dashboard_renders_real_data_in_chromium() {
             samples: 30,
             energy_j: 6.0,
         });
-        spool.lock().unwrap().append(&w).unwrap();
-        notify.notify_one();
+        windows.push(w);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spool.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "windows not acknowledged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    forwarder.abort();
+    deliver(&agg, dir.path(), &windows).await;
 
     let to = now_s() + 1;
     let url = format!(
@@ -423,27 +438,8 @@ async fn compare_page_draws_its_flame_graphs_full_width_in_chromium() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(
-        dir.path(),
-        60,
-        "host_rollup_step = \"60s\"\n[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n",
-        true,
-    );
-    let spool = Arc::new(Mutex::new(
-        Spool::open(&dir.path().join("spool"), 1 << 26, "inst").unwrap(),
-    ));
-    let notify = Arc::new(Notify::new());
-    let forwarder = tokio::spawn(run_forwarder(
-        AggregatorConfig {
-            url: Some(agg.url()),
-            token: Some("loan-host-7-token-0123".into()),
-            ..Default::default()
-        },
-        true,
-        Arc::clone(&spool),
-        Arc::clone(&notify),
-        Arc::new(ForwarderStats::default()),
-    ));
+    let agg = loan_host_aggregator(dir.path(), "host_rollup_step = \"60s\"\n");
+    let mut windows = Vec::new();
     // Eight 60 s periods of one 60 s window: the baseline the first four,
     // the candidate the last four, where score_risk is cheaper.
     let start = (now_s() / 60 - 9) * 60;
@@ -476,15 +472,9 @@ async fn compare_page_draws_its_flame_graphs_full_width_in_chromium() {
                 energy_j: samples as f64 * 0.05,
             });
         }
-        spool.lock().unwrap().append(&w).unwrap();
-        notify.notify_one();
+        windows.push(w);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spool.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "windows not acknowledged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    forwarder.abort();
+    deliver(&agg, dir.path(), &windows).await;
 
     let q = format!(
         "baseline_from={}&baseline_to={}&candidate_from={}&candidate_to={}&period=60&profile_service=credit-svc&profile_scenario=credit",
