@@ -379,22 +379,33 @@ fn measured_flame_frames(page: &str, profile: &Path) -> serde_json::Value {
     let script = r#"<script>
 window.addEventListener('load', function () { setTimeout(function () {
   var out = [];
+  // Flame graphs in frames, or drawn inline (inferno's SVG holds #frames).
+  var graphs = [];
   document.querySelectorAll('iframe.flame').forEach(function (frame) {
     var doc = frame.contentDocument;
-    var svg = doc.querySelector('svg');
-    var title = doc.getElementById('title');
-    var s = svg.getBoundingClientRect();
+    graphs.push({ box: frame, svg: doc.querySelector('svg'),
+                  viewport: doc.documentElement.clientWidth });
+  });
+  document.querySelectorAll('svg').forEach(function (svg) {
+    if (svg.querySelector('#frames')) {
+      var p = svg.parentElement, st = getComputedStyle(p);
+      graphs.push({ box: svg, svg: svg, viewport:
+        p.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) });
+    }
+  });
+  graphs.forEach(function (g) {
+    var title = g.svg.querySelector('#title');
+    var s = g.svg.getBoundingClientRect();
     var t = title.getBoundingClientRect();
-    var parent = frame.parentElement;
+    var parent = g.box.parentElement;
     var ps = getComputedStyle(parent);
     out.push({
-      frame_title: frame.title,
       svg_width: s.width, svg_left: s.left, svg_right: s.right,
       svg_top: s.top, svg_bottom: s.bottom,
       title_text: title.textContent,
       title_left: t.left, title_right: t.right, title_top: t.top, title_bottom: t.bottom,
-      viewport_width: doc.documentElement.clientWidth,
-      frame_width: frame.getBoundingClientRect().width,
+      viewport_width: g.viewport,
+      frame_width: g.box.getBoundingClientRect().width,
       container_width: parent.clientWidth - parseFloat(ps.paddingLeft) - parseFloat(ps.paddingRight)
     });
   });
