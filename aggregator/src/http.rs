@@ -7,7 +7,7 @@
 //! candidate_from=&candidate_to=[&scope=&datacenter=&service=&host=&period=&
 //! profile_service=&profile_scenario=&target_utilisation=&seed=]&format=
 //! json|md|html|svg`, `GET /dashboard/compare?...` (the HTML review) and
-//! `GET /api/v1/distributions?from=&to=[&service=]` (per-request CPU and
+//! `GET /api/v1/distributions?from=&to=[&service=&datacenter=]` (per-request CPU and
 //! energy p50/p90/p99 per service and scenario), `GET /api/v1/services?
 //! from=&to=[&datacenter=]` (carbon, energy, CPU, hosts and transactions per
 //! service and scenario). Times are unix seconds or RFC 3339, periods
@@ -505,6 +505,9 @@ pub struct DistributionQuery {
     #[serde(default, deserialize_with = "crate::params::time")]
     pub to: Option<u64>,
     pub service: Option<String>,
+    /// One data centre's requests (404 naming the known ones when no host
+    /// ever reported from it).
+    pub datacenter: Option<String>,
 }
 
 async fn distributions(
@@ -514,7 +517,14 @@ async fn distributions(
     let s = state.clone();
     bounded(&state, move || {
         let range = range_from_to(&s, q.from, q.to)?;
-        let rows = s.store.request_cpu(&range, None).map_err(store_failure)?;
+        if let Some(dc) = &q.datacenter {
+            let spans = s.store.host_spans().map_err(store_failure)?;
+            crate::sci::known_datacenter(&spans, dc).map_err(|m| (StatusCode::NOT_FOUND, m))?;
+        }
+        let rows = s
+            .store
+            .request_cpu(&range, q.datacenter.as_deref())
+            .map_err(store_failure)?;
         let found: Vec<crate::review::distribution::Distribution> = rows
             .iter()
             .filter(|r| q.service.as_deref().is_none_or(|x| x == r.service))

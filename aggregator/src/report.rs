@@ -135,7 +135,7 @@ pub fn markdown(e: &Evaluation) -> String {
         let _ = writeln!(md, "{}", md_row(&disclosure_cells(d)));
     }
     let _ = writeln!(md, "\n## Periods\n");
-    let _ = writeln!(md, "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |");
+    let _ = writeln!(md, "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (CO2e/unit) | in SCI_CF |");
     let _ = writeln!(
         md,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
@@ -155,7 +155,7 @@ pub fn markdown(e: &Evaluation) -> String {
             ta("query"),
             mass_g(p.operational_g),
             mass_g(p.embodied_g),
-            sig4(p.business_units),
+            count(p.business_units),
             p.sci_g_per_unit.map_or("undefined".into(), mass_g),
             if p.in_mean {
                 "yes".to_string()
@@ -366,9 +366,9 @@ mod tests {
             md.contains("over the same periods, for comparison: 162.9 mg CO2e per business unit")
         );
         assert!(md.contains(
-            "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |"
+            "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (CO2e/unit) | in SCI_CF |"
         ));
-        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10 | 0 | 0 | 260 | 40.00 g | 10.00 g | 500.0 | 100.0 mg | yes |"), "{md}");
+        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10 | 0 | 0 | 260 | 40.00 g | 10.00 g | 500 | 100.0 mg | yes |"), "{md}");
         assert!(md.contains("| 1970-01-01T10:00:00Z | 1 | 1 | 100.0% | 0 | 0 | 0 | 0 | 3.000 g | 1.000 g | 0 | undefined | no: no completed transactions in the period (R = 0) |"), "{md}");
         // Weights in name order, the disclosure table present.
         assert!(

@@ -40,7 +40,7 @@ pub(super) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 5] {
+pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 6] {
     if postgres {
         [
             (
@@ -63,6 +63,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 5] {
                 27,
                 include_str!("../../migrations/postgres/0027_supplies.sql"),
             ),
+            (
+                28,
+                include_str!("../../migrations/postgres/0028_service_fine_rollup.sql"),
+            ),
         ]
     } else {
         [
@@ -82,6 +86,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 5] {
             (
                 27,
                 include_str!("../../migrations/sqlite/0027_supplies.sql"),
+            ),
+            (
+                28,
+                include_str!("../../migrations/sqlite/0028_service_fine_rollup.sql"),
             ),
         ]
     }

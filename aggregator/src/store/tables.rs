@@ -175,9 +175,25 @@ pub(super) const SUPPLY_SERVICE: Table = Table {
     ],
 };
 
+/// Service sums per rollup step (issue 24: service reviews shorter than a
+/// host step), kept as long as raw windows ([`FINE_TABLES`]).
+pub(super) const SERVICE_FINE: Table = Table {
+    index: 15,
+    name: "service_rollup_m",
+    ..SERVICE
+};
+
+/// Tables kept for the raw windows' retention, not the rollups'.
+pub(super) const FINE_TABLES: [&Table; 1] = [&SERVICE_FINE];
+
+/// `meta` key: the first second `service_rollup_m` holds (absent: all of
+/// the store's data). Set by the migration on a store that had service
+/// rollups before it, moved forward by retention.
+pub(super) const SERVICE_FINE_FROM_KEY: &str = "service_rollup_m_from_s";
+
 /// Every rollup table, in the order commits write them and retention
 /// deletes from them.
-pub(super) const TABLES: [&Table; 15] = [
+pub(super) const TABLES: [&Table; 16] = [
     &FLEET,
     &SCENARIO,
     &HOST,
@@ -193,6 +209,7 @@ pub(super) const TABLES: [&Table; 15] = [
     &HOST_SERVICE,
     &SUPPLY,
     &SUPPLY_SERVICE,
+    &SERVICE_FINE,
 ];
 const _: () = {
     let mut i = 0;
