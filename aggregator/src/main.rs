@@ -42,6 +42,9 @@ enum Command {
         /// Period length, e.g. 1h (default: the configured one).
         #[arg(long, value_parser = agent_common::time_text::parse_duration)]
         period: Option<std::time::Duration>,
+        /// One data centre's figures and hotspots (default: the fleet).
+        #[arg(long)]
+        datacenter: Option<String>,
         /// json, md, html (printable, with the SCI_j chart) or text (a
         /// summary for a terminal).
         #[arg(long, default_value = "md")]
@@ -233,6 +236,7 @@ fn run() -> Result<()> {
             from,
             to,
             period,
+            datacenter,
             format,
         } => {
             let cfg = config_with_db(config.as_deref(), db)?;
@@ -265,15 +269,36 @@ fn run() -> Result<()> {
             };
             let range = sci_aggregator::store::Range::new(from, to, period_s, &store.layout())
                 .map_err(anyhow::Error::msg)?;
-            let evaluation = sci_aggregator::sci::evaluate_store(
-                store.as_ref(),
+            let mut input = sci_aggregator::sci::EvaluationInput::read(store.as_ref(), &range)?;
+            if let Some(dc) = &datacenter {
+                input.only_datacenter(dc).map_err(anyhow::Error::msg)?;
+            }
+            let evaluation = sci_aggregator::sci::evaluate(
+                &input,
                 &range,
+                range.host_range(&store.layout()),
                 &cfg.weights,
                 cfg.min_coverage,
-            )?;
+            );
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
-                "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
+                "md" => {
+                    let (found, notes) = sci_aggregator::views::hotspots(
+                        store.as_ref(),
+                        &range,
+                        &evaluation,
+                        &sci_aggregator::hotspots::HotspotOptions {
+                            min_samples: cfg.min_profile_samples,
+                            ..Default::default()
+                        },
+                        datacenter.as_deref(),
+                    )?;
+                    print!(
+                        "{}{}",
+                        sci_aggregator::report::markdown(&evaluation),
+                        sci_aggregator::report::hotspots_markdown(&found, &notes)
+                    );
+                }
                 "text" => print!("{}", sci_aggregator::report::console(&evaluation)),
                 "html" => print!(
                     "{}",
