@@ -93,6 +93,17 @@ enum Command {
         #[arg(long, default_value = "md")]
         format: String,
     },
+    /// Copy a SQLite store into a new PostgreSQL database (same rollup
+    /// steps; the target must hold no data). Stop the aggregator writing
+    /// the file first, or copy an online backup of it.
+    MigrateStore {
+        /// sqlite:PATH (or a path) of the store to copy.
+        #[arg(long)]
+        from: String,
+        /// postgres://... (or a libpq key=value string) of the target.
+        #[arg(long)]
+        to: String,
+    },
     /// Backfill: send the rollups of FROM..TO to the [remote_write]
     /// endpoint (the same state file as `serve`, which goes on from TO).
     RemoteWrite {
@@ -228,6 +239,39 @@ fn run() -> Result<()> {
                 );
                 Ok::<_, anyhow::Error>(())
             })?;
+            Ok(())
+        }
+        Command::MigrateStore { from, to } => {
+            let path = PathBuf::from(from.strip_prefix("sqlite:").unwrap_or(&from));
+            if !path.is_file() {
+                bail!("--from {from}: no SQLite file at {}", path.display());
+            }
+            if !(to.starts_with("postgres://")
+                || to.starts_with("postgresql://")
+                || to.contains('='))
+            {
+                bail!("--to {to}: give a postgres:// URL or a libpq key=value string");
+            }
+            let layout = sci_aggregator::store::sqlite::SqliteStore::stored_layout(&path)?
+                .with_context(|| format!("--from {from}: the file records no rollup steps (not a sci-aggregator store)"))?;
+            let target = sci_aggregator::store::postgres::PostgresStore::open(
+                &to,
+                layout,
+                2,
+                std::time::Duration::from_secs(300),
+            )
+            .with_context(|| {
+                format!(
+                    "--to: opening the PostgreSQL store with the file's steps ({} s, {} s)",
+                    layout.step_s, layout.host_step_s
+                )
+            })?;
+            let report = sci_aggregator::store::migrate::copy_sqlite_to_postgres(&path, &target)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!(
+                "migrate-store: copied {} rows; run VACUUM (ANALYZE) and CHECKPOINT on the database before serving from it",
+                report.rows.values().sum::<u64>()
+            );
             Ok(())
         }
         Command::Report {
