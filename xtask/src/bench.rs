@@ -570,7 +570,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 ),
             ],
             runs: 3,
-            notes: "",
+            notes: "The agent's limits in deploy/ (128 MiB with [profile] off, 320 MiB with it on) are sized from these peaks. With the profile on, the agent's peak varies from run to run (the cause was not investigated). The store figure is not a per-window size: at 35 windows the SQLite file's fixed pages (one or more per table and index) and the WAL dominate it; the per-window sizes at fleet scale are in the fleet sections.",
         });
     }
     measurements.retain(|m| args.selects(m.title));
