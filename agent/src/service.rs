@@ -162,7 +162,8 @@ pub async fn run(
     let counters = IngestCounters::new();
     let _ingest = IngestEndpoint::start(&config.ingest, counters.clone()).await?;
 
-    let metrics = Arc::new(MetricsRegistry::new());
+    let metrics =
+        Arc::new(MetricsRegistry::new().with_service_series(config.agent.max_service_series));
     if let Some(listen) = &config.agent.metrics_listen {
         let addr = listen.parse().map_err(|e| AgentError::Config {
             path: "agent.metrics_listen".into(),

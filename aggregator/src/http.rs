@@ -210,8 +210,14 @@ async fn dashboard(State(state): State<HttpState>, Query(q): Query<RangeQuery>) 
     bounded(&state, move || {
         let range = range_of(&s, &q)?;
         let e = evaluate_range(&s, &q)?;
-        let data = crate::views::dashboard(s.store.as_ref(), &range, e, &hotspot_options(&s))
-            .map_err(store_failure)?;
+        let data = crate::views::dashboard(
+            s.store.as_ref(),
+            &range,
+            e,
+            &hotspot_options(&s),
+            q.datacenter.as_deref(),
+        )
+        .map_err(store_failure)?;
         Ok((
             [("content-type", "text/html; charset=utf-8")],
             crate::dashboard::render_dashboard(&data),
@@ -226,11 +232,20 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
     bounded(&state, move || {
         let e = evaluate_range(&s, &q)?;
         match q.format.as_deref().unwrap_or("md") {
-            "md" => Ok((
-                [("content-type", "text/markdown; charset=utf-8")],
-                crate::report::markdown(&e),
-            )
-                .into_response()),
+            "md" => {
+                let range = range_of(&s, &q)?;
+                let (found, notes) = crate::views::hotspots(
+                    s.store.as_ref(),
+                    &range,
+                    &e,
+                    &hotspot_options(&s),
+                    q.datacenter.as_deref(),
+                )
+                .map_err(store_failure)?;
+                let mut md = crate::report::markdown(&e);
+                md.push_str(&crate::report::hotspots_markdown(&found, &notes));
+                Ok(([("content-type", "text/markdown; charset=utf-8")], md).into_response())
+            }
             "html" => Ok((
                 [("content-type", "text/html; charset=utf-8")],
                 crate::dashboard::render_evaluation_report_html(
@@ -248,20 +263,28 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
     .await
 }
 
+/// Hotspots of the range, of one data centre with `datacenter=`; what the
+/// rules could not see there is in the `sci-cf-notes` header.
 async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
     let s = state.clone();
     bounded(&state, move || {
-        if q.datacenter.is_some() {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "datacenter: hotspots are ranked across the fleet; this filter is not supported here".into(),
-            ));
-        }
         let range = range_of(&s, &q)?;
         let e = evaluate_range(&s, &q)?;
-        let found = crate::views::hotspots(s.store.as_ref(), &range, &e, &hotspot_options(&s))
-            .map_err(store_failure)?;
-        Ok(Json(found).into_response())
+        let (found, notes) = crate::views::hotspots(
+            s.store.as_ref(),
+            &range,
+            &e,
+            &hotspot_options(&s),
+            q.datacenter.as_deref(),
+        )
+        .map_err(store_failure)?;
+        let mut response = Json(found).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&notes.join("; ")) {
+            if !notes.is_empty() {
+                response.headers_mut().insert("sci-cf-notes", v);
+            }
+        }
+        Ok(response)
     })
     .await
 }

