@@ -119,6 +119,16 @@ fn migrate_store_copies_sqlite_into_postgres_and_both_answer_alike() {
             "{outcomes:?}"
         );
     }
+    // A store upgraded from before the per-minute service table holds it
+    // only from a marker on: the marker must travel with the data.
+    let fine_from_s = T + 120;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('service_rollup_m_from_s', ?1)",
+            [fine_from_s.to_string()],
+        )
+        .unwrap();
 
     let migrate = || {
         std::process::Command::new(sci_tests::cargo_bin("sci-aggregator", "sci-aggregator"))
@@ -141,6 +151,18 @@ fn migrate_store_copies_sqlite_into_postgres_and_both_answer_alike() {
     assert!(
         report["rows"]["service_rollup"].as_u64().unwrap() > 0,
         "{report}"
+    );
+
+    let marker = pg
+        .psql_in(
+            "sci_migrated",
+            "SELECT value FROM meta WHERE key = 'service_rollup_m_from_s'",
+        )
+        .unwrap();
+    assert_eq!(
+        marker.trim(),
+        fine_from_s.to_string(),
+        "the data marker in PostgreSQL"
     );
 
     // The copied dedupe keys: a window replayed to the PostgreSQL store is

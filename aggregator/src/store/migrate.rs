@@ -161,7 +161,36 @@ pub fn copy_sqlite_to_postgres(
         flush(&mut batch)?;
         report.rows.insert(table.clone(), count);
     }
+    copy_data_markers(&conn, to)?;
     Ok(report)
+}
+
+/// Copies the `meta` keys the target lacks: markers that describe the data
+/// (such as `service_rollup_m_from_s`, the first second the per-minute
+/// service table holds), not the layout, which both stores already share.
+fn copy_data_markers(
+    conn: &rusqlite::Connection,
+    to: &PostgresStore,
+) -> Result<(), AggregatorError> {
+    let mut stmt = conn
+        .prepare("SELECT key, value FROM meta ORDER BY key")
+        .map_err(|e| sqlite_err("reading meta", e))?;
+    let pairs = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(|e| sqlite_err("reading meta", e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| sqlite_err("reading meta", e))?;
+    for (key, value) in pairs {
+        let params = [Value::Text(key), Value::Text(value)];
+        to.write(&mut |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                &params,
+            )
+            .map(|_| ())
+        })?;
+    }
+    Ok(())
 }
 
 /// One SQLite value as the PostgreSQL column's type.
