@@ -558,6 +558,69 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn window(seq: u64) -> WindowReport {
+        let mut w = WindowReport::new(
+            "h".into(),
+            "i".into(),
+            seq * 1_000_000_000,
+            (seq + 1) * 1_000_000_000,
+            crate::window::CpuSource::Ebpf,
+            2,
+        );
+        w.seq = seq;
+        w.processes = vec![crate::window::ProcessRecord {
+            pid: 10,
+            comm: "loan-api".into(),
+            cpu_ns: 2_000_000_000,
+            energy_j: 30.0,
+            idle_share_j: 1.5,
+            scenario: Some("query".into()),
+            service: Some("loan-api".into()),
+            ..Default::default()
+        }];
+        w
+    }
+
+    /// Receiver down (nothing listens): the sender holds the first window;
+    /// the queue keeps `max_queue_windows`, and every window beyond it is
+    /// dropped whole, its points counted, the one in flight never.
+    #[tokio::test]
+    async fn a_full_queue_drops_the_oldest_waiting_windows_counted() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = OtlpConfig {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            max_queue_windows: 2,
+            min_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let (sink, stats) = OtlpSink::start(&cfg).unwrap();
+        let (_, points) = build_request(&window(0), &sink.resource);
+        // 8 host sums and gauges, 4 workload sums (one service, one scenario).
+        assert_eq!(points, 12);
+        sink.offer(&window(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stats.client.requests("unavailable") == 0 {
+            assert!(std::time::Instant::now() < deadline, "no attempt");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for seq in 1..6 {
+            sink.offer(&window(seq));
+        }
+        let q = sink.queue.lock().unwrap();
+        let seqs: Vec<u64> = q.waiting.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, [0, 5], "the one in flight and the newest");
+        assert_eq!(
+            stats.client.points_queue_full.load(Ordering::Relaxed),
+            4 * points
+        );
+        assert_eq!(stats.queued_windows.load(Ordering::Relaxed), 2);
+    }
+
     #[test]
     fn a_bad_queue_bound_is_named() {
         let c = OtlpConfig {
