@@ -1,15 +1,19 @@
-//! OTLP/gRPC export, shared by the agent's and the aggregator's exporters:
-//! settings checks, a `MetricsService` client from the official
-//! OpenTelemetry protos (`opentelemetry-proto`), delivery with retries and
-//! counted drops, and the exporter's `/metrics` families.
+//! OTLP export, shared by the agent's and the aggregator's exporters:
+//! settings checks, a client over OTLP/gRPC (the `MetricsService` of the
+//! official OpenTelemetry protos, `opentelemetry-proto`) or OTLP/HTTP
+//! (`POST <endpoint>/v1/metrics`, binary protobuf), delivery with retries
+//! and counted drops, and the exporter's `/metrics` families.
 //!
 //! Retried with backoff (doubling from `min_backoff` to `max_backoff`):
-//! the codes the OTLP specification calls retryable (UNAVAILABLE,
-//! DEADLINE_EXCEEDED, CANCELLED, ABORTED, OUT_OF_RANGE, DATA_LOSS) and
-//! RESOURCE_EXHAUSTED (a collector's memory limiter: back off rather than
-//! drop). Any other code is a permanent refusal: the request's points are
-//! dropped, counted (`sci_otlp_points_total{result="refused"}`) and logged;
-//! points a receiver rejects in a `partial_success` are counted the same way.
+//! over gRPC, the codes the OTLP specification calls retryable
+//! (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, ABORTED, OUT_OF_RANGE,
+//! DATA_LOSS) and RESOURCE_EXHAUSTED (a collector's memory limiter: back off
+//! rather than drop); over HTTP, 429, 502, 503, 504 (at least a
+//! `Retry-After`) and no answer. Anything else is a permanent refusal: the
+//! request's points are dropped, counted
+//! (`sci_otlp_points_total{result="refused"}`) and logged; points a
+//! receiver rejects in a `partial_success` are counted the same way.
+use std::boxed::Box;
 use std::collections::BTreeMap;
 use std::string::{String, ToString};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +24,9 @@ use std::{format, vec};
 
 pub use opentelemetry_proto;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{number_data_point, NumberDataPoint};
 use tonic::metadata::{Ascii, MetadataKey, MetadataValue};
@@ -31,9 +37,14 @@ use crate::prometheus_text::Family;
 /// Resource attributes the exporters set themselves.
 pub const OWN_RESOURCE_KEYS: [&str; 3] = ["service.name", "service.version", "host.name"];
 
+/// `protocol`: OTLP/gRPC (`grpc`) or OTLP/HTTP with binary protobuf
+/// (`http/protobuf`), as OpenTelemetry's `OTEL_EXPORTER_OTLP_PROTOCOL` names them.
+pub const PROTOCOLS: [&str; 2] = ["grpc", "http/protobuf"];
+
 /// The settings every OTLP exporter has, checked (`section` names them in errors).
 pub struct ClientSettings<'a> {
     pub section: &'a str,
+    pub protocol: &'a str,
     pub endpoint: &'a str,
     pub headers: &'a BTreeMap<String, String>,
     pub timeout: Duration,
@@ -54,6 +65,15 @@ impl ClientSettings<'_> {
         })?;
         if rest.is_empty() || rest.starts_with('/') {
             return Err(format!("{section}.endpoint {endpoint:?}: no host"));
+        }
+        if !PROTOCOLS.contains(&self.protocol) {
+            return Err(format!(
+                "{section}.protocol {:?}: give \"grpc\" or \"http/protobuf\"",
+                self.protocol
+            ));
+        }
+        if self.protocol == "http/protobuf" {
+            http_uri(endpoint).map_err(|e| format!("{section}.endpoint {endpoint:?}: {e}"))?;
         }
         Channel::from_shared(endpoint.to_string())
             .map_err(|e| format!("{section}.endpoint {endpoint:?}: {e}"))?;
@@ -218,10 +238,35 @@ pub enum Delivered {
     Refused,
 }
 
-/// An OTLP/gRPC `MetricsService` client with headers, a time limit and a backoff.
+/// `<endpoint>/v1/metrics`, the OTLP/HTTP path of metrics.
+fn http_uri(endpoint: &str) -> Result<hyper::Uri, String> {
+    format!("{}/v1/metrics", endpoint.trim_end_matches('/'))
+        .parse()
+        .map_err(|e| format!("{e}"))
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+#[derive(Clone)]
+enum Transport {
+    Grpc(MetricsServiceClient<Channel>),
+    Http(Box<(HttpClient, hyper::Uri)>),
+}
+
+/// One attempt's answer.
+enum Answer {
+    Accepted(ExportMetricsServiceResponse),
+    /// Outcome label, message, and whether a retry can help (after at least this long).
+    Failed(&'static str, String, Option<Duration>),
+}
+
+/// An OTLP `MetricsService` client with headers, a time limit and a backoff.
 #[derive(Clone)]
 pub struct OtlpClient {
-    client: MetricsServiceClient<Channel>,
+    transport: Transport,
     endpoint: String,
     headers: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
     timeout: Duration,
@@ -233,11 +278,19 @@ impl OtlpClient {
     /// failure. `settings` must have passed [`ClientSettings::check`].
     pub fn new(settings: &ClientSettings<'_>) -> Result<Self, String> {
         settings.check()?;
-        let channel = Channel::from_shared(settings.endpoint.to_string())
-            .map_err(|e| format!("{}: {e}", settings.endpoint))?
-            .connect_timeout(settings.timeout)
-            .timeout(settings.timeout)
-            .connect_lazy();
+        let transport = if settings.protocol == "http/protobuf" {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
+            Transport::Http(Box::new((client, http_uri(settings.endpoint)?)))
+        } else {
+            let channel = Channel::from_shared(settings.endpoint.to_string())
+                .map_err(|e| format!("{}: {e}", settings.endpoint))?
+                .connect_timeout(settings.timeout)
+                .timeout(settings.timeout)
+                .connect_lazy();
+            Transport::Grpc(MetricsServiceClient::new(channel))
+        };
         let mut headers = Vec::new();
         for (k, v) in settings.headers {
             headers.push((
@@ -248,7 +301,7 @@ impl OtlpClient {
             ));
         }
         Ok(OtlpClient {
-            client: MetricsServiceClient::new(channel),
+            transport,
             endpoint: settings.endpoint.to_string(),
             headers,
             timeout: settings.timeout,
@@ -270,19 +323,10 @@ impl OtlpClient {
         let bytes = request.encoded_len() as u64;
         let (mut backoff, max_backoff) = self.backoff;
         loop {
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(self.timeout);
-            for (k, v) in &self.headers {
-                call.metadata_mut().insert(k.clone(), v.clone());
-            }
-            let mut client = self.client.clone();
-            let status = match tokio::time::timeout(self.timeout, client.export(call)).await {
-                Err(_) => {
-                    tonic::Status::deadline_exceeded(format!("no answer within {:?}", self.timeout))
-                }
-                Ok(Ok(response)) => {
+            let (outcome, message, retry_after) = match self.attempt(request).await {
+                Answer::Accepted(response) => {
                     stats.request("ok");
-                    let partial = response.into_inner().partial_success.unwrap_or_default();
+                    let partial = response.partial_success.unwrap_or_default();
                     let rejected = u64::try_from(partial.rejected_data_points)
                         .unwrap_or(0)
                         .min(points);
@@ -300,27 +344,126 @@ impl OtlpClient {
                     }
                     return Delivered::Accepted;
                 }
-                Ok(Err(status)) => status,
+                Answer::Failed(outcome, message, retry_after) => (outcome, message, retry_after),
             };
-            stats.request(code_label(status.code()));
-            if !retryable(status.code()) {
+            stats.request(outcome);
+            let Some(at_least) = retry_after else {
                 stats.points_refused.fetch_add(points, Ordering::Relaxed);
                 tracing::error!(
-                    "otlp: {} refused {points} points of {what} with {:?}: {}; they are dropped (sci_otlp_points_total{{result=\"refused\"}})",
-                    self.endpoint,
-                    status.code(),
-                    status.message()
+                    "otlp: {} refused {points} points of {what} ({outcome}): {message}; they are dropped (sci_otlp_points_total{{result=\"refused\"}})",
+                    self.endpoint
                 );
                 return Delivered::Refused;
-            }
-            tracing::warn!(
-                "otlp: {:?} {}; retrying {what} in {backoff:?}",
-                status.code(),
-                status.message()
-            );
-            tokio::time::sleep(backoff).await;
+            };
+            let wait = backoff.max(at_least).min(max_backoff.max(at_least));
+            tracing::warn!("otlp: {outcome} {message}; retrying {what} in {wait:?}");
+            tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(max_backoff);
         }
+    }
+
+    /// One request, over the configured transport.
+    async fn attempt(&self, request: &ExportMetricsServiceRequest) -> Answer {
+        match &self.transport {
+            Transport::Grpc(client) => {
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(self.timeout);
+                for (k, v) in &self.headers {
+                    call.metadata_mut().insert(k.clone(), v.clone());
+                }
+                let mut client = client.clone();
+                let status = match tokio::time::timeout(self.timeout, client.export(call)).await {
+                    Ok(Ok(response)) => return Answer::Accepted(response.into_inner()),
+                    Ok(Err(status)) => status,
+                    Err(_) => tonic::Status::deadline_exceeded(format!(
+                        "no answer within {:?}",
+                        self.timeout
+                    )),
+                };
+                let retry = retryable(status.code()).then_some(Duration::ZERO);
+                Answer::Failed(
+                    code_label(status.code()),
+                    status.message().to_string(),
+                    retry,
+                )
+            }
+            Transport::Http(http) => self.attempt_http(&http.0, &http.1, request).await,
+        }
+    }
+
+    async fn attempt_http(
+        &self,
+        client: &HttpClient,
+        uri: &hyper::Uri,
+        request: &ExportMetricsServiceRequest,
+    ) -> Answer {
+        use http_body_util::BodyExt;
+        use prost::Message;
+        let mut builder = hyper::Request::post(uri.clone())
+            .header("content-type", "application/x-protobuf")
+            .header("user-agent", concat!("sci-cf/", env!("CARGO_PKG_VERSION")));
+        for (k, v) in &self.headers {
+            builder = builder.header(k.as_str(), v.as_encoded_bytes());
+        }
+        let body = http_body_util::Full::new(bytes::Bytes::from(request.encode_to_vec()));
+        let call = match builder.body(body) {
+            Ok(call) => call,
+            Err(e) => return Answer::Failed("error", e.to_string(), None),
+        };
+        let answer = tokio::time::timeout(self.timeout, async {
+            let response = client.request(call).await.map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, String>((status, retry_after, body))
+        })
+        .await;
+        match answer {
+            Err(_) => Answer::Failed(
+                "deadline_exceeded",
+                format!("no answer within {:?}", self.timeout),
+                Some(Duration::ZERO),
+            ),
+            Ok(Err(e)) => Answer::Failed("unavailable", e, Some(Duration::ZERO)),
+            Ok(Ok((200..=299, _, body))) => Answer::Accepted(
+                ExportMetricsServiceResponse::decode(body.as_ref()).unwrap_or_default(),
+            ),
+            Ok(Ok((status, retry_after, body))) => {
+                let text = String::from_utf8_lossy(&body[..body.len().min(512)])
+                    .trim()
+                    .to_string();
+                let retry = matches!(status, 429 | 502 | 503 | 504)
+                    .then(|| retry_after.unwrap_or(Duration::ZERO));
+                Answer::Failed(http_label(status), format!("{status} {text}"), retry)
+            }
+        }
+    }
+}
+
+/// An HTTP status as a bounded metric label (`http_429`, `http_4xx`, ...).
+fn http_label(status: u16) -> &'static str {
+    match status {
+        400 => "http_400",
+        401 => "http_401",
+        403 => "http_403",
+        404 => "http_404",
+        413 => "http_413",
+        429 => "http_429",
+        502 => "http_502",
+        503 => "http_503",
+        504 => "http_504",
+        405..=499 => "http_4xx",
+        _ => "http_5xx",
     }
 }
 
@@ -392,6 +535,7 @@ mod tests {
         let (headers, attrs) = (BTreeMap::new(), BTreeMap::new());
         let base = ClientSettings {
             section: "otlp",
+            protocol: "grpc",
             endpoint: "http://127.0.0.1:4317",
             headers: &headers,
             timeout: Duration::from_secs(1),
@@ -423,6 +567,11 @@ mod tests {
             ..base
         };
         assert!(e.check().unwrap_err().contains("otlp.min_backoff"));
+        let e = ClientSettings {
+            protocol: "http/json",
+            ..base
+        };
+        assert!(e.check().unwrap_err().contains("otlp.protocol"));
         assert!(retryable(tonic::Code::Unavailable));
         assert!(!retryable(tonic::Code::InvalidArgument));
     }

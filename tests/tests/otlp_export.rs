@@ -33,7 +33,9 @@ use agent_common::otlp::opentelemetry_proto::tonic::metrics::v1::{
 };
 use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::Spool;
-use sci_tests::fleet::{free_port, metric_value, now_s, window, Agent, Aggregator};
+use sci_tests::fleet::{
+    free_port, metric_value, now_s, read_http_request, window, Agent, Aggregator,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -169,16 +171,15 @@ fn close(a: f64, b: f64) -> bool {
 
 const DCS: [(&str, &str); 2] = [("host-a", "dc-a"), ("host-b", "dc-b")];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregator_sums_equal_the_api_per_period_and_only_refused_points_are_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut agg = Aggregator::start(dir.path(), 60, "", true);
+/// 30 minutes of two hosts' 60 s windows in two data centres, stored in a
+/// fresh aggregator (period 60 s) before any export; and their origin.
+async fn stored_fleet(dir: &std::path::Path) -> (Aggregator, u64) {
+    let agg = Aggregator::start(dir, 60, "", true);
     // 30 minutes of two hosts' 60 s windows in two data centres, stored first.
     let origin = (now_s() / 60 - 31) * 60;
     for (h, (host, dc)) in DCS.iter().enumerate() {
         let instance = format!("inst-{host}");
-        let spool =
-            Spool::open(&dir.path().join(format!("spool-{h}")), 64 << 20, &instance).unwrap();
+        let spool = Spool::open(&dir.join(format!("spool-{h}")), 64 << 20, &instance).unwrap();
         let agent = Agent::with_spool(
             spool,
             AggregatorConfig {
@@ -203,45 +204,35 @@ async fn aggregator_sums_equal_the_api_per_period_and_only_refused_points_are_dr
         }
         agent.drained(Duration::from_secs(30)).await;
     }
+    (agg, origin)
+}
 
-    let port = free_port();
-    let receiver = Receiver::new(Mode::InvalidOnce);
+/// Restarts the aggregator with `[otlp]` to `port` from `origin` (`extra`: more keys).
+fn export_to(agg: &mut Aggregator, origin: u64, port: u16, extra: &str) {
     let mut text = std::fs::read_to_string(&agg.config).unwrap();
     text.push_str(&format!(
-        "[otlp]\nendpoint = \"http://127.0.0.1:{port}\"\nstart = \"{origin}\"\ndelay = \"5s\"\nmax_steps_per_request = 4\ntimeout = \"1s\"\nmin_backoff = \"200ms\"\nmax_backoff = \"1s\"\nresource_attributes = {{ \"deployment.environment.name\" = \"test\" }}\n"
+        "[otlp]\nendpoint = \"http://127.0.0.1:{port}\"\nstart = \"{origin}\"\ndelay = \"5s\"\nmax_steps_per_request = 4\ntimeout = \"1s\"\nmin_backoff = \"200ms\"\nmax_backoff = \"1s\"\nresource_attributes = {{ \"deployment.environment.name\" = \"test\" }}\n{extra}"
     ));
     std::fs::write(&agg.config, text).unwrap();
     agg.restart(true);
+}
 
-    let m = |agg: &Aggregator, series: &str| metric_value(&agg.metrics(), series).unwrap_or(0);
-    // Down: nothing listens; retried, no progress.
-    wait_for("refused connections", 30, || {
-        m(&agg, "sci_otlp_requests_total{outcome=\"unavailable\"}") >= 3
-    })
-    .await;
-    assert_eq!(
-        m(&agg, "sci_otlp_position_seconds"),
-        origin,
-        "no progress while down"
-    );
-    // Up: the first request is refused for good, the rest taken.
-    let server = receiver.serve(port);
-    let target = (now_s() - 5) / 60 * 60;
-    wait_for("the export to catch up", 90, || {
-        m(&agg, "sci_otlp_position_seconds") >= target
-    })
-    .await;
-    server.abort();
-    let end = m(&agg, "sci_otlp_position_seconds");
+fn position(agg: &Aggregator) -> u64 {
+    metric_value(&agg.metrics(), "sci_otlp_position_seconds").unwrap_or(0)
+}
 
-    let got = receiver.got.lock().unwrap();
+/// What the receiver got against the aggregator, from the origin to the
+/// position `end`: counts, resource, every step received or refused (not
+/// both), and per period and data centre O_j, M_j, R_j and SCI_j from the
+/// received cumulative sums against `/api/v1/sci`. Returns the figures compared.
+fn check_export(agg: &Aggregator, got: &Got, origin: u64, end: u64) -> usize {
     let metrics = agg.metrics();
     let refused = metric_value(&metrics, "sci_otlp_points_total{result=\"refused\"}").unwrap();
     assert!(!got.refused.is_empty(), "the receiver refused one request");
     assert_eq!(
         refused,
         got.refused.len() as u64,
-        "refused = the points of the INVALID_ARGUMENT request"
+        "refused = the points of the refused request"
     );
     assert_eq!(
         metric_value(&metrics, "sci_otlp_points_total{result=\"sent\"}").unwrap(),
@@ -250,13 +241,6 @@ async fn aggregator_sums_equal_the_api_per_period_and_only_refused_points_are_dr
     assert_eq!(
         metric_value(&metrics, "sci_otlp_points_total{result=\"queue_full\"}"),
         Some(0)
-    );
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "sci_otlp_requests_total{outcome=\"invalid_argument\"}"
-        ),
-        Some(1)
     );
     // The resource and the temporality.
     let p = &got.accepted[0];
@@ -357,6 +341,112 @@ async fn aggregator_sums_equal_the_api_per_period_and_only_refused_points_are_dr
     }
     println!("{compared} per-period figures equal to 1e-9; {refused} points refused and counted");
     assert!(compared >= 2 * 4 * 20, "compared only {compared}");
+    compared
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_sums_equal_the_api_per_period_and_only_refused_points_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agg, origin) = stored_fleet(dir.path()).await;
+    let port = free_port();
+    let receiver = Receiver::new(Mode::InvalidOnce);
+    export_to(&mut agg, origin, port, "");
+    let m = |agg: &Aggregator, series: &str| metric_value(&agg.metrics(), series).unwrap_or(0);
+    // Down: nothing listens; retried, no progress.
+    wait_for("refused connections", 30, || {
+        m(&agg, "sci_otlp_requests_total{outcome=\"unavailable\"}") >= 3
+    })
+    .await;
+    assert_eq!(position(&agg), origin, "no progress while down");
+    // Up: the first request is refused for good, the rest taken.
+    let server = receiver.serve(port);
+    let target = (now_s() - 5) / 60 * 60;
+    wait_for("the export to catch up", 90, || position(&agg) >= target).await;
+    server.abort();
+    assert_eq!(
+        m(
+            &agg,
+            "sci_otlp_requests_total{outcome=\"invalid_argument\"}"
+        ),
+        1
+    );
+    let got = receiver.got.lock().unwrap();
+    check_export(&agg, &got, origin, position(&agg));
+}
+
+/// OTLP/HTTP (`protocol = "http/protobuf"`) to a receiver on loopback that
+/// decodes each `POST /v1/metrics` body with the official protos and
+/// answers 503, then 429 with Retry-After, then 400, then 200 for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_503_and_429_are_retried_and_a_400_is_dropped_counted() {
+    use prost::Message;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agg, origin) = stored_fleet(dir.path()).await;
+    let port = free_port();
+    let got: Arc<Mutex<Got>> = Arc::default();
+    let answers: Arc<Mutex<std::collections::VecDeque<u16>>> =
+        Arc::new(Mutex::new([503, 429, 400].into_iter().collect()));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (g, a) = (Arc::clone(&got), Arc::clone(&answers));
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let (g, a) = (Arc::clone(&g), Arc::clone(&a));
+            tokio::spawn(async move {
+                while let Some((head, body)) = read_http_request(&mut s).await {
+                    assert!(head.starts_with("post /v1/metrics "), "{head}");
+                    assert!(
+                        head.contains("content-type: application/x-protobuf"),
+                        "{head}"
+                    );
+                    let points =
+                        flatten(&ExportMetricsServiceRequest::decode(body.as_slice()).unwrap());
+                    let code = a.lock().unwrap().pop_front().unwrap_or(200);
+                    let answer = match code {
+                        200 => {
+                            g.lock().unwrap().accepted.extend(points);
+                            let body = ExportMetricsServiceResponse::default().encode_to_vec();
+                            let mut a = format!("HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                            a.extend(body);
+                            a
+                        }
+                        400 => {
+                            g.lock().unwrap().refused.extend(points);
+                            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\nbad metrics!".to_vec()
+                        }
+                        429 => b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                        _ => b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                    };
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    export_to(&mut agg, origin, port, "protocol = \"http/protobuf\"\n");
+    let target = (now_s() - 5) / 60 * 60;
+    wait_for("the export to catch up", 90, || position(&agg) >= target).await;
+    server.abort();
+    assert!(answers.lock().unwrap().is_empty());
+    let metrics = agg.metrics();
+    for outcome in ["http_503", "http_429", "http_400"] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                &format!("sci_otlp_requests_total{{outcome=\"{outcome}\"}}")
+            ),
+            Some(1),
+            "{outcome}"
+        );
+    }
+    let got = got.lock().unwrap();
+    check_export(&agg, &got, origin, position(&agg));
 }
 
 /// The agent's figures a window should carry, by (resource service, metric,

@@ -1,5 +1,6 @@
-//! OTLP/gRPC export of every window (`[otlp]` in agent.toml), beside the
-//! stream to the aggregator and independent of it.
+//! OTLP export of every window (`[otlp]` in agent.toml; OTLP/gRPC or
+//! OTLP/HTTP with binary protobuf), beside the stream to the aggregator and
+//! independent of it.
 //!
 //! Each window becomes one `ExportMetricsServiceRequest` (official
 //! OpenTelemetry protos): a resource for the host (`service.name =
@@ -47,7 +48,9 @@ use crate::window::WindowReport;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtlpConfig {
-    /// The receiver's OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`.
+    /// `grpc` (OTLP/gRPC) or `http/protobuf` (OTLP/HTTP, binary protobuf).
+    pub protocol: String,
+    /// The receiver: `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318` (HTTP, `/v1/metrics` is appended).
     pub endpoint: String,
     /// gRPC metadata sent with every request (e.g. `authorization`).
     pub headers: BTreeMap<String, String>,
@@ -66,6 +69,7 @@ pub struct OtlpConfig {
 impl Default for OtlpConfig {
     fn default() -> Self {
         OtlpConfig {
+            protocol: "grpc".into(),
             endpoint: String::new(),
             headers: BTreeMap::new(),
             timeout: Duration::from_secs(10),
@@ -85,6 +89,7 @@ impl OtlpConfig {
     fn client_settings(&self) -> ClientSettings<'_> {
         ClientSettings {
             section: "otlp",
+            protocol: &self.protocol,
             endpoint: &self.endpoint,
             headers: &self.headers,
             timeout: self.timeout,

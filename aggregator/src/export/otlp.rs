@@ -1,6 +1,6 @@
-//! OTLP/gRPC metrics export of the aggregator's rollups (`[otlp]` in
-//! aggregator.toml), built on the official OpenTelemetry protos
-//! (`opentelemetry-proto`, its tonic `MetricsService` client).
+//! OTLP metrics export of the aggregator's rollups (`[otlp]` in
+//! aggregator.toml; OTLP/gRPC or OTLP/HTTP with binary protobuf), built on
+//! the official OpenTelemetry protos (`opentelemetry-proto`).
 //!
 //! The series are remote-write's ([`super::series`]), so the exporter works
 //! like [`super::remote_write`]: the store is the queue, a state file keeps
@@ -55,7 +55,9 @@ use crate::store::SharedStore;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtlpConfig {
-    /// The receiver's OTLP/gRPC endpoint, e.g. `http://collector:4317`.
+    /// `grpc` (OTLP/gRPC) or `http/protobuf` (OTLP/HTTP, binary protobuf).
+    pub protocol: String,
+    /// The receiver: `http://collector:4317` (gRPC) or `http://collector:4318` (HTTP, `/v1/metrics` is appended).
     pub endpoint: String,
     /// gRPC metadata sent with every request (e.g. `authorization`).
     pub headers: BTreeMap<String, String>,
@@ -79,6 +81,7 @@ pub struct OtlpConfig {
 impl Default for OtlpConfig {
     fn default() -> Self {
         OtlpConfig {
+            protocol: "grpc".into(),
             endpoint: String::new(),
             headers: BTreeMap::new(),
             state_file: None,
@@ -109,6 +112,7 @@ impl OtlpConfig {
     fn client_settings(&self) -> ClientSettings<'_> {
         ClientSettings {
             section: "otlp",
+            protocol: &self.protocol,
             endpoint: &self.endpoint,
             headers: &self.headers,
             timeout: self.timeout,
