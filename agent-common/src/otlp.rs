@@ -245,7 +245,8 @@ fn http_uri(endpoint: &str) -> Result<hyper::Uri, String> {
         .map_err(|e| format!("{e}"))
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
+/// The HTTP/1 client of the OTLP/HTTP exporter (and of remote-write).
+pub type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     http_body_util::Full<bytes::Bytes>,
 >;
@@ -397,7 +398,6 @@ impl OtlpClient {
         uri: &hyper::Uri,
         request: &ExportMetricsServiceRequest,
     ) -> Answer {
-        use http_body_util::BodyExt;
         use prost::Message;
         let mut builder = hyper::Request::post(uri.clone())
             .header("content-type", "application/x-protobuf")
@@ -410,24 +410,7 @@ impl OtlpClient {
             Ok(call) => call,
             Err(e) => return Answer::Failed("error", e.to_string(), None),
         };
-        let answer = tokio::time::timeout(self.timeout, async {
-            let response = client.request(call).await.map_err(|e| e.to_string())?;
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            Ok::<_, String>((status, retry_after, body))
-        })
-        .await;
+        let answer = tokio::time::timeout(self.timeout, http_exchange(client, call)).await;
         match answer {
             Err(_) => Answer::Failed(
                 "deadline_exceeded",
@@ -448,6 +431,30 @@ impl OtlpClient {
             }
         }
     }
+}
+
+/// Sends `call` and reads the whole answer: status, `Retry-After` (in
+/// seconds), body; Err with the reason when no answer came.
+pub async fn http_exchange(
+    client: &HttpClient,
+    call: hyper::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<(u16, Option<Duration>, bytes::Bytes), String> {
+    use http_body_util::BodyExt;
+    let response = client.request(call).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok((status, retry_after, body))
 }
 
 /// An HTTP status as a bounded metric label (`http_429`, `http_4xx`, ...).

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_common::prometheus_text::Family;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -542,29 +542,17 @@ impl RemoteWriter {
             Ok(r) => r,
             Err(e) => return Sent::Refused(0, e.to_string()),
         };
-        let answer = tokio::time::timeout(self.cfg.timeout, async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            Ok::<_, String>((status.as_u16(), retry_after, text))
-        })
-        .await;
+        let answer = tokio::time::timeout(
+            self.cfg.timeout,
+            agent_common::otlp::http_exchange(&self.client, request),
+        )
+        .await
+        .map(|r| {
+            r.map(|(status, retry_after, body)| {
+                let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+                (status, retry_after, text)
+            })
+        });
         match answer {
             Err(_) => {
                 self.stats.request("error");
