@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub profile: crate::sources::profile::ProfileConfig,
     /// Host role: VMs whose energy this agent publishes to their guests.
     pub vms: crate::sources::energy::hypervisor::VmsConfig,
+    /// OTLP/gRPC export of every window (off when absent).
+    pub otlp: Option<crate::sinks::otlp::OtlpConfig>,
 }
 
 /// A source forced in `[energy] source` (perf or powercap) that the host does
@@ -191,6 +193,9 @@ impl AgentConfig {
                     ),
                 });
             }
+        }
+        if let Some(otlp) = &self.otlp {
+            otlp.validate()?;
         }
         self.aggregator.validate()
     }

@@ -177,6 +177,16 @@ pub async fn run(
         });
     }
 
+    let otlp = match &config.otlp {
+        Some(cfg) => {
+            let (sink, stats) = crate::sinks::otlp::OtlpSink::start(cfg)?;
+            metrics.set_otlp(stats);
+            tracing::info!("otlp: every window to {}", cfg.endpoint);
+            Some(sink)
+        }
+        None => None,
+    };
+
     // With an aggregator, windows go through the spool; the agent run keeps
     // the spool's identity and numbering across restarts.
     let forwarding = match &config.aggregator.url {
@@ -255,6 +265,9 @@ pub async fn run(
             window = rx.recv() => {
                 let Some(window) = window else { break };
                 metrics.observe(&window);
+                if let Some(otlp) = &otlp {
+                    otlp.offer(&window);
+                }
                 match &forwarding {
                     Some((spool, notify, _, _)) => {
                         let record = v1::WindowReport::from(&window);
@@ -279,6 +292,9 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || measurement.join()).await;
+    if let Some(otlp) = &otlp {
+        otlp.drain(config.aggregator.shutdown_grace).await;
+    }
     if let Some((spool, _, task, _)) = forwarding {
         deliver_before_exit(&spool, config.aggregator.shutdown_grace).await;
         task.abort();

@@ -53,6 +53,7 @@ pub struct HttpState {
     pub recent_by_datacenter: Arc<Mutex<BTreeMap<String, Evaluation>>>,
     /// The remote-write exporter's counters.
     pub remote_write: Arc<crate::export::remote_write::RemoteWriteStats>,
+    pub otlp: Arc<crate::export::otlp::OtlpExportStats>,
 }
 
 impl HttpState {
@@ -66,6 +67,7 @@ impl HttpState {
             recent: Arc::new(Mutex::new(None)),
             recent_by_datacenter: Arc::new(Mutex::new(BTreeMap::new())),
             remote_write: Default::default(),
+            otlp: Default::default(),
             store,
             config,
             counters,
@@ -722,6 +724,7 @@ pub fn render_metrics(state: &HttpState) -> String {
     c.limit_families(&mut out);
     plan_metric_families(&c.plan_requests_refused, c.plans_stored, &mut out);
     state.remote_write.families(&mut out);
+    state.otlp.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",
         "End of the last window accepted from each host (unix seconds).",

@@ -414,6 +414,27 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         notes: "The cost follows data centres x scenarios, not hosts or windows: the exporter reads the fleet and scenario rollups (already summed at ingest) and the host list (one row per host, for the hosts-per-data-centre gauge). A day is 1,440 requests of about 1.5 KB.",
     });
 
+    measurements.push(Measurement {
+        title: "OTLP/gRPC export of a 2,000-host, 3-data-centre fleet's rollups",
+        method: "`sci-export-bench --protocol otlp`: the fleet of the remote-write section (30 minutes of 2,000 hosts in 3 data centres, 60 s windows, 5 scenarios, a fresh SQLite store with a 1 min rollup step), then the real exporter (`OtlpExporter`, as `[otlp]` runs it) sends the same series as cumulative OTLP sums, one rollup step per `ExportMetricsServiceRequest` (as live, once a minute), over gRPC to a tonic `MetricsService` receiver (official protos) on loopback, served from its own single-thread runtime, that decodes each request and answers OK. CPU = every thread's schedstat runtime during the export less the receiver thread's, per minute of fleet data; bytes = encoded protobuf requests (gRPC, no compression).",
+        program: release.join("sci-export-bench"),
+        args: vec![
+            "--protocol".into(),
+            "otlp".into(),
+            "--minutes".into(),
+            if args.quick { "10" } else { "30" }.into(),
+        ],
+        figures: vec![
+            ("exporter_cpu_ms_per_min", "exporter CPU per minute of fleet data", "ms"),
+            ("bytes_per_min", "protobuf bytes sent per minute", "bytes"),
+            ("samples_per_min", "data points per minute", "points"),
+            ("series", "series (as remote-write's: 3 DCs x 32)", "series"),
+            ("wall_ms_per_min", "wall time per minute of data (read, encode, send, answer)", "ms"),
+        ],
+        runs: args.runs,
+        notes: "Same series and the same rollup reads as remote-write; OTLP repeats each point's attributes and start time and is not compressed, so it sends more bytes than remote-write's snappy bodies. gRPC compression (gzip) is not enabled.",
+    });
+
     // The fleet at real size, on SQLite and on a scratch PostgreSQL 15
     // (stopped and removed when this function returns).
     let store_args = |extra: &[String]| {

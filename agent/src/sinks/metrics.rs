@@ -135,6 +135,8 @@ pub struct MetricsRegistry {
     state: Mutex<State>,
     /// The spool's delivery counters and the age past which delivery is "behind".
     delivery: Mutex<Option<(Arc<crate::sinks::spool::DeliveryStats>, Duration)>>,
+    /// The OTLP exporter's figures, when `[otlp]` is configured.
+    otlp: Mutex<Option<Arc<crate::sinks::otlp::OtlpSinkStats>>>,
     max_process_series: usize,
     max_comm_series: usize,
     max_service_series: usize,
@@ -155,6 +157,7 @@ impl MetricsRegistry {
         MetricsRegistry {
             state: Mutex::new(State::default()),
             delivery: Mutex::new(None),
+            otlp: Mutex::new(None),
             max_process_series,
             max_comm_series: max_comm_series.max(1),
             max_service_series: DEFAULT_MAX_SERVICE_SERIES,
@@ -184,6 +187,11 @@ impl MetricsRegistry {
         behind_after: Duration,
     ) {
         *self.delivery.lock().unwrap_or_else(|p| p.into_inner()) = Some((stats, behind_after));
+    }
+
+    /// Shows the OTLP exporter's figures.
+    pub fn set_otlp(&self, stats: Arc<crate::sinks::otlp::OtlpSinkStats>) {
+        *self.otlp.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// `Ok(text)` when healthy, `Err(text)` saying how far behind delivery is.
@@ -691,6 +699,9 @@ impl MetricsRegistry {
         out.push(folded);
         drop(s);
         self.delivery_families(&mut out);
+        if let Some(otlp) = &*self.otlp.lock().unwrap_or_else(|p| p.into_inner()) {
+            otlp.families(&mut out);
+        }
         prometheus_text::render(out)
     }
 }
