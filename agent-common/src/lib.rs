@@ -9,7 +9,8 @@
     feature = "test-support",
     feature = "time-text",
     feature = "exposition",
-    feature = "cli"
+    feature = "cli",
+    feature = "otlp"
 ))]
 extern crate std;
 
@@ -24,6 +25,9 @@ pub mod prometheus_text;
 
 #[cfg(feature = "time-text")]
 pub mod time_text;
+
+#[cfg(feature = "otlp")]
+pub mod otlp;
 
 #[cfg(feature = "test-support")]
 pub mod privileged;

@@ -8,6 +8,8 @@ use crate::error::AgentError;
 
 /// Longest host name (DNS), as the aggregator bounds it.
 pub const MAX_HOST_BYTES: usize = 253;
+/// Ceiling of `agent.max_service_series`: each pair is 6 series in /metrics.
+pub const MAX_SERVICE_SERIES: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -25,6 +27,8 @@ pub struct AgentSection {
     pub spool_dir: PathBuf,
     /// Address of the agent's HTTP endpoint (/metrics), e.g. "127.0.0.1:9464"; none to disable.
     pub metrics_listen: Option<String>,
+    /// Most (service, scenario) series in /metrics, the `_other` one included.
+    pub max_service_series: usize,
 }
 
 impl Default for AgentSection {
@@ -36,6 +40,7 @@ impl Default for AgentSection {
             per_thread: false,
             spool_dir: PathBuf::from("/var/lib/sci-agent/spool"),
             metrics_listen: None,
+            max_service_series: crate::sinks::metrics::DEFAULT_MAX_SERVICE_SERIES,
         }
     }
 }
@@ -53,6 +58,8 @@ pub struct AgentConfig {
     pub profile: crate::sources::profile::ProfileConfig,
     /// Host role: VMs whose energy this agent publishes to their guests.
     pub vms: crate::sources::energy::hypervisor::VmsConfig,
+    /// OTLP/gRPC export of every window (off when absent).
+    pub otlp: Option<crate::sinks::otlp::OtlpConfig>,
 }
 
 /// A source forced in `[energy] source` (perf or powercap) that the host does
@@ -65,7 +72,11 @@ pub fn require_forced_energy_source(
 ) -> Result<(), AgentError> {
     if energy.source == "hypervisor" && chosen != "hypervisor" {
         return Err(AgentError::Config {
-            path: "energy.hypervisor_dir".into(),
+            path: if energy.hypervisor_transport == "vsock" {
+                "energy.hypervisor_transport".into()
+            } else {
+                "energy.hypervisor_dir".into()
+            },
             message: format!(
                 "the hypervisor's published energy cannot be read ({})",
                 reasons.join("; ")
@@ -164,6 +175,15 @@ impl AgentConfig {
                 ),
             });
         }
+        if !(2..=MAX_SERVICE_SERIES).contains(&self.agent.max_service_series) {
+            return Err(AgentError::Config {
+                path: "agent.max_service_series".into(),
+                message: format!(
+                    "{}: give 2 to {MAX_SERVICE_SERIES} (one series is `_other`, which takes the pairs beyond the limit)",
+                    self.agent.max_service_series
+                ),
+            });
+        }
         if let Some(host) = &self.agent.host {
             if host.is_empty() || host.len() > MAX_HOST_BYTES {
                 return Err(AgentError::Config {
@@ -174,6 +194,9 @@ impl AgentConfig {
                     ),
                 });
             }
+        }
+        if let Some(otlp) = &self.otlp {
+            otlp.validate()?;
         }
         self.aggregator.validate()
     }
@@ -209,6 +232,22 @@ mod tests {
         let ok = AgentConfig::from_toml_str("[agent]\ninterval = \"100ms\"\n", Path::new("a.toml"))
             .unwrap();
         assert_eq!(ok.agent.interval, MIN_INTERVAL);
+    }
+
+    #[test]
+    fn a_service_series_limit_out_of_range_is_an_error_naming_the_key() {
+        for bad in [0usize, 1, MAX_SERVICE_SERIES + 1] {
+            let text = format!("[agent]\nmax_service_series = {bad}\n");
+            let err = AgentConfig::from_toml_str(&text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("agent.max_service_series"), "{err}");
+            assert!(err.contains(&format!("{bad}: give 2 to")), "{err}");
+        }
+        let ok =
+            AgentConfig::from_toml_str("[agent]\nmax_service_series = 2\n", Path::new("a.toml"))
+                .unwrap();
+        assert_eq!(ok.agent.max_service_series, 2);
     }
 
     #[test]

@@ -77,6 +77,14 @@ pub enum EnergyError {
     PowerModel { spec: String, reason: String },
     #[error("invalid energy config: {0}")]
     Config(String),
+    /// A socket to the host agent (vsock or its Unix-socket form) failed;
+    /// `fault` names how (`sci_energy_faults_total{fault}`).
+    #[error("{endpoint}: {fault}: {reason}")]
+    Transport {
+        endpoint: String,
+        fault: &'static str,
+        reason: String,
+    },
     /// The source exists but does not measure (found by the start-up probe).
     #[error("{source_name}: {reason}")]
     Refused { source_name: String, reason: String },

@@ -289,6 +289,9 @@ impl Pipeline {
             tracing::warn!("carbon of window {}: {e}", report.seq);
         }
         if let Some(publisher) = self.vm_publisher.as_mut() {
+            for (fault, n) in publisher.take_faults() {
+                *report.energy_faults.entry(fault).or_default() += n;
+            }
             match publisher.publish(&report) {
                 Ok(shares) => self.last_vm_shares = shares,
                 Err(e) => {

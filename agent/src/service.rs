@@ -165,7 +165,8 @@ pub async fn run(
     let counters = IngestCounters::new();
     let _ingest = IngestEndpoint::start(&config.ingest, counters.clone()).await?;
 
-    let metrics = Arc::new(MetricsRegistry::new());
+    let metrics =
+        Arc::new(MetricsRegistry::new().with_service_series(config.agent.max_service_series));
     if let Some(listen) = &config.agent.metrics_listen {
         let addr = listen.parse().map_err(|e| AgentError::Config {
             path: "agent.metrics_listen".into(),
@@ -178,6 +179,16 @@ pub async fn run(
             }
         });
     }
+
+    let otlp = match &config.otlp {
+        Some(cfg) => {
+            let (sink, stats) = crate::sinks::otlp::OtlpSink::start(cfg)?;
+            metrics.set_otlp(stats);
+            tracing::info!("otlp: every window to {}", cfg.endpoint);
+            Some(sink)
+        }
+        None => None,
+    };
 
     // With an aggregator, windows go through the spool; the agent run keeps
     // the spool's identity and numbering across restarts.
@@ -257,6 +268,9 @@ pub async fn run(
             window = rx.recv() => {
                 let Some(window) = window else { break };
                 metrics.observe(&window);
+                if let Some(otlp) = &otlp {
+                    otlp.offer(&window);
+                }
                 match &forwarding {
                     Some((spool, notify, _, _)) => {
                         let record = v1::WindowReport::from(&window);
@@ -281,6 +295,9 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || measurement.join()).await;
+    if let Some(otlp) = &otlp {
+        otlp.drain(config.aggregator.shutdown_grace).await;
+    }
     if let Some((spool, _, task, _)) = forwarding {
         deliver_before_exit(&spool, config.aggregator.shutdown_grace).await;
         task.abort();

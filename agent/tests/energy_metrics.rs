@@ -226,3 +226,58 @@ async fn serves_metrics_over_http() {
     .starts_with("HTTP/1.1 200"));
     server.abort();
 }
+
+/// Per (service, scenario) series: hand sums per pair, the pairs beyond
+/// the limit in `_other` with each folded record counted, and no joule lost.
+#[test]
+fn service_series_are_bounded_folded_and_counted() {
+    let labelled =
+        |pid: u32, service: Option<&str>, scenario: Option<&str>, energy_j: f64| ProcessRecord {
+            service: service.map(Into::into),
+            scenario: scenario.map(Into::into),
+            ..record(pid, "worker", energy_j, false)
+        };
+    let processes = || {
+        vec![
+            labelled(10, Some("loan-api"), Some("credit"), 1.0),
+            labelled(11, Some("loan-api"), Some("query"), 2.0),
+            labelled(12, Some("batch"), Some("repayment"), 4.0),
+            labelled(13, None, None, 8.0),
+        ]
+    };
+    let bounded = MetricsRegistry::new().with_service_series(3);
+    let open = MetricsRegistry::new();
+    for w in 0..2 {
+        bounded.observe(&window(w, processes()));
+        open.observe(&window(w, processes()));
+    }
+    let m = parse(&bounded.render());
+    let series = |m: &HashMap<String, f64>, family: &str, service: &str, scenario: &str| {
+        m[&format!("{family}{{service=\"{service}\",scenario=\"{scenario}\"}}")]
+    };
+    let energy = "sci_service_energy_joules_total";
+    assert_eq!(series(&m, energy, "loan-api", "credit"), 2.0);
+    assert_eq!(series(&m, energy, "loan-api", "query"), 4.0);
+    // batch/repayment and the unlabelled process arrived past the limit of 3
+    // (two pairs and _other): 2 windows x (4 + 8) J, 4 records folded.
+    assert_eq!(series(&m, energy, "_other", "_other"), 24.0);
+    assert_eq!(m["sci_service_series_folded_total"], 4.0);
+    assert_eq!(
+        m.keys()
+            .filter(|k| k.starts_with(&format!("{energy}{{")))
+            .count(),
+        3
+    );
+    assert_eq!(sum_family(&m, energy), 30.0);
+    assert_eq!(sum_family(&m, "sci_service_cpu_seconds_total"), 4.0);
+    assert!(
+        (sum_family(&m, "sci_service_carbon_grams_total") - 0.30).abs() < 1e-12,
+        "{m:?}"
+    );
+
+    // Under the default limit every pair has its own series; none folded.
+    let m = parse(&open.render());
+    assert_eq!(series(&m, energy, "batch", "repayment"), 8.0);
+    assert_eq!(series(&m, energy, "unassigned", "unassigned"), 16.0);
+    assert_eq!(m["sci_service_series_folded_total"], 0.0);
+}

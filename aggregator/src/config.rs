@@ -195,6 +195,8 @@ pub struct AggregatorConfig {
     pub scheduling: crate::plan::shifting::SchedulingConfig,
     /// Prometheus remote-write of the rollups (off when absent).
     pub remote_write: Option<crate::export::remote_write::RemoteWriteConfig>,
+    /// OTLP/gRPC export of the rollups (off when absent).
+    pub otlp: Option<crate::export::otlp::OtlpConfig>,
 }
 
 impl Default for AggregatorConfig {
@@ -233,6 +235,7 @@ impl Default for AggregatorConfig {
             limits: LimitsConfig::default(),
             scheduling: Default::default(),
             remote_write: None,
+            otlp: None,
         }
     }
 }
@@ -457,6 +460,11 @@ impl AggregatorConfig {
                 self.postgres_url.is_some(),
             )
             .map_err(err)?;
+        }
+        if let Some(o) = &self.otlp {
+            o.validate().map_err(err)?;
+            crate::export::otlp::state_path(o, &self.database, self.postgres_url.is_some())
+                .map_err(err)?;
         }
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_address == 0 {

@@ -11,7 +11,9 @@
 //! mass unit of its top tick.
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use crate::figures::{count, energy_j, evidence_figure, mass_g, mass_unit, percent, sig4};
+use crate::figures::{
+    count, energy_j, evidence_figure, mass_g, mass_unit, opt_of_kind, percent, sig4, Kind,
+};
 use crate::hotspots::Hotspot;
 use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 use crate::sci::{mean_sci, pooled_sci, Disclosure, Evaluation, PeriodFigures};
@@ -77,7 +79,7 @@ fn periods_table(periods: &[PeriodFigures]) -> Markup {
                 th class="l" { "period" }
                 th { "coverage" }
                 @for c in &columns { th { "TA " (c) } }
-                th { "O (gCO2e)" } th { "M (gCO2e)" } th { "R (units)" } th { "SCI_j (g/unit)" }
+                th { "O (CO2e)" } th { "M (CO2e)" } th { "R (units)" } th { "SCI_j (CO2e/unit)" }
                 th class="l" { "in SCI_CF" }
             }
             @for p in periods {
@@ -87,10 +89,10 @@ fn periods_table(periods: &[PeriodFigures]) -> Markup {
                     @for c in &columns {
                         td { (count(p.transactions.get(c).copied().unwrap_or(0.0))) }
                     }
-                    td { (sig4(p.operational_g)) }
-                    td { (sig4(p.embodied_g)) }
-                    td { (sig4(p.business_units)) }
-                    td { (fmt_opt(p.sci_g_per_unit)) }
+                    td { (mass_g(p.operational_g)) }
+                    td { (mass_g(p.embodied_g)) }
+                    td { (count(p.business_units)) }
+                    td { (opt_of_kind(p.sci_g_per_unit, Kind::MassG)) }
                     td class="l" {
                         @if p.in_mean { "yes" } @else { "no: " (p.excluded_reason.as_deref().unwrap_or("")) }
                     }
@@ -112,10 +114,10 @@ fn summary_cards(e: &Evaluation) -> Markup {
     };
     html! {
         div class="cards" {
-            (card(Some("sci-mean"), fmt_opt(mean_sci(&e.periods)), "SCI_CF (mean of SCI_j), g/unit"))
-            (card(Some("sci-pooled"), fmt_opt(pooled_sci(&e.periods)), "pooled (ΣO+ΣM)/ΣR, g/unit"))
-            (card(None, mass_g(om), "O + M (covered periods)"))
-            (card(None, sig4(r), "R, business units"))
+            (card(Some("sci-mean"), opt_of_kind(mean_sci(&e.periods), Kind::MassG), "SCI_CF (mean of SCI_j), CO2e per business unit"))
+            (card(Some("sci-pooled"), opt_of_kind(pooled_sci(&e.periods), Kind::MassG), "pooled (ΣO+ΣM)/ΣR, CO2e per business unit"))
+            (card(Some("om"), mass_g(om), "O + M (covered periods)"))
+            (card(Some("r"), count(r), "R, business units"))
             (card(None, format!("{} / {}", e.periods_in_mean, e.periods.len()), "periods in SCI_CF / with data"))
         }
         @if let Some(note) = &e.coverage_note {
@@ -201,7 +203,7 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;font-size:13px;margin:6px 0}th,td{border:1px solid #dfe5ec;padding:4px 8px;text-align:right}\
 th{background:#f3f6f9}td.l,th.l{text-align:left}tr.warn td{background:#fff4e5}\
 ol.hot li{margin:6px 0}.kind{display:inline-block;font-size:11px;padding:1px 6px;border-radius:3px;background:#e8eef5;margin-right:6px}\
-iframe.flame{border:1px solid #dfe5ec;margin:8px 0;width:100%;display:block}\
+iframe.flame{border:1px solid #dfe5ec;margin:8px 0;width:100%;box-sizing:border-box;display:block}\
 @media print{body{margin:10mm}.cards{break-inside:avoid}table{break-inside:auto}tr{break-inside:avoid}}";
 
 /// A whole page: `title` in the head and as given, `body` below.
@@ -334,7 +336,7 @@ fn svg_height_px(svg: &str) -> Option<u32> {
 /// script (zoom, search, label fitting) and global CSS, which must neither
 /// touch the page's charts nor clash with a second flame graph's ids. The
 /// frame's document is an attribute value, so the template escapes it whole.
-fn flame_graph_frame(title: &str, svg: &str) -> Markup {
+pub(crate) fn flame_graph_frame(title: &str, svg: &str) -> Markup {
     let start = svg.find("<svg").unwrap_or(0);
     let document = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>body{{margin:0}}\
@@ -400,11 +402,11 @@ pub fn render_evaluation_report_html(e: &Evaluation, generated_at: &str) -> Stri
         table class="result" {
             tr {
                 th class="l" { "SCI_CF (mean of SCI_j over " (e.periods_in_mean) " periods)" }
-                td { (fmt_opt(e.sci_cf_mean)) " gCO2e/unit" }
+                td { (opt_of_kind(e.sci_cf_mean, Kind::MassG)) " CO2e/unit" }
             }
             tr {
                 th class="l" { "pooled (ΣO+ΣM)/ΣR" }
-                td { (fmt_opt(e.sci_cf_pooled)) " gCO2e/unit" }
+                td { (opt_of_kind(e.sci_cf_pooled, Kind::MassG)) " CO2e/unit" }
             }
         }
         h2 { "Disclosure" }
@@ -520,6 +522,33 @@ pub(crate) mod tests {
         assert_eq!(e.sci_cf_mean, mean_sci(p));
     }
 
+    /// #24: a card showed "2.110e-5"; every card is unit-scaled with 4
+    /// significant digits. SCI_j of 2.11e-5 g in both covered periods (mean
+    /// 21.10 µg); R x 10^4 (pooled 114 / 7,000,000 g = 16.29 µg).
+    #[test]
+    fn summary_cards_print_small_figures_in_their_unit() {
+        let mut e = evaluation();
+        for p in e.periods.iter_mut().filter(|p| p.sci_g_per_unit.is_some()) {
+            p.sci_g_per_unit = Some(2.11e-5);
+        }
+        for p in &mut e.periods {
+            p.business_units *= 1e4;
+        }
+        let html = summary_cards(&e).into_string();
+        let card = |id: &str| {
+            let at = html.find(&format!("id=\"{id}\">")).unwrap() + id.len() + 6;
+            html[at..at + html[at..].find('<').unwrap()].to_string()
+        };
+        assert_eq!(card("sci-mean"), "21.10 µg");
+        assert_eq!(card("sci-pooled"), "16.29 µg");
+        assert_eq!(card("r"), "7000000");
+        let scientific = html
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+            .filter(|w| w.contains("e-") && w.starts_with(|c: char| c.is_ascii_digit()))
+            .collect::<Vec<_>>();
+        assert!(scientific.is_empty(), "{scientific:?} in {html}");
+    }
+
     #[test]
     fn chart_bars_are_proportional_to_sci() {
         let svg = sci_chart_svg(&evaluation().periods).into_string();
@@ -581,8 +610,8 @@ pub(crate) mod tests {
         ));
         assert!(!html.contains("<?xml"));
         // 4 significant digits.
-        assert!(html.contains("<div class=\"v\" id=\"sci-mean\">0.2000</div>"));
-        assert!(html.contains("<div class=\"v\" id=\"sci-pooled\">0.1629</div>"));
+        assert!(html.contains("<div class=\"v\" id=\"sci-mean\">200.0 mg</div>"));
+        assert!(html.contains("<div class=\"v\" id=\"sci-pooled\">162.9 mg</div>"));
         // Host row: 50% CPU, 2.0 kJ, 25% idle energy.
         assert!(
             html.contains("<td>50.00</td><td>2.000 kJ</td><td>25.00</td>"),
@@ -602,9 +631,9 @@ pub(crate) mod tests {
     #[test]
     fn html_report_carries_the_same_figures() {
         let html = render_evaluation_report_html(&evaluation(), "2026-11-25");
-        assert!(html.contains("SCI_CF (mean of SCI_j over 2 periods)</th><td>0.2000 gCO2e/unit"));
+        assert!(html.contains("SCI_CF (mean of SCI_j over 2 periods)</th><td>200.0 mg CO2e/unit"));
         assert!(html.contains(
-            "<td class=\"l\">1970-01-01T08:00:00Z</td><td>100.0%</td><td>10</td><td>0</td><td>0</td><td>260</td><td>40.00</td><td>10.00</td><td>500.0</td><td>0.1000</td>"
+            "<td class=\"l\">1970-01-01T08:00:00Z</td><td>100.0%</td><td>10</td><td>0</td><td>0</td><td>260</td><td>40.00 g</td><td>10.00 g</td><td>500</td><td>100.0 mg</td>"
         ), "{html}");
         assert!(html.contains("T/CQJR 032.2-2025 Appendix A"));
         assert!(html.contains("<table class=\"disclosure\">"));

@@ -55,13 +55,17 @@ const MASS_UNITS: [(f64, &str); 6] = [
     (1e-9, "ng"),
 ];
 
-const ENERGY_UNITS: [(f64, &str); 5] = [
+const ENERGY_UNITS: [(f64, &str); 7] = [
     (1e9, "GJ"),
     (1e6, "MJ"),
     (1e3, "kJ"),
     (1.0, "J"),
     (1e-3, "mJ"),
+    (1e-6, "µJ"),
+    (1e-9, "nJ"),
 ];
+
+const DURATION_UNITS: [(f64, &str); 4] = [(1e9, "s"), (1e6, "ms"), (1e3, "µs"), (1.0, "ns")];
 
 /// The unit (factor, name) `v` prints in: the first, largest first, where
 /// the rounded value is >= 1; the smallest below it; the base unit for 0.
@@ -102,9 +106,40 @@ pub fn mass_unit(max_g: f64) -> (f64, &'static str) {
     unit_of(max_g, &MASS_UNITS)
 }
 
-/// Joules: GJ, MJ, kJ, J, mJ.
+/// Joules: GJ, MJ, kJ, J, mJ, µJ, nJ.
 pub fn energy_j(v: f64) -> String {
     scaled(v, &ENERGY_UNITS)
+}
+
+/// A duration given in nanoseconds: s, ms, µs, ns.
+pub fn duration_ns(v: f64) -> String {
+    scaled(v, &DURATION_UNITS)
+}
+
+/// What a figure measures, for [`of_kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Grams of CO2e.
+    MassG,
+    EnergyJ,
+    DurationNs,
+    /// A count or a ratio: 4 significant digits.
+    Plain,
+}
+
+/// `v` printed as its kind prints.
+pub fn of_kind(v: f64, kind: Kind) -> String {
+    match kind {
+        Kind::MassG => mass_g(v),
+        Kind::EnergyJ => energy_j(v),
+        Kind::DurationNs => duration_ns(v),
+        Kind::Plain => sig4(v),
+    }
+}
+
+/// `v` as its kind prints, "–" when there is none.
+pub fn opt_of_kind(v: Option<f64>, kind: Kind) -> String {
+    v.map_or_else(|| "–".to_string(), |v| of_kind(v, kind))
 }
 
 /// A figure of a hotspot's evidence (a count, a share, grams, joules: the
@@ -140,6 +175,13 @@ mod tests {
         assert_eq!(energy_j(3.64), "3.640 J");
         assert_eq!(energy_j(0.254), "254.0 mJ");
         assert_eq!(energy_j(0.0), "0 J");
+        assert_eq!(energy_j(2.11e-6), "2.110 µJ");
+        assert_eq!(energy_j(5.0e-9), "5.000 nJ");
+        assert_eq!(duration_ns(5_123_456.0), "5.123 ms");
+        assert_eq!(duration_ns(812.0), "812.0 ns");
+        assert_eq!(duration_ns(0.0), "0 ns");
+        assert_eq!(of_kind(2.11e-5, Kind::MassG), "21.10 µg");
+        assert_eq!(opt_of_kind(None, Kind::MassG), "–");
         assert_eq!(count(24.0), "24");
         assert_eq!(count(1.5), "1.500");
         assert_eq!(evidence_figure(0.000_213_4), "0.0002134");

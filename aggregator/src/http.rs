@@ -7,7 +7,7 @@
 //! candidate_from=&candidate_to=[&scope=&datacenter=&service=&host=&period=&
 //! profile_service=&profile_scenario=&target_utilisation=&seed=]&format=
 //! json|md|html|svg`, `GET /dashboard/compare?...` (the HTML review) and
-//! `GET /api/v1/distributions?from=&to=[&service=]` (per-request CPU and
+//! `GET /api/v1/distributions?from=&to=[&service=&datacenter=]` (per-request CPU and
 //! energy p50/p90/p99 per service and scenario), `GET /api/v1/services?
 //! from=&to=[&datacenter=]` (carbon, energy, CPU, hosts and transactions per
 //! service and scenario). Times are unix seconds or RFC 3339, periods
@@ -54,6 +54,7 @@ pub struct HttpState {
     pub recent_by_datacenter: Arc<Mutex<BTreeMap<String, Evaluation>>>,
     /// The remote-write exporter's counters.
     pub remote_write: Arc<crate::export::remote_write::RemoteWriteStats>,
+    pub otlp: Arc<crate::export::otlp::OtlpExportStats>,
 }
 
 impl HttpState {
@@ -67,6 +68,7 @@ impl HttpState {
             recent: Arc::new(Mutex::new(None)),
             recent_by_datacenter: Arc::new(Mutex::new(BTreeMap::new())),
             remote_write: Default::default(),
+            otlp: Default::default(),
             store,
             config,
             counters,
@@ -221,8 +223,14 @@ async fn dashboard(State(state): State<HttpState>, Query(q): Query<RangeQuery>) 
     bounded(&state, move || {
         let range = range_of(&s, &q)?;
         let e = evaluate_range(&s, &q)?;
-        let data = crate::views::dashboard(s.store.as_ref(), &range, e, &hotspot_options(&s))
-            .map_err(store_failure)?;
+        let data = crate::views::dashboard(
+            s.store.as_ref(),
+            &range,
+            e,
+            &hotspot_options(&s),
+            q.datacenter.as_deref(),
+        )
+        .map_err(store_failure)?;
         Ok((
             [("content-type", "text/html; charset=utf-8")],
             crate::dashboard::render_dashboard(&data),
@@ -237,11 +245,20 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
     bounded(&state, move || {
         let e = evaluate_range(&s, &q)?;
         match q.format.as_deref().unwrap_or("md") {
-            "md" => Ok((
-                [("content-type", "text/markdown; charset=utf-8")],
-                crate::report::markdown(&e),
-            )
-                .into_response()),
+            "md" => {
+                let range = range_of(&s, &q)?;
+                let (found, notes) = crate::views::hotspots(
+                    s.store.as_ref(),
+                    &range,
+                    &e,
+                    &hotspot_options(&s),
+                    q.datacenter.as_deref(),
+                )
+                .map_err(store_failure)?;
+                let mut md = crate::report::markdown(&e);
+                md.push_str(&crate::report::hotspots_markdown(&found, &notes));
+                Ok(([("content-type", "text/markdown; charset=utf-8")], md).into_response())
+            }
             "html" => Ok((
                 [("content-type", "text/html; charset=utf-8")],
                 crate::dashboard::render_evaluation_report_html(
@@ -259,20 +276,28 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
     .await
 }
 
+/// Hotspots of the range, of one data centre with `datacenter=`; what the
+/// rules could not see there is in the `sci-cf-notes` header.
 async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
     let s = state.clone();
     bounded(&state, move || {
-        if q.datacenter.is_some() {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "datacenter: hotspots are ranked across the fleet; this filter is not supported here".into(),
-            ));
-        }
         let range = range_of(&s, &q)?;
         let e = evaluate_range(&s, &q)?;
-        let found = crate::views::hotspots(s.store.as_ref(), &range, &e, &hotspot_options(&s))
-            .map_err(store_failure)?;
-        Ok(Json(found).into_response())
+        let (found, notes) = crate::views::hotspots(
+            s.store.as_ref(),
+            &range,
+            &e,
+            &hotspot_options(&s),
+            q.datacenter.as_deref(),
+        )
+        .map_err(store_failure)?;
+        let mut response = Json(found).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&notes.join("; ")) {
+            if !notes.is_empty() {
+                response.headers_mut().insert("sci-cf-notes", v);
+            }
+        }
+        Ok(response)
     })
     .await
 }
@@ -516,6 +541,9 @@ pub struct DistributionQuery {
     #[serde(default, deserialize_with = "crate::params::time")]
     pub to: Option<u64>,
     pub service: Option<String>,
+    /// One data centre's requests (404 naming the known ones when no host
+    /// ever reported from it).
+    pub datacenter: Option<String>,
 }
 
 async fn distributions(
@@ -525,7 +553,14 @@ async fn distributions(
     let s = state.clone();
     bounded(&state, move || {
         let range = range_from_to(&s, q.from, q.to)?;
-        let rows = s.store.request_cpu(&range, None).map_err(store_failure)?;
+        if let Some(dc) = &q.datacenter {
+            let spans = s.store.host_spans().map_err(store_failure)?;
+            crate::sci::known_datacenter(&spans, dc).map_err(|m| (StatusCode::NOT_FOUND, m))?;
+        }
+        let rows = s
+            .store
+            .request_cpu(&range, q.datacenter.as_deref())
+            .map_err(store_failure)?;
         let found: Vec<crate::review::distribution::Distribution> = rows
             .iter()
             .filter(|r| q.service.as_deref().is_none_or(|x| x == r.service))
@@ -716,6 +751,7 @@ pub fn render_metrics(state: &HttpState) -> String {
     }
     out.push(retention);
     state.remote_write.families(&mut out);
+    state.otlp.families(&mut out);
     let mut last_seen = Family::gauge(
         "sci_host_last_seen_seconds",
         "End of the last window accepted from each host (unix seconds).",

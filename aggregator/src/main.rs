@@ -42,6 +42,9 @@ enum Command {
         /// Period length, e.g. 1h (default: the configured one).
         #[arg(long, value_parser = agent_common::time_text::parse_duration)]
         period: Option<std::time::Duration>,
+        /// One data centre's figures and hotspots (default: the fleet).
+        #[arg(long)]
+        datacenter: Option<String>,
         /// json, md, html (printable, with the SCI_j chart) or text (a
         /// summary for a terminal).
         #[arg(long, default_value = "md")]
@@ -89,6 +92,17 @@ enum Command {
         /// md, html, json, or svg (the differential flame graph alone).
         #[arg(long, default_value = "md")]
         format: String,
+    },
+    /// Copy a SQLite store into a new PostgreSQL database (same rollup
+    /// steps; the target must hold no data). Stop the aggregator writing
+    /// the file first, or copy an online backup of it.
+    MigrateStore {
+        /// sqlite:PATH (or a path) of the store to copy.
+        #[arg(long)]
+        from: String,
+        /// postgres://... (or a libpq key=value string) of the target.
+        #[arg(long)]
+        to: String,
     },
     /// Backfill: send the rollups of FROM..TO to the [remote_write]
     /// endpoint (the same state file as `serve`, which goes on from TO).
@@ -227,12 +241,46 @@ fn run() -> Result<()> {
             })?;
             Ok(())
         }
+        Command::MigrateStore { from, to } => {
+            let path = PathBuf::from(from.strip_prefix("sqlite:").unwrap_or(&from));
+            if !path.is_file() {
+                bail!("--from {from}: no SQLite file at {}", path.display());
+            }
+            if !(to.starts_with("postgres://")
+                || to.starts_with("postgresql://")
+                || to.contains('='))
+            {
+                bail!("--to {to}: give a postgres:// URL or a libpq key=value string");
+            }
+            let layout = sci_aggregator::store::sqlite::SqliteStore::stored_layout(&path)?
+                .with_context(|| format!("--from {from}: the file records no rollup steps (not a sci-aggregator store)"))?;
+            let target = sci_aggregator::store::postgres::PostgresStore::open(
+                &to,
+                layout,
+                2,
+                std::time::Duration::from_secs(300),
+            )
+            .with_context(|| {
+                format!(
+                    "--to: opening the PostgreSQL store with the file's steps ({} s, {} s)",
+                    layout.step_s, layout.host_step_s
+                )
+            })?;
+            let report = sci_aggregator::store::migrate::copy_sqlite_to_postgres(&path, &target)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!(
+                "migrate-store: copied {} rows; run VACUUM (ANALYZE) and CHECKPOINT on the database before serving from it",
+                report.rows.values().sum::<u64>()
+            );
+            Ok(())
+        }
         Command::Report {
             config,
             db,
             from,
             to,
             period,
+            datacenter,
             format,
         } => {
             let cfg = config_with_db(config.as_deref(), db)?;
@@ -265,15 +313,36 @@ fn run() -> Result<()> {
             };
             let range = sci_aggregator::store::Range::new(from, to, period_s, &store.layout())
                 .map_err(anyhow::Error::msg)?;
-            let evaluation = sci_aggregator::sci::evaluate_store(
-                store.as_ref(),
+            let mut input = sci_aggregator::sci::EvaluationInput::read(store.as_ref(), &range)?;
+            if let Some(dc) = &datacenter {
+                input.only_datacenter(dc).map_err(anyhow::Error::msg)?;
+            }
+            let evaluation = sci_aggregator::sci::evaluate(
+                &input,
                 &range,
+                range.host_range(&store.layout()),
                 &cfg.weights,
                 cfg.min_coverage,
-            )?;
+            );
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&evaluation)?),
-                "md" => print!("{}", sci_aggregator::report::markdown(&evaluation)),
+                "md" => {
+                    let (found, notes) = sci_aggregator::views::hotspots(
+                        store.as_ref(),
+                        &range,
+                        &evaluation,
+                        &sci_aggregator::hotspots::HotspotOptions {
+                            min_samples: cfg.min_profile_samples,
+                            ..Default::default()
+                        },
+                        datacenter.as_deref(),
+                    )?;
+                    print!(
+                        "{}{}",
+                        sci_aggregator::report::markdown(&evaluation),
+                        sci_aggregator::report::hotspots_markdown(&found, &notes)
+                    );
+                }
                 "text" => print!("{}", sci_aggregator::report::console(&evaluation)),
                 "html" => print!(
                     "{}",

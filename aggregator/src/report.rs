@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::figures::{count, energy_j, mass_g, percent, sig4};
+use crate::hotspots::Hotspot;
 use crate::sci::{Disclosure, Evaluation};
 
 /// gCO2e per business unit, unit-scaled.
@@ -135,7 +136,7 @@ pub fn markdown(e: &Evaluation) -> String {
         let _ = writeln!(md, "{}", md_row(&disclosure_cells(d)));
     }
     let _ = writeln!(md, "\n## Periods\n");
-    let _ = writeln!(md, "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |");
+    let _ = writeln!(md, "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (CO2e/unit) | in SCI_CF |");
     let _ = writeln!(
         md,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
@@ -155,7 +156,7 @@ pub fn markdown(e: &Evaluation) -> String {
             ta("query"),
             mass_g(p.operational_g),
             mass_g(p.embodied_g),
-            sig4(p.business_units),
+            count(p.business_units),
             p.sci_g_per_unit.map_or("undefined".into(), mass_g),
             if p.in_mean {
                 "yes".to_string()
@@ -261,6 +262,40 @@ pub const UNASSIGNED_NOTE: &str = "unassigned (no rule): processes no scenario r
 /// out with why, O, M and R over the covered periods (so that (O+M)/R is
 /// the pooled figure printed beside it), the scenarios and the
 /// heaviest services.
+/// The hotspot section of the Markdown report: each finding with the
+/// carbon at stake and its recommendation, then what the rules could not see.
+pub fn hotspots_markdown(hotspots: &[Hotspot], notes: &[String]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Hotspots
+"
+    );
+    if hotspots.is_empty() {
+        let _ = writeln!(md, "No hotspot found in this range.\n");
+    } else {
+        let _ = writeln!(md, "| kind | subject | carbon at stake | recommendation |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for h in hotspots {
+            let _ = writeln!(
+                md,
+                "{}",
+                md_row(&[
+                    h.kind.as_str().to_string(),
+                    h.subject.clone(),
+                    format!("{} ({} g)", mass_g(h.impact_carbon_g), h.impact_carbon_g),
+                    h.recommendation.clone(),
+                ])
+            );
+        }
+        let _ = writeln!(md);
+    }
+    for note in notes {
+        let _ = writeln!(md, "Not seen: {}.\n", md_cell(note));
+    }
+    md
+}
+
 pub fn console(e: &Evaluation) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -366,9 +401,9 @@ mod tests {
             md.contains("over the same periods, for comparison: 162.9 mg CO2e per business unit")
         );
         assert!(md.contains(
-            "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (gCO2e/unit) | in SCI_CF |"
+            "| period start | windows | hosts | coverage | TA credit | TA drawdown | TA repayment | TA query | O | M | R | SCI_j (CO2e/unit) | in SCI_CF |"
         ));
-        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10 | 0 | 0 | 260 | 40.00 g | 10.00 g | 500.0 | 100.0 mg | yes |"), "{md}");
+        assert!(md.contains("| 1970-01-01T08:00:00Z | 1 | 1 | 100.0% | 10 | 0 | 0 | 260 | 40.00 g | 10.00 g | 500 | 100.0 mg | yes |"), "{md}");
         assert!(md.contains("| 1970-01-01T10:00:00Z | 1 | 1 | 100.0% | 0 | 0 | 0 | 0 | 3.000 g | 1.000 g | 0 | undefined | no: no completed transactions in the period (R = 0) |"), "{md}");
         // Weights in name order, the disclosure table present.
         assert!(

@@ -351,18 +351,7 @@ impl EvaluationInput {
     /// Keeps one data centre's rows; an error naming the known ones when no
     /// host of the store ever reported from `datacenter`.
     pub fn only_datacenter(&mut self, datacenter: &str) -> Result<(), String> {
-        let known: BTreeSet<&str> = self.spans.iter().map(|s| s.datacenter.as_str()).collect();
-        if !known.contains(datacenter) {
-            let known: Vec<&str> = known.into_iter().collect();
-            return Err(format!(
-                "datacenter {datacenter:?}: no host has reported from it (known: {})",
-                if known.is_empty() {
-                    "none yet".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ));
-        }
+        known_datacenter(&self.spans, datacenter)?;
         self.fleet.retain(|r| r.datacenter == datacenter);
         self.scenarios.retain(|r| r.datacenter == datacenter);
         self.hosts.retain(|r| r.datacenter == datacenter);
@@ -370,6 +359,24 @@ impl EvaluationInput {
         self.spans.retain(|r| r.datacenter == datacenter);
         Ok(())
     }
+}
+
+/// Ok when a host of `spans` (the store's hosts) ever reported from
+/// `datacenter`; else an error naming the known data centres.
+pub fn known_datacenter(spans: &[HostSpan], datacenter: &str) -> Result<(), String> {
+    let known: BTreeSet<&str> = spans.iter().map(|s| s.datacenter.as_str()).collect();
+    if known.contains(datacenter) {
+        return Ok(());
+    }
+    let known: Vec<&str> = known.into_iter().collect();
+    Err(format!(
+        "datacenter {datacenter:?}: no host has reported from it (known: {})",
+        if known.is_empty() {
+            "none yet".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
 }
 
 /// Reads the range's rollups and evaluates them.

@@ -278,6 +278,29 @@ pub async fn serve(
             }
         });
     }
+    if let Some(o) = &config.otlp {
+        let path =
+            crate::export::otlp::state_path(o, &config.database, config.postgres_url.is_some())
+                .map_err(config_err)?;
+        let mut exporter = crate::export::otlp::OtlpExporter::open(
+            o.clone(),
+            path,
+            Arc::clone(&store),
+            config.weights.clone(),
+            Arc::clone(&http_state.otlp),
+            None,
+        )?;
+        tracing::info!(
+            "otlp export to {} from {} (unix s)",
+            o.endpoint,
+            exporter.position_s()
+        );
+        tokio::spawn(async move {
+            if let Err(e) = exporter.run(None).await {
+                tracing::error!("otlp export stopped: {e}");
+            }
+        });
+    }
     {
         // Retention: hourly, off the ingest path (SQLite deletes in slices).
         let store = Arc::clone(&store);

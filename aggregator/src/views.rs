@@ -1,6 +1,6 @@
 //! What the dashboard, the hotspot API and the profile exports show, read
 //! from the store's rollups (never raw windows) beside the one evaluation.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::dashboard::{DashboardData, FlameGraphPanel};
 use crate::error::AggregatorError;
@@ -93,12 +93,20 @@ pub fn top_profiles(
 }
 
 /// The hotspot rules' input for the range, the profiles it used (see
-/// [`top_profiles`]) and how many profiles the range holds.
+/// [`top_profiles`]), how many profiles the range holds, and what the
+/// input could not see.
+///
+/// With a data centre, `e` is that data centre's evaluation: its hosts
+/// and its scenarios' work are read, and every region's intensity (a move
+/// compares with the others). Profiles are stored per service, not per
+/// data centre, so only the profiles of services that ran in this data
+/// centre alone are read; the others are named in the notes.
 pub fn hotspot_input(
     store: &dyn Store,
     range: &Range,
     e: &Evaluation,
-) -> Result<(HotspotInput, Vec<MergedProfile>, ProfileCount), AggregatorError> {
+    datacenter: Option<&str>,
+) -> Result<(HotspotInput, Vec<MergedProfile>, ProfileCount, Vec<String>), AggregatorError> {
     let hosts = e
         .hosts
         .iter()
@@ -121,6 +129,9 @@ pub fn hotspot_input(
     // Workloads: per scenario and region, the fleet's carbon and transactions.
     let mut workloads: BTreeMap<(String, Option<String>), WorkloadPeriod> = BTreeMap::new();
     for s in store.scenario_periods(range)? {
+        if datacenter.is_some_and(|dc| dc != s.datacenter) {
+            continue;
+        }
         let region = some_unless_none(&s.datacenter);
         let w = workloads
             .entry((s.scenario.clone(), region.clone()))
@@ -134,7 +145,30 @@ pub fn hotspot_input(
         w.carbon_g += s.carbon_g + s.embodied_g;
         w.transactions += s.transactions.round() as u64;
     }
-    let (profiles, all) = top_profiles(store, range)?;
+    let (mut profiles, all) = top_profiles(store, range)?;
+    let mut notes = Vec::new();
+    if let Some(dc) = datacenter {
+        let mut places: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for r in store.host_services(range)? {
+            places.entry(r.service).or_default().insert(r.datacenter);
+        }
+        let only_here = |p: &MergedProfile| {
+            p.service
+                .as_ref()
+                .and_then(|s| places.get(s))
+                .is_some_and(|dcs| dcs.len() == 1 && dcs.contains(dc))
+        };
+        let (here, elsewhere): (Vec<_>, Vec<_>) = profiles.into_iter().partition(only_here);
+        profiles = here;
+        if !elsewhere.is_empty() {
+            let names: Vec<String> = elsewhere.iter().map(MergedProfile::subject).collect();
+            notes.push(format!(
+                "hot functions not ranked for {}: their service also runs outside {dc} or is \
+                 unassigned, and profiles are stored per service, not per data centre",
+                names.join(", ")
+            ));
+        }
+    }
     let functions = profiles
         .iter()
         .flat_map(|p| {
@@ -173,17 +207,21 @@ pub fn hotspot_input(
         },
         profiles,
         all,
+        notes,
     ))
 }
 
+/// The hotspots of the range (of one data centre, `e` being its
+/// evaluation) and what the rules could not see.
 pub fn hotspots(
     store: &dyn Store,
     range: &Range,
     e: &Evaluation,
     options: &HotspotOptions,
-) -> Result<Vec<Hotspot>, AggregatorError> {
-    let (input, _, _) = hotspot_input(store, range, e)?;
-    Ok(find_hotspots(&input, options))
+    datacenter: Option<&str>,
+) -> Result<(Vec<Hotspot>, Vec<String>), AggregatorError> {
+    let (input, _, _, notes) = hotspot_input(store, range, e, datacenter)?;
+    Ok((find_hotspots(&input, options), notes))
 }
 
 /// Why a profile is not shown (too few samples to support a claim).
@@ -206,10 +244,11 @@ pub fn dashboard(
     range: &Range,
     e: Evaluation,
     options: &HotspotOptions,
+    datacenter: Option<&str>,
 ) -> Result<DashboardData, AggregatorError> {
-    let (input, profiles, all) = hotspot_input(store, range, &e)?;
+    let (input, profiles, all, notes) = hotspot_input(store, range, &e, datacenter)?;
     let mut flamegraphs = Vec::new();
-    let mut withheld = Vec::new();
+    let mut withheld = notes;
     for p in &profiles {
         if let Some(reason) = withheld_reason(p, options.min_samples) {
             withheld.push(reason);
@@ -328,7 +367,7 @@ mod tests {
         assert_eq!(hours[0].datacenter, "east");
         assert_eq!(hours[0].intensity_x_s / hours[0].host_s, 800.0);
         let e = evaluate_store(&store, &range, &crate::config::standard_weights(), 0.9).unwrap();
-        let found = hotspots(&store, &range, &e, &HotspotOptions::default()).unwrap();
+        let (found, _) = hotspots(&store, &range, &e, &HotspotOptions::default(), None).unwrap();
         // East's mean is 600, west's 300: moving saves 1 - 300/600 = 50%.
         let region = found
             .iter()
@@ -382,7 +421,7 @@ mod tests {
         store.commit(&[w]).unwrap();
         let range = Range::new(T0, T0 + 3600, 3600, &store.layout()).unwrap();
         let e = evaluate_store(&store, &range, &crate::config::standard_weights(), 0.9).unwrap();
-        let data = dashboard(&store, &range, e, &HotspotOptions::default()).unwrap();
+        let data = dashboard(&store, &range, e, &HotspotOptions::default(), None).unwrap();
         assert!(data.flamegraphs.is_empty());
         assert!(data
             .hotspots

@@ -652,7 +652,9 @@ fn the_review_finds_the_cheaper_function_and_the_lower_p50() {
     assert!(md.contains("| credit carbon / transaction |") && md.contains("| lower |"));
     assert!(md.contains("Disclosure: candidate"));
     let html = sci_aggregator::review::report::html(&r, "now");
-    assert!(html.contains("<svg") && html.contains("score"));
+    // Both graphs, each in its own full-width frame (the SVG escaped in srcdoc).
+    assert_eq!(html.matches("<iframe class=\"flame\"").count(), 2);
+    assert!(html.contains("&lt;svg") && html.contains("score"));
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["diff_profile"]["functions"][0]["function"], "score");
 }
@@ -673,18 +675,13 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-#[test]
-fn the_review_over_http_json_page_and_errors() {
-    let (_dir, store) = open();
-    store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
-    store
-        .commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20))
-        .unwrap();
+/// The aggregator's HTTP API over `store` on a loopback port; the runtime
+/// serves as long as it is kept.
+fn serve(
+    store: SqliteStore,
+    config: sci_aggregator::config::AggregatorConfig,
+) -> (tokio::runtime::Runtime, std::net::SocketAddr) {
     let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
-    let config = sci_aggregator::config::AggregatorConfig {
-        min_profile_samples: 50,
-        ..Default::default()
-    };
     let state = sci_aggregator::http::HttpState::new(
         store,
         std::sync::Arc::new(config),
@@ -700,6 +697,23 @@ fn the_review_over_http_json_page_and_errors() {
             .await
             .unwrap()
     });
+    (runtime, addr)
+}
+
+#[test]
+fn the_review_over_http_json_page_and_errors() {
+    let (_dir, store) = open();
+    store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
+    store
+        .commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20))
+        .unwrap();
+    let (_runtime, addr) = serve(
+        store,
+        sci_aggregator::config::AggregatorConfig {
+            min_profile_samples: 50,
+            ..Default::default()
+        },
+    );
     let q = format!(
         "baseline_from={}&baseline_to={}&candidate_from={}&candidate_to={}",
         DAY0,
@@ -720,7 +734,7 @@ fn the_review_over_http_json_page_and_errors() {
     assert_eq!(r["diff_profile"]["functions"][0]["function"], "score");
     let (status, page) = http_get(addr, &format!("/dashboard/compare?{q}"));
     assert_eq!(status, 200);
-    assert!(page.contains("Optimisation review") && page.contains("<svg"));
+    assert!(page.contains("Optimisation review") && page.contains("&lt;svg"));
     let (status, svg) = http_get(addr, &format!("/api/v1/compare?{q}&format=svg"));
     assert_eq!(status, 200);
     assert!(svg.starts_with("<?xml") || svg.contains("<svg"));
@@ -739,12 +753,11 @@ fn the_review_over_http_json_page_and_errors() {
     let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&target_utilisation=1.5"));
     assert_eq!(status, 400);
     assert!(body.contains("target_utilisation"), "{body}");
-    // A service scope needs periods of whole host steps.
-    let (status, body) = http_get(
-        addr,
-        &format!("/api/v1/compare?{q}&scope=service&period=60"),
-    );
+    // A host scope needs periods of whole host steps (a service scope reads
+    // the per-minute service rollups for shorter ones).
+    let (status, body) = http_get(addr, &format!("/api/v1/compare?{q}&scope=host&period=60"));
     assert_eq!(status, 400, "{body}");
+    assert!(body.contains("host_rollup_step"), "{body}");
 }
 
 /// `--datacenter dc1` (issue 24 item 5): the distributions and the
@@ -801,4 +814,184 @@ fn a_datacenter_review_plans_and_lists_distributions_for_that_datacenter_only() 
     let expect = |b: i32| 2f64.powi(b - 1) * (1.0 + 500.0 / 900.0);
     assert!((d.baseline.p50_cpu_ns.unwrap() - expect(21)).abs() < 1e-6);
     assert!((d.candidate.p50_cpu_ns.unwrap() - expect(20)).abs() < 1e-6);
+}
+
+/// `/api/v1/distributions?datacenter=`: dc1's requests sit in log2 bins 21
+/// and 22 (900 + 100 per hour), dc2's in 12 and 13; each data centre's
+/// answer holds its own 24,000 requests and p50, the fleet's both; an
+/// unknown data centre is a 404 naming the known ones.
+#[test]
+fn distributions_of_one_datacenter_hold_its_requests_only() {
+    let (_dir, store) = open();
+    store.commit(&profiled_day(0, DAY0, 0.8, 21)).unwrap();
+    let dc2: Vec<v1::WindowReport> = profiled_day(200, DAY0, 0.8, 12)
+        .into_iter()
+        .map(|mut w| {
+            w.host = "h2".into();
+            w.datacenter = "dc2".into();
+            w
+        })
+        .collect();
+    store.commit(&dc2).unwrap();
+    let (_runtime, addr) = serve(store, Default::default());
+    let get = |extra: &str| {
+        let (status, body) = http_get(
+            addr,
+            &format!(
+                "/api/v1/distributions?from={DAY0}&to={}{extra}",
+                DAY0 + 86_400
+            ),
+        );
+        assert_eq!(status, 200, "{extra}: {body}");
+        let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let credit: Vec<serde_json::Value> = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["scenario"] == "credit")
+            .cloned()
+            .collect();
+        assert_eq!(credit.len(), 1, "{extra}: {body}");
+        (
+            credit[0]["requests"].as_f64().unwrap(),
+            credit[0]["p50_cpu_ns"].as_f64().unwrap(),
+        )
+    };
+    // p50 of 900 in log2 bin b and 100 in b+1: 2^(b-1) (1 + 5/9).
+    let p50 = |b: i32| 2f64.powi(b - 1) * (1.0 + 500.0 / 900.0);
+    let (requests, dc1_p50) = get("&datacenter=dc1");
+    assert_eq!(requests, 24_000.0);
+    assert!((dc1_p50 - p50(21)).abs() < 1e-6, "dc1 p50 {dc1_p50}");
+    let (requests, dc2_p50) = get("&datacenter=dc2");
+    assert_eq!(requests, 24_000.0);
+    assert!((dc2_p50 - p50(12)).abs() < 1e-6, "dc2 p50 {dc2_p50}");
+    // The fleet: both data centres' 48,000 requests, half in each.
+    let (requests, fleet_p50) = get("");
+    assert_eq!(requests, 48_000.0);
+    assert!(fleet_p50 > dc2_p50 && fleet_p50 < dc1_p50);
+    let (status, body) = http_get(
+        addr,
+        &format!(
+            "/api/v1/distributions?from={DAY0}&to={}&datacenter=dc9",
+            DAY0 + 86_400
+        ),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("\"dc9\"") && body.contains("known: dc1, dc2"),
+        "{body}"
+    );
+}
+
+/// Minute windows of h1 over `[from_s, from_s + minutes x 60)`: credit at
+/// ~100 transactions a minute and `credit_g` per transaction, each figure
+/// with +-10% noise (as [`day`], per minute).
+fn minutes(
+    seq0: u64,
+    from_s: u64,
+    count: u64,
+    credit_g: f64,
+    rng: &mut Rng,
+) -> Vec<v1::WindowReport> {
+    (0..count)
+        .map(|m| {
+            let credit = (100.0 * rng.around(0.1)).round() as u64;
+            let carbon = credit as f64 * credit_g * rng.around(0.1);
+            let mut w = hour_window(
+                "h1",
+                seq0 + m,
+                from_s + 60 * m,
+                &[Txn {
+                    scenario: "credit",
+                    transactions: credit,
+                    carbon_g: carbon,
+                    energy_j: carbon / 500.0 / 1.5 * 3.6e6,
+                    cpu_ns: (carbon * 1e9) as u64,
+                }],
+            );
+            w.end_unix_ns = (from_s + 60 * (m + 1)) * NS;
+            w.idle_cpu_ns = (4 * 60 * NS).saturating_sub(w.busy_cpu_ns);
+            w
+        })
+        .collect()
+}
+
+/// Two 30-minute ranges inside one host step (an hour), periods of 5
+/// minutes (6 per range): credit 0.5 -> 0.6 g per transaction (+20%) is
+/// found "higher" in the service scope with the true change (+0.1 g) inside
+/// the interval, from the per-minute service rollups. Once retention has
+/// removed those, the same review is refused with the reason, while
+/// whole-hour service figures remain.
+#[test]
+fn a_thirty_minute_service_review_finds_a_twenty_percent_regression() {
+    let (_dir, store) = open();
+    let mut rng = Rng::seeded(7);
+    let t0 = DAY0 + 10 * 3600;
+    store.commit(&minutes(0, t0, 30, 0.5, &mut rng)).unwrap();
+    store
+        .commit(&minutes(100, t0 + 1800, 30, 0.6, &mut rng))
+        .unwrap();
+    let baseline = Range::new(t0, t0 + 1800, 300, &LAYOUT).unwrap();
+    let candidate = Range::new(t0 + 1800, t0 + 3600, 300, &LAYOUT).unwrap();
+    let mut service = options(Scope::Service);
+    service.filters.service = Some("svc".into());
+    let c = compare_ranges(&store, &baseline, &candidate, &service).unwrap();
+    let credit = c.scenarios.iter().find(|s| s.scenario == "credit").unwrap();
+    let g = &credit.g_per_transaction;
+    assert_eq!(g.verdict, Verdict::Higher, "{g:?}");
+    assert_eq!((g.baseline_periods, g.candidate_periods), (6, 6), "{g:?}");
+    assert!(
+        g.ci_low.unwrap() > 0.0 && g.ci_low.unwrap() < 0.1 && g.ci_high.unwrap() > 0.1,
+        "the interval holds +0.1 g: {g:?}"
+    );
+    let rel = g.relative_difference.unwrap();
+    println!(
+        "30-min service review: {:?} -> {:?} g/txn, {rel:+.4}, 95% interval [{:?}, {:?}]",
+        g.baseline, g.candidate, g.ci_low, g.ci_high
+    );
+    assert!((rel - 0.2).abs() < 0.05, "relative difference {rel}");
+    // The service's figures are the scenario's (one service ran it): the
+    // same per-transaction carbon as the data-centre scope.
+    let dc = compare_ranges(&store, &baseline, &candidate, &options(Scope::Datacenter)).unwrap();
+    let dc_credit = dc
+        .scenarios
+        .iter()
+        .find(|s| s.scenario == "credit")
+        .unwrap();
+    for (a, b) in [
+        (g.baseline, dc_credit.g_per_transaction.baseline),
+        (g.candidate, dc_credit.g_per_transaction.candidate),
+    ] {
+        assert!(
+            (a.unwrap() - b.unwrap()).abs() < 1e-9 * b.unwrap(),
+            "{a:?} {b:?}"
+        );
+    }
+    // Retention of raw windows (and the per-minute rollups) reaches past
+    // the hour: the 30-minute service review is refused with the reason.
+    let retention = sci_aggregator::store::Retention {
+        raw: Duration::from_secs(86_400),
+        keys: Duration::from_secs(86_400),
+        rollups: Duration::from_secs(400 * 86_400),
+    };
+    let expired = store.expire(t0 + 3600 + 86_400, &retention).unwrap();
+    assert!(expired.rollup_rows >= 60, "{expired:?}");
+    let refused = compare_ranges(&store, &baseline, &candidate, &service).unwrap_err();
+    let reason = refused.to_string();
+    assert!(
+        reason.contains("already rolled up into host steps of 3600 s")
+            && reason.contains(&format!("{}", t0 + 3600)),
+        "{reason}"
+    );
+    // Whole hours still answer from the hourly service rollups.
+    let hour = Range::new(t0, t0 + 3600, 3600, &LAYOUT).unwrap();
+    let h = compare_ranges(&store, &hour, &hour, &service).unwrap();
+    let credit = h.scenarios.iter().find(|s| s.scenario == "credit").unwrap();
+    assert!(
+        (credit.baseline.transactions
+            - dc_credit.baseline.transactions
+            - dc_credit.candidate.transactions)
+            .abs()
+            < 1e-6
+    );
 }

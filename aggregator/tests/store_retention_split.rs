@@ -270,4 +270,71 @@ fn supply_rollups_have_a_daily_copy_split_by_time() {
     let part =
         sci_aggregator::store::Range::new(DAY0 + 3600, DAY0 + 2 * 86_400, 3600, &LAYOUT).unwrap();
     assert!(store.supply_periods(&part).unwrap().is_empty());
+
+/// Migration 28 on a store that already holds service rollups (issue 24):
+/// the per-minute service table starts after their last host step, and a
+/// service review with shorter periods from before that is refused; the
+/// hourly service figures keep answering. Simulated by undoing migration 28
+/// on a store with data (dropping its table and meta key) and reopening.
+#[test]
+fn the_per_minute_service_rollups_start_after_the_hours_stored_before_them() {
+    use sci_aggregator::store::Range;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sci.db");
+    let with_service = |seq: u64, start_s: u64, end_s: u64| {
+        let mut w = window(seq, start_s, end_s, 10.0);
+        w.processes.push(v1::ProcessRecord {
+            service: "svc".into(),
+            scenario: "credit".into(),
+            cpu_ns: 1_000_000,
+            energy_j: 5.0,
+            carbon_g: 0.005,
+            ..Default::default()
+        });
+        w
+    };
+    {
+        let store = SqliteStore::open_with(&db, LAYOUT, Duration::from_secs(30)).unwrap();
+        // 10:20-10:40: the last service hour is 10:00.
+        store
+            .commit(&[with_service(
+                0,
+                DAY0 + 10 * 3600 + 1200,
+                DAY0 + 10 * 3600 + 2400,
+            )])
+            .unwrap();
+        assert_eq!(count(&db, "SELECT count(*) FROM service_rollup_m"), 20);
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "DROP TABLE service_rollup_m; DELETE FROM schema_migrations WHERE version = 28;",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open_with(&db, LAYOUT, Duration::from_secs(30)).unwrap();
+    let from_s = DAY0 + 11 * 3600;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let kept_from: String = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'service_rollup_m_from_s'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept_from, from_s.to_string());
+    assert_eq!(count(&db, "SELECT count(*) FROM service_rollup_m"), 0);
+    let before = Range::new(DAY0 + 10 * 3600, DAY0 + 11 * 3600, 600, &LAYOUT).unwrap();
+    let reason = store.service_periods(&before).unwrap_err().to_string();
+    assert!(reason.contains(&format!("before {from_s}")), "{reason}");
+    let hourly = Range::new(DAY0 + 10 * 3600, DAY0 + 11 * 3600, 3600, &LAYOUT).unwrap();
+    let rows = store.service_periods(&hourly).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!((rows[0].row.energy_j - 5.0).abs() < 1e-9);
+    // Windows after it land in the new table: 11:00-11:10 in 10-minute periods.
+    store
+        .commit(&[with_service(1, from_s, from_s + 600)])
+        .unwrap();
+    let after = Range::new(from_s, from_s + 600, 600, &LAYOUT).unwrap();
+    let rows = store.service_periods(&after).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!((rows[0].row.energy_j - 5.0).abs() < 1e-9);
 }

@@ -138,23 +138,21 @@ fn assert_shows(html: &str, what: &str, shown: &str, expected: f64) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_renders_real_data_in_chromium() {
-    let Some(_) = provisioned_tool(
-        Path::new("/usr/bin/chromium"),
-        "dashboard_renders_real_data_in_chromium",
-    ) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start(
-        dir.path(),
+/// An aggregator (60 s periods, `extra` configuration) that knows loan-host-7.
+fn loan_host_aggregator(dir: &Path, extra: &str) -> Aggregator {
+    Aggregator::start(
+        dir,
         60,
-        "[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n",
+        &format!("{extra}[[agents]]\nhost = \"loan-host-7\"\ntoken = \"loan-host-7-token-0123\"\n"),
         true,
-    );
+    )
+}
+
+/// Sends `windows` of loan-host-7 through the real forwarder and waits
+/// until the aggregator has acknowledged them all.
+async fn deliver(agg: &Aggregator, dir: &Path, windows: &[v1::WindowReport]) {
     let spool = Arc::new(Mutex::new(
-        Spool::open(&dir.path().join("spool"), 1 << 26, "inst").unwrap(),
+        Spool::open(&dir.join("spool"), 1 << 26, "inst").unwrap(),
     ));
     let notify = Arc::new(Notify::new());
     let forwarder = tokio::spawn(run_forwarder(
@@ -168,6 +166,29 @@ async fn dashboard_renders_real_data_in_chromium() {
         Arc::clone(&notify),
         Arc::new(ForwarderStats::default()),
     ));
+    for w in windows {
+        spool.lock().unwrap().append(w).unwrap();
+        notify.notify_one();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spool.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "windows not acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    forwarder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_renders_real_data_in_chromium() {
+    let Some(_) = provisioned_tool(
+        Path::new("/usr/bin/chromium"),
+        "dashboard_renders_real_data_in_chromium",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agg = loan_host_aggregator(dir.path(), "");
+    let mut windows = Vec::new();
     let start = (now_s() / 60 - 4) * 60;
     // Four 60 s periods of three 20 s windows; queries grow by period so
     // that the mean of SCI_j and the pooled figure differ.
@@ -202,21 +223,14 @@ async fn dashboard_renders_real_data_in_chromium() {
             samples: 30,
             energy_j: 6.0,
         });
-        spool.lock().unwrap().append(&w).unwrap();
-        notify.notify_one();
+        windows.push(w);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !spool.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "windows not acknowledged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    forwarder.abort();
+    deliver(&agg, dir.path(), &windows).await;
 
+    let to = now_s() + 1;
     let url = format!(
         "http://127.0.0.1:{}/dashboard?from={}&to={}&period=60",
-        agg.http_port,
-        start,
-        now_s() + 1
+        agg.http_port, start, to
     );
     let profile = tempfile::tempdir().unwrap();
     let dom = chromium(&["--dump-dom".into(), url.clone()], profile.path());
@@ -263,6 +277,42 @@ async fn dashboard_renders_real_data_in_chromium() {
         sci_cf,
     );
     assert_shows(&html, "pooled SCI", &card(&html, "sci-pooled"), pooled);
+    // The cards against the API's figures for the same range (#24: cards
+    // printed 2.110e-5): each card is the API's figure to its last digit,
+    // in a unit, never in scientific notation.
+    let api = agg.sci(start, to, 60);
+    let covered: Vec<&serde_json::Value> = api["periods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["covered"] == true)
+        .collect();
+    let sum = |k: &str| covered.iter().map(|p| p[k].as_f64().unwrap()).sum::<f64>();
+    for (id, what, expected) in [
+        (
+            "sci-mean",
+            "SCI_CF card vs the API",
+            api["sci_cf_mean"].as_f64().unwrap(),
+        ),
+        (
+            "sci-pooled",
+            "pooled card vs the API",
+            api["sci_cf_pooled"].as_f64().unwrap(),
+        ),
+        (
+            "om",
+            "O + M card vs the API",
+            sum("operational_g") + sum("embodied_g"),
+        ),
+        ("r", "R card vs the API", sum("business_units")),
+    ] {
+        let shown = card(&html, id);
+        assert!(
+            !shown.contains("e-") && !shown.contains("e+"),
+            "{what}: {shown:?} in scientific notation"
+        );
+        assert_shows(&html, what, &shown, expected);
+    }
     let scenarios = table(&html, "scenarios");
     let credit_txns: u64 = (0..WINDOWS).map(|i| transactions(i)[0]).sum();
     let query_txns: u64 = (0..WINDOWS).map(|i| transactions(i)[3]).sum();
@@ -320,4 +370,166 @@ async fn dashboard_renders_real_data_in_chromium() {
         bytes.len()
     );
     println!("screenshot: {} ({} bytes)", png.display(), bytes.len());
+}
+
+/// Measures the flame graph frames of a page in Chromium: the page's own
+/// markup with a script added at its end that writes, after load and
+/// inferno's sizing, each frame's figures into `<pre id="measured">`.
+fn measured_flame_frames(page: &str, profile: &Path) -> serde_json::Value {
+    let script = r#"<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var out = [];
+  // Flame graphs in frames, or drawn inline (inferno's SVG holds #frames).
+  var graphs = [];
+  document.querySelectorAll('iframe.flame').forEach(function (frame) {
+    var doc = frame.contentDocument;
+    graphs.push({ box: frame, svg: doc.querySelector('svg'),
+                  viewport: doc.documentElement.clientWidth });
+  });
+  document.querySelectorAll('svg').forEach(function (svg) {
+    if (svg.querySelector('#frames')) {
+      var p = svg.parentElement, st = getComputedStyle(p);
+      graphs.push({ box: svg, svg: svg, viewport:
+        p.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) });
+    }
+  });
+  graphs.forEach(function (g) {
+    var title = g.svg.querySelector('#title');
+    var s = g.svg.getBoundingClientRect();
+    var t = title.getBoundingClientRect();
+    var parent = g.box.parentElement;
+    var ps = getComputedStyle(parent);
+    out.push({
+      svg_width: s.width, svg_left: s.left, svg_right: s.right,
+      svg_top: s.top, svg_bottom: s.bottom,
+      title_text: title.textContent,
+      title_left: t.left, title_right: t.right, title_top: t.top, title_bottom: t.bottom,
+      viewport_width: g.viewport,
+      frame_width: g.box.getBoundingClientRect().width,
+      container_width: parent.clientWidth - parseFloat(ps.paddingLeft) - parseFloat(ps.paddingRight)
+    });
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'measured';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+}, 500); });
+</script>"#;
+    let at = page.rfind("</body>").expect("a page with a body");
+    let file = profile.join("measured.html");
+    std::fs::write(&file, format!("{}{script}{}", &page[..at], &page[at..])).unwrap();
+    let dom = chromium(
+        &[
+            "--window-size=1000,3000".into(),
+            "--virtual-time-budget=5000".into(),
+            "--dump-dom".into(),
+            format!("file://{}", file.display()),
+        ],
+        profile,
+    );
+    let html = String::from_utf8_lossy(&dom.stdout);
+    let start = html
+        .find("<pre id=\"measured\">")
+        .unwrap_or_else(|| panic!("nothing measured: {}", String::from_utf8_lossy(&dom.stderr)))
+        + "<pre id=\"measured\">".len();
+    let json = text_of(&html[start..start + html[start..].find("</pre>").unwrap()]);
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
+/// The review page's differential flame graphs in Chromium: each SVG as
+/// wide as its frame, each frame as wide as the page's content, and each
+/// title wholly inside its SVG (#24: the inline SVG drew 300 px wide with
+/// its title clipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_page_draws_its_flame_graphs_full_width_in_chromium() {
+    let Some(_) = provisioned_tool(
+        Path::new("/usr/bin/chromium"),
+        "compare_page_draws_its_flame_graphs_full_width_in_chromium",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agg = loan_host_aggregator(dir.path(), "host_rollup_step = \"60s\"\n");
+    let mut windows = Vec::new();
+    // Eight 60 s periods of one 60 s window: the baseline the first four,
+    // the candidate the last four, where score_risk is cheaper.
+    let start = (now_s() / 60 - 9) * 60;
+    for i in 0..8u64 {
+        let candidate = i >= 4;
+        let mut w = window(
+            "loan-host-7",
+            "inst",
+            i,
+            start + 60 * i,
+            60,
+            WINDOW_ENERGY_J,
+            WINDOW_EMBODIED_G,
+            [10, 3, 5, 20],
+        );
+        for (stack, samples) in [
+            (
+                "main;handle_application;score_risk",
+                if candidate { 60 } else { 100 },
+            ),
+            ("main;handle_application;price_offer", 50),
+        ] {
+            w.profile.push(v1::ProfileStack {
+                pid: 42,
+                comm: "cf-credit".into(),
+                service: "credit-svc".into(),
+                scenario: "credit".into(),
+                stack: stack.into(),
+                samples,
+                energy_j: samples as f64 * 0.05,
+            });
+        }
+        windows.push(w);
+    }
+    deliver(&agg, dir.path(), &windows).await;
+
+    let q = format!(
+        "baseline_from={}&baseline_to={}&candidate_from={}&candidate_to={}&period=60&profile_service=credit-svc&profile_scenario=credit",
+        start,
+        start + 240,
+        start + 240,
+        start + 480
+    );
+    let (status, page) =
+        sci_tests::fleet::http_get(agg.http_port, &format!("/dashboard/compare?{q}")).unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("score_risk"), "the profile is drawn");
+    let profile = tempfile::tempdir().unwrap();
+    let frames = measured_flame_frames(&page, profile.path());
+    let frames = frames.as_array().unwrap();
+    assert_eq!(frames.len(), 2, "candidate and baseline widths: {frames:?}");
+    for f in frames {
+        println!("{f}");
+        let n = |k: &str| f[k].as_f64().unwrap_or_else(|| panic!("{k} in {f}"));
+        // Full width: the SVG fills its frame, the frame the page's content.
+        assert!(
+            (n("svg_width") - n("viewport_width")).abs() <= 1.0,
+            "SVG {} px wide in a frame of {} px: {f}",
+            n("svg_width"),
+            n("viewport_width")
+        );
+        assert!(
+            (n("frame_width") - n("container_width")).abs() <= 1.0,
+            "frame {} px wide in a container of {} px: {f}",
+            n("frame_width"),
+            n("container_width")
+        );
+        assert!(n("container_width") > 900.0, "a 1000 px window: {f}");
+        // The title wholly inside the SVG.
+        assert!(f["title_text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Energy per transaction"));
+        assert!(
+            n("title_left") >= n("svg_left")
+                && n("title_right") <= n("svg_right")
+                && n("title_top") >= n("svg_top")
+                && n("title_bottom") <= n("svg_bottom"),
+            "title outside its SVG: {f}"
+        );
+    }
 }

@@ -30,8 +30,12 @@ fn busy_processes_match_schedstat_within_one_percent() {
                 .unwrap(),
         );
     }
-    std::thread::sleep(Duration::from_millis(300));
     let pids: Vec<u32> = children.0.iter().map(|c| c.id()).collect();
+    // Ready when each burner runs its program and has been on a CPU.
+    for pid in &pids {
+        sci_tests::wait_for_exec(*pid, std::path::Path::new(BURN));
+        sci_tests::wait_until(&format!("pid {pid} on a CPU"), || schedstat_ns(*pid) > 0);
+    }
 
     let before: HashMap<u32, u64> = pids.iter().map(|p| (*p, schedstat_ns(*p))).collect();
     sampler.sample().unwrap();
@@ -181,12 +185,19 @@ fn threads_match_their_schedstat_when_asked() {
         .unwrap();
     let pid = child.id();
     let _reaped = Reaped(vec![child]);
-    std::thread::sleep(Duration::from_millis(300));
-    let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
-        .filter(|tid| *tid != pid)
-        .collect();
+    // Ready when the burner runs its program with its three threads.
+    sci_tests::wait_for_exec(pid, std::path::Path::new(BURN));
+    let threads = || -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .filter(|tid| *tid != pid)
+            .collect()
+    };
+    sci_tests::wait_until(&format!("pid {pid}'s three threads"), || {
+        threads().len() >= 3
+    });
+    let tids = threads();
     assert_eq!(tids.len(), 3);
     let thread_ns = |tid: u32| {
         let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();

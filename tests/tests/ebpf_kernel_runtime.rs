@@ -69,7 +69,11 @@ fn request_response_processes_match_schedstat_within_half_a_percent() {
     let busy_pid = busy.id();
     children.0.push(busy);
     let pids = [client_a, server_a, client_b, server_b, busy_pid];
-    std::thread::sleep(Duration::from_millis(300));
+    // Ready when the burner runs its program and every process has run.
+    sci_tests::wait_for_exec(busy_pid, std::path::Path::new(BURN));
+    for pid in pids {
+        sci_tests::wait_until(&format!("pid {pid} on a CPU"), || schedstat_ns(pid) > 0);
+    }
 
     let (_, before) = frozen_window(&mut sampler, &pids);
     std::thread::sleep(Duration::from_secs(4));
@@ -116,7 +120,10 @@ fn forked_children_are_described_by_their_parent() {
     let mut sampler = load_sampler();
     let mut children = Reaped(Vec::new());
     let (client, server) = start_pair(&mut children, &[]);
-    std::thread::sleep(Duration::from_millis(500));
+    // Ready when both have run since the sampler loaded.
+    for pid in [client, server] {
+        sci_tests::wait_until(&format!("pid {pid} on a CPU"), || schedstat_ns(pid) > 0);
+    }
     let window = sampler.sample().unwrap();
     let client_record = window.processes.iter().find(|p| p.pid == client).unwrap();
     let server_record = window.processes.iter().find(|p| p.pid == server).unwrap();
@@ -174,16 +181,27 @@ scenario = "query"
         &mut children,
         &["--rename", "sci-renamed", "--rename-after-ms", "700"],
     );
-    std::thread::sleep(Duration::from_millis(300));
+    sci_tests::wait_until(&format!("pid {server} on a CPU"), || {
+        schedstat_ns(server) > 0
+    });
     let early = sampler.sample().unwrap();
     let before = early.processes.iter().find(|p| p.pid == server).unwrap();
     assert_eq!(&*before.info.comm, "sci-pingpong");
     assert_eq!(stage.assign(before).service, None);
 
-    std::thread::sleep(Duration::from_millis(1000));
+    // Ready when the kernel has renamed it (the rename event is then in
+    // the ring the next window drains) and it has run again since.
+    let comm = || std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+    sci_tests::wait_until(&format!("pid {server} renamed"), || {
+        comm().trim() == "sci-renamed"
+    });
+    let renamed_ns = schedstat_ns(server);
+    sci_tests::wait_until(&format!("pid {server} on a CPU after its rename"), || {
+        schedstat_ns(server) > renamed_ns
+    });
     let late = sampler.sample().unwrap();
     let after = late.processes.iter().find(|p| p.pid == server).unwrap();
-    let truth = std::fs::read_to_string(format!("/proc/{server}/comm")).unwrap();
+    let truth = comm();
     assert_eq!(truth.trim(), "sci-renamed");
     assert_eq!(
         &*after.info.comm, "sci-renamed",
@@ -249,7 +267,17 @@ fn an_exec_is_described_by_the_kernel_as_procfs_describes_it() {
         std::path::Path::new(BURN),
         &["--duty", "5", "--seconds", "3", "--", &long_argument],
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Ready when each runs its program with its arguments in place
+    // (/proc/PID/exe changes before the new command line is set up).
+    sci_tests::wait_for_exec(on_tmpfs, &link);
+    for pid in [plain, long] {
+        sci_tests::wait_for_exec(pid, std::path::Path::new(BURN));
+    }
+    for pid in [on_tmpfs, plain, long] {
+        sci_tests::wait_until(&format!("pid {pid}'s command line"), || {
+            procfs_description(pid).1.contains("--duty")
+        });
+    }
     let truth: Vec<(u32, (String, String))> = [on_tmpfs, plain, long]
         .iter()
         .map(|pid| (*pid, procfs_description(*pid)))
@@ -262,10 +290,22 @@ fn an_exec_is_described_by_the_kernel_as_procfs_describes_it() {
         .unwrap();
     assert!(short.success());
     let true_exe = std::fs::canonicalize("/bin/true").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let window = sampler.sample().unwrap();
+    // Windows until every process has been described in one (the burners
+    // run 5% of the time: a short window may miss them).
+    let mut records = Vec::new();
+    sci_tests::wait_until("all four processes described in a window", || {
+        records.extend(sampler.sample().unwrap().processes);
+        truth
+            .iter()
+            .all(|(pid, _)| records.iter().any(|p| p.pid == *pid))
+            && records
+                .iter()
+                .any(|p| p.info.cmdline.as_deref() == Some("/bin/true short lived"))
+    });
     for (pid, (exe, cmdline)) in &truth {
-        let record = window.processes.iter().find(|p| p.pid == *pid).unwrap();
+        // The latest description (a long command line is completed from
+        // procfs after the first window that sees the process).
+        let record = records.iter().rev().find(|p| p.pid == *pid).unwrap();
         println!(
             "{pid}: {:?} {:?}",
             record.info.exe,
@@ -284,8 +324,7 @@ fn an_exec_is_described_by_the_kernel_as_procfs_describes_it() {
     }
     assert!(truth[0].1 .0.starts_with("/dev/shm/"), "{:?}", truth[0]);
     assert!(truth[2].1 .1.len() > 3000);
-    let short_record = window
-        .processes
+    let short_record = records
         .iter()
         .find(|p| p.info.cmdline.as_deref() == Some("/bin/true short lived"))
         .unwrap_or_else(|| panic!("the short-lived /bin/true is described in the window"));

@@ -235,3 +235,183 @@ async fn datacenters_services_times_and_unmeasured_scenarios() {
         .iter()
         .all(|s| s["datacenter"] == "dc-west"));
 }
+
+/// The hotspots of one data centre (HTTP and the `report` command's
+/// `--datacenter`) against a hand computation: dc-east's largest emitter is
+/// credit, dc-west's is query and dc-west holds an idle host; each data
+/// centre's answer has only its own, the fleet's has both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hotspots_and_report_per_datacenter() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path(), 10, "", true);
+    let base = (now_s() / 10 - 3) * 10;
+    // (host, dc, host energy J, embodied g, transactions, the scenario given half the energy)
+    let hosts = [
+        (
+            "host-a",
+            "dc-east",
+            3600.0,
+            0.8,
+            [2u64, 1, 1, 1],
+            Some("credit"),
+        ),
+        (
+            "host-b",
+            "dc-west",
+            1800.0,
+            0.4,
+            [1, 1, 1, 3],
+            Some("query"),
+        ),
+        ("host-c", "dc-west", 900.0, 0.2, [0, 0, 0, 0], None),
+    ];
+    let mut agents = Vec::new();
+    for (host, dc, energy_j, embodied_g, txns, heavy) in hosts {
+        let instance = format!("inst-{host}");
+        let mut w = window(host, &instance, 0, base, 10, energy_j, embodied_g, txns);
+        w.datacenter = dc.into();
+        match heavy {
+            Some(heavy) => {
+                for s in &mut w.scenarios {
+                    let share = if s.scenario == heavy { 0.5 } else { 0.1 };
+                    s.energy_j = energy_j * share;
+                    s.carbon_g = carbon_g(energy_j * share, 1.0);
+                }
+                w.processes = processes_of(&w);
+            }
+            None => {
+                // Idle: 1% busy, no scenario work, no transaction.
+                w.scenarios.clear();
+                w.business_units = 0.0;
+                w.busy_cpu_ns = 100_000_000;
+                w.idle_cpu_ns = 9_900_000_000;
+            }
+        }
+        let a = agent(&dir.path().join(&instance), &agg.url(), &instance);
+        a.push(&w);
+        agents.push(a);
+    }
+    for a in &agents {
+        a.drained(Duration::from_secs(20)).await;
+    }
+    let (from, to) = (base, base + 10);
+    let hotspots = |dc: Option<&str>| {
+        let filter = dc.map(|d| format!("&datacenter={d}")).unwrap_or_default();
+        json(
+            &agg,
+            &format!("/api/v1/hotspots?from={from}&to={to}&period=10{filter}"),
+        )
+        .as_array()
+        .unwrap()
+        .clone()
+    };
+    let find = |found: &[serde_json::Value], kind: &str| -> Vec<(String, f64)> {
+        found
+            .iter()
+            .filter(|h| h["kind"] == kind)
+            .map(|h| {
+                (
+                    h["subject"].as_str().unwrap().to_string(),
+                    h["impact_carbon_g"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // A scenario's workload carbon: its operational share plus an eighth of the embodied.
+    let workload_g = |energy_j: f64, embodied_g: f64| carbon_g(energy_j, 1.0) + embodied_g / 8.0;
+    let east_credit_g = workload_g(3600.0 * 0.5, 0.8);
+    let west_query_g = workload_g(1800.0 * 0.5, 0.4);
+    let idle_g = carbon_g(900.0, 1.0) + 0.2;
+
+    let east = hotspots(Some("dc-east"));
+    assert!(find(&east, "idle-host").is_empty(), "{east:?}");
+    let top = find(&east, "top-emitter");
+    assert_eq!(top.len(), 1, "{east:?}");
+    assert_eq!(top[0].0, "all services/credit");
+    assert!(close(top[0].1, east_credit_g), "{top:?} vs {east_credit_g}");
+
+    let west = hotspots(Some("dc-west"));
+    let idle = find(&west, "idle-host");
+    assert_eq!(idle.len(), 1, "{west:?}");
+    assert_eq!(idle[0].0, "host-c");
+    assert!(close(idle[0].1, idle_g), "{idle:?} vs {idle_g}");
+    let top = find(&west, "top-emitter");
+    assert_eq!(top[0].0, "all services/query");
+    assert!(close(top[0].1, west_query_g), "{top:?} vs {west_query_g}");
+    let west_top = west
+        .iter()
+        .find(|h| h["kind"] == "top-emitter")
+        .unwrap()
+        .clone();
+    // Its share is of dc-west's workload carbon alone (query + three light scenarios).
+    let west_workloads_g = west_query_g + 3.0 * workload_g(1800.0 * 0.1, 0.4);
+    let share = west_top["evidence"]["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f[0] == "share_of_workload_carbon")
+        .map(|f| f[1].as_f64().unwrap())
+        .unwrap_or_else(|| panic!("no share in {west_top}"));
+    assert!(
+        close(share, west_query_g / west_workloads_g),
+        "share {share} vs {}",
+        west_query_g / west_workloads_g
+    );
+
+    // The fleet: both data centres' findings; its top emitter is dc-east's credit.
+    let fleet = hotspots(None);
+    assert_eq!(find(&fleet, "idle-host").len(), 1);
+    assert_eq!(find(&fleet, "top-emitter")[0].0, "all services/credit");
+    let (status, body) = get(
+        &agg,
+        &format!("/api/v1/hotspots?from={from}&to={to}&period=10&datacenter=dc-north"),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("dc-north"), "{body}");
+
+    // The report command: --datacenter narrows SCI_CF and the hotspots.
+    let report = |dc: &str, format: &str| {
+        let out =
+            std::process::Command::new(sci_tests::cargo_bin("sci-aggregator", "sci-aggregator"))
+                .arg("report")
+                .arg("--config")
+                .arg(&agg.config)
+                .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                .args(["--period", "10s", "--datacenter", dc, "--format", format])
+                .output()
+                .unwrap();
+        assert!(
+            out.status.success(),
+            "report --datacenter {dc}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let weights = [24.0, 7.0, 3.0, 1.0];
+    let units = |t: [u64; 4]| -> f64 { (0..4).map(|i| weights[i] * t[i] as f64).sum() };
+    let east_sci = (carbon_g(3600.0, 1.0) + 0.8) / units([2, 1, 1, 1]);
+    let west_sci = (carbon_g(1800.0, 1.0) + 0.4 + idle_g) / units([1, 1, 1, 3]);
+    for (dc, expected) in [("dc-east", east_sci), ("dc-west", west_sci)] {
+        let e: serde_json::Value = serde_json::from_str(&report(dc, "json")).unwrap();
+        let got = e["sci_cf_mean"].as_f64().unwrap();
+        assert!(close(got, expected), "{dc}: SCI_CF {got} vs {expected}");
+    }
+    let west_md = report("dc-west", "md");
+    assert!(west_md.contains("## Hotspots"), "{west_md}");
+    assert!(west_md.contains("| idle-host | host-c |"), "{west_md}");
+    let east_md = report("dc-east", "md");
+    assert!(!east_md.contains("host-c"), "{east_md}");
+    assert!(
+        east_md.contains("| top-emitter | all services/credit | "),
+        "{east_md}"
+    );
+    let out = std::process::Command::new(sci_tests::cargo_bin("sci-aggregator", "sci-aggregator"))
+        .arg("report")
+        .arg("--config")
+        .arg(&agg.config)
+        .args(["--datacenter", "dc-north"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dc-north"));
+}

@@ -36,6 +36,34 @@ fn dashboard_queries_only_series_the_agent_exports() {
     )
     .unwrap();
     let mut exprs = Vec::new();
+    // The variables' queries, label_values(metric{...}, label), are checked as the panels'.
+    let mut variable_labels = Vec::new();
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if variable["type"] != "query" {
+            continue;
+        }
+        let query = variable["query"].as_str().unwrap();
+        let inner = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable query {query:?} is not label_values(..)"));
+        let (metric, label) = inner.rsplit_once(',').unwrap();
+        let metric = metric.split('{').next().unwrap().trim().to_string();
+        variable_labels.push((
+            variable["name"].as_str().unwrap().to_string(),
+            metric.clone(),
+            label.trim().to_string(),
+        ));
+        exprs.push(metric);
+    }
+    let names_of_variables: BTreeSet<&str> = variable_labels
+        .iter()
+        .map(|(name, _, _)| name.as_str())
+        .collect();
+    assert!(
+        names_of_variables.contains("service") && names_of_variables.contains("instance"),
+        "{names_of_variables:?}"
+    );
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             exprs.push(target["expr"].as_str().unwrap().to_string());
@@ -103,11 +131,34 @@ fn dashboard_queries_only_series_the_agent_exports() {
         ("sci_scenario_transactions_total{", "scenario="),
         ("sci_host_cpu_seconds_total{", "mode="),
         ("sci_process_energy_joules_total{", "comm="),
+        ("sci_service_energy_joules_total{", "scenario="),
     ] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(series) && l.contains(label)),
             "{series} has no {label} label"
+        );
+    }
+    // Each variable's label is on its metric's series (instance is added by
+    // Prometheus at scrape time, not by the agent).
+    for (name, metric, label) in &variable_labels {
+        if label == "instance" {
+            continue;
+        }
+        assert!(
+            text.lines().any(
+                |l| l.starts_with(&format!("{metric}{{")) && l.contains(&format!("{label}=\""))
+            ),
+            "variable {name}: {metric} has no {label} label in the agent's /metrics"
+        );
+    }
+    // Panels filtered by $service use it on a series that has the label.
+    let by_service: Vec<&String> = exprs.iter().filter(|e| e.contains("$service")).collect();
+    assert!(by_service.len() >= 2, "{exprs:?}");
+    for e in by_service {
+        assert!(
+            e.contains("sci_service_"),
+            "{e} filters by service on a series without it"
         );
     }
 }

@@ -226,6 +226,7 @@ fn metrics_are_the_reference_metrics() {
     );
     // The node labels families are there when `[host.kubernetes]` is on.
     agent.observe_node_labels(Default::default());
+    agent.set_otlp(Arc::default());
     let agent = exposition_names(&agent.render());
     assert!(agent.contains("sci_host_energy_joules_total"), "{agent:?}");
     let reference = reference_names("metrics.md", "agent metric");
@@ -278,4 +279,24 @@ fn exported_series_are_the_reference_series() {
         .collect();
     let reference = reference_names("metrics.md", "exported series");
     compare("the exported series", "metrics.md", &code, &reference);
+}
+
+#[test]
+fn otlp_metrics_are_the_reference_otlp_metrics() {
+    let mut code: BTreeSet<String> = sci_aggregator::export::series::names::ALL
+        .iter()
+        .map(|s| {
+            sci_aggregator::export::otlp::otel_metric(s)
+                .unwrap()
+                .0
+                .to_string()
+        })
+        .collect();
+    code.extend(
+        sci_agent::sinks::otlp::METRICS
+            .iter()
+            .map(|(name, _, _)| name.to_string()),
+    );
+    let reference = reference_names("metrics.md", "OTLP metric");
+    compare("the OTLP metrics", "metrics.md", &code, &reference);
 }

@@ -16,8 +16,10 @@ use prost::Message;
 use sci_agent::sinks::grpc::AggregatorConfig;
 use sci_agent::sinks::spool::Spool;
 use sci_aggregator::export::prompb::WriteRequest;
-use sci_tests::fleet::{free_port, metric_value, now_s, window, Agent, Aggregator};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sci_tests::fleet::{
+    free_port, metric_value, now_s, read_http_request, window, Agent, Aggregator,
+};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -42,34 +44,6 @@ struct Receiver {
     got: Arc<Mutex<Received>>,
 }
 
-async fn read_request(s: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())?;
-    while buf.len() < head_end + length {
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Some((head, buf[head_end..head_end + length].to_vec()))
-}
-
 impl Receiver {
     /// Serves on `port` until the returned task is aborted.
     fn serve(&self, port: u16) -> tokio::task::JoinHandle<()> {
@@ -84,7 +58,7 @@ impl Receiver {
                 };
                 let (mode, got) = (Arc::clone(&mode), Arc::clone(&got));
                 tokio::spawn(async move {
-                    while let Some((head, body)) = read_request(&mut s).await {
+                    while let Some((head, body)) = read_http_request(&mut s).await {
                         let request = WriteRequest::decode(
                             snap::raw::Decoder::new()
                                 .decompress_vec(&body)

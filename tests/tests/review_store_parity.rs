@@ -180,3 +180,73 @@ fn same(a: &serde_json::Value, b: &serde_json::Value, path: &str) {
         _ => assert_eq!(a, b, "{path}"),
     }
 }
+
+/// Service reviews with periods shorter than a host step (20 minutes: the
+/// per-minute service rollups) give the same answer on both stores, equal
+/// to the data-centre scope's (one service runs credit, with the scenario's
+/// own figures); after retention both refuse it with the same reason.
+#[test]
+fn both_stores_give_the_same_twenty_minute_service_review_and_refusal() {
+    let twenty_minutes = |store: &dyn Store, scope: Scope| {
+        let mut r = request(store);
+        r.baseline = Range::new(T, T + 3 * 3600, 1200, &LAYOUT).unwrap();
+        r.candidate = Range::new(T + 3 * 3600, T + 6 * 3600, 1200, &LAYOUT).unwrap();
+        r.compare.scope = scope;
+        r
+    };
+    let retention = sci_aggregator::store::Retention {
+        raw: Duration::from_secs(86_400),
+        keys: Duration::from_secs(86_400),
+        rollups: Duration::from_secs(400 * 86_400),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteStore::open_with(&dir.path().join("sci.db"), LAYOUT, Duration::from_secs(30))
+            .unwrap();
+    sqlite.commit(&windows("host-a", 0.5)).unwrap();
+    let service = review(&sqlite, &twenty_minutes(&sqlite, Scope::Service)).unwrap();
+    let dc = review(&sqlite, &twenty_minutes(&sqlite, Scope::Datacenter)).unwrap();
+    let g = |r: &sci_aggregator::review::Review| {
+        let c = &r.comparison.scenarios[0];
+        assert_eq!(c.scenario, "credit");
+        (
+            c.g_per_transaction.baseline.unwrap(),
+            c.g_per_transaction.candidate.unwrap(),
+            c.g_per_transaction.baseline_periods,
+        )
+    };
+    let (sb, sc, periods) = g(&service);
+    let (db, dcand, _) = g(&dc);
+    // 9 periods of 20 minutes in 3 hours, the first starting before any window (T + 600).
+    assert!(periods >= 8, "{periods} periods");
+    assert!(
+        (sb - db).abs() < 1e-9 * db && (sc - dcand).abs() < 1e-9 * dcand,
+        "{sb} {db} {sc} {dcand}"
+    );
+    let from_sqlite = serde_json::to_value(&service).unwrap();
+    sqlite.expire(T + 6 * 3600 + 86_400, &retention).unwrap();
+    let refused_sqlite = review(&sqlite, &twenty_minutes(&sqlite, Scope::Service))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused_sqlite.contains("already rolled up"),
+        "{refused_sqlite}"
+    );
+
+    let Some(server) = ScratchPostgres::start_or_skip(
+        "both_stores_give_the_same_twenty_minute_service_review_and_refusal",
+    ) else {
+        return;
+    };
+    let url = server.create_database("review_parity_fine").unwrap();
+    let pg = PostgresStore::open(&url, LAYOUT, 4, Duration::from_secs(30)).unwrap();
+    pg.commit(&windows("host-a", 0.5)).unwrap();
+    let from_pg =
+        serde_json::to_value(review(&pg, &twenty_minutes(&pg, Scope::Service)).unwrap()).unwrap();
+    same(&from_sqlite, &from_pg, "review");
+    pg.expire(T + 6 * 3600 + 86_400, &retention).unwrap();
+    let refused_pg = review(&pg, &twenty_minutes(&pg, Scope::Service))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(refused_sqlite, refused_pg);
+}

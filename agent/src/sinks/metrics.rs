@@ -7,6 +7,12 @@
 //! or arrives when the limit is reached is folded into its `comm` (+`cgroup`)
 //! series (no `pid` label), so the sum over a comm's series never decreases.
 //! Beyond `max_comm_series` comm series, the rest go to `comm="_other"`.
+//!
+//! The same figures per (service, scenario) of the process rules
+//! (`sci_service_*`, `unassigned` where a process has none) are bounded by
+//! `[agent] max_service_series`: a pair that arrives when the limit is
+//! reached goes to `service="_other",scenario="_other"`, and each process
+//! record folded there is counted in `sci_service_series_folded_total`.
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,9 @@ pub const DEFAULT_MAX_PROCESS_SERIES: usize = 200;
 pub const DEFAULT_MAX_COMM_SERIES: usize = 500;
 /// Comm label of the series that takes everything beyond the comm limit.
 pub const OTHER_COMM: &str = "_other";
+pub const DEFAULT_MAX_SERVICE_SERIES: usize = 200;
+/// Service and scenario labels of the series beyond `max_service_series`.
+pub const OTHER_SERVICE: &str = "_other";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Totals {
@@ -99,6 +108,10 @@ struct State {
     processes: HashMap<(u32, Text), ProcessSeries>,
     /// (comm, cgroup) -> folded totals.
     comms: BTreeMap<(Text, Text), Totals>,
+    /// (service, scenario) -> totals; at most `max_service_series` keys.
+    services: BTreeMap<(Text, Text), Totals>,
+    /// Process records folded into the `_other` service series.
+    services_folded: u64,
     /// Per business scenario (credit, drawdown, repayment, query, unassigned).
     scenarios: BTreeMap<String, ScenarioTotals>,
     business_units: f64,
@@ -124,8 +137,11 @@ pub struct MetricsRegistry {
     state: Mutex<State>,
     /// The spool's delivery counters and the age past which delivery is "behind".
     delivery: Mutex<Option<(Arc<crate::sinks::spool::DeliveryStats>, Duration)>>,
+    /// The OTLP exporter's figures, when `[otlp]` is configured.
+    otlp: Mutex<Option<Arc<crate::sinks::otlp::OtlpSinkStats>>>,
     max_process_series: usize,
     max_comm_series: usize,
+    max_service_series: usize,
 }
 
 impl Default for MetricsRegistry {
@@ -143,9 +159,17 @@ impl MetricsRegistry {
         MetricsRegistry {
             state: Mutex::new(State::default()),
             delivery: Mutex::new(None),
+            otlp: Mutex::new(None),
             max_process_series,
             max_comm_series: max_comm_series.max(1),
+            max_service_series: DEFAULT_MAX_SERVICE_SERIES,
         }
+    }
+
+    /// At most `max` (service, scenario) series, `_other` included (at least 1).
+    pub fn with_service_series(mut self, max: usize) -> MetricsRegistry {
+        self.max_service_series = max.max(1);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -165,6 +189,11 @@ impl MetricsRegistry {
         behind_after: Duration,
     ) {
         *self.delivery.lock().unwrap_or_else(|p| p.into_inner()) = Some((stats, behind_after));
+    }
+
+    /// Shows the OTLP exporter's figures.
+    pub fn set_otlp(&self, stats: Arc<crate::sinks::otlp::OtlpSinkStats>) {
+        *self.otlp.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// `Ok(text)` when healthy, `Err(text)` saying how far behind delivery is.
@@ -366,6 +395,7 @@ impl MetricsRegistry {
         }
 
         let no_cgroup = Text::from("");
+        let unassigned = Text::from(agent_common::UNASSIGNED);
         for p in &report.processes {
             let delta = Totals {
                 cpu_ns: p.cpu_ns,
@@ -374,6 +404,19 @@ impl MetricsRegistry {
                 carbon_g: finite(p.carbon_g),
                 embodied_g: finite(p.embodied_g),
             };
+            let pair = (
+                p.service.clone().unwrap_or_else(|| unassigned.clone()),
+                p.scenario.clone().unwrap_or_else(|| unassigned.clone()),
+            );
+            let pair = if s.services.contains_key(&pair)
+                || s.services.len() + 1 < self.max_service_series
+            {
+                pair
+            } else {
+                s.services_folded += 1;
+                (Text::from(OTHER_SERVICE), Text::from(OTHER_SERVICE))
+            };
+            s.services.entry(pair).or_default().add(&delta);
             let cgroup = p.cgroup.clone().unwrap_or_else(|| no_cgroup.clone());
             let key = (p.pid, p.comm.clone());
             if let Some(series) = s.processes.get_mut(&key) {
@@ -641,9 +684,34 @@ impl MetricsRegistry {
                 .map(|(labels, totals)| (labels.clone(), get(totals)))
                 .collect();
             out.push(family);
+            let name = name.replacen("sci_process_", "sci_service_", 1);
+            let mut family = Family::counter(
+                &name,
+                &format!(
+                    "{} Per service and scenario of the process rules; beyond the series limit, _other.",
+                    help.replace("The process's", "Its processes'")
+                        .replace("the process", "the service's processes")
+                ),
+            );
+            for ((service, scenario), totals) in &s.services {
+                family.push(
+                    &[("service", &**service), ("scenario", &**scenario)],
+                    get(totals),
+                );
+            }
+            out.push(family);
         }
+        let mut folded = Family::counter(
+            "sci_service_series_folded_total",
+            "Process records added to the _other service series because the (service, scenario) series limit was reached.",
+        );
+        folded.push(&[], s.services_folded as f64);
+        out.push(folded);
         drop(s);
         self.delivery_families(&mut out);
+        if let Some(otlp) = &*self.otlp.lock().unwrap_or_else(|p| p.into_inner()) {
+            otlp.families(&mut out);
+        }
         prometheus_text::render(out)
     }
 }

@@ -1,3 +1,4 @@
 pub mod grpc;
 pub mod metrics;
+pub mod otlp;
 pub mod spool;

@@ -1,14 +1,18 @@
-//! Cost of the Prometheus remote-write export, run by `cargo xtask bench`:
+//! Cost of the Prometheus remote-write export (or, with `--protocol otlp`,
+//! of the OTLP/gRPC export), run by `cargo xtask bench`:
 //! the rollups of a fleet (default 2,000 hosts in 3 data centres, 60 s
 //! windows for 30 minutes) are committed into a fresh SQLite store, then
-//! the real exporter ([`RemoteWriter`]) sends them one rollup step per
-//! request (as it does live, one request a minute) to a receiver on
-//! loopback that reads each request and answers 204. Prints one JSON line:
+//! the real exporter ([`RemoteWriter`], or [`OtlpExporter`]) sends them one
+//! rollup step per request (as it does live, one request a minute) to a
+//! receiver on loopback that reads each request and answers 204 (for OTLP:
+//! a tonic `MetricsService` server on its own single-thread runtime, which
+//! decodes each request and answers OK). Prints one JSON line:
 //! the exporter's CPU per minute of fleet data (every thread's schedstat
 //! runtime during the export, less the receiver thread's), compressed
-//! bytes and samples per minute, and the number of series.
+//! bytes (OTLP: encoded protobuf) and samples per minute, and the number of
+//! series.
 //!
-//! `sci-export-bench [--hosts 2000] [--datacenters 3] [--minutes 30]`
+//! `sci-export-bench [--hosts 2000] [--datacenters 3] [--minutes 30] [--protocol otlp]`
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +20,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sci_aggregator::config::standard_weights;
+use agent_common::otlp::opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use agent_common::otlp::opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use sci_aggregator::export::otlp::{OtlpConfig, OtlpExportStats, OtlpExporter};
 use sci_aggregator::export::remote_write::{RemoteWriteConfig, RemoteWriteStats, RemoteWriter};
 use sci_aggregator::store::sqlite::SqliteStore;
 use sci_aggregator::store::{RollupLayout, Store};
@@ -33,6 +44,50 @@ struct Args {
     /// Minutes of 60 s windows to commit and export.
     #[arg(long, default_value_t = 30)]
     minutes: u64,
+    /// `remote-write` or `otlp`.
+    #[arg(long, default_value = "remote-write")]
+    protocol: String,
+}
+
+/// The OTLP receiver: takes every request; keeps its thread's CPU time.
+struct Otlp {
+    cpu: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Otlp {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        drop(request);
+        self.cpu.store(
+            schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat")),
+            Ordering::Relaxed,
+        );
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// Serves OTLP on `listener` from one thread (its own runtime), so its CPU
+/// is that thread's alone.
+fn otlp_receiver(listener: std::net::TcpListener, cpu: Arc<AtomicU64>) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(
+            tokio::net::TcpListener::from_std(listener)?,
+        );
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(Otlp { cpu }))
+            .serve_with_incoming(incoming)
+            .await
+            .context("the OTLP receiver")
+    })
 }
 
 const SCENARIOS: [&str; 5] = ["credit", "drawdown", "repayment", "query", "unassigned"];
@@ -142,7 +197,13 @@ fn main() -> Result<()> {
         hosts,
         datacenters: dcs,
         minutes,
+        protocol,
     } = clap::Parser::parse();
+    let otlp = match protocol.as_str() {
+        "remote-write" => false,
+        "otlp" => true,
+        other => anyhow::bail!("--protocol {other:?}: remote-write or otlp"),
+    };
     let dir = std::env::temp_dir().join(format!("sci-export-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let layout = RollupLayout {
@@ -169,41 +230,81 @@ fn main() -> Result<()> {
     let (bytes, receiver_cpu_ns) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     {
         let (b, c) = (Arc::clone(&bytes), Arc::clone(&receiver_cpu_ns));
-        std::thread::spawn(move || receiver(listener, b, c));
+        std::thread::spawn(move || {
+            if otlp {
+                if let Err(e) = otlp_receiver(listener, c) {
+                    eprintln!("{e:#}");
+                }
+            } else {
+                receiver(listener, b, c)
+            }
+        });
     }
-    let cfg = RemoteWriteConfig {
-        url: format!("http://127.0.0.1:{port}/api/v1/write"),
-        delay: Duration::ZERO,
-        max_steps_per_request: 1,
-        ..Default::default()
-    };
-    let stats = Arc::new(RemoteWriteStats::default());
     let runtime = tokio::runtime::Runtime::new()?;
+    let (rw_stats, otlp_stats) = (
+        Arc::new(RemoteWriteStats::default()),
+        Arc::new(OtlpExportStats::default()),
+    );
     let cpu_before = process_cpu_ns();
     let started = std::time::Instant::now();
+    let until = Some(origin + 60 * minutes);
     runtime.block_on(async {
-        let mut writer = RemoteWriter::open(
-            cfg,
-            dir.join("state.json"),
-            Arc::clone(&store),
-            standard_weights(),
-            Arc::clone(&stats),
-            Some(origin),
-        )?;
-        writer.run(Some(origin + 60 * minutes)).await
+        if otlp {
+            let cfg = OtlpConfig {
+                endpoint: format!("http://127.0.0.1:{port}"),
+                delay: Duration::ZERO,
+                max_steps_per_request: 1,
+                ..Default::default()
+            };
+            let mut exporter = OtlpExporter::open(
+                cfg,
+                dir.join("state.json"),
+                Arc::clone(&store),
+                standard_weights(),
+                Arc::clone(&otlp_stats),
+                Some(origin),
+            )?;
+            exporter.run(until).await
+        } else {
+            let cfg = RemoteWriteConfig {
+                url: format!("http://127.0.0.1:{port}/api/v1/write"),
+                delay: Duration::ZERO,
+                max_steps_per_request: 1,
+                ..Default::default()
+            };
+            let mut writer = RemoteWriter::open(
+                cfg,
+                dir.join("state.json"),
+                Arc::clone(&store),
+                standard_weights(),
+                Arc::clone(&rw_stats),
+                Some(origin),
+            )?;
+            writer.run(until).await
+        }
     })?;
     let wall_s = started.elapsed().as_secs_f64();
     // The main thread's share of the setup (the commits) is in cpu_before.
     let cpu_ms = (process_cpu_ns() - cpu_before) as f64 / 1e6
         - receiver_cpu_ns.load(Ordering::Relaxed) as f64 / 1e6;
-    let samples = stats.samples_sent.load(Ordering::Relaxed) as f64;
+    let (samples, bytes) = if otlp {
+        (
+            otlp_stats.client.points_sent.load(Ordering::Relaxed) as f64,
+            otlp_stats.client.bytes_sent.load(Ordering::Relaxed) as f64,
+        )
+    } else {
+        (
+            rw_stats.samples_sent.load(Ordering::Relaxed) as f64,
+            bytes.load(Ordering::Relaxed) as f64,
+        )
+    };
     let series = samples / minutes as f64;
     std::fs::remove_dir_all(&dir).context("removing the scratch store")?;
     println!(
         "{}",
         serde_json::json!({
             "exporter_cpu_ms_per_min": cpu_ms / minutes as f64,
-            "bytes_per_min": bytes.load(Ordering::Relaxed) as f64 / minutes as f64,
+            "bytes_per_min": bytes / minutes as f64,
             "samples_per_min": samples / minutes as f64,
             "series": series,
             "wall_ms_per_min": wall_s * 1000.0 / minutes as f64,

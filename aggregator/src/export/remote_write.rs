@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_common::prometheus_text::Family;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -114,20 +114,13 @@ impl RemoteWriteConfig {
         if rest.is_empty() || rest.starts_with('/') {
             return Err(format!("remote_write.url {:?}: no host", self.url));
         }
-        if self.max_steps_per_request == 0 {
-            return Err("remote_write.max_steps_per_request must be at least 1".into());
-        }
-        if self.timeout.is_zero() {
-            return Err("remote_write.timeout must be > 0".into());
-        }
-        if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
-            return Err(
-                "remote_write.min_backoff must be > 0 and max_backoff at least min_backoff".into(),
-            );
-        }
-        if let Some(start) = &self.start {
-            crate::params::parse_time_s(start).map_err(|e| format!("remote_write.start: {e}"))?;
-        }
+        check_pacing(
+            "remote_write",
+            self.max_steps_per_request,
+            self.timeout,
+            (self.min_backoff, self.max_backoff),
+            self.start.as_deref(),
+        )?;
         if self.external_labels.len() > 16 {
             return Err("remote_write.external_labels: at most 16 labels".into());
         }
@@ -143,6 +136,33 @@ impl RemoteWriteConfig {
         }
         Ok(())
     }
+}
+
+/// The settings both exporters share, checked; `section` names them.
+pub(super) fn check_pacing(
+    section: &str,
+    max_steps_per_request: usize,
+    timeout: Duration,
+    (min_backoff, max_backoff): (Duration, Duration),
+    start: Option<&str>,
+) -> Result<(), String> {
+    if max_steps_per_request == 0 {
+        return Err(format!(
+            "{section}.max_steps_per_request must be at least 1"
+        ));
+    }
+    if timeout.is_zero() {
+        return Err(format!("{section}.timeout must be > 0"));
+    }
+    if min_backoff.is_zero() || max_backoff < min_backoff {
+        return Err(format!(
+            "{section}.min_backoff must be > 0 and max_backoff at least min_backoff"
+        ));
+    }
+    if let Some(start) = start {
+        crate::params::parse_time_s(start).map_err(|e| format!("{section}.start: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What the exporter did, for /metrics.
@@ -217,14 +237,15 @@ impl RemoteWriteStats {
 }
 
 /// Position and totals, as kept in the state file.
+/// (The OTLP exporter keeps the same state in its own file.)
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-struct State {
+pub(super) struct State {
     /// Where the counters start from 0.
-    origin_s: u64,
+    pub(super) origin_s: u64,
     /// End of the last step accepted.
-    position_s: u64,
+    pub(super) position_s: u64,
     /// Each counter's total over `[origin_s, position_s)`.
-    totals: Vec<(String, Labels, f64)>,
+    pub(super) totals: Vec<(String, Labels, f64)>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -233,7 +254,7 @@ impl State {
     fn load(path: &Path) -> Result<Option<State>, AggregatorError> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                AggregatorError::Invalid(format!("remote-write state {}: {e}", path.display()))
+                AggregatorError::Invalid(format!("export state {}: {e}", path.display()))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AggregatorError::io(
@@ -241,6 +262,70 @@ impl State {
                 e,
             )),
         }
+    }
+
+    /// The state file's position, or a new one at `from_s`, else `start`
+    /// (unix seconds or RFC 3339), else now less `delay` (`what` names the
+    /// exporter in errors). Also the counters' totals, by series.
+    pub(super) fn open(
+        path: &Path,
+        what: &str,
+        step: u64,
+        from_s: Option<u64>,
+        start: Option<&str>,
+        delay: Duration,
+    ) -> Result<(State, BTreeMap<SeriesKey, f64>), AggregatorError> {
+        let state = match State::load(path)? {
+            Some(state) => {
+                if let Some(from) = from_s {
+                    if from / step * step != state.origin_s {
+                        return Err(AggregatorError::Invalid(format!(
+                            "{what} state {} began at {} and is at {}: a backfill from {from} would repeat or skip samples (remove the state file to start over, into an empty remote)",
+                            path.display(),
+                            state.origin_s,
+                            state.position_s
+                        )));
+                    }
+                }
+                state
+            }
+            None => {
+                let start = match (from_s, start) {
+                    (Some(from), _) => from,
+                    (None, Some(text)) => {
+                        crate::params::parse_time_s(text).map_err(AggregatorError::Invalid)?
+                    }
+                    (None, None) => now_s().saturating_sub(delay.as_secs()),
+                };
+                let origin_s = start / step * step;
+                State {
+                    origin_s,
+                    position_s: origin_s,
+                    totals: Vec::new(),
+                }
+            }
+        };
+        let totals = state
+            .totals
+            .iter()
+            .map(|(n, l, v)| ((n.clone(), l.clone()), *v))
+            .collect();
+        Ok((state, totals))
+    }
+
+    /// Moves the position to `end_s` with these totals, and saves.
+    pub(super) fn advance(
+        &mut self,
+        path: &Path,
+        end_s: u64,
+        totals: &BTreeMap<SeriesKey, f64>,
+    ) -> Result<(), AggregatorError> {
+        self.position_s = end_s;
+        self.totals = totals
+            .iter()
+            .map(|((n, l), v)| (n.clone(), l.clone(), *v))
+            .collect();
+        self.save(path)
     }
 
     /// Written to a temporary file, synced, renamed over the old one.
@@ -258,11 +343,46 @@ impl State {
     }
 }
 
-fn now_s() -> u64 {
+pub(super) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// What an exporter at `position_s` does next.
+pub(super) enum Round {
+    /// The backfill reached its end.
+    Done,
+    /// The next step is not `delay` old yet.
+    Wait(Duration),
+    /// Send `[position_s, end)`.
+    Export(u64),
+}
+
+/// The next round of an exporter following the clock less `delay` (to
+/// `until_s` for a backfill), at most `max_steps` steps at a time.
+pub(super) fn next_round(
+    position_s: u64,
+    step: u64,
+    delay: Duration,
+    max_steps: usize,
+    until_s: Option<u64>,
+) -> Round {
+    if until_s.is_some_and(|u| position_s >= u) {
+        return Round::Done;
+    }
+    let ready = now_s().saturating_sub(delay.as_secs()) / step * step;
+    let target = until_s
+        .map_or(ready, |u| u.div_ceil(step) * step)
+        .min(ready);
+    if position_s >= target {
+        let next = (position_s + step + delay.as_secs())
+            .saturating_sub(now_s())
+            .max(1);
+        return Round::Wait(Duration::from_secs(next));
+    }
+    Round::Export(target.min(position_s + step * max_steps as u64))
 }
 
 /// How a request ended.
@@ -297,42 +417,14 @@ impl RemoteWriter {
         from_s: Option<u64>,
     ) -> Result<Self, AggregatorError> {
         cfg.validate().map_err(AggregatorError::Invalid)?;
-        let step = store.layout().step_s;
-        let state = match State::load(&state_path)? {
-            Some(state) => {
-                if let Some(from) = from_s {
-                    if from / step * step != state.origin_s {
-                        return Err(AggregatorError::Invalid(format!(
-                            "remote-write state {} began at {} and is at {}: a backfill from {from} would repeat or skip samples (remove the state file to start over, into an empty remote)",
-                            state_path.display(),
-                            state.origin_s,
-                            state.position_s
-                        )));
-                    }
-                }
-                state
-            }
-            None => {
-                let start = match (from_s, &cfg.start) {
-                    (Some(from), _) => from,
-                    (None, Some(text)) => {
-                        crate::params::parse_time_s(text).map_err(AggregatorError::Invalid)?
-                    }
-                    (None, None) => now_s().saturating_sub(cfg.delay.as_secs()),
-                };
-                let origin_s = start / step * step;
-                State {
-                    origin_s,
-                    position_s: origin_s,
-                    totals: Vec::new(),
-                }
-            }
-        };
-        let totals = state
-            .totals
-            .iter()
-            .map(|(n, l, v)| ((n.clone(), l.clone()), *v))
-            .collect();
+        let (state, totals) = State::open(
+            &state_path,
+            "remote-write",
+            store.layout().step_s,
+            from_s,
+            cfg.start.as_deref(),
+            cfg.delay,
+        )?;
         let uri = cfg
             .url
             .parse()
@@ -361,22 +453,20 @@ impl RemoteWriter {
     pub async fn run(&mut self, until_s: Option<u64>) -> Result<(), AggregatorError> {
         let step = self.store.layout().step_s;
         loop {
-            let ready = now_s().saturating_sub(self.cfg.delay.as_secs()) / step * step;
-            let target = until_s
-                .map_or(ready, |u| u.div_ceil(step) * step)
-                .min(ready);
-            if until_s.is_some_and(|u| self.state.position_s >= u) {
-                return Ok(());
-            }
-            if self.state.position_s >= target {
-                let next = (self.state.position_s + step + self.cfg.delay.as_secs())
-                    .saturating_sub(now_s())
-                    .max(1);
-                tokio::time::sleep(Duration::from_secs(next)).await;
-                continue;
-            }
-            let end =
-                target.min(self.state.position_s + step * self.cfg.max_steps_per_request as u64);
+            let end = match next_round(
+                self.state.position_s,
+                step,
+                self.cfg.delay,
+                self.cfg.max_steps_per_request,
+                until_s,
+            ) {
+                Round::Done => return Ok(()),
+                Round::Wait(wait) => {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Round::Export(end) => end,
+            };
             if let Err(e) = self.export(end).await {
                 tracing::warn!("remote-write: {e}; retrying");
                 tokio::time::sleep(self.cfg.max_backoff).await;
@@ -430,14 +520,8 @@ impl RemoteWriter {
                 }
             }
         }
+        self.state.advance(&self.state_path, end_s, &totals)?;
         self.totals = totals;
-        self.state.position_s = end_s;
-        self.state.totals = self
-            .totals
-            .iter()
-            .map(|((n, l), v)| (n.clone(), l.clone(), *v))
-            .collect();
-        self.state.save(&self.state_path)?;
         self.stats.position_s.store(end_s, Ordering::Relaxed);
         Ok(())
     }
@@ -458,29 +542,17 @@ impl RemoteWriter {
             Ok(r) => r,
             Err(e) => return Sent::Refused(0, e.to_string()),
         };
-        let answer = tokio::time::timeout(self.cfg.timeout, async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            Ok::<_, String>((status.as_u16(), retry_after, text))
-        })
-        .await;
+        let answer = tokio::time::timeout(
+            self.cfg.timeout,
+            agent_common::otlp::http_exchange(&self.client, request),
+        )
+        .await
+        .map(|r| {
+            r.map(|(status, retry_after, body)| {
+                let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+                (status, retry_after, text)
+            })
+        });
         match answer {
             Err(_) => {
                 self.stats.request("error");

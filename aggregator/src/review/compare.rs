@@ -8,7 +8,16 @@
 //! - datacenter scope: the scenario rollups (carbon + embodied, dynamic +
 //!   idle energy, CPU of each scenario's processes; transactions);
 //! - service scope: the service rollups (that service's share of each
-//!   scenario) over the scenario's transactions in the same periods;
+//!   scenario) over the scenario's transactions in the same periods. Periods
+//!   of whole host steps read the host-step rollups (kept for
+//!   rollup_retention); shorter ones (a 30-minute review) read the service
+//!   rollups per rollup step, kept as long as raw windows. Service figures
+//!   per rollup step, not a finer host step for recent data: the host step
+//!   is fixed at database creation and also cuts the host, profile and
+//!   supply rollups, whose cost per window would grow with it; one more
+//!   table of service rows per minute for a week is small and answers any
+//!   period the scenario rollups (the transactions) can. A range older than
+//!   that table holds is refused with the reason;
 //! - host scope: the host rollups (the host's carbon, energy and busy CPU
 //!   over all its transactions: hosts do not split their figures by scenario).
 use std::collections::BTreeMap;
@@ -339,7 +348,7 @@ pub fn compare_ranges(
     candidate: &Range,
     options: &CompareOptions,
 ) -> Result<Comparison, AggregatorError> {
-    if options.scope != Scope::Datacenter {
+    if options.scope == Scope::Host {
         let step = store.layout().host_step_s;
         if !baseline.period_s.is_multiple_of(step) || !candidate.period_s.is_multiple_of(step) {
             return Err(AggregatorError::Invalid(format!(

@@ -3,8 +3,9 @@
 //! rollups) divided by the scenario's completed transactions in that range,
 //! so a busier range does not look worse. The SVG is inferno's differential
 //! flame graph (folded `stack baseline candidate`, nano-joules per
-//! transaction): frame widths are the candidate's energy per transaction,
-//! colours diverge from white, blue where it fell, red where it rose. The
+//! transaction): frame widths are the candidate's energy per transaction
+//! (beside it, the baseline's), each frame coloured by its own change of
+//! self samples per transaction ([`super::diff_flame`]). The
 //! functions are ranked by the change of their inclusive energy per
 //! transaction (itself and its callees), each with its samples in both
 //! ranges; a caller whose change one callee carries (>= 80% of it, same
@@ -288,56 +289,71 @@ impl DiffProfile {
 
     fn svg(&self, baseline_widths: bool) -> Result<String, crate::profiles::ProfileExportError> {
         let mut options = inferno::flamegraph::Options::default();
-        options.title =
-            format!(
-            "Energy per transaction, {} widths: {}/{} (blue: lower, red: higher in the candidate)",
-            if baseline_widths { "baseline" } else { "candidate" },
+        options.title = format!(
+            "Energy per transaction, {} widths: {}/{}",
+            if baseline_widths {
+                "baseline"
+            } else {
+                "candidate"
+            },
             self.service,
             self.scenario
         );
+        options.subtitle = Some(
+            "colour: own samples per transaction, red more, blue fewer in the candidate".into(),
+        );
         options.count_name = "nJ/transaction".to_string();
         options.deterministic = true;
-        // inferno draws the second column's widths and colours by second -
-        // first; with the columns swapped, negated colours keep "blue: fell".
-        options.negate_differentials = baseline_widths;
-        let lines = if self.withheld_reason.is_some() {
+        let nj = |j: f64| (j * 1e9).round().max(0.0) as u64;
+        let per_txn = |samples: u64, transactions: f64| {
+            if transactions > 0.0 {
+                samples as f64 / transactions
+            } else {
+                0.0
+            }
+        };
+        let mut stacks: Vec<super::diff_flame::FlameStack> = if self.withheld_reason.is_some() {
             Vec::new()
-        } else if baseline_widths {
-            self.folded_lines()
+        } else {
+            self.stacks
                 .iter()
-                .filter_map(|l| {
-                    let mut w = l.rsplitn(3, ' ');
-                    let (cand, base, stack) = (w.next()?, w.next()?, w.next()?);
-                    Some(format!("{stack} {cand} {base}"))
+                .map(|s| super::diff_flame::FlameStack {
+                    stack: s.stack.clone(),
+                    width: nj(if baseline_widths {
+                        s.baseline_j_per_transaction
+                    } else {
+                        s.candidate_j_per_transaction
+                    }),
+                    baseline_self_per_transaction: per_txn(
+                        s.baseline_samples,
+                        self.baseline_transactions,
+                    ),
+                    candidate_self_per_transaction: per_txn(
+                        s.candidate_samples,
+                        self.candidate_transactions,
+                    ),
                 })
                 .collect()
-        } else {
-            self.folded_lines()
         };
-        let mut svg = Vec::new();
-        let result = if lines.is_empty() {
+        if stacks.iter().all(|s| s.width == 0) {
+            stacks.clear();
             let reason = self
                 .withheld_reason
                 .clone()
                 .unwrap_or_else(|| "no energy measured".into())
                 .replace([';', ' '], "_");
-            inferno::flamegraph::from_lines(
-                &mut options,
-                [format!("[{reason}] 1 1").as_str()],
-                &mut svg,
-            )
-        } else {
-            inferno::flamegraph::from_lines(
-                &mut options,
-                lines.iter().map(String::as_str),
-                &mut svg,
-            )
-        };
-        result.map_err(|source| crate::profiles::ProfileExportError::FlameGraph {
-            subject: format!("{}/{}", self.service, self.scenario),
-            source,
-        })?;
-        Ok(String::from_utf8_lossy(&svg).into_owned())
+            stacks.push(super::diff_flame::FlameStack {
+                stack: format!("[{reason}]"),
+                width: 1,
+                baseline_self_per_transaction: 0.0,
+                candidate_self_per_transaction: 0.0,
+            });
+        }
+        super::diff_flame::svg(
+            options,
+            &stacks,
+            &format!("{}/{}", self.service, self.scenario),
+        )
     }
 }
 
@@ -406,6 +422,67 @@ mod tests {
         assert!(title(&baseline, "plan"), "visible at the baseline's widths");
         assert!(title(&baseline, "exec") && title(&candidate, "exec"));
         assert!(baseline.contains("baseline widths"));
+    }
+
+    /// The fill of the frame named `function` in `svg` and its title.
+    fn frame_fill(svg: &str, function: &str) -> (String, String) {
+        let at = svg
+            .find(&format!("<title>{function} ("))
+            .unwrap_or_else(|| panic!("no frame {function}"));
+        let g = &svg[at..];
+        let title = &g[7..g.find("</title>").unwrap()];
+        let fill = g.split("fill=\"").nth(1).unwrap();
+        (
+            fill[..fill.find('"').unwrap()].to_string(),
+            title.to_string(),
+        )
+    }
+
+    /// Each frame is coloured by its own change of self samples per
+    /// transaction, whatever its energy did. 100 transactions in each range;
+    /// self samples per transaction, baseline -> candidate: parse 2.0 -> 1.8
+    /// (-0.2), plan 1.0 -> 0.61 (-39%, -0.39; its energy ROSE, 10 -> 15 J,
+    /// as when the host's energy per sample rises), opt 0.5 -> 1.0 (+0.5,
+    /// the largest), exec 1.0 -> 1.0, main none. By hand, with
+    /// c = 100 + 150 x (1 - |change| / 0.5): opt rgb(255,100,100), plan
+    /// c = 133 blue, parse c = 190 blue, exec and main white rgb(250,250,250).
+    #[test]
+    fn frames_are_coloured_by_their_own_change_of_samples_per_transaction() {
+        let base = [
+            row("main;parse", 200, 20.0),
+            row("main;plan", 100, 10.0),
+            row("main;plan;opt", 50, 5.0),
+            row("main;exec", 100, 10.0),
+        ];
+        let cand = [
+            row("main;parse", 180, 18.0),
+            row("main;plan", 61, 15.0),
+            row("main;plan;opt", 100, 10.0),
+            row("main;exec", 100, 10.0),
+        ];
+        let d = diff("svc", "credit", &base, &cand, 100.0, 100.0, 1);
+        for svg in [
+            d.flamegraph_svg().unwrap(),
+            d.baseline_flamegraph_svg().unwrap(),
+        ] {
+            let fill = |f: &str| frame_fill(&svg, f).0;
+            assert_eq!(fill("opt"), "rgb(255,100,100)");
+            assert_eq!(fill("plan"), "rgb(133,133,255)", "fell 39%: blue");
+            assert_eq!(fill("parse"), "rgb(190,190,255)");
+            assert_eq!(fill("exec"), "rgb(250,250,250)");
+            assert_eq!(fill("main"), "rgb(250,250,250)");
+            let (_, title) = frame_fill(&svg, "plan");
+            assert!(
+                title.ends_with("own samples per transaction 1.000 → 0.6100, -39.00%)"),
+                "{title}"
+            );
+        }
+        // The candidate's widths: plan and opt, (15 + 10) J / 100 = 250,000,000 nJ.
+        let (_, title) = frame_fill(&d.flamegraph_svg().unwrap(), "plan");
+        assert!(
+            title.starts_with("plan (250,000,000 nJ/transaction"),
+            "{title}"
+        );
     }
 
     /// `[unknown]` and kernel frames never explain a caller's change.

@@ -7,6 +7,7 @@
 //! disclosed factors. Everything reads rollups only.
 pub mod compare;
 pub mod consolidation;
+pub mod diff_flame;
 pub mod diff_profile;
 pub mod distribution;
 pub mod report;

@@ -2,12 +2,12 @@
 //! is the review itself), with the disclosed factors of both ranges.
 use std::fmt::Write as _;
 
-use maud::{html, PreEscaped};
+use maud::html;
 
 use super::stats::Difference;
 use super::Review;
 use crate::dashboard::{disclosure_table, page};
-use crate::figures::{percent, sig4, signed_percent};
+use crate::figures::{count, energy_j, mass_g, opt_of_kind, percent, sig4, signed_percent, Kind};
 use crate::report::{disclosure_cells, unix_to_text, DISCLOSURE_COLUMNS};
 
 fn opt(v: Option<f64>) -> String {
@@ -18,62 +18,73 @@ fn relative(v: Option<f64>) -> String {
     v.map(signed_percent).unwrap_or_else(|| "–".into())
 }
 
-fn interval(d: &Difference) -> String {
+fn interval(d: &Difference, kind: Kind) -> String {
     match (d.ci_low, d.ci_high) {
-        (Some(lo), Some(hi)) => format!("[{}, {}]", sig4(lo), sig4(hi)),
+        (Some(lo), Some(hi)) => format!(
+            "[{}, {}]",
+            opt_of_kind(Some(lo), kind),
+            opt_of_kind(Some(hi), kind)
+        ),
         _ => "–".into(),
     }
 }
 
-/// Rows of (label, unit, difference) of the whole comparison.
-fn difference_rows(r: &Review) -> Vec<(String, &'static str, &Difference)> {
+/// Rows of (label, what the figure is, how it prints, difference) of the
+/// whole comparison.
+fn difference_rows(r: &Review) -> Vec<(String, &'static str, Kind, &Difference)> {
     let c = &r.comparison;
     let mut rows = vec![
         (
             "SCI_CF (mean of periods)".to_string(),
-            "gCO2e/unit",
+            "CO2e per unit",
+            Kind::MassG,
             &c.sci_cf_mean,
         ),
         (
             "SCI_CF (pooled)".to_string(),
-            "gCO2e/unit",
+            "CO2e per unit",
+            Kind::MassG,
             &c.sci_cf_pooled,
         ),
     ];
     for s in &c.scenarios {
         rows.push((
             format!("{} carbon / transaction", s.scenario),
-            "gCO2e",
+            "CO2e",
+            Kind::MassG,
             &s.g_per_transaction,
         ));
         rows.push((
             format!("{} energy / transaction (dynamic + idle share)", s.scenario),
-            "J",
+            "energy",
+            Kind::EnergyJ,
             &s.energy_j_per_transaction,
         ));
         rows.push((
             format!("{} dynamic energy / transaction", s.scenario),
-            "J",
+            "energy",
+            Kind::EnergyJ,
             &s.dynamic_energy_j_per_transaction,
         ));
         rows.push((
             format!("{} CPU / transaction", s.scenario),
-            "ns",
+            "CPU time",
+            Kind::DurationNs,
             &s.cpu_ns_per_transaction,
         ));
     }
     rows
 }
 
-fn difference_cells(label: &str, unit: &str, d: &Difference) -> Vec<String> {
+fn difference_cells(label: &str, unit: &str, kind: Kind, d: &Difference) -> Vec<String> {
     vec![
         label.to_string(),
         unit.to_string(),
-        opt(d.baseline),
-        opt(d.candidate),
-        opt(d.difference),
+        opt_of_kind(d.baseline, kind),
+        opt_of_kind(d.candidate, kind),
+        opt_of_kind(d.difference, kind),
         relative(d.relative_difference),
-        interval(d),
+        interval(d, kind),
         match &d.reason {
             Some(reason) => format!("{}: {reason}", d.verdict.as_str()),
             None => d.verdict.as_str().to_string(),
@@ -98,24 +109,24 @@ const DISTRIBUTION_COLUMNS: [&str; 10] = [
     "service",
     "scenario",
     "requests (base / cand)",
-    "p50 CPU ns",
-    "p90 CPU ns",
-    "p99 CPU ns",
-    "p50 J",
-    "p90 J",
-    "p99 J",
-    "mean J",
+    "p50 CPU",
+    "p90 CPU",
+    "p99 CPU",
+    "p50 energy",
+    "p90 energy",
+    "p99 energy",
+    "mean energy",
 ];
 
-fn pair(a: Option<f64>, b: Option<f64>) -> String {
-    format!("{} → {}", opt(a), opt(b))
+fn pair(a: Option<f64>, b: Option<f64>, kind: Kind) -> String {
+    format!("{} → {}", opt_of_kind(a, kind), opt_of_kind(b, kind))
 }
 
 fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
     let mut out = Vec::new();
     let diffs = difference_rows(r)
         .into_iter()
-        .map(|(l, u, d)| difference_cells(&l, u, d))
+        .map(|(l, u, k, d)| difference_cells(&l, u, k, d))
         .collect();
     out.push((
         "Comparison per transaction".to_string(),
@@ -130,14 +141,14 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
             vec![
                 d.service.clone(),
                 d.scenario.clone(),
-                format!("{} / {}", sig4(a.requests), sig4(b.requests)),
-                pair(a.p50_cpu_ns, b.p50_cpu_ns),
-                pair(a.p90_cpu_ns, b.p90_cpu_ns),
-                pair(a.p99_cpu_ns, b.p99_cpu_ns),
-                pair(a.p50_energy_j, b.p50_energy_j),
-                pair(a.p90_energy_j, b.p90_energy_j),
-                pair(a.p99_energy_j, b.p99_energy_j),
-                pair(a.mean_energy_j, b.mean_energy_j),
+                format!("{} / {}", count(a.requests), count(b.requests)),
+                pair(a.p50_cpu_ns, b.p50_cpu_ns, Kind::DurationNs),
+                pair(a.p90_cpu_ns, b.p90_cpu_ns, Kind::DurationNs),
+                pair(a.p99_cpu_ns, b.p99_cpu_ns, Kind::DurationNs),
+                pair(a.p50_energy_j, b.p50_energy_j, Kind::EnergyJ),
+                pair(a.p90_energy_j, b.p90_energy_j, Kind::EnergyJ),
+                pair(a.p99_energy_j, b.p99_energy_j, Kind::EnergyJ),
+                pair(a.mean_energy_j, b.mean_energy_j, Kind::EnergyJ),
             ]
         })
         .collect();
@@ -154,9 +165,9 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
             .map(|f| {
                 vec![
                     f.function.clone(),
-                    sig4(f.baseline_j_per_transaction),
-                    sig4(f.candidate_j_per_transaction),
-                    sig4(f.change_j_per_transaction),
+                    energy_j(f.baseline_j_per_transaction),
+                    energy_j(f.candidate_j_per_transaction),
+                    energy_j(f.change_j_per_transaction),
                     format!("{} / {}", f.baseline_samples, f.candidate_samples),
                 ]
             })
@@ -168,9 +179,9 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
             ),
             [
                 "function",
-                "baseline J/txn",
-                "candidate J/txn",
-                "change J/txn",
+                "baseline energy/txn",
+                "candidate energy/txn",
+                "change energy/txn",
                 "samples (base / cand)",
             ]
             .iter()
@@ -189,9 +200,9 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
                 z.service.clone(),
                 percent(z.utilisation),
                 sig4(z.idle_power_w),
-                sig4(z.energy_saved_j_per_day / 3.6e6),
-                sig4(z.operational_saved_g_per_day),
-                sig4(z.embodied_saved_g_per_day),
+                energy_j(z.energy_saved_j_per_day),
+                mass_g(z.operational_saved_g_per_day),
+                mass_g(z.embodied_saved_g_per_day),
             ]);
         }
         for p in &dc.pools {
@@ -205,9 +216,9 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
                 p.valley_hours.len().to_string(),
                 sig4(p.freed_host_hours_per_day),
                 sig4(p.idle_power_w),
-                sig4(p.energy_saved_j_per_day / 3.6e6),
-                sig4(p.operational_saved_g_per_day),
-                sig4(p.embodied_saved_g_per_day),
+                energy_j(p.energy_saved_j_per_day),
+                mass_g(p.operational_saved_g_per_day),
+                mass_g(p.embodied_saved_g_per_day),
             ]);
         }
     }
@@ -219,9 +230,9 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
             "service",
             "utilisation",
             "idle W",
-            "kWh/day",
-            "O g/day",
-            "M g/day",
+            "energy saved/day",
+            "O saved/day",
+            "M saved/day",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -243,9 +254,9 @@ fn tables(r: &Review) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
             "valley hours",
             "freed host-h/day",
             "idle W/host",
-            "kWh/day",
-            "O g/day",
-            "M g/day",
+            "energy saved/day",
+            "O saved/day",
+            "M saved/day",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -344,13 +355,16 @@ pub fn markdown(r: &Review) -> String {
 pub fn html(r: &Review, generated_at: &str) -> String {
     let c = &r.comparison;
     let title = "Optimisation review";
-    // The differential flame graph is inferno's SVG (which escapes the names
-    // it draws), inserted as it is.
-    // Beside it, the same stacks at the baseline's widths: removed code shows there.
-    let flame_graphs = r
-        .diff_profile
-        .as_ref()
-        .map(|p| [p.flamegraph_svg(), p.baseline_flamegraph_svg()]);
+    // The differential flame graph at the candidate's widths and, below it,
+    // at the baseline's (removed code shows there), each in its own frame
+    // at the page's full width (inferno's script sizes the first SVG of its
+    // document: two inline graphs would share one script and ids).
+    let flame_graphs = r.diff_profile.as_ref().map(|p| {
+        [
+            ("candidate widths", p.flamegraph_svg()),
+            ("baseline widths", p.baseline_flamegraph_svg()),
+        ]
+    });
     let body = html! {
         h1 { (title) }
         div class="meta" {
@@ -376,9 +390,12 @@ pub fn html(r: &Review, generated_at: &str) -> String {
         }
         @if let Some(graphs) = flame_graphs {
             h2 { "Differential energy flame graph (per transaction)" }
-            @for svg in graphs {
+            @for (widths, svg) in graphs {
                 @match svg {
-                    Ok(svg) => (PreEscaped(svg)),
+                    Ok(svg) => (crate::dashboard::flame_graph_frame(
+                        &format!("differential flame graph, {widths}"),
+                        &svg,
+                    )),
                     Err(e) => p { (e.to_string()) },
                 }
             }

@@ -12,8 +12,8 @@ use super::backend::{Column, Upsert};
 use super::layout::{split_by_time, RollupLayout, DAY_S};
 use super::tables::{
     or_none, Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
-    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, SUPPLY,
-    SUPPLY_COARSE, SUPPLY_SERVICE, SUPPLY_SERVICE_COARSE, TABLES,
+    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE,
+    SERVICE_FINE, SUPPLY, SUPPLY_COARSE, SUPPLY_SERVICE, SUPPLY_SERVICE_COARSE, TABLES,
 };
 
 /// A rollup row's key column: the names borrow from the windows being
@@ -196,6 +196,16 @@ impl<'a> Deltas<'a> {
                         &e.map(|v| share * v),
                     );
                 }
+            }
+        }
+        for (bucket, share, _) in split_by_time(w.start_unix_ns, w.end_unix_ns, layout.step_s) {
+            let bucket = Key::I(bucket as i64);
+            for ((service, scenario), e) in &services {
+                self.add(
+                    &SERVICE_FINE,
+                    &[bucket, Key::T(dc), Key::T(service), Key::T(scenario)],
+                    &e.map(|v| share * v),
+                );
             }
         }
         let host_end_bucket = Key::I(end_bucket(layout.host_step_s) as i64);

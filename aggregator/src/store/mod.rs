@@ -11,6 +11,8 @@
 //!   source and model, embodied share source) and per scenario;
 //! - `host_rollup`, `service_rollup` and `profile_rollup` per host step
 //!   (`host_rollup_step`, default 1 h);
+//! - `service_rollup_m` per base step, kept as long as raw windows: service
+//!   figures for periods shorter than a host step (issue 24);
 //!
 //! A window is split across buckets in proportion to time (a 10:59:30-
 //! 11:00:30 window puts half its carbon, energy and transactions in each
@@ -43,6 +45,7 @@ mod deltas;
 mod encoding;
 mod group;
 pub mod layout;
+pub mod migrate;
 pub mod postgres;
 mod query;
 pub mod rows;

@@ -17,9 +17,10 @@ use super::rows::{
 };
 use super::supply::groupable;
 use super::tables::{
-    Table, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE, PROFILE_COARSE,
-    REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE, SERVICE_COARSE, SUPPLY,
-    SUPPLY_COARSE, SUPPLY_SERVICE, SUPPLY_SERVICE_COARSE, TABLES,
+    Table, FINE_TABLES, FLEET, FLEET_COARSE, HOST, HOST_COARSE, HOST_SERVICE, PROFILE,
+    PROFILE_COARSE, REQUEST_CPU, REQUEST_CPU_TOTAL, SCENARIO, SCENARIO_COARSE, SERVICE,
+    SERVICE_COARSE, SERVICE_FINE, SERVICE_FINE_FROM_KEY, SUPPLY, SUPPLY_COARSE, SUPPLY_SERVICE,
+    SUPPLY_SERVICE_COARSE, TABLES,
 };
 use super::Store;
 use crate::error::AggregatorError;
@@ -193,6 +194,38 @@ fn source(
         "(SELECT {columns} FROM {} WHERE bucket_s >= {f} AND bucket_s < {t}) AS src",
         fine.name
     )
+}
+
+/// Service sums per period from the rollup-step table, for periods that
+/// are not whole host steps; refused when the range starts before what that
+/// table still holds (kept for raw_retention, see [`FINE_TABLES`]).
+fn service_periods_fine(
+    db: &dyn Backend,
+    range: &Range,
+    layout: &RollupLayout,
+) -> Result<Vec<ServicePeriodRow>, AggregatorError> {
+    let kept_from = db
+        .read(
+            "SELECT value FROM meta WHERE key = $1",
+            &[Value::Text(SERVICE_FINE_FROM_KEY.into())],
+        )?
+        .first()
+        .and_then(|r| r[0].text().parse::<u64>().ok());
+    if let Some(kept_from) = kept_from.filter(|k| range.from_s < *k) {
+        return Err(AggregatorError::Invalid(format!(
+            "service figures per {} s (needed for a {} s period) are kept as long as raw windows (raw_retention): before {kept_from} (unix s) they were already rolled up into host steps of {} s; start the range at or after {kept_from}, or use a period that is a multiple of {} s",
+            layout.step_s, range.period_s, layout.host_step_s, layout.host_step_s
+        )));
+    }
+    SumQuery {
+        period_s: Some(range.period_s),
+        columns: &[Period, Key("datacenter"), Key("service"), Key("scenario")],
+        ..SumQuery::over(&SERVICE_FINE, range.from_s, range.to_s)
+    }
+    .read(db, |r| ServicePeriodRow {
+        period_start_s: r[0].i64() as u64 * range.period_s,
+        row: ServiceRow::from_columns(&r[1..]),
+    })
 }
 
 /// The range of a per-period host-step query: whole host steps, periods
@@ -506,6 +539,7 @@ impl<B: Backend> Store for B {
             ..Default::default()
         };
         let rollup_cutoff_s = now_s.saturating_sub(retention.rollups.as_secs()) as i64;
+        let raw_cutoff_s = now_s.saturating_sub(retention.raw.as_secs()) as i64;
         self.write(&mut |tx| {
             expired.keys = tx.execute(
                 "DELETE FROM window_keys WHERE end_ns < $1",
@@ -513,9 +547,15 @@ impl<B: Backend> Store for B {
             )?;
             expired.rollup_rows = 0;
             for t in TABLES {
+                let fine = FINE_TABLES.iter().any(|f| f.index == t.index);
+                let cutoff_s = if fine {
+                    raw_cutoff_s.max(rollup_cutoff_s)
+                } else {
+                    rollup_cutoff_s
+                };
                 expired.rollup_rows += tx.execute(
                     &format!("DELETE FROM {} WHERE bucket_s < $1", t.name),
-                    &[Value::Int(rollup_cutoff_s)],
+                    &[Value::Int(cutoff_s)],
                 )?;
             }
             // A commit upserts the attributes of every supply it writes
@@ -534,6 +574,24 @@ impl<B: Backend> Store for B {
                  AND (carried_out_unix_s IS NULL OR carried_out_unix_s < $1)",
                 &[Value::Int(rollup_cutoff_s)],
             )?;
+            // What the fine service rollups no longer hold: a shorter
+            // service review from before it is refused with the reason.
+            let stored = tx.query(
+                "SELECT value FROM meta WHERE key = $1",
+                &[Value::Text(SERVICE_FINE_FROM_KEY.into())],
+            )?;
+            let from_s = stored
+                .first()
+                .and_then(|r| r[0].text().parse::<i64>().ok())
+                .unwrap_or(0)
+                .max(raw_cutoff_s.max(rollup_cutoff_s));
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[
+                    Value::Text(SERVICE_FINE_FROM_KEY.into()),
+                    Value::Text(from_s.to_string()),
+                ],
+            )?;
             Ok(())
         })?;
         Ok(expired)
@@ -548,7 +606,11 @@ impl<B: Backend> Store for B {
     }
 
     fn service_periods(&self, range: &Range) -> Result<Vec<ServicePeriodRow>, AggregatorError> {
-        let (from, to) = host_periods_range(range, &Backend::layout(self))?;
+        let layout = Backend::layout(self);
+        if !range.period_s.is_multiple_of(layout.host_step_s) {
+            return service_periods_fine(self, range, &layout);
+        }
+        let (from, to) = host_periods_range(range, &layout)?;
         SumQuery {
             coarse: Some((&SERVICE_COARSE, DAY_S)),
             period_s: Some(range.period_s),

@@ -40,7 +40,7 @@ pub(super) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
 }
 
 /// Versioned migrations: (version, SQL).
-pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 7] {
+pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 8] {
     if postgres {
         [
             (
@@ -62,6 +62,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 7] {
             (
                 27,
                 include_str!("../../migrations/postgres/0027_supplies.sql"),
+            ),
+            (
+                28,
+                include_str!("../../migrations/postgres/0028_service_fine_rollup.sql"),
             ),
             (
                 29,
@@ -90,6 +94,10 @@ pub(super) fn migrations(postgres: bool) -> [(i64, &'static str); 7] {
             (
                 27,
                 include_str!("../../migrations/sqlite/0027_supplies.sql"),
+            ),
+            (
+                28,
+                include_str!("../../migrations/sqlite/0028_service_fine_rollup.sql"),
             ),
             (
                 29,

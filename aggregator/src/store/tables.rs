@@ -175,22 +175,38 @@ pub(super) const SUPPLY_SERVICE: Table = Table {
     ],
 };
 
+/// Service sums per rollup step (issue 24: service reviews shorter than a
+/// host step), kept as long as raw windows ([`FINE_TABLES`]).
+pub(super) const SERVICE_FINE: Table = Table {
+    index: 15,
+    name: "service_rollup_m",
+    ..SERVICE
+};
+
+/// Tables kept for the raw windows' retention, not the rollups'.
+pub(super) const FINE_TABLES: [&Table; 1] = [&SERVICE_FINE];
+
+/// `meta` key: the first second `service_rollup_m` holds (absent: all of
+/// the store's data). Set by the migration on a store that had service
+/// rollups before it, moved forward by retention.
+pub(super) const SERVICE_FINE_FROM_KEY: &str = "service_rollup_m_from_s";
+
 /// The daily copies of the supply rollups (#27): a long supply query reads
 /// whole days from them and only its edges by host step.
 pub(super) const SUPPLY_COARSE: Table = Table {
-    index: 15,
+    index: 16,
     name: "supply_rollup_d",
     ..SUPPLY
 };
 pub(super) const SUPPLY_SERVICE_COARSE: Table = Table {
-    index: 16,
+    index: 17,
     name: "supply_service_rollup_d",
     ..SUPPLY_SERVICE
 };
 
 /// Every rollup table, in the order commits write them and retention
 /// deletes from them.
-pub(super) const TABLES: [&Table; 17] = [
+pub(super) const TABLES: [&Table; 18] = [
     &FLEET,
     &SCENARIO,
     &HOST,
@@ -206,6 +222,7 @@ pub(super) const TABLES: [&Table; 17] = [
     &HOST_SERVICE,
     &SUPPLY,
     &SUPPLY_SERVICE,
+    &SERVICE_FINE,
     &SUPPLY_COARSE,
     &SUPPLY_SERVICE_COARSE,
 ];

@@ -44,6 +44,7 @@ pub mod powercap;
 pub mod probe;
 pub mod redfish;
 pub mod topology;
+pub mod vsock;
 
 pub use crate::error::EnergyError;
 pub use model::{parse_power_model, ModelSource, PowerModel};
@@ -78,6 +79,19 @@ pub struct EnergyConfig {
     /// With `source = "hypervisor"`: the VM's folder published by the host
     /// agent (`<vms.publish_dir>/<vm>` on the host, shared into the guest).
     pub hypervisor_dir: Option<PathBuf>,
+    /// With `source = "hypervisor"`: `folder` (`hypervisor_dir`) or `vsock`.
+    pub hypervisor_transport: String,
+    /// vsock: the host's CID (2 from inside a VM).
+    pub hypervisor_vsock_cid: u32,
+    /// vsock: the port the host agent listens on (`vms.vsock_port`).
+    pub hypervisor_vsock_port: Option<u32>,
+    /// vsock: a Unix socket instead of `AF_VSOCK` (the host's
+    /// `<uds_path>_<port>` when this agent reaches it directly; tests).
+    pub hypervisor_uds: Option<PathBuf>,
+    /// vsock: the VM's name to ask for; empty: the one the host gives this peer.
+    pub hypervisor_vm: String,
+    /// vsock: connect, send and receive timeout.
+    pub hypervisor_timeout_ms: u64,
 }
 
 impl Default for EnergyConfig {
@@ -93,6 +107,12 @@ impl Default for EnergyConfig {
             redfish: None,
             ipmi: None,
             hypervisor_dir: None,
+            hypervisor_transport: "folder".to_string(),
+            hypervisor_vsock_cid: vsock::HOST_CID,
+            hypervisor_vsock_port: None,
+            hypervisor_uds: None,
+            hypervisor_vm: String::new(),
+            hypervisor_timeout_ms: 1000,
         }
     }
 }
@@ -115,11 +135,7 @@ impl EnergyConfig {
                 self.source
             )));
         }
-        if (self.source == "hypervisor") != self.hypervisor_dir.is_some() {
-            return Err(EnergyError::Config(
-                "energy.hypervisor_dir: set it exactly when energy.source = \"hypervisor\" (the VM's folder published by the host agent)".to_string(),
-            ));
-        }
+        self.validate_hypervisor()?;
         parse_power_model(&self.power_model)?;
         if let Some(w) = self.idle_power_w {
             if !w.is_finite() || w < 0.0 {
@@ -152,6 +168,102 @@ impl EnergyConfig {
             i.validate()?;
         }
         Ok(())
+    }
+}
+
+impl EnergyConfig {
+    fn validate_hypervisor(&self) -> Result<(), EnergyError> {
+        let bad =
+            |key: &str, reason: &str| Err(EnergyError::Config(format!("energy.{key}: {reason}")));
+        let hypervisor = self.source == "hypervisor";
+        let vsock = match self.hypervisor_transport.as_str() {
+            "folder" => false,
+            "vsock" => true,
+            other => {
+                return bad(
+                    "hypervisor_transport",
+                    &format!("{other:?} is not one of folder, vsock"),
+                )
+            }
+        };
+        let wants_dir = hypervisor && !vsock;
+        if wants_dir != self.hypervisor_dir.is_some() {
+            return bad("hypervisor_dir", "set it exactly when energy.source = \"hypervisor\" with hypervisor_transport = \"folder\" (the VM's folder published by the host agent)");
+        }
+        let wants_socket = hypervisor && vsock;
+        if !wants_socket {
+            if self.hypervisor_vsock_port.is_some() || self.hypervisor_uds.is_some() {
+                return bad(
+                    if self.hypervisor_uds.is_some() {
+                        "hypervisor_uds"
+                    } else {
+                        "hypervisor_vsock_port"
+                    },
+                    "only with energy.source = \"hypervisor\" and hypervisor_transport = \"vsock\"",
+                );
+            }
+            return Ok(());
+        }
+        match (self.hypervisor_vsock_port, &self.hypervisor_uds) {
+            (None, None) => {
+                return bad(
+                    "hypervisor_vsock_port",
+                    "required with hypervisor_transport = \"vsock\" (the host agent's vms.vsock_port), or hypervisor_uds",
+                )
+            }
+            (Some(_), Some(_)) => {
+                return bad(
+                    "hypervisor_uds",
+                    "a Unix socket instead of AF_VSOCK: set it or hypervisor_vsock_port, not both",
+                )
+            }
+            (Some(port), None) if port == 0 || port == libc::VMADDR_PORT_ANY => {
+                return bad("hypervisor_vsock_port", &format!("{port} is not a port"))
+            }
+            _ => {}
+        }
+        if self.hypervisor_vsock_cid == libc::VMADDR_CID_ANY {
+            return bad("hypervisor_vsock_cid", "VMADDR_CID_ANY is not a peer");
+        }
+        if self.hypervisor_vm.len() > vsock::MAX_NAME_BYTES {
+            return bad(
+                "hypervisor_vm",
+                &format!("longer than {} bytes", vsock::MAX_NAME_BYTES),
+            );
+        }
+        if !(1..=10_000).contains(&self.hypervisor_timeout_ms) {
+            return bad(
+                "hypervisor_timeout_ms",
+                &format!("{} must be 1 to 10000 ms", self.hypervisor_timeout_ms),
+            );
+        }
+        Ok(())
+    }
+
+    /// Where a guest reads its host's document (`source = "hypervisor"`).
+    fn hypervisor_feed(&self) -> Option<hypervisor::Feed> {
+        if self.source != "hypervisor" {
+            return None;
+        }
+        if self.hypervisor_transport != "vsock" {
+            return self
+                .hypervisor_dir
+                .as_ref()
+                .map(|dir| hypervisor::Feed::Folder(dir.join("sci-host.json")));
+        }
+        let target = match (&self.hypervisor_uds, self.hypervisor_vsock_port) {
+            (Some(path), _) => vsock::Target::Unix(path.clone()),
+            (None, Some(port)) => vsock::Target::Vsock {
+                cid: self.hypervisor_vsock_cid,
+                port,
+            },
+            (None, None) => return None,
+        };
+        Some(hypervisor::Feed::Socket(vsock::Client::new(
+            target,
+            &self.hypervisor_vm,
+            std::time::Duration::from_millis(self.hypervisor_timeout_ms),
+        )))
     }
 }
 
@@ -309,6 +421,7 @@ pub fn fault_name(e: &EnergyError) -> &'static str {
         EnergyError::PerfOpen { .. } => "perf_open",
         EnergyError::PowerModel { .. } | EnergyError::Config(_) => "config",
         EnergyError::Refused { .. } => "refused",
+        EnergyError::Transport { fault, .. } => fault,
     }
 }
 
@@ -615,8 +728,8 @@ fn select_cpu_energy_source(
         }
     };
     let fallback = ModelSource::new(model.clone(), cpus);
-    if let (true, Some(dir)) = (wanted == "hypervisor", &cfg.hypervisor_dir) {
-        match hypervisor::HypervisorSource::open(dir, cpus) {
+    if let Some(feed) = cfg.hypervisor_feed() {
+        match hypervisor::HypervisorSource::with_feed(feed, cpus) {
             Ok(source) => {
                 return (
                     Box::new(WithModelFallback::new(Box::new(source), fallback)),

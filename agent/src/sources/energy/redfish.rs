@@ -137,34 +137,17 @@ impl RedfishConfig {
         if let Some(pin) = &self.pinned_sha256 {
             parse_pin(pin)?;
         }
-        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
-            return Err(config_error(
-                "timeout_ms",
-                format!("{} must be 1 to 60000 ms", self.timeout_ms),
-            ));
+        self.settings().validate("energy.redfish", self.timeout_ms)
+    }
+
+    pub(crate) fn settings(&self) -> PollSettings {
+        PollSettings {
+            kind: "redfish",
+            poll_ms: self.poll_ms,
+            stale_after_ms: self.stale_after_ms,
+            max_power_w: self.max_power_w,
+            split: self.split,
         }
-        if self.poll_ms < 100 || self.poll_ms > 600_000 {
-            return Err(config_error(
-                "poll_ms",
-                format!("{} must be 100 to 600000 ms", self.poll_ms),
-            ));
-        }
-        if self.stale_after_ms < self.poll_ms {
-            return Err(config_error(
-                "stale_after_ms",
-                format!(
-                    "{} is shorter than poll_ms = {}: every reading would be stale",
-                    self.stale_after_ms, self.poll_ms
-                ),
-            ));
-        }
-        if !self.max_power_w.is_finite() || self.max_power_w <= 0.0 {
-            return Err(config_error(
-                "max_power_w",
-                format!("{} must be a positive number of watts", self.max_power_w),
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -352,6 +335,43 @@ pub(crate) struct PollSettings {
     pub(crate) split: PlatformSplit,
 }
 
+impl PollSettings {
+    /// Checks what every BMC source shares, and its request timeout; the
+    /// message names the key under `prefix` (`energy.redfish`, `energy.ipmi`).
+    pub(crate) fn validate(&self, prefix: &str, timeout_ms: u64) -> Result<(), EnergyError> {
+        let bad =
+            |key: &str, reason: String| EnergyError::Config(format!("{prefix}.{key}: {reason}"));
+        if timeout_ms == 0 || timeout_ms > 60_000 {
+            return Err(bad(
+                "timeout_ms",
+                format!("{timeout_ms} must be 1 to 60000 ms"),
+            ));
+        }
+        if self.poll_ms < 100 || self.poll_ms > 600_000 {
+            return Err(bad(
+                "poll_ms",
+                format!("{} must be 100 to 600000 ms", self.poll_ms),
+            ));
+        }
+        if self.stale_after_ms < self.poll_ms {
+            return Err(bad(
+                "stale_after_ms",
+                format!(
+                    "{} is shorter than poll_ms = {}: every reading would be stale",
+                    self.stale_after_ms, self.poll_ms
+                ),
+            ));
+        }
+        if !self.max_power_w.is_finite() || self.max_power_w <= 0.0 {
+            return Err(bad(
+                "max_power_w",
+                format!("{} must be a positive number of watts", self.max_power_w),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl PowerReader for Client {
     fn read(&mut self) -> Result<ParsedReading, Failure> {
         self.get()
@@ -507,16 +527,7 @@ impl PlatformPoller {
     pub fn start(cfg: &RedfishConfig) -> Result<PlatformPoller, EnergyError> {
         cfg.validate()?;
         let client = Client::new(cfg)?;
-        Self::spawn(
-            Box::new(client),
-            PollSettings {
-                kind: "redfish",
-                poll_ms: cfg.poll_ms,
-                stale_after_ms: cfg.stale_after_ms,
-                max_power_w: cfg.max_power_w,
-                split: cfg.split,
-            },
-        )
+        Self::spawn(Box::new(client), cfg.settings())
     }
 
     /// Start polling `reader` every `cfg.poll_ms`.
