@@ -270,6 +270,7 @@ fn supply_rollups_have_a_daily_copy_split_by_time() {
     let part =
         sci_aggregator::store::Range::new(DAY0 + 3600, DAY0 + 2 * 86_400, 3600, &LAYOUT).unwrap();
     assert!(store.supply_periods(&part).unwrap().is_empty());
+}
 
 /// Migration 28 on a store that already holds service rollups (issue 24):
 /// the per-minute service table starts after their last host step, and a
