@@ -518,6 +518,9 @@ fn change_rollup_steps(
         if !path.is_file() {
             bail!("--db {db}: no SQLite file at {}", path.display());
         }
+        if let Some(pid) = SqliteStore::held_by(&path)? {
+            bail!("--db {db}: process {pid} has the database open (an aggregator?): stop it first");
+        }
         let old = SqliteStore::stored_layout(&path)?.with_context(|| {
             format!("--db {db}: the file records no rollup steps (not a sci-aggregator store)")
         })?;

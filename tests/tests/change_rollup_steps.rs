@@ -6,7 +6,8 @@
 //! hand-computed O, M, R and SCI per 5-min and 1-hour period; a change to
 //! finer steps with the raw windows held equals a store built at them; a
 //! step that is not a multiple, without the raw windows, is refused naming
-//! why, and with `--drop-older` drops exactly the rows it reports.
+//! why, and with `--drop-older` drops exactly the rows it reports; a store
+//! an aggregator has open is refused.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -528,6 +529,33 @@ fn not_a_multiple(db: &Db) {
     });
 }
 
+/// Refused while an aggregator (SQLite: a real one; PostgreSQL: a store's
+/// sessions) has the store open; nothing changed.
+fn refused_while_open(db: &Db) {
+    db.build(AT_1M);
+    let err = match db {
+        Db::Sqlite(p) => {
+            let _agg = Aggregator::start(p.parent().unwrap(), 60, "", true);
+            let out = change(db, &["--rollup-step", "5m"]);
+            assert!(!out.status.success());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+        Db::Postgres(_) => db.with(AT_1M, |_, _| {
+            let out = change(db, &["--rollup-step", "5m"]);
+            assert!(!out.status.success());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }),
+    };
+    let needle = match db {
+        Db::Sqlite(_) => "has the database open (an aggregator?): stop it first",
+        Db::Postgres(_) => "session(s) are connected to the database",
+    };
+    assert!(err.contains(needle), "{err}");
+    db.with(AT_1M, |store, _| {
+        check_by_hand(&evaluate(store, 60), 60, "after the refusal")
+    });
+}
+
 #[test]
 fn change_rollup_steps_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
@@ -535,6 +563,7 @@ fn change_rollup_steps_on_sqlite() {
     coarser(&db("coarser"), &db("at-5m"));
     finer(&db("finer"), &db("at-1m-30m"));
     not_a_multiple(&db("odd"));
+    refused_while_open(&db("held"));
 }
 
 #[test]
@@ -546,4 +575,5 @@ fn change_rollup_steps_on_postgres() {
     coarser(&db("coarser"), &db("at_5m"));
     finer(&db("finer"), &db("at_1m_30m"));
     not_a_multiple(&db("odd"));
+    refused_while_open(&db("held"));
 }
