@@ -344,7 +344,9 @@ fn coarser(db: &Db, reference: &Db) {
         rollups: Duration::from_secs(400 * 86_400),
     };
     db.with(AT_1M, |store, backend| {
-        store.expire(T + 8 * 86_400, &retention).unwrap();
+        // 90 s past a day: the marker of the per-minute service table is not
+        // on a 5-min boundary.
+        store.expire(T + 8 * 86_400 + 90, &retention).unwrap();
         let raw = backend
             .read("SELECT COUNT(*) FROM windows_raw", &[])
             .unwrap();
@@ -368,6 +370,14 @@ fn coarser(db: &Db, reference: &Db) {
         )
     });
     db.with(AT_5M, |store, backend| {
+        // service_rollup_m holds whole 5-min buckets from the next boundary on.
+        let marker = backend
+            .read(
+                "SELECT value FROM meta WHERE key = 'service_rollup_m_from_s'",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(marker[0][0], Value::Text((T + 86_400 + 300).to_string()));
         let mut got = rollups(backend);
         // service_rollup_m was emptied by the raw retention (as in any store past it).
         assert!(got["service_rollup_m"].is_empty());
@@ -477,6 +487,30 @@ fn finer(db: &Db, reference: &Db) {
     });
 }
 
+/// Both at once: 1 min to 5 min (re-bucketed) and 1 h to 30 min (rebuilt).
+fn mixed(db: &Db, reference: &Db) {
+    let to = RollupLayout {
+        step_s: 300,
+        host_step_s: 1800,
+    };
+    db.build(AT_1M);
+    reference.build(to);
+    let report = changed(db, &["--rollup-step", "5m", "--host-rollup-step", "30m"]);
+    assert_eq!(
+        report["tables"]["fleet_rollup"]["how"], "rebucketed",
+        "{report}"
+    );
+    assert_eq!(
+        report["tables"]["fleet_rollup_h"]["how"], "rebuilt",
+        "{report}"
+    );
+    let want = reference.with(to, |_, backend| rollups(backend));
+    db.with(to, |store, backend| {
+        assert_same_rollups(&rollups(backend), &want, "1 min -> 5 min, 1 h -> 30 min");
+        check_by_hand(&evaluate(store, 1800), 1800, "mixed change");
+    });
+}
+
 /// 1 min to 90 s without raw windows: refused; with --drop-older, the
 /// rows it reports are gone and the hourly figures stay.
 fn not_a_multiple(db: &Db) {
@@ -562,6 +596,7 @@ fn change_rollup_steps_on_sqlite() {
     let db = |name: &str| Db::Sqlite(dir.path().join(name).join("sci.db"));
     coarser(&db("coarser"), &db("at-5m"));
     finer(&db("finer"), &db("at-1m-30m"));
+    mixed(&db("mixed"), &db("at_5m_30m"));
     not_a_multiple(&db("odd"));
     refused_while_open(&db("held"));
 }
@@ -574,6 +609,7 @@ fn change_rollup_steps_on_postgres() {
     let db = |name: &str| Db::Postgres(pg.create_database(name).unwrap());
     coarser(&db("coarser"), &db("at_5m"));
     finer(&db("finer"), &db("at_1m_30m"));
+    mixed(&db("mixed"), &db("at_5m_30m"));
     not_a_multiple(&db("odd"));
     refused_while_open(&db("held"));
 }

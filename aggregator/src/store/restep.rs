@@ -229,7 +229,8 @@ pub fn change_rollup_steps(
             if rebuilt.iter().any(|t| t.step == Step::Base) && marker.is_some() {
                 fine_from_s = Some(from_s.max(raw_from_s));
             }
-        } else if change(from.step_s, to.step_s) == Change::Coarser {
+        }
+        if change(from.step_s, to.step_s) == Change::Coarser {
             // The bucket holding the marker may now begin before it.
             fine_from_s = marker.map(|m| m.div_ceil(to.step_s) * to.step_s);
         }
