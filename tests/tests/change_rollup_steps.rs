@@ -459,31 +459,43 @@ fn coarser(db: &Db, reference: &Db) {
     assert!(err.contains("rollup_step 300 s"), "{err}");
 }
 
+/// `db` built at `from` and changed by `args`, `reference` built at `to`:
+/// every rollup row alike; the report.
+fn changed_like_built(
+    db: &Db,
+    reference: &Db,
+    from: RollupLayout,
+    to: RollupLayout,
+    args: &[&str],
+) -> serde_json::Value {
+    db.build(from);
+    reference.build(to);
+    let report = changed(db, args);
+    let want = reference.with(to, |_, backend| rollups(backend));
+    db.with(to, |_, backend| {
+        assert_same_rollups(&rollups(backend), &want, &format!("{args:?}"))
+    });
+    report
+}
+
 /// 5 min / 1 h to 1 min / 30 min with the raw windows held: rebuilt.
 fn finer(db: &Db, reference: &Db) {
     let to = RollupLayout {
         step_s: 60,
         host_step_s: 1800,
     };
-    db.build(AT_5M);
-    reference.build(to);
-    let report = changed(db, &["--rollup-step", "1m", "--host-rollup-step", "30m"]);
-    assert_eq!(
-        report["raw_windows_replayed"].as_u64().unwrap() as usize,
-        windows().len()
-    );
+    let args = ["--rollup-step", "1m", "--host-rollup-step", "30m"];
+    let report = changed_like_built(db, reference, AT_5M, to, &args);
+    let replayed = report["raw_windows_replayed"].as_u64().unwrap();
+    assert_eq!(replayed as usize, windows().len());
     assert_eq!(report["rebuilt_from_s"], 0, "{report}");
-    assert_eq!(
-        report["tables"]["host_rollup"]["how"], "rebuilt",
-        "{report}"
-    );
+    assert_eq!(report["tables"]["host_rollup"]["how"], "rebuilt");
     assert!(report["tables"].get("host_rollup_d").is_none(), "{report}");
-    let want = reference.with(to, |store, backend| (rollups(backend), evaluate(store, 60)));
-    db.with(to, |store, backend| {
-        assert_same_rollups(&rollups(backend), &want.0, "5 min -> 1 min, 1 h -> 30 min");
+    let want = reference.with(to, |store, _| evaluate(store, 60));
+    db.with(to, |store, _| {
         let e = evaluate(store, 60);
         check_by_hand(&e, 60, "rebuilt at 1 min");
-        assert_same_evaluation(&e, &want.1, "rebuilt vs built at 1 min");
+        assert_same_evaluation(&e, &want, "rebuilt vs built at 1 min");
     });
 }
 
@@ -493,21 +505,12 @@ fn mixed(db: &Db, reference: &Db) {
         step_s: 300,
         host_step_s: 1800,
     };
-    db.build(AT_1M);
-    reference.build(to);
-    let report = changed(db, &["--rollup-step", "5m", "--host-rollup-step", "30m"]);
-    assert_eq!(
-        report["tables"]["fleet_rollup"]["how"], "rebucketed",
-        "{report}"
-    );
-    assert_eq!(
-        report["tables"]["fleet_rollup_h"]["how"], "rebuilt",
-        "{report}"
-    );
-    let want = reference.with(to, |_, backend| rollups(backend));
-    db.with(to, |store, backend| {
-        assert_same_rollups(&rollups(backend), &want, "1 min -> 5 min, 1 h -> 30 min");
-        check_by_hand(&evaluate(store, 1800), 1800, "mixed change");
+    let args = ["--rollup-step", "5m", "--host-rollup-step", "30m"];
+    let report = changed_like_built(db, reference, AT_1M, to, &args);
+    assert_eq!(report["tables"]["fleet_rollup"]["how"], "rebucketed");
+    assert_eq!(report["tables"]["fleet_rollup_h"]["how"], "rebuilt");
+    db.with(to, |store, _| {
+        check_by_hand(&evaluate(store, 1800), 1800, "mixed change")
     });
 }
 
