@@ -121,11 +121,11 @@ pub struct AggregatorConfig {
     pub postgres_url: Option<String>,
     /// Base step of the fleet and scenario rollups: every period is a
     /// multiple of it. Default: the largest divisor of one minute that
-    /// divides `period` (1 min for hourly periods). Fixed at database creation.
+    /// divides `period` (1 min for hourly periods). Recorded at database creation (`change-rollup-steps` changes it).
     #[serde(with = "agent_common::time_text::serde_opt_duration")]
     pub rollup_step: Option<Duration>,
     /// Step of the per-host, per-service and profile rollups (a multiple of
-    /// `rollup_step`). Fixed at database creation.
+    /// `rollup_step`). Recorded at database creation (`change-rollup-steps` changes it).
     #[serde(with = "agent_common::time_text::serde_duration")]
     pub host_rollup_step: Duration,
     /// Raw windows (and their profile stacks) are kept this long.

@@ -104,6 +104,25 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Change the rollup steps of a store in place (the aggregator
+    /// stopped): to a multiple of the old step the rollups are summed
+    /// into the coarser buckets; to any other step they are rebuilt from
+    /// the raw windows the store still holds.
+    ChangeRollupSteps {
+        /// sqlite:PATH (or a path), or a postgres:// URL (or libpq key=value string).
+        #[arg(long)]
+        db: String,
+        /// The new rollup_step, e.g. 5m (default: unchanged).
+        #[arg(long, value_parser = agent_common::time_text::parse_duration)]
+        rollup_step: Option<std::time::Duration>,
+        /// The new host_rollup_step, e.g. 1h (default: unchanged).
+        #[arg(long, value_parser = agent_common::time_text::parse_duration)]
+        host_rollup_step: Option<std::time::Duration>,
+        /// Drop rollups older than the raw windows when a step must be
+        /// rebuilt from them (refused otherwise).
+        #[arg(long)]
+        drop_older: bool,
+    },
     /// Backfill: send the rollups of FROM..TO to the [remote_write]
     /// endpoint (the same state file as `serve`, which goes on from TO).
     RemoteWrite {
@@ -274,6 +293,12 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        Command::ChangeRollupSteps {
+            db,
+            rollup_step,
+            host_rollup_step,
+            drop_older,
+        } => change_rollup_steps(&db, rollup_step, host_rollup_step, drop_older),
         Command::Report {
             config,
             db,
@@ -432,4 +457,93 @@ fn run() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `sci-aggregator change-rollup-steps`.
+fn change_rollup_steps(
+    db: &str,
+    rollup_step: Option<std::time::Duration>,
+    host_rollup_step: Option<std::time::Duration>,
+    drop_older: bool,
+) -> Result<()> {
+    use sci_aggregator::store::postgres::PostgresStore;
+    use sci_aggregator::store::restep::change_rollup_steps;
+    use sci_aggregator::store::sqlite::SqliteStore;
+    use sci_aggregator::store::RollupLayout;
+    let seconds = |d: Option<std::time::Duration>, flag: &str| -> Result<Option<u64>> {
+        match d {
+            Some(d) if d.subsec_nanos() != 0 || d.as_secs() == 0 => {
+                bail!("--{flag} {d:?}: give a whole number of seconds above zero")
+            }
+            d => Ok(d.map(|d| d.as_secs())),
+        }
+    };
+    let (step_s, host_step_s) = (
+        seconds(rollup_step, "rollup-step")?,
+        seconds(host_rollup_step, "host-rollup-step")?,
+    );
+    if step_s.is_none() && host_step_s.is_none() {
+        bail!("give --rollup-step and/or --host-rollup-step");
+    }
+    let new_layout = |old: RollupLayout| RollupLayout {
+        step_s: step_s.unwrap_or(old.step_s),
+        host_step_s: host_step_s.unwrap_or(old.host_step_s),
+    };
+    let postgres =
+        db.starts_with("postgres://") || db.starts_with("postgresql://") || db.contains('=');
+    let report = if postgres {
+        // An aggregator still connected would go on writing the old steps:
+        // wait a little for sessions that are closing, then refuse.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let layout = loop {
+            let (layout, sessions) = PostgresStore::stored_layout(db)?;
+            if sessions.is_empty() {
+                break layout;
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "--db: {} other session(s) are connected to the database ({}): stop every aggregator using it first",
+                    sessions.len(),
+                    sessions.join("; ")
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let old = layout
+            .context("--db: the database records no rollup steps (not a sci-aggregator store)")?;
+        let store = PostgresStore::open(db, old, 1, std::time::Duration::from_secs(3600))?;
+        change_rollup_steps(&store, new_layout(old), drop_older)?
+    } else {
+        let path = PathBuf::from(db.strip_prefix("sqlite:").unwrap_or(db));
+        if !path.is_file() {
+            bail!("--db {db}: no SQLite file at {}", path.display());
+        }
+        if let Some(pid) = SqliteStore::held_by(&path)? {
+            bail!("--db {db}: process {pid} has the database open (an aggregator?): stop it first");
+        }
+        let old = SqliteStore::stored_layout(&path)?.with_context(|| {
+            format!("--db {db}: the file records no rollup steps (not a sci-aggregator store)")
+        })?;
+        let store = SqliteStore::open_with(&path, old, std::time::Duration::from_secs(3600))?;
+        change_rollup_steps(&store, new_layout(old), drop_older)?
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let dropped: u64 = report.tables.values().map(|t| t.rows_dropped).sum();
+    eprintln!(
+        "change-rollup-steps: rollup_step {} s -> {} s, host_rollup_step {} s -> {} s; {} raw windows replayed; {} rows dropped{}. \
+         Set rollup_step = \"{}s\" and host_rollup_step = \"{}s\" in aggregator.toml before starting the aggregator.",
+        report.from.step_s,
+        report.to.step_s,
+        report.from.host_step_s,
+        report.to.host_step_s,
+        report.raw_windows_replayed,
+        dropped,
+        report
+            .dropped_buckets_s
+            .map(|(a, b)| format!(" (buckets from unix second {a} to {b})"))
+            .unwrap_or_default(),
+        report.to.step_s,
+        report.to.host_step_s,
+    );
+    Ok(())
 }

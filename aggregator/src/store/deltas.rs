@@ -61,6 +61,26 @@ impl<'a> Deltas<'a> {
             .map(|(t, rows)| rollup_upsert(t, rows))
     }
 
+    /// Upserts of the tables whose index is in `tables`, only their rows of
+    /// buckets from `from_s` on (a rebuild from raw windows,
+    /// [`super::restep`]).
+    pub(super) fn upserts_from(&self, tables: &[usize], from_s: u64) -> Vec<Upsert> {
+        let from = Key::I(i64::try_from(from_s).unwrap_or(i64::MAX));
+        TABLES
+            .iter()
+            .zip(&self.rows)
+            .filter(|(t, _)| tables.contains(&t.index))
+            .filter_map(|(t, rows)| {
+                let kept: BTreeMap<RowKey<'a>, [f64; MAX_SUMS]> = rows
+                    .iter()
+                    .filter(|(k, _)| k[0] >= from)
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
+                (!kept.is_empty()).then(|| rollup_upsert(t, &kept))
+            })
+            .collect()
+    }
+
     fn add(&mut self, table: &Table, key: &[Key<'a>], values: &[f64]) {
         let row = self.rows[table.index]
             .entry(row_key(key))

@@ -10,7 +10,8 @@ use serde::Serialize;
 pub const DAY_S: u64 = 86_400;
 pub const DAY_NS: u64 = DAY_S * 1_000_000_000;
 
-/// Bucket lengths of the rollups (fixed when the database is created).
+/// Bucket lengths of the rollups (recorded when the database is created;
+/// [`super::restep`] changes them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RollupLayout {
     /// Fleet and scenario rollups: every period is a multiple of it.

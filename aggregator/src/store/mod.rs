@@ -31,12 +31,13 @@
 //! Where things are:
 //! - [`layout`]: bucket lengths, ranges, retention (time as rollups see it);
 //! - [`rows`]: what queries answer with;
-//! - `tables`: the fifteen rollup tables' names and columns;
+//! - `tables`: the sixteen rollup tables' names, columns and steps;
 //! - `deltas`: what a window adds to each rollup table;
 //! - `commit`: the commit (dedupe, raw windows, rollups, host spans);
 //! - `encoding`: the stored encoding and its digest;
 //! - `query`: every query ([`Store`] for any [`Backend`]);
 //! - `schema`: migrations and the layout recorded in the database;
+//! - [`restep`]: changing the rollup steps of a store in place;
 //! - `backend`: what a database supplies ([`Backend`], [`Tx`], [`Value`]);
 //!   [`sqlite`], [`postgres`] and `group` (PostgreSQL's group commit).
 mod backend;
@@ -48,6 +49,7 @@ pub mod layout;
 pub mod migrate;
 pub mod postgres;
 mod query;
+pub mod restep;
 pub mod rows;
 mod schema;
 pub mod sqlite;

@@ -370,6 +370,51 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// The rollup layout recorded in the database at `url` (None: no
+    /// sci-aggregator store there yet), and the other sessions connected to
+    /// that database (application name and client address each), so a
+    /// maintenance command can refuse while an aggregator is connected.
+    pub fn stored_layout(
+        url: &str,
+    ) -> Result<(Option<RollupLayout>, Vec<String>), AggregatorError> {
+        let mut client = postgres::Client::connect(url, NoTls).map_err(pg)?;
+        let sessions = client
+            .query(
+                "SELECT COALESCE(NULLIF(application_name, ''), '(no name)') || ' from ' || \
+                 COALESCE(host(client_addr), 'a local socket') || ' (pid ' || pid::text || ')' \
+                 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND backend_type = 'client backend'",
+                &[],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let has_meta = client
+            .query("SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'meta'", &[])
+            .map_err(pg)?;
+        if has_meta.is_empty() {
+            return Ok((None, sessions));
+        }
+        let mut get = |key: &str| -> Result<Option<u64>, AggregatorError> {
+            Ok(client
+                .query("SELECT value FROM meta WHERE key = $1", &[&key])
+                .map_err(pg)?
+                .first()
+                .and_then(|r| r.get::<_, String>(0).parse().ok()))
+        };
+        let layout = match (get("rollup_step_s")?, get("host_rollup_step_s")?) {
+            (Some(step_s), Some(host_step_s)) => Some(RollupLayout {
+                step_s,
+                host_step_s,
+            }),
+            _ => None,
+        };
+        Ok((layout, sessions))
+    }
+}
+
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         if let Some(pools) = self.pools.take() {

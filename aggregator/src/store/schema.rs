@@ -19,7 +19,7 @@ pub(super) fn check_layout(tx: &mut dyn Tx, layout: &RollupLayout) -> Result<(),
             if step != layout.step_s || host_step != layout.host_step_s {
                 return Err(AggregatorError::Invalid(format!(
                     "the database's rollups use rollup_step {step} s and host_rollup_step {host_step} s; \
-                     the configuration asks for {} s and {} s (set them back, or start a new database)",
+                     the configuration asks for {} s and {} s (set them back, or change the store's with `sci-aggregator change-rollup-steps`)",
                     layout.step_s, layout.host_step_s
                 )));
             }

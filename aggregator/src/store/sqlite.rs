@@ -189,6 +189,41 @@ impl SqliteStore {
         })
     }
 
+    /// The pid of another process that has the database at `path` open, if
+    /// any: every SQLite connection to a WAL database holds a shared lock on
+    /// the "DMS" byte (offset 128) of its `-shm` file while it is open. Call
+    /// it before this process opens the file (closing the descriptor used
+    /// here drops this process's own locks on the `-shm` file).
+    pub fn held_by(path: &Path) -> Result<Option<i32>, AggregatorError> {
+        use std::os::fd::AsRawFd;
+        let mut shm = path.as_os_str().to_owned();
+        shm.push("-shm");
+        let shm = PathBuf::from(shm);
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&shm)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(AggregatorError::io(format!("opening {}", shm.display()), e)),
+        };
+        // SAFETY: a plain C struct, all zeros is a valid value.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = 128;
+        lock.l_len = 1;
+        // SAFETY: F_GETLK on an open descriptor with a valid `flock` to fill.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) } != 0 {
+            return Err(AggregatorError::io(
+                format!("testing the locks of {}", shm.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok((lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid))
+    }
+
     pub fn open(path: &Path) -> Result<Self, AggregatorError> {
         Self::open_with(
             path,

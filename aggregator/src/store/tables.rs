@@ -12,6 +12,19 @@ pub(super) struct Table {
     pub name: &'static str,
     pub keys: &'static [&'static str],
     pub sums: &'static [&'static str],
+    /// The bucket length its `bucket_s` is cut in.
+    pub step: Step,
+}
+
+/// Which of the layout's bucket lengths a table uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// `rollup_step`.
+    Base,
+    /// `host_rollup_step`.
+    Host,
+    /// A day, whatever the layout.
+    Day,
 }
 
 pub(super) const FLEET: Table = Table {
@@ -44,6 +57,7 @@ pub(super) const FLEET: Table = Table {
         "el_x_s",
         "share_x_s",
     ],
+    step: Step::Base,
 };
 pub(super) const SCENARIO: Table = Table {
     index: 1,
@@ -57,6 +71,7 @@ pub(super) const SCENARIO: Table = Table {
         "carbon_g",
         "embodied_g",
     ],
+    step: Step::Base,
 };
 pub(super) const HOST: Table = Table {
     index: 2,
@@ -73,6 +88,7 @@ pub(super) const HOST: Table = Table {
         "idle_cpu_ns",
         "transactions",
     ],
+    step: Step::Host,
 };
 pub(super) const SERVICE: Table = Table {
     index: 3,
@@ -85,12 +101,14 @@ pub(super) const SERVICE: Table = Table {
         "carbon_g",
         "embodied_g",
     ],
+    step: Step::Host,
 };
 pub(super) const PROFILE: Table = Table {
     index: 4,
     name: "profile_rollup",
     keys: &["bucket_s", "service", "scenario", "stack"],
     sums: &["samples", "energy_j"],
+    step: Step::Host,
 };
 /// Coarser copies: fleet and scenario sums per host step, host, service and
 /// profile sums per day. A long query reads whole coarse buckets from these
@@ -98,26 +116,31 @@ pub(super) const PROFILE: Table = Table {
 pub(super) const FLEET_COARSE: Table = Table {
     index: 5,
     name: "fleet_rollup_h",
+    step: Step::Host,
     ..FLEET
 };
 pub(super) const SCENARIO_COARSE: Table = Table {
     index: 6,
     name: "scenario_rollup_h",
+    step: Step::Host,
     ..SCENARIO
 };
 pub(super) const HOST_COARSE: Table = Table {
     index: 7,
     name: "host_rollup_d",
+    step: Step::Day,
     ..HOST
 };
 pub(super) const SERVICE_COARSE: Table = Table {
     index: 8,
     name: "service_rollup_d",
+    step: Step::Day,
     ..SERVICE
 };
 pub(super) const PROFILE_COARSE: Table = Table {
     index: 9,
     name: "profile_rollup_d",
+    step: Step::Day,
     ..PROFILE
 };
 /// Optimisation reviews (#15): per host step, request CPU histograms (bin
@@ -127,18 +150,21 @@ pub(super) const REQUEST_CPU: Table = Table {
     name: "request_cpu_rollup",
     keys: &["bucket_s", "datacenter", "service", "scenario", "bin"],
     sums: &["requests"],
+    step: Step::Host,
 };
 pub(super) const REQUEST_CPU_TOTAL: Table = Table {
     index: 11,
     name: "request_cpu_total_rollup",
     keys: &["bucket_s", "datacenter", "service", "scenario"],
     sums: &["requests", "cpu_ns", "energy_j"],
+    step: Step::Host,
 };
 pub(super) const HOST_SERVICE: Table = Table {
     index: 12,
     name: "host_service_rollup",
     keys: &["bucket_s", "datacenter", "host", "service"],
     sums: &["cpu_ns"],
+    step: Step::Host,
 };
 
 /// Resource supplies (#27): per host step, each supply's hosts and each
@@ -160,6 +186,7 @@ pub(super) const SUPPLY: Table = Table {
         "pue_x_s",
         "transactions",
     ],
+    step: Step::Host,
 };
 pub(super) const SUPPLY_SERVICE: Table = Table {
     index: 14,
@@ -173,6 +200,7 @@ pub(super) const SUPPLY_SERVICE: Table = Table {
         "embodied_g",
         "transactions",
     ],
+    step: Step::Host,
 };
 
 /// Service sums per rollup step (issue 24: service reviews shorter than a
@@ -180,6 +208,7 @@ pub(super) const SUPPLY_SERVICE: Table = Table {
 pub(super) const SERVICE_FINE: Table = Table {
     index: 15,
     name: "service_rollup_m",
+    step: Step::Base,
     ..SERVICE
 };
 
