@@ -38,7 +38,7 @@ const AT_5M: RollupLayout = RollupLayout {
 };
 
 /// Every rollup table (aggregator/src/store/tables.rs).
-const TABLES: [&str; 16] = [
+const TABLES: [&str; 18] = [
     "fleet_rollup",
     "scenario_rollup",
     "host_rollup",
@@ -55,6 +55,8 @@ const TABLES: [&str; 16] = [
     "supply_rollup",
     "supply_service_rollup",
     "service_rollup_m",
+    "supply_rollup_d",
+    "supply_service_rollup_d",
 ];
 
 fn close(a: f64, b: f64) -> bool {

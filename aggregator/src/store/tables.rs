@@ -225,11 +225,13 @@ pub(super) const SERVICE_FINE_FROM_KEY: &str = "service_rollup_m_from_s";
 pub(super) const SUPPLY_COARSE: Table = Table {
     index: 16,
     name: "supply_rollup_d",
+    step: Step::Day,
     ..SUPPLY
 };
 pub(super) const SUPPLY_SERVICE_COARSE: Table = Table {
     index: 17,
     name: "supply_service_rollup_d",
+    step: Step::Day,
     ..SUPPLY_SERVICE
 };
 
