@@ -3,7 +3,7 @@
 //! served over real HTTP) show on the dashboard, the HTML report and the
 //! review page as text, never as markup.
 #![allow(clippy::unwrap_used)]
-use std::sync::Arc;
+mod common;
 use std::time::Duration;
 
 use sci_aggregator::store::sqlite::SqliteStore;
@@ -77,21 +77,7 @@ fn hostile_names_are_text_on_every_page() {
     store
         .commit(&(0..48).map(window).collect::<Vec<_>>())
         .unwrap();
-    let state = sci_aggregator::http::HttpState::new(
-        Arc::new(store) as Arc<dyn Store>,
-        Arc::new(sci_aggregator::config::AggregatorConfig::default()),
-        Default::default(),
-    );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(async move {
-        axum::serve(listener, sci_aggregator::http::router(state))
-            .await
-            .unwrap()
-    });
+    let (_runtime, addr) = common::serve(store, Default::default());
     let (day1, day2, end) = (DAY0, DAY0 + 86_400, DAY0 + 2 * 86_400);
     let compare =
         format!("baseline_from={day1}&baseline_to={day2}&candidate_from={day2}&candidate_to={end}");

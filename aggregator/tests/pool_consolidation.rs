@@ -7,7 +7,11 @@
 //! power is the 40 W intercept; 3 x 84 night hours x 40 W = 36.288 MJ a
 //! week = 10.08 kWh x 500 g/kWh x PUE 1.2 = 6048 g. z1's run: 30 h x
 //! 40.4 W = 4.3632 MJ, 727.2 g operational + 15 g embodied.
+//! The same plan over the real HTTP API on loopback, and on the plans page
+//! (HTML and Markdown), read back from the page's tables.
 #![allow(clippy::unwrap_used)]
+mod common;
+
 use std::time::Duration;
 
 use sci_aggregator::plan::pools::{plan_pools, PoolOptions};
@@ -151,4 +155,155 @@ fn pools_release_hosts_by_the_hour_of_the_week_and_zombies_are_found() {
     };
     let e = plan_pools(&store, MONDAY, MONDAY + 7 * 86_400, &bad).unwrap_err();
     assert!(e.to_string().contains("target_utilisation = 1.5"), "{e}");
+
+    // Over HTTP: the JSON, then the page as HTML and Markdown shows the
+    // same release counts, savings and zombie figures.
+    let (_runtime, addr) = common::serve(store, Default::default());
+    let http_get = |path: &str| sci_test_harness::http::http_get(addr.port(), path).unwrap();
+    let range = format!("from={MONDAY}&to={}", MONDAY + 7 * 86_400);
+    let (status, body) = http_get(&format!("/api/v1/plans/consolidation?{range}"));
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (status, html) = http_get(&format!("/dashboard/plan?{range}"));
+    assert_eq!(status, 200, "{html}");
+    let (status, md) = http_get(&format!("/dashboard/plan?{range}&format=md"));
+    assert_eq!(status, 200, "{md}");
+    use sci_aggregator::figures::{energy_j, mass_g};
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    let pools = json["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 2, "{json}");
+    let web = pools.iter().find(|p| p["pool"] == "web").unwrap();
+    assert!((num(web, "saving_g_per_week") - 6048.0).abs() < 1e-6);
+    for page in [Page::html(&html), Page::markdown(&md)] {
+        for pool in pools {
+            let title = format!(
+                "{} / {}",
+                pool["datacenter"].as_str().unwrap(),
+                pool["pool"].as_str().unwrap()
+            );
+            let section = page.section(&title);
+            let saving = format!(
+                "Predicted saving {} a week",
+                mass_g(num(pool, "saving_g_per_week"))
+            );
+            assert!(
+                section.text.contains(&saving),
+                "{saving} not in {}",
+                section.text
+            );
+            let hours = pool["hours"].as_array().unwrap();
+            assert_eq!(
+                section.rows.len(),
+                hours.len(),
+                "{title}: {:?}",
+                section.rows
+            );
+            for (row, h) in section.rows.iter().zip(hours) {
+                let how = h["hour_of_week"].as_u64().unwrap();
+                assert!(row[0].ends_with(&format!("(hour {how})")), "{row:?}");
+                assert_eq!(row[3], h["hosts_needed"].to_string(), "{title} {row:?}");
+                assert_eq!(row[4], h["hosts_to_release"].to_string(), "{title} {row:?}");
+                assert_eq!(row[5], mass_g(num(h, "saving_g")), "{title} {row:?}");
+            }
+        }
+        // The night hours of web release 3 hosts, 72 g each (by hand).
+        let web_rows = page.section("dc-1 / web").rows;
+        assert_eq!(web_rows[0][4], "3");
+        assert_eq!(web_rows[0][5], "72.00 g");
+        assert!(page
+            .section("dc-1 / web")
+            .text
+            .contains("Predicted saving 6.048 kg a week"));
+        let zombies = page.section("Zombie hosts");
+        let z = &json["zombies"][0];
+        assert_eq!(zombies.rows.len(), 1, "{:?}", zombies.rows);
+        let row = &zombies.rows[0];
+        assert_eq!(row[0], "dc-1 / z1");
+        assert_eq!(row[3], z["hours"].to_string());
+        assert_eq!(row[5], energy_j(num(z, "energy_j")));
+        assert_eq!(row[7], mass_g(num(z, "carbon_g")));
+        assert_eq!(
+            (row[3].as_str(), row[5].as_str(), row[7].as_str()),
+            ("30", "4.363 MJ", "742.2 g")
+        );
+    }
+}
+
+/// A section of the plans page: the text from a heading to the next one,
+/// and its table rows (cells as text; header and separator rows left out).
+struct Section {
+    text: String,
+    rows: Vec<Vec<String>>,
+}
+
+struct Page {
+    /// (heading, text up to the next heading) in order.
+    sections: Vec<(String, String)>,
+    html: bool,
+}
+
+impl Page {
+    fn html(text: &str) -> Page {
+        Page::split(text, ["<h3>", "</h3>", "<h2>"], true)
+    }
+
+    fn markdown(text: &str) -> Page {
+        Page::split(text, ["\n### ", "\n", "\n## "], false)
+    }
+
+    /// Sections from a heading's `open` to its `close`, up to the next
+    /// `next` (a higher heading) or the next section.
+    fn split(text: &str, [open, close, next]: [&str; 3], html: bool) -> Page {
+        let sections = text
+            .split(open)
+            .skip(1)
+            .map(|s| {
+                let (head, rest) = s.split_once(close).unwrap();
+                let rest = rest.split(next).next().unwrap();
+                (head.to_string(), rest.to_string())
+            })
+            .collect();
+        Page { sections, html }
+    }
+
+    fn section(&self, title: &str) -> Section {
+        let text = self
+            .sections
+            .iter()
+            .find(|(h, _)| h == title)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no section {title:?} in {:?}",
+                    self.sections.iter().map(|s| &s.0).collect::<Vec<_>>()
+                )
+            });
+        let rows = if self.html {
+            text.split("<tr>")
+                .skip(1)
+                .filter(|r| r.contains("<td>"))
+                .map(|r| {
+                    r.split("<td>")
+                        .skip(1)
+                        .map(|c| c.split("</td>").next().unwrap().to_string())
+                        .collect()
+                })
+                .collect()
+        } else {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("| ")
+                        && !l.starts_with("| hour of week")
+                        && !l.starts_with("| host |")
+                })
+                .map(|l| {
+                    l.trim_matches('|')
+                        .split(" | ")
+                        .map(|c| c.trim().to_string())
+                        .collect()
+                })
+                .collect()
+        };
+        Section { text, rows }
+    }
 }

@@ -3,6 +3,7 @@
 //! are known by hand, stored in a real SQLite store and read back through
 //! the rollups.
 #![allow(clippy::unwrap_used)]
+mod common;
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng};
 use std::collections::BTreeMap;
@@ -675,31 +676,6 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The aggregator's HTTP API over `store` on a loopback port; the runtime
-/// serves as long as it is kept.
-fn serve(
-    store: SqliteStore,
-    config: sci_aggregator::config::AggregatorConfig,
-) -> (tokio::runtime::Runtime, std::net::SocketAddr) {
-    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
-    let state = sci_aggregator::http::HttpState::new(
-        store,
-        std::sync::Arc::new(config),
-        Default::default(),
-    );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(async move {
-        axum::serve(listener, sci_aggregator::http::router(state))
-            .await
-            .unwrap()
-    });
-    (runtime, addr)
-}
-
 #[test]
 fn the_review_over_http_json_page_and_errors() {
     let (_dir, store) = open();
@@ -707,7 +683,7 @@ fn the_review_over_http_json_page_and_errors() {
     store
         .commit(&profiled_day(100, DAY0 + 86_400, 0.4, 20))
         .unwrap();
-    let (_runtime, addr) = serve(
+    let (_runtime, addr) = common::serve(
         store,
         sci_aggregator::config::AggregatorConfig {
             min_profile_samples: 50,
@@ -833,7 +809,7 @@ fn distributions_of_one_datacenter_hold_its_requests_only() {
         })
         .collect();
     store.commit(&dc2).unwrap();
-    let (_runtime, addr) = serve(store, Default::default());
+    let (_runtime, addr) = common::serve(store, Default::default());
     let get = |extra: &str| {
         let (status, body) = http_get(
             addr,

@@ -282,6 +282,13 @@ fn a_time_shift_plan_is_checked_after_its_window() {
         selection: sci_aggregator::plan::supplies::select(&store, &range, None, &bootstrap)
             .unwrap(),
         shifts: Vec::new(),
+        pools: sci_aggregator::plan::pools::plan_pools(
+            &store,
+            range.from_s,
+            range.to_s,
+            &Default::default(),
+        )
+        .map_err(|e| e.to_string()),
         stored: vec![(stored.clone(), Some(Ok(StoredCheck::Shift(check.clone()))))],
     };
     let html = render(&page);

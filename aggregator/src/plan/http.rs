@@ -498,9 +498,17 @@ async fn plan_page(State(state): State<HttpState>, Query(q): Query<PlanPageQuery
                 (p, check)
             })
             .collect();
+        let pools = super::pools::plan_pools(
+            s.store.as_ref(),
+            from,
+            to,
+            &super::pools::PoolOptions::default(),
+        )
+        .map_err(|e| format!("consolidation per pool: {e}"));
         let page = super::page::PlanPage {
             selection,
             shifts,
+            pools,
             stored,
         };
         Ok(if q.format.as_deref() == Some("md") {

@@ -1,22 +1,27 @@
 //! `GET /dashboard/plan`: the plans on one server-rendered page (maud, every
 //! interpolation escaped, nothing fetched from outside): the supply ranking
 //! per service and scenario over the range, each deferrable job's
-//! time-shifting plan for the window in force now, and every stored plan
-//! with its prediction and its check afterwards (a migration carried out,
-//! a time-shift plan whose window has ended).
+//! time-shifting plan for the window in force now, each pool's week of
+//! consolidation (hosts to release per hour of the week, the saving, the
+//! zombie hosts) and every stored plan with its prediction and its check
+//! afterwards (a migration carried out, a time-shift plan whose window has
+//! ended).
 use maud::{html, Markup};
 
 use super::check::PlanCheck;
+use super::pools::{PoolConsolidation, PoolWeek, ZombieRun};
 use super::shift_check::ShiftCheck;
 use super::shifting::ShiftPlan;
 use super::supplies::Selection;
-use crate::figures::{count, mass_g, sig4};
+use crate::figures::{count, energy_j, mass_g, percent, sig4};
 use crate::store::StoredPlan;
 
 /// What the page shows.
 pub struct PlanPage {
     pub selection: Selection,
     pub shifts: Vec<Result<ShiftPlan, String>>,
+    /// The pools' week over the page's range (7.2), or why it could not be made.
+    pub pools: Result<PoolConsolidation, String>,
     pub stored: Vec<(StoredPlan, Option<Result<StoredCheck, String>>)>,
 }
 
@@ -159,6 +164,172 @@ fn shifts(plans: &[Result<ShiftPlan, String>]) -> Markup {
     }
 }
 
+const WEEKDAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+
+/// Hour 0..168 of a Monday-based week as "Mon 00:00 (hour 0)".
+fn hour_of_week(h: u32) -> String {
+    let day = WEEKDAYS.get((h / 24) as usize).copied().unwrap_or("?");
+    format!("{day} {:02}:00 (hour {h})", h % 24)
+}
+
+/// A pool's heading and its data: peak, valley, cores, idle power, factors.
+fn pool_heading(p: &PoolWeek) -> (String, String) {
+    (
+        format!("{} / {}", p.datacenter, p.pool),
+        format!(
+            "Peak {} at {} busy cores, valley {} at {} busy cores (peak to valley {}); \
+             {} cores per host; idle power {} W per host ({}); intensity {} g/kWh, PUE {}. \
+             Predicted saving {} a week ({}, {} released host-hours).",
+            hour_of_week(p.peak_hour_of_week),
+            sig4(p.peak_busy_cores),
+            hour_of_week(p.valley_hour_of_week),
+            sig4(p.valley_busy_cores),
+            opt(p.peak_to_valley, sig4),
+            sig4(p.cores_per_host),
+            sig4(p.idle_power_w),
+            p.idle_power_source,
+            sig4(p.intensity_g_per_kwh),
+            sig4(p.pue),
+            mass_g(p.saving_g_per_week),
+            energy_j(p.saving_j_per_week),
+            count(p.released_host_hours_per_week),
+        ),
+    )
+}
+
+fn zombie_cells(z: &ZombieRun) -> [String; 9] {
+    let t = |s: u64| agent_common::time_text::format_unix_s(s as i64);
+    [
+        format!("{} / {}", z.datacenter, z.host),
+        t(z.from_unix_s),
+        t(z.to_unix_s),
+        z.hours.to_string(),
+        percent(z.utilisation),
+        energy_j(z.energy_j),
+        energy_j(z.idle_energy_j),
+        mass_g(z.carbon_g),
+        if z.ongoing { "yes" } else { "no" }.to_string(),
+    ]
+}
+
+const ZOMBIE_HEADERS: [&str; 9] = [
+    "host",
+    "from",
+    "to",
+    "hours",
+    "utilisation",
+    "energy",
+    "idle energy",
+    "carbon (operational + embodied)",
+    "still a zombie",
+];
+
+fn pools(plan: &Result<PoolConsolidation, String>) -> Markup {
+    html! {
+        h2 { "Consolidation per pool (7.2): hosts to release by the hour of the week" }
+        @match plan {
+            Err(e) => p { (e) },
+            Ok(plan) => {
+                @if plan.pools.is_empty() { p { "No pools measured in the range (supply rollups grouped by " (plan.options.group_by) ")." } }
+                @for pool in &plan.pools {
+                    @let (title, data) = pool_heading(pool);
+                    h3 { (title) }
+                    p { (data) }
+                    details {
+                    summary { "Hosts to release per hour of the week (" (pool.hours.len()) " hours measured)" }
+                    table {
+                        tr { th { "hour of week" } th { "busy cores" } th { "hosts" } th { "hosts needed" }
+                             th { "to release" } th { "saving" } }
+                        @for h in &pool.hours {
+                            tr {
+                                td { (hour_of_week(h.hour_of_week)) }
+                                td { (sig4(h.busy_cores)) }
+                                td { (count(h.hosts)) }
+                                td { (h.hosts_needed) }
+                                td { (h.hosts_to_release) }
+                                td { (mass_g(h.saving_g)) }
+                            }
+                        }
+                    }
+                    }
+                }
+                h3 { "Zombie hosts" }
+                @if plan.zombies.is_empty() { p { "None in the range." } }
+                @else {
+                    table {
+                        tr { @for c in ZOMBIE_HEADERS { th { (c) } } }
+                        @for z in &plan.zombies {
+                            tr { @for c in zombie_cells(z) { td { (c) } } }
+                        }
+                    }
+                }
+                ul { @for a in &plan.assumptions { li { (a) } } }
+            }
+        }
+    }
+}
+
+/// The pools' section as Markdown.
+fn pools_markdown(plan: &Result<PoolConsolidation, String>, out: &mut String) {
+    use std::fmt::Write as _;
+    let cell = |s: &str| s.replace('|', "\\|");
+    let _ = writeln!(
+        out,
+        "\n## Consolidation per pool (7.2): hosts to release by the hour of the week\n"
+    );
+    let plan = match plan {
+        Err(e) => {
+            let _ = writeln!(out, "{e}");
+            return;
+        }
+        Ok(plan) => plan,
+    };
+    if plan.pools.is_empty() {
+        let _ = writeln!(
+            out,
+            "No pools measured in the range (supply rollups grouped by {}).\n",
+            plan.options.group_by
+        );
+    }
+    for pool in &plan.pools {
+        let (title, data) = pool_heading(pool);
+        let _ = writeln!(out, "### {}\n\n{}\n", title, data);
+        let _ = writeln!(
+            out,
+            "| hour of week | busy cores | hosts | hosts needed | to release | saving |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+        for h in &pool.hours {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                hour_of_week(h.hour_of_week),
+                sig4(h.busy_cores),
+                count(h.hosts),
+                h.hosts_needed,
+                h.hosts_to_release,
+                mass_g(h.saving_g)
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "### Zombie hosts\n");
+    if plan.zombies.is_empty() {
+        let _ = writeln!(out, "None in the range.\n");
+    } else {
+        let _ = writeln!(out, "| {} |", ZOMBIE_HEADERS.join(" | "));
+        let _ = writeln!(out, "|{}", "---|".repeat(ZOMBIE_HEADERS.len()));
+        for z in &plan.zombies {
+            let cells: Vec<String> = zombie_cells(z).iter().map(|c| cell(c)).collect();
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+        out.push('\n');
+    }
+    for a in &plan.assumptions {
+        let _ = writeln!(out, "- {a}");
+    }
+}
+
 fn stored(plans: &[(StoredPlan, Option<Result<StoredCheck, String>>)]) -> Markup {
     html! {
         h2 { "Stored plans and the check afterwards" }
@@ -252,6 +423,7 @@ pub fn markdown(data: &PlanPage) -> String {
             }
         }
     }
+    pools_markdown(&data.pools, &mut out);
     let _ = writeln!(out, "\n## Stored plans and the check afterwards\n");
     let _ = writeln!(out, "| plan | kind | service | made | carried out | predicted saving [95%] | realised saving [95%] | prediction in realised interval |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
@@ -288,6 +460,7 @@ pub fn render(data: &PlanPage) -> String {
                 " to " (agent_common::time_text::format_unix_s(data.selection.to_unix_s as i64)) "." }
             (ranking(&data.selection))
             (shifts(&data.shifts))
+            (pools(&data.pools))
             (stored(&data.stored))
         },
     )

@@ -131,7 +131,7 @@ fn idle_power(points: &[(f64, f64)]) -> (f64, String) {
     let slope = cov / var;
     (
         (my - slope * mx).max(0.0),
-        format!("intercept of the least-squares line of power per host against utilisation over {n} hour(s) ({slope:.3} W per unit of utilisation)"),
+        format!("intercept of the least-squares line of power per host against utilisation over {n} hour(s) ({} W per unit of utilisation)", crate::figures::sig4(slope)),
     )
 }
 
