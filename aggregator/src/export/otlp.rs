@@ -46,8 +46,8 @@ use agent_common::otlp::{
 use agent_common::prometheus_text::Family;
 use serde::Deserialize;
 
-use super::remote_write::{check_pacing, next_round, Round, State};
-use super::series::{names, read_steps, SeriesKey, Step};
+use super::remote_write::{check_pacing, run_rounds, RollupExport, State};
+use super::series::{names, read_steps_blocking, SeriesKey, Step};
 use crate::error::AggregatorError;
 use crate::store::SharedStore;
 
@@ -364,40 +364,13 @@ impl OtlpExporter {
     /// Exports until the position reaches `until_s` (a backfill), or for
     /// ever (`None`), following the clock less `delay`.
     pub async fn run(&mut self, until_s: Option<u64>) -> Result<(), AggregatorError> {
-        let step = self.store.layout().step_s;
-        loop {
-            let end = match next_round(
-                self.state.position_s,
-                step,
-                self.cfg.delay,
-                self.cfg.max_steps_per_request,
-                until_s,
-            ) {
-                Round::Done => return Ok(()),
-                Round::Wait(wait) => {
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                Round::Export(end) => end,
-            };
-            if let Err(e) = self.export(end).await {
-                tracing::warn!("otlp: {e}; retrying");
-                tokio::time::sleep(self.cfg.max_backoff).await;
-            }
-        }
+        run_rounds(self, until_s).await
     }
-
     /// Sends `[position, end)` until the receiver takes or refuses it.
     async fn export(&mut self, end_s: u64) -> Result<(), AggregatorError> {
-        let (from, store, weights) = (
-            self.state.position_s,
-            Arc::clone(&self.store),
-            self.weights.clone(),
-        );
+        let from = self.state.position_s;
         let steps =
-            tokio::task::spawn_blocking(move || read_steps(store.as_ref(), from, end_s, &weights))
-                .await
-                .map_err(|e| AggregatorError::Invalid(format!("reading the rollups: {e}")))??;
+            read_steps_blocking(Arc::clone(&self.store), from, end_s, self.weights.clone()).await?;
         let mut totals = self.totals.clone();
         let (request, points) =
             build_request(&steps, &mut totals, self.state.origin_s, &self.resource);
@@ -413,6 +386,26 @@ impl OtlpExporter {
         self.totals = totals;
         self.stats.position_s.store(end_s, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl RollupExport for OtlpExporter {
+    const NAME: &'static str = "otlp";
+    fn position_s(&self) -> u64 {
+        self.state.position_s
+    }
+    fn step_s(&self) -> u64 {
+        self.store.layout().step_s
+    }
+    fn pacing(&self) -> (Duration, usize, Duration) {
+        (
+            self.cfg.delay,
+            self.cfg.max_steps_per_request,
+            self.cfg.max_backoff,
+        )
+    }
+    async fn export(&mut self, end_s: u64) -> Result<(), AggregatorError> {
+        OtlpExporter::export(self, end_s).await
     }
 }
 

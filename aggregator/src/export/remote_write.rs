@@ -39,7 +39,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::prompb;
-use super::series::{read_steps, SeriesKey, Step};
+use super::series::{read_steps_blocking, SeriesKey, Step};
 use crate::error::AggregatorError;
 use crate::store::SharedStore;
 
@@ -385,6 +385,43 @@ pub(super) fn next_round(
     Round::Export(target.min(position_s + step * max_steps as u64))
 }
 
+/// One exporter of the rollups (remote-write, OTLP): its position, its
+/// pacing, and one round's export of `[position, end)`.
+pub(super) trait RollupExport {
+    /// How its log lines begin.
+    const NAME: &'static str;
+    fn position_s(&self) -> u64;
+    fn step_s(&self) -> u64;
+    /// `delay`, `max_steps_per_request` and `max_backoff` of its config.
+    fn pacing(&self) -> (Duration, usize, Duration);
+    async fn export(&mut self, end_s: u64) -> Result<(), AggregatorError>;
+}
+
+/// Exports until the position reaches `until_s` (a backfill), or for ever
+/// (`None`), following the clock less `delay`; a failed round is logged
+/// and retried after `max_backoff`.
+pub(super) async fn run_rounds<E: RollupExport>(
+    exporter: &mut E,
+    until_s: Option<u64>,
+) -> Result<(), AggregatorError> {
+    let step = exporter.step_s();
+    let (delay, max_steps, max_backoff) = exporter.pacing();
+    loop {
+        let end = match next_round(exporter.position_s(), step, delay, max_steps, until_s) {
+            Round::Done => return Ok(()),
+            Round::Wait(wait) => {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            Round::Export(end) => end,
+        };
+        if let Err(e) = exporter.export(end).await {
+            tracing::warn!("{}: {e}; retrying", E::NAME);
+            tokio::time::sleep(max_backoff).await;
+        }
+    }
+}
+
 /// How a request ended.
 enum Sent {
     Accepted,
@@ -451,40 +488,13 @@ impl RemoteWriter {
     /// Exports until the position reaches `until_s` (a backfill), or for
     /// ever (`None`), following the clock less `delay`.
     pub async fn run(&mut self, until_s: Option<u64>) -> Result<(), AggregatorError> {
-        let step = self.store.layout().step_s;
-        loop {
-            let end = match next_round(
-                self.state.position_s,
-                step,
-                self.cfg.delay,
-                self.cfg.max_steps_per_request,
-                until_s,
-            ) {
-                Round::Done => return Ok(()),
-                Round::Wait(wait) => {
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                Round::Export(end) => end,
-            };
-            if let Err(e) = self.export(end).await {
-                tracing::warn!("remote-write: {e}; retrying");
-                tokio::time::sleep(self.cfg.max_backoff).await;
-            }
-        }
+        run_rounds(self, until_s).await
     }
-
     /// Sends `[position, end)` until the endpoint takes or refuses it.
     async fn export(&mut self, end_s: u64) -> Result<(), AggregatorError> {
-        let (from, store, weights) = (
-            self.state.position_s,
-            Arc::clone(&self.store),
-            self.weights.clone(),
-        );
+        let from = self.state.position_s;
         let steps =
-            tokio::task::spawn_blocking(move || read_steps(store.as_ref(), from, end_s, &weights))
-                .await
-                .map_err(|e| AggregatorError::Invalid(format!("reading the rollups: {e}")))??;
+            read_steps_blocking(Arc::clone(&self.store), from, end_s, self.weights.clone()).await?;
         let mut totals = self.totals.clone();
         let (request, samples) = build_request(&steps, &mut totals, &self.cfg.external_labels);
         let body = Bytes::from(compress(&request)?);
@@ -653,6 +663,26 @@ pub fn state_path(
             "remote_write.state_file: required with postgres_url (each exporting aggregator keeps its own)"
                 .into(),
         ),
+    }
+}
+
+impl RollupExport for RemoteWriter {
+    const NAME: &'static str = "remote-write";
+    fn position_s(&self) -> u64 {
+        self.state.position_s
+    }
+    fn step_s(&self) -> u64 {
+        self.store.layout().step_s
+    }
+    fn pacing(&self) -> (Duration, usize, Duration) {
+        (
+            self.cfg.delay,
+            self.cfg.max_steps_per_request,
+            self.cfg.max_backoff,
+        )
+    }
+    async fn export(&mut self, end_s: u64) -> Result<(), AggregatorError> {
+        RemoteWriter::export(self, end_s).await
     }
 }
 

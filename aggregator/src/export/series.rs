@@ -68,6 +68,18 @@ pub struct Step {
     pub gauges: BTreeMap<SeriesKey, f64>,
 }
 
+/// [`read_steps`] on a blocking thread, off the exporter's runtime.
+pub async fn read_steps_blocking(
+    store: crate::store::SharedStore,
+    from_s: u64,
+    to_s: u64,
+    weights: BTreeMap<String, f64>,
+) -> Result<Vec<Step>, AggregatorError> {
+    tokio::task::spawn_blocking(move || read_steps(store.as_ref(), from_s, to_s, &weights))
+        .await
+        .map_err(|e| AggregatorError::Invalid(format!("reading the rollups: {e}")))?
+}
+
 /// The steps of `[from_s, to_s)` (whole rollup steps) from the store's
 /// rollups, each with what it adds to every series it touches.
 pub fn read_steps(
