@@ -10,12 +10,16 @@
     feature = "time-text",
     feature = "exposition",
     feature = "cli",
+    feature = "stop-signal",
     feature = "otlp"
 ))]
 extern crate std;
 
 #[cfg(feature = "cli")]
 pub mod cli_exit;
+
+#[cfg(feature = "stop-signal")]
+pub mod stop_signal;
 
 #[cfg(feature = "config-text")]
 pub mod config_text;

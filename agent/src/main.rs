@@ -163,21 +163,13 @@ fn run(source: &SourceArgs, insecure: bool) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let stop = {
+        let _entered = runtime.enter();
+        agent_common::stop_signal::stop_signal().context("catching SIGINT and SIGTERM")?
+    };
     runtime.block_on(async move {
         let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(e) => {
-                        tracing::error!("cannot catch SIGTERM: {e}");
-                        std::future::pending::<()>().await;
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
+            stop.await;
             tracing::info!("stopping");
         };
         sci_agent::service::run(config, options, shutdown).await

@@ -199,21 +199,11 @@ fn run() -> Result<()> {
         Command::Serve { config, insecure } => {
             let config = AggregatorConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(async move {
-                let shutdown = async {
-                    let mut term = match tokio::signal::unix::signal(
-                        tokio::signal::unix::SignalKind::terminate(),
-                    ) {
-                        Ok(term) => term,
-                        Err(_) => return std::future::pending().await,
-                    };
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {},
-                        _ = term.recv() => {},
-                    }
-                };
-                sci_aggregator::server::serve(config, insecure, shutdown).await
-            })?;
+            let stop = {
+                let _entered = runtime.enter();
+                agent_common::stop_signal::stop_signal().context("catching SIGINT and SIGTERM")?
+            };
+            runtime.block_on(sci_aggregator::server::serve(config, insecure, stop))?;
             Ok(())
         }
         Command::RemoteWrite { config, from, to } => {

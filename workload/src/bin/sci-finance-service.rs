@@ -80,6 +80,9 @@ fn run() -> anyhow::Result<()> {
             accounts: args.accounts.max(1),
         };
         let service = Service::start(config).await?;
+        // Caught from before the `listening` line on: see agent_common::stop_signal.
+        let stop =
+            agent_common::stop_signal::stop_signal().context("catching SIGINT and SIGTERM")?;
         let addr = service.local_addr()?;
         {
             use std::io::Write;
@@ -88,26 +91,7 @@ fn run() -> anyhow::Result<()> {
             out.flush()?;
         }
         tracing::info!(role = %args.role, %addr, comm, "serving");
-        service.serve(shutdown_signal()).await?;
+        service.serve(stop).await?;
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!("cannot watch SIGINT/SIGTERM ({e}); stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -84,23 +84,11 @@ fn run() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let report = runtime.block_on(run_load(config, stop_signal()))?;
+    let stop = {
+        let _entered = runtime.enter();
+        agent_common::stop_signal::stop_signal().context("catching SIGINT and SIGTERM")?
+    };
+    let report = runtime.block_on(run_load(config, stop))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
-}
-
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
 }
