@@ -171,6 +171,23 @@ fn hotspot_options(state: &HttpState) -> HotspotOptions {
     }
 }
 
+/// The hotspots of the query's range (of one data centre with
+/// `datacenter=`) and what the rules could not see there.
+fn range_hotspots(
+    state: &HttpState,
+    q: &RangeQuery,
+    e: &Evaluation,
+) -> Result<(Vec<crate::hotspots::Hotspot>, Vec<String>), Failure> {
+    crate::views::hotspots(
+        state.store.as_ref(),
+        &range_of(state, q)?,
+        e,
+        &hotspot_options(state),
+        q.datacenter.as_deref(),
+    )
+    .map_err(store_failure)
+}
+
 fn busy() -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -246,15 +263,7 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
         let e = evaluate_range(&s, &q)?;
         match q.format.as_deref().unwrap_or("md") {
             "md" => {
-                let range = range_of(&s, &q)?;
-                let (found, notes) = crate::views::hotspots(
-                    s.store.as_ref(),
-                    &range,
-                    &e,
-                    &hotspot_options(&s),
-                    q.datacenter.as_deref(),
-                )
-                .map_err(store_failure)?;
+                let (found, notes) = range_hotspots(&s, &q, &e)?;
                 let mut md = crate::report::markdown(&e);
                 md.push_str(&crate::report::hotspots_markdown(&found, &notes));
                 Ok(([("content-type", "text/markdown; charset=utf-8")], md).into_response())
@@ -281,16 +290,8 @@ async fn report(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> 
 async fn hotspots(State(state): State<HttpState>, Query(q): Query<RangeQuery>) -> Response {
     let s = state.clone();
     bounded(&state, move || {
-        let range = range_of(&s, &q)?;
         let e = evaluate_range(&s, &q)?;
-        let (found, notes) = crate::views::hotspots(
-            s.store.as_ref(),
-            &range,
-            &e,
-            &hotspot_options(&s),
-            q.datacenter.as_deref(),
-        )
-        .map_err(store_failure)?;
+        let (found, notes) = range_hotspots(&s, &q, &e)?;
         let mut response = Json(found).into_response();
         if let Ok(v) = axum::http::HeaderValue::from_str(&notes.join("; ")) {
             if !notes.is_empty() {
